@@ -1,0 +1,44 @@
+# Two entry points: `make demo` and `make test`. Both create .venv on first use.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+DEVSTAMP := $(VENV)/.installed-dev
+
+.PHONY: demo test lint typecheck pytest system-deps clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+$(DEVSTAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP) $@
+
+demo: $(STAMP)
+	$(BIN)/ceremony demo
+
+# System packages the tests need (browser for the dashboard test, PostgreSQL for the
+# any-SQLAlchemy-URL test). Installed only when absent and only when we are root;
+# otherwise the tests that need them skip with a message saying why.
+system-deps:
+	@scripts/install_system_deps.sh
+
+lint: $(DEVSTAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(DEVSTAMP)
+	$(BIN)/mypy
+
+pytest: $(DEVSTAMP)
+	$(BIN)/pytest
+
+test: $(DEVSTAMP) system-deps lint typecheck pytest
+
+clean:
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -1,0 +1,220 @@
+"""Tables of the ledger (SQLAlchemy 2.0 typed declarative mapping).
+
+Portable by construction: JSON is stored as canonical text (so that a stored document can
+be re-hashed byte for byte on any backend), hashes and signatures as binary, timestamps as
+UTC, enums as checked strings. Nothing here is specific to SQLite or PostgreSQL.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from sqlalchemy import (
+    CheckConstraint,
+    DateTime,
+    Dialect,
+    Enum,
+    Float,
+    ForeignKey,
+    ForeignKeyConstraint,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.types import TypeDecorator
+
+from peer.ledger._records import PrivacyKind, RoundStatus, SessionStatus
+
+SCHEMA_VERSION = 1
+
+ID = String(200)
+"""Session, peer and query ids."""
+
+# Named constraints so that migrations on PostgreSQL can address them.
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """An aware UTC datetime on every backend (SQLite would otherwise drop the zone)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"ledger timestamps must be timezone-aware, got {value!r}")
+        return value.astimezone(UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+def _enum(cls: type[SessionStatus | RoundStatus | PrivacyKind], name: str) -> Enum:
+    # Stored as the enum's value, checked by a CHECK constraint, never a native PG type,
+    # so that adding a status later is an ordinary migration.
+    return Enum(
+        cls,
+        name=name,
+        native_enum=False,
+        create_constraint=True,
+        length=32,
+        values_callable=lambda members: [member.value for member in members],
+        validate_strings=True,
+    )
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class MetaRow(Base):
+    """Key/value facts about the ledger itself (schema version)."""
+
+    __tablename__ = "ledger_meta"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+
+
+class SessionRow(Base):
+    __tablename__ = "sessions"
+
+    session_id: Mapped[str] = mapped_column(ID, primary_key=True)
+    proposal: Mapped[str] = mapped_column(Text)
+    proposal_hash: Mapped[bytes] = mapped_column(LargeBinary(32))
+    proposer: Mapped[str] = mapped_column(ID)
+    status: Mapped[SessionStatus] = mapped_column(_enum(SessionStatus, "session_status"))
+    reason: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    participants: Mapped[str] = mapped_column(Text)
+    threshold: Mapped[int] = mapped_column(Integer)
+    rounds_planned: Mapped[int] = mapped_column(Integer)
+
+    __table_args__ = (
+        CheckConstraint("threshold >= 1", name="threshold_positive"),
+        CheckConstraint("rounds_planned >= 1", name="rounds_positive"),
+    )
+
+
+class RoundRow(Base):
+    __tablename__ = "rounds"
+
+    session_id: Mapped[str] = mapped_column(
+        ID, ForeignKey("sessions.session_id"), primary_key=True
+    )
+    round: Mapped[int] = mapped_column(Integer, primary_key=True)
+    attempt: Mapped[int] = mapped_column(Integer, primary_key=True)
+    aggregator: Mapped[str] = mapped_column(ID)
+    status: Mapped[RoundStatus] = mapped_column(_enum(RoundStatus, "round_status"))
+    participants: Mapped[str] = mapped_column(Text)
+    dropped: Mapped[str] = mapped_column(Text)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    bytes_sent: Mapped[int] = mapped_column(Integer, default=0)
+    bytes_received: Mapped[int] = mapped_column(Integer, default=0)
+    abort_reason: Mapped[str | None] = mapped_column(Text)
+
+
+class AgreedRow(Base):
+    """One link of the hash chain."""
+
+    __tablename__ = "agreed_records"
+
+    # Assigned by the ledger (head + 1), never by the database: the primary key is what
+    # makes two concurrent appends of the same position fail instead of forking the chain.
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    session_id: Mapped[str] = mapped_column(ID, ForeignKey("sessions.session_id"))
+    round: Mapped[int] = mapped_column(Integer)
+    aggregate_hash: Mapped[bytes] = mapped_column(LargeBinary(32))
+    model_hash: Mapped[bytes] = mapped_column(LargeBinary(32))
+    metrics_hash: Mapped[bytes] = mapped_column(LargeBinary(32))
+    metrics: Mapped[str] = mapped_column(Text)
+    epsilon: Mapped[str] = mapped_column(Text)
+    prev_hash: Mapped[bytes] = mapped_column(LargeBinary(32))
+    record_hash: Mapped[bytes] = mapped_column(LargeBinary(32), unique=True)
+    recorded_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+    signatures: Mapped[list[SignatureRow]] = relationship(
+        back_populates="record", order_by="SignatureRow.peer_id", lazy="selectin"
+    )
+
+    __table_args__ = (
+        UniqueConstraint("session_id", "round", name="uq_agreed_records_session_round"),
+        CheckConstraint("seq >= 1", name="seq_positive"),
+    )
+
+
+class SignatureRow(Base):
+    __tablename__ = "record_signatures"
+
+    seq: Mapped[int] = mapped_column(Integer, ForeignKey("agreed_records.seq"), primary_key=True)
+    peer_id: Mapped[str] = mapped_column(ID, primary_key=True)
+    signature: Mapped[bytes] = mapped_column(LargeBinary(256))
+
+    record: Mapped[AgreedRow] = relationship(back_populates="signatures")
+
+
+class CheckpointRow(Base):
+    __tablename__ = "checkpoints"
+
+    session_id: Mapped[str] = mapped_column(ID, primary_key=True)
+    round: Mapped[int] = mapped_column(Integer, primary_key=True)
+    weights: Mapped[bytes] = mapped_column(LargeBinary)
+    sha256: Mapped[bytes] = mapped_column(LargeBinary(32))
+
+    __table_args__ = (
+        ForeignKeyConstraint(
+            ["session_id", "round"],
+            ["agreed_records.session_id", "agreed_records.round"],
+            name="fk_checkpoints_agreed_record",
+        ),
+    )
+
+
+class PrivacyRow(Base):
+    __tablename__ = "privacy_spent"
+
+    session_id: Mapped[str] = mapped_column(
+        ID, ForeignKey("sessions.session_id"), primary_key=True
+    )
+    round: Mapped[int] = mapped_column(Integer, primary_key=True)
+    peer_id: Mapped[str] = mapped_column(ID, primary_key=True)
+    kind: Mapped[PrivacyKind] = mapped_column(
+        _enum(PrivacyKind, "privacy_kind"), primary_key=True
+    )
+    epsilon: Mapped[float] = mapped_column(Float)
+    delta: Mapped[float] = mapped_column(Float)
+
+    __table_args__ = (
+        CheckConstraint("epsilon >= 0", name="epsilon_nonnegative"),
+        CheckConstraint("delta >= 0 AND delta <= 1", name="delta_range"),
+    )
+
+
+class StatisticsRow(Base):
+    __tablename__ = "statistics_results"
+
+    query_id: Mapped[str] = mapped_column(ID, primary_key=True)
+    session_id: Mapped[str] = mapped_column(ID, ForeignKey("sessions.session_id"))
+    round: Mapped[int] = mapped_column(Integer)
+    query: Mapped[str] = mapped_column(Text)
+    result: Mapped[str] = mapped_column(Text)
+    epsilon: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())

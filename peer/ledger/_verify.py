@@ -1,0 +1,537 @@
+"""Checking a whole chain: :func:`verify_ledger` and the checks it shares with imports.
+
+The checks work on records *as stored* (JSON as text, hashes as raw bytes) rather than on
+parsed objects, so that a tampered or malformed column is reported instead of crashing the
+check, and so that an export from another peer is checked by exactly the same code.
+Every problem is collected; nothing stops at the first.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import math
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import select
+
+from peer.ledger._errors import InvalidRecordError
+from peer.ledger._ledger import valid_signers
+from peer.ledger._records import (
+    HASH_BYTES,
+    ZERO_HASH,
+    metrics_digest,
+    model_digest,
+    record_payload,
+)
+from peer.ledger._schema import AgreedRow, CheckpointRow, SessionRow, SignatureRow
+from secagg.crypto import Verifier, sha256
+
+if TYPE_CHECKING:
+    from peer.ledger._ledger import Ledger
+
+__all__ = [
+    "LedgerProblem",
+    "LedgerReport",
+    "ProblemKind",
+    "RawCheckpoint",
+    "RawRecord",
+    "RawSession",
+    "verify_ledger",
+]
+
+
+class ProblemKind(enum.StrEnum):
+    """What is wrong with a ledger."""
+
+    MISSING_RECORD = "missing-record"
+    """A gap in ``seq``: records were deleted."""
+    BROKEN_LINK = "broken-link"
+    """``prev_hash`` is not the previous record's ``record_hash`` (zero for the first)."""
+    RECORD_HASH = "record-hash"
+    """``record_hash`` is not the hash of the payload recomputed from the columns."""
+    METRICS_HASH = "metrics-hash"
+    """``metrics_hash`` does not cover the stored metrics and epsilon."""
+    MALFORMED = "malformed"
+    """A column cannot be decoded (bad JSON, wrong hash length, unknown session)."""
+    DUPLICATE_ROUND = "duplicate-round"
+    """Two records for the same (session, round)."""
+    BAD_SIGNATURE = "bad-signature"
+    """A signature does not verify under its peer's roster key."""
+    UNKNOWN_SIGNER = "unknown-signer"
+    """A signature by a peer that is not in the roster."""
+    TOO_FEW_SIGNATURES = "too-few-signatures"
+    """Fewer signatures are stored than required."""
+    CHECKPOINT_HASH = "checkpoint-hash"
+    """A checkpoint's weights do not hash to its stored SHA-256."""
+    CHECKPOINT_MODEL = "checkpoint-model"
+    """A checkpoint's SHA-256 is not its record's ``model_hash``."""
+    PROPOSAL_HASH = "proposal-hash"
+    """A session's proposal document does not hash to its ``proposal_hash``."""
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerProblem:
+    """One thing wrong with a ledger, with where it is."""
+
+    kind: ProblemKind
+    message: str
+    seq: int | None = None
+    session_id: str | None = None
+    round: int | None = None
+    peers: tuple[str, ...] = ()
+
+    def __str__(self) -> str:
+        where = []
+        if self.seq is not None:
+            where.append(f"seq {self.seq}")
+        if self.session_id is not None:
+            where.append(f"session {self.session_id!r}")
+        if self.round is not None:
+            where.append(f"round {self.round}")
+        prefix = " ".join(where)
+        return f"[{self.kind.value}] {prefix}: {self.message}" if prefix else self.message
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerReport:
+    """The outcome of :func:`verify_ledger`.
+
+    Attributes:
+        source: the ledger URL (password hidden) or a description of an export.
+        records: how many agreed records were checked.
+        checkpoints: how many checkpoints were checked.
+        problems: every problem found, in chain order.
+    """
+
+    source: str
+    records: int
+    checkpoints: int
+    problems: tuple[LedgerProblem, ...] = field(default_factory=tuple)
+
+    @property
+    def ok(self) -> bool:
+        """True when no problem was found."""
+        return not self.problems
+
+    def at(self, seq: int) -> list[LedgerProblem]:
+        """The problems found at position ``seq``."""
+        return [problem for problem in self.problems if problem.seq == seq]
+
+    def __str__(self) -> str:
+        head = (
+            f"ledger {self.source}: {self.records} agreed record(s), "
+            f"{self.checkpoints} checkpoint(s), "
+        )
+        if self.ok:
+            return head + "no problem found"
+        lines = [head + f"{len(self.problems)} problem(s):"]
+        lines += [f"  - {problem}" for problem in self.problems]
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- raw rows
+
+
+@dataclass(frozen=True, slots=True)
+class RawSession:
+    """A session as stored: the fields an importer needs to recreate it."""
+
+    session_id: str
+    proposal: str
+    proposal_hash: bytes
+    proposer: str
+    status: str
+    reason: str | None
+    created_at: datetime
+    participants: str
+    threshold: int
+    rounds_planned: int
+
+
+@dataclass(frozen=True, slots=True)
+class RawRecord:
+    """An agreed record as stored: JSON as text, hashes as raw bytes."""
+
+    seq: int
+    session_id: str
+    round: int
+    aggregate_hash: bytes
+    model_hash: bytes
+    metrics_hash: bytes
+    metrics: str
+    epsilon: str
+    prev_hash: bytes
+    record_hash: bytes
+    signatures: Mapping[str, bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class RawCheckpoint:
+    """A checkpoint as stored."""
+
+    session_id: str
+    round: int
+    weights: bytes
+    sha256: bytes
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _json_object(text: str) -> dict[str, Any] | None:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _bad_epsilon(epsilon: Mapping[str, Any]) -> list[str]:
+    return [
+        peer_id
+        for peer_id, eps in epsilon.items()
+        if isinstance(eps, bool)
+        or not isinstance(eps, int | float)
+        or not math.isfinite(eps)
+        or eps < 0
+    ]
+
+
+def _at(
+    row: RawRecord, kind: ProblemKind, message: str, peers: tuple[str, ...] = ()
+) -> LedgerProblem:
+    return LedgerProblem(kind, message, row.seq, row.session_id, row.round, peers)
+
+
+def _metrics_problems(row: RawRecord) -> list[LedgerProblem]:
+    found: list[LedgerProblem] = []
+    metrics = _json_object(row.metrics)
+    epsilon = _json_object(row.epsilon)
+    if metrics is None:
+        found.append(_at(row, ProblemKind.MALFORMED, "metrics column is not a JSON object"))
+    if epsilon is None:
+        found.append(_at(row, ProblemKind.MALFORMED, "epsilon column is not a JSON object"))
+    elif bad := _bad_epsilon(epsilon):
+        found.append(
+            _at(row, ProblemKind.MALFORMED, f"epsilon of {bad} is not a finite number >= 0")
+        )
+        return found
+    if metrics is None or epsilon is None:
+        return found
+    try:
+        digest = metrics_digest(metrics, epsilon)
+    except InvalidRecordError as exc:
+        found.append(_at(row, ProblemKind.MALFORMED, f"metrics cannot be hashed: {exc}"))
+        return found
+    if digest != row.metrics_hash:
+        found.append(
+            _at(
+                row,
+                ProblemKind.METRICS_HASH,
+                f"metrics_hash {row.metrics_hash.hex()} does not match the stored metrics "
+                f"and epsilon (they hash to {digest.hex()})",
+            )
+        )
+    return found
+
+
+def check_sessions(sessions: Iterable[RawSession]) -> list[LedgerProblem]:
+    """Problems of session rows (proposal hashes)."""
+    problems = []
+    for row in sessions:
+        actual = sha256(row.proposal.encode("utf-8"))
+        if actual != row.proposal_hash:
+            problems.append(
+                LedgerProblem(
+                    ProblemKind.PROPOSAL_HASH,
+                    f"proposal hashes to {actual.hex()}, not the stored "
+                    f"proposal_hash {row.proposal_hash.hex()}",
+                    session_id=row.session_id,
+                )
+            )
+    return problems
+
+
+@dataclass
+class ChainChecker:
+    """Checks records one by one in chain order; :attr:`problems` collects what is wrong.
+
+    Args:
+        verifiers: roster keys by peer id.
+        min_signatures: signatures required per record; None means each session's threshold.
+        thresholds: the threshold of every known session.
+        prev_seq, prev_hash: the position and hash the first checked record must follow.
+    """
+
+    verifiers: Mapping[str, Verifier]
+    min_signatures: int | None
+    thresholds: Mapping[str, int]
+    prev_seq: int = 0
+    prev_hash: bytes = ZERO_HASH
+    problems: list[LedgerProblem] = field(default_factory=list)
+    model_hashes: dict[tuple[str, int], tuple[int, bytes]] = field(default_factory=dict)
+    count: int = 0
+
+    def add(self, row: RawRecord) -> None:
+        """Check one record (and its link to the previous one)."""
+        self.count += 1
+        problems = self.problems
+
+        def problem(kind: ProblemKind, message: str) -> None:
+            problems.append(_at(row, kind, message))
+
+        if row.seq != self.prev_seq + 1:
+            if row.seq <= self.prev_seq:
+                problem(ProblemKind.MALFORMED, f"seq does not increase (after seq {self.prev_seq})")
+            else:
+                missing = (
+                    f"seq {self.prev_seq + 1}"
+                    if row.seq == self.prev_seq + 2
+                    else f"seq {self.prev_seq + 1} to {row.seq - 1}"
+                )
+                problems.append(
+                    LedgerProblem(
+                        ProblemKind.MISSING_RECORD,
+                        f"{missing} missing: the chain jumps from seq {self.prev_seq} "
+                        f"to seq {row.seq}",
+                        self.prev_seq + 1,
+                    )
+                )
+        if row.prev_hash != self.prev_hash:
+            after = f"seq {self.prev_seq}" if self.prev_seq else "the start of the chain"
+            problem(
+                ProblemKind.BROKEN_LINK,
+                f"prev_hash {row.prev_hash.hex()} is not the record_hash of {after} "
+                f"({self.prev_hash.hex()})",
+            )
+        key = (row.session_id, row.round)
+        if key in self.model_hashes:
+            problem(
+                ProblemKind.DUPLICATE_ROUND,
+                f"this round is already agreed at seq {self.model_hashes[key][0]}",
+            )
+        self.model_hashes[key] = (row.seq, row.model_hash)
+        self.prev_seq, self.prev_hash = max(row.seq, self.prev_seq), row.record_hash
+
+        bad_lengths = [
+            name
+            for name in ("aggregate_hash", "model_hash", "metrics_hash", "prev_hash", "record_hash")
+            if len(getattr(row, name)) != HASH_BYTES
+        ]
+        if bad_lengths:
+            problem(ProblemKind.MALFORMED, f"{', '.join(bad_lengths)} not {HASH_BYTES} bytes")
+
+        payload = record_payload(
+            row.session_id,
+            row.round,
+            row.aggregate_hash,
+            row.model_hash,
+            row.metrics_hash,
+            row.prev_hash,
+        )
+        recomputed = sha256(payload)
+        if recomputed != row.record_hash:
+            problem(
+                ProblemKind.RECORD_HASH,
+                f"record_hash {row.record_hash.hex()} is not the hash of the payload "
+                f"recomputed from the columns ({recomputed.hex()})",
+            )
+        problems += _metrics_problems(row)
+        problems += self._signature_problems(row, payload)
+
+    def _signature_problems(self, row: RawRecord, payload: bytes) -> list[LedgerProblem]:
+        found: list[LedgerProblem] = []
+        threshold = self.thresholds.get(row.session_id)
+        if threshold is None:
+            found.append(_at(row, ProblemKind.MALFORMED, "the record's session is not known"))
+        required = self.min_signatures if self.min_signatures is not None else threshold or 1
+        valid, _ = valid_signers(payload, row.signatures, self.verifiers)
+        unknown = tuple(sorted(p for p in row.signatures if p not in self.verifiers))
+        bad = tuple(sorted(p for p in row.signatures if p in self.verifiers and p not in valid))
+        if len(row.signatures) < required:
+            found.append(
+                _at(
+                    row,
+                    ProblemKind.TOO_FEW_SIGNATURES,
+                    f"{len(row.signatures)} signature(s) stored, {required} required",
+                )
+            )
+        shortfall = (
+            f"; only {len(valid)} of the {required} required signatures are valid"
+            if len(valid) < required <= len(row.signatures)
+            else ""
+        )
+        if unknown:
+            names = ", ".join(map(repr, unknown))
+            found.append(
+                _at(
+                    row,
+                    ProblemKind.UNKNOWN_SIGNER,
+                    f"signature(s) by {names}, not in the roster{shortfall}",
+                    unknown,
+                )
+            )
+            shortfall = ""
+        if bad:
+            names = ", ".join(map(repr, bad))
+            found.append(
+                _at(
+                    row,
+                    ProblemKind.BAD_SIGNATURE,
+                    f"signature(s) of {names} do not verify under their roster keys over "
+                    f"the payload recomputed from the columns{shortfall}",
+                    bad,
+                )
+            )
+        return found
+
+    def check_checkpoint(self, checkpoint: RawCheckpoint) -> None:
+        """Check a checkpoint's hash and that it is the model its record agreed on."""
+        key = (checkpoint.session_id, checkpoint.round)
+        seq, model_hash = self.model_hashes.get(key, (None, None))
+
+        def problem(kind: ProblemKind, message: str) -> None:
+            self.problems.append(
+                LedgerProblem(kind, message, seq, checkpoint.session_id, checkpoint.round)
+            )
+
+        actual = model_digest(checkpoint.weights)
+        if actual != checkpoint.sha256:
+            problem(
+                ProblemKind.CHECKPOINT_HASH,
+                f"checkpoint weights hash to {actual.hex()}, not the stored sha256 "
+                f"{checkpoint.sha256.hex()}",
+            )
+        if model_hash is None:
+            problem(ProblemKind.MALFORMED, "checkpoint without an agreed record")
+        elif checkpoint.sha256 != model_hash:
+            problem(
+                ProblemKind.CHECKPOINT_MODEL,
+                f"checkpoint sha256 {checkpoint.sha256.hex()} is not the record's "
+                f"model_hash {model_hash.hex()}",
+            )
+
+
+# --------------------------------------------------------------------------- the ledger
+
+
+def read_sessions(ledger: Ledger, session_ids: Iterable[str] | None = None) -> list[RawSession]:
+    """Session rows as stored (all, or those named)."""
+    with ledger._transaction(write=False) as session:
+        query = select(SessionRow).order_by(SessionRow.created_at, SessionRow.session_id)
+        if session_ids is not None:
+            query = query.where(SessionRow.session_id.in_(list(session_ids)))
+        return [
+            RawSession(
+                session_id=row.session_id,
+                proposal=row.proposal,
+                proposal_hash=row.proposal_hash,
+                proposer=row.proposer,
+                status=str(row.status),
+                reason=row.reason,
+                created_at=row.created_at,
+                participants=row.participants,
+                threshold=row.threshold,
+                rounds_planned=row.rounds_planned,
+            )
+            for row in session.scalars(query)
+        ]
+
+
+def read_records(ledger: Ledger, after_seq: int = 0) -> list[RawRecord]:
+    """Agreed records as stored, in chain order."""
+    with ledger._transaction(write=False) as session:
+        signatures: dict[int, dict[str, bytes]] = {}
+        for seq, peer_id, signature in session.execute(
+            select(SignatureRow.seq, SignatureRow.peer_id, SignatureRow.signature).where(
+                SignatureRow.seq > after_seq
+            )
+        ):
+            signatures.setdefault(seq, {})[peer_id] = signature
+        rows = session.execute(
+            select(
+                AgreedRow.seq,
+                AgreedRow.session_id,
+                AgreedRow.round,
+                AgreedRow.aggregate_hash,
+                AgreedRow.model_hash,
+                AgreedRow.metrics_hash,
+                AgreedRow.metrics,
+                AgreedRow.epsilon,
+                AgreedRow.prev_hash,
+                AgreedRow.record_hash,
+            )
+            .where(AgreedRow.seq > after_seq)
+            .order_by(AgreedRow.seq)
+        )
+        return [
+            RawRecord(**row._asdict(), signatures=signatures.get(row.seq, {})) for row in rows
+        ]
+
+
+def iter_checkpoints(
+    ledger: Ledger, keys: Iterable[tuple[str, int]] | None = None
+) -> Iterator[RawCheckpoint]:
+    """Checkpoints as stored, one at a time (they can be large)."""
+    wanted = None if keys is None else set(keys)
+    with ledger._transaction(write=False) as session:
+        names = session.execute(
+            select(CheckpointRow.session_id, CheckpointRow.round).order_by(
+                CheckpointRow.session_id, CheckpointRow.round
+            )
+        ).all()
+        for session_id, round_ in names:
+            if wanted is not None and (session_id, round_) not in wanted:
+                continue
+            row = session.get(CheckpointRow, (session_id, round_))
+            if row is not None:
+                yield RawCheckpoint(row.session_id, row.round, row.weights, row.sha256)
+                session.expunge(row)
+
+
+def verify_ledger(
+    ledger: Ledger, verifiers: Mapping[str, Verifier], min_signatures: int | None = None
+) -> LedgerReport:
+    """Check the whole ledger and report every problem found.
+
+    Checks the ``seq`` sequence, each ``prev_hash`` link, each ``record_hash`` against the
+    payload recomputed from the columns, each ``metrics_hash`` against the stored metrics and
+    epsilon, each signature under the roster key of its peer and their number, each
+    checkpoint's hash against its weights and its record's ``model_hash``, and each
+    session's proposal hash.
+
+    Args:
+        verifiers: roster keys by peer id.
+        min_signatures: signatures required per record; None means the session's threshold.
+
+    Raises:
+        LedgerReadError: the database cannot be read at all.
+    """
+    sessions = read_sessions(ledger)
+    problems = check_sessions(sessions)
+    checker = ChainChecker(
+        verifiers=verifiers,
+        min_signatures=min_signatures,
+        thresholds={s.session_id: s.threshold for s in sessions},
+    )
+    for row in read_records(ledger):
+        checker.add(row)
+    checkpoints = 0
+    for checkpoint in iter_checkpoints(ledger):
+        checkpoints += 1
+        checker.check_checkpoint(checkpoint)
+    return LedgerReport(
+        source=ledger.url,
+        records=checker.count,
+        checkpoints=checkpoints,
+        problems=tuple(problems + _in_chain_order(checker.problems)),
+    )
+
+
+def _in_chain_order(problems: list[LedgerProblem]) -> list[LedgerProblem]:
+    # Checkpoint problems are found after the chain walk; show them with their record.
+    return sorted(problems, key=lambda p: p.seq if p.seq is not None else math.inf)

@@ -1,0 +1,351 @@
+"""DP-SGD for Dense-only Keras models, written directly in TensorFlow.
+
+Theory of operation. For a Dense layer ``z = a W + b`` the gradient of example ``i``'s loss is
+``a_i g_i^T`` for ``W`` and ``g_i`` for ``b``, where ``g_i = dloss_i/dz_i``. Hence
+
+    ||grad_i||^2 = sum over layers of (||a_i||^2 + 1) * ||g_i||^2
+
+and the per-example norms need only the layer inputs ``a`` and the output gradients ``g``,
+which one ordinary backward pass (of the summed loss, with respect to every ``z``) provides;
+no per-example gradient is ever materialized. With clip factors ``c_i = min(1, C / norm_i)``
+the clipped sum is ``a^T (c * g)`` for ``W`` and ``sum_i c_i g_i`` for ``b``: the same pieces
+reused, so one forward and one backward pass suffice (a second backward pass of
+``sum_i c_i loss_i`` would give the same result at twice the cost). Then Gaussian noise
+``N(0, (sigma C)^2)`` is added to each coordinate of the clipped sum, and the result is
+divided by the *expected* batch size ``q N``, as Poisson-sampled DP-SGD requires (dividing by
+the realised batch size would leak it).
+
+Randomness. The Poisson sampling and the noise both come from a ``tf.random.Generator``
+(Philox) that is an explicit argument. :func:`secure_generator` seeds one from ``os.urandom``;
+tests inject a fixed one. The noise must be unpredictable to the other hospitals, so never
+seed a real peer's generator from anything shared (the session seed is shared).
+
+This is exact only because no layer mixes examples (no BatchNorm) and every layer with weights
+is Dense; :func:`peer.training.model.dense_layers` enforces that.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import weakref
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+
+from .model import dense_layers
+
+if TYPE_CHECKING:
+    import keras
+    import tensorflow as tf
+
+__all__ = ["DPSGD", "secure_generator", "trainer_for"]
+
+# Guards the division C / norm for examples whose gradient is exactly zero.
+_TINY = 1e-12
+
+
+def secure_generator(seed: bytes | None = None) -> tf.random.Generator:
+    """A Philox generator whose whole 192-bit state comes from ``seed`` or ``os.urandom``.
+
+    Args:
+        seed: bytes to derive the state from (tests only); None uses 32 bytes of OS entropy.
+    """
+    import tensorflow as tf
+
+    material = hashlib.sha256(b"peer/training/noise-generator/v1" + (seed or os.urandom(32)))
+    words = np.frombuffer(material.digest()[:24], dtype="<i8").copy()
+    return tf.random.Generator.from_state(words, alg="philox")
+
+
+class DPSGD:
+    """Compiled DP-SGD and plain SGD steps for one Dense-only Keras model.
+
+    Build it once per model (see :func:`trainer_for`) and reuse it: the TensorFlow graphs
+    are traced on first use. Every method updates the model's weights in place.
+
+    Args:
+        model: a model built by :func:`peer.training.model.build_model` (or any model whose
+            weighted layers are biased Dense layers, the last one producing one logit).
+    """
+
+    def __init__(self, model: keras.Model) -> None:
+        import tensorflow as tf
+
+        self.model = model
+        layers = dense_layers(model)
+        self._kernels = [layer.kernel.value for layer in layers]
+        self._biases = [layer.bias.value for layer in layers]
+        self._activations: list[Callable[[Any], Any]] = [layer.activation for layer in layers]
+        if layers[-1].units != 1:
+            raise TypeError("the last Dense layer must have a single unit (a logit)")
+        self._n_features = int(self._kernels[0].shape[0])
+        self._n_params = sum(int(np.prod(v.shape)) for v in self._kernels + self._biases)
+        x_spec = tf.TensorSpec([None, self._n_features], tf.float32)
+        y_spec = tf.TensorSpec([None], tf.float32)
+        scalar = tf.TensorSpec([], tf.float32)
+        # The generator is a traced argument (one trace per generator), so this function
+        # cannot have an input signature; reduce_retracing makes the batch dimension dynamic.
+        self._dp_step = tf.function(self._dp_step_graph, reduce_retracing=True)
+        self._sgd_step = tf.function(
+            self._sgd_step_graph,
+            input_signature=[x_spec, y_spec, scalar, scalar],
+        )
+        self._norms = tf.function(self._norms_graph, input_signature=[x_spec, y_spec])
+        self._run = tf.function(self._run_graph, reduce_retracing=True)
+
+    # ------------------------------------------------------------------ public steps
+
+    def dp_step(
+        self,
+        x: npt.ArrayLike,
+        y: npt.ArrayLike,
+        *,
+        lr: float,
+        clip_norm: float,
+        noise_multiplier: float,
+        expected_batch_size: float,
+        generator: tf.random.Generator,
+    ) -> None:
+        """One DP-SGD step on the given batch (already sampled by the caller).
+
+        ``w -= lr * (sum_i clip(grad_i, C) + N(0, (sigma C)^2 I)) / expected_batch_size``.
+        """
+        _check_dp(clip_norm, noise_multiplier, expected_batch_size)
+        self._dp_step(
+            *self._tensors(x, y),
+            _f32(lr),
+            _f32(clip_norm),
+            _f32(noise_multiplier * clip_norm),
+            _f32(expected_batch_size),
+            generator=generator,
+        )
+
+    def sgd_step(
+        self, x: npt.ArrayLike, y: npt.ArrayLike, *, lr: float, expected_batch_size: float
+    ) -> None:
+        """One plain (non-private) SGD step: ``w -= lr * sum_i grad_i / expected_batch_size``."""
+        if not expected_batch_size > 0:
+            raise ValueError(f"expected_batch_size must be positive, not {expected_batch_size}")
+        self._sgd_step(*self._tensors(x, y), _f32(lr), _f32(expected_batch_size))
+
+    def per_example_norms(self, x: npt.ArrayLike, y: npt.ArrayLike) -> npt.NDArray[np.float32]:
+        """The L2 norm of each example's full gradient (all layers), before clipping."""
+        return np.asarray(self._norms(*self._tensors(x, y)).numpy(), dtype=np.float32)
+
+    def run(
+        self,
+        x: npt.ArrayLike,
+        y: npt.ArrayLike,
+        *,
+        steps: int,
+        sampling_rate: float,
+        lr: float,
+        clip_norm: float | None,
+        noise_multiplier: float,
+        generator: tf.random.Generator,
+    ) -> int:
+        """``steps`` Poisson-sampled steps over ``(x, y)`` in one compiled loop.
+
+        Each example joins each batch independently with probability ``sampling_rate``
+        (the sampling that the privacy accountant assumes). ``clip_norm=None`` runs plain SGD
+        with the same sampling and normalization.
+
+        Returns:
+            the total number of examples in all sampled batches.
+        """
+        if steps < 0:
+            raise ValueError(f"steps must be >= 0, not {steps}")
+        if not 0.0 < sampling_rate <= 1.0:
+            raise ValueError(f"sampling rate must be in (0, 1], not {sampling_rate}")
+        xt, yt = self._tensors(x, y)
+        n = int(xt.shape[0])
+        if n == 0:
+            raise ValueError("cannot train on an empty data set")
+        private = clip_norm is not None
+        if private:
+            assert clip_norm is not None
+            _check_dp(clip_norm, noise_multiplier, sampling_rate * n)
+        import tensorflow as tf
+
+        total = self._run(
+            xt,
+            yt,
+            tf.constant(steps, tf.int32),
+            _f32(sampling_rate),
+            _f32(lr),
+            _f32(clip_norm if private else 1.0),
+            _f32(noise_multiplier * clip_norm if clip_norm is not None else 0.0),
+            _f32(sampling_rate * n),
+            private,
+            generator=generator,
+        )
+        return int(total.numpy())
+
+    # ------------------------------------------------------------------ graphs
+
+    def _tensors(self, x: npt.ArrayLike, y: npt.ArrayLike) -> tuple[tf.Tensor, tf.Tensor]:
+        import tensorflow as tf
+
+        xa = np.asarray(x, dtype=np.float32)
+        ya = np.asarray(y, dtype=np.float32).reshape(-1)
+        if xa.ndim != 2 or xa.shape[1] != self._n_features or xa.shape[0] != ya.shape[0]:
+            raise ValueError(
+                f"expected features (n, {self._n_features}) and labels (n,), got {xa.shape} "
+                f"and {ya.shape}"
+            )
+        return tf.constant(xa), tf.constant(ya)
+
+    def _forward_pieces(self, x: Any, y: Any) -> tuple[Any, list[Any], list[Any]]:
+        """Per-example losses, every layer's input ``a`` and the gradients ``g`` at its ``z``."""
+        import tensorflow as tf
+
+        with tf.GradientTape() as tape:
+            inputs, outputs = [], []
+            a = x
+            last = len(self._kernels) - 1
+            for i, (kernel, bias, act) in enumerate(
+                zip(self._kernels, self._biases, self._activations, strict=True)
+            ):
+                inputs.append(a)
+                z = tf.matmul(a, kernel) + bias
+                outputs.append(z)
+                a = z if i == last else act(z)
+            losses = tf.nn.sigmoid_cross_entropy_with_logits(labels=y, logits=a[:, 0])
+            total = tf.reduce_sum(losses)
+        # The summed loss's gradient at z has row i equal to dloss_i/dz_i, because no
+        # layer mixes examples.
+        grads = tape.gradient(total, outputs)
+        return losses, inputs, grads
+
+    @staticmethod
+    def _squared_norms(inputs: list[Any], grads: list[Any]) -> Any:
+        import tensorflow as tf
+
+        squared = tf.zeros_like(grads[0][:, 0])
+        for a, g in zip(inputs, grads, strict=True):
+            squared += (tf.reduce_sum(tf.square(a), axis=1) + 1.0) * tf.reduce_sum(
+                tf.square(g), axis=1
+            )
+        return squared
+
+    def _norms_graph(self, x: Any, y: Any) -> Any:
+        import tensorflow as tf
+
+        _, inputs, grads = self._forward_pieces(x, y)
+        return tf.sqrt(self._squared_norms(inputs, grads))
+
+    def _apply_dp(
+        self, x: Any, y: Any, lr: Any, clip: Any, noise_std: Any, denom: Any, generator: Any
+    ) -> None:
+        import tensorflow as tf
+
+        _, inputs, grads = self._forward_pieces(x, y)
+        norms = tf.sqrt(self._squared_norms(inputs, grads))
+        factors = tf.minimum(1.0, clip / tf.maximum(norms, _TINY))[:, None]
+        scale = lr / denom
+        # One draw for the whole parameter vector: each stateful generator op is a
+        # synchronisation point, and per-variable draws cost more than the noise itself.
+        noise = generator.normal([self._n_params], dtype=tf.float32) * noise_std
+        offset = 0
+        for a, g, kernel, bias in zip(inputs, grads, self._kernels, self._biases, strict=True):
+            clipped = g * factors
+            fan_in, fan_out = kernel.shape
+            size = fan_in * fan_out
+            grad_w = tf.matmul(a, clipped, transpose_a=True)
+            grad_w += tf.reshape(noise[offset : offset + size], (fan_in, fan_out))
+            grad_b = tf.reduce_sum(clipped, axis=0) + noise[offset + size : offset + size + fan_out]
+            offset += size + fan_out
+            kernel.assign_sub(scale * grad_w)
+            bias.assign_sub(scale * grad_b)
+
+    def _apply_sgd(self, x: Any, y: Any, lr: Any, denom: Any) -> None:
+        import tensorflow as tf
+
+        variables = [v for pair in zip(self._kernels, self._biases, strict=True) for v in pair]
+        with tf.GradientTape() as tape:
+            a = x
+            last = len(self._kernels) - 1
+            for i, (kernel, bias, act) in enumerate(
+                zip(self._kernels, self._biases, self._activations, strict=True)
+            ):
+                z = tf.matmul(a, kernel) + bias
+                a = z if i == last else act(z)
+            total = tf.reduce_sum(
+                tf.nn.sigmoid_cross_entropy_with_logits(labels=y, logits=a[:, 0])
+            )
+        scale = lr / denom
+        for variable, grad in zip(variables, tape.gradient(total, variables), strict=True):
+            variable.assign_sub(scale * grad)
+
+    def _dp_step_graph(
+        self,
+        x: Any,
+        y: Any,
+        lr: Any,
+        clip: Any,
+        noise_std: Any,
+        denom: Any,
+        generator: Any,
+    ) -> None:
+        self._apply_dp(x, y, lr, clip, noise_std, denom, generator)
+
+    def _sgd_step_graph(self, x: Any, y: Any, lr: Any, denom: Any) -> None:
+        self._apply_sgd(x, y, lr, denom)
+
+    def _run_graph(
+        self,
+        x: Any,
+        y: Any,
+        steps: Any,
+        rate: Any,
+        lr: Any,
+        clip: Any,
+        noise_std: Any,
+        denom: Any,
+        private: bool,
+        generator: Any,
+    ) -> Any:
+        import tensorflow as tf
+
+        n = tf.shape(x)[0]
+        total = tf.constant(0, tf.int64)
+        for _ in tf.range(steps):
+            chosen = tf.where(generator.uniform([n], dtype=tf.float32) < rate)[:, 0]
+            xb = tf.gather(x, chosen)
+            yb = tf.gather(y, chosen)
+            if private:
+                self._apply_dp(xb, yb, lr, clip, noise_std, denom, generator)
+            else:
+                self._apply_sgd(xb, yb, lr, denom)
+            total += tf.size(chosen, out_type=tf.int64)
+        return total
+
+
+_TRAINERS: weakref.WeakKeyDictionary[Any, DPSGD] = weakref.WeakKeyDictionary()
+
+
+def trainer_for(model: keras.Model) -> DPSGD:
+    """The (cached) :class:`DPSGD` of ``model``, so its graphs are traced only once."""
+    trainer = _TRAINERS.get(model)
+    if trainer is None:
+        trainer = DPSGD(model)
+        _TRAINERS[model] = trainer
+    return trainer
+
+
+def _check_dp(clip_norm: float, noise_multiplier: float, expected_batch_size: float) -> None:
+    if not clip_norm > 0 or not np.isfinite(clip_norm):
+        raise ValueError(f"clip norm must be positive and finite, not {clip_norm}")
+    if not noise_multiplier >= 0:
+        raise ValueError(f"noise multiplier must be >= 0, not {noise_multiplier}")
+    if not expected_batch_size > 0:
+        raise ValueError(f"expected batch size must be positive, not {expected_batch_size}")
+
+
+def _f32(value: float) -> tf.Tensor:
+    import tensorflow as tf
+
+    return tf.constant(value, tf.float32)

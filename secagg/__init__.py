@@ -1,0 +1,87 @@
+"""Secure aggregation core: Bonawitz et al. SecAgg and SecAgg+ as sans-I/O state machines.
+
+No sockets, threads or clocks in here: a :class:`Participant` and an :class:`Aggregator`
+take messages and return messages; the gRPC peer and the in-memory simulator drive them.
+"""
+
+from .aggregator import AggregateResult, Aggregator, AggregatorState
+from .config import RoundConfig, Stage
+from .crypto import (
+    DeterministicRandom,
+    KeyPair,
+    RandomSource,
+    Signer,
+    SystemRandom,
+    Verifier,
+    signer_from_private_key,
+    verifier_from_public_key,
+)
+from .errors import (
+    ConfigError,
+    InvalidSignatureError,
+    LocalProtocolError,
+    RemoteProtocolError,
+    RoundAborted,
+    SecAggError,
+)
+from .graph import GraphKind, NeighbourGraph, recommend_parameters
+from .messages import (
+    AdvertisedKeys,
+    AdvertiseKeys,
+    AggregatorMessage,
+    ConsistencySignature,
+    MaskedInput,
+    ParticipantMessage,
+    ShareKeys,
+    SharesToYou,
+    SurvivorSet,
+    UnmaskRequest,
+    UnmaskShares,
+)
+from .participant import Participant, ParticipantState
+from .quantize import QuantizedVector, Quantizer
+from .transcript import Transcript, TranscriptError, VerifiedAggregate, verify_transcript
+
+__all__ = [
+    "AdvertiseKeys",
+    "AdvertisedKeys",
+    "AggregateResult",
+    "Aggregator",
+    "AggregatorMessage",
+    "AggregatorState",
+    "ConfigError",
+    "ConsistencySignature",
+    "DeterministicRandom",
+    "GraphKind",
+    "InvalidSignatureError",
+    "KeyPair",
+    "LocalProtocolError",
+    "MaskedInput",
+    "NeighbourGraph",
+    "Participant",
+    "ParticipantMessage",
+    "ParticipantState",
+    "QuantizedVector",
+    "Quantizer",
+    "RandomSource",
+    "RemoteProtocolError",
+    "RoundAborted",
+    "RoundConfig",
+    "SecAggError",
+    "ShareKeys",
+    "SharesToYou",
+    "Signer",
+    "Stage",
+    "SurvivorSet",
+    "SystemRandom",
+    "Transcript",
+    "TranscriptError",
+    "UnmaskRequest",
+    "UnmaskShares",
+    "VerifiedAggregate",
+    "Verifier",
+    "recommend_parameters",
+    "signer_from_private_key",
+    "verifier_from_public_key",
+    "verify_transcript",
+]

@@ -1,0 +1,360 @@
+"""The aggregator role: collects each stage's messages, closes the stage, relays the next.
+
+The aggregator is *untrusted*: it only ever holds masked vectors and the shares that the
+participants chose to reveal, and everything it publishes is re-checked by every peer
+(:func:`secagg.transcript.verify_transcript`). It still validates what it receives, so that
+one misbehaving participant is named and left out instead of spoiling the round:
+
+    agg = Aggregator(config, verifiers)
+    for each stage:
+        for message in arriving messages (until agg.pending() is empty or a deadline):
+            try: agg.receive(message)
+            except RemoteProtocolError as e: log e (e.offender is excluded from the round)
+        outgoing = agg.close_stage()       # {peer id: message}, or raises RoundAborted
+    agg.result, agg.transcript()
+
+The caller owns clocks and deadlines: a peer whose message has not arrived when the caller
+closes the stage has dropped out at that stage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+
+import numpy as np
+
+from .config import RoundConfig, Stage
+from .crypto import Verifier
+from .errors import InvalidSignatureError, LocalProtocolError, RemoteProtocolError, RoundAborted
+from .masking import reconstruct_secrets, unmask_sum
+from .messages import (
+    AdvertisedKeys,
+    AdvertiseKeys,
+    AggregatorMessage,
+    ConsistencySignature,
+    MaskedInput,
+    ParticipantMessage,
+    ShareKeys,
+    SharesToYou,
+    SurvivorSet,
+    UnmaskRequest,
+    UnmaskShares,
+    consistency_payload,
+)
+from .prg import WordArray
+from .transcript import Transcript
+
+__all__ = ["AggregateResult", "Aggregator", "AggregatorState"]
+
+_STAGE_MESSAGE: dict[Stage, type] = {
+    Stage.ADVERTISE: AdvertiseKeys,
+    Stage.SHARE: ShareKeys,
+    Stage.MASKED: MaskedInput,
+    Stage.CONSISTENCY: ConsistencySignature,
+    Stage.UNMASK: UnmaskShares,
+}
+_NEXT_STAGE: dict[Stage, Stage | None] = {
+    Stage.ADVERTISE: Stage.SHARE,
+    Stage.SHARE: Stage.MASKED,
+    Stage.MASKED: Stage.CONSISTENCY,
+    Stage.CONSISTENCY: Stage.UNMASK,
+    Stage.UNMASK: None,
+}
+
+
+class AggregatorState(StrEnum):
+    RUNNING = "running"
+    DONE = "done"
+    ABORTED = "aborted"
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class AggregateResult:
+    """The round's outcome: the sum over ``survivors`` of their inputs, mod 2^bits."""
+
+    aggregate: WordArray
+    survivors: tuple[str, ...]
+    dropped: Mapping[Stage, tuple[str, ...]]  # peers that missed (or were excluded at) a stage
+
+
+class Aggregator:
+    """The aggregator's side of one round (see the module docstring)."""
+
+    def __init__(
+        self, config: RoundConfig, verifiers: Mapping[str, Verifier], me: str = "aggregator"
+    ) -> None:
+        missing = [u for u in config.peers if u not in verifiers]
+        if missing:
+            raise LocalProtocolError(f"no signature verifier for {missing}")
+        self.config = config
+        self.me = me
+        self.state = AggregatorState.RUNNING
+        self.stage: Stage = Stage.ADVERTISE
+        self._verifiers = verifiers
+        self._expected: frozenset[str] = frozenset(config.peers)
+        self._received: dict[str, ParticipantMessage] = {}
+        self._excluded: set[str] = set()
+        self.dropped: dict[Stage, tuple[str, ...]] = {}
+        # What the transcript needs, kept as the stages close.
+        self._adverts: dict[str, AdvertiseKeys] = {}
+        self._shares: dict[str, ShareKeys] = {}
+        self._masked: dict[str, MaskedInput] = {}
+        self._survivors: frozenset[str] = frozenset()
+        self._signatures: dict[str, ConsistencySignature] = {}
+        self._unmask: dict[str, UnmaskShares] = {}
+        self.result: AggregateResult | None = None
+        self.abort_reason: str | None = None
+
+    # ------------------------------------------------------------------ receiving
+
+    def pending(self) -> frozenset[str]:
+        """Peers whose message for the current stage has not arrived yet."""
+        if self.state is not AggregatorState.RUNNING:
+            return frozenset()
+        return self._expected - set(self._received) - self._excluded
+
+    def receive(self, message: ParticipantMessage) -> None:
+        """Accept one participant message for the current stage.
+
+        Raises:
+            RemoteProtocolError: the message breaks the protocol; its sender is excluded from
+                the rest of the round (as if it had dropped out) and the round goes on.
+            LocalProtocolError: the round is over.
+        """
+        if self.state is not AggregatorState.RUNNING:
+            raise LocalProtocolError(f"round is {self.state.value}; no more messages")
+        sender = message.sender
+        if sender not in self._expected or sender in self._excluded:
+            raise RemoteProtocolError(sender, f"not expected at stage {self.stage.value}")
+        if not isinstance(message, _STAGE_MESSAGE[self.stage]):
+            raise RemoteProtocolError(
+                sender,
+                f"sent {type(message).__name__} at stage {self.stage.value} (late or replayed)",
+            )
+        if sender in self._received:
+            raise RemoteProtocolError(sender, f"sent two messages at stage {self.stage.value}")
+        try:
+            if (message.session_id, message.round) != (self.config.session_id, self.config.round):
+                raise RemoteProtocolError(
+                    sender,
+                    f"message for session {message.session_id!r} round {message.round} "
+                    "(replayed or misrouted)",
+                )
+            self._validate(message)
+        except RemoteProtocolError:
+            self._excluded.add(sender)
+            raise
+        self._received[sender] = message
+
+    def _verify(self, sender: str, signature: bytes, payload: bytes, what: str) -> None:
+        if not self._verifiers[sender].verify(signature, payload):
+            raise InvalidSignatureError(sender, f"invalid signature on its {what}")
+
+    def _validate(self, message: ParticipantMessage) -> None:
+        config, sender = self.config, message.sender
+        if isinstance(message, AdvertiseKeys):
+            self._verify(sender, message.signature, message.signed_payload(config.digest), "advert")
+        elif isinstance(message, ShareKeys):
+            recipients = [v for v, _ in message.ciphertexts]
+            expected = set(self._adverts) & config.neighbourhood(sender)
+            if len(set(recipients)) != len(recipients) or set(recipients) != expected:
+                raise RemoteProtocolError(sender, "shares are not addressed to its neighbourhood")
+        elif isinstance(message, MaskedInput):
+            if message.vector.shape != (config.vector_length,) or message.vector.dtype != np.dtype(
+                np.uint32 if config.bits == 32 else np.uint64
+            ):
+                raise RemoteProtocolError(
+                    sender,
+                    f"masked vector has shape {message.vector.shape} and dtype "
+                    f"{message.vector.dtype}, expected ({config.vector_length},) words",
+                )
+            expected_masks = self._shared_with(sender) - {sender}
+            if set(message.masked_with) != expected_masks or len(message.masked_with) != len(
+                expected_masks
+            ):
+                raise RemoteProtocolError(sender, "masked with peers other than those it was sent")
+            self._verify(
+                sender, message.signature, message.signed_payload(config.digest), "masked input"
+            )
+        elif isinstance(message, ConsistencySignature):
+            payload = consistency_payload(config.digest, tuple(self._survivors))
+            self._verify(sender, message.signature, payload, "consistency check")
+        else:
+            holds = self._shared_with(sender)
+            owners = [u for u, _ in message.self_mask_shares]
+            dropped = [v for v, _ in message.mask_key_shares]
+            if set(owners) != holds & self._survivors or len(owners) != len(set(owners)):
+                raise RemoteProtocolError(sender, "revealed self-mask shares of the wrong peers")
+            if set(dropped) != self._dropped_for(sender) or len(dropped) != len(set(dropped)):
+                raise RemoteProtocolError(sender, "revealed mask-key shares of the wrong peers")
+            self._verify(sender, message.signature, message.signed_payload(config.digest), "shares")
+
+    def _shared_with(self, recipient: str) -> set[str]:
+        """Peers whose share ciphertexts were relayed to ``recipient`` (its view of U2)."""
+        return {
+            u
+            for u, shares in self._shares.items()
+            if any(v == recipient for v, _ in shares.ciphertexts)
+        }
+
+    def _dropped_for(self, recipient: str) -> set[str]:
+        return self._shared_with(recipient) - self._survivors
+
+    # ------------------------------------------------------------------ closing stages
+
+    def close_stage(self) -> dict[str, AggregatorMessage]:
+        """End the current stage; return the next messages, one per remaining participant.
+
+        After the last stage this computes the aggregate (``self.result``) and returns {}.
+
+        Raises:
+            RoundAborted: too few peers remain to continue safely. The aggregator is ABORTED.
+        """
+        if self.state is not AggregatorState.RUNNING:
+            raise LocalProtocolError(f"round is {self.state.value}")
+        stage = self.stage
+        arrived = {u: m for u, m in self._received.items() if u not in self._excluded}
+        self.dropped[stage] = tuple(
+            u for u in self.config.peers if u in self._expected and u not in arrived
+        )
+        try:
+            outgoing = self._close(stage, arrived)
+        except RoundAborted as error:
+            self.state = AggregatorState.ABORTED
+            self.abort_reason = str(error)
+            raise
+        except RemoteProtocolError as error:
+            self.state = AggregatorState.ABORTED
+            self.abort_reason = str(error)
+            raise
+        next_stage = _NEXT_STAGE[stage]
+        if next_stage is None:
+            self.state = AggregatorState.DONE
+        else:
+            self.stage = next_stage
+            self._expected = frozenset(outgoing)
+            self._received = {}
+        return outgoing
+
+    def _viable(self, peers: Iterable[str], stage: Stage) -> frozenset[str]:
+        """The largest subset in which everyone still has >= t of its neighbourhood."""
+        alive = set(peers)
+        changed = True
+        while changed:
+            changed = False
+            for u in sorted(alive):
+                if len(self.config.neighbourhood(u) & alive) < self.config.threshold:
+                    alive.discard(u)
+                    changed = True
+        if len(alive) < self.config.threshold:
+            raise RoundAborted(
+                f"only {len(alive)} peers can continue after stage {stage.value}, "
+                f"threshold is {self.config.threshold}"
+            )
+        return frozenset(alive)
+
+    def _close(
+        self, stage: Stage, arrived: Mapping[str, ParticipantMessage]
+    ) -> dict[str, AggregatorMessage]:
+        config = self.config
+        sid, rnd = config.session_id, config.round
+        if stage is Stage.ADVERTISE:
+            u1 = self._viable(arrived, stage)
+            self._adverts = {
+                u: m for u, m in arrived.items() if u in u1 and isinstance(m, AdvertiseKeys)
+            }
+            return {
+                u: AdvertisedKeys(
+                    sid,
+                    rnd,
+                    tuple(
+                        self._adverts[v]
+                        for v in config.peers
+                        if v in self._adverts and v in config.neighbourhood(u)
+                    ),
+                )
+                for u in config.peers
+                if u in u1
+            }
+        if stage is Stage.SHARE:
+            u2 = self._viable(arrived, stage)
+            self._shares = {
+                u: m for u, m in arrived.items() if u in u2 and isinstance(m, ShareKeys)
+            }
+            inbox: dict[str, list[tuple[str, bytes]]] = {v: [] for v in u2}
+            for u in config.peers:
+                if u in self._shares:
+                    for v, ciphertext in self._shares[u].ciphertexts:
+                        if v in inbox:
+                            inbox[v].append((u, ciphertext))
+            return {
+                v: SharesToYou(sid, rnd, v, tuple(inbox[v])) for v in config.peers if v in inbox
+            }
+        if stage is Stage.MASKED:
+            u3 = self._viable(arrived, stage)
+            self._masked = {
+                u: m for u, m in arrived.items() if u in u3 and isinstance(m, MaskedInput)
+            }
+            self._survivors = frozenset(self._masked)
+            survivors = tuple(sorted(self._survivors))
+            return {
+                u: SurvivorSet(sid, rnd, survivors) for u in config.peers if u in self._survivors
+            }
+        if stage is Stage.CONSISTENCY:
+            self._signatures = {
+                u: m for u, m in arrived.items() if isinstance(m, ConsistencySignature)
+            }
+            if len(self._signatures) < config.threshold:
+                raise RoundAborted(
+                    f"only {len(self._signatures)} consistency signatures, "
+                    f"threshold is {config.threshold}"
+                )
+            signatures = tuple(self._signatures[u] for u in sorted(self._signatures))
+            survivors = tuple(sorted(self._survivors))
+            return {
+                u: UnmaskRequest(
+                    sid,
+                    rnd,
+                    survivors,
+                    tuple(sorted(self._dropped_for(u), key=config.index)),
+                    signatures,
+                )
+                for u in sorted(self._signatures, key=config.index)
+            }
+        self._unmask = {u: m for u, m in arrived.items() if isinstance(m, UnmaskShares)}
+        dropped = (
+            frozenset(v for m in self._masked.values() for v in m.masked_with) - self._survivors
+        )
+        self_seeds, dropped_keys = reconstruct_secrets(
+            config, self._adverts, self._survivors, dropped, self._unmask
+        )
+        aggregate = unmask_sum(
+            config,
+            {u: (m.masked_with, m.vector) for u, m in self._masked.items()},
+            {u: a.mask_public for u, a in self._adverts.items()},
+            self_seeds,
+            dropped_keys,
+        )
+        self.result = AggregateResult(
+            aggregate, tuple(u for u in config.peers if u in self._survivors), dict(self.dropped)
+        )
+        return {}
+
+    # ------------------------------------------------------------------ publishing
+
+    def transcript(self) -> Transcript:
+        """Everything a peer needs to recompute and check the aggregate (after DONE)."""
+        if self.result is None:
+            raise LocalProtocolError("the round has no result to publish")
+        return Transcript(
+            session_id=self.config.session_id,
+            round=self.config.round,
+            aggregator=self.me,
+            adverts=tuple(self._adverts[u] for u in self.config.peers if u in self._adverts),
+            masked_inputs=tuple(self._masked[u] for u in self.config.peers if u in self._masked),
+            consistency=tuple(self._signatures[u] for u in sorted(self._signatures)),
+            unmask=tuple(self._unmask[u] for u in sorted(self._unmask)),
+            aggregate=self.result.aggregate,
+        )

@@ -1,0 +1,168 @@
+"""Adding masks (participant) and removing them (aggregator and every verifying peer).
+
+    y_u = x_u + PRG(b_u) + sum_{v in M(u)} sign(u, v) * PRG(s_uv)      (mod 2^bits)
+
+with M(u) the neighbours u masked with, sign(u, v) = +1 if u precedes v in the roster and -1
+otherwise, and s_uv = HKDF(X25519(s_u, S_v)) bound to session, round and the pair. Summed over
+the survivors U3 the pairwise masks between two survivors cancel; what remains is each
+survivor's self mask PRG(b_u) and its masks with dropped neighbours, which the unmasking step
+recomputes from reconstructed secrets. This module is the one place that does that arithmetic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from functools import partial
+
+import numpy as np
+
+from .config import RoundConfig
+from .crypto import KeyPair, derive_mask_seed, sha256
+from .errors import RemoteProtocolError, RoundAborted
+from .messages import AdvertiseKeys, UnmaskShares
+from .prg import MaskExpander, WordArray
+from .shamir import Reconstructor, ShareError, decode_share
+
+__all__ = ["mask_input", "reconstruct_secrets", "self_mask_commitment", "unmask_sum"]
+
+
+def self_mask_commitment(seed: bytes) -> bytes:
+    """A hiding, binding commitment to a fresh 256-bit self-mask seed."""
+    return sha256(b"secagg/self-mask-commitment/v1", seed)
+
+
+def _pairwise_seed(config: RoundConfig, own: KeyPair, u: str, v: str, v_public: bytes) -> bytes:
+    return derive_mask_seed(own.exchange(v_public), config.session_id, config.round, u, v)
+
+
+def mask_input(
+    config: RoundConfig,
+    me: str,
+    x: WordArray,
+    self_seed: bytes,
+    mask_keys: KeyPair,
+    neighbour_mask_publics: Mapping[str, bytes],
+    expander: MaskExpander | None = None,
+) -> WordArray:
+    """y_u for ``me``; ``neighbour_mask_publics`` maps each v in M(u) to its mask public key."""
+    expander = expander or MaskExpander(config.vector_length, config.bits)
+    y = np.array(x, dtype=expander.dtype, copy=True)
+    expander.add_into(y, self_seed)
+    for v, public in neighbour_mask_publics.items():
+        seed = _pairwise_seed(config, mask_keys, me, v, public)
+        expander.add_into(y, seed, config.mask_sign(me, v))
+    return y
+
+
+def unmask_sum(
+    config: RoundConfig,
+    masked: Mapping[str, tuple[tuple[str, ...], WordArray]],
+    mask_publics: Mapping[str, bytes],
+    self_seeds: Mapping[str, bytes],
+    dropped_mask_keys: Mapping[str, KeyPair],
+    expander: MaskExpander | None = None,
+) -> WordArray:
+    """The sum of the survivors' inputs.
+
+    Args:
+        masked: for each survivor u in U3, (M(u), y_u).
+        mask_publics: advertised mask public keys of every peer in any M(u).
+        self_seeds: the reconstructed b_u of every survivor.
+        dropped_mask_keys: the reconstructed mask key pair of every peer that is in some
+            survivor's M(u) but not a survivor itself.
+    """
+    expander = expander or MaskExpander(config.vector_length, config.bits)
+    total = np.zeros(config.vector_length, dtype=expander.dtype)
+    for _, vector in masked.values():
+        np.add(total, vector, out=total)
+    for u in masked:
+        expander.add_into(total, self_seeds[u], -1)
+    for u, (masked_with, _) in masked.items():
+        for v in masked_with:
+            if v in masked:
+                continue  # cancels against v's own mask
+            seed = _pairwise_seed(config, dropped_mask_keys[v], v, u, mask_publics[u])
+            expander.add_into(total, seed, -config.mask_sign(u, v))
+    return total
+
+
+def _commits_to(commitment: bytes, seed: bytes) -> bool:
+    return self_mask_commitment(seed) == commitment
+
+
+def _is_private_key_of(public: bytes, private: bytes) -> bool:
+    return KeyPair.from_private_bytes(private).public == public
+
+
+def reconstruct_secrets(
+    config: RoundConfig,
+    adverts: Mapping[str, AdvertiseKeys],
+    survivors: frozenset[str],
+    dropped: frozenset[str],
+    responses: Mapping[str, UnmaskShares],
+) -> tuple[dict[str, bytes], dict[str, KeyPair]]:
+    """Reconstruct every survivor's self-mask seed and every dropped peer's mask key.
+
+    Each secret is checked against what its owner committed to in its signed advert (the
+    self-mask commitment, the mask public key), and with more than t shares every share
+    must lie on one polynomial, so a wrong share is detected rather than silently giving a
+    wrong sum.
+
+    Raises:
+        RoundAborted: fewer than t shares for some secret.
+        RemoteProtocolError: shares that do not reconstruct the committed secret; the
+            offender is the owner's share holders, named in the message.
+    """
+    reconstructor = Reconstructor(config.threshold)
+    self_shares: dict[str, dict[int, int]] = {u: {} for u in survivors}
+    key_shares: dict[str, dict[int, int]] = {v: {} for v in dropped}
+    for responder, response in responses.items():
+        x = config.index(responder)
+        for owner, share in response.self_mask_shares:
+            if owner in self_shares:
+                self_shares[owner][x] = decode_share(share)
+        for owner, share in response.mask_key_shares:
+            if owner in key_shares:
+                key_shares[owner][x] = decode_share(share)
+
+    def rebuild(
+        owner: str, shares: dict[int, int], what: str, matches: Callable[[bytes], bool]
+    ) -> bytes:
+        if len(shares) < config.threshold:
+            raise RoundAborted(
+                f"only {len(shares)} shares of the {what} of {owner}, {config.threshold} needed"
+            )
+        holders = ",".join(sorted(config.peers[x - 1] for x in shares))
+        try:
+            secret = reconstructor.reconstruct(shares, check=True)
+        except ShareError as error:
+            raise RemoteProtocolError(
+                holders, f"shares of the {what} of {owner} are inconsistent: {error}"
+            ) from None
+        if not matches(secret):
+            raise RemoteProtocolError(
+                holders, f"shares of the {what} of {owner} do not match its signed advert"
+            )
+        return secret
+
+    self_seeds = {
+        u: rebuild(
+            u,
+            self_shares[u],
+            "self-mask seed",
+            partial(_commits_to, adverts[u].self_mask_commitment),
+        )
+        for u in sorted(survivors)
+    }
+    dropped_keys = {
+        v: KeyPair.from_private_bytes(
+            rebuild(
+                v,
+                key_shares[v],
+                "mask key",
+                partial(_is_private_key_of, adverts[v].mask_public),
+            )
+        )
+        for v in sorted(dropped)
+    }
+    return self_seeds, dropped_keys

@@ -1,0 +1,208 @@
+"""The protocol's messages: frozen, slotted dataclasses, one per (stage, direction).
+
+Participant -> aggregator:  AdvertiseKeys, ShareKeys, MaskedInput, ConsistencySignature,
+                            UnmaskShares
+Aggregator -> participant:  AdvertisedKeys, SharesToYou, SurvivorSet, UnmaskRequest
+
+Every message carries ``session_id`` and ``round``. Every message a participant signs is
+signed over :meth:`signed_payload`, which also binds the round configuration's digest, so
+nothing verifies in another session, round or parameter set. Messages validate their own
+shape on construction (types and sizes); protocol rules are checked by the state machines.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .crypto import canonical, sha256
+from .prg import WordArray
+from .shamir import SHARE_BYTES
+
+__all__ = [
+    "AdvertiseKeys",
+    "AdvertisedKeys",
+    "AggregatorMessage",
+    "ConsistencySignature",
+    "MaskedInput",
+    "ParticipantMessage",
+    "ShareKeys",
+    "SharesToYou",
+    "SurvivorSet",
+    "UnmaskRequest",
+    "UnmaskShares",
+    "consistency_payload",
+    "vector_digest",
+]
+
+KEY_BYTES = 32
+
+
+def _require(condition: bool, what: str) -> None:
+    if not condition:
+        raise ValueError(what)
+
+
+def vector_digest(vector: WordArray) -> bytes:
+    return sha256(b"secagg/vector/v1", np.ascontiguousarray(vector).tobytes())
+
+
+def consistency_payload(digest: bytes, survivors: tuple[str, ...]) -> bytes:
+    """What each peer signs in the consistency check: the survivor set U3 of the round."""
+    return canonical("secagg/consistency/v1", digest, tuple(sorted(survivors)))
+
+
+# ----------------------------------------------------------------- participant -> aggregator
+
+
+@dataclass(frozen=True, slots=True)
+class AdvertiseKeys:
+    """Stage 0: two fresh X25519 public keys and a commitment to the self-mask seed."""
+
+    sender: str
+    session_id: str
+    round: int
+    channel_public: bytes
+    mask_public: bytes
+    self_mask_commitment: bytes
+    signature: bytes
+
+    def __post_init__(self) -> None:
+        _require(len(self.channel_public) == KEY_BYTES, "channel public key must be 32 bytes")
+        _require(len(self.mask_public) == KEY_BYTES, "mask public key must be 32 bytes")
+        _require(len(self.self_mask_commitment) == 32, "self-mask commitment must be 32 bytes")
+
+    def signed_payload(self, digest: bytes) -> bytes:
+        return canonical(
+            "secagg/advertise/v1",
+            digest,
+            self.sender,
+            self.channel_public,
+            self.mask_public,
+            self.self_mask_commitment,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ShareKeys:
+    """Stage 1: one AES-GCM ciphertext of (mask-key share, self-mask share) per neighbour."""
+
+    sender: str
+    session_id: str
+    round: int
+    ciphertexts: tuple[tuple[str, bytes], ...]  # (recipient, ciphertext)
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class MaskedInput:
+    """Stage 2: the masked vector, and the neighbours whose pairwise masks it contains."""
+
+    sender: str
+    session_id: str
+    round: int
+    masked_with: tuple[str, ...]
+    vector: WordArray
+    signature: bytes
+
+    def __post_init__(self) -> None:
+        _require(self.vector.ndim == 1, "masked vector must be one-dimensional")
+
+    def signed_payload(self, digest: bytes) -> bytes:
+        return canonical(
+            "secagg/masked/v1",
+            digest,
+            self.sender,
+            tuple(sorted(self.masked_with)),
+            vector_digest(self.vector),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ConsistencySignature:
+    """Stage 3: the sender's signature over the survivor set it was shown."""
+
+    sender: str
+    session_id: str
+    round: int
+    signature: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class UnmaskShares:
+    """Stage 4: shares of survivors' self-mask seeds and of dropped peers' mask keys."""
+
+    sender: str
+    session_id: str
+    round: int
+    self_mask_shares: tuple[tuple[str, bytes], ...]  # (owner, 33-byte share of b_owner)
+    mask_key_shares: tuple[tuple[str, bytes], ...]  # (owner, 33-byte share of s_sk_owner)
+    signature: bytes
+
+    def __post_init__(self) -> None:
+        for _, share in (*self.self_mask_shares, *self.mask_key_shares):
+            _require(len(share) == SHARE_BYTES, f"shares must be {SHARE_BYTES} bytes")
+
+    def signed_payload(self, digest: bytes) -> bytes:
+        def flat(pairs: tuple[tuple[str, bytes], ...]) -> bytes:
+            return b"".join(canonical(owner, share) for owner, share in sorted(pairs))
+
+        return canonical(
+            "secagg/unmask/v1",
+            digest,
+            self.sender,
+            flat(self.self_mask_shares),
+            flat(self.mask_key_shares),
+        )
+
+
+ParticipantMessage = AdvertiseKeys | ShareKeys | MaskedInput | ConsistencySignature | UnmaskShares
+
+
+# ----------------------------------------------------------------- aggregator -> participant
+
+
+@dataclass(frozen=True, slots=True)
+class AdvertisedKeys:
+    """Stage 0 reply: the signed adverts of the recipient's neighbourhood (U1)."""
+
+    session_id: str
+    round: int
+    adverts: tuple[AdvertiseKeys, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SharesToYou:
+    """Stage 1 reply: ciphertexts addressed to ``recipient`` (their senders form U2)."""
+
+    session_id: str
+    round: int
+    recipient: str
+    ciphertexts: tuple[tuple[str, bytes], ...]  # (sender, ciphertext)
+
+
+@dataclass(frozen=True, slots=True)
+class SurvivorSet:
+    """Stage 2 reply: U3, the peers whose masked input the aggregator holds."""
+
+    session_id: str
+    round: int
+    survivors: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class UnmaskRequest:
+    """Stage 3 reply: the consistency signatures, and whose shares the recipient reveals.
+
+    ``survivors`` get their self-mask seed share revealed; ``dropped`` their mask-key
+    share. An honest participant refuses unless the two are disjoint.
+    """
+
+    session_id: str
+    round: int
+    survivors: tuple[str, ...]
+    dropped: tuple[str, ...]
+    signatures: tuple[ConsistencySignature, ...]
+
+
+AggregatorMessage = AdvertisedKeys | SharesToYou | SurvivorSet | UnmaskRequest

@@ -1,0 +1,375 @@
+"""The participant role: one object per peer per round, driven by the aggregator's messages.
+
+    p = Participant(config, "hospital-a", signer, verifiers, x, rng)
+    send(p.start())                      # AdvertiseKeys
+    send(p.receive(advertised_keys))     # ShareKeys
+    send(p.receive(shares_to_you))       # MaskedInput
+    send(p.receive(survivor_set))        # ConsistencySignature
+    send(p.receive(unmask_request))      # UnmaskShares; p.state is DONE
+
+The aggregator is not trusted. Before answering, the participant checks everything it can
+(see ``_on_*``); any violation raises :class:`RemoteProtocolError` naming the offender and
+finishes the object (state FAILED), so it never reveals anything afterwards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+from enum import StrEnum
+from typing import Any, cast
+
+import numpy as np
+import numpy.typing as npt
+from cryptography.exceptions import InvalidTag
+
+from .config import RoundConfig
+from .crypto import (
+    KeyPair,
+    RandomSource,
+    Signer,
+    Verifier,
+    aead_decrypt,
+    aead_encrypt,
+    canonical,
+    derive_channel_key,
+)
+from .errors import InvalidSignatureError, LocalProtocolError, RemoteProtocolError, SecAggError
+from .masking import mask_input, self_mask_commitment
+from .messages import (
+    AdvertisedKeys,
+    AdvertiseKeys,
+    AggregatorMessage,
+    ConsistencySignature,
+    MaskedInput,
+    ParticipantMessage,
+    ShareKeys,
+    SharesToYou,
+    SurvivorSet,
+    UnmaskRequest,
+    UnmaskShares,
+    consistency_payload,
+)
+from .shamir import SHARE_BYTES, decode_share, encode_share, split_secret
+
+__all__ = ["Participant", "ParticipantState"]
+
+AGGREGATOR = "aggregator"
+
+
+class ParticipantState(StrEnum):
+    NEW = "new"
+    ADVERTISED = "advertised"  # sent AdvertiseKeys, waits for AdvertisedKeys
+    SHARED = "shared"  # sent ShareKeys, waits for SharesToYou
+    MASKED = "masked"  # sent MaskedInput, waits for SurvivorSet
+    SIGNED = "signed"  # sent ConsistencySignature, waits for UnmaskRequest
+    DONE = "done"
+    FAILED = "failed"
+
+
+def share_associated_data(digest: bytes, sender: str, recipient: str) -> bytes:
+    return canonical("secagg/share/v1", digest, sender, recipient)
+
+
+class Participant:
+    """One peer's side of one round.
+
+    Args:
+        config: the round's parameters (identical at every peer).
+        me: this peer's id (must be in ``config.peers``).
+        signer: signs with this institution's key.
+        verifiers: every roster peer's signature verifier, by peer id.
+        x: this peer's input, already quantized: ``vector_length`` words of the ring.
+        rng: the source of every secret (keys, seeds, share polynomials, nonces).
+        aggregator: the aggregator's peer id, used to name it in errors.
+    """
+
+    def __init__(
+        self,
+        config: RoundConfig,
+        me: str,
+        signer: Signer,
+        verifiers: Mapping[str, Verifier],
+        x: npt.ArrayLike,
+        rng: RandomSource,
+        aggregator: str = AGGREGATOR,
+    ) -> None:
+        if not config.is_member(me):
+            raise LocalProtocolError(f"{me} is not in the roster of this round")
+        missing = [u for u in config.neighbourhood(me) if u not in verifiers]
+        if missing:
+            raise LocalProtocolError(f"no signature verifier for neighbours {sorted(missing)}")
+        vector = np.asarray(x)
+        dtype = np.dtype(np.uint32 if config.bits == 32 else np.uint64)
+        if vector.shape != (config.vector_length,) or vector.dtype != dtype:
+            raise LocalProtocolError(
+                f"input must be a {dtype} vector of length {config.vector_length}, "
+                f"not {vector.dtype} of shape {vector.shape}"
+            )
+        self.config = config
+        self.me = me
+        self.aggregator = aggregator
+        self.state = ParticipantState.NEW
+        self._signer = signer
+        self._verifiers = verifiers
+        self._x = vector
+        self._rng = rng
+        self._neighbourhood = config.neighbourhood(me)
+        # Filled in as the round advances.
+        self._channel_keys: KeyPair | None = None
+        self._mask_keys: KeyPair | None = None
+        self._self_seed = b""
+        self._advert: AdvertiseKeys | None = None
+        self._adverts: dict[str, AdvertiseKeys] = {}
+        self._held_shares: dict[str, tuple[int, int]] = {}  # owner -> (mask-key, self-mask)
+        self._u2: frozenset[str] = frozenset()
+        self._u3: tuple[str, ...] = ()
+
+    # ------------------------------------------------------------------ driving
+
+    def start(self) -> AdvertiseKeys:
+        """Begin the round: make fresh keys and the self-mask seed; sign the advert."""
+        if self.state is not ParticipantState.NEW:
+            raise LocalProtocolError(f"start() called in state {self.state.value}")
+        self._channel_keys = KeyPair.generate(self._rng)
+        self._mask_keys = KeyPair.generate(self._rng)
+        self._self_seed = self._rng.token_bytes(32)
+        unsigned = AdvertiseKeys(
+            self.me,
+            self.config.session_id,
+            self.config.round,
+            self._channel_keys.public,
+            self._mask_keys.public,
+            self_mask_commitment(self._self_seed),
+            b"",
+        )
+        signature = self._signer.sign(unsigned.signed_payload(self.config.digest))
+        self._advert = replace(unsigned, signature=signature)
+        self.state = ParticipantState.ADVERTISED
+        return self._advert
+
+    def receive(self, message: AggregatorMessage) -> ParticipantMessage:
+        """Handle the aggregator's next message and return the reply to send.
+
+        Raises:
+            RemoteProtocolError: the aggregator (or a relayed peer) broke the protocol.
+            LocalProtocolError: a message arrived in a state that does not expect it.
+        In both cases the participant is FAILED and reveals nothing more.
+        """
+        handler = _TRANSITIONS.get((self.state, type(message)))
+        if handler is None:
+            state, self.state = self.state, ParticipantState.FAILED
+            raise RemoteProtocolError(
+                self.aggregator, f"unexpected {type(message).__name__} in state {state.value}"
+            )
+        try:
+            self._check_round(message)
+            reply, next_state = handler(self, message)
+        except SecAggError:
+            self.state = ParticipantState.FAILED
+            raise
+        self.state = next_state
+        return reply
+
+    # ------------------------------------------------------------------ checks
+
+    def _fail(self, reason: str, offender: str | None = None) -> RemoteProtocolError:
+        return RemoteProtocolError(offender or self.aggregator, reason)
+
+    def _check_round(self, message: AggregatorMessage) -> None:
+        if (message.session_id, message.round) != (self.config.session_id, self.config.round):
+            raise self._fail(
+                f"message for session {message.session_id!r} round {message.round}, "
+                f"this is session {self.config.session_id!r} round {self.config.round} "
+                "(replayed or misrouted)"
+            )
+
+    def _check_threshold(self, peers: frozenset[str] | set[str], stage: str) -> None:
+        present = len(peers & self._neighbourhood)
+        if present < self.config.threshold:
+            raise self._fail(
+                f"only {present} of my neighbourhood at {stage}, threshold is "
+                f"{self.config.threshold}; refusing to continue"
+            )
+
+    # ------------------------------------------------------------------ stage handlers
+
+    def _on_advertised_keys(self, message: AdvertisedKeys) -> tuple[ShareKeys, ParticipantState]:
+        adverts: dict[str, AdvertiseKeys] = {}
+        seen_keys: set[bytes] = set()
+        for advert in message.adverts:
+            sender = advert.sender
+            if sender not in self._neighbourhood:
+                raise self._fail(f"relayed an advert of {sender!r}, not in my neighbourhood")
+            if sender in adverts:
+                raise self._fail(f"relayed two adverts of {sender}")
+            if (advert.session_id, advert.round) != (self.config.session_id, self.config.round):
+                raise self._fail(f"relayed an advert of {sender} from another round (replay)")
+            if not self._verifiers[sender].verify(
+                advert.signature, advert.signed_payload(self.config.digest)
+            ):
+                raise InvalidSignatureError(
+                    self.aggregator, f"relayed an advert of {sender} whose signature is invalid"
+                )
+            for key in (advert.channel_public, advert.mask_public):
+                if key in seen_keys:
+                    raise self._fail(f"advert of {sender} reuses a public key of another advert")
+                seen_keys.add(key)
+            adverts[sender] = advert
+        if adverts.get(self.me) != self._advert:
+            raise self._fail("my own advert was not echoed back unchanged")
+        self._check_threshold(set(adverts), "advertise")
+        self._adverts = adverts
+
+        assert self._mask_keys is not None
+        assert self._channel_keys is not None
+        recipients = sorted(adverts, key=self.config.index)
+        xs = [self.config.index(v) for v in recipients]
+        t = self.config.threshold
+        mask_key_shares = split_secret(self._mask_keys.private_bytes(), xs, t, self._rng)
+        self_mask_shares = split_secret(self._self_seed, xs, t, self._rng)
+        ciphertexts = []
+        for v, x in zip(recipients, xs, strict=True):
+            key = derive_channel_key(
+                self._channel_keys.exchange(adverts[v].channel_public),
+                self.config.session_id,
+                self.config.round,
+                self.me,
+                v,
+            )
+            plaintext = encode_share(mask_key_shares[x]) + encode_share(self_mask_shares[x])
+            ad = share_associated_data(self.config.digest, self.me, v)
+            ciphertexts.append((v, aead_encrypt(key, plaintext, ad, self._rng)))
+        reply = ShareKeys(self.me, self.config.session_id, self.config.round, tuple(ciphertexts))
+        return reply, ParticipantState.SHARED
+
+    def _on_shares_to_you(self, message: SharesToYou) -> tuple[MaskedInput, ParticipantState]:
+        if message.recipient != self.me:
+            raise self._fail(f"shares addressed to {message.recipient!r} were sent to me")
+        assert self._channel_keys is not None
+        assert self._mask_keys is not None
+        held: dict[str, tuple[int, int]] = {}
+        for sender, ciphertext in message.ciphertexts:
+            if sender not in self._adverts:
+                raise self._fail(f"relayed shares from {sender!r}, who did not advertise keys")
+            if sender in held:
+                raise self._fail(f"relayed two share ciphertexts from {sender}")
+            key = derive_channel_key(
+                self._channel_keys.exchange(self._adverts[sender].channel_public),
+                self.config.session_id,
+                self.config.round,
+                sender,
+                self.me,
+            )
+            ad = share_associated_data(self.config.digest, sender, self.me)
+            try:
+                plaintext = aead_decrypt(key, ciphertext, ad)
+                if len(plaintext) != 2 * SHARE_BYTES:
+                    raise ValueError("wrong share length")
+                held[sender] = (
+                    decode_share(plaintext[:SHARE_BYTES]),
+                    decode_share(plaintext[SHARE_BYTES:]),
+                )
+            except (InvalidTag, ValueError) as error:
+                raise self._fail(
+                    f"shares from {sender} do not decrypt to valid shares ({error!r})", sender
+                ) from None
+        if self.me not in held:
+            raise self._fail("my own shares were not delivered back to me")
+        self._check_threshold(set(held), "share")
+        self._held_shares = held
+        self._u2 = frozenset(held)
+
+        masked_with = tuple(sorted((v for v in held if v != self.me), key=self.config.index))
+        y = mask_input(
+            self.config,
+            self.me,
+            self._x,
+            self._self_seed,
+            self._mask_keys,
+            {v: self._adverts[v].mask_public for v in masked_with},
+        )
+        unsigned = MaskedInput(
+            self.me, self.config.session_id, self.config.round, masked_with, y, b""
+        )
+        signature = self._signer.sign(unsigned.signed_payload(self.config.digest))
+        return replace(unsigned, signature=signature), ParticipantState.MASKED
+
+    def _on_survivor_set(
+        self, message: SurvivorSet
+    ) -> tuple[ConsistencySignature, ParticipantState]:
+        survivors = message.survivors
+        if len(set(survivors)) != len(survivors):
+            raise self._fail("survivor set lists a peer twice")
+        unknown = [u for u in survivors if not self.config.is_member(u)]
+        if unknown:
+            raise self._fail(f"survivor set names peers outside the roster: {unknown}")
+        if self.me not in survivors:
+            raise self._fail("I am not in the survivor set although I sent my masked input")
+        # U3 within my neighbourhood must be a subset of U2 (peers that shared with me).
+        strangers = sorted((set(survivors) & self._neighbourhood) - self._u2)
+        if strangers:
+            raise self._fail(f"survivors {strangers} never sent me their shares (U3 ⊄ U2)")
+        self._check_threshold(set(survivors), "masked")
+        self._u3 = tuple(sorted(survivors))
+        signature = self._signer.sign(consistency_payload(self.config.digest, self._u3))
+        reply = ConsistencySignature(self.me, self.config.session_id, self.config.round, signature)
+        return reply, ParticipantState.SIGNED
+
+    def _on_unmask_request(self, message: UnmaskRequest) -> tuple[UnmaskShares, ParticipantState]:
+        both = sorted(set(message.survivors) & set(message.dropped))
+        if both:
+            raise self._fail(
+                f"asked for both the self-mask and the mask-key share of {both}: "
+                "that would reveal their input"
+            )
+        if tuple(sorted(message.survivors)) != self._u3:
+            raise self._fail("unmask request names a survivor set other than the one I signed")
+        not_dropped = sorted(set(message.dropped) - (self._u2 - set(self._u3)))
+        if not_dropped:
+            raise self._fail(f"asked for mask-key shares of {not_dropped}, who did not drop out")
+        payload = consistency_payload(self.config.digest, self._u3)
+        signers: set[str] = set()
+        for signed in message.signatures:
+            if signed.sender not in self._u3 or signed.sender in signers:
+                raise self._fail(f"consistency signature from {signed.sender!r} is not expected")
+            verifier = self._verifiers.get(signed.sender)
+            if verifier is None or not verifier.verify(signed.signature, payload):
+                raise InvalidSignatureError(
+                    self.aggregator,
+                    f"consistency signature of {signed.sender} does not match my survivor set",
+                )
+            signers.add(signed.sender)
+        if len(signers) < self.config.threshold:
+            raise self._fail(
+                f"only {len(signers)} consistency signatures, threshold is {self.config.threshold}"
+            )
+        self_mask_shares = tuple(
+            (u, encode_share(self._held_shares[u][1]))
+            for u in sorted(set(self._u3) & self._u2, key=self.config.index)
+        )
+        mask_key_shares = tuple(
+            (u, encode_share(self._held_shares[u][0]))
+            for u in sorted(message.dropped, key=self.config.index)
+        )
+        unsigned = UnmaskShares(
+            self.me,
+            self.config.session_id,
+            self.config.round,
+            self_mask_shares,
+            mask_key_shares,
+            b"",
+        )
+        signature = self._signer.sign(unsigned.signed_payload(self.config.digest))
+        return replace(unsigned, signature=signature), ParticipantState.DONE
+
+
+_Handler = Callable[[Participant, Any], tuple[ParticipantMessage, ParticipantState]]
+
+# The transition table: (state, message type) -> handler. Anything else is a protocol error.
+_TRANSITIONS: dict[tuple[ParticipantState, type], _Handler] = {
+    (ParticipantState.ADVERTISED, AdvertisedKeys): cast(_Handler, Participant._on_advertised_keys),
+    (ParticipantState.SHARED, SharesToYou): cast(_Handler, Participant._on_shares_to_you),
+    (ParticipantState.MASKED, SurvivorSet): cast(_Handler, Participant._on_survivor_set),
+    (ParticipantState.SIGNED, UnmaskRequest): cast(_Handler, Participant._on_unmask_request),
+}

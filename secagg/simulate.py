@@ -1,0 +1,397 @@
+"""In-memory simulation: N participants and one aggregator, the same objects a peer drives.
+
+For tests and benchmarks. Dropouts are injected at any stage (a dropped peer never sends its
+message for that stage, nor anything later) and the aggregator can be made malicious
+(:class:`Attack`), in which case the simulation reports how the honest participants refused.
+
+Timing uses an injected clock (``time.perf_counter`` by default); it only measures, it
+never influences the protocol. Byte counts are the sizes of the messages' fields (what the
+wire format carries, without its few bytes of framing).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+from functools import partial
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from .aggregator import Aggregator
+from .config import RoundConfig, Stage
+from .crypto import (
+    DeterministicRandom,
+    KeyPair,
+    Signer,
+    Verifier,
+    signer_from_private_key,
+    verifier_from_public_key,
+)
+from .errors import ConfigError, RemoteProtocolError, RoundAborted, SecAggError
+from .graph import GraphKind, minimum_threshold
+from .messages import (
+    AdvertisedKeys,
+    AdvertiseKeys,
+    AggregatorMessage,
+    ConsistencySignature,
+    MaskedInput,
+    ParticipantMessage,
+    ShareKeys,
+    SharesToYou,
+    SurvivorSet,
+    UnmaskRequest,
+    UnmaskShares,
+)
+from .participant import Participant, ParticipantState
+from .prg import WordArray, word_dtype
+from .transcript import Transcript, TranscriptError, verify_transcript
+
+__all__ = ["Attack", "SimulationResult", "message_size", "peer_ids", "simulate", "test_identities"]
+
+STAGES = tuple(Stage)
+AGGREGATOR_ID = "aggregator"
+
+
+class Attack(StrEnum):
+    """Malicious aggregator behaviours the simulator can play."""
+
+    BOTH_SHARES = "both-shares"  # asks one peer for both shares of a survivor
+    SUBSTITUTE_KEY = "substitute-key"  # replaces a peer's advertised mask key with its own
+    SPLIT_SURVIVORS = "split-survivors"  # shows different survivor sets to different peers
+    REPLAY = "replay"  # relays adverts from the previous round
+    WRONG_SUM = "wrong-sum"  # publishes a transcript with a wrong aggregate
+
+
+@dataclass
+class SimulationResult:
+    peers: tuple[str, ...]
+    aggregate: WordArray | None
+    expected: WordArray | None  # plain sum over the survivors' inputs
+    survivors: tuple[int, ...]  # 0-based indices
+    dropped: dict[str, list[int]]  # per stage, 0-based indices
+    timings_s: dict[str, dict[str, float]]  # stage -> {"aggregator", "participant_median"}
+    bytes_per_peer: dict[str, float]  # median participant bytes "sent" and "received"
+    ok: bool
+    aborted: str | None = None
+    refusals: dict[str, str] = field(default_factory=dict)  # peer -> error, under attack
+    transcript: Transcript | None = None
+    transcript_error: str | None = None
+
+
+def peer_ids(n: int) -> tuple[str, ...]:
+    width = max(3, len(str(n - 1)))
+    return tuple(f"peer-{i:0{width}d}" for i in range(n))
+
+
+def test_identities(
+    peers: Sequence[str], seed: int
+) -> tuple[dict[str, Signer], dict[str, Verifier]]:
+    """Deterministic Ed25519 signing keys for simulated peers (never for real ones)."""
+    signers: dict[str, Signer] = {}
+    verifiers: dict[str, Verifier] = {}
+    for u in peers:
+        key = ed25519.Ed25519PrivateKey.from_private_bytes(
+            DeterministicRandom(f"identity/{seed}/{u}").token_bytes(32)
+        )
+        signers[u] = signer_from_private_key(key)
+        verifiers[u] = verifier_from_public_key(key.public_key())
+    return signers, verifiers
+
+
+def message_size(message: ParticipantMessage | AggregatorMessage) -> int:
+    """Bytes of payload a message carries on the wire (ids, keys, ciphertexts, vectors)."""
+    if isinstance(message, AdvertiseKeys):
+        return len(message.sender) + 96 + len(message.signature)
+    if isinstance(message, ShareKeys):
+        return len(message.sender) + sum(len(v) + len(c) for v, c in message.ciphertexts)
+    if isinstance(message, MaskedInput):
+        ids = sum(len(v) for v in message.masked_with)
+        return len(message.sender) + ids + message.vector.nbytes + len(message.signature)
+    if isinstance(message, ConsistencySignature):
+        return len(message.sender) + len(message.signature)
+    if isinstance(message, UnmaskShares):
+        pairs = (*message.self_mask_shares, *message.mask_key_shares)
+        return len(message.sender) + sum(len(o) + len(s) for o, s in pairs) + len(message.signature)
+    if isinstance(message, AdvertisedKeys):
+        return sum(message_size(a) for a in message.adverts)
+    if isinstance(message, SharesToYou):
+        return sum(len(u) + len(c) for u, c in message.ciphertexts)
+    if isinstance(message, SurvivorSet):
+        return sum(len(u) for u in message.survivors)
+    ids = sum(len(u) for u in (*message.survivors, *message.dropped))
+    return ids + sum(message_size(s) for s in message.signatures)
+
+
+def simulate(
+    n_peers: int,
+    vector_length: int,
+    *,
+    threshold: int | None = None,
+    graph: GraphKind = GraphKind.COMPLETE,
+    degree: int | None = None,
+    drops: Mapping[Stage, int] | None = None,
+    seed: int = 0,
+    inputs: WordArray | None = None,
+    bits: int = 32,
+    attack: Attack | None = None,
+    session_id: str = "simulation",
+    round_: int = 0,
+    verify: bool = True,
+    clock: Callable[[], float] = time.perf_counter,
+) -> SimulationResult:
+    """Run one round in memory. See the module docstring.
+
+    Args:
+        drops: how many peers drop out at each stage (chosen by ``seed``).
+        inputs: an (n_peers, vector_length) array of ring words; random when omitted.
+        verify: also run :func:`verify_transcript` on the published transcript.
+
+    Raises:
+        ConfigError: invalid parameters (threshold, degree, sizes, inputs).
+    """
+    peers = peer_ids(n_peers)
+    if threshold is None:
+        hood = (
+            n_peers if graph is GraphKind.COMPLETE or degree is None else min(n_peers, degree + 1)
+        )
+        threshold = minimum_threshold(hood)
+    config = RoundConfig(session_id, round_, peers, threshold, vector_length, bits, graph, degree)
+    dtype = word_dtype(bits)
+    data_rng = np.random.default_rng(seed)
+    if inputs is None:
+        inputs = np.asarray(
+            data_rng.integers(0, 1 << bits, size=(n_peers, vector_length), dtype=np.uint64)
+        ).astype(dtype)
+    elif inputs.shape != (n_peers, vector_length) or inputs.dtype != dtype:
+        raise ConfigError(
+            f"inputs must be a ({n_peers}, {vector_length}) {dtype} array, "
+            f"not {inputs.dtype} of shape {inputs.shape}"
+        )
+    signers, verifiers = test_identities(peers, seed)
+    drop_at = _choose_drops(peers, drops or {}, data_rng)
+
+    participants = {
+        u: Participant(
+            config,
+            u,
+            signers[u],
+            verifiers,
+            inputs[i],
+            DeterministicRandom(f"{seed}/{session_id}/{round_}/{u}"),
+            AGGREGATOR_ID,
+        )
+        for i, u in enumerate(peers)
+    }
+    aggregator = Aggregator(config, verifiers, AGGREGATOR_ID)
+    stage_times: dict[Stage, list[float]] = {s: [] for s in STAGES}
+    aggregator_times: dict[Stage, float] = {s: 0.0 for s in STAGES}
+    sent = dict.fromkeys(peers, 0)
+    received = dict.fromkeys(peers, 0)
+    refusals: dict[str, str] = {}
+    active = set(peers)
+
+    def deliver(u: str, make: Callable[[], ParticipantMessage], stage: Stage) -> None:
+        if drop_at.get(u) == stage:
+            active.discard(u)
+        if u not in active:
+            return
+        start = clock()
+        try:
+            message = make()
+        except SecAggError as error:
+            refusals[u] = str(error)
+            active.discard(u)
+            return
+        stage_times[stage].append(clock() - start)
+        sent[u] += message_size(message)
+        if isinstance(message, UnmaskShares):
+            reveals.append(message)
+        start = clock()
+        try:
+            aggregator.receive(message)
+        except RemoteProtocolError:
+            if attack is Attack.SPLIT_SURVIVORS and isinstance(message, ConsistencySignature):
+                split_signatures.append(message)
+        aggregator_times[stage] += clock() - start
+
+    split_signatures: list[ConsistencySignature] = []
+    reveals: list[UnmaskShares] = []
+    outgoing: dict[str, AggregatorMessage] = {}
+    aborted: str | None = None
+    for stage in STAGES:
+        for u in peers:
+            participant = participants[u]
+            if stage is Stage.ADVERTISE:
+                deliver(u, participant.start, stage)
+            elif u in outgoing:
+                message = outgoing[u]
+                received[u] += message_size(message)
+                deliver(u, partial(participant.receive, message), stage)
+        start = clock()
+        try:
+            outgoing = aggregator.close_stage()
+        except (RoundAborted, RemoteProtocolError) as error:
+            aborted = str(error)
+            aggregator_times[stage] += clock() - start
+            break
+        aggregator_times[stage] += clock() - start
+        if attack is not None:
+            outgoing = _tamper(attack, stage, outgoing, config, split_signatures, seed)
+        if not outgoing and stage is not Stage.UNMASK:
+            aborted = f"no participant left after stage {stage.value}"
+            break
+
+    result = aggregator.result
+    survivors = result.survivors if result else ()
+    index = {u: i for i, u in enumerate(peers)}
+    expected: WordArray | None = None
+    if survivors:
+        expected = np.zeros(vector_length, dtype=dtype)
+        for u in survivors:
+            np.add(expected, inputs[index[u]], out=expected)
+    transcript = aggregator.transcript() if result else None
+    transcript_error = None
+    if transcript is not None and attack is Attack.WRONG_SUM:
+        wrong = transcript.aggregate.copy()
+        wrong[0] += 1
+        transcript = replace(transcript, aggregate=wrong)
+    if transcript is not None and verify:
+        try:
+            verify_transcript(transcript, config, verifiers)
+        except TranscriptError as error:
+            transcript_error = str(error)
+
+    honest_done = all(
+        participants[u].state is ParticipantState.DONE
+        for u in active
+        if u in (result.survivors if result else ())
+    )
+    correct = (
+        result is not None and expected is not None and np.array_equal(result.aggregate, expected)
+    )
+    if attack is None:
+        ok = correct and honest_done and transcript_error is None
+    elif attack is Attack.WRONG_SUM:
+        ok = transcript_error is not None
+    else:
+        # Detected: honest peers refused, and nobody revealed both shares of one peer.
+        ok = bool(refusals) and not _revealed_both(reveals)
+
+    def median(values: list[float]) -> float:
+        return statistics.median(values) if values else 0.0
+
+    dropped = {s.value: sorted(index[u] for u in (aggregator.dropped.get(s, ()))) for s in STAGES}
+    return SimulationResult(
+        peers=peers,
+        aggregate=result.aggregate if result else None,
+        expected=expected,
+        survivors=tuple(index[u] for u in survivors),
+        dropped=dropped,
+        timings_s={
+            s.value: {
+                "aggregator": aggregator_times[s],
+                "participant_median": median(stage_times[s]),
+            }
+            for s in STAGES
+        },
+        bytes_per_peer={
+            "sent": float(statistics.median(sent.values())),
+            "received": float(statistics.median(received.values())),
+        },
+        ok=ok,
+        aborted=aborted,
+        refusals=refusals,
+        transcript=transcript,
+        transcript_error=transcript_error,
+    )
+
+
+def _choose_drops(
+    peers: Sequence[str], drops: Mapping[Stage, int], rng: np.random.Generator
+) -> dict[str, Stage]:
+    remaining = list(peers)
+    chosen: dict[str, Stage] = {}
+    for stage in STAGES:
+        count = drops.get(stage, 0)
+        if count < 0 or count > len(remaining):
+            raise ConfigError(
+                f"cannot drop {count} peers at {stage.value}: {len(remaining)} remain"
+            )
+        picks = [int(p) for p in rng.choice(len(remaining), size=count, replace=False)]
+        for i in sorted(picks, reverse=True):
+            chosen[remaining.pop(i)] = stage
+    return chosen
+
+
+def _revealed_both(reveals: Sequence[UnmaskShares]) -> list[str]:
+    """Peers of which some share holder revealed the self-mask share and another (or the
+    same) the mask-key share: checked on what was actually sent, not on what the code meant."""
+    self_masks = {owner for r in reveals for owner, _ in r.self_mask_shares}
+    mask_keys = {owner for r in reveals for owner, _ in r.mask_key_shares}
+    return sorted(self_masks & mask_keys)
+
+
+def _tamper(
+    attack: Attack,
+    stage: Stage,
+    outgoing: dict[str, AggregatorMessage],
+    config: RoundConfig,
+    split_signatures: list[ConsistencySignature],
+    seed: int,
+) -> dict[str, AggregatorMessage]:
+    """What a malicious aggregator sends instead of the honest messages."""
+    recipients = sorted(outgoing, key=config.index)
+    if not recipients:
+        return outgoing
+    victim = recipients[0]
+    tampered = dict(outgoing)
+    if attack is Attack.SUBSTITUTE_KEY and stage is Stage.ADVERTISE:
+        own = KeyPair.generate(DeterministicRandom(f"attacker/{seed}")).public
+        for u in recipients:
+            message = outgoing[u]
+            assert isinstance(message, AdvertisedKeys)
+            adverts = tuple(
+                replace(a, mask_public=own) if a.sender == victim else a for a in message.adverts
+            )
+            tampered[u] = replace(message, adverts=adverts)
+    elif attack is Attack.REPLAY and stage is Stage.ADVERTISE:
+        # Adverts that the same peers signed for the previous round of the session.
+        previous = replace(
+            config, round=config.round + 1 if config.round == 0 else config.round - 1
+        )
+        signers, verifiers = test_identities(config.peers, seed)
+        zeros = np.zeros(config.vector_length, dtype=np.uint32 if config.bits == 32 else np.uint64)
+        old = {
+            v: Participant(
+                previous, v, signers[v], verifiers, zeros, DeterministicRandom(f"old/{v}")
+            ).start()
+            for v in config.peers
+        }
+        for u in recipients:
+            message = outgoing[u]
+            assert isinstance(message, AdvertisedKeys)
+            adverts = tuple(a if a.sender == u else old[a.sender] for a in message.adverts)
+            tampered[u] = replace(message, adverts=adverts)
+    elif attack is Attack.SPLIT_SURVIVORS and stage is Stage.MASKED:
+        message = outgoing[victim]
+        assert isinstance(message, SurvivorSet)
+        hidden = recipients[-1]
+        for u in recipients[: len(recipients) // 2]:
+            tampered[u] = replace(
+                message, survivors=tuple(s for s in message.survivors if s != hidden)
+            )
+    elif attack is Attack.SPLIT_SURVIVORS and stage is Stage.CONSISTENCY:
+        for u in recipients:
+            message = outgoing[u]
+            assert isinstance(message, UnmaskRequest)
+            tampered[u] = replace(message, signatures=(*message.signatures, *split_signatures))
+    elif attack is Attack.BOTH_SHARES and stage is Stage.CONSISTENCY:
+        message = outgoing[victim]
+        assert isinstance(message, UnmaskRequest)
+        target = next(s for s in message.survivors if s != victim)
+        tampered[victim] = replace(message, dropped=(*message.dropped, target))
+    return tampered
