@@ -26,7 +26,7 @@ from enum import StrEnum
 import numpy as np
 
 from .config import RoundConfig, Stage
-from .crypto import Verifier
+from .crypto import Verifier, is_valid_x25519_public
 from .errors import InvalidSignatureError, LocalProtocolError, RemoteProtocolError, RoundAborted
 from .masking import reconstruct_secrets, unmask_sum
 from .messages import (
@@ -44,6 +44,7 @@ from .messages import (
     consistency_payload,
 )
 from .prg import WordArray
+from .shamir import ShareError, decode_share
 from .transcript import Transcript
 
 __all__ = ["AggregateResult", "Aggregator", "AggregatorState"]
@@ -128,14 +129,15 @@ class Aggregator:
         sender = message.sender
         if sender not in self._expected or sender in self._excluded:
             raise RemoteProtocolError(sender, f"not expected at stage {self.stage.value}")
-        if not isinstance(message, _STAGE_MESSAGE[self.stage]):
-            raise RemoteProtocolError(
-                sender,
-                f"sent {type(message).__name__} at stage {self.stage.value} (late or replayed)",
-            )
-        if sender in self._received:
-            raise RemoteProtocolError(sender, f"sent two messages at stage {self.stage.value}")
         try:
+            if not isinstance(message, _STAGE_MESSAGE[self.stage]):
+                raise RemoteProtocolError(
+                    sender,
+                    f"sent {type(message).__name__} at stage {self.stage.value} (late or replayed)",
+                )
+            # A second, possibly different, message is equivocation: neither copy is used.
+            if sender in self._received:
+                raise RemoteProtocolError(sender, f"sent two messages at stage {self.stage.value}")
             if (message.session_id, message.round) != (self.config.session_id, self.config.round):
                 raise RemoteProtocolError(
                     sender,
@@ -156,6 +158,19 @@ class Aggregator:
         config, sender = self.config, message.sender
         if isinstance(message, AdvertiseKeys):
             self._verify(sender, message.signature, message.signed_payload(config.digest), "advert")
+            # Refused here, a bad key costs the round one peer; relayed, every honest
+            # neighbour would refuse the whole round.
+            keys = (message.channel_public, message.mask_public)
+            if not all(is_valid_x25519_public(key) for key in keys):
+                raise RemoteProtocolError(sender, "advertised a small-order public key")
+            taken = {
+                key
+                for other in self._received.values()
+                if isinstance(other, AdvertiseKeys)
+                for key in (other.channel_public, other.mask_public)
+            }
+            if keys[0] == keys[1] or taken.intersection(keys):
+                raise RemoteProtocolError(sender, "advertised a public key that is already in use")
         elif isinstance(message, ShareKeys):
             recipients = [v for v, _ in message.ciphertexts]
             expected = set(self._adverts) & config.neighbourhood(sender)
@@ -189,6 +204,11 @@ class Aggregator:
                 raise RemoteProtocolError(sender, "revealed self-mask shares of the wrong peers")
             if set(dropped) != self._dropped_for(sender) or len(dropped) != len(set(dropped)):
                 raise RemoteProtocolError(sender, "revealed mask-key shares of the wrong peers")
+            try:
+                for _, share in (*message.self_mask_shares, *message.mask_key_shares):
+                    decode_share(share)
+            except ShareError as error:
+                raise RemoteProtocolError(sender, f"revealed a malformed share: {error}") from None
             self._verify(sender, message.signature, message.signed_payload(config.digest), "shares")
 
     def _shared_with(self, recipient: str) -> set[str]:
@@ -233,6 +253,10 @@ class Aggregator:
         if next_stage is None:
             self.state = AggregatorState.DONE
         else:
+            # Peers left out because too few of their neighbours remain have dropped too.
+            self.dropped[stage] = tuple(
+                u for u in self.config.peers if u in self._expected and u not in outgoing
+            )
             self.stage = next_stage
             self._expected = frozenset(outgoing)
             self._received = {}

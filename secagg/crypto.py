@@ -37,6 +37,7 @@ __all__ = [
     "derive_channel_key",
     "derive_mask_seed",
     "hkdf_sha256",
+    "is_valid_x25519_public",
     "sha256",
     "signer_from_private_key",
     "verifier_from_public_key",
@@ -149,6 +150,24 @@ class KeyPair:
     def exchange(self, peer_public: bytes) -> bytes:
         """Raw X25519 shared secret with ``peer_public``. Raises ValueError on a bad key."""
         return self.private.exchange(x25519.X25519PublicKey.from_public_bytes(peer_public))
+
+
+# Any fixed scalar will do: X25519 clamps scalars to multiples of the cofactor 8, so every
+# small-order point, and only those, yields the all-zero secret that ``exchange`` rejects.
+_PROBE_KEY = x25519.X25519PrivateKey.from_private_bytes(bytes(range(1, 33)))
+
+
+def is_valid_x25519_public(raw: bytes) -> bool:
+    """False for a 32-byte X25519 public key of small order (every ECDH with it gives zero).
+
+    A peer that advertises such a key would make every honest ``exchange`` with it raise, so
+    such adverts are refused where they are received.
+    """
+    try:
+        _PROBE_KEY.exchange(x25519.X25519PublicKey.from_public_bytes(raw))
+    except ValueError:
+        return False
+    return True
 
 
 def _raw_public(private: x25519.X25519PrivateKey) -> bytes:

@@ -169,11 +169,11 @@ def recommend_parameters(
             live = 1 - _binomial_tail_at_least(h, 1 - dropout_fraction, t) <= risk
             if private and live:
                 return k, t
-    if n - 1 >= 1 and dropout_fraction * n < n - minimum_threshold(n) + 1:
-        # Small rosters: the probabilistic bound is unreachable, fall back to the worst case.
-        t = minimum_threshold(n)
-        if n - math.ceil(dropout_fraction * n) >= t:
-            return n - 1, t
+    # Small rosters: the probabilistic bound is unreachable, fall back to the worst case on
+    # both sides: every allowed dropout happens and the corrupted peers alone stay below t.
+    lowest = max(minimum_threshold(n), math.floor(corruption_fraction * n) + 1)
+    if lowest <= n - math.ceil(dropout_fraction * n):
+        return n - 1, lowest
     raise ConfigError(
         f"no threshold tolerates {dropout_fraction:.0%} dropouts and {corruption_fraction:.0%} "
         f"corruptions with {n} peers"

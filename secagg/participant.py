@@ -33,6 +33,7 @@ from .crypto import (
     aead_encrypt,
     canonical,
     derive_channel_key,
+    is_valid_x25519_public,
 )
 from .errors import InvalidSignatureError, LocalProtocolError, RemoteProtocolError, SecAggError
 from .masking import mask_input, self_mask_commitment
@@ -130,7 +131,8 @@ class Participant:
     def start(self) -> AdvertiseKeys:
         """Begin the round: make fresh keys and the self-mask seed; sign the advert."""
         if self.state is not ParticipantState.NEW:
-            raise LocalProtocolError(f"start() called in state {self.state.value}")
+            state, self.state = self.state, ParticipantState.FAILED
+            raise LocalProtocolError(f"start() called in state {state.value}")
         self._channel_keys = KeyPair.generate(self._rng)
         self._mask_keys = KeyPair.generate(self._rng)
         self._self_seed = self._rng.token_bytes(32)
@@ -152,10 +154,15 @@ class Participant:
         """Handle the aggregator's next message and return the reply to send.
 
         Raises:
-            RemoteProtocolError: the aggregator (or a relayed peer) broke the protocol.
-            LocalProtocolError: a message arrived in a state that does not expect it.
+            RemoteProtocolError: the aggregator (or a relayed peer) broke the protocol,
+                including sending a message that the current state does not expect.
+            LocalProtocolError: the caller drove the object wrongly: a message before
+                ``start()`` or after the participant FAILED.
         In both cases the participant is FAILED and reveals nothing more.
         """
+        if self.state in (ParticipantState.NEW, ParticipantState.FAILED):
+            current, self.state = self.state, ParticipantState.FAILED
+            raise LocalProtocolError(f"{type(message).__name__} delivered in state {current.value}")
         handler = _TRANSITIONS.get((self.state, type(message)))
         if handler is None:
             state, self.state = self.state, ParticipantState.FAILED
@@ -212,6 +219,8 @@ class Participant:
                     self.aggregator, f"relayed an advert of {sender} whose signature is invalid"
                 )
             for key in (advert.channel_public, advert.mask_public):
+                if not is_valid_x25519_public(key):
+                    raise self._fail(f"relayed an advert of {sender} with a small-order key")
                 if key in seen_keys:
                     raise self._fail(f"advert of {sender} reuses a public key of another advert")
                 seen_keys.add(key)

@@ -1,7 +1,8 @@
 """Quantization of float vectors into the ring Z_{2^bits}, without wrap-around.
 
 Theory of operation: each coordinate is clipped to ``[-bound, bound]``, shifted to
-``[0, 2*bound]`` and scaled to integers ``[0, L]`` with ``L = floor((2^bits - 1) / n_peers)``.
+``[0, 2*bound]`` and scaled to integers ``[0, L]`` with
+``L = min(floor((2^bits - 1) / n_peers), 2^53)`` (2^53: the float64 integer limit).
 The sum of at most ``n_peers`` such integers is at most ``2^bits - 1``, so the modular sum
 computed by secure aggregation *is* the integer sum and can be mapped back exactly.
 
@@ -25,6 +26,8 @@ from .prg import WordArray, word_dtype
 __all__ = ["QuantizedVector", "Quantizer"]
 
 FloatArray = npt.NDArray[np.floating[Any]]
+
+_MAX_EXACT_LEVELS = 1 << 53
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +61,10 @@ class Quantizer:
             raise ConfigError("quantization bounds must be finite and positive")
         self.n_peers = n_peers
         self.bound = bound_array
-        self.levels = ((1 << bits) - 1) // n_peers
+        # Above 2^53 a float64 cannot hold every integer: a 64-bit L would be rounded *up*
+        # (to 2^64 / n), so n values at +bound would wrap the ring. 2^53 levels is still far
+        # finer than any float input.
+        self.levels = min(((1 << bits) - 1) // n_peers, _MAX_EXACT_LEVELS)
         if self.levels < 2:
             raise ConfigError(f"{bits}-bit ring is too small for {n_peers} peers")
         self.scale = self.levels / (2.0 * bound_array)

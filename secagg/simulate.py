@@ -7,6 +7,14 @@ message for that stage, nor anything later) and the aggregator can be made malic
 Timing uses an injected clock (``time.perf_counter`` by default); it only measures, it
 never influences the protocol. Byte counts are the sizes of the messages' fields (what the
 wire format carries, without its few bytes of framing).
+
+Large complete-graph rounds (n = 500: every participant verifies 500 adverts and ~n
+consistency signatures, and expands ~n masks) take minutes in one process. ``timed_sample``
+makes them affordable without faking anything: every participant still runs the real
+protocol, but only a seed-chosen sample is timed, and the others share a memo of signature
+verifications (a verification's result depends only on key, signature and data, so the
+memo changes no outcome; the timed sample and the aggregator always verify for real).
+Progress is reported through an optional callback, never printed: this package does no I/O.
 """
 
 from __future__ import annotations
@@ -50,7 +58,15 @@ from .participant import Participant, ParticipantState
 from .prg import WordArray, word_dtype
 from .transcript import Transcript, TranscriptError, verify_transcript
 
-__all__ = ["Attack", "SimulationResult", "message_size", "peer_ids", "simulate", "test_identities"]
+__all__ = [
+    "Attack",
+    "Progress",
+    "SimulationResult",
+    "message_size",
+    "peer_ids",
+    "simulate",
+    "test_identities",
+]
 
 STAGES = tuple(Stage)
 AGGREGATOR_ID = "aggregator"
@@ -66,6 +82,35 @@ class Attack(StrEnum):
     WRONG_SUM = "wrong-sum"  # publishes a transcript with a wrong aggregate
 
 
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """Where a simulation is: ``done`` of ``total`` participants handled at ``stage``.
+
+    ``finished`` is set once the aggregator has closed the stage.
+    """
+
+    stage: Stage
+    done: int
+    total: int
+    finished: bool
+    elapsed_s: float
+
+
+class _MemoVerifier:
+    """A verifier that remembers results, shared by the untimed participants of a sample."""
+
+    def __init__(self, inner: Verifier, memo: dict[tuple[int, bytes, bytes], bool]) -> None:
+        self._inner = inner
+        self._memo = memo
+
+    def verify(self, signature: bytes, data: bytes) -> bool:
+        key = (id(self._inner), signature, data)
+        known = self._memo.get(key)
+        if known is None:
+            known = self._memo[key] = self._inner.verify(signature, data)
+        return known
+
+
 @dataclass
 class SimulationResult:
     peers: tuple[str, ...]
@@ -73,11 +118,14 @@ class SimulationResult:
     expected: WordArray | None  # plain sum over the survivors' inputs
     survivors: tuple[int, ...]  # 0-based indices
     dropped: dict[str, list[int]]  # per stage, 0-based indices
-    timings_s: dict[str, dict[str, float]]  # stage -> {"aggregator", "participant_median"}
+    # stage (and "total") -> {"aggregator", "participant_median"}; the participant total is
+    # the median over participants that sent their unmask shares of their summed stage times
+    timings_s: dict[str, dict[str, float]]
     bytes_per_peer: dict[str, float]  # median participant bytes "sent" and "received"
     ok: bool
     aborted: str | None = None
     refusals: dict[str, str] = field(default_factory=dict)  # peer -> error, under attack
+    timed: tuple[int, ...] = ()  # 0-based indices of the participants whose times are reported
     transcript: Transcript | None = None
     transcript_error: str | None = None
 
@@ -142,6 +190,8 @@ def simulate(
     round_: int = 0,
     verify: bool = True,
     clock: Callable[[], float] = time.perf_counter,
+    progress: Callable[[Progress], None] | None = None,
+    timed_sample: int | None = None,
 ) -> SimulationResult:
     """Run one round in memory. See the module docstring.
 
@@ -149,9 +199,12 @@ def simulate(
         drops: how many peers drop out at each stage (chosen by ``seed``).
         inputs: an (n_peers, vector_length) array of ring words; random when omitted.
         verify: also run :func:`verify_transcript` on the published transcript.
+        progress: called after each participant's message and when each stage closes.
+        timed_sample: time only this many participants (see the module docstring).
 
     Raises:
-        ConfigError: invalid parameters (threshold, degree, sizes, inputs).
+        ConfigError: invalid parameters (threshold, degree, sizes, inputs), or more drops
+            than the threshold allows for certain.
     """
     peers = peer_ids(n_peers)
     if threshold is None:
@@ -160,6 +213,16 @@ def simulate(
         )
         threshold = minimum_threshold(hood)
     config = RoundConfig(session_id, round_, peers, threshold, vector_length, bits, graph, degree)
+    total_drops = sum((drops or {}).values())
+    if n_peers - total_drops < threshold:
+        # Fewer than t peers would be left to answer the unmask request: no secret can be
+        # reconstructed whichever peers drop, so refuse before doing any work.
+        raise ConfigError(
+            f"{total_drops} dropouts leave {n_peers - total_drops} of {n_peers} peers, fewer "
+            f"than the threshold {threshold}: at most {n_peers - threshold} peers may drop"
+        )
+    if timed_sample is not None and not 1 <= timed_sample <= n_peers:
+        raise ConfigError(f"timed_sample must be between 1 and {n_peers}, not {timed_sample}")
     dtype = word_dtype(bits)
     data_rng = np.random.default_rng(seed)
     if inputs is None:
@@ -173,13 +236,23 @@ def simulate(
         )
     signers, verifiers = test_identities(peers, seed)
     drop_at = _choose_drops(peers, drops or {}, data_rng)
+    if timed_sample is None or timed_sample == n_peers:
+        timed = frozenset(peers)
+    else:
+        timed = frozenset(
+            peers[int(i)] for i in data_rng.choice(n_peers, size=timed_sample, replace=False)
+        )
+    memo: dict[tuple[int, bytes, bytes], bool] = {}
+    memo_verifiers: Mapping[str, Verifier] = {
+        u: _MemoVerifier(v, memo) for u, v in verifiers.items()
+    }
 
     participants = {
         u: Participant(
             config,
             u,
             signers[u],
-            verifiers,
+            verifiers if u in timed else memo_verifiers,
             inputs[i],
             DeterministicRandom(f"{seed}/{session_id}/{round_}/{u}"),
             AGGREGATOR_ID,
@@ -189,6 +262,7 @@ def simulate(
     aggregator = Aggregator(config, verifiers, AGGREGATOR_ID)
     stage_times: dict[Stage, list[float]] = {s: [] for s in STAGES}
     aggregator_times: dict[Stage, float] = {s: 0.0 for s in STAGES}
+    participant_totals = dict.fromkeys(peers, 0.0)
     sent = dict.fromkeys(peers, 0)
     received = dict.fromkeys(peers, 0)
     refusals: dict[str, str] = {}
@@ -206,10 +280,14 @@ def simulate(
             refusals[u] = str(error)
             active.discard(u)
             return
-        stage_times[stage].append(clock() - start)
+        if u in timed:
+            elapsed = clock() - start
+            stage_times[stage].append(elapsed)
+            participant_totals[u] += elapsed
         sent[u] += message_size(message)
         if isinstance(message, UnmaskShares):
             reveals.append(message)
+            sent_unmask.add(u)
         start = clock()
         try:
             aggregator.receive(message)
@@ -220,17 +298,22 @@ def simulate(
 
     split_signatures: list[ConsistencySignature] = []
     reveals: list[UnmaskShares] = []
+    sent_unmask: set[str] = set()
     outgoing: dict[str, AggregatorMessage] = {}
     aborted: str | None = None
+    began = clock()
     for stage in STAGES:
-        for u in peers:
+        todo = [u for u in peers if stage is Stage.ADVERTISE or u in outgoing]
+        for done, u in enumerate(todo, start=1):
             participant = participants[u]
             if stage is Stage.ADVERTISE:
                 deliver(u, participant.start, stage)
-            elif u in outgoing:
+            else:
                 message = outgoing[u]
                 received[u] += message_size(message)
                 deliver(u, partial(participant.receive, message), stage)
+            if progress is not None:
+                progress(Progress(stage, done, len(todo), False, clock() - began))
         start = clock()
         try:
             outgoing = aggregator.close_stage()
@@ -239,6 +322,8 @@ def simulate(
             aggregator_times[stage] += clock() - start
             break
         aggregator_times[stage] += clock() - start
+        if progress is not None:
+            progress(Progress(stage, len(todo), len(todo), True, clock() - began))
         if attack is not None:
             outgoing = _tamper(attack, stage, outgoing, config, split_signatures, seed)
         if not outgoing and stage is not Stage.UNMASK:
@@ -278,26 +363,33 @@ def simulate(
     elif attack is Attack.WRONG_SUM:
         ok = transcript_error is not None
     else:
-        # Detected: honest peers refused, and nobody revealed both shares of one peer.
-        ok = bool(refusals) and not _revealed_both(reveals)
+        # Detected: honest peers refused (or the round could not gather t consistent
+        # signatures and stopped), and nobody revealed both shares of one peer.
+        ok = (bool(refusals) or aborted is not None) and not _revealed_both(reveals)
 
     def median(values: list[float]) -> float:
         return statistics.median(values) if values else 0.0
 
     dropped = {s.value: sorted(index[u] for u in (aggregator.dropped.get(s, ()))) for s in STAGES}
+    timings_s = {
+        s.value: {
+            "aggregator": aggregator_times[s],
+            "participant_median": median(stage_times[s]),
+        }
+        for s in STAGES
+    }
+    finishers = [u for u in timed if u in sent_unmask] or list(timed)
+    timings_s["total"] = {
+        "aggregator": sum(aggregator_times.values()),
+        "participant_median": median([participant_totals[u] for u in finishers]),
+    }
     return SimulationResult(
         peers=peers,
         aggregate=result.aggregate if result else None,
         expected=expected,
         survivors=tuple(index[u] for u in survivors),
         dropped=dropped,
-        timings_s={
-            s.value: {
-                "aggregator": aggregator_times[s],
-                "participant_median": median(stage_times[s]),
-            }
-            for s in STAGES
-        },
+        timings_s=timings_s,
         bytes_per_peer={
             "sent": float(statistics.median(sent.values())),
             "received": float(statistics.median(received.values())),
@@ -307,6 +399,7 @@ def simulate(
         refusals=refusals,
         transcript=transcript,
         transcript_error=transcript_error,
+        timed=tuple(sorted(index[u] for u in timed)),
     )
 
 
@@ -380,7 +473,11 @@ def _tamper(
         message = outgoing[victim]
         assert isinstance(message, SurvivorSet)
         hidden = recipients[-1]
-        for u in recipients[: len(recipients) // 2]:
+        # Show the smaller set to as many peers as the aggregator can afford while keeping
+        # t signatures on the true set, so the round reaches the unmask request, where the
+        # honest peers must notice the mismatched signatures it carries.
+        split = max(1, len(recipients) - config.threshold)
+        for u in recipients[:split]:
             tampered[u] = replace(
                 message, survivors=tuple(s for s in message.survivors if s != hidden)
             )

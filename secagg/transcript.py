@@ -16,7 +16,7 @@ from typing import TypeVar
 import numpy as np
 
 from .config import RoundConfig
-from .crypto import Verifier
+from .crypto import Verifier, is_valid_x25519_public
 from .errors import RemoteProtocolError, RoundAborted
 from .masking import reconstruct_secrets, unmask_sum
 from .messages import (
@@ -28,6 +28,7 @@ from .messages import (
     vector_digest,
 )
 from .prg import WordArray
+from .shamir import ShareError
 
 __all__ = ["Transcript", "TranscriptError", "VerifiedAggregate", "verify_transcript"]
 
@@ -111,6 +112,8 @@ def verify_transcript(
         if not verifiers[u].verify(advert.signature, advert.signed_payload(digest)):
             raise fail(f"advert of {u} has an invalid signature (forged or substituted keys)")
         for key in (advert.channel_public, advert.mask_public):
+            if not is_valid_x25519_public(key):
+                raise fail(f"advert of {u} has a small-order public key")
             if key in seen_keys:
                 raise fail(f"advert of {u} reuses another advert's public key")
             seen_keys.add(key)
@@ -174,7 +177,7 @@ def verify_transcript(
         self_seeds, dropped_keys = reconstruct_secrets(
             config, adverts, survivors, dropped, responses
         )
-    except (RoundAborted, RemoteProtocolError) as error:
+    except (RoundAborted, RemoteProtocolError, ShareError) as error:
         raise fail(f"the revealed shares do not unmask the sum: {error}") from None
     aggregate = unmask_sum(
         config,

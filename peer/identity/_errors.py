@@ -12,7 +12,7 @@
      │                                 another federation
      ├── CRLError                      a revocation list is not signed by our CA, or is malformed
      │    └── StaleCRLError            ... or is past its next-update time (fail closed)
-     └── CertificateRejectedError           check_peer_certificate refused a caller
+     └── CertificateRejectedError      check_peer_certificate refused a caller
           ├── AuthenticationError      we cannot establish who the caller is  (UNAUTHENTICATED)
           │    ├── MalformedCertificateError
           │    ├── UnknownCAError

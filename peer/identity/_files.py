@@ -105,8 +105,12 @@ def load_private_key(path: StrPath) -> ec.EllipticCurvePrivateKey:
 
 
 def write_public_file(path: StrPath, data: bytes) -> Path:
-    """Atomically (write to a temporary file, then rename) write a public file, mode 0644."""
+    """Atomically write a public file, mode 0644, creating its directory if needed.
+
+    Atomic (temporary file, then rename) so a reader never sees half a roster or CRL.
+    """
     target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:

@@ -7,7 +7,7 @@
      ├── LedgerWriteError         the database cannot be written (read-only, disk full, ...)
      ├── SessionError             unknown session, or a status change that is not allowed
      └── RecordRejected           an agreed record was refused; nothing was written
-          ├── ChainMismatchError      its prev_hash is not the current head
+          ├── ChainMismatchError      its prev_hash is not its session's head
           ├── DuplicateRoundError     (session, round) already has an agreed record
           ├── NotEnoughSignaturesError
           ├── InvalidRecordError      malformed field, or a hash that does not match its data
@@ -62,7 +62,8 @@ class RecordRejected(LedgerError):
 
 
 class ChainMismatchError(RecordRejected):
-    """The record's ``prev_hash`` is not the hash of the ledger's current head."""
+    """The record's ``prev_hash`` is not the head of its session's chain (the hash of the
+    session's last agreed record, or its genesis hash), or its round is below that record's."""
 
 
 class DuplicateRoundError(RecordRejected):
@@ -78,11 +79,11 @@ class InvalidRecordError(RecordRejected):
 
 
 class ImportRefusedError(RecordRejected):
-    """An export did not verify, or does not continue this ledger's chain.
+    """An export did not verify, or does not continue the chains of this ledger's sessions.
 
     Attributes:
         problems: every problem found in the export (empty when the export itself was
-            sound but does not link to this ledger's head).
+            sound but does not link to a session's head in this ledger).
     """
 
     def __init__(self, message: str, problems: Sequence[LedgerProblem] = ()) -> None:

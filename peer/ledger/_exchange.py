@@ -1,10 +1,17 @@
 """Catching up: export agreed records from one peer's ledger, import them into another's.
 
-A peer that was down while rounds were agreed asks another peer for the records after its
-own head and imports them. The export is trusted for nothing: before anything is written,
-the importer checks the export exactly as :func:`verify_ledger` checks a ledger (links,
-hashes, signatures under its own roster keys, checkpoints) and that it continues its own
-chain. Then all new records are appended in one transaction.
+A peer that was down while rounds were agreed asks another peer for its records and
+imports those it lacks. The export is trusted for nothing: before anything is written, the
+importer checks the export exactly as :func:`verify_ledger` checks a ledger (links within
+each session, hashes, signatures under its own roster keys, checkpoints) and that, for
+each session, the new records continue that session's chain in its own ledger (from the
+session's genesis hash when the ledger does not know the session yet). Then all new
+records are appended in one transaction.
+
+``seq`` is each ledger's own append order and is not signed: peers that take part in
+different sessions hold the same record at different positions. ``after_seq`` of
+:func:`export_records` is a position in the *exporter's* ledger; when in doubt export
+everything (``after_seq=0``): records the importer already holds are skipped.
 """
 
 from __future__ import annotations
@@ -15,6 +22,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from peer.ledger._errors import ImportRefusedError, InvalidRecordError, RecordRejected
 from peer.ledger._ledger import Ledger
@@ -45,7 +55,7 @@ CheckpointChoice = Literal["all", "last", "none"]
 class LedgerExport:
     """Agreed records (with their sessions and checkpoints) taken from a ledger.
 
-    ``records`` are contiguous in the exporter's chain, oldest first.
+    ``records`` are contiguous in the exporter's ``seq`` order, oldest first.
     """
 
     sessions: tuple[RawSession, ...]
@@ -180,7 +190,8 @@ def export_records(
     """The records of ``ledger`` after position ``after_seq``, for a peer to catch up.
 
     Args:
-        after_seq: the importer's head position (0 for everything).
+        after_seq: a position in *this* ledger (0 for everything); the importer's own
+            ``seq`` only fits when both ledgers hold the same records in the same order.
         checkpoints: ``"last"`` (the newest exported checkpoint of each session, which is
             what a peer needs to resume), ``"all"`` or ``"none"``.
     """
@@ -215,15 +226,19 @@ def check_export(
         thresholds[s.session_id] = s.threshold
     if not export.records:
         return problems
-    first = export.records[0]
+    # The first exported record of each session is linked to the importer's session head
+    # later; here only the links between exported records are checked. Records of a
+    # session the export does not describe get no start, so they are reported as unknown.
+    starts: dict[str, bytes] = {}
+    for record in export.records:
+        if record.session_id in thresholds:
+            starts.setdefault(record.session_id, record.prev_hash)
     checker = ChainChecker(
         verifiers=verifiers,
         min_signatures=min_signatures,
         thresholds=thresholds,
-        # The first exported record is linked to the importer's head later; here only the
-        # links between exported records are checked.
-        prev_seq=first.seq - 1,
-        prev_hash=first.prev_hash,
+        starts=starts,
+        prev_seq=export.records[0].seq - 1,
     )
     for record in export.records:
         checker.add(record)
@@ -240,9 +255,11 @@ def import_records(
 ) -> list[StoredRecord]:
     """Append the records of ``export`` that ``ledger`` lacks, after verifying everything.
 
-    Records the ledger already holds (same ``record_hash``) are skipped; the first new one
-    must link to the ledger's head. Sessions the ledger does not know are created as the
-    exporter recorded them. All writes happen in one transaction.
+    Records the ledger already holds (same ``record_hash``) are skipped; within each session
+    they must come before the new ones, and the session's first new record must link to
+    :meth:`Ledger.session_head` (the genesis hash of a session the ledger lacks). Sessions
+    the ledger does not know are created as the exporter recorded them. New records get
+    the next local ``seq`` in export order. All writes happen in one transaction.
 
     Args:
         verifiers: this peer's roster keys (never keys that came with the export).
@@ -253,7 +270,7 @@ def import_records(
 
     Raises:
         ImportRefusedError: the export does not verify, conflicts with this ledger, or does
-            not continue its chain; the ledger is unchanged.
+            not continue the chain of one of its sessions; the ledger is unchanged.
         LedgerWriteError: the ledger cannot be written; it is unchanged.
     """
     problems = check_export(export, verifiers, min_signatures)
@@ -266,17 +283,19 @@ def import_records(
     appended: list[StoredRecord] = []
     with ledger._transaction(write=True) as session:
         new = _new_records(session, export.records)
-        if new:
-            head_seq, head_hash = ledger._head(session)
-            if new[0].prev_hash != head_hash:
-                raise ImportRefusedError(
-                    f"export does not continue the chain of {ledger.url}: its first new "
-                    f"record (session {new[0].session_id!r} round {new[0].round}) follows "
-                    f"{new[0].prev_hash.hex()}, but the head is seq {head_seq} "
-                    f"({head_hash.hex()})"
-                )
+        firsts = {r.session_id: r for r in reversed(new)}
         for session_id in dict.fromkeys(r.session_id for r in new):
-            _ensure_session(session, sessions[session_id])
+            srow = _ensure_session(session, sessions[session_id])
+            last_round, head = ledger._session_head(session, srow)
+            first = firsts[session_id]
+            if first.prev_hash != head:
+                where = f"round {last_round}" if last_round else "its genesis"
+                raise ImportRefusedError(
+                    f"export does not continue the chain of session {session_id!r} in "
+                    f"{ledger.url}: its first new record (round {first.round}) follows "
+                    f"{first.prev_hash.hex()}, but the session's head is {where} "
+                    f"({head.hex()})"
+                )
         now = ledger._now()
         for raw in new:
             record = AgreedRecord(
@@ -306,14 +325,20 @@ def import_records(
     return appended
 
 
-def _new_records(session: Any, records: tuple[RawRecord, ...]) -> list[RawRecord]:
-    """The records not yet in the ledger; those already there must be a prefix."""
+def _new_records(session: Session, records: tuple[RawRecord, ...]) -> list[RawRecord]:
+    """The records not yet in the ledger; in each session, those already there must come
+    first."""
     new: list[RawRecord] = []
+    unknown_seen: set[str] = set()
     for raw in records:
-        local = session.query(AgreedRow).filter_by(session_id=raw.session_id, round=raw.round)
-        row = local.one_or_none()
+        row = session.scalars(
+            select(AgreedRow).where(
+                AgreedRow.session_id == raw.session_id, AgreedRow.round == raw.round
+            )
+        ).one_or_none()
         if row is None:
             new.append(raw)
+            unknown_seen.add(raw.session_id)
             continue
         if row.record_hash != raw.record_hash:
             raise ImportRefusedError(
@@ -321,39 +346,40 @@ def _new_records(session: Any, records: tuple[RawRecord, ...]) -> list[RawRecord
                 f"{row.record_hash.hex()} at local seq {row.seq}, but the export has "
                 f"{raw.record_hash.hex()}"
             )
-        if new:
+        if raw.session_id in unknown_seen:
             raise ImportRefusedError(
                 f"export interleaves known and unknown records: session {raw.session_id!r} "
-                f"round {raw.round} is known locally but follows records that are not"
+                f"round {raw.round} is known locally but follows records of that session "
+                "that are not"
             )
     return new
 
 
-def _ensure_session(session: Any, raw: RawSession) -> None:
+def _ensure_session(session: Session, raw: RawSession) -> SessionRow:
     row = session.get(SessionRow, raw.session_id)
     if row is not None:
         if row.proposal_hash != raw.proposal_hash:
             raise ImportRefusedError(
                 f"conflict: session {raw.session_id!r} has another proposal locally"
             )
-        return
+        return row
     try:
         participants = json.loads(raw.participants)
     except ValueError as exc:
         raise InvalidRecordError(f"participants of session {raw.session_id!r}: {exc}") from exc
-    session.add(
-        SessionRow(
-            session_id=raw.session_id,
-            proposal=raw.proposal,
-            proposal_hash=raw.proposal_hash,
-            proposer=raw.proposer,
-            status=SessionStatus(raw.status),
-            reason=raw.reason,
-            created_at=raw.created_at,
-            updated_at=raw.created_at,
-            participants=json.dumps(participants, sort_keys=True, separators=(",", ":")),
-            threshold=raw.threshold,
-            rounds_planned=raw.rounds_planned,
-        )
+    row = SessionRow(
+        session_id=raw.session_id,
+        proposal=raw.proposal,
+        proposal_hash=raw.proposal_hash,
+        proposer=raw.proposer,
+        status=SessionStatus(raw.status),
+        reason=raw.reason,
+        created_at=raw.created_at,
+        updated_at=raw.created_at,
+        participants=json.dumps(participants, sort_keys=True, separators=(",", ":")),
+        threshold=raw.threshold,
+        rounds_planned=raw.rounds_planned,
     )
+    session.add(row)
     session.flush()
+    return row

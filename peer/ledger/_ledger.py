@@ -2,12 +2,19 @@
 
 Theory of operation
 -------------------
-Every agreed round becomes one row of ``agreed_records`` at position ``seq = head + 1``,
-whose ``prev_hash`` must equal the head's ``record_hash``. The check and the insert run in
-one transaction (``BEGIN IMMEDIATE`` on SQLite, so that two writers queue instead of
-racing); ``seq`` being the primary key makes a lost race fail rather than fork the chain.
-The record, its signatures, its checkpoint and its privacy charges are written together or
-not at all.
+Every session has its own hash chain. An agreed round's ``prev_hash`` must equal the
+``record_hash`` of the session's last agreed record (rounds only move forward; aborted
+rounds leave no record, so the previous record is that of the highest agreed round), or
+:func:`session_genesis` of the session's proposal hash for its first record. Chains are
+per session because peers take part in different sessions: a global chain would differ
+from peer to peer, and they could not sign the same record.
+
+Each row also gets ``seq = last seq + 1``: this ledger's own gap-free append order, used
+for export, import and display, but not signed. The check and the insert run in one
+transaction (``BEGIN IMMEDIATE`` on SQLite, so that two writers queue instead of racing);
+``seq`` being the primary key makes a lost race fail rather than fork a chain. The record,
+its signatures, its checkpoint and its privacy charges are written together or not at
+all.
 
 SQLite connections are set up for durability: write-ahead log, ``synchronous=FULL`` (a
 commit has reached the disk before it returns, so a power cut cannot lose an agreed round
@@ -58,6 +65,7 @@ from peer.ledger._records import (
     StoredRecord,
     canonical_json,
     model_digest,
+    session_genesis,
 )
 from peer.ledger._schema import (
     SCHEMA_VERSION,
@@ -233,7 +241,9 @@ class Ledger:
         except (OperationalError, InternalError) as exc:
             reason = str(exc.orig) if exc.orig is not None else str(exc)
             if write:
-                raise LedgerWriteError(f"cannot write the ledger at {self._shown_url}: {reason}") from exc
+                raise LedgerWriteError(
+                    f"cannot write the ledger at {self._shown_url}: {reason}"
+                ) from exc
             raise LedgerReadError(f"cannot read the ledger at {self._shown_url}: {reason}") from exc
         except IntegrityError as exc:
             reason = str(exc.orig) if exc.orig is not None else str(exc)
@@ -366,8 +376,7 @@ class Ledger:
             row = self._session_row(session, session_id)
             if row.status != status and status not in _TRANSITIONS[row.status]:
                 raise SessionError(
-                    f"session {session_id!r} is {row.status.value}; it cannot become "
-                    f"{status.value}"
+                    f"session {session_id!r} is {row.status.value}; it cannot become {status.value}"
                 )
             row.status = status
             if reason is not None:
@@ -548,6 +557,33 @@ class Ledger:
             reason=reason,
         )
 
+    def recover_interrupted_rounds(self) -> list[RoundAttempt]:
+        """Close the attempts a stopped peer left running; call once at peer start-up.
+
+        An attempt whose round has an agreed record becomes ``agreed`` (the peer stopped
+        after recording it); any other becomes ``aborted``.
+
+        Returns:
+            The attempts that were closed.
+        """
+        now = self._now()
+        closed: list[RoundAttempt] = []
+        with self._transaction(write=True) as session:
+            rows = session.scalars(
+                select(RoundRow)
+                .where(RoundRow.status == RoundStatus.RUNNING)
+                .order_by(RoundRow.session_id, RoundRow.round, RoundRow.attempt)
+            )
+            for row in rows:
+                if self._agreed_row(session, row.session_id, row.round) is not None:
+                    row.status = RoundStatus.AGREED
+                else:
+                    row.status = RoundStatus.ABORTED
+                    row.abort_reason = "interrupted: the peer stopped during the round"
+                row.ended_at = now
+                closed.append(self._attempt(row))
+        return closed
+
     def round_attempts(self, session_id: str, round_: int | None = None) -> list[RoundAttempt]:
         """Attempts of a session (or of one of its rounds), in order."""
         with self._transaction(write=False) as session:
@@ -592,7 +628,8 @@ class Ledger:
         privacy charges.
 
         Args:
-            record: the agreed record; its ``prev_hash`` must be the current head's hash.
+            record: the agreed record; its ``prev_hash`` must be :meth:`session_head` of
+                its session, and its round above the session's last agreed round.
             signatures: ``{peer_id: signature over record.payload()}``.
             checkpoint: the new global model (float32 bytes); its SHA-256 must be
                 ``record.model_hash``.
@@ -662,12 +699,19 @@ class Ledger:
             )
         if self._agreed_row(session, record.session_id, record.round) is not None:
             raise DuplicateRoundError(f"{where} is already agreed in this ledger")
-        head_seq, head_hash = self._head(session)
-        if record.prev_hash != head_hash:
+        last_round, session_hash = self._session_head(session, srow)
+        if record.round < last_round:
             raise ChainMismatchError(
-                f"{where}: prev_hash {record.prev_hash.hex()} is not the ledger head "
-                f"(seq {head_seq}, record_hash {head_hash.hex()})"
+                f"{where}: session {record.session_id!r} has already agreed round "
+                f"{last_round}; its chain only moves forward"
             )
+        if record.prev_hash != session_hash:
+            head = f"round {last_round}" if last_round else "its genesis"
+            raise ChainMismatchError(
+                f"{where}: prev_hash {record.prev_hash.hex()} is not the head of session "
+                f"{record.session_id!r} ({head}, {session_hash.hex()})"
+            )
+        head_seq, _ = self._head(session)
         record_hash = record.record_hash()
         row = AgreedRow(
             seq=head_seq + 1,
@@ -732,9 +776,38 @@ class Ledger:
         return (0, ZERO_HASH) if row is None else (row.seq, row.record_hash)
 
     def head(self) -> tuple[int, bytes]:
-        """``(seq, record_hash)`` of the last agreed record; ``(0, 32 zero bytes)`` if none."""
+        """``(seq, record_hash)`` of the last record appended to this ledger, of any session;
+        ``(0, 32 zero bytes)`` if none.
+
+        For display and catch-up positions only: a new record links to
+        :meth:`session_head`, not to this.
+        """
         with self._transaction(write=False) as session:
             return self._head(session)
+
+    @staticmethod
+    def _session_head(session: Session, srow: SessionRow) -> tuple[int, bytes]:
+        """``(round, record_hash)`` of the session's last agreed record, or
+        ``(0, genesis)``."""
+        row = session.execute(
+            select(AgreedRow.round, AgreedRow.record_hash)
+            .where(AgreedRow.session_id == srow.session_id)
+            .order_by(AgreedRow.round.desc())
+            .limit(1)
+        ).one_or_none()
+        if row is None:
+            return 0, session_genesis(srow.proposal_hash)
+        return row.round, row.record_hash
+
+    def session_head(self, session_id: str) -> bytes:
+        """The ``prev_hash`` the session's next agreed record must carry: the
+        ``record_hash`` of its last agreed record, or :func:`session_genesis` if none.
+
+        Raises:
+            SessionError: unknown session.
+        """
+        with self._transaction(write=False) as session:
+            return self._session_head(session, self._session_row(session, session_id))[1]
 
     def last_agreed_round(self, session_id: str) -> int:
         """The highest agreed round of a session, 0 if none (resume at this + 1)."""
@@ -747,7 +820,8 @@ class Ledger:
     def agreed_records(
         self, session_id: str | None = None, *, after_seq: int = 0
     ) -> list[StoredRecord]:
-        """Agreed records in chain order, optionally of one session or after a position."""
+        """Agreed records in this ledger's append order (``seq``), optionally of one session
+        (then also its chain order) or after a position."""
         with self._transaction(write=False) as session:
             query = select(AgreedRow).where(AgreedRow.seq > after_seq)
             if session_id is not None:

@@ -2,6 +2,12 @@
 
 Everything that is hashed or signed is defined here, in one place, so that the peer that
 signs an agreed record and the ledger that later verifies it cannot disagree on encoding.
+
+Each session has its own hash chain: its first record's ``prev_hash`` is
+:func:`session_genesis` of the session's proposal hash, and each later record's
+``prev_hash`` is the ``record_hash`` of the session's previous agreed record. A chain
+therefore depends only on what the session's participants agreed on, never on other
+sessions a peer happens to take part in, so every participant computes the same payload.
 """
 
 from __future__ import annotations
@@ -41,18 +47,20 @@ __all__ = [
     "metrics_digest",
     "model_digest",
     "record_payload",
+    "session_genesis",
 ]
 
 JsonValue: TypeAlias = (
-    "None | bool | int | float | str | Sequence[JsonValue] | Mapping[str, JsonValue]"
+    "bool | int | float | str | Sequence[JsonValue] | Mapping[str, JsonValue] | None"
 )
 
 HASH_BYTES = 32
 ZERO_HASH = bytes(HASH_BYTES)
-"""``prev_hash`` of the first agreed record of a ledger."""
+"""The head hash :meth:`Ledger.head` shows for a ledger without records (not a chain link)."""
 
 RECORD_DOMAIN = "agreed-record/v1"
 METRICS_DOMAIN = "agreed-metrics/v1"
+GENESIS_DOMAIN = "session-genesis/v1"
 
 
 # --------------------------------------------------------------------------- encodings
@@ -86,6 +94,20 @@ def metrics_digest(metrics: Mapping[str, JsonValue], epsilon: Mapping[str, float
 def model_digest(weights: bytes) -> bytes:
     """The ``model_hash`` of a global model: SHA-256 of its float32 little-endian bytes."""
     return sha256(weights)
+
+
+def session_genesis(proposal_hash: bytes) -> bytes:
+    """The ``prev_hash`` of a session's first agreed record.
+
+    Args:
+        proposal_hash: SHA-256 of the session's proposal text (UTF-8), as
+            :meth:`Ledger.record_proposal` stores it in ``SessionInfo.proposal_hash``.
+
+    Binding the chain to the proposal means a record cannot be moved to another session,
+    nor a session's chain to another proposal under the same id.
+    """
+    _check_hash("proposal_hash", proposal_hash)
+    return sha256(canonical(GENESIS_DOMAIN, proposal_hash))
 
 
 def record_payload(
@@ -208,7 +230,8 @@ class AgreedRecord:
         )
 
     def record_hash(self) -> bytes:
-        """SHA-256 of :meth:`payload`: the link the next record's ``prev_hash`` points to."""
+        """SHA-256 of :meth:`payload`: what the ``prev_hash`` of the session's next record
+        points to."""
         return sha256(self.payload())
 
     def check(self) -> None:
@@ -235,7 +258,11 @@ class AgreedRecord:
 
 @dataclass(frozen=True, slots=True)
 class StoredRecord:
-    """An agreed record as kept at position ``seq`` of a ledger's chain."""
+    """An agreed record as kept in a ledger.
+
+    ``seq`` is this ledger's own append order (global, gap-free); it is not signed, so two
+    peers may hold the same record at different positions.
+    """
 
     seq: int
     record: AgreedRecord

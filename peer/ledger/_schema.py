@@ -10,6 +10,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from sqlalchemy import (
+    BigInteger,
     CheckConstraint,
     DateTime,
     Dialect,
@@ -55,7 +56,10 @@ class UTCDateTime(TypeDecorator[datetime]):
             return None
         if value.tzinfo is None:
             raise ValueError(f"ledger timestamps must be timezone-aware, got {value!r}")
-        return value.astimezone(UTC).replace(tzinfo=None)
+        utc = value.astimezone(UTC)
+        # SQLite stores text without a zone; a server type such as TIMESTAMPTZ gets the
+        # aware value (a naive one would be read in the server session's time zone).
+        return utc.replace(tzinfo=None) if dialect.name == "sqlite" else utc
 
     def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
         if value is None:
@@ -116,9 +120,7 @@ class SessionRow(Base):
 class RoundRow(Base):
     __tablename__ = "rounds"
 
-    session_id: Mapped[str] = mapped_column(
-        ID, ForeignKey("sessions.session_id"), primary_key=True
-    )
+    session_id: Mapped[str] = mapped_column(ID, ForeignKey("sessions.session_id"), primary_key=True)
     round: Mapped[int] = mapped_column(Integer, primary_key=True)
     attempt: Mapped[int] = mapped_column(Integer, primary_key=True)
     aggregator: Mapped[str] = mapped_column(ID)
@@ -127,18 +129,19 @@ class RoundRow(Base):
     dropped: Mapped[str] = mapped_column(Text)
     started_at: Mapped[datetime] = mapped_column(UTCDateTime())
     ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
-    bytes_sent: Mapped[int] = mapped_column(Integer, default=0)
-    bytes_received: Mapped[int] = mapped_column(Integer, default=0)
+    bytes_sent: Mapped[int] = mapped_column(BigInteger, default=0)
+    bytes_received: Mapped[int] = mapped_column(BigInteger, default=0)
     abort_reason: Mapped[str | None] = mapped_column(Text)
 
 
 class AgreedRow(Base):
-    """One link of the hash chain."""
+    """One agreed record: a link of its session's hash chain, at position ``seq`` of this
+    ledger's own (unsigned) append order."""
 
     __tablename__ = "agreed_records"
 
     # Assigned by the ledger (head + 1), never by the database: the primary key is what
-    # makes two concurrent appends of the same position fail instead of forking the chain.
+    # makes two concurrent appends of the same position fail instead of forking a chain.
     seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
     session_id: Mapped[str] = mapped_column(ID, ForeignKey("sessions.session_id"))
     round: Mapped[int] = mapped_column(Integer)
@@ -191,14 +194,10 @@ class CheckpointRow(Base):
 class PrivacyRow(Base):
     __tablename__ = "privacy_spent"
 
-    session_id: Mapped[str] = mapped_column(
-        ID, ForeignKey("sessions.session_id"), primary_key=True
-    )
+    session_id: Mapped[str] = mapped_column(ID, ForeignKey("sessions.session_id"), primary_key=True)
     round: Mapped[int] = mapped_column(Integer, primary_key=True)
     peer_id: Mapped[str] = mapped_column(ID, primary_key=True)
-    kind: Mapped[PrivacyKind] = mapped_column(
-        _enum(PrivacyKind, "privacy_kind"), primary_key=True
-    )
+    kind: Mapped[PrivacyKind] = mapped_column(_enum(PrivacyKind, "privacy_kind"), primary_key=True)
     epsilon: Mapped[float] = mapped_column(Float)
     delta: Mapped[float] = mapped_column(Float)
 

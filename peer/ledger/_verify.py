@@ -4,6 +4,12 @@ The checks work on records *as stored* (JSON as text, hashes as raw bytes) rathe
 parsed objects, so that a tampered or malformed column is reported instead of crashing the
 check, and so that an export from another peer is checked by exactly the same code.
 Every problem is collected; nothing stops at the first.
+
+Records are walked in ``seq`` order. ``seq`` itself must have no gap (the ledger's own
+append order), and each record must link to the previous record *of its session*, the
+first one to :func:`session_genesis` of the session's stored proposal hash. A record
+deleted from the middle of the ledger therefore shows twice: as a gap in ``seq`` and as a
+broken link at the next record of its session.
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ from __future__ import annotations
 import enum
 import json
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -22,10 +28,10 @@ from peer.ledger._errors import InvalidRecordError
 from peer.ledger._ledger import valid_signers
 from peer.ledger._records import (
     HASH_BYTES,
-    ZERO_HASH,
     metrics_digest,
     model_digest,
     record_payload,
+    session_genesis,
 )
 from peer.ledger._schema import AgreedRow, CheckpointRow, SessionRow, SignatureRow
 from secagg.crypto import Verifier, sha256
@@ -50,13 +56,15 @@ class ProblemKind(enum.StrEnum):
     MISSING_RECORD = "missing-record"
     """A gap in ``seq``: records were deleted."""
     BROKEN_LINK = "broken-link"
-    """``prev_hash`` is not the previous record's ``record_hash`` (zero for the first)."""
+    """``prev_hash`` is not the ``record_hash`` of the previous record of the same session
+    (its genesis hash for the session's first record)."""
     RECORD_HASH = "record-hash"
     """``record_hash`` is not the hash of the payload recomputed from the columns."""
     METRICS_HASH = "metrics-hash"
     """``metrics_hash`` does not cover the stored metrics and epsilon."""
     MALFORMED = "malformed"
-    """A column cannot be decoded (bad JSON, wrong hash length, unknown session)."""
+    """A column cannot be decoded (bad JSON, wrong hash length, unknown session), or ``seq``
+    or a session's rounds do not increase."""
     DUPLICATE_ROUND = "duplicate-round"
     """Two records for the same (session, round)."""
     BAD_SIGNATURE = "bad-signature"
@@ -256,28 +264,41 @@ def check_sessions(sessions: Iterable[RawSession]) -> list[LedgerProblem]:
     return problems
 
 
+@dataclass(frozen=True, slots=True)
+class _Link:
+    """The last record checked in a session: what the next one must follow."""
+
+    seq: int
+    round: int
+    record_hash: bytes
+
+
 @dataclass
 class ChainChecker:
-    """Checks records one by one in chain order; :attr:`problems` collects what is wrong.
+    """Checks records one by one in ``seq`` order; :attr:`problems` collects what is wrong.
 
     Args:
         verifiers: roster keys by peer id.
         min_signatures: signatures required per record; None means each session's threshold.
         thresholds: the threshold of every known session.
-        prev_seq, prev_hash: the position and hash the first checked record must follow.
+        starts: per session, the ``prev_hash`` its first checked record must carry (its
+            genesis hash when a whole ledger is checked). A session missing here is not
+            known; its records are reported as such.
+        prev_seq: the position the first checked record must follow.
     """
 
     verifiers: Mapping[str, Verifier]
     min_signatures: int | None
     thresholds: Mapping[str, int]
+    starts: Mapping[str, bytes]
     prev_seq: int = 0
-    prev_hash: bytes = ZERO_HASH
     problems: list[LedgerProblem] = field(default_factory=list)
     model_hashes: dict[tuple[str, int], tuple[int, bytes]] = field(default_factory=dict)
     count: int = 0
+    _links: dict[str, _Link] = field(default_factory=dict, init=False)
 
     def add(self, row: RawRecord) -> None:
-        """Check one record (and its link to the previous one)."""
+        """Check one record (and its link to the previous record of its session)."""
         self.count += 1
         problems = self.problems
 
@@ -296,18 +317,12 @@ class ChainChecker:
                 problems.append(
                     LedgerProblem(
                         ProblemKind.MISSING_RECORD,
-                        f"{missing} missing: the chain jumps from seq {self.prev_seq} "
+                        f"{missing} missing: the ledger jumps from seq {self.prev_seq} "
                         f"to seq {row.seq}",
                         self.prev_seq + 1,
                     )
                 )
-        if row.prev_hash != self.prev_hash:
-            after = f"seq {self.prev_seq}" if self.prev_seq else "the start of the chain"
-            problem(
-                ProblemKind.BROKEN_LINK,
-                f"prev_hash {row.prev_hash.hex()} is not the record_hash of {after} "
-                f"({self.prev_hash.hex()})",
-            )
+        self._check_link(row, problem)
         key = (row.session_id, row.round)
         if key in self.model_hashes:
             problem(
@@ -315,7 +330,7 @@ class ChainChecker:
                 f"this round is already agreed at seq {self.model_hashes[key][0]}",
             )
         self.model_hashes[key] = (row.seq, row.model_hash)
-        self.prev_seq, self.prev_hash = max(row.seq, self.prev_seq), row.record_hash
+        self.prev_seq = max(row.seq, self.prev_seq)
 
         bad_lengths = [
             name
@@ -342,6 +357,34 @@ class ChainChecker:
             )
         problems += _metrics_problems(row)
         problems += self._signature_problems(row, payload)
+
+    def _check_link(self, row: RawRecord, problem: Callable[[ProblemKind, str], None]) -> None:
+        previous = self._links.get(row.session_id)
+        if previous is None:
+            start = self.starts.get(row.session_id)
+            # An unknown session is reported with the signatures (it has no threshold).
+            if start is not None and row.prev_hash != start:
+                problem(
+                    ProblemKind.BROKEN_LINK,
+                    f"prev_hash {row.prev_hash.hex()} is not the start of the chain of "
+                    f"session {row.session_id!r} ({start.hex()})",
+                )
+        else:
+            after = f"round {previous.round} at seq {previous.seq}"
+            # An equal round is reported as DUPLICATE_ROUND.
+            if row.round < previous.round:
+                problem(
+                    ProblemKind.MALFORMED,
+                    f"rounds of session {row.session_id!r} do not increase (after {after})",
+                )
+            if row.prev_hash != previous.record_hash:
+                problem(
+                    ProblemKind.BROKEN_LINK,
+                    f"prev_hash {row.prev_hash.hex()} is not the record_hash of the previous "
+                    f"record of session {row.session_id!r}, {after} "
+                    f"({previous.record_hash.hex()})",
+                )
+        self._links[row.session_id] = _Link(row.seq, row.round, row.record_hash)
 
     def _signature_problems(self, row: RawRecord, payload: bytes) -> list[LedgerProblem]:
         found: list[LedgerProblem] = []
@@ -468,9 +511,7 @@ def read_records(ledger: Ledger, after_seq: int = 0) -> list[RawRecord]:
             .where(AgreedRow.seq > after_seq)
             .order_by(AgreedRow.seq)
         )
-        return [
-            RawRecord(**row._asdict(), signatures=signatures.get(row.seq, {})) for row in rows
-        ]
+        return [RawRecord(**row._asdict(), signatures=signatures.get(row.seq, {})) for row in rows]
 
 
 def iter_checkpoints(
@@ -498,7 +539,8 @@ def verify_ledger(
 ) -> LedgerReport:
     """Check the whole ledger and report every problem found.
 
-    Checks the ``seq`` sequence, each ``prev_hash`` link, each ``record_hash`` against the
+    Checks the ``seq`` sequence, each session's chain of ``prev_hash`` links (from its
+    genesis hash), each ``record_hash`` against the
     payload recomputed from the columns, each ``metrics_hash`` against the stored metrics and
     epsilon, each signature under the roster key of its peer and their number, each
     checkpoint's hash against its weights and its record's ``model_hash``, and each
@@ -517,6 +559,7 @@ def verify_ledger(
         verifiers=verifiers,
         min_signatures=min_signatures,
         thresholds={s.session_id: s.threshold for s in sessions},
+        starts={s.session_id: _genesis(s) for s in sessions},
     )
     for row in read_records(ledger):
         checker.add(row)
@@ -530,6 +573,15 @@ def verify_ledger(
         checkpoints=checkpoints,
         problems=tuple(problems + _in_chain_order(checker.problems)),
     )
+
+
+def _genesis(raw: RawSession) -> bytes:
+    # A stored proposal hash of the wrong length is already a PROPOSAL_HASH problem; hashing
+    # it anyway gives a genesis no record links to, so the first record is reported too.
+    try:
+        return session_genesis(raw.proposal_hash)
+    except InvalidRecordError:
+        return sha256(b"malformed proposal hash", raw.proposal_hash)
 
 
 def _in_chain_order(problems: list[LedgerProblem]) -> list[LedgerProblem]:

@@ -165,9 +165,9 @@ class DPSGD:
         if n == 0:
             raise ValueError("cannot train on an empty data set")
         private = clip_norm is not None
+        clip = clip_norm if clip_norm is not None else 1.0
         if private:
-            assert clip_norm is not None
-            _check_dp(clip_norm, noise_multiplier, sampling_rate * n)
+            _check_dp(clip, noise_multiplier, sampling_rate * n)
         import tensorflow as tf
 
         total = self._run(
@@ -176,8 +176,8 @@ class DPSGD:
             tf.constant(steps, tf.int32),
             _f32(sampling_rate),
             _f32(lr),
-            _f32(clip_norm if private else 1.0),
-            _f32(noise_multiplier * clip_norm if clip_norm is not None else 0.0),
+            _f32(clip),
+            _f32(noise_multiplier * clip if private else 0.0),
             _f32(sampling_rate * n),
             private,
             generator=generator,
@@ -273,9 +273,7 @@ class DPSGD:
             ):
                 z = tf.matmul(a, kernel) + bias
                 a = z if i == last else act(z)
-            total = tf.reduce_sum(
-                tf.nn.sigmoid_cross_entropy_with_logits(labels=y, logits=a[:, 0])
-            )
+            total = tf.reduce_sum(tf.nn.sigmoid_cross_entropy_with_logits(labels=y, logits=a[:, 0]))
         scale = lr / denom
         for variable, grad in zip(variables, tape.gradient(total, variables), strict=True):
             variable.assign_sub(scale * grad)

@@ -1,0 +1,359 @@
+"""Between secagg's message objects and the protobuf wire format, in exactly one place.
+
+Also the fragmenting of large messages: every message goes on a stream as one or more
+``Fragment``s of at most :data:`FRAGMENT_BYTES`, so vectors of any length travel within
+gRPC's default 4 MiB message limit. :class:`Reassembler` refuses a message larger than the
+limit its caller sets (derived from the round's vector length), so a stream that never ends
+or claims a huge size is cut off instead of exhausting memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+from google.protobuf.message import DecodeError, Message
+
+from secagg import (
+    AdvertisedKeys,
+    AdvertiseKeys,
+    ConsistencySignature,
+    MaskedInput,
+    ShareKeys,
+    SharesToYou,
+    SurvivorSet,
+    Transcript,
+    UnmaskRequest,
+    UnmaskShares,
+)
+from secagg.prg import word_dtype
+
+from .wire import peer_pb2 as pb
+
+__all__ = [
+    "FRAGMENT_BYTES",
+    "CodecError",
+    "Reassembler",
+    "decode",
+    "encode",
+    "fragments",
+]
+
+FRAGMENT_BYTES = 1 << 20
+
+
+class CodecError(ValueError):
+    """Bytes that are not a valid message of the expected kind."""
+
+
+# ------------------------------------------------------------------ secagg <-> protobuf
+
+
+def _pairs(items: Any) -> tuple[tuple[str, bytes], ...]:
+    return tuple((item.peer, bytes(item.data)) for item in items)
+
+
+def _addressed(pairs: tuple[tuple[str, bytes], ...]) -> list[pb.Addressed]:
+    return [pb.Addressed(peer=peer, data=data) for peer, data in pairs]
+
+
+def _vector_bytes(vector: np.ndarray[Any, Any]) -> tuple[int, bytes]:
+    bits = vector.dtype.itemsize * 8
+    return bits, vector.astype(vector.dtype.newbyteorder("<"), copy=False).tobytes()
+
+
+def _vector(bits: int, raw: bytes) -> np.ndarray[Any, Any]:
+    dtype = word_dtype(bits)
+    if len(raw) % dtype.itemsize:
+        raise CodecError(f"vector of {len(raw)} bytes is not a whole number of {bits}-bit words")
+    return np.frombuffer(raw, dtype=dtype.newbyteorder("<")).astype(dtype)
+
+
+def _advert_pb(m: AdvertiseKeys) -> pb.AdvertiseKeys:
+    return pb.AdvertiseKeys(
+        sender=m.sender,
+        session_id=m.session_id,
+        round=m.round,
+        channel_public=m.channel_public,
+        mask_public=m.mask_public,
+        self_mask_commitment=m.self_mask_commitment,
+        signature=m.signature,
+    )
+
+
+def _advert(p: pb.AdvertiseKeys) -> AdvertiseKeys:
+    return AdvertiseKeys(
+        p.sender,
+        p.session_id,
+        p.round,
+        p.channel_public,
+        p.mask_public,
+        p.self_mask_commitment,
+        p.signature,
+    )
+
+
+def _masked_pb(m: MaskedInput) -> pb.MaskedInput:
+    bits, raw = _vector_bytes(m.vector)
+    return pb.MaskedInput(
+        sender=m.sender,
+        session_id=m.session_id,
+        round=m.round,
+        masked_with=list(m.masked_with),
+        bits=bits,
+        vector=raw,
+        signature=m.signature,
+    )
+
+
+def _masked(p: pb.MaskedInput) -> MaskedInput:
+    return MaskedInput(
+        p.sender,
+        p.session_id,
+        p.round,
+        tuple(p.masked_with),
+        _vector(p.bits, p.vector),
+        p.signature,
+    )
+
+
+def _consistency_pb(m: ConsistencySignature) -> pb.ConsistencySignature:
+    return pb.ConsistencySignature(
+        sender=m.sender, session_id=m.session_id, round=m.round, signature=m.signature
+    )
+
+
+def _consistency(p: pb.ConsistencySignature) -> ConsistencySignature:
+    return ConsistencySignature(p.sender, p.session_id, p.round, p.signature)
+
+
+def _unmask_pb(m: UnmaskShares) -> pb.UnmaskShares:
+    return pb.UnmaskShares(
+        sender=m.sender,
+        session_id=m.session_id,
+        round=m.round,
+        self_mask_shares=_addressed(m.self_mask_shares),
+        mask_key_shares=_addressed(m.mask_key_shares),
+        signature=m.signature,
+    )
+
+
+def _unmask(p: pb.UnmaskShares) -> UnmaskShares:
+    return UnmaskShares(
+        p.sender,
+        p.session_id,
+        p.round,
+        _pairs(p.self_mask_shares),
+        _pairs(p.mask_key_shares),
+        p.signature,
+    )
+
+
+def to_proto(message: object) -> Message:
+    """The protobuf form of a secagg message, a Transcript, or a protobuf message itself."""
+    if isinstance(message, Message):
+        return message
+    if isinstance(message, AdvertiseKeys):
+        return _advert_pb(message)
+    if isinstance(message, ShareKeys):
+        return pb.ShareKeys(
+            sender=message.sender,
+            session_id=message.session_id,
+            round=message.round,
+            ciphertexts=_addressed(message.ciphertexts),
+        )
+    if isinstance(message, MaskedInput):
+        return _masked_pb(message)
+    if isinstance(message, ConsistencySignature):
+        return _consistency_pb(message)
+    if isinstance(message, UnmaskShares):
+        return _unmask_pb(message)
+    if isinstance(message, AdvertisedKeys):
+        return pb.AdvertisedKeys(
+            session_id=message.session_id,
+            round=message.round,
+            adverts=[_advert_pb(a) for a in message.adverts],
+        )
+    if isinstance(message, SharesToYou):
+        return pb.SharesToYou(
+            session_id=message.session_id,
+            round=message.round,
+            recipient=message.recipient,
+            ciphertexts=_addressed(message.ciphertexts),
+        )
+    if isinstance(message, SurvivorSet):
+        return pb.SurvivorSet(
+            session_id=message.session_id, round=message.round, survivors=list(message.survivors)
+        )
+    if isinstance(message, UnmaskRequest):
+        return pb.UnmaskRequest(
+            session_id=message.session_id,
+            round=message.round,
+            survivors=list(message.survivors),
+            dropped=list(message.dropped),
+            signatures=[_consistency_pb(s) for s in message.signatures],
+        )
+    if isinstance(message, Transcript):
+        bits, raw = _vector_bytes(message.aggregate)
+        return pb.Transcript(
+            session_id=message.session_id,
+            round=message.round,
+            aggregator=message.aggregator,
+            adverts=[_advert_pb(a) for a in message.adverts],
+            masked_inputs=[_masked_pb(m) for m in message.masked_inputs],
+            consistency=[_consistency_pb(c) for c in message.consistency],
+            unmask=[_unmask_pb(u) for u in message.unmask],
+            bits=bits,
+            aggregate=raw,
+        )
+    raise TypeError(f"no wire form for {type(message).__name__}")
+
+
+def from_proto(p: Message) -> object:
+    """The secagg object for a protobuf message (other protobuf messages are returned as is).
+
+    Raises:
+        CodecError: the message is malformed (wrong key sizes, vector length, ...).
+    """
+    try:
+        return _from_proto(p)
+    except (ValueError, TypeError) as error:
+        raise CodecError(f"malformed {type(p).__name__}: {error}") from None
+
+
+def _from_proto(p: Message) -> object:
+    if isinstance(p, pb.AdvertiseKeys):
+        return _advert(p)
+    if isinstance(p, pb.ShareKeys):
+        return ShareKeys(p.sender, p.session_id, p.round, _pairs(p.ciphertexts))
+    if isinstance(p, pb.MaskedInput):
+        return _masked(p)
+    if isinstance(p, pb.ConsistencySignature):
+        return _consistency(p)
+    if isinstance(p, pb.UnmaskShares):
+        return _unmask(p)
+    if isinstance(p, pb.AdvertisedKeys):
+        return AdvertisedKeys(p.session_id, p.round, tuple(_advert(a) for a in p.adverts))
+    if isinstance(p, pb.SharesToYou):
+        return SharesToYou(p.session_id, p.round, p.recipient, _pairs(p.ciphertexts))
+    if isinstance(p, pb.SurvivorSet):
+        return SurvivorSet(p.session_id, p.round, tuple(p.survivors))
+    if isinstance(p, pb.UnmaskRequest):
+        return UnmaskRequest(
+            p.session_id,
+            p.round,
+            tuple(p.survivors),
+            tuple(p.dropped),
+            tuple(_consistency(s) for s in p.signatures),
+        )
+    if isinstance(p, pb.Transcript):
+        return Transcript(
+            session_id=p.session_id,
+            round=p.round,
+            aggregator=p.aggregator,
+            adverts=tuple(_advert(a) for a in p.adverts),
+            masked_inputs=tuple(_masked(m) for m in p.masked_inputs),
+            consistency=tuple(_consistency(c) for c in p.consistency),
+            unmask=tuple(_unmask(u) for u in p.unmask),
+            aggregate=_vector(p.bits, p.aggregate),
+        )
+    return p
+
+
+_KINDS: dict[str, type[Message]] = {
+    name: getattr(pb, name)
+    for name in (
+        "AdvertiseKeys",
+        "ShareKeys",
+        "MaskedInput",
+        "ConsistencySignature",
+        "UnmaskShares",
+        "AdvertisedKeys",
+        "SharesToYou",
+        "SurvivorSet",
+        "UnmaskRequest",
+        "Transcript",
+        "RoundHello",
+        "RecordDraft",
+        "RecordSignature",
+        "AgreedRecord",
+        "Abort",
+    )
+}
+
+
+def encode(message: object) -> tuple[str, bytes]:
+    proto = to_proto(message)
+    return type(proto).__name__, proto.SerializeToString()
+
+
+def decode(kind: str, data: bytes) -> object:
+    cls = _KINDS.get(kind)
+    if cls is None:
+        raise CodecError(f"unknown message kind {kind!r}")
+    proto = cls()
+    try:
+        proto.ParseFromString(data)
+    except DecodeError as error:
+        raise CodecError(f"{kind} does not parse: {error}") from None
+    return from_proto(proto)
+
+
+# ------------------------------------------------------------------ fragmenting
+
+
+def fragments(message: object) -> Iterator[pb.Fragment]:
+    """Cut one message into fragments of at most FRAGMENT_BYTES of payload."""
+    kind, data = encode(message)
+    total = len(data)
+    if total == 0:
+        yield pb.Fragment(kind=kind, total_size=0, last=True, data=b"")
+        return
+    view = memoryview(data)
+    for start in range(0, total, FRAGMENT_BYTES):
+        end = min(start + FRAGMENT_BYTES, total)
+        yield pb.Fragment(
+            kind=kind, total_size=total, last=end == total, data=bytes(view[start:end])
+        )
+
+
+class Reassembler:
+    """Collects fragments into whole messages, within a size limit.
+
+    Args:
+        max_message_bytes: the largest message this stream may carry; a fragment header
+            claiming more, or fragments adding up to more, is refused.
+    """
+
+    def __init__(self, max_message_bytes: int) -> None:
+        self.max_message_bytes = max_message_bytes
+        self._kind: str | None = None
+        self._total = 0
+        self._buffer = bytearray()
+
+    def push(self, fragment: pb.Fragment) -> object | None:
+        """Add a fragment; return the decoded message when it is complete, else None.
+
+        Raises:
+            CodecError: inconsistent fragments, a message over the limit, or bad bytes.
+        """
+        if self._kind is None:
+            if fragment.total_size > self.max_message_bytes:
+                raise CodecError(
+                    f"{fragment.kind or 'message'} of {fragment.total_size} bytes exceeds the "
+                    f"limit of {self.max_message_bytes} bytes"
+                )
+            self._kind, self._total = fragment.kind, fragment.total_size
+        elif fragment.kind != self._kind or fragment.total_size != self._total:
+            raise CodecError("fragment of another message arrived before the last one ended")
+        self._buffer += fragment.data
+        if len(self._buffer) > self._total:
+            raise CodecError(f"fragments exceed the announced size of {self._total} bytes")
+        if not fragment.last:
+            return None
+        if len(self._buffer) != self._total:
+            raise CodecError(f"message ended at {len(self._buffer)} of {self._total} bytes")
+        kind, data = self._kind, bytes(self._buffer)
+        self._kind, self._total, self._buffer = None, 0, bytearray()
+        return decode(kind, data)

@@ -1,0 +1,188 @@
+"""A peer's configuration file (TOML), validated with messages that name the key at fault.
+
+Example (``hospital_a.toml``)::
+
+    peer_id = "hospital-a"
+    listen = "0.0.0.0:7443"
+
+    [tls]
+    cert = "hospital-a.pem"         # paths are relative to this file
+    key = "hospital-a.key"          # must be mode 0600
+    ca = "ca.pem"
+    roster = "roster.json"          # signed by the CA (roster.json.sig beside it)
+    crl = "crl.pem"
+
+    [storage]
+    data = "sqlite:///data.db"      # any SQLAlchemy URL; relative sqlite paths: this folder
+    ledger = "sqlite:///ledger.db"
+
+    [policy]
+    max_epsilon = 8.0               # total privacy budget of this institution
+    min_participants = 3
+    allowed_models = ["logreg", "mlp", "vector"]
+    allowed_operators = ["ceremony-operator"]   # who may propose (peers may always)
+
+    [timeouts]
+    stage_seconds = 30.0
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["ConfigFileError", "PeerConfig", "Policy", "load_config"]
+
+
+class ConfigFileError(ValueError):
+    """The configuration file is missing, unreadable or has a bad value (named in the text)."""
+
+
+@dataclass(frozen=True)
+class Policy:
+    max_epsilon: float = 8.0
+    min_participants: int = 2
+    allowed_models: tuple[str, ...] = ("logreg", "mlp", "vector", "statistics")
+    allowed_operators: tuple[str, ...] = ()
+    max_rounds: int = 1000
+    max_vector_length: int = 50_000_000
+
+
+@dataclass(frozen=True)
+class PeerConfig:
+    path: Path
+    peer_id: str
+    listen: str
+    cert: Path
+    key: Path
+    ca: Path
+    roster: Path
+    crl: Path
+    data_url: str
+    ledger_url: str
+    policy: Policy = field(default_factory=Policy)
+    stage_seconds: float = 30.0
+    dashboard_port: int = 8050
+    payload_file: Path | None = None  # test hook: a .npy vector this peer contributes
+
+    @property
+    def directory(self) -> Path:
+        return self.path.parent
+
+
+def _get(
+    table: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str, default: Any = ...
+) -> Any:
+    if key not in table:
+        if default is ...:
+            raise ConfigFileError(f"{where}: missing required key '{key}'")
+        return default
+    value = table[key]
+    if isinstance(value, bool) and kind in (int, float, (int, float)):
+        raise ConfigFileError(f"{where}: '{key}' must be a number, not {value!r}")
+    if not isinstance(value, kind):
+        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise ConfigFileError(f"{where}: '{key}' must be a {names}, not {value!r}")
+    return value
+
+
+def _sqlite_relative(url: str, base: Path) -> str:
+    # sqlite:///relative.db is relative to the process's working directory; make it relative
+    # to the config file instead, so a kit works wherever the peer is started from.
+    prefix = "sqlite:///"
+    if url.startswith(prefix) and not url.startswith("sqlite:////") and url != "sqlite:///:memory:":
+        return prefix + str((base / url[len(prefix) :]).resolve())
+    return url
+
+
+def load_config(path: str | Path) -> PeerConfig:
+    """Read and validate a peer's TOML configuration.
+
+    Raises:
+        ConfigFileError: naming the file, the key and the problem.
+    """
+    path = Path(path)
+    try:
+        document = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigFileError(f"{path}: no such configuration file") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigFileError(f"{path}: cannot read: {error}") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigFileError(f"{path}: not valid TOML: {error}") from None
+    base = path.parent
+    where = str(path)
+
+    def table(name: str) -> dict[str, Any]:
+        value = document.get(name, {})
+        if not isinstance(value, dict):
+            raise ConfigFileError(f"{where}: [{name}] must be a table")
+        return value
+
+    def file(tbl: dict[str, Any], key: str, section: str, must_exist: bool = True) -> Path:
+        raw = _get(tbl, key, str, f"{where} [{section}]")
+        resolved: Path = (base / str(raw)).resolve()
+        if must_exist and not resolved.exists():
+            raise ConfigFileError(
+                f"{where} [{section}]: '{key}' = {raw!r}: no such file ({resolved})"
+            )
+        return resolved
+
+    peer_id = _get(document, "peer_id", str, where)
+    listen = _get(document, "listen", str, where)
+    host, _, port = listen.rpartition(":")
+    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigFileError(f"{where}: 'listen' must be host:port, not {listen!r}")
+    tls = table("tls")
+    storage = table("storage")
+    policy_table = table("policy")
+    timeouts = table("timeouts")
+    ppath = f"{where} [policy]"
+    policy = Policy(
+        max_epsilon=float(
+            _get(policy_table, "max_epsilon", (int, float), ppath, Policy.max_epsilon)
+        ),
+        min_participants=_get(
+            policy_table, "min_participants", int, ppath, Policy.min_participants
+        ),
+        allowed_models=tuple(
+            _get(policy_table, "allowed_models", list, ppath, list(Policy.allowed_models))
+        ),
+        allowed_operators=tuple(_get(policy_table, "allowed_operators", list, ppath, [])),
+        max_rounds=_get(policy_table, "max_rounds", int, ppath, Policy.max_rounds),
+        max_vector_length=_get(
+            policy_table, "max_vector_length", int, ppath, Policy.max_vector_length
+        ),
+    )
+    if policy.max_epsilon <= 0:
+        raise ConfigFileError(f"{ppath}: 'max_epsilon' must be positive")
+    if policy.min_participants < 2:
+        raise ConfigFileError(f"{ppath}: 'min_participants' must be at least 2")
+    stage_seconds = float(
+        _get(timeouts, "stage_seconds", (int, float), f"{where} [timeouts]", 30.0)
+    )
+    if stage_seconds <= 0:
+        raise ConfigFileError(f"{where} [timeouts]: 'stage_seconds' must be positive")
+    payload = document.get("payload_file")
+    return PeerConfig(
+        path=path.resolve(),
+        peer_id=peer_id,
+        listen=listen,
+        cert=file(tls, "cert", "tls"),
+        key=file(tls, "key", "tls"),
+        ca=file(tls, "ca", "tls"),
+        roster=file(tls, "roster", "tls"),
+        crl=file(tls, "crl", "tls"),
+        data_url=_sqlite_relative(
+            _get(storage, "data", str, f"{where} [storage]", "sqlite:///data.db"), base
+        ),
+        ledger_url=_sqlite_relative(
+            _get(storage, "ledger", str, f"{where} [storage]", "sqlite:///ledger.db"), base
+        ),
+        policy=policy,
+        stage_seconds=stage_seconds,
+        dashboard_port=_get(document, "dashboard_port", int, where, 8050),
+        payload_file=(base / payload).resolve() if isinstance(payload, str) else None,
+    )

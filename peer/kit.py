@@ -1,0 +1,138 @@
+"""A whole federation on one machine: CA, one kit folder per hospital, an operator.
+
+Used by ``ceremony demo`` and by the tests. Each hospital's folder holds exactly what its IT
+staff would receive or create on site (config, certificate, private key, CA certificate,
+roster, CRL), so a peer can be started again by hand with ``peer start --config ...``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .identity import Role
+from .identity.testing import LocalFederation
+
+__all__ = ["Kit", "LocalKit", "free_port", "write_peer_config"]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free right now (the OS may hand it out again later)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass(frozen=True)
+class Kit:
+    peer_id: str
+    directory: Path
+    config: Path
+    address: str
+
+
+def write_peer_config(
+    path: Path,
+    peer_id: str,
+    listen: str,
+    *,
+    stage_seconds: float = 30.0,
+    policy: Mapping[str, object] | None = None,
+    extra: str = "",
+) -> None:
+    policy_lines = "\n".join(f"{k} = {_toml(v)}" for k, v in (policy or {}).items())
+    path.write_text(
+        f"""# Peer configuration of {peer_id}. Paths are relative to this file.
+peer_id = "{peer_id}"
+listen = "{listen}"
+{extra}
+[tls]
+cert = "{peer_id}.pem"
+key = "{peer_id}.key"
+ca = "ca.pem"
+roster = "roster.json"
+crl = "crl.pem"
+
+[storage]
+data = "sqlite:///data.db"
+ledger = "sqlite:///ledger.db"
+
+[policy]
+{policy_lines}
+
+[timeouts]
+stage_seconds = {stage_seconds}
+""",
+        encoding="utf-8",
+    )
+
+
+def _toml(value: object) -> str:
+    if isinstance(value, str):
+        return f'"{value}"'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return str(value)
+
+
+@dataclass
+class LocalKit:
+    """The result of :meth:`create`: the federation and one kit per hospital."""
+
+    federation: LocalFederation
+    kits: dict[str, Kit]
+    operator: str
+
+    @classmethod
+    def create(
+        cls,
+        directory: Path,
+        peers: Sequence[str],
+        *,
+        federation: str = "demo",
+        operator: str = "ceremony-operator",
+        host: str = "127.0.0.1",
+        stage_seconds: float = 30.0,
+        policy: Mapping[str, object] | None = None,
+    ) -> LocalKit:
+        directory.mkdir(parents=True, exist_ok=True)
+        addresses = {p: f"{host}:{free_port(host)}" for p in peers}
+        fed = LocalFederation.create(
+            directory / "identities",
+            federation=federation,
+            peers=peers,
+            operators=[operator],
+            addresses=addresses,
+        )
+        policy = {"allowed_operators": [operator], **(policy or {})}
+        kits: dict[str, Kit] = {}
+        for peer_id in peers:
+            member = fed.members[peer_id]
+            site = member.cert.parent  # where the key was generated on site
+            for source in (fed.ca.cert_path, fed.roster_path, fed.ca.crl_path):
+                assert source is not None
+                shutil.copy(source, site / source.name)
+            roster_sig = Path(str(fed.roster_path) + ".sig")
+            shutil.copy(roster_sig, site / roster_sig.name)
+            (site / "ROOT_FINGERPRINT.txt").write_text(
+                f"{fed.ca.fingerprint}\n"
+                "Check this against the fingerprint the consortium read out.\n",
+                encoding="utf-8",
+            )
+            config = site / f"{peer_id}.toml"
+            write_peer_config(
+                config, peer_id, addresses[peer_id], stage_seconds=stage_seconds, policy=policy
+            )
+            kits[peer_id] = Kit(peer_id, site, config, addresses[peer_id])
+        return cls(fed, kits, operator)
+
+    def operator_files(self) -> tuple[Path, Path, Path]:
+        member = self.federation.members[self.operator]
+        assert member.role is Role.OPERATOR
+        return member.cert, member.key, member.ca

@@ -1,0 +1,589 @@
+"""A hospital's peer: the gRPC service, session decisions, and the loop that runs rounds.
+
+Every peer runs the same program; none is special. For each round the aggregator follows
+from the proposal (:func:`peer.session.aggregator_for`); that peer runs an
+:class:`~peer.rounds.AggregatorRound` beside its own participation, and everyone else dials it.
+A round whose aggregator cannot be reached is retried with the next one in the rotation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from secagg import RandomSource, SystemRandom
+
+from .config import PeerConfig
+from .identity import Role, load_signer
+from .ledger import (
+    AgreedRecord,
+    Ledger,
+    LedgerError,
+    RoundStatus,
+    SessionStatus,
+)
+from .payload import Payload, VectorPayload
+from .rounds import (
+    AggregatorRound,
+    RoundContext,
+    RoundOutcome,
+    RoundStatusKind,
+    max_message_bytes,
+    participate,
+    serve_round_stream,
+)
+from .session import ProposalError, SessionProposal, SignedProposal, aggregator_for, check_policy
+from .tls import Authenticator, TLSFiles, caller_identity, create_server, peer_channel
+from .wire import peer_pb2 as pb
+
+__all__ = ["SERVICE", "PeerNode"]
+
+SERVICE = "hospital_secagg.v1.Peer"
+logger = logging.getLogger("peer.node")
+
+PayloadFactory = Callable[[SessionProposal, PeerConfig], Payload]
+
+
+def default_payload(proposal: SessionProposal, config: PeerConfig) -> Payload:
+    """Vector sessions: the peer's configured .npy file (zeros if it has none)."""
+    if proposal.payload_kind != "vector":
+        raise ProposalError(f"payload kind {proposal.payload_kind!r} is not supported by this peer")
+    if config.payload_file is not None:
+        return VectorPayload.from_file(config.payload_file, proposal.vector_length, proposal.bits)
+    return VectorPayload(proposal.vector_length, proposal.bits)
+
+
+@dataclass
+class _Progress:
+    state: str = "accepted"
+    round: int = 0
+    stage: str = ""
+    aggregator: str = ""
+    detail: str = ""
+
+
+@dataclass
+class _Session:
+    proposal: SessionProposal
+    progress: _Progress = field(default_factory=_Progress)
+    task: asyncio.Task[None] | None = None
+
+
+class PeerNode:
+    """One institution's peer process (see the module docstring)."""
+
+    def __init__(
+        self,
+        config: PeerConfig,
+        *,
+        payload_factory: PayloadFactory = default_payload,
+        rng: RandomSource | None = None,
+    ) -> None:
+        self.config = config
+        self.me = config.peer_id
+        self.authenticator = Authenticator.from_files(config.ca, config.roster, config.crl)
+        self.files = TLSFiles.of(config.cert, config.key, config.ca)
+        self.signer = load_signer(config.key)
+        self.roster = self.authenticator.roster
+        self.verifiers = self.roster.verifiers()
+        self.ledger = Ledger(config.ledger_url)
+        self.ledger.create()
+        self.payload_factory = payload_factory
+        self.rng = rng or SystemRandom()
+        self.port = 0
+        self._sessions: dict[str, _Session] = {}
+        self._rounds: dict[tuple[str, int, int], AggregatorRound] = {}
+        self._rounds_changed = asyncio.Condition()
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._stopping = asyncio.Event()
+        self._background: set[asyncio.Task[Any]] = set()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def serve(self, on_ready: Callable[[int], None] | None = None) -> None:
+        """Serve until :meth:`stop`; resumes sessions that were running before a restart."""
+        handler = grpc.method_handlers_generic_handler(
+            SERVICE,
+            {
+                "Propose": grpc.unary_unary_rpc_method_handler(
+                    self._propose,
+                    request_deserializer=pb.SessionProposal.FromString,
+                    response_serializer=pb.ProposalAnswer.SerializeToString,
+                ),
+                "Start": grpc.unary_unary_rpc_method_handler(
+                    self._start,
+                    request_deserializer=pb.SessionRef.FromString,
+                    response_serializer=pb.SessionStatus.SerializeToString,
+                ),
+                "Status": grpc.unary_unary_rpc_method_handler(
+                    self._status,
+                    request_deserializer=pb.SessionRef.FromString,
+                    response_serializer=pb.SessionStatus.SerializeToString,
+                ),
+                "Records": grpc.unary_unary_rpc_method_handler(
+                    self._records,
+                    request_deserializer=pb.SessionRef.FromString,
+                    response_serializer=pb.SessionStatus.SerializeToString,
+                ),
+                "RoundStream": grpc.stream_stream_rpc_method_handler(
+                    self._round_stream,
+                    request_deserializer=pb.Fragment.FromString,
+                    response_serializer=pb.Fragment.SerializeToString,
+                ),
+            },
+        )
+        async with create_server(
+            self.config.listen, self.files, self.authenticator, handlers=[handler]
+        ) as (_, port):
+            self.port = port
+            self._resume_sessions()
+            if on_ready is not None:
+                on_ready(port)
+            await self._stopping.wait()
+            for session in self._sessions.values():
+                if session.task is not None:
+                    session.task.cancel()
+            for channel in self._channels.values():
+                await channel.close(None)
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    def _resume_sessions(self) -> None:
+        for info in self.ledger.sessions():
+            if info.status in (SessionStatus.RUNNING,):
+                try:
+                    proposal = SessionProposal.from_document(info.proposal)
+                except ProposalError as error:
+                    logger.error(
+                        "peer=%s cannot resume session %s: %s", self.me, info.session_id, error
+                    )
+                    continue
+                logger.info("peer=%s resuming session=%s", self.me, info.session_id)
+                self._launch(proposal)
+
+    def _channel(self, peer_id: str) -> grpc.aio.Channel:
+        channel = self._channels.get(peer_id)
+        if channel is None:
+            channel = self._channels[peer_id] = peer_channel(self.roster, peer_id, self.files)
+        return channel
+
+    # ------------------------------------------------------------------ RPC handlers
+
+    async def _propose(
+        self, request: pb.SessionProposal, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ProposalAnswer:
+        caller = caller_identity()
+        if request.proposer != caller.peer_id:
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"{caller.peer_id} cannot submit a proposal signed as {request.proposer!r}",
+            )
+        try:
+            signed = SignedProposal.verify(
+                request.document, request.proposer, request.signature, self.verifiers
+            )
+        except ProposalError as error:
+            logger.warning("peer=%s refused proposal from %s: %s", self.me, caller.peer_id, error)
+            return pb.ProposalAnswer(peer_id=self.me, accepted=False, reason=str(error))
+        proposal = signed.proposal
+        existing = self.ledger.session(proposal.session_id)
+        if existing is not None:
+            if existing.proposal != proposal.document():
+                return pb.ProposalAnswer(
+                    peer_id=self.me,
+                    accepted=False,
+                    reason=f"session id {proposal.session_id} is already used by another proposal",
+                )
+            accepted = existing.status not in (SessionStatus.REFUSED, SessionStatus.ABORTED)
+            return pb.ProposalAnswer(
+                peer_id=self.me, accepted=accepted, reason=existing.reason or ""
+            )
+        reason = check_policy(
+            proposal,
+            request.proposer,
+            caller.role is Role.PEER,
+            self.me,
+            self.config.policy,
+            epsilon_spent=self.ledger.privacy_spent(self.me).epsilon,
+        )
+        if reason is None:
+            try:
+                self.payload_factory(proposal, self.config)
+            except (ProposalError, ValueError) as error:
+                reason = str(error)
+        self.ledger.record_proposal(
+            proposal.session_id,
+            proposal.document(),
+            proposer=request.proposer,
+            participants=list(proposal.participants),
+            threshold=proposal.threshold,
+            rounds_planned=proposal.rounds,
+        )
+        self.ledger.decide_session(proposal.session_id, accept=reason is None, reason=reason)
+        logger.info(
+            "peer=%s session=%s proposal from %s %s%s",
+            self.me,
+            proposal.session_id,
+            request.proposer,
+            "accepted" if reason is None else "refused: ",
+            reason or "",
+        )
+        return pb.ProposalAnswer(peer_id=self.me, accepted=reason is None, reason=reason or "")
+
+    async def _start(
+        self, request: pb.SessionRef, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.SessionStatus:
+        info = self.ledger.session(request.session_id)
+        if info is None:
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND, f"no session {request.session_id!r} here"
+            )
+        assert info is not None
+        if info.status in (SessionStatus.REFUSED, SessionStatus.ABORTED):
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"session {request.session_id} is {info.status.value}: {info.reason or ''}",
+            )
+        if request.session_id not in self._sessions and info.status in (
+            SessionStatus.ACCEPTED,
+            SessionStatus.RUNNING,
+        ):
+            self._launch(SessionProposal.from_document(info.proposal))
+        return self._status_of(request.session_id)
+
+    async def _status(
+        self, request: pb.SessionRef, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.SessionStatus:
+        if self.ledger.session(request.session_id) is None:
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND, f"no session {request.session_id!r} here"
+            )
+        return self._status_of(request.session_id)
+
+    async def _records(
+        self, request: pb.SessionRef, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.SessionStatus:
+        status = self._status_of(request.session_id)
+        for stored in self.ledger.agreed_records(request.session_id):
+            status.records.append(record_to_proto(stored.record, stored.signatures))
+        return status
+
+    def _status_of(self, session_id: str) -> pb.SessionStatus:
+        info = self.ledger.session(session_id)
+        session = self._sessions.get(session_id)
+        progress = session.progress if session else _Progress()
+        agreed = self.ledger.agreed_records(session_id)
+        return pb.SessionStatus(
+            session_id=session_id,
+            state=info.status.value if info else "unknown",
+            rounds_planned=info.rounds_planned if info else 0,
+            rounds_agreed=len(agreed),
+            current_stage=progress.stage,
+            current_round=progress.round,
+            current_aggregator=progress.aggregator,
+            detail=progress.detail,
+        )
+
+    async def _round_stream(
+        self, requests: AsyncIterator[pb.Fragment], context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.Fragment]:
+        caller = caller_identity().peer_id
+        try:
+            async for fragment in serve_round_stream(
+                requests, caller, self._find_round, self._max_bytes()
+            ):
+                yield fragment
+        except (PermissionError, LookupError) as error:
+            code = (
+                grpc.StatusCode.PERMISSION_DENIED
+                if isinstance(error, PermissionError)
+                else grpc.StatusCode.FAILED_PRECONDITION
+            )
+            logger.warning("peer=%s round stream from %s refused: %s", self.me, caller, error)
+            await context.abort(code, str(error.args[0] if error.args else error))
+        except Exception:
+            logger.exception("peer=%s round stream from %s failed", self.me, caller)
+            raise
+
+    def _max_bytes(self) -> int:
+        sizes = [
+            max_message_bytes(
+                s.proposal.vector_length, s.proposal.bits, len(s.proposal.participants)
+            )
+            for s in self._sessions.values()
+        ]
+        return max(sizes, default=1 << 20)
+
+    async def _find_round(self, hello: pb.RoundHello) -> AggregatorRound:
+        key = (hello.session_id, hello.round, hello.attempt)
+        session = self._sessions.get(hello.session_id)
+        if session is None:
+            info = self.ledger.session(hello.session_id)
+            if info is not None and info.status is SessionStatus.FINISHED:
+                raise LookupError(f"round-passed: {info.rounds_planned + 1}")
+            raise LookupError(f"not-ready: session {hello.session_id!r} is not running here")
+        if any(r.record.round == hello.round for r in self.ledger.agreed_records(hello.session_id)):
+            raise LookupError(
+                f"round-agreed: round {hello.round} of {hello.session_id} is already agreed"
+            )
+        if session.progress.round > hello.round:
+            raise LookupError(f"round-passed: {session.progress.round}")
+        if aggregator_for(session.proposal, hello.round, hello.attempt) != self.me:
+            raise PermissionError(
+                f"{self.me} is not the aggregator of round {hello.round} attempt {hello.attempt}"
+            )
+        async with self._rounds_changed:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self._rounds_changed.wait_for(lambda: key in self._rounds),
+                    timeout=session.proposal.prepare_seconds + session.proposal.stage_seconds,
+                )
+        round_ = self._rounds.get(key)
+        if round_ is None:
+            raise LookupError(
+                f"not-ready: {self.me} has not started round {hello.round} attempt {hello.attempt}"
+            )
+        return round_
+
+    # ------------------------------------------------------------------ running sessions
+
+    def _launch(self, proposal: SessionProposal) -> None:
+        session = self._sessions.get(proposal.session_id)
+        if session is not None and session.task is not None and not session.task.done():
+            return
+        session = self._sessions[proposal.session_id] = _Session(proposal)
+        session.task = asyncio.create_task(
+            self._run_session(session), name=f"session-{proposal.session_id}"
+        )
+
+    async def _run_session(self, session: _Session) -> None:
+        proposal = session.proposal
+        sid = proposal.session_id
+        progress = session.progress
+        try:
+            payload = self.payload_factory(proposal, self.config)
+            info = self.ledger.session(sid)
+            if info is not None and info.status is SessionStatus.ACCEPTED:
+                self.ledger.set_session_status(sid, SessionStatus.RUNNING)
+            round_ = self.ledger.last_agreed_round(sid) + 1
+            attempt = 0
+            while round_ <= proposal.rounds:
+                progress.state, progress.round = "running", round_
+                aggregator = aggregator_for(proposal, round_, attempt)
+                progress.aggregator, progress.stage = aggregator, "starting"
+                outcome = await self._one_round(session, payload, round_, attempt, aggregator)
+                progress.detail = outcome.reason
+                if outcome.status is RoundStatusKind.AGGREGATOR_FAILED:
+                    if outcome.precondition.startswith(("round-agreed", "round-passed")):
+                        # The others went on without this peer (it was down): catch up.
+                        await self._catch_up(sid, aggregator)
+                        current = outcome.precondition.partition(":")[2].strip()
+                        round_ = max(
+                            round_ + 1
+                            if outcome.precondition.startswith("round-passed")
+                            else round_,
+                            int(current) if current.isdigit() else 0,
+                            self.ledger.last_agreed_round(sid) + 1,
+                        )
+                        attempt = 0
+                        continue
+                    attempt += 1
+                    if attempt % len(proposal.participants) == 0:
+                        await asyncio.sleep(min(proposal.stage_seconds, 5.0))  # nobody reachable
+                    continue
+                round_ += 1
+                attempt = 0
+            progress.state, progress.stage = "finished", ""
+            self.ledger.set_session_status(sid, SessionStatus.FINISHED)
+            logger.info("peer=%s session=%s finished", self.me, sid)
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:
+            progress.state, progress.detail = "failed", str(error)
+            logger.exception("peer=%s session=%s stopped by an error", self.me, sid)
+
+    async def _one_round(
+        self, session: _Session, payload: Payload, round_: int, attempt: int, aggregator: str
+    ) -> RoundOutcome:
+        proposal = session.proposal
+        progress = session.progress
+
+        def on_stage(stage: str, detail: str) -> None:
+            progress.stage, progress.detail = stage, detail
+
+        ctx = RoundContext(
+            me=self.me,
+            session_id=proposal.session_id,
+            round=round_,
+            attempt=attempt,
+            aggregator=aggregator,
+            config=proposal.round_config(round_, payload.vector_length()),
+            signer=self.signer,
+            verifiers=self.verifiers,
+            ledger=self.ledger,
+            payload=payload,
+            rng=self.rng,
+            stage_seconds=proposal.stage_seconds,
+            prepare_seconds=proposal.prepare_seconds,
+            on_stage=on_stage,
+        )
+        key = (proposal.session_id, round_, attempt)
+        aggregator_task: asyncio.Task[None] | None = None
+        if aggregator == self.me:
+            agg_round = AggregatorRound(ctx)
+            async with self._rounds_changed:
+                self._rounds[key] = agg_round
+                self._rounds_changed.notify_all()
+            aggregator_task = asyncio.create_task(agg_round.run())
+        try:
+            ledger_attempt = self.ledger.start_round(
+                proposal.session_id,
+                round_,
+                aggregator=aggregator,
+                participants=list(proposal.participants),
+            )
+        except LedgerError as error:
+            return RoundOutcome(
+                RoundStatusKind.REFUSED, aggregator, f"cannot record the round: {error}"
+            )
+        started = time.monotonic()
+        outcome = await self._participate_with_retry(ctx)
+        try:
+            if outcome.status is RoundStatusKind.AGREED:
+                self.ledger.finish_round(
+                    proposal.session_id,
+                    round_,
+                    ledger_attempt.attempt,
+                    status=RoundStatus.AGREED,
+                    bytes_sent=outcome.bytes_sent,
+                    bytes_received=outcome.bytes_received,
+                )
+            else:
+                self.ledger.abort_round(
+                    proposal.session_id,
+                    round_,
+                    ledger_attempt.attempt,
+                    reason=f"{outcome.status.value}: {outcome.reason}"[:2000],
+                    bytes_sent=outcome.bytes_sent,
+                    bytes_received=outcome.bytes_received,
+                )
+        except LedgerError as error:
+            logger.error("peer=%s cannot record the end of round %d: %s", self.me, round_, error)
+        logger.info(
+            "peer=%s session=%s round=%d attempt=%d outcome=%s in %.2fs %s",
+            self.me,
+            proposal.session_id,
+            round_,
+            attempt,
+            outcome.status.value,
+            time.monotonic() - started,
+            outcome.reason,
+        )
+        if aggregator_task is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(aggregator_task), proposal.stage_seconds)
+            self._rounds.pop(key, None)
+        return outcome
+
+    async def _participate_with_retry(self, ctx: RoundContext) -> RoundOutcome:
+        """Dial the aggregator; while it is merely not ready yet, try again for a while."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + ctx.prepare_seconds + ctx.stage_seconds
+        while True:
+            outcome = await participate(ctx, self._channel(ctx.aggregator))
+            retry = outcome.status is RoundStatusKind.AGGREGATOR_FAILED and (
+                outcome.precondition.startswith("not-ready") or "UNAVAILABLE" in outcome.reason
+            )
+            if not retry or loop.time() >= deadline or self._stopping.is_set():
+                return outcome
+            await asyncio.sleep(0.5)
+
+    async def _catch_up(self, session_id: str, source: str) -> None:
+        """Fetch and verify the agreed records this peer missed (it was down or refused)."""
+        session = self._sessions[session_id]
+        method = self._channel(source).unary_unary(
+            f"/{SERVICE}/Records",
+            request_serializer=pb.SessionRef.SerializeToString,
+            response_deserializer=pb.SessionStatus.FromString,
+        )
+        try:
+            status = await method(
+                pb.SessionRef(session_id=session_id), timeout=session.proposal.stage_seconds
+            )
+        except grpc.RpcError as error:
+            logger.warning("peer=%s cannot fetch records from %s: %s", self.me, source, error)
+            return
+        have = {r.record.round for r in self.ledger.agreed_records(session_id)}
+        for proto in sorted(status.records, key=lambda r: r.round):
+            if proto.round in have:
+                continue
+            record, signatures = record_from_proto(proto)
+            expected_prev = self.ledger.session_head(session_id)
+            if record.prev_hash != expected_prev:
+                logger.warning(
+                    "peer=%s record of round %d from %s does not continue my chain",
+                    self.me,
+                    proto.round,
+                    source,
+                )
+                return
+            try:
+                self.ledger.append_agreed(
+                    record,
+                    signatures,
+                    min_signatures=session.proposal.threshold,
+                    verifiers=self.verifiers,
+                )
+            except LedgerError as error:
+                logger.warning(
+                    "peer=%s refused record of round %d from %s: %s",
+                    self.me,
+                    proto.round,
+                    source,
+                    error,
+                )
+                return
+            logger.info(
+                "peer=%s caught up round %d of %s from %s", self.me, proto.round, session_id, source
+            )
+
+
+def record_to_proto(record: AgreedRecord, signatures: Mapping[str, bytes]) -> pb.AgreedRecord:
+    record_hash = record.record_hash()
+    return pb.AgreedRecord(
+        session_id=record.session_id,
+        round=record.round,
+        aggregate_hash=record.aggregate_hash,
+        model_hash=record.model_hash,
+        metrics_hash=record.metrics_hash,
+        prev_hash=record.prev_hash,
+        metrics_json=json.dumps(dict(record.metrics), sort_keys=True),
+        epsilon_json=json.dumps(dict(record.epsilon), sort_keys=True),
+        signatures=[
+            pb.RecordSignature(peer_id=p, record_hash=record_hash, signature=s)
+            for p, s in sorted(signatures.items())
+        ],
+    )
+
+
+def record_from_proto(proto: pb.AgreedRecord) -> tuple[AgreedRecord, dict[str, bytes]]:
+    record = AgreedRecord(
+        session_id=proto.session_id,
+        round=proto.round,
+        aggregate_hash=proto.aggregate_hash,
+        model_hash=proto.model_hash,
+        metrics_hash=proto.metrics_hash,
+        prev_hash=proto.prev_hash,
+        metrics=json.loads(proto.metrics_json or "{}"),
+        epsilon=json.loads(proto.epsilon_json or "{}"),
+    )
+    return record, {s.peer_id: s.signature for s in proto.signatures}

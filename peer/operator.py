@@ -1,0 +1,140 @@
+"""The operator's side: propose a session to every peer, start it, follow its progress.
+
+Used by ``ceremony run`` and by the tests. The operator holds an operator certificate (or a
+peer's); it proposes, but it takes no part in the rounds and sees no data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from secagg import Signer
+
+from .identity import Roster, load_certificate, load_roster, load_signer
+from .node import SERVICE
+from .session import SessionProposal, SignedProposal
+from .tls import TLSFiles, map_rpc_error, peer_channel
+from .wire import peer_pb2 as pb
+
+__all__ = ["OperatorClient", "ProposalRefused"]
+
+
+class ProposalRefused(Exception):
+    """At least one peer refused the proposal; ``answers`` says who and why."""
+
+    def __init__(self, answers: Mapping[str, str]) -> None:
+        super().__init__("; ".join(f"{peer}: {reason}" for peer, reason in sorted(answers.items())))
+        self.answers = dict(answers)
+
+
+@dataclass
+class OperatorClient:
+    me: str
+    roster: Roster
+    files: TLSFiles
+    signer: Signer
+    timeout: float = 10.0
+
+    @classmethod
+    def from_files(cls, me: str, cert: Path, key: Path, ca: Path, roster: Path) -> OperatorClient:
+        return cls(
+            me,
+            load_roster(roster, load_certificate(ca)),
+            TLSFiles.of(cert, key, ca),
+            load_signer(key),
+        )
+
+    def __post_init__(self) -> None:
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def _channel(self, peer: str) -> grpc.aio.Channel:
+        if peer not in self._channels:
+            self._channels[peer] = peer_channel(self.roster, peer, self.files)
+        return self._channels[peer]
+
+    async def close(self) -> None:
+        for channel in self._channels.values():
+            await channel.close(None)
+        self._channels.clear()
+
+    async def _call(self, peer: str, method: str, request: object, response: type) -> object:
+        stub = self._channel(peer).unary_unary(
+            f"/{SERVICE}/{method}",
+            request_serializer=lambda m: m.SerializeToString(),
+            response_deserializer=response.FromString,  # type: ignore[attr-defined]
+        )
+        try:
+            return await stub(request, timeout=self.timeout)
+        except grpc.RpcError as error:
+            raise map_rpc_error(error, target=self.roster[peer].address or "", peer=peer) from None
+
+    async def propose(self, proposal: SessionProposal) -> dict[str, pb.ProposalAnswer]:
+        """Send the signed proposal to every participant; raise ProposalRefused if any refuses."""
+        signed = SignedProposal.sign(proposal, self.me, self.signer)
+        request = pb.SessionProposal(
+            document=proposal.document(), proposer=self.me, signature=signed.signature
+        )
+        answers = await asyncio.gather(
+            *(self._call(p, "Propose", request, pb.ProposalAnswer) for p in proposal.participants)
+        )
+        result = {
+            p: a
+            for p, a in zip(proposal.participants, answers, strict=True)
+            if isinstance(a, pb.ProposalAnswer)
+        }
+        refused = {p: a.reason for p, a in result.items() if not a.accepted}
+        if refused:
+            raise ProposalRefused(refused)
+        return result
+
+    async def start(self, session_id: str, participants: Sequence[str]) -> None:
+        await asyncio.gather(
+            *(
+                self._call(p, "Start", pb.SessionRef(session_id=session_id), pb.SessionStatus)
+                for p in participants
+            )
+        )
+
+    async def status(
+        self, session_id: str, participants: Sequence[str]
+    ) -> dict[str, pb.SessionStatus | Exception]:
+        results = await asyncio.gather(
+            *(
+                self._call(p, "Status", pb.SessionRef(session_id=session_id), pb.SessionStatus)
+                for p in participants
+            ),
+            return_exceptions=True,
+        )
+        out: dict[str, pb.SessionStatus | Exception] = {}
+        for peer, result in zip(participants, results, strict=True):
+            if isinstance(result, pb.SessionStatus | Exception):
+                out[peer] = result
+        return out
+
+    async def wait(
+        self,
+        session_id: str,
+        participants: Sequence[str],
+        *,
+        timeout: float,
+        poll: float = 0.5,
+        on_progress: Callable[[dict[str, pb.SessionStatus | Exception]], None] | None = None,
+    ) -> dict[str, pb.SessionStatus | Exception]:
+        """Poll every peer until all reachable ones report the session finished."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            statuses = await self.status(session_id, participants)
+            if on_progress is not None:
+                on_progress(statuses)
+            reachable = [s for s in statuses.values() if isinstance(s, pb.SessionStatus)]
+            if reachable and all(s.state in ("finished", "aborted", "refused") for s in reachable):
+                return statuses
+            if loop.time() >= deadline:
+                raise TimeoutError(f"session {session_id} did not finish within {timeout:.0f}s")
+            await asyncio.sleep(poll)

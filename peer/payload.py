@@ -1,0 +1,93 @@
+"""What a round aggregates. The round machinery does not care what the vector means.
+
+A :class:`Payload` turns local data into the quantized vector a peer contributes, and turns
+the verified aggregate into the round's result (the new global model and the agreed
+metrics). ``conclude`` must be deterministic: every peer runs it on the same aggregate and
+they must all get the same bytes, because they sign the hash.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from secagg.prg import WordArray, word_dtype
+
+__all__ = ["LocalContribution", "Payload", "RoundResult", "VectorPayload"]
+
+
+@dataclass(frozen=True)
+class LocalContribution:
+    """A peer's input to one round."""
+
+    vector: WordArray
+    epsilon: float = 0.0  # privacy this round costs this peer (public)
+    delta: float = 0.0
+    clipped_fraction: float = 0.0
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    """What every peer derives from the verified aggregate."""
+
+    model: bytes  # the new global state (float32 bytes for models; the aggregate for vectors)
+    metrics: Mapping[str, Any] = field(default_factory=dict)
+
+
+class Payload(Protocol):
+    def vector_length(self) -> int: ...
+
+    def prepare(self, round_: int) -> LocalContribution:
+        """Compute this peer's contribution (may be slow: runs in an executor)."""
+        ...
+
+    def conclude(
+        self, round_: int, aggregate: WordArray, survivors: tuple[str, ...]
+    ) -> RoundResult:
+        """The round's result from the verified aggregate (deterministic)."""
+        ...
+
+
+class VectorPayload:
+    """Each peer contributes a fixed vector of ring words (from a .npy file or given).
+
+    The agreed result is the aggregate itself. Used by tests, benchmarks and operators who
+    want a secure sum of numbers they prepared themselves.
+    """
+
+    def __init__(self, length: int, bits: int = 32, vector: WordArray | None = None) -> None:
+        self._length = length
+        self._dtype = word_dtype(bits)
+        if vector is None:
+            vector = np.zeros(length, dtype=self._dtype)
+        vector = np.asarray(vector)
+        if vector.shape != (length,) or vector.dtype != self._dtype:
+            raise ValueError(
+                f"payload vector must be {self._dtype} of length {length}, "
+                f"not {vector.dtype} of shape {vector.shape}"
+            )
+        self._vector = vector
+
+    @classmethod
+    def from_file(cls, path: Path, length: int, bits: int = 32) -> VectorPayload:
+        try:
+            vector = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as error:
+            raise ValueError(f"cannot read payload vector {path}: {error}") from None
+        return cls(length, bits, vector)
+
+    def vector_length(self) -> int:
+        return self._length
+
+    def prepare(self, round_: int) -> LocalContribution:
+        return LocalContribution(self._vector)
+
+    def conclude(
+        self, round_: int, aggregate: WordArray, survivors: tuple[str, ...]
+    ) -> RoundResult:
+        little = aggregate.astype(aggregate.dtype.newbyteorder("<"), copy=False)
+        return RoundResult(model=little.tobytes(), metrics={"summed": len(survivors)})

@@ -1,0 +1,654 @@
+"""One round of secure aggregation over gRPC streams: the aggregator's and a participant's side.
+
+Theory of operation
+-------------------
+Every participant (the aggregator's own node included, through its own server) opens a
+``RoundStream`` to the round's aggregator and sends a ``RoundHello``. Messages are secagg
+objects, encoded by :mod:`peer.codec` and cut into fragments. The secagg state machines do all
+protocol work; this module only moves messages, keeps deadlines and runs heavy steps (mask
+expansion, unmasking, verification) in a worker thread so streams keep flowing.
+
+After the unmasking stage the aggregator sends every connected participant the transcript and
+a ``RecordDraft`` (the chain head and each peer's claimed epsilon). Each participant verifies
+the transcript itself, computes the round's result with its payload, and signs the record
+(``peer.ledger.record_payload``). The aggregator groups the signed records by hash; if at least
+t peers signed the same record it sends it back with all its signatures and every peer stores
+it. A peer that computed something else refuses to sign and says why.
+
+A dropout is a missed deadline or a closed stream. An aggregator that vanishes is noticed by
+the participants as a failed stream, and the round is retried with the next aggregator.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+import grpc
+import numpy as np
+
+from secagg import (
+    Aggregator,
+    MaskedInput,
+    Participant,
+    ParticipantState,
+    RandomSource,
+    RemoteProtocolError,
+    RoundAborted,
+    RoundConfig,
+    SecAggError,
+    Signer,
+    Stage,
+    Transcript,
+    Verifier,
+    verify_transcript,
+)
+from secagg.crypto import sha256
+from secagg.messages import AdvertisedKeys, SharesToYou, SurvivorSet, UnmaskRequest
+
+from .codec import CodecError, Reassembler, fragments
+from .faults import fault_point, tamper_transcript_aggregate
+from .ledger import (
+    AgreedRecord,
+    Ledger,
+    LedgerError,
+    PrivacyCharge,
+    PrivacyKind,
+    StoredRecord,
+)
+from .payload import LocalContribution, Payload
+from .wire import peer_pb2 as pb
+
+__all__ = [
+    "ROUND_STREAM_METHOD",
+    "AggregatorRound",
+    "RoundContext",
+    "RoundOutcome",
+    "RoundStatusKind",
+    "max_message_bytes",
+    "participate",
+]
+
+ROUND_STREAM_METHOD = "/hospital_secagg.v1.Peer/RoundStream"
+logger = logging.getLogger("peer.rounds")
+
+_SECAGG_REPLIES = (AdvertisedKeys, SharesToYou, SurvivorSet, UnmaskRequest)
+
+
+class RoundStatusKind(StrEnum):
+    AGREED = "agreed"
+    ABORTED = "aborted"  # the round cannot complete (too few peers, no agreement)
+    AGGREGATOR_FAILED = "aggregator-failed"  # retry with the next aggregator
+    REFUSED = "refused"  # this peer refused (protocol violation, bad transcript)
+
+
+@dataclass
+class RoundOutcome:
+    status: RoundStatusKind
+    aggregator: str
+    reason: str = ""
+    record: StoredRecord | None = None
+    survivors: tuple[str, ...] = ()
+    dropped: dict[str, list[str]] = field(default_factory=dict)
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    # Why the aggregator refused the stream: "not-ready: ...", "round-agreed: ..." or
+    # "round-passed: <its current round>".
+    precondition: str = ""
+
+
+@dataclass
+class RoundContext:
+    """Everything one node needs to take part in one round."""
+
+    me: str
+    session_id: str
+    round: int
+    attempt: int
+    aggregator: str
+    config: RoundConfig
+    signer: Signer
+    verifiers: Mapping[str, Verifier]
+    ledger: Ledger
+    payload: Payload
+    rng: RandomSource
+    stage_seconds: float
+    prepare_seconds: float
+    on_stage: Callable[[str, str], None] = lambda stage, detail: None
+
+    @property
+    def log_prefix(self) -> str:
+        return f"peer={self.me} session={self.session_id} round={self.round} attempt={self.attempt}"
+
+    def max_message_bytes(self) -> int:
+        return max_message_bytes(
+            self.config.vector_length, self.config.bits, len(self.config.peers)
+        )
+
+
+def max_message_bytes(vector_length: int, bits: int, peers: int) -> int:
+    """Largest message a round may carry: the transcript holds every masked input."""
+    words = vector_length * (bits // 8)
+    return (peers + 2) * (words + 64 * 1024) + peers * peers * 256 + (1 << 20)
+
+
+def _aggregate_hash(aggregate: np.ndarray[Any, Any]) -> bytes:
+    little = aggregate.astype(aggregate.dtype.newbyteorder("<"), copy=False)
+    return sha256(b"hospital-secagg/aggregate/v1", little.tobytes())
+
+
+# ====================================================================== aggregator side
+
+
+class AggregatorRound:
+    """The aggregator's side of one round: owns the secagg Aggregator and the streams."""
+
+    def __init__(self, ctx: RoundContext) -> None:
+        self.ctx = ctx
+        self.secagg = Aggregator(ctx.config, ctx.verifiers, ctx.me)
+        self._outboxes: dict[str, asyncio.Queue[object | None]] = {}
+        self._hellos: dict[str, pb.RoundHello] = {}
+        self._gone: set[str] = set()
+        self._wake = asyncio.Event()
+        self._votes: dict[str, pb.AgreedRecord] = {}
+        self._refusals: dict[str, str] = {}
+        self._collecting_votes = False
+        self.finished = asyncio.Event()
+        self.result: str = ""
+        self.agreed: pb.AgreedRecord | None = None
+        self.log = logging.LoggerAdapter(logger, {"peer": ctx.me})
+
+    def _info(self, message: str, *args: object) -> None:
+        self.log.info(f"{self.ctx.log_prefix} role=aggregator " + message, *args)
+
+    def _warn(self, message: str, *args: object) -> None:
+        self.log.warning(f"{self.ctx.log_prefix} role=aggregator " + message, *args)
+
+    # -------------------------------------------------------------- stream side
+
+    def join(self, hello: pb.RoundHello) -> asyncio.Queue[object | None]:
+        """Register a participant's stream. Only possible while keys are being advertised."""
+        peer = hello.peer_id
+        if not self.ctx.config.is_member(peer):
+            raise PermissionError(f"{peer} is not a participant of this round")
+        if self.secagg.stage is not Stage.ADVERTISE or self.finished.is_set():
+            raise PermissionError(f"round already past stage advertise; {peer} joined too late")
+        if peer in self._outboxes:
+            raise PermissionError(f"{peer} already has a stream open for this round")
+        queue: asyncio.Queue[object | None] = asyncio.Queue()
+        self._outboxes[peer] = queue
+        self._hellos[peer] = hello
+        self._info("participant=%s joined", peer)
+        return queue
+
+    def deliver(self, peer: str, message: object) -> None:
+        """A whole message arrived from ``peer``'s stream."""
+        try:
+            if isinstance(message, pb.AgreedRecord):
+                if self._collecting_votes and peer not in self._votes:
+                    self._votes[peer] = message
+            elif isinstance(message, pb.Abort):
+                self._refusals[peer] = message.reason
+                self._warn("participant=%s refused: %s", peer, message.reason)
+                self._gone.add(peer)
+            elif getattr(message, "sender", None) != peer:
+                raise RemoteProtocolError(
+                    peer, f"sent a message signed as {getattr(message, 'sender', '?')!r}"
+                )
+            else:
+                self.secagg.receive(message)  # type: ignore[arg-type]
+        except RemoteProtocolError as error:
+            self._warn(
+                "stage=%s rejected message from %s: %s",
+                self.secagg.stage.value,
+                error.offender,
+                error.reason,
+            )
+            self._close_stream(peer, pb.Abort(reason=error.reason, offender=error.offender))
+        except SecAggError as error:
+            self._warn(
+                "stage=%s message from %s after the round ended: %s",
+                self.secagg.stage.value,
+                peer,
+                error,
+            )
+        self._wake.set()
+
+    def reject(self, peer: str, reason: str) -> None:
+        """``peer``'s stream carried bytes that are not a valid message."""
+        self._warn("participant=%s sent an invalid message: %s", peer, reason)
+        self._close_stream(peer, pb.Abort(reason=reason, offender=peer))
+
+    def leave(self, peer: str) -> None:
+        self._gone.add(peer)
+        self._wake.set()
+
+    def _close_stream(self, peer: str, final: object | None = None) -> None:
+        queue = self._outboxes.get(peer)
+        if queue is not None and peer not in self._gone:
+            if final is not None:
+                queue.put_nowait(final)
+            queue.put_nowait(None)
+        self._gone.add(peer)
+
+    def _send(self, peer: str, message: object) -> None:
+        queue = self._outboxes.get(peer)
+        if queue is not None and peer not in self._gone:
+            queue.put_nowait(message)
+
+    def _broadcast(self, message: object) -> None:
+        for peer in list(self._outboxes):
+            self._send(peer, message)
+
+    # -------------------------------------------------------------- driving
+
+    async def _wait(self, done: Callable[[], bool], seconds: float) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        while not done():
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), remaining)
+
+    async def run(self) -> None:
+        """Run the stages, then the agreement. Never raises: outcomes go to the streams."""
+        try:
+            await self._run()
+        except Exception as error:  # a bug must not leave streams hanging
+            self.log.exception("%s role=aggregator failed", self.ctx.log_prefix)
+            self.result = f"aggregator error: {error}"
+            self._finish(pb.Abort(reason=self.result, offender=self.ctx.me))
+
+    def _finish(self, final: object | None) -> None:
+        for peer in list(self._outboxes):
+            self._close_stream(peer, final)
+        self.finished.set()
+
+    async def _run(self) -> None:
+        ctx = self.ctx
+        loop = asyncio.get_running_loop()
+        for stage in Stage:
+            seconds = (
+                ctx.prepare_seconds + ctx.stage_seconds
+                if stage is Stage.ADVERTISE
+                else ctx.stage_seconds
+            )
+            await self._wait(lambda: not (self.secagg.pending() - self._gone), seconds)
+            fault_point(ctx.round, f"aggregator:{stage.value}")
+            try:
+                if stage is Stage.UNMASK:
+                    outgoing = await loop.run_in_executor(None, self.secagg.close_stage)
+                else:
+                    outgoing = self.secagg.close_stage()
+            except (RoundAborted, RemoteProtocolError) as error:
+                self.result = f"aborted at stage {stage.value}: {error}"
+                self._warn("stage=%s round aborted: %s", stage.value, error)
+                self._finish(pb.Abort(reason=self.result, offender=getattr(error, "offender", "")))
+                return
+            dropped = self.secagg.dropped.get(stage, ())
+            self._info("stage=%s closed dropped=%s", stage.value, ",".join(dropped) or "-")
+            for peer, message in outgoing.items():
+                self._send(peer, message)
+
+        transcript = self.secagg.transcript()
+        if tamper_transcript_aggregate(ctx.round):
+            wrong = transcript.aggregate.copy()
+            wrong[0] += 1
+            transcript = dataclasses.replace(transcript, aggregate=wrong)
+        result = self.secagg.result
+        assert result is not None
+        epsilon = {p: self._hellos[p].epsilon for p in result.survivors if p in self._hellos}
+        draft = pb.RecordDraft(
+            prev_hash=ctx.ledger.session_head(ctx.session_id),
+            epsilon_json=json.dumps(epsilon, sort_keys=True),
+        )
+        self._collecting_votes = True
+        self._broadcast(transcript)
+        self._broadcast(draft)
+        voters = set(self._outboxes) - self._gone
+        await self._wait(lambda: voters <= set(self._votes) | self._gone, ctx.stage_seconds * 2)
+        self.agreed = self._tally()
+        if self.agreed is None:
+            self._finish(pb.Abort(reason=self.result, offender=""))
+            return
+        self._info("agreed signatures=%d", len(self.agreed.signatures))
+        self._finish(self.agreed)
+
+    def _tally(self) -> pb.AgreedRecord | None:
+        by_hash: dict[bytes, list[pb.AgreedRecord]] = {}
+        for peer, vote in self._votes.items():
+            if len(vote.signatures) == 1 and vote.signatures[0].peer_id == peer:
+                by_hash.setdefault(vote.signatures[0].record_hash, []).append(vote)
+        if not by_hash:
+            self.result = "no participant signed a record"
+            return None
+        best_hash, best = max(by_hash.items(), key=lambda item: len(item[1]))
+        for record_hash, votes in by_hash.items():
+            if record_hash != best_hash:
+                dissent = ",".join(v.signatures[0].peer_id for v in votes)
+                self._warn(
+                    "peers %s signed a different record (%s)", dissent, record_hash.hex()[:16]
+                )
+        if len(best) < self.ctx.config.threshold:
+            self.result = (
+                f"only {len(best)} peers signed the same record, {self.ctx.config.threshold} needed"
+            )
+            return None
+        agreed = pb.AgreedRecord()
+        agreed.CopyFrom(best[0])
+        del agreed.signatures[:]
+        agreed.signatures.extend(
+            v.signatures[0] for v in sorted(best, key=lambda v: v.signatures[0].peer_id)
+        )
+        self.result = "agreed"
+        return agreed
+
+
+# ====================================================================== participant side
+
+
+class _Stream:
+    """A participant's end of a RoundStream: fragments out, whole messages in."""
+
+    def __init__(self, call: Any, max_bytes: int) -> None:
+        self._call = call
+        self._reassembler = Reassembler(max_bytes)
+        self.sent = 0
+        self.received = 0
+
+    async def send(self, message: object) -> None:
+        for fragment in fragments(message):
+            self.sent += len(fragment.data)
+            await self._call.write(fragment)
+
+    async def receive(self) -> object | None:
+        """The next whole message, or None when the aggregator closed the stream."""
+        while True:
+            fragment = await self._call.read()
+            if fragment is grpc.aio.EOF:  # type: ignore[attr-defined]
+                return None
+            self.received += len(fragment.data)
+            message = self._reassembler.push(fragment)
+            if message is not None:
+                return message
+
+
+async def participate(ctx: RoundContext, channel: grpc.aio.Channel) -> RoundOutcome:
+    """Take part in one round as a participant, through ``channel`` to the aggregator."""
+    outcome = RoundOutcome(RoundStatusKind.AGGREGATOR_FAILED, ctx.aggregator)
+    loop = asyncio.get_running_loop()
+    started = time.monotonic()
+    contribution: LocalContribution = await loop.run_in_executor(
+        None, ctx.payload.prepare, ctx.round
+    )
+    prefix = f"{ctx.log_prefix} role=participant aggregator={ctx.aggregator}"
+    timeout = ctx.prepare_seconds + ctx.stage_seconds * 10
+    method = channel.stream_stream(
+        ROUND_STREAM_METHOD,
+        request_serializer=pb.Fragment.SerializeToString,
+        response_deserializer=pb.Fragment.FromString,
+    )
+    call = method(timeout=timeout)  # type: ignore[call-arg]  # stubs predate grpc.aio
+    stream = _Stream(call, ctx.max_message_bytes())
+    participant = Participant(
+        ctx.config, ctx.me, ctx.signer, ctx.verifiers, contribution.vector, ctx.rng, ctx.aggregator
+    )
+    my_masked: MaskedInput | None = None
+    my_record: tuple[AgreedRecord, bytes, bytes] | None = None  # record, model, record hash
+    transcript: Transcript | None = None
+    try:
+        await stream.send(
+            pb.RoundHello(
+                session_id=ctx.session_id,
+                round=ctx.round,
+                attempt=ctx.attempt,
+                peer_id=ctx.me,
+                epsilon=contribution.epsilon,
+                chain_head=ctx.ledger.session_head(ctx.session_id),
+            )
+        )
+        fault_point(ctx.round, "advertise")
+        await stream.send(participant.start())
+        ctx.on_stage("advertise", "keys sent")
+        while True:
+            message = await stream.receive()
+            if message is None:
+                outcome.reason = "the aggregator closed the stream before the round ended"
+                return outcome
+            if isinstance(message, _SECAGG_REPLIES):
+                if isinstance(message, SharesToYou):  # mask expansion: heavy
+                    reply = await loop.run_in_executor(None, participant.receive, message)
+                else:
+                    reply = participant.receive(message)
+                if isinstance(reply, MaskedInput):
+                    my_masked = reply
+                stage = _stage_of(participant.state)
+                ctx.on_stage(stage, "")
+                fault_point(ctx.round, stage)
+                await stream.send(reply)
+            elif isinstance(message, Transcript):
+                transcript = message
+            elif isinstance(message, pb.RecordDraft):
+                if transcript is None:
+                    raise RemoteProtocolError(ctx.aggregator, "record draft before the transcript")
+                ctx.on_stage("verify", "checking the transcript")
+                my_record = await loop.run_in_executor(
+                    None, _build_record, ctx, transcript, message, my_masked, contribution
+                )
+                record, _, record_hash = my_record
+                outcome.survivors = transcript.survivors
+                fault_point(ctx.round, "sign")
+                signature = ctx.signer.sign(record.payload())
+                await stream.send(_record_proto(record, ctx, [(ctx.me, record_hash, signature)]))
+            elif isinstance(message, pb.AgreedRecord):
+                if my_record is None:
+                    raise RemoteProtocolError(ctx.aggregator, "agreed record before the transcript")
+                stored = _store_agreed(ctx, message, my_record, contribution)
+                outcome.status = RoundStatusKind.AGREED
+                outcome.record = stored
+                outcome.reason = f"agreed with {len(message.signatures)} signatures"
+                logger.info(
+                    "%s agreed signatures=%d in %.2fs",
+                    prefix,
+                    len(message.signatures),
+                    time.monotonic() - started,
+                )
+                return outcome
+            elif isinstance(message, pb.Abort):
+                outcome.status = RoundStatusKind.ABORTED
+                outcome.reason = message.reason
+                logger.warning("%s aggregator aborted the round: %s", prefix, message.reason)
+                return outcome
+            else:
+                raise RemoteProtocolError(ctx.aggregator, f"unexpected {type(message).__name__}")
+    except (SecAggError, CodecError, LedgerError) as error:
+        outcome.status = RoundStatusKind.REFUSED
+        outcome.reason = str(error)
+        logger.warning("%s refused: %s", prefix, error)
+        with contextlib.suppress(grpc.RpcError, asyncio.CancelledError):
+            await stream.send(pb.Abort(reason=str(error), offender=getattr(error, "offender", "")))
+        return outcome
+    except grpc.RpcError as error:
+        code = error.code() if isinstance(error, grpc.aio.AioRpcError) else None
+        details = (error.details() if isinstance(error, grpc.aio.AioRpcError) else None) or str(
+            error
+        )
+        if code is grpc.StatusCode.FAILED_PRECONDITION:
+            outcome.precondition = details
+            outcome.reason = f"aggregator {ctx.aggregator} refused the stream: {details}"
+        else:
+            status = code.name if code else "error"
+            outcome.reason = f"stream to aggregator {ctx.aggregator} failed: {status} {details}"
+        logger.warning("%s %s", prefix, outcome.reason)
+        return outcome
+    finally:
+        outcome.bytes_sent, outcome.bytes_received = stream.sent, stream.received
+        if participant.state not in (ParticipantState.DONE, ParticipantState.FAILED):
+            participant.state = ParticipantState.FAILED
+        call.cancel()
+
+
+def _stage_of(state: ParticipantState) -> str:
+    return {
+        ParticipantState.SHARED: "share",
+        ParticipantState.MASKED: "masked",
+        ParticipantState.SIGNED: "consistency",
+        ParticipantState.DONE: "unmask",
+    }.get(state, state.value)
+
+
+def _build_record(
+    ctx: RoundContext,
+    transcript: Transcript,
+    draft: pb.RecordDraft,
+    my_masked: MaskedInput | None,
+    contribution: LocalContribution,
+) -> tuple[AgreedRecord, bytes, bytes]:
+    """Verify the transcript and build the record this peer is willing to sign."""
+    verified = verify_transcript(transcript, ctx.config, ctx.verifiers, own=my_masked)
+    head = ctx.ledger.session_head(ctx.session_id)
+    if draft.prev_hash != head:
+        raise RemoteProtocolError(
+            ctx.aggregator,
+            f"record draft continues chain {draft.prev_hash.hex()[:16]}, "
+            f"mine is at {head.hex()[:16]}",
+        )
+    try:
+        epsilon = {str(k): float(v) for k, v in json.loads(draft.epsilon_json).items()}
+    except (ValueError, AttributeError) as error:
+        raise RemoteProtocolError(ctx.aggregator, f"malformed epsilon claims: {error}") from None
+    if (
+        ctx.me in verified.survivors
+        and abs(epsilon.get(ctx.me, -1.0) - contribution.epsilon) > 1e-12
+    ):
+        raise RemoteProtocolError(ctx.aggregator, "record draft misstates my privacy spending")
+    result = ctx.payload.conclude(ctx.round, verified.aggregate, verified.survivors)
+    metrics = dict(result.metrics)
+    metrics["survivors"] = list(verified.survivors)
+    metrics["aggregator"] = ctx.aggregator
+    record = AgreedRecord.build(
+        ctx.session_id,
+        ctx.round,
+        aggregate_hash=_aggregate_hash(verified.aggregate),
+        model_hash=sha256(result.model),
+        metrics=metrics,
+        epsilon=epsilon,
+        prev_hash=head,
+    )
+    return record, result.model, record.record_hash()
+
+
+def _record_proto(
+    record: AgreedRecord, ctx: RoundContext, signatures: list[tuple[str, bytes, bytes]]
+) -> pb.AgreedRecord:
+    return pb.AgreedRecord(
+        session_id=record.session_id,
+        round=record.round,
+        aggregate_hash=record.aggregate_hash,
+        model_hash=record.model_hash,
+        metrics_hash=record.metrics_hash,
+        prev_hash=record.prev_hash,
+        metrics_json=json.dumps(dict(record.metrics), sort_keys=True),
+        epsilon_json=json.dumps(dict(record.epsilon), sort_keys=True),
+        aggregator=ctx.aggregator,
+        signatures=[
+            pb.RecordSignature(peer_id=p, record_hash=h, signature=s) for p, h, s in signatures
+        ],
+    )
+
+
+def _store_agreed(
+    ctx: RoundContext,
+    agreed: pb.AgreedRecord,
+    mine: tuple[AgreedRecord, bytes, bytes],
+    contribution: LocalContribution,
+) -> StoredRecord:
+    """Check the agreed record is the one this peer computed, with >= t valid signatures."""
+    record, model, record_hash = mine
+    signatures: dict[str, bytes] = {}
+    for signed in agreed.signatures:
+        if signed.record_hash != record_hash:
+            raise RemoteProtocolError(ctx.aggregator, f"{signed.peer_id} signed another record")
+        verifier = ctx.verifiers.get(signed.peer_id)
+        if verifier is None or not verifier.verify(signed.signature, record.payload()):
+            raise RemoteProtocolError(
+                ctx.aggregator, f"record signature of {signed.peer_id} is invalid"
+            )
+        signatures[signed.peer_id] = signed.signature
+    if len(signatures) < ctx.config.threshold:
+        raise RemoteProtocolError(
+            ctx.aggregator,
+            f"agreed record has {len(signatures)} signatures, {ctx.config.threshold} needed",
+        )
+    privacy = (
+        [PrivacyCharge(ctx.me, PrivacyKind.TRAINING, contribution.epsilon, contribution.delta)]
+        if contribution.epsilon > 0
+        else []
+    )
+    return ctx.ledger.append_agreed(
+        record,
+        signatures,
+        checkpoint=model,
+        privacy=privacy,
+        min_signatures=ctx.config.threshold,
+        verifiers=ctx.verifiers,
+    )
+
+
+async def serve_round_stream(
+    requests: AsyncIterator[pb.Fragment],
+    caller: str,
+    find_round: Callable[[pb.RoundHello], Any],
+    max_bytes: int,
+) -> AsyncIterator[pb.Fragment]:
+    """The aggregator's end of one participant's RoundStream (used by the gRPC servicer).
+
+    ``find_round(hello)`` returns the :class:`AggregatorRound` (awaitable) or raises
+    PermissionError / LookupError with the reason to refuse.
+    """
+    hello_reader = Reassembler(64 * 1024)
+    first = await anext(requests, None)
+    if first is None:
+        return
+    hello = hello_reader.push(first)
+    if not isinstance(hello, pb.RoundHello):
+        raise PermissionError("the first message on a round stream must be a RoundHello")
+    if hello.peer_id != caller:
+        raise PermissionError(f"certificate of {caller} cannot speak for {hello.peer_id!r}")
+    round_ = await find_round(hello)
+    queue = round_.join(hello)
+    reassembler = Reassembler(max_bytes)
+
+    async def read() -> None:
+        try:
+            async for fragment in requests:
+                message = reassembler.push(fragment)
+                if message is not None:
+                    round_.deliver(caller, message)
+        except CodecError as error:
+            round_.reject(caller, str(error))
+        finally:
+            round_.leave(caller)
+
+    reader = asyncio.create_task(read())
+    try:
+        while True:
+            message = await queue.get()
+            if message is None:
+                break
+            for fragment in fragments(message):
+                yield fragment
+    finally:
+        reader.cancel()
+        round_.leave(caller)

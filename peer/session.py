@@ -1,0 +1,210 @@
+"""Session proposals: what an operator asks the peers to do, signed, and checked by policy.
+
+A proposal is a canonical JSON document signed by its proposer's certificate key. Every
+peer checks the signature against the roster, then its own local policy (who may propose,
+which models, how many participants, its privacy budget), and answers accept or refuse with
+a reason. The aggregator of each round follows from the proposal alone (:func:`aggregator_for`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from secagg import ConfigError, RoundConfig, Signer, Verifier
+from secagg.graph import GraphKind, minimum_threshold, validate_threshold
+
+from .config import Policy
+
+__all__ = [
+    "ProposalError",
+    "SessionProposal",
+    "SignedProposal",
+    "aggregator_for",
+    "check_policy",
+]
+
+_SESSION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class ProposalError(ValueError):
+    """A proposal that is malformed, badly signed or refused by policy (reason in the text)."""
+
+
+@dataclass(frozen=True)
+class SessionProposal:
+    """What a session does. Payload kinds: ``vector`` (each peer contributes a vector of
+    ``payload["length"]`` words; the round machinery does not care what it means),
+    ``training`` and ``statistics`` (later)."""
+
+    session_id: str
+    participants: tuple[str, ...]
+    rounds: int
+    threshold: int
+    payload: Mapping[str, Any]
+    graph: str = GraphKind.COMPLETE.value
+    degree: int | None = None
+    bits: int = 32
+    aggregation: str = "secagg"
+    privacy: Mapping[str, Any] = field(default_factory=dict)
+    stage_seconds: float = 30.0
+    # Time every peer may take to compute its contribution (training) before sending keys.
+    prepare_seconds: float = 120.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not _SESSION_ID.match(self.session_id):
+            raise ProposalError(f"session id {self.session_id!r} must match {_SESSION_ID.pattern}")
+        if len(set(self.participants)) != len(self.participants) or len(self.participants) < 2:
+            raise ProposalError("a session needs at least 2 distinct participants")
+        if not 1 <= self.rounds <= 100_000:
+            raise ProposalError(f"rounds must be between 1 and 100000, not {self.rounds}")
+        if self.aggregation not in ("secagg", "paillier"):
+            raise ProposalError(
+                f"aggregation must be 'secagg' or 'paillier', not {self.aggregation!r}"
+            )
+        if self.stage_seconds <= 0 or self.prepare_seconds < 0:
+            raise ProposalError("stage_seconds must be positive and prepare_seconds non-negative")
+        try:
+            kind = GraphKind(self.graph)
+            hood = len(self.participants)
+            if kind is GraphKind.SECAGG_PLUS and self.degree is not None:
+                hood = min(hood, self.degree + 1)
+            validate_threshold(self.threshold, hood)
+            self.round_config(0)
+        except (ConfigError, ValueError) as error:
+            raise ProposalError(str(error)) from None
+
+    @property
+    def payload_kind(self) -> str:
+        return str(self.payload.get("kind", ""))
+
+    @property
+    def vector_length(self) -> int:
+        return int(self.payload.get("length", 0))
+
+    def round_config(self, round_: int, vector_length: int | None = None) -> RoundConfig:
+        """The secagg parameters of a round (graphs are re-drawn per round)."""
+        return RoundConfig(
+            session_id=self.session_id,
+            round=round_,
+            peers=tuple(sorted(self.participants)),
+            threshold=self.threshold,
+            vector_length=vector_length or self.vector_length,
+            bits=self.bits,
+            graph_kind=GraphKind(self.graph),
+            degree=self.degree,
+        )
+
+    def document(self) -> str:
+        """The canonical JSON text that is signed."""
+        data = asdict(self)
+        data["participants"] = sorted(self.participants)
+        return json.dumps(data, sort_keys=True, separators=(",", ":"))
+
+    @property
+    def digest(self) -> bytes:
+        return hashlib.sha256(self.document().encode()).digest()
+
+    @classmethod
+    def from_document(cls, document: str) -> SessionProposal:
+        try:
+            data = json.loads(document)
+            data["participants"] = tuple(data["participants"])
+            return cls(**data)
+        except ProposalError:
+            raise
+        except (ValueError, TypeError, KeyError) as error:
+            raise ProposalError(f"malformed proposal document: {error}") from None
+
+    @staticmethod
+    def default_threshold(n: int) -> int:
+        return minimum_threshold(n)
+
+
+@dataclass(frozen=True)
+class SignedProposal:
+    proposal: SessionProposal
+    proposer: str
+    signature: bytes
+
+    @classmethod
+    def sign(cls, proposal: SessionProposal, proposer: str, signer: Signer) -> SignedProposal:
+        return cls(proposal, proposer, signer.sign(_signed_bytes(proposal.document(), proposer)))
+
+    @classmethod
+    def verify(
+        cls, document: str, proposer: str, signature: bytes, verifiers: Mapping[str, Verifier]
+    ) -> SignedProposal:
+        """Parse and check the proposer's signature.
+
+        Raises:
+            ProposalError: unknown proposer, bad signature or malformed document.
+        """
+        verifier = verifiers.get(proposer)
+        if verifier is None:
+            raise ProposalError(f"proposer {proposer!r} is not in the roster")
+        if not verifier.verify(signature, _signed_bytes(document, proposer)):
+            raise ProposalError(f"proposal signature of {proposer} does not verify")
+        return cls(SessionProposal.from_document(document), proposer, signature)
+
+
+def _signed_bytes(document: str, proposer: str) -> bytes:
+    return b"hospital-secagg/proposal/v1\x00" + proposer.encode() + b"\x00" + document.encode()
+
+
+def check_policy(
+    proposal: SessionProposal,
+    proposer: str,
+    proposer_is_peer: bool,
+    me: str,
+    policy: Policy,
+    epsilon_spent: float = 0.0,
+    epsilon_needed: float = 0.0,
+) -> str | None:
+    """Why this peer refuses ``proposal``, or None to accept."""
+    if me not in proposal.participants:
+        return f"{me} is not a participant of session {proposal.session_id}"
+    if not proposer_is_peer and proposer not in policy.allowed_operators:
+        return f"operator {proposer} is not allowed to propose sessions here"
+    if len(proposal.participants) < policy.min_participants:
+        return (
+            f"{len(proposal.participants)} participants, this institution requires at least "
+            f"{policy.min_participants}"
+        )
+    model = str(proposal.payload.get("model", proposal.payload_kind))
+    if model not in policy.allowed_models:
+        return f"model {model!r} is not allowed here (allowed: {', '.join(policy.allowed_models)})"
+    if proposal.rounds > policy.max_rounds:
+        return f"{proposal.rounds} rounds exceed the local maximum of {policy.max_rounds}"
+    if (
+        proposal.payload_kind == "vector"
+        and not 1 <= proposal.vector_length <= policy.max_vector_length
+    ):
+        return (
+            f"vector length {proposal.vector_length} exceeds the local maximum "
+            f"{policy.max_vector_length}"
+        )
+    if epsilon_spent + epsilon_needed > policy.max_epsilon + 1e-12:
+        return (
+            f"privacy budget: this session needs epsilon {epsilon_needed:.3g}, "
+            f"{epsilon_spent:.3g} of {policy.max_epsilon:.3g} already spent"
+        )
+    return None
+
+
+def aggregator_for(proposal: SessionProposal, round_: int, attempt: int) -> str:
+    """The aggregator of (round, attempt): a rotation over the sorted participants.
+
+    The starting point is a hash of (session, round), so no peer is favoured; each retry of a
+    round (its aggregator died) moves to the next participant.
+    """
+    peers: Sequence[str] = sorted(proposal.participants)
+    start = int.from_bytes(
+        hashlib.sha256(f"aggregator/{proposal.session_id}/{round_}".encode()).digest()[:8], "big"
+    )
+    return peers[(start + attempt) % len(peers)]

@@ -1,0 +1,193 @@
+"""Real peers as separate processes on 127.0.0.1 with mTLS: agreement, dropouts, crashes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from network_harness import Network
+
+from peer.wire import peer_pb2 as pb
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture
+def make_network(tmp_path: Path) -> Iterator[Callable[..., Network]]:
+    created: list[Network] = []
+
+    def make(n: int, **kwargs: Any) -> Network:
+        network = Network.create(tmp_path / f"network-{len(created)}", n, **kwargs)
+        created.append(network)
+        return network
+
+    yield make
+    for network in created:
+        network.stop()
+
+
+def states(statuses: dict[str, pb.SessionStatus | Exception]) -> dict[str, str]:
+    return {p: s.state if isinstance(s, pb.SessionStatus) else repr(s) for p, s in statuses.items()}
+
+
+def assert_identical_records(network: Network, peers: list[str], session: str, rounds: int) -> None:
+    reference = [(r.record, r.record_hash) for r in network.records(peers[0], session)]
+    assert [r.round for r, _ in reference] == list(range(1, rounds + 1))
+    for peer_id in peers:
+        mine = [(r.record, r.record_hash) for r in network.records(peer_id, session)]
+        assert mine == reference, f"{peer_id} holds different agreed records"
+        assert network.verify(peer_id) == []
+
+
+@pytest.mark.parametrize("n", [3, pytest.param(5, marks=pytest.mark.slow)])
+def test_peers_agree_on_the_plain_sum(make_network: Callable[..., Network], n: int) -> None:
+    network = make_network(n)
+    proposal = network.proposal("s1", rounds=2)
+    statuses = network.run_session(proposal)
+    assert set(states(statuses).values()) == {"finished"}, network.logs()
+    expected = network.plain_sum(list(network.peers))
+    for peer_id in network.peers:
+        for round_ in (1, 2):
+            np.testing.assert_array_equal(network.aggregate_of(peer_id, "s1", round_), expected)
+    assert_identical_records(network, list(network.peers), "s1", 2)
+    # every peer signed each record
+    for stored in network.records("hospital-a", "s1"):
+        assert sorted(stored.signatures) == sorted(network.peers)
+
+
+def _non_aggregators(network: Network, proposal_rounds: int, session: str = "s1") -> list[str]:
+    proposal = network.proposal(session, rounds=proposal_rounds)
+    busy = {network.aggregator(proposal, r) for r in range(1, proposal_rounds + 1)}
+    return [p for p in network.peers if p not in busy]
+
+
+# A participant that dies before sending its masked input is left out of the sum (its
+# pairwise masks are recovered); one that dies later is in the sum.
+KILL_STAGES = {
+    "advertise": False,
+    "share": False,
+    "masked": False,
+    "consistency": True,
+    "unmask": True,
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", list(KILL_STAGES))
+def test_participant_killed_at_each_stage(make_network: Callable[..., Network], stage: str) -> None:
+    # 4 peers, t = 3: one participant dying anywhere leaves enough to finish the round.
+    network = make_network(4, start=False)
+    proposal = network.proposal("s1", rounds=2)
+    aggregators = {network.aggregator(proposal, r) for r in (1, 2)}
+    victim = next(p for p in network.peers if p not in aggregators)
+    for peer_id, process in network.peers.items():
+        process.start({"HOSPITAL_SECAGG_KILL_AT": f"1:{stage}"} if peer_id == victim else None)
+    statuses = network.run_session(proposal)
+    survivors = [p for p in network.peers if p != victim]
+    assert all(states(statuses)[p] == "finished" for p in survivors), network.logs()
+    assert not network.peers[victim].alive()
+    in_sum = list(network.peers) if KILL_STAGES[stage] else survivors
+    for peer_id in survivors:
+        np.testing.assert_array_equal(
+            network.aggregate_of(peer_id, "s1", 1), network.plain_sum(in_sum)
+        )
+        np.testing.assert_array_equal(
+            network.aggregate_of(peer_id, "s1", 2), network.plain_sum(survivors)
+        )
+    assert_identical_records(network, survivors, "s1", 2)
+
+
+@pytest.mark.slow
+def test_round_aborts_cleanly_and_next_round_proceeds(make_network: Callable[..., Network]) -> None:
+    # t = 3 of 3: losing one peer at the masked stage makes round 1 impossible; it aborts,
+    # nothing is agreed for it, and round 2 (with the peer restarted) is agreed.
+    network = make_network(3, start=False)
+    proposal = network.proposal("s1", rounds=2, threshold=3)
+    victim = next(p for p in network.peers if p != network.aggregator(proposal, 1))
+    for peer_id, process in network.peers.items():
+        process.start({"HOSPITAL_SECAGG_KILL_AT": "1:masked"} if peer_id == victim else None)
+
+    import threading
+
+    def restart_victim() -> None:
+        network.peers[victim].wait_exit(timeout=60)
+        network.peers[victim].start()
+
+    restarter = threading.Thread(target=restart_victim)
+    restarter.start()
+    statuses = network.run_session(proposal)
+    restarter.join()
+    assert set(states(statuses).values()) == {"finished"}, network.logs()
+    for peer_id in network.peers:
+        rounds = [r.record.round for r in network.records(peer_id, "s1")]
+        assert rounds == [2], f"{peer_id}: {rounds}\n{network.logs()}"
+        np.testing.assert_array_equal(
+            network.aggregate_of(peer_id, "s1", 2), network.plain_sum(list(network.peers))
+        )
+        assert network.verify(peer_id) == []
+
+
+@pytest.mark.slow
+def test_aggregator_killed_mid_round_is_replaced(make_network: Callable[..., Network]) -> None:
+    network = make_network(4, start=False)
+    proposal = network.proposal("s1", rounds=1)
+    dead = network.aggregator(proposal, 1, attempt=0)
+    replacement = network.aggregator(proposal, 1, attempt=1)
+    assert dead != replacement
+    for peer_id, process in network.peers.items():
+        process.start(
+            {"HOSPITAL_SECAGG_KILL_AT": "1:aggregator:masked"} if peer_id == dead else None
+        )
+    statuses = network.run_session(proposal)
+    survivors = [p for p in network.peers if p != dead]
+    assert all(states(statuses)[p] == "finished" for p in survivors), network.logs()
+    for peer_id in survivors:
+        records = network.records(peer_id, "s1")
+        assert [r.record.round for r in records] == [1]
+        assert records[0].record.metrics["aggregator"] == replacement
+        np.testing.assert_array_equal(
+            network.aggregate_of(peer_id, "s1", 1), network.plain_sum(survivors)
+        )
+    assert_identical_records(network, survivors, "s1", 1)
+
+
+@pytest.mark.slow
+def test_killed_peer_restarts_with_its_ledger_and_the_session_completes(
+    make_network: Callable[..., Network],
+) -> None:
+    network = make_network(3, start=False)
+    proposal = network.proposal("s1", rounds=3)
+    victim = next(p for p in network.peers if p != network.aggregator(proposal, 2))
+    for peer_id, process in network.peers.items():
+        process.start({"HOSPITAL_SECAGG_KILL_AT": "2:sign"} if peer_id == victim else None)
+
+    import threading
+
+    def restart_victim() -> None:
+        network.peers[victim].wait_exit(timeout=60)
+        assert network.verify(victim) == []  # intact after kill -9
+        network.peers[victim].start()
+
+    restarter = threading.Thread(target=restart_victim)
+    restarter.start()
+    statuses = network.run_session(proposal)
+    restarter.join()
+    assert set(states(statuses).values()) == {"finished"}, network.logs()
+    assert_identical_records(network, list(network.peers), "s1", 3)
+
+
+def test_tampered_transcript_is_not_agreed(make_network: Callable[..., Network]) -> None:
+    network = make_network(3, start=False)
+    proposal = network.proposal("s1", rounds=1)
+    liar = network.aggregator(proposal, 1)
+    for peer_id, process in network.peers.items():
+        process.start({"HOSPITAL_SECAGG_TAMPER_TRANSCRIPT": "1"} if peer_id == liar else None)
+    network.run_session(proposal)
+    for peer_id in network.peers:
+        assert network.records(peer_id, "s1") == []
+    honest = next(p for p in network.peers if p != liar)
+    log = network.peers[honest].log_path.read_text(encoding="utf-8")
+    assert "published aggregate differs from the recomputed one" in log
