@@ -101,6 +101,7 @@ class Aggregator:
         # What the transcript needs, kept as the stages close.
         self._adverts: dict[str, AdvertiseKeys] = {}
         self._shares: dict[str, ShareKeys] = {}
+        self._relayed_to: dict[str, frozenset[str]] = {}  # recipient -> its view of U2
         self._masked: dict[str, MaskedInput] = {}
         self._survivors: frozenset[str] = frozenset()
         self._signatures: dict[str, ConsistencySignature] = {}
@@ -213,11 +214,7 @@ class Aggregator:
 
     def _shared_with(self, recipient: str) -> set[str]:
         """Peers whose share ciphertexts were relayed to ``recipient`` (its view of U2)."""
-        return {
-            u
-            for u, shares in self._shares.items()
-            if any(v == recipient for v, _ in shares.ciphertexts)
-        }
+        return set(self._relayed_to.get(recipient, ()))
 
     def _dropped_for(self, recipient: str) -> set[str]:
         return self._shared_with(recipient) - self._survivors
@@ -313,6 +310,7 @@ class Aggregator:
                     for v, ciphertext in self._shares[u].ciphertexts:
                         if v in inbox:
                             inbox[v].append((u, ciphertext))
+            self._relayed_to = {v: frozenset(u for u, _ in inbox[v]) for v in inbox}
             return {
                 v: SharesToYou(sid, rnd, v, tuple(inbox[v])) for v in config.peers if v in inbox
             }

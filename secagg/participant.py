@@ -339,9 +339,14 @@ class Participant:
             raise self._fail(f"asked for mask-key shares of {not_dropped}, who did not drop out")
         payload = consistency_payload(self.config.digest, self._u3)
         signers: set[str] = set()
+        listed: set[str] = set()
         for signed in message.signatures:
-            if signed.sender not in self._u3 or signed.sender in signers:
+            if signed.sender not in self._u3 or signed.sender in listed:
                 raise self._fail(f"consistency signature from {signed.sender!r} is not expected")
+            listed.add(signed.sender)
+        # Every listed signature is checked, not just t of them: one that does not match is
+        # proof that the aggregator showed different survivor sets, and is reported.
+        for signed in message.signatures:
             verifier = self._verifiers.get(signed.sender)
             if verifier is None or not verifier.verify(signed.signature, payload):
                 raise InvalidSignatureError(

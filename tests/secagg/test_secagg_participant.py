@@ -456,7 +456,8 @@ def test_split_survivor_sets_are_detected() -> None:
         reply = r.participants[peer].receive(short if peer in (A, B) else honest)
         assert isinstance(reply, ConsistencySignature)
         signatures[peer] = reply
-    everyone = tuple(signatures[u] for u in r.peers)
+    # Signatures of A's four survivors: C's and D's are over the other view.
+    everyone = tuple(signatures[u] for u in (A, B, C, D))
     request = UnmaskRequest(r.config.session_id, 0, (A, B, C, D), (), everyone)
     refuse(r, A, request, "does not match my survivor set", InvalidSignatureError)
     own_view_only = (signatures[A], signatures[B])

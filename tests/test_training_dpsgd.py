@@ -1,0 +1,190 @@
+"""DP-SGD against plain SGD and a per-example reference; model init; noise statistics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+tf = pytest.importorskip("tensorflow")
+
+from peer.training import (  # noqa: E402
+    ModelSpec,
+    build_model,
+    get_flat_weights,
+    set_flat_weights,
+    trainer_for,
+    update_bound,
+)
+
+TINY = ModelSpec("mlp", 4, hidden=(3,), activation="tanh")
+
+
+def _batch(n: int, d: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    return x, (x[:, 0] + 0.3 * rng.normal(size=n) > 0).astype(np.float32)
+
+
+def _reference_grads(model: Any, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Per-example flat gradients, one GradientTape per example (slow, obviously right)."""
+    rows = []
+    for i in range(x.shape[0]):
+        with tf.GradientTape() as tape:
+            logit = model(x[i : i + 1], training=False)[:, 0]
+            loss = tf.nn.sigmoid_cross_entropy_with_logits(labels=y[i : i + 1], logits=logit)
+        grads = tape.gradient(loss, model.trainable_variables)
+        rows.append(np.concatenate([g.numpy().ravel() for g in grads]))
+    return np.stack(rows).astype(np.float64)
+
+
+def test_build_is_deterministic_in_the_seed() -> None:
+    spec = ModelSpec("mlp", 30, hidden=(16, 8))
+    a, b = get_flat_weights(build_model(spec, 11)), get_flat_weights(build_model(spec, 11))
+    assert a.dtype == np.float32 and a.shape == (spec.n_parameters(),)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, get_flat_weights(build_model(spec, 12)))
+    logreg = build_model(ModelSpec("logreg", 30), 0)
+    assert get_flat_weights(logreg).shape == (31,)
+
+
+def test_flat_weights_round_trip() -> None:
+    model = build_model(TINY, 0)
+    vec = np.arange(TINY.n_parameters(), dtype=np.float32)
+    set_flat_weights(model, vec)
+    np.testing.assert_array_equal(get_flat_weights(model), vec)
+    with pytest.raises(ValueError, match="model has 19 weights"):
+        set_flat_weights(model, vec[:-1])
+
+
+def test_dp_step_without_noise_or_clipping_equals_sgd_step() -> None:
+    spec = ModelSpec("mlp", 30, hidden=(32, 16))
+    x, y = _batch(64, 30, 0)
+    dp_model, sgd_model = build_model(spec, 5), build_model(spec, 5)
+    trainer_for(dp_model).dp_step(
+        x,
+        y,
+        lr=0.5,
+        clip_norm=1e9,
+        noise_multiplier=0.0,
+        expected_batch_size=64,
+        generator=tf.random.Generator.from_seed(0),
+    )
+    trainer_for(sgd_model).sgd_step(x, y, lr=0.5, expected_batch_size=64)
+    start = get_flat_weights(build_model(spec, 5))
+    dp, sgd = get_flat_weights(dp_model), get_flat_weights(sgd_model)
+    assert np.abs(dp - start).max() > 1e-3  # the step did something
+    np.testing.assert_allclose(dp, sgd, rtol=0, atol=1e-6)
+
+
+def test_dp_step_equals_per_example_reference() -> None:
+    model = build_model(TINY, 3)
+    x, y = _batch(8, 4, 1)
+    x *= 5.0  # large inputs: most examples get clipped
+    start = get_flat_weights(model).astype(np.float64)
+    grads = _reference_grads(model, x, y)
+    clip, lr, denom = 0.5, 0.1, 6.0
+    norms = np.linalg.norm(grads, axis=1)
+    assert (norms > clip).sum() >= 2 and (norms < clip).sum() >= 1 or (norms > clip).all()
+    clipped = grads * np.minimum(1.0, clip / norms)[:, None]
+    expected = start - lr * clipped.sum(axis=0) / denom
+    np.testing.assert_allclose(trainer_for(model).per_example_norms(x, y), norms, rtol=1e-5)
+    trainer_for(model).dp_step(
+        x,
+        y,
+        lr=lr,
+        clip_norm=clip,
+        noise_multiplier=0.0,
+        expected_batch_size=denom,
+        generator=tf.random.Generator.from_seed(0),
+    )
+    np.testing.assert_allclose(get_flat_weights(model), expected, rtol=0, atol=1e-6)
+
+
+_PROPERTY_MODEL: list[Any] = []
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    seed=st.integers(0, 2**16),
+    n=st.integers(1, 5),
+    scale=st.floats(0.01, 50.0),
+    clip=st.floats(1e-3, 10.0),
+)
+def test_clipped_per_example_norms_never_exceed_clip(
+    seed: int, n: int, scale: float, clip: float
+) -> None:
+    if not _PROPERTY_MODEL:
+        _PROPERTY_MODEL.append(build_model(TINY, 9))
+    model = _PROPERTY_MODEL[0]
+    x, y = _batch(n, 4, seed)
+    x *= scale
+    norms = trainer_for(model).per_example_norms(x, y).astype(np.float64)
+    grads = _reference_grads(model, x, y)
+    np.testing.assert_allclose(norms, np.linalg.norm(grads, axis=1), rtol=1e-4, atol=1e-7)
+    factors = np.minimum(1.0, clip / np.maximum(norms, 1e-12))
+    clipped_norms = np.linalg.norm(grads * factors[:, None], axis=1)
+    assert np.all(clipped_norms <= clip * (1 + 1e-4))
+
+
+def test_noise_has_the_calibrated_standard_deviation() -> None:
+    spec = ModelSpec("mlp", 30, hidden=(128, 64))  # 12,289 coordinates
+    x, y = _batch(32, 30, 2)
+    noisy, clean = build_model(spec, 0), build_model(spec, 0)
+    clip, sigma, lr, denom = 0.7, 1.3, 2.0, 4.0
+    trainer_for(noisy).dp_step(
+        x,
+        y,
+        lr=lr,
+        clip_norm=clip,
+        noise_multiplier=sigma,
+        expected_batch_size=denom,
+        generator=tf.random.Generator.from_seed(1234),
+    )
+    trainer_for(clean).dp_step(
+        x,
+        y,
+        lr=lr,
+        clip_norm=clip,
+        noise_multiplier=0.0,
+        expected_batch_size=denom,
+        generator=tf.random.Generator.from_seed(1),
+    )
+    noise = (get_flat_weights(noisy) - get_flat_weights(clean)).astype(np.float64)
+    expected_sd = lr * sigma * clip / denom
+    # With 12,289 draws the sample sd is within 1% of the truth with overwhelming
+    # probability (its relative sd is 1/sqrt(2n) = 0.64%); 5% is ~8 standard errors.
+    assert abs(noise.std() / expected_sd - 1) < 0.05
+    assert abs(noise.mean()) < 5 * expected_sd / np.sqrt(noise.size)
+    # A different generator state gives different noise.
+    assert not np.allclose(noise[:10], 0)
+
+
+def test_local_training_stays_within_update_bound() -> None:
+    from peer.training import local_train
+
+    spec = ModelSpec("mlp", 30, hidden=(16,))
+    model = build_model(spec, 0)
+    x, y = _batch(200, 30, 3)
+    steps, q, lr, clip, sigma = 30, 0.1, 0.5, 1.0, 1.0
+    delta, n, taken = local_train(
+        model,
+        x,
+        y,
+        steps=steps,
+        sampling_rate=q,
+        lr=lr,
+        clip_norm=clip,
+        noise_multiplier=sigma,
+        rng=tf.random.Generator.from_seed(4),
+    )
+    assert (n, taken) == (200, steps)
+    bound = update_bound(
+        clip, sigma, lr, steps, n_examples=n, sampling_rate=q, n_coordinates=delta.size
+    )
+    assert 0 < np.abs(delta).max() <= bound
+    # Noise alone has sd lr*sigma*C*sqrt(T)/(qN) per coordinate; the bound must exceed it.
+    assert bound > 5 * lr * sigma * clip * np.sqrt(steps) / (q * n)
