@@ -31,7 +31,7 @@ from scripts._cli import (
 )
 from secagg import ConfigError, GraphKind, Stage, recommend_parameters
 from secagg.graph import minimum_threshold
-from secagg.simulate import Attack, Progress, SimulationResult, simulate
+from secagg.simulate import Attack, Progress, SimulationResult, simulate, too_many_drops
 
 __all__ = ["build_parser", "main"]
 
@@ -191,6 +191,9 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         )
     drops = _parse_drops(args.drop)
     degree, threshold = _round_parameters(args, drops)
+    problem = too_many_drops(args.peers, threshold, drops)
+    if problem is not None:
+        raise UsageError(problem)
     inputs = _load_inputs(args.inputs, args.peers, args.length) if args.inputs else None
     if args.output is not None and not args.output.parent.is_dir():
         raise UsageError(f"--output {args.output}: directory {args.output.parent} does not exist")

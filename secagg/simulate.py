@@ -203,8 +203,9 @@ def simulate(
         timed_sample: time only this many participants (see the module docstring).
 
     Raises:
-        ConfigError: invalid parameters (threshold, degree, sizes, inputs), or more drops
-            than the threshold allows for certain.
+        ConfigError: invalid parameters (threshold, degree, sizes, inputs). Drops that leave
+            fewer than t peers are not an error: the round aborts and ``aborted`` says why
+            (see :func:`too_many_drops` to refuse them up front).
     """
     peers = peer_ids(n_peers)
     if threshold is None:
@@ -213,14 +214,6 @@ def simulate(
         )
         threshold = minimum_threshold(hood)
     config = RoundConfig(session_id, round_, peers, threshold, vector_length, bits, graph, degree)
-    total_drops = sum((drops or {}).values())
-    if n_peers - total_drops < threshold:
-        # Fewer than t peers would be left to answer the unmask request: no secret can be
-        # reconstructed whichever peers drop, so refuse before doing any work.
-        raise ConfigError(
-            f"{total_drops} dropouts leave {n_peers - total_drops} of {n_peers} peers, fewer "
-            f"than the threshold {threshold}: at most {n_peers - threshold} peers may drop"
-        )
     if timed_sample is not None and not 1 <= timed_sample <= n_peers:
         raise ConfigError(f"timed_sample must be between 1 and {n_peers}, not {timed_sample}")
     dtype = word_dtype(bits)
@@ -400,6 +393,21 @@ def simulate(
         transcript=transcript,
         transcript_error=transcript_error,
         timed=tuple(sorted(index[u] for u in timed)),
+    )
+
+
+def too_many_drops(n_peers: int, threshold: int, drops: Mapping[Stage, int]) -> str | None:
+    """Why ``drops`` certainly abort the round (fewer than t peers left to unmask), or None.
+
+    :func:`simulate` runs such a round anyway and records the clean abort; callers that
+    want to refuse the parameters up front (the CLI) ask this first.
+    """
+    total = sum(drops.values())
+    if n_peers - total >= threshold:
+        return None
+    return (
+        f"{total} dropouts leave {n_peers - total} of {n_peers} peers, fewer than the "
+        f"threshold {threshold}: at most {n_peers - threshold} peers may drop"
     )
 
 

@@ -319,14 +319,8 @@ def test_quantizer_rejects_bad_parameters_and_inputs() -> None:
         quantizer.dequantize_sum(np.zeros(1, dtype=np.uint32), 4)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ConfigError,
-    reason="secagg/simulate.py (being reworked) now raises ConfigError for drop patterns that "
-    "leave fewer than t peers instead of running the round and recording the RoundAborted as "
-    "`aborted`; the issue asks for the latter. The abort itself is tested by hand above.",
-)
 def test_simulate_records_abort_below_threshold() -> None:
     result = simulate(4, 2, drops={Stage.UNMASK: 2})
     assert result.aborted is not None
     assert result.aggregate is None
+    assert not result.ok

@@ -1,0 +1,500 @@
+"""Pure functions that turn a peer's ledger rows into the tidy tables the dashboard shows.
+
+Nothing here touches a database, a clock or a browser: every function takes the values the
+ledger's read API returns (:class:`~peer.ledger.StoredRecord`,
+:class:`~peer.ledger.RoundAttempt`, ...) and returns a :class:`Table` (named columns, one
+dict per row) or a small value object. The Dash app draws charts and HTML tables from these,
+and the unit tests check the numbers without a browser.
+
+Where the figures come from, so that a privacy officer can tell what is signed:
+
+- Global metrics and the ε each hospital spent per round come from the *agreed records*,
+  which every participant signed (the ε figures are covered by ``metrics_hash``).
+- Round timing and byte counts are this peer's own bookkeeping of its attempts (not signed).
+- Privacy budgets are not in the records. They come from ``--budget PEER=EPS`` on the
+  command line, else from the session proposal (see :func:`budgets_from_proposal`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from peer.ledger import (
+    LedgerReport,
+    RoundAttempt,
+    RoundStatus,
+    SessionInfo,
+    SessionStatus,
+    StatisticsResult,
+    StoredRecord,
+)
+
+__all__ = [
+    "KNOWN_METRICS",
+    "Cell",
+    "Column",
+    "Table",
+    "Verdict",
+    "budgets_from_proposal",
+    "default_session",
+    "format_cell",
+    "format_time",
+    "metrics_table",
+    "participation_table",
+    "privacy_table",
+    "session_label",
+    "session_options",
+    "statistics_table",
+    "trust_table",
+    "verdict",
+]
+
+Cell = str | int | float | None
+"""One value of a table: text, a number, or None for "not known"."""
+
+KNOWN_METRICS: tuple[tuple[str, str], ...] = (
+    ("accuracy", "Accuracy"),
+    ("auc", "AUC"),
+    ("sensitivity", "Sensitivity"),
+    ("specificity", "Specificity"),
+    ("loss", "Loss"),
+)
+"""Model-quality metrics shown first and charted, with their display names, when present."""
+
+# Keys of the agreed metrics that describe the round rather than the model.
+_ROUND_KEYS = frozenset({"survivors", "aggregator"})
+
+# Keys a session proposal's ``privacy`` object may use for one ε budget that applies to every
+# participant, in order of preference. The proposal format leaves ``privacy`` free-form, so
+# we accept the names a proposer is likely to use rather than guess one.
+_BUDGET_KEYS = ("epsilon_budget", "max_epsilon", "target_epsilon", "epsilon")
+
+
+@dataclass(frozen=True, slots=True)
+class Column:
+    """A column of a :class:`Table`.
+
+    Attributes:
+        key: the key of the value in each row.
+        label: the header shown to the user, with its unit where it has one.
+        kind: how values are written: ``text``, ``int``, ``float`` (4 significant digits),
+            ``epsilon`` (3 decimals), ``seconds`` (1 decimal), ``bytes`` (KiB/MiB) or
+            ``time`` (UTC, to the second).
+    """
+
+    key: str
+    label: str
+    kind: str = "text"
+
+
+@dataclass(frozen=True, slots=True)
+class Table:
+    """A tidy table: named columns and one mapping per row (missing keys read as None)."""
+
+    columns: tuple[Column, ...]
+    rows: tuple[Mapping[str, Cell], ...] = ()
+
+    def column(self, key: str) -> list[Cell]:
+        """The values of one column, top to bottom."""
+        return [row.get(key) for row in self.rows]
+
+    def keys(self) -> tuple[str, ...]:
+        """The column keys, left to right."""
+        return tuple(column.key for column in self.columns)
+
+    def formatted(self) -> list[list[str]]:
+        """Every row as display text, in column order."""
+        return [[format_cell(row.get(c.key), c) for c in self.columns] for row in self.rows]
+
+    def __bool__(self) -> bool:
+        return bool(self.rows)
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """The outcome of checking the ledger, in words.
+
+    Attributes:
+        status: ``verified``, ``problems``, ``unchecked`` (no roster given) or ``error``.
+        headline: one sentence for the page.
+        details: one sentence per problem found.
+    """
+
+    status: str
+    headline: str
+    details: tuple[str, ...] = field(default_factory=tuple)
+
+
+# --------------------------------------------------------------------------- formatting
+
+
+def format_time(value: datetime | None) -> str:
+    """A timestamp as ``YYYY-MM-DD HH:MM:SS UTC`` (naive values are taken as UTC)."""
+    if value is None:
+        return "—"
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _format_bytes(value: float) -> str:
+    if value < 1024:
+        return f"{int(value)} B"
+    for unit in ("KiB", "MiB", "GiB"):
+        value /= 1024
+        if value < 1024 or unit == "GiB":
+            return f"{value:.1f} {unit}"
+    raise AssertionError("unreachable")
+
+
+def format_cell(value: Cell, column: Column) -> str:
+    """The text shown for ``value`` in ``column`` ("—" when it is not known)."""
+    if value is None:
+        return "—"
+    if isinstance(value, str):
+        return value
+    if column.kind == "int":
+        return f"{int(value):,}"
+    if column.kind == "epsilon":
+        return f"{value:.3f}"
+    if column.kind == "seconds":
+        return f"{value:.1f}"
+    if column.kind == "bytes":
+        return _format_bytes(float(value))
+    if isinstance(value, int):
+        return f"{value:,}"
+    return f"{value:.4g}"
+
+
+# --------------------------------------------------------------------------- sessions
+
+
+def _rounds_agreed(records: Sequence[StoredRecord], session_id: str) -> int:
+    return sum(1 for stored in records if stored.record.session_id == session_id)
+
+
+def session_label(session: SessionInfo, rounds_agreed: int) -> str:
+    """The text of a session in the selector, e.g. ``s1 — running, 2 of 5 rounds agreed``."""
+    return (
+        f"{session.session_id} — {session.status.value}, "
+        f"{rounds_agreed} of {session.rounds_planned} rounds agreed"
+    )
+
+
+def default_session(sessions: Sequence[SessionInfo]) -> str | None:
+    """The session to show first: the newest running one, else the newest of all."""
+    if not sessions:
+        return None
+    running = [s for s in sessions if s.status is SessionStatus.RUNNING]
+    chosen = max(running or sessions, key=lambda s: (s.created_at, s.session_id))
+    return chosen.session_id
+
+
+def session_options(
+    sessions: Sequence[SessionInfo], records: Sequence[StoredRecord]
+) -> list[dict[str, str]]:
+    """Options of the session selector, newest first."""
+    ordered = sorted(sessions, key=lambda s: (s.created_at, s.session_id), reverse=True)
+    return [
+        {"label": session_label(s, _rounds_agreed(records, s.session_id)), "value": s.session_id}
+        for s in ordered
+    ]
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def _number(value: object) -> float | None:
+    """A finite JSON number as float; anything else (bools, text, lists) as None."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def _by_round(records: Iterable[StoredRecord]) -> list[StoredRecord]:
+    return sorted(records, key=lambda stored: stored.record.round)
+
+
+def metrics_table(records: Sequence[StoredRecord]) -> Table:
+    """Agreed global metrics, one row per agreed round.
+
+    Columns: ``round``, then the :data:`KNOWN_METRICS` that any record has, then any other
+    numeric metric (e.g. ``examples``) in name order. Non-numeric metrics and the round
+    bookkeeping (``survivors``, ``aggregator``) are left out; a round lacking a metric has
+    None there.
+    """
+    ordered = _by_round(records)
+    present: set[str] = set()
+    for stored in ordered:
+        for key, value in stored.record.metrics.items():
+            if key not in _ROUND_KEYS and _number(value) is not None:
+                present.add(key)
+    known = [(key, label) for key, label in KNOWN_METRICS if key in present]
+    known_keys = {key for key, _ in known}
+    others = sorted(present - known_keys)
+    columns = (
+        Column("round", "Round", "int"),
+        *(Column(key, label, "float") for key, label in known),
+        *(Column(key, key.replace("_", " ").capitalize(), "float") for key in others),
+    )
+    rows: list[dict[str, Cell]] = []
+    for stored in ordered:
+        row: dict[str, Cell] = {"round": stored.record.round}
+        for column in columns[1:]:
+            row[column.key] = _number(stored.record.metrics.get(column.key))
+        rows.append(row)
+    return Table(columns, tuple(rows))
+
+
+# --------------------------------------------------------------------------- privacy
+
+
+def budgets_from_proposal(proposal: str, participants: Sequence[str]) -> dict[str, float]:
+    """The ε budget of each participant, read from a session proposal document.
+
+    The proposal's ``privacy`` object may hold ``budgets`` (``{peer_id: epsilon}``) and/or
+    one number for every participant under ``epsilon_budget``, ``max_epsilon``,
+    ``target_epsilon`` or ``epsilon`` (the first present wins); a per-peer entry beats the
+    common number. Anything unreadable is ignored: the budget is then simply not shown.
+    """
+    try:
+        document = json.loads(proposal)
+    except ValueError:
+        return {}
+    privacy = document.get("privacy") if isinstance(document, dict) else None
+    if not isinstance(privacy, dict):
+        return {}
+    budgets: dict[str, float] = {}
+    for key in _BUDGET_KEYS:
+        common = _number(privacy.get(key))
+        if common is not None and common > 0:
+            budgets = dict.fromkeys(participants, common)
+            break
+    per_peer = privacy.get("budgets")
+    if isinstance(per_peer, dict):
+        for peer_id, value in per_peer.items():
+            eps = _number(value)
+            if isinstance(peer_id, str) and eps is not None and eps > 0:
+                budgets[peer_id] = eps
+    return budgets
+
+
+def privacy_table(records: Sequence[StoredRecord], budgets: Mapping[str, float]) -> Table:
+    """ε spent per hospital per agreed round, its running total in the session, and what is
+    left of the hospital's budget (when a budget is known).
+
+    One row per (round, peer) that the round's record names; rows are ordered by round, then
+    peer. ``remaining`` is negative when a hospital went over its budget.
+    """
+    columns = (
+        Column("round", "Round", "int"),
+        Column("peer", "Hospital"),
+        Column("epsilon", "ε this round", "epsilon"),
+        Column("cumulative", "ε spent in session", "epsilon"),
+        Column("budget", "ε budget", "epsilon"),
+        Column("remaining", "ε remaining", "epsilon"),
+    )
+    totals: dict[str, float] = {}
+    rows: list[dict[str, Cell]] = []
+    for stored in _by_round(records):
+        for peer_id in sorted(stored.record.epsilon):
+            eps = float(stored.record.epsilon[peer_id])
+            totals[peer_id] = totals.get(peer_id, 0.0) + eps
+            budget = budgets.get(peer_id)
+            rows.append(
+                {
+                    "round": stored.record.round,
+                    "peer": peer_id,
+                    "epsilon": eps,
+                    "cumulative": totals[peer_id],
+                    "budget": budget,
+                    "remaining": None if budget is None else budget - totals[peer_id],
+                }
+            )
+    return Table(columns, tuple(rows))
+
+
+# --------------------------------------------------------------------------- participation
+
+
+def _survivors(stored: StoredRecord) -> list[str] | None:
+    value = stored.record.metrics.get("survivors")
+    if isinstance(value, list | tuple) and all(isinstance(p, str) for p in value):
+        return sorted(str(p) for p in value)
+    return None
+
+
+def _names(peers: Iterable[str]) -> str:
+    listed = ", ".join(peers)
+    return listed or "none"
+
+
+def participation_table(
+    session: SessionInfo, records: Sequence[StoredRecord], attempts: Sequence[RoundAttempt]
+) -> Table:
+    """Who took part in each round, who aggregated, how long it took and what it cost.
+
+    One row per round that was agreed or attempted. For an agreed round the survivors and
+    aggregator come from the signed record; dropouts are the session's participants that are
+    not survivors (with the protocol stage, when this peer's attempt recorded it). Times and
+    bytes are this peer's own: from the start of its first attempt to the end of its last,
+    bytes summed over its attempts.
+    """
+    columns = (
+        Column("round", "Round", "int"),
+        Column("status", "Status"),
+        Column("attempts", "Attempts", "int"),
+        Column("aggregator", "Aggregator"),
+        Column("survivors", "Participants"),
+        Column("dropouts", "Dropped out"),
+        Column("signatures", "Signatures"),
+        Column("started", "Started", "time"),
+        Column("duration_s", "Duration (s)", "seconds"),
+        Column("bytes_sent", "Sent by this peer", "bytes"),
+        Column("bytes_received", "Received by this peer", "bytes"),
+    )
+    by_round: dict[int, list[RoundAttempt]] = {}
+    for attempt in attempts:
+        by_round.setdefault(attempt.round, []).append(attempt)
+    agreed = {stored.record.round: stored for stored in records}
+    rows: list[dict[str, Cell]] = []
+    for round_ in sorted(set(by_round) | set(agreed)):
+        tries = sorted(by_round.get(round_, []), key=lambda a: a.attempt)
+        stored = agreed.get(round_)
+        last = tries[-1] if tries else None
+        row: dict[str, Cell] = {"round": round_, "attempts": len(tries) or None}
+        if stored is not None:
+            row["status"] = RoundStatus.AGREED.value
+            aggregator = stored.record.metrics.get("aggregator")
+            row["aggregator"] = str(aggregator) if aggregator is not None else None
+            survivors = _survivors(stored)
+            if survivors is not None:
+                stages: dict[str, str] = {}
+                for attempt in tries:
+                    if attempt.status is RoundStatus.AGREED:
+                        for stage, peers in attempt.dropped.items():
+                            for peer_id in peers:
+                                stages.setdefault(peer_id, stage)
+                dropped = [p for p in sorted(session.participants) if p not in survivors]
+                row["survivors"] = f"{len(survivors)} of {len(session.participants)}"
+                row["dropouts"] = _names(
+                    f"{p} (at {stages[p]})" if p in stages else p for p in dropped
+                )
+            row["signatures"] = f"{len(stored.signatures)} of {len(session.participants)}"
+        elif last is not None:
+            row["status"] = last.status.value
+            row["aggregator"] = last.aggregator
+            if last.abort_reason:
+                row["status"] = f"{last.status.value}: {last.abort_reason}"
+        if tries:
+            started = tries[0].started_at
+            ended = max((a.ended_at for a in tries if a.ended_at is not None), default=None)
+            row["started"] = format_time(started)
+            if ended is not None and (last is None or last.status is not RoundStatus.RUNNING):
+                row["duration_s"] = (ended - started).total_seconds()
+            row["bytes_sent"] = sum(a.bytes_sent for a in tries)
+            row["bytes_received"] = sum(a.bytes_received for a in tries)
+        rows.append(row)
+    return Table(columns, tuple(rows))
+
+
+# --------------------------------------------------------------------------- trust
+
+
+def trust_table(
+    session: SessionInfo, records: Sequence[StoredRecord], report: LedgerReport | None
+) -> Table:
+    """For each agreed round: who signed, how many of how many, and what the check found.
+
+    ``check`` is ``valid`` when the ledger was verified and nothing is wrong at the record,
+    the problems found there otherwise, and ``not checked`` without a roster.
+    """
+    columns = (
+        Column("round", "Round", "int"),
+        Column("signatures", "Signatures"),
+        Column("threshold", "Required", "int"),
+        Column("signers", "Signed by"),
+        Column("check", "Check"),
+        Column("recorded", "Recorded", "time"),
+    )
+    rows: list[dict[str, Cell]] = []
+    for stored in _by_round(records):
+        if report is None:
+            check = "not checked"
+        else:
+            problems = report.at(stored.seq)
+            check = "; ".join(p.message for p in problems) if problems else "valid"
+        rows.append(
+            {
+                "round": stored.record.round,
+                "signatures": f"{len(stored.signatures)} of {len(session.participants)}",
+                "threshold": session.threshold,
+                "signers": _names(sorted(stored.signatures)),
+                "check": check,
+                "recorded": format_time(stored.recorded_at),
+            }
+        )
+    return Table(columns, tuple(rows))
+
+
+def verdict(report: LedgerReport | None, *, error: str | None = None) -> Verdict:
+    """The ledger check in words: verified, problems found, not checked, or failed."""
+    if error is not None:
+        return Verdict("error", f"The ledger could not be checked: {error}")
+    if report is None:
+        return Verdict(
+            "unchecked",
+            "Signatures not checked: no roster given (start the dashboard with "
+            "--roster and --ca to verify them).",
+        )
+    counted = f"{report.records} agreed record(s), {report.checkpoints} checkpoint(s)"
+    if report.ok:
+        return Verdict(
+            "verified",
+            f"Ledger verified: hash chain intact and every signature valid ({counted}).",
+        )
+    return Verdict(
+        "problems",
+        f"Ledger check FAILED: {len(report.problems)} problem(s) in {counted}.",
+        tuple(str(problem) for problem in report.problems),
+    )
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def _compact(value: object) -> str:
+    if isinstance(value, str):
+        return value
+    try:
+        return json.dumps(value, sort_keys=True, separators=(", ", ": "))
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+def statistics_table(results: Sequence[StatisticsResult]) -> Table:
+    """Federated differentially private statistics results, oldest first."""
+    columns = (
+        Column("query_id", "Query"),
+        Column("round", "Round", "int"),
+        Column("query", "Asked"),
+        Column("result", "Result"),
+        Column("epsilon", "ε", "epsilon"),
+        Column("created", "Computed", "time"),
+    )
+    rows = tuple(
+        {
+            "query_id": result.query_id,
+            "round": result.round,
+            "query": _compact(result.query),
+            "result": _compact(result.result),
+            "epsilon": result.epsilon,
+            "created": format_time(result.created_at),
+        }
+        for result in results
+    )
+    return Table(columns, rows)
