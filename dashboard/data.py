@@ -83,7 +83,7 @@ class Column:
         label: the header shown to the user, with its unit where it has one.
         kind: how values are written: ``text``, ``int``, ``float`` (4 significant digits),
             ``epsilon`` (3 decimals), ``seconds`` (1 decimal), ``bytes`` (KiB/MiB) or
-            ``time`` (UTC, to the second).
+            ``time`` (already text, from :func:`format_time`).
     """
 
     key: str
@@ -102,7 +102,7 @@ class Table:
         """The values of one column, top to bottom."""
         return [row.get(key) for row in self.rows]
 
-    def keys(self) -> tuple[str, ...]:
+    def column_keys(self) -> tuple[str, ...]:
         """The column keys, left to right."""
         return tuple(column.key for column in self.columns)
 
@@ -132,13 +132,15 @@ class Verdict:
 # --------------------------------------------------------------------------- formatting
 
 
-def format_time(value: datetime | None) -> str:
-    """A timestamp as ``YYYY-MM-DD HH:MM:SS UTC`` (naive values are taken as UTC)."""
+def format_time(value: datetime | None, *, zone: bool = True) -> str:
+    """A timestamp as ``YYYY-MM-DD HH:MM:SS UTC`` (without `` UTC`` when ``zone`` is
+    false, for table columns whose header names the zone); naive values are taken as UTC."""
     if value is None:
         return "—"
     if value.tzinfo is None:
         value = value.replace(tzinfo=UTC)
-    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    text = value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+    return f"{text} UTC" if zone else text
 
 
 def _format_bytes(value: float) -> str:
@@ -351,11 +353,10 @@ def participation_table(
         Column("aggregator", "Aggregator"),
         Column("survivors", "Participants"),
         Column("dropouts", "Dropped out"),
-        Column("signatures", "Signatures"),
-        Column("started", "Started", "time"),
+        Column("started", "Started (UTC)", "time"),
         Column("duration_s", "Duration (s)", "seconds"),
-        Column("bytes_sent", "Sent by this peer", "bytes"),
-        Column("bytes_received", "Received by this peer", "bytes"),
+        Column("bytes_sent", "Sent (this peer)", "bytes"),
+        Column("bytes_received", "Received (this peer)", "bytes"),
     )
     by_round: dict[int, list[RoundAttempt]] = {}
     for attempt in attempts:
@@ -384,7 +385,6 @@ def participation_table(
                 row["dropouts"] = _names(
                     f"{p} (at {stages[p]})" if p in stages else p for p in dropped
                 )
-            row["signatures"] = f"{len(stored.signatures)} of {len(session.participants)}"
         elif last is not None:
             row["status"] = last.status.value
             row["aggregator"] = last.aggregator
@@ -393,7 +393,7 @@ def participation_table(
         if tries:
             started = tries[0].started_at
             ended = max((a.ended_at for a in tries if a.ended_at is not None), default=None)
-            row["started"] = format_time(started)
+            row["started"] = format_time(started, zone=False)
             if ended is not None and (last is None or last.status is not RoundStatus.RUNNING):
                 row["duration_s"] = (ended - started).total_seconds()
             row["bytes_sent"] = sum(a.bytes_sent for a in tries)
@@ -419,7 +419,7 @@ def trust_table(
         Column("threshold", "Required", "int"),
         Column("signers", "Signed by"),
         Column("check", "Check"),
-        Column("recorded", "Recorded", "time"),
+        Column("recorded", "Recorded (UTC)", "time"),
     )
     rows: list[dict[str, Cell]] = []
     for stored in _by_round(records):
@@ -435,7 +435,7 @@ def trust_table(
                 "threshold": session.threshold,
                 "signers": _names(sorted(stored.signatures)),
                 "check": check,
-                "recorded": format_time(stored.recorded_at),
+                "recorded": format_time(stored.recorded_at, zone=False),
             }
         )
     return Table(columns, tuple(rows))
@@ -484,16 +484,16 @@ def statistics_table(results: Sequence[StatisticsResult]) -> Table:
         Column("query", "Asked"),
         Column("result", "Result"),
         Column("epsilon", "ε", "epsilon"),
-        Column("created", "Computed", "time"),
+        Column("created", "Computed (UTC)", "time"),
     )
-    rows = tuple(
+    rows: tuple[dict[str, Cell], ...] = tuple(
         {
             "query_id": result.query_id,
             "round": result.round,
             "query": _compact(result.query),
             "result": _compact(result.result),
             "epsilon": result.epsilon,
-            "created": format_time(result.created_at),
+            "created": format_time(result.created_at, zone=False),
         }
         for result in results
     )

@@ -49,16 +49,35 @@ __all__ = ["SERVICE", "PeerNode"]
 SERVICE = "hospital_secagg.v1.Peer"
 logger = logging.getLogger("peer.node")
 
-PayloadFactory = Callable[[SessionProposal, PeerConfig], Payload]
+PayloadFactory = Callable[[SessionProposal, PeerConfig, Ledger], Payload]
+# Under gRPC's 4 MiB default message limit, with room for the records themselves.
+CATCH_UP_CHECKPOINT_BYTES = 3 * 1024 * 1024
 
 
-def default_payload(proposal: SessionProposal, config: PeerConfig) -> Payload:
-    """Vector sessions: the peer's configured .npy file (zeros if it has none)."""
-    if proposal.payload_kind != "vector":
-        raise ProposalError(f"payload kind {proposal.payload_kind!r} is not supported by this peer")
-    if config.payload_file is not None:
-        return VectorPayload.from_file(config.payload_file, proposal.vector_length, proposal.bits)
-    return VectorPayload(proposal.vector_length, proposal.bits)
+def default_payload(proposal: SessionProposal, config: PeerConfig, ledger: Ledger) -> Payload:
+    """The payload of a session, by its kind.
+
+    ``vector``: the peer's configured .npy file (zeros if it has none); ``training``:
+    federated DP-SGD on the peer's patient data (peer/learning.py).
+    """
+    kind = proposal.payload_kind
+    if kind == "vector":
+        if config.payload_file is not None:
+            return VectorPayload.from_file(
+                config.payload_file, proposal.vector_length, proposal.bits
+            )
+        return VectorPayload(proposal.vector_length, proposal.bits)
+    if kind == "training":
+        from .learning import training_payload
+
+        return training_payload(proposal, config, ledger)
+    raise ProposalError(f"payload kind {kind!r} is not supported by this peer")
+
+
+def epsilon_needed(payload: Payload) -> float:
+    """Privacy the whole session costs this peer (0 for payloads that spend none)."""
+    needed = getattr(payload, "epsilon_needed", None)
+    return float(needed()) if callable(needed) else 0.0
 
 
 @dataclass
@@ -207,19 +226,27 @@ class PeerNode:
             return pb.ProposalAnswer(
                 peer_id=self.me, accepted=accepted, reason=existing.reason or ""
             )
-        reason = check_policy(
-            proposal,
-            request.proposer,
-            caller.role is Role.PEER,
-            self.me,
-            self.config.policy,
-            epsilon_spent=self.ledger.privacy_spent(self.me).epsilon,
-        )
-        if reason is None:
-            try:
-                self.payload_factory(proposal, self.config)
-            except (ProposalError, ValueError) as error:
-                reason = str(error)
+        needed = 0.0
+        loop = asyncio.get_running_loop()
+        try:
+            # Building a training payload reads the patient data and loads TensorFlow:
+            # seconds of work that must not stall the other RPCs.
+            payload = await loop.run_in_executor(
+                None, self.payload_factory, proposal, self.config, self.ledger
+            )
+            needed = await loop.run_in_executor(None, epsilon_needed, payload)
+        except (ProposalError, ValueError, OSError) as error:
+            reason: str | None = f"cannot take part: {error}"
+        else:
+            reason = check_policy(
+                proposal,
+                request.proposer,
+                caller.role is Role.PEER,
+                self.me,
+                self.config.policy,
+                epsilon_spent=self.ledger.privacy_spent(self.me).epsilon,
+                epsilon_needed=needed,
+            )
         self.ledger.record_proposal(
             proposal.session_id,
             proposal.document(),
@@ -275,6 +302,12 @@ class PeerNode:
         status = self._status_of(request.session_id)
         for stored in self.ledger.agreed_records(request.session_id):
             status.records.append(record_to_proto(stored.record, stored.signatures))
+        if status.records:
+            # The latest result travels along (when it fits one message), so a peer that
+            # catches up can continue from the agreed model.
+            checkpoint = self.ledger.get_checkpoint(request.session_id, status.records[-1].round)
+            if checkpoint is not None and len(checkpoint.weights) <= CATCH_UP_CHECKPOINT_BYTES:
+                status.records[-1].checkpoint = checkpoint.weights
         return status
 
     def _status_of(self, session_id: str) -> pb.SessionStatus:
@@ -352,6 +385,10 @@ class PeerNode:
             raise LookupError(
                 f"not-ready: {self.me} has not started round {hello.round} attempt {hello.attempt}"
             )
+        if hello.chain_head != self.ledger.session_head(hello.session_id):
+            # A participant that missed agreed rounds would train on a stale model and sign
+            # nothing: it must catch up first (Records), then join again.
+            raise LookupError(f"behind: {self.ledger.last_agreed_round(hello.session_id)}")
         return round_
 
     # ------------------------------------------------------------------ running sessions
@@ -370,7 +407,7 @@ class PeerNode:
         sid = proposal.session_id
         progress = session.progress
         try:
-            payload = self.payload_factory(proposal, self.config)
+            payload = self.payload_factory(proposal, self.config, self.ledger)
             info = self.ledger.session(sid)
             if info is not None and info.status is SessionStatus.ACCEPTED:
                 self.ledger.set_session_status(sid, SessionStatus.RUNNING)
@@ -426,7 +463,7 @@ class PeerNode:
             round=round_,
             attempt=attempt,
             aggregator=aggregator,
-            config=proposal.round_config(round_, payload.vector_length()),
+            config=proposal.round_config(round_, payload.vector_length(round_)),
             signer=self.signer,
             verifiers=self.verifiers,
             ledger=self.ledger,
@@ -500,6 +537,11 @@ class PeerNode:
         deadline = loop.time() + ctx.prepare_seconds + ctx.stage_seconds
         while True:
             outcome = await participate(ctx, self._channel(ctx.aggregator))
+            if outcome.precondition.startswith("behind"):
+                before = self.ledger.session_head(ctx.session_id)
+                await self._catch_up(ctx.session_id, ctx.aggregator)
+                if self.ledger.session_head(ctx.session_id) != before:
+                    continue  # in sync now: join again with a fresh contribution
             retry = outcome.status is RoundStatusKind.AGGREGATOR_FAILED and (
                 outcome.precondition.startswith("not-ready") or "UNAVAILABLE" in outcome.reason
             )
@@ -540,6 +582,7 @@ class PeerNode:
                 self.ledger.append_agreed(
                     record,
                     signatures,
+                    checkpoint=proto.checkpoint or None,
                     min_signatures=session.proposal.threshold,
                     verifiers=self.verifiers,
                 )

@@ -38,7 +38,7 @@ class OperatorClient:
     roster: Roster
     files: TLSFiles
     signer: Signer
-    timeout: float = 10.0
+    timeout: float = 60.0
 
     @classmethod
     def from_files(cls, me: str, cert: Path, key: Path, ca: Path, roster: Path) -> OperatorClient:

@@ -39,7 +39,9 @@ class RoundResult:
 
 
 class Payload(Protocol):
-    def vector_length(self) -> int: ...
+    def vector_length(self, round_: int) -> int:
+        """Words this peer contributes in ``round_`` (the same at every peer)."""
+        ...
 
     def prepare(self, round_: int) -> LocalContribution:
         """Compute this peer's contribution (may be slow: runs in an executor)."""
@@ -80,7 +82,7 @@ class VectorPayload:
             raise ValueError(f"cannot read payload vector {path}: {error}") from None
         return cls(length, bits, vector)
 
-    def vector_length(self) -> int:
+    def vector_length(self, round_: int) -> int:
         return self._length
 
     def prepare(self, round_: int) -> LocalContribution:

@@ -389,9 +389,13 @@ async def participate(ctx: RoundContext, channel: grpc.aio.Channel) -> RoundOutc
     outcome = RoundOutcome(RoundStatusKind.AGGREGATOR_FAILED, ctx.aggregator)
     loop = asyncio.get_running_loop()
     started = time.monotonic()
-    contribution: LocalContribution = await loop.run_in_executor(
-        None, ctx.payload.prepare, ctx.round
-    )
+    try:
+        contribution: LocalContribution = await loop.run_in_executor(
+            None, ctx.payload.prepare, ctx.round
+        )
+    except Exception as error:  # the payload's own checks (budget, data): not a crash
+        logger.warning("%s cannot prepare its contribution: %s", ctx.log_prefix, error)
+        return RoundOutcome(RoundStatusKind.REFUSED, ctx.aggregator, f"cannot prepare: {error}")
     prefix = f"{ctx.log_prefix} role=participant aggregator={ctx.aggregator}"
     timeout = ctx.prepare_seconds + ctx.stage_seconds * 10
     method = channel.stream_stream(
@@ -591,9 +595,11 @@ def _store_agreed(
             ctx.aggregator,
             f"agreed record has {len(signatures)} signatures, {ctx.config.threshold} needed",
         )
+    # Only a peer whose input is in the released sum has spent privacy on this round.
+    spent = record.epsilon.get(ctx.me, 0.0)
     privacy = (
-        [PrivacyCharge(ctx.me, PrivacyKind.TRAINING, contribution.epsilon, contribution.delta)]
-        if contribution.epsilon > 0
+        [PrivacyCharge(ctx.me, PrivacyKind.TRAINING, spent, contribution.delta)]
+        if spent > 0
         else []
     )
     return ctx.ledger.append_agreed(

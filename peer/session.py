@@ -75,7 +75,7 @@ class SessionProposal:
             if kind is GraphKind.SECAGG_PLUS and self.degree is not None:
                 hood = min(hood, self.degree + 1)
             validate_threshold(self.threshold, hood)
-            self.round_config(0)
+            self.round_config(1, vector_length=max(1, self.vector_length))  # validates the rest
         except (ConfigError, ValueError) as error:
             raise ProposalError(str(error)) from None
 

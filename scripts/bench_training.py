@@ -16,6 +16,7 @@ centralized non-private training. Federated averaging uses the plain numpy sum h
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import sys
@@ -57,30 +58,28 @@ def bench_steps(reps: int, loop: int) -> list[dict[str, Any]]:
 
         # sampling_rate=1 makes every batch the full 256 examples; both variants run the
         # same compiled loop, so only the step itself differs.
-        def dp_run() -> int:
-            return dp.run(
-                x,
-                y,
-                steps=loop,
-                sampling_rate=1.0,
-                lr=0.01,
-                clip_norm=1.0,
-                noise_multiplier=1.0,
-                generator=generator,
-            )
-
-        def sgd_run() -> int:
-            return sgd.run(
-                x,
-                y,
-                steps=loop,
-                sampling_rate=1.0,
-                lr=0.01,
-                clip_norm=None,
-                noise_multiplier=0.0,
-                generator=generator,
-            )
-
+        dp_run = functools.partial(
+            dp.run,
+            x,
+            y,
+            steps=loop,
+            sampling_rate=1.0,
+            lr=0.01,
+            clip_norm=1.0,
+            noise_multiplier=1.0,
+            generator=generator,
+        )
+        sgd_run = functools.partial(
+            sgd.run,
+            x,
+            y,
+            steps=loop,
+            sampling_rate=1.0,
+            lr=0.01,
+            clip_norm=None,
+            noise_multiplier=0.0,
+            generator=generator,
+        )
         for _ in range(2):
             dp_run()
             sgd_run()
@@ -108,8 +107,13 @@ def bench_accuracy(quick: bool) -> dict[str, Any]:
     """Federated DP vs hospitals alone vs centralized on the bundled data set."""
     import tensorflow as tf
 
-    from peer.data import breast_cancer_records, global_standardizer, local_feature_stats
-    from peer.data import split_dataset, standardize
+    from peer.data import (
+        breast_cancer_records,
+        global_standardizer,
+        local_feature_stats,
+        split_dataset,
+        standardize,
+    )
     from peer.training import (
         LocalTrainConfig,
         ModelSpec,
@@ -172,14 +176,14 @@ def bench_accuracy(quick: bool) -> dict[str, Any]:
         "dataset": "sklearn breast cancer (569 x 30), Dirichlet(0.5) split, 3 hospitals",
         "hospitals": [
             {
-                "train": int(len(y)),
+                "train": len(y),
                 "train_malignant": int(y.sum()),
-                "test": int(len(yt)),
+                "test": len(yt),
                 "test_malignant": int(yt.sum()),
             }
             for (_, y), (_, yt) in zip(train, raw_test, strict=True)
         ],
-        "test_examples": int(len(y_test)),
+        "test_examples": len(y_test),
         "model": "logreg",
         "rounds": rounds,
         "local_steps_per_round": local_steps,

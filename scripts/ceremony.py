@@ -9,6 +9,11 @@ Subcommands:
 * ``simulate`` — one secure aggregation round in memory, with dropouts or a malicious
   aggregator, checked against the plain sum; timings and bytes per peer.
 * ``bench`` — benchmarks (``ceremony bench secagg``), delegated to :mod:`scripts.bench`.
+* ``init-ca``, ``request``, ``sign``, ``roster``, ``revoke``, ``kit``, ``verify-ledger`` —
+  the identity ceremony and the ledger check (:mod:`scripts.ceremony_identity`).
+* ``run`` — propose a session to the peers, start it and watch it (:mod:`scripts.ceremony_run`).
+* ``demo`` — a whole federation on this machine, then the dashboard
+  (:mod:`scripts.ceremony_demo`).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from scripts import ceremony_demo, ceremony_identity, ceremony_run
 from scripts._cli import (
     EXIT_FAILED,
     EXIT_OK,
@@ -377,6 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``ceremony`` argument parser with every subcommand."""
     parser = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0] if __doc__ else None)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    ceremony_identity.add_parsers(subparsers)
+    ceremony_run.add_parsers(subparsers)
+    ceremony_demo.add_parsers(subparsers)
     _add_simulate(subparsers)
     _add_bench(subparsers)
     return parser

@@ -52,7 +52,8 @@ def test_good_csv_is_stored(tmp_path: Path, store: PatientStore) -> None:
     assert store.diagnosis_counts() == {"M": 2, "B": 3}
     x_train, y_train = store.load("train")
     x_test, y_test = store.load("test")
-    assert x_train.dtype == np.float32 and x_train.shape == (3, 2)
+    assert x_train.dtype == np.float32
+    assert x_train.shape == (3, 2)
     assert sorted(np.concatenate([y_train, y_test]).tolist()) == [0, 0, 0, 1, 1]
     all_x = np.concatenate([x_train, x_test])
     assert np.float32(17.9) in all_x[:, 0]
@@ -83,7 +84,8 @@ def test_unknown_text_label_pair_needs_positive_label(tmp_path: Path, store: Pat
         store, path, label="outcome", positive_label="beta", rng=np.random.default_rng(0)
     )
     assert report.label_mapping == {"alpha": 0, "beta": 1}
-    assert report.generated_ids and store.count() == 3
+    assert report.generated_ids
+    assert store.count() == 3
     assert set(store.diagnosis_counts()) == {"alpha", "beta"}
 
 

@@ -42,7 +42,8 @@ def test_store_round_trip_and_schema_check(tmp_path: Path) -> None:
     np.testing.assert_array_equal(x, np.stack([r.features for r in train]).astype(np.float32))
     np.testing.assert_array_equal(y, [r.label for r in train])
     assert store.records()[0].features.tolist() == records[0].features.tolist()
-    assert store.dataset_name() == "syn" and store.feature_names() == ["f0", "f1", "f2", "f3"]
+    assert store.dataset_name() == "syn"
+    assert store.feature_names() == ["f0", "f1", "f2", "f3"]
     wrong = PatientRecord("other", "x", np.zeros(5), 0, "train")
     with pytest.raises(SchemaMismatchError, match="5 features"):
         store.add_records([wrong])
@@ -68,7 +69,7 @@ def test_dirichlet_split_is_skewed_and_iid_is_not() -> None:
     overall = np.mean([r.label for r in records])
 
     def max_skew(parts: list[list[PatientRecord]]) -> float:
-        return max(abs(np.mean([r.label for r in p]) - overall) for p in parts)
+        return float(max(abs(np.mean([r.label for r in p]) - overall) for p in parts))
 
     iid = [
         max_skew(split_dataset(records, 3, "iid", rng=np.random.default_rng(s))) for s in range(5)
@@ -100,7 +101,7 @@ def test_write_hospital_stores(tmp_path: Path) -> None:
 def test_federated_standardizer_equals_pooled_statistics() -> None:
     rng = np.random.default_rng(2)
     parts = [rng.normal(5.0, 3.0, size=(n, 4)) for n in (10, 50, 7)]
-    total = sum(local_feature_stats(p) for p in parts)
+    total = np.sum([local_feature_stats(p) for p in parts], axis=0)
     mean, std = global_standardizer(total, 4)
     pooled = np.concatenate(parts)
     np.testing.assert_allclose(mean, pooled.mean(axis=0), rtol=1e-12)

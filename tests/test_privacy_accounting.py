@@ -38,7 +38,7 @@ def test_calibration_round_trip(accountant: str, target: float) -> None:
 
 
 def test_budget_refuses_a_round_that_would_exceed() -> None:
-    q, sigma, per_round = 0.1, 1.0, 50
+    q, sigma, per_round = 0.1, 2.0, 50
     budget = PrivacyBudget(
         epsilon_limit=epsilon(q, sigma, 2 * per_round, DELTA) + 1e-6, delta=DELTA
     )

@@ -44,7 +44,8 @@ def _reference_grads(model: Any, x: np.ndarray, y: np.ndarray) -> np.ndarray:
 def test_build_is_deterministic_in_the_seed() -> None:
     spec = ModelSpec("mlp", 30, hidden=(16, 8))
     a, b = get_flat_weights(build_model(spec, 11)), get_flat_weights(build_model(spec, 11))
-    assert a.dtype == np.float32 and a.shape == (spec.n_parameters(),)
+    assert a.dtype == np.float32
+    assert a.shape == (spec.n_parameters(),)
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, get_flat_weights(build_model(spec, 12)))
     logreg = build_model(ModelSpec("logreg", 30), 0)
@@ -88,7 +89,7 @@ def test_dp_step_equals_per_example_reference() -> None:
     grads = _reference_grads(model, x, y)
     clip, lr, denom = 0.5, 0.1, 6.0
     norms = np.linalg.norm(grads, axis=1)
-    assert (norms > clip).sum() >= 2 and (norms < clip).sum() >= 1 or (norms > clip).all()
+    assert ((norms > clip).sum() >= 2 and (norms < clip).sum() >= 1) or (norms > clip).all()
     clipped = grads * np.minimum(1.0, clip / norms)[:, None]
     expected = start - lr * clipped.sum(axis=0) / denom
     np.testing.assert_allclose(trainer_for(model).per_example_norms(x, y), norms, rtol=1e-5)

@@ -490,6 +490,7 @@ class AgreedRecord(_message.Message):
     PARTICIPANTS_FIELD_NUMBER: _builtins.int
     DROPPED_JSON_FIELD_NUMBER: _builtins.int
     EPSILON_JSON_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     round: _builtins.int
     aggregate_hash: _builtins.bytes
@@ -500,6 +501,8 @@ class AgreedRecord(_message.Message):
     aggregator: _builtins.str
     dropped_json: _builtins.str
     epsilon_json: _builtins.str
+    checkpoint: _builtins.bytes
+    """catch-up only: the round's result (global model), when small"""
     @_builtins.property
     def signatures(self) -> _containers.RepeatedCompositeFieldContainer[Global___RecordSignature]: ...
     @_builtins.property
@@ -519,10 +522,11 @@ class AgreedRecord(_message.Message):
         participants: _abc.Iterable[_builtins.str] | None = ...,
         dropped_json: _builtins.str = ...,
         epsilon_json: _builtins.str = ...,
+        checkpoint: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregate_hash", b"aggregate_hash", "aggregator", b"aggregator", "dropped_json", b"dropped_json", "epsilon_json", b"epsilon_json", "metrics_hash", b"metrics_hash", "metrics_json", b"metrics_json", "model_hash", b"model_hash", "participants", b"participants", "prev_hash", b"prev_hash", "round", b"round", "session_id", b"session_id", "signatures", b"signatures"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregate_hash", b"aggregate_hash", "aggregator", b"aggregator", "checkpoint", b"checkpoint", "dropped_json", b"dropped_json", "epsilon_json", b"epsilon_json", "metrics_hash", b"metrics_hash", "metrics_json", b"metrics_json", "model_hash", b"model_hash", "participants", b"participants", "prev_hash", b"prev_hash", "round", b"round", "session_id", b"session_id", "signatures", b"signatures"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -100,9 +100,10 @@ class Network:
         seed: int = 0,
         env: Mapping[str, Mapping[str, str]] | None = None,
         start: bool = True,
+        policy: Mapping[str, object] | None = None,
     ) -> Network:
         ids = [f"hospital-{chr(ord('a') + i)}" for i in range(n)]
-        kit = LocalKit.create(directory, ids, stage_seconds=stage_seconds)
+        kit = LocalKit.create(directory, ids, stage_seconds=stage_seconds, policy=policy)
         rng = np.random.default_rng(seed)
         vectors: dict[str, np.ndarray[Any, Any]] = {}
         peers: dict[str, PeerProcess] = {}

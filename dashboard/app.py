@@ -1,0 +1,457 @@
+"""The Dash app: a read-only page over one peer's ledger, refreshed while sessions run.
+
+:func:`create_app` builds the app without starting a server, so tests can drive it with any
+WSGI server (or call its callback directly). Everything is served from the app itself: Dash's
+component scripts locally (``serve_locally=True``), no external stylesheet or script, and the
+one stylesheet from ``dashboard/assets/``, so the page works on a hospital network with no
+internet access.
+
+A :class:`dcc.Interval` asks the server every ``interval_s`` seconds for the ledger's state;
+the page is redrawn only when what it shows changed (a :class:`Snapshot` digest kept in the
+browser), so a zoomed chart stays zoomed between rounds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import dash
+from dash import dcc, html
+
+from dashboard import figures
+from dashboard.data import (
+    Column,
+    Table,
+    Verdict,
+    budgets_from_proposal,
+    default_session,
+    format_time,
+    metrics_table,
+    participation_table,
+    privacy_table,
+    session_options,
+    statistics_table,
+    trust_table,
+    verdict,
+)
+from dashboard.source import LedgerSource, Snapshot
+from peer.ledger import Clock, LedgerError, system_clock
+from secagg.crypto import Verifier
+
+__all__ = ["ASSETS", "TITLE", "create_app", "render"]
+
+TITLE = "Consortium ledger"
+ASSETS = Path(__file__).resolve().parent / "assets"
+
+# Ids of the containers the refresh callback fills, in the order of its outputs.
+_SECTIONS = ("session-facts", "summary", "metrics", "privacy", "participation", "trust", "stats")
+
+
+# --------------------------------------------------------------------------- building blocks
+
+
+def _table(table: Table, *, table_id: str, caption: str) -> html.Div:
+    """An HTML table (real <table>/<th> markup, so screen readers can navigate it)."""
+    head = html.Thead(
+        html.Tr([html.Th(c.label, scope="col", className=_css(c)) for c in table.columns])
+    )
+    body = html.Tbody(
+        [
+            html.Tr(
+                [
+                    html.Td(text, className=_css(c))
+                    for c, text in zip(table.columns, cells, strict=True)
+                ]
+            )
+            for cells in table.formatted()
+        ]
+    )
+    return html.Div(
+        html.Table([html.Caption(caption), head, body], id=table_id, className="data"),
+        className="table-wrap",
+    )
+
+
+def _css(column: Column) -> str | None:
+    if column.kind in {"int", "float", "epsilon", "seconds", "bytes"}:
+        return "num"
+    return "time" if column.kind == "time" else None
+
+
+def _graph(figure: Any, graph_id: str) -> dcc.Graph:
+    return dcc.Graph(
+        id=graph_id,
+        figure=figure,
+        config={"displaylogo": False, "responsive": True},
+        className="chart",
+    )
+
+
+def _empty(text: str) -> html.P:
+    return html.P(text, className="empty")
+
+
+def _card(label: str, value: str, card_id: str, tone: str = "") -> html.Div:
+    return html.Div(
+        [html.Div(label, className="card-label"), html.Div(value, className="card-value")],
+        id=card_id,
+        className=f"card {tone}".strip(),
+    )
+
+
+# --------------------------------------------------------------------------- sections
+
+
+def _session_facts(snapshot: Snapshot) -> list[Any]:
+    session = snapshot.session
+    if session is None:
+        return [_empty("This ledger holds no session yet.")]
+    facts = [
+        ("Status", session.status.value),
+        ("Hospitals", ", ".join(session.participants)),
+        ("Signatures required", f"{session.threshold} of {len(session.participants)}"),
+        ("Rounds planned", str(session.rounds_planned)),
+        ("Proposed by", session.proposer),
+        ("Recorded", format_time(session.created_at)),
+    ]
+    if session.reason:
+        facts.append(("Reason", session.reason))
+    items: list[Any] = []
+    for term, value in facts:
+        items += [html.Dt(term), html.Dd(value)]
+    return [html.Dl(items, className="facts")]
+
+
+def _summary(snapshot: Snapshot, metrics: Table, check: Verdict) -> list[Any]:
+    session = snapshot.session
+    if session is None:
+        return []
+    cards = [
+        _card(
+            "Rounds agreed",
+            f"{len(snapshot.records)} of {session.rounds_planned}",
+            "card-rounds",
+        )
+    ]
+    if metrics:
+        last = metrics.rows[-1]
+        for column in metrics.columns[1:3]:
+            value = last.get(column.key)
+            if value is not None:
+                cards.append(
+                    _card(
+                        f"{column.label}, round {last.get('round')}",
+                        f"{float(value):.4g}",
+                        f"card-{column.key}",
+                    )
+                )
+    if snapshot.records:
+        latest = snapshot.records[-1]
+        cards.append(
+            _card(
+                f"Signatures, round {latest.record.round}",
+                f"{len(latest.signatures)} of {len(session.participants)}",
+                "card-signatures",
+            )
+        )
+    tone = {"verified": "good", "problems": "bad", "error": "bad"}.get(check.status, "")
+    label = {
+        "verified": "verified",
+        "problems": "FAILED",
+        "error": "not checked",
+        "unchecked": "not checked",
+    }[check.status]
+    cards.append(_card("Ledger check", label, "card-check", tone))
+    return [html.Div(cards, className="cards")]
+
+
+def _metrics_section(metrics: Table) -> list[Any]:
+    if not metrics:
+        return [_empty("No rounds agreed yet: the global metrics appear here after round 1.")]
+    parts: list[Any] = []
+    for graph_id, figure in (
+        ("quality-chart", figures.quality_figure(metrics)),
+        ("loss-chart", figures.loss_figure(metrics)),
+        ("other-chart", figures.other_metrics_figure(metrics)),
+    ):
+        if figure is not None:
+            parts.append(_graph(figure, graph_id))
+    if len(metrics.columns) == 1:
+        parts.append(_empty("The agreed records carry no numeric metrics."))
+    parts.append(
+        _table(
+            metrics,
+            table_id="metrics-table",
+            caption="Agreed global metrics per round (signed by the hospitals)",
+        )
+    )
+    return [html.Div(parts[:-1], className="charts two"), parts[-1]]
+
+
+def _privacy_section(privacy: Table, budgets: Mapping[str, float]) -> list[Any]:
+    if not privacy:
+        return [_empty("No privacy spending recorded yet: it appears with the first round.")]
+    note = (
+        "Budgets: " + ", ".join(f"{peer} ε = {eps:g}" for peer, eps in sorted(budgets.items()))
+        if budgets
+        else "No budget known for this session (give --budget PEER=EPS, or put it in the "
+        "proposal's privacy section)."
+    )
+    charts = [
+        _graph(figure, graph_id)
+        for graph_id, figure in (
+            ("privacy-round-chart", figures.privacy_round_figure(privacy)),
+            ("privacy-cumulative-chart", figures.privacy_cumulative_figure(privacy)),
+        )
+        if figure is not None
+    ]
+    return [
+        html.P(note, className="note"),
+        html.Div(charts, className="charts two"),
+        _table(
+            privacy,
+            table_id="privacy-table",
+            caption="Differential privacy spent per hospital and round (ε, signed in the record)",
+        ),
+    ]
+
+
+def _participation_section(participation: Table) -> list[Any]:
+    if not participation:
+        return [_empty("No round has started yet.")]
+    parts: list[Any] = []
+    figure = figures.duration_figure(participation)
+    if figure is not None:
+        parts.append(_graph(figure, "duration-chart"))
+    parts.append(
+        _table(
+            participation,
+            table_id="participation-table",
+            caption="Rounds: participants, dropouts and aggregator (signed); "
+            "timing and bytes as this peer saw them",
+        )
+    )
+    return parts
+
+
+def _trust_section(trust: Table, check: Verdict) -> list[Any]:
+    tone = {"verified": "good", "problems": "bad", "error": "bad"}.get(check.status, "neutral")
+    parts: list[Any] = [
+        html.P(check.headline, id="verdict", className=f"verdict {tone}", role="status")
+    ]
+    if check.details:
+        parts.append(html.Ul([html.Li(detail) for detail in check.details], id="problems"))
+    if trust:
+        parts.append(
+            _table(trust, table_id="trust-table", caption="Signatures of each agreed record")
+        )
+    return parts
+
+
+def _stats_section(stats: Table) -> list[Any]:
+    if not stats:
+        return [_empty("No federated statistics recorded for this session.")]
+    return [
+        _table(
+            stats,
+            table_id="stats-table",
+            caption="Federated differentially private statistics (results as agreed)",
+        )
+    ]
+
+
+def render(snapshot: Snapshot, budgets: Mapping[str, float] | None = None) -> list[list[Any]]:
+    """The children of each section (see ``_SECTIONS``) for one snapshot.
+
+    Args:
+        budgets: ε budget per peer from the command line; they override the budgets read
+            from the session proposal.
+    """
+    session = snapshot.session
+    known: dict[str, float] = {}
+    if session is not None:
+        known = budgets_from_proposal(session.proposal, session.participants)
+    known.update(budgets or {})
+    metrics = metrics_table(snapshot.records)
+    privacy = privacy_table(snapshot.records, known)
+    check = verdict(snapshot.report, error=snapshot.check_error)
+    if session is None:
+        participation = trust = Table(())
+    else:
+        participation = participation_table(session, snapshot.records, snapshot.attempts)
+        trust = trust_table(session, snapshot.records, snapshot.report)
+    return [
+        _session_facts(snapshot),
+        _summary(snapshot, metrics, check),
+        _metrics_section(metrics),
+        _privacy_section(privacy, known),
+        _participation_section(participation),
+        _trust_section(trust, check),
+        _stats_section(statistics_table(snapshot.statistics)),
+    ]
+
+
+# --------------------------------------------------------------------------- the app
+
+
+def _section(title: str, section_id: str, intro: str) -> html.Section:
+    return html.Section([html.H2(title), html.P(intro, className="intro"), html.Div(id=section_id)])
+
+
+def _layout(source_url: str, interval_s: float) -> html.Div:
+    return html.Div(
+        [
+            html.Header(
+                [
+                    html.H1(TITLE),
+                    html.P(
+                        f"Ledger {source_url} — read-only, refreshed every {interval_s:g} s",
+                        id="source",
+                    ),
+                    html.P(id="updated"),
+                ]
+            ),
+            html.Div(id="error", role="alert"),
+            html.Section(
+                [
+                    html.Label("Session", htmlFor="session", className="session-label"),
+                    dcc.Dropdown(id="session", clearable=False, searchable=False),
+                    html.Div(id="session-facts"),
+                ],
+                className="session-bar",
+            ),
+            html.Div(id="summary"),
+            html.Main(
+                [
+                    _section(
+                        "Global model",
+                        "metrics",
+                        "What the hospitals agreed on after each round, computed under secure "
+                        "aggregation: no hospital's own figures are visible to the others.",
+                    ),
+                    _section(
+                        "Privacy",
+                        "privacy",
+                        "Differential privacy (ε) each hospital spent on its patients' data. "
+                        "Lower ε means stronger privacy; totals must stay within the budget.",
+                    ),
+                    _section(
+                        "Participation",
+                        "participation",
+                        "Which hospitals contributed to each round, who dropped out, and which "
+                        "peer relayed the masked updates (the aggregator, trusted for nothing).",
+                    ),
+                    _section(
+                        "Trust",
+                        "trust",
+                        "Every agreed record is signed by the hospitals and chained to the "
+                        "previous one, so a changed or deleted round is detected.",
+                    ),
+                    _section(
+                        "Federated statistics",
+                        "stats",
+                        "Cohort counts, histograms and means computed with differential "
+                        "privacy and summed securely.",
+                    ),
+                ]
+            ),
+            dcc.Interval(id="tick", interval=int(interval_s * 1000), n_intervals=0),
+            dcc.Store(id="digest"),
+        ],
+        className="page",
+    )
+
+
+def create_app(
+    ledger_url: str,
+    *,
+    verifiers: Mapping[str, Verifier] | None = None,
+    interval_s: float = 5.0,
+    budgets: Mapping[str, float] | None = None,
+    clock: Clock = system_clock,
+) -> dash.Dash:
+    """Build the dashboard over the ledger at ``ledger_url`` (opened read-only).
+
+    Args:
+        ledger_url: a SQLAlchemy URL or a SQLite file path (see
+            :func:`dashboard.source.read_only_url`).
+        verifiers: roster keys by peer id; when given the whole ledger is verified (once per
+            new record) and the verdict shown, otherwise the page says signatures were not
+            checked.
+        interval_s: seconds between refreshes.
+        budgets: ε budget per peer, overriding any found in the session proposal.
+        clock: the time shown as "last checked".
+
+    Raises:
+        LedgerSourceError: the URL cannot be opened read-only (malformed, in-memory, or a
+            SQLite file that does not exist).
+        ValueError: ``interval_s`` is not positive.
+    """
+    if not interval_s > 0:
+        raise ValueError(f"the refresh interval must be positive, not {interval_s}")
+    source = LedgerSource(ledger_url, verifiers=verifiers)
+    app = dash.Dash(
+        __name__,
+        title=TITLE,
+        # An empty title disables Dash's "Updating..." tab title on every refresh.
+        update_title="",
+        assets_folder=str(ASSETS),
+        serve_locally=True,
+        external_stylesheets=[],
+        external_scripts=[],
+        meta_tags=[{"name": "viewport", "content": "width=device-width, initial-scale=1"}],
+    )
+    app.layout = _layout(source.url, interval_s)
+    _register(app, source, dict(budgets or {}), clock)
+    return app
+
+
+def _register(
+    app: dash.Dash, source: LedgerSource, budgets: dict[str, float], clock: Clock
+) -> None:
+    outputs = [dash.Output("session", "options"), dash.Output("session", "value")]
+    outputs += [dash.Output(section, "children") for section in _SECTIONS]
+    outputs += [
+        dash.Output("error", "children"),
+        dash.Output("updated", "children"),
+        dash.Output("digest", "data"),
+    ]
+
+    @app.callback(
+        outputs,
+        dash.Input("tick", "n_intervals"),
+        dash.Input("session", "value"),
+        dash.State("digest", "data"),
+    )
+    def refresh(_tick: int | None, selected: str | None, shown: str | None) -> list[Any]:
+        return _refresh(source, budgets, clock, selected, shown)
+
+
+def _refresh(
+    source: LedgerSource,
+    budgets: Mapping[str, float],
+    clock: Callable[[], datetime],
+    selected: str | None,
+    shown: str | None,
+) -> list[Any]:
+    keep = dash.no_update
+    checked = f"Last checked {format_time(clock())}"
+    try:
+        first = source.snapshot(selected)
+        snapshot = first
+        if first.session is None:
+            chosen = default_session(first.sessions)
+            if chosen is not None:
+                snapshot = source.snapshot(chosen)
+    except LedgerError as exc:
+        problem = html.P(f"Cannot read the ledger: {exc}", className="verdict bad")
+        return [keep, keep, *([keep] * len(_SECTIONS)), problem, checked, keep]
+    digest = snapshot.digest()
+    if digest == shown:
+        return [keep, keep, *([keep] * len(_SECTIONS)), None, checked, keep]
+    options: Sequence[dict[str, str]] = session_options(snapshot.sessions, snapshot.all_records)
+    value = snapshot.session.session_id if snapshot.session else None
+    return [options, value, *render(snapshot, budgets), None, checked, digest]

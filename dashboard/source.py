@@ -1,0 +1,230 @@
+"""Read-only access to a peer's ledger: one :class:`Snapshot` per refresh.
+
+Read-only, by two means:
+
+- The database connection itself is opened read-only where the backend allows it: SQLite
+  files through a ``file:...?mode=ro`` URI (any write fails with "attempt to write a
+  readonly database"), PostgreSQL with ``default_transaction_read_only=on``.
+- On any backend, the dashboard only calls the ledger's read methods (``sessions``,
+  ``agreed_records``, ``round_attempts``, ``statistics_results``, ``head``) and
+  :func:`~peer.ledger.verify_ledger`; it never calls ``create`` or a write method, so it
+  cannot create tables or records even where the connection would allow it.
+
+The ledger is shared with the running peer: SQLite's write-ahead log lets the dashboard read
+while the peer writes, and each read sees the last committed round.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote
+
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
+
+from peer.ledger import (
+    Ledger,
+    LedgerError,
+    LedgerReport,
+    RoundAttempt,
+    SessionInfo,
+    StatisticsResult,
+    StoredRecord,
+    verify_ledger,
+)
+from secagg.crypto import Verifier
+
+__all__ = ["LedgerSource", "LedgerSourceError", "Snapshot", "read_only_url"]
+
+
+class LedgerSourceError(ValueError):
+    """The ledger URL or file cannot be used (the message says what is wrong)."""
+
+
+def _sqlite_read_only(url: URL) -> str:
+    database = url.database or ""
+    if database in ("", ":memory:") or database.startswith("file::memory:"):
+        raise LedgerSourceError(
+            "an in-memory SQLite ledger exists only inside the peer that made it; "
+            "give the path of the peer's ledger file"
+        )
+    if database.startswith("file:"):
+        # Already a SQLite URI: force read-only on top of what it asks.
+        query = dict(url.query)
+        query.update({"mode": "ro", "uri": "true"})
+        return url.set(query=query).render_as_string(hide_password=False)
+    path = Path(database).expanduser().resolve()
+    if not path.is_file():
+        raise LedgerSourceError(f"no ledger file at {path}")
+    return f"sqlite:///file:{quote(str(path))}?mode=ro&uri=true"
+
+
+def read_only_url(url: str) -> str:
+    """The SQLAlchemy URL that opens ``url`` read-only where the backend supports it.
+
+    Args:
+        url: a SQLAlchemy URL (``sqlite:////var/lib/peer/ledger.db``,
+            ``postgresql+psycopg://dashboard@db/ledger``) or the path of a SQLite file.
+
+    Raises:
+        LedgerSourceError: malformed URL, in-memory database, or a SQLite file that does
+            not exist (opening it would otherwise create an empty one).
+    """
+    if "://" not in url:
+        return _sqlite_read_only(make_url("sqlite:///" + url))
+    try:
+        parsed = make_url(url)
+    except ArgumentError as exc:
+        raise LedgerSourceError(f"not a database URL: {url!r} ({exc})") from None
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        return _sqlite_read_only(parsed)
+    if backend == "postgresql":
+        query = dict(parsed.query)
+        options = query.get("options", "")
+        extra = "-c default_transaction_read_only=on"
+        query["options"] = f"{options} {extra}".strip() if isinstance(options, str) else extra
+        return parsed.set(query=query).render_as_string(hide_password=False)
+    return url
+
+
+def shown_url(url: str) -> str:
+    """``url`` as it may be displayed (password hidden)."""
+    if "://" not in url:
+        return url
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "(malformed URL)"
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """What the dashboard shows at one moment.
+
+    Attributes:
+        sessions: every session of the ledger, oldest first.
+        all_records: every agreed record (for the per-session round counts).
+        session: the selected session (None when the ledger has none).
+        records: the selected session's agreed records, in round order.
+        attempts: this peer's attempts at the selected session's rounds.
+        statistics: the selected session's statistics results.
+        report: the verification of the whole ledger, or None without a roster.
+        check_error: why the verification could not run, if it failed.
+        head: ``(seq, record_hash)`` of the ledger's last record.
+    """
+
+    sessions: tuple[SessionInfo, ...]
+    all_records: tuple[StoredRecord, ...]
+    session: SessionInfo | None
+    records: tuple[StoredRecord, ...]
+    attempts: tuple[RoundAttempt, ...]
+    statistics: tuple[StatisticsResult, ...]
+    report: LedgerReport | None
+    check_error: str | None
+    head: tuple[int, bytes]
+
+    def digest(self) -> str:
+        """A short fingerprint of the visible content: equal digests draw the same page."""
+        # The dataclasses' reprs are deterministic (datetimes, bytes, tuples, dicts in
+        # insertion order of deterministic queries), so this changes exactly when a shown
+        # value does.
+        text = repr(
+            (
+                self.sessions,
+                self.session.session_id if self.session else None,
+                self.head,
+                self.records,
+                self.attempts,
+                self.statistics,
+                self.report,
+                self.check_error,
+            )
+        )
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
+
+
+class LedgerSource:
+    """A read-only view of one ledger, with the verification cached per ledger head.
+
+    Args:
+        url: as for :func:`read_only_url`.
+        verifiers: roster keys by peer id; when given, every snapshot carries the
+            :func:`~peer.ledger.verify_ledger` report of the whole ledger.
+
+    Raises:
+        LedgerSourceError: see :func:`read_only_url`.
+    """
+
+    def __init__(self, url: str, *, verifiers: Mapping[str, Verifier] | None = None) -> None:
+        self.url = shown_url(url)
+        self._ledger = Ledger(read_only_url(url))
+        self._verifiers = dict(verifiers) if verifiers is not None else None
+        self._lock = threading.Lock()
+        self._checked: tuple[object, LedgerReport | None, str | None] | None = None
+
+    def close(self) -> None:
+        """Close the database connections."""
+        self._ledger.close()
+
+    def probe(self) -> int:
+        """Read the ledger once and return its number of sessions.
+
+        Raises:
+            LedgerError: the database cannot be read or holds no ledger.
+        """
+        return len(self._ledger.sessions())
+
+    def _verification(self, key: object) -> tuple[LedgerReport | None, str | None]:
+        if self._verifiers is None:
+            return None, None
+        # verify_ledger reads every record and checkpoint: do it once per ledger state,
+        # not once per browser refresh.
+        with self._lock:
+            if self._checked is not None and self._checked[0] == key:
+                return self._checked[1], self._checked[2]
+            report: LedgerReport | None = None
+            error: str | None = None
+            try:
+                report = verify_ledger(self._ledger, self._verifiers)
+            except LedgerError as exc:
+                error = str(exc)
+            self._checked = (key, report, error)
+            return report, error
+
+    def snapshot(self, session_id: str | None) -> Snapshot:
+        """Read everything shown for ``session_id`` (None or unknown: no session selected).
+
+        Raises:
+            LedgerError: the ledger cannot be read.
+        """
+        # Separate read transactions: a round agreed between two reads shows in full at
+        # the next refresh, and the head is taken from the records actually read.
+        sessions = tuple(self._ledger.sessions())
+        all_records = tuple(self._ledger.agreed_records())
+        head = (all_records[-1].seq, all_records[-1].record_hash) if all_records else (0, b"")
+        session = next((s for s in sessions if s.session_id == session_id), None)
+        records: tuple[StoredRecord, ...] = ()
+        attempts: tuple[RoundAttempt, ...] = ()
+        statistics: tuple[StatisticsResult, ...] = ()
+        if session is not None:
+            records = tuple(r for r in all_records if r.record.session_id == session.session_id)
+            attempts = tuple(self._ledger.round_attempts(session.session_id))
+            statistics = tuple(self._ledger.statistics_results(session.session_id))
+        key = (head, tuple((s.session_id, s.proposal_hash) for s in sessions))
+        report, error = self._verification(key)
+        return Snapshot(
+            sessions=sessions,
+            all_records=all_records,
+            session=session,
+            records=records,
+            attempts=attempts,
+            statistics=statistics,
+            report=report,
+            check_error=error,
+            head=head,
+        )
