@@ -133,7 +133,7 @@ def _check_ledger(url: str) -> None:
     try:
         source.probe()
     except LedgerError as exc:
-        raise UsageError(f"cannot read the ledger: {_first_line(str(exc))}") from None
+        raise UsageError(_first_line(str(exc))) from None
     finally:
         source.close()
 

@@ -18,17 +18,19 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, DBAPIError
 
 from peer.ledger import (
     Ledger,
     LedgerError,
+    LedgerReadError,
     LedgerReport,
     RoundAttempt,
     SessionInfo,
@@ -162,7 +164,15 @@ class LedgerSource:
 
     def __init__(self, url: str, *, verifiers: Mapping[str, Verifier] | None = None) -> None:
         self.url = shown_url(url)
-        self._ledger = Ledger(read_only_url(url))
+        try:
+            self._ledger = Ledger(read_only_url(url))
+        except ArgumentError as exc:
+            # Unknown dialect ("Can't load plugin: sqlalchemy.dialects:...") or bad options.
+            raise LedgerSourceError(f"cannot use {self.url}: {exc}") from None
+        except ImportError as exc:
+            raise LedgerSourceError(
+                f"cannot use {self.url}: its database driver is not installed ({exc})"
+            ) from None
         self._verifiers = dict(verifiers) if verifiers is not None else None
         self._lock = threading.Lock()
         self._checked: tuple[object, LedgerReport | None, str | None] | None = None
@@ -171,13 +181,30 @@ class LedgerSource:
         """Close the database connections."""
         self._ledger.close()
 
+    @contextmanager
+    def _reading(self) -> Iterator[None]:
+        """Database failures as :class:`LedgerReadError` naming the ledger and the reason."""
+        try:
+            yield
+        except LedgerError as exc:
+            # The ledger's message shows the read-only URI we made; show the user's URL.
+            cause = exc.__cause__
+            reason = str(getattr(cause, "orig", None) or cause or exc)
+            if "no such table" in reason:
+                reason += " (this database holds no peer ledger)"
+            raise LedgerReadError(f"cannot read the ledger {self.url}: {reason}") from exc
+        except DBAPIError as exc:
+            # e.g. "file is not a database", which the ledger does not map itself.
+            raise LedgerReadError(f"cannot read the ledger {self.url}: {exc.orig}") from exc
+
     def probe(self) -> int:
         """Read the ledger once and return its number of sessions.
 
         Raises:
-            LedgerError: the database cannot be read or holds no ledger.
+            LedgerReadError: the database cannot be read or holds no ledger.
         """
-        return len(self._ledger.sessions())
+        with self._reading():
+            return len(self._ledger.sessions())
 
     def _verification(self, key: object) -> tuple[LedgerReport | None, str | None]:
         if self._verifiers is None:
@@ -190,7 +217,8 @@ class LedgerSource:
             report: LedgerReport | None = None
             error: str | None = None
             try:
-                report = verify_ledger(self._ledger, self._verifiers)
+                with self._reading():
+                    report = verify_ledger(self._ledger, self._verifiers)
             except LedgerError as exc:
                 error = str(exc)
             self._checked = (key, report, error)
@@ -200,21 +228,23 @@ class LedgerSource:
         """Read everything shown for ``session_id`` (None or unknown: no session selected).
 
         Raises:
-            LedgerError: the ledger cannot be read.
+            LedgerReadError: the ledger cannot be read.
         """
         # Separate read transactions: a round agreed between two reads shows in full at
         # the next refresh, and the head is taken from the records actually read.
-        sessions = tuple(self._ledger.sessions())
-        all_records = tuple(self._ledger.agreed_records())
-        head = (all_records[-1].seq, all_records[-1].record_hash) if all_records else (0, b"")
-        session = next((s for s in sessions if s.session_id == session_id), None)
         records: tuple[StoredRecord, ...] = ()
         attempts: tuple[RoundAttempt, ...] = ()
         statistics: tuple[StatisticsResult, ...] = ()
-        if session is not None:
-            records = tuple(r for r in all_records if r.record.session_id == session.session_id)
-            attempts = tuple(self._ledger.round_attempts(session.session_id))
-            statistics = tuple(self._ledger.statistics_results(session.session_id))
+        with self._reading():
+            sessions = tuple(self._ledger.sessions())
+            all_records = tuple(self._ledger.agreed_records())
+            session = next((s for s in sessions if s.session_id == session_id), None)
+            if session is not None:
+                wanted = session.session_id
+                records = tuple(r for r in all_records if r.record.session_id == wanted)
+                attempts = tuple(self._ledger.round_attempts(wanted))
+                statistics = tuple(self._ledger.statistics_results(wanted))
+        head = (all_records[-1].seq, all_records[-1].record_hash) if all_records else (0, b"")
         key = (head, tuple((s.session_id, s.proposal_hash) for s in sessions))
         report, error = self._verification(key)
         return Snapshot(

@@ -27,6 +27,7 @@ from secagg import (
     UnmaskRequest,
     UnmaskShares,
 )
+from secagg.cleartext import CleartextInput, CleartextTranscript
 from secagg.prg import word_dtype
 
 from .wire import peer_pb2 as pb
@@ -150,6 +151,22 @@ def _unmask(p: pb.UnmaskShares) -> UnmaskShares:
     )
 
 
+def _cleartext_pb(m: CleartextInput) -> pb.CleartextInput:
+    bits, raw = _vector_bytes(m.vector)
+    return pb.CleartextInput(
+        sender=m.sender,
+        session_id=m.session_id,
+        round=m.round,
+        bits=bits,
+        vector=raw,
+        signature=m.signature,
+    )
+
+
+def _cleartext(p: pb.CleartextInput) -> CleartextInput:
+    return CleartextInput(p.sender, p.session_id, p.round, _vector(p.bits, p.vector), p.signature)
+
+
 def to_proto(message: object) -> Message:
     """The protobuf form of a secagg message, a Transcript, or a protobuf message itself."""
     if isinstance(message, Message):
@@ -193,6 +210,18 @@ def to_proto(message: object) -> Message:
             survivors=list(message.survivors),
             dropped=list(message.dropped),
             signatures=[_consistency_pb(s) for s in message.signatures],
+        )
+    if isinstance(message, CleartextInput):
+        return _cleartext_pb(message)
+    if isinstance(message, CleartextTranscript):
+        bits, raw = _vector_bytes(message.aggregate)
+        return pb.CleartextTranscript(
+            session_id=message.session_id,
+            round=message.round,
+            aggregator=message.aggregator,
+            inputs=[_cleartext_pb(i) for i in message.inputs],
+            bits=bits,
+            aggregate=raw,
         )
     if isinstance(message, Transcript):
         bits, raw = _vector_bytes(message.aggregate)
@@ -247,6 +276,16 @@ def _from_proto(p: Message) -> object:
             tuple(p.dropped),
             tuple(_consistency(s) for s in p.signatures),
         )
+    if isinstance(p, pb.CleartextInput):
+        return _cleartext(p)
+    if isinstance(p, pb.CleartextTranscript):
+        return CleartextTranscript(
+            p.session_id,
+            p.round,
+            p.aggregator,
+            tuple(_cleartext(i) for i in p.inputs),
+            _vector(p.bits, p.aggregate),
+        )
     if isinstance(p, pb.Transcript):
         return Transcript(
             session_id=p.session_id,
@@ -274,6 +313,8 @@ _KINDS: dict[str, type[Message]] = {
         "SurvivorSet",
         "UnmaskRequest",
         "Transcript",
+        "CleartextInput",
+        "CleartextTranscript",
         "RoundHello",
         "RecordDraft",
         "RecordSignature",

@@ -48,6 +48,8 @@ class Policy:
     allowed_operators: tuple[str, ...] = ()
     max_rounds: int = 1000
     max_vector_length: int = 50_000_000
+    # Cleartext sessions reveal every input to the aggregator: benchmarks only.
+    allow_cleartext: bool = False
 
 
 @dataclass(frozen=True)
@@ -155,6 +157,7 @@ def load_config(path: str | Path) -> PeerConfig:
         max_vector_length=_get(
             policy_table, "max_vector_length", int, ppath, Policy.max_vector_length
         ),
+        allow_cleartext=_get(policy_table, "allow_cleartext", bool, ppath, False),
     )
     if policy.max_epsilon <= 0:
         raise ConfigFileError(f"{ppath}: 'max_epsilon' must be positive")

@@ -21,6 +21,7 @@ import grpc
 
 from secagg import RandomSource, SystemRandom
 
+from .backends import backend_for
 from .config import PeerConfig
 from .identity import Role, load_signer
 from .ledger import (
@@ -231,6 +232,7 @@ class PeerNode:
         try:
             # Building a training payload reads the patient data and loads TensorFlow:
             # seconds of work that must not stall the other RPCs.
+            backend_for(proposal.aggregation)
             payload = await loop.run_in_executor(
                 None, self.payload_factory, proposal, self.config, self.ledger
             )
@@ -468,6 +470,7 @@ class PeerNode:
             verifiers=self.verifiers,
             ledger=self.ledger,
             payload=payload,
+            backend=backend_for(proposal.aggregation),
             rng=self.rng,
             stage_seconds=proposal.stage_seconds,
             prepare_seconds=proposal.prepare_seconds,

@@ -34,12 +34,10 @@ from typing import Any
 
 import grpc
 import numpy as np
+from google.protobuf.message import Message
 
 from secagg import (
-    Aggregator,
-    MaskedInput,
-    Participant,
-    ParticipantState,
+    AggregatorState,
     RandomSource,
     RemoteProtocolError,
     RoundAborted,
@@ -47,13 +45,11 @@ from secagg import (
     SecAggError,
     Signer,
     Stage,
-    Transcript,
     Verifier,
-    verify_transcript,
 )
 from secagg.crypto import sha256
-from secagg.messages import AdvertisedKeys, SharesToYou, SurvivorSet, UnmaskRequest
 
+from .backends import RoundBackend
 from .codec import CodecError, Reassembler, fragments
 from .faults import fault_point, tamper_transcript_aggregate
 from .ledger import (
@@ -79,8 +75,6 @@ __all__ = [
 
 ROUND_STREAM_METHOD = "/hospital_secagg.v1.Peer/RoundStream"
 logger = logging.getLogger("peer.rounds")
-
-_SECAGG_REPLIES = (AdvertisedKeys, SharesToYou, SurvivorSet, UnmaskRequest)
 
 
 class RoundStatusKind(StrEnum):
@@ -119,6 +113,7 @@ class RoundContext:
     verifiers: Mapping[str, Verifier]
     ledger: Ledger
     payload: Payload
+    backend: RoundBackend
     rng: RandomSource
     stage_seconds: float
     prepare_seconds: float
@@ -153,7 +148,7 @@ class AggregatorRound:
 
     def __init__(self, ctx: RoundContext) -> None:
         self.ctx = ctx
-        self.secagg = Aggregator(ctx.config, ctx.verifiers, ctx.me)
+        self.protocol = ctx.backend.aggregator(ctx.config, ctx.verifiers, ctx.me)
         self._outboxes: dict[str, asyncio.Queue[object | None]] = {}
         self._hellos: dict[str, pb.RoundHello] = {}
         self._gone: set[str] = set()
@@ -179,8 +174,9 @@ class AggregatorRound:
         peer = hello.peer_id
         if not self.ctx.config.is_member(peer):
             raise PermissionError(f"{peer} is not a participant of this round")
-        if self.secagg.stage is not Stage.ADVERTISE or self.finished.is_set():
-            raise PermissionError(f"round already past stage advertise; {peer} joined too late")
+        first = self.ctx.backend.first_stage
+        if self.protocol.stage is not first or self.finished.is_set():
+            raise PermissionError(f"round already past stage {first.value}; {peer} joined too late")
         if peer in self._outboxes:
             raise PermissionError(f"{peer} already has a stream open for this round")
         queue: asyncio.Queue[object | None] = asyncio.Queue()
@@ -204,11 +200,11 @@ class AggregatorRound:
                     peer, f"sent a message signed as {getattr(message, 'sender', '?')!r}"
                 )
             else:
-                self.secagg.receive(message)  # type: ignore[arg-type]
+                self.protocol.receive(message)
         except RemoteProtocolError as error:
             self._warn(
                 "stage=%s rejected message from %s: %s",
-                self.secagg.stage.value,
+                self.protocol.stage.value,
                 error.offender,
                 error.reason,
             )
@@ -216,7 +212,7 @@ class AggregatorRound:
         except SecAggError as error:
             self._warn(
                 "stage=%s message from %s after the round ended: %s",
-                self.secagg.stage.value,
+                self.protocol.stage.value,
                 peer,
                 error,
             )
@@ -278,35 +274,34 @@ class AggregatorRound:
     async def _run(self) -> None:
         ctx = self.ctx
         loop = asyncio.get_running_loop()
-        for stage in Stage:
-            seconds = (
-                ctx.prepare_seconds + ctx.stage_seconds
-                if stage is Stage.ADVERTISE
-                else ctx.stage_seconds
-            )
-            await self._wait(lambda: not (self.secagg.pending() - self._gone), seconds)
+        while self.protocol.state is AggregatorState.RUNNING:
+            stage = self.protocol.stage
+            seconds = ctx.stage_seconds
+            if stage is ctx.backend.first_stage:
+                seconds += ctx.prepare_seconds  # everyone computes its contribution first
+            await self._wait(lambda: not (self.protocol.pending() - self._gone), seconds)
             fault_point(ctx.round, f"aggregator:{stage.value}")
             try:
-                if stage is Stage.UNMASK:
-                    outgoing = await loop.run_in_executor(None, self.secagg.close_stage)
+                if stage is Stage.UNMASK:  # reconstruction and mask removal: heavy
+                    outgoing = await loop.run_in_executor(None, self.protocol.close_stage)
                 else:
-                    outgoing = self.secagg.close_stage()
+                    outgoing = self.protocol.close_stage()
             except (RoundAborted, RemoteProtocolError) as error:
                 self.result = f"aborted at stage {stage.value}: {error}"
                 self._warn("stage=%s round aborted: %s", stage.value, error)
                 self._finish(pb.Abort(reason=self.result, offender=getattr(error, "offender", "")))
                 return
-            dropped = self.secagg.dropped.get(stage, ())
+            dropped = self.protocol.dropped.get(stage, ())
             self._info("stage=%s closed dropped=%s", stage.value, ",".join(dropped) or "-")
             for peer, message in outgoing.items():
                 self._send(peer, message)
 
-        transcript = self.secagg.transcript()
+        transcript = self.protocol.transcript()
         if tamper_transcript_aggregate(ctx.round):
             wrong = transcript.aggregate.copy()
             wrong[0] += 1
             transcript = dataclasses.replace(transcript, aggregate=wrong)
-        result = self.secagg.result
+        result = self.protocol.result
         assert result is not None
         epsilon = {p: self._hellos[p].epsilon for p in result.survivors if p in self._hellos}
         draft = pb.RecordDraft(
@@ -405,12 +400,12 @@ async def participate(ctx: RoundContext, channel: grpc.aio.Channel) -> RoundOutc
     )
     call = method(timeout=timeout)  # type: ignore[call-arg]  # stubs predate grpc.aio
     stream = _Stream(call, ctx.max_message_bytes())
-    participant = Participant(
+    participant = ctx.backend.participant(
         ctx.config, ctx.me, ctx.signer, ctx.verifiers, contribution.vector, ctx.rng, ctx.aggregator
     )
-    my_masked: MaskedInput | None = None
+    sent: list[object] = []  # what this peer sent: its own input must be in the transcript
     my_record: tuple[AgreedRecord, bytes, bytes] | None = None  # record, model, record hash
-    transcript: Transcript | None = None
+    transcript: Any = None
     try:
         await stream.send(
             pb.RoundHello(
@@ -422,33 +417,24 @@ async def participate(ctx: RoundContext, channel: grpc.aio.Channel) -> RoundOutc
                 chain_head=ctx.ledger.session_head(ctx.session_id),
             )
         )
-        fault_point(ctx.round, "advertise")
-        await stream.send(participant.start())
-        ctx.on_stage("advertise", "keys sent")
+        fault_point(ctx.round, ctx.backend.first_stage.value)
+        first = participant.start()
+        sent.append(first)
+        await stream.send(first)
+        ctx.on_stage(ctx.backend.first_stage.value, "sent")
         while True:
             message = await stream.receive()
             if message is None:
                 outcome.reason = "the aggregator closed the stream before the round ended"
                 return outcome
-            if isinstance(message, _SECAGG_REPLIES):
-                if isinstance(message, SharesToYou):  # mask expansion: heavy
-                    reply = await loop.run_in_executor(None, participant.receive, message)
-                else:
-                    reply = participant.receive(message)
-                if isinstance(reply, MaskedInput):
-                    my_masked = reply
-                stage = _stage_of(participant.state)
-                ctx.on_stage(stage, "")
-                fault_point(ctx.round, stage)
-                await stream.send(reply)
-            elif isinstance(message, Transcript):
+            if ctx.backend.is_transcript(message):
                 transcript = message
             elif isinstance(message, pb.RecordDraft):
                 if transcript is None:
                     raise RemoteProtocolError(ctx.aggregator, "record draft before the transcript")
                 ctx.on_stage("verify", "checking the transcript")
                 my_record = await loop.run_in_executor(
-                    None, _build_record, ctx, transcript, message, my_masked, contribution
+                    None, _build_record, ctx, transcript, message, sent, contribution
                 )
                 record, _, record_hash = my_record
                 outcome.survivors = transcript.survivors
@@ -474,8 +460,18 @@ async def participate(ctx: RoundContext, channel: grpc.aio.Channel) -> RoundOutc
                 outcome.reason = message.reason
                 logger.warning("%s aggregator aborted the round: %s", prefix, message.reason)
                 return outcome
-            else:
+            elif isinstance(message, Message):
                 raise RemoteProtocolError(ctx.aggregator, f"unexpected {type(message).__name__}")
+            else:  # the protocol's own messages
+                if ctx.backend.is_heavy(message):
+                    reply = await loop.run_in_executor(None, participant.receive, message)
+                else:
+                    reply = participant.receive(message)
+                sent.append(reply)
+                stage = ctx.backend.stage_reached(participant)
+                ctx.on_stage(stage, "")
+                fault_point(ctx.round, stage)
+                await stream.send(reply)
     except (SecAggError, CodecError, LedgerError) as error:
         outcome.status = RoundStatusKind.REFUSED
         outcome.reason = str(error)
@@ -498,29 +494,18 @@ async def participate(ctx: RoundContext, channel: grpc.aio.Channel) -> RoundOutc
         return outcome
     finally:
         outcome.bytes_sent, outcome.bytes_received = stream.sent, stream.received
-        if participant.state not in (ParticipantState.DONE, ParticipantState.FAILED):
-            participant.state = ParticipantState.FAILED
         call.cancel()
-
-
-def _stage_of(state: ParticipantState) -> str:
-    return {
-        ParticipantState.SHARED: "share",
-        ParticipantState.MASKED: "masked",
-        ParticipantState.SIGNED: "consistency",
-        ParticipantState.DONE: "unmask",
-    }.get(state, state.value)
 
 
 def _build_record(
     ctx: RoundContext,
-    transcript: Transcript,
+    transcript: Any,
     draft: pb.RecordDraft,
-    my_masked: MaskedInput | None,
+    sent: list[object],
     contribution: LocalContribution,
 ) -> tuple[AgreedRecord, bytes, bytes]:
     """Verify the transcript and build the record this peer is willing to sign."""
-    verified = verify_transcript(transcript, ctx.config, ctx.verifiers, own=my_masked)
+    aggregate, survivors = ctx.backend.verify(transcript, ctx.config, ctx.verifiers, sent)
     head = ctx.ledger.session_head(ctx.session_id)
     if draft.prev_hash != head:
         raise RemoteProtocolError(
@@ -532,19 +517,16 @@ def _build_record(
         epsilon = {str(k): float(v) for k, v in json.loads(draft.epsilon_json).items()}
     except (ValueError, AttributeError) as error:
         raise RemoteProtocolError(ctx.aggregator, f"malformed epsilon claims: {error}") from None
-    if (
-        ctx.me in verified.survivors
-        and abs(epsilon.get(ctx.me, -1.0) - contribution.epsilon) > 1e-12
-    ):
+    if ctx.me in survivors and abs(epsilon.get(ctx.me, -1.0) - contribution.epsilon) > 1e-12:
         raise RemoteProtocolError(ctx.aggregator, "record draft misstates my privacy spending")
-    result = ctx.payload.conclude(ctx.round, verified.aggregate, verified.survivors)
+    result = ctx.payload.conclude(ctx.round, aggregate, survivors)
     metrics = dict(result.metrics)
-    metrics["survivors"] = list(verified.survivors)
+    metrics["survivors"] = list(survivors)
     metrics["aggregator"] = ctx.aggregator
     record = AgreedRecord.build(
         ctx.session_id,
         ctx.round,
-        aggregate_hash=_aggregate_hash(verified.aggregate),
+        aggregate_hash=_aggregate_hash(aggregate),
         model_hash=sha256(result.model),
         metrics=metrics,
         epsilon=epsilon,

@@ -28,6 +28,7 @@ __all__ = [
     "check_policy",
 ]
 
+AGGREGATIONS = ("secagg", "paillier", "cleartext")
 _SESSION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -63,9 +64,9 @@ class SessionProposal:
             raise ProposalError("a session needs at least 2 distinct participants")
         if not 1 <= self.rounds <= 100_000:
             raise ProposalError(f"rounds must be between 1 and 100000, not {self.rounds}")
-        if self.aggregation not in ("secagg", "paillier"):
+        if self.aggregation not in AGGREGATIONS:
             raise ProposalError(
-                f"aggregation must be 'secagg' or 'paillier', not {self.aggregation!r}"
+                f"aggregation must be one of {', '.join(AGGREGATIONS)}, not {self.aggregation!r}"
             )
         if self.stage_seconds <= 0 or self.prepare_seconds < 0:
             raise ProposalError("stage_seconds must be positive and prepare_seconds non-negative")
@@ -169,6 +170,8 @@ def check_policy(
     """Why this peer refuses ``proposal``, or None to accept."""
     if me not in proposal.participants:
         return f"{me} is not a participant of session {proposal.session_id}"
+    if proposal.aggregation == "cleartext" and not policy.allow_cleartext:
+        return "cleartext aggregation reveals every input; this institution does not allow it"
     if not proposer_is_peer and proposer not in policy.allowed_operators:
         return f"operator {proposer} is not allowed to propose sessions here"
     if len(proposal.participants) < policy.min_participants:

@@ -666,10 +666,16 @@ class StatisticsPayload:
                 quantized.clipped_count,
                 answers.size,
             )
-        epsilon, _ = accountant.total()
+        spent_now, _ = accountant.total()
+        # The accountant's float sum of the shares may differ from epsilon by an ulp; the
+        # public claim is the round's epsilon itself (what the proposal and budget name).
+        if not math.isclose(spent_now, self.spec.epsilon, rel_tol=_EPSILON_SLACK):
+            raise RuntimeError(
+                f"statistics round {round_} spent epsilon {spent_now}, not {self.spec.epsilon}"
+            )
         contribution = LocalContribution(
             quantized.values,
-            epsilon=float(epsilon),
+            epsilon=self.spec.epsilon,
             delta=0.0,
             clipped_fraction=quantized.clipped_fraction,
         )
@@ -717,7 +723,7 @@ class StatisticsPayload:
                 shifted, count = part
                 mean = (
                     min(query.upper, max(query.lower, query.lower + shifted / count))
-                    if count > 0
+                    if count > 1e12
                     else None
                 )
                 result.update(

@@ -307,6 +307,13 @@ def _cmd_sign(args: argparse.Namespace) -> int:
             f"CSR fingerprint {preview['csr_fingerprint']}",
             file=show,
         )
+    wanted = _role(args.operator).value
+    if preview and preview["role"] != wanted:
+        flag = "pass --operator" if preview["role"] == Role.OPERATOR.value else "drop --operator"
+        raise UsageError(
+            f"{args.csr} asks for a certificate with role {preview['role']}, not {wanted}; "
+            f"{flag} if that is intended"
+        )
     if not args.yes and sys.stdin.isatty():
         answer = input("Sign this request? Compare the CSR fingerprint with the hospital [y/N] ")
         if answer.strip().lower() not in ("y", "yes"):
@@ -514,6 +521,13 @@ def _check_key_matches(key_path: Path, cert: x509.Certificate, cert_path: Path) 
         raise UsageError(f"{key_path} is not the private key of {cert_path}")
 
 
+def _copy(source: Path, target: Path) -> None:
+    """Copy a public file, unless ``target`` already is ``source`` (kit built in place)."""
+    if target.exists() and target.samefile(source):
+        return
+    shutil.copyfile(source, target)
+
+
 def _cmd_kit(args: argparse.Namespace) -> int:
     from peer.kit import write_peer_config
 
@@ -540,11 +554,16 @@ def _cmd_kit(args: argparse.Namespace) -> int:
     out: Path = args.out
     key_target = out / f"{peer_id}.key"
     with user_errors():
+        # Every check before the first write: a refused kit leaves nothing half made.
+        if args.key is not None:
+            _check_key_matches(args.key, cert, args.peer_cert)
+        if key_target.exists():
+            _check_key_matches(key_target, cert, args.peer_cert)
         out.mkdir(mode=0o700, parents=True, exist_ok=True)
-        shutil.copyfile(args.peer_cert, out / f"{peer_id}.pem")
-        shutil.copyfile(info.cert_path, out / "ca.pem")
-        shutil.copyfile(args.roster, out / "roster.json")
-        shutil.copyfile(signature_path(args.roster), out / "roster.json.sig")
+        _copy(args.peer_cert, out / f"{peer_id}.pem")
+        _copy(info.cert_path, out / "ca.pem")
+        _copy(args.roster, out / "roster.json")
+        _copy(signature_path(args.roster), out / "roster.json.sig")
         (out / "crl.pem").write_bytes(crl.pem())
         (out / ROOT_FINGERPRINT_FILE).write_text(
             f"{info.fingerprint}\n"
@@ -554,8 +573,6 @@ def _cmd_kit(args: argparse.Namespace) -> int:
         )
         if args.key is not None and not key_target.exists():
             _copy_key(args.key, key_target)
-        if key_target.exists():
-            _check_key_matches(key_target, cert, args.peer_cert)
         config = out / f"{peer_id}.toml"
         kept_config = config.exists()
         if not kept_config:

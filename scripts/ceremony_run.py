@@ -70,7 +70,7 @@ FINAL_STATES = frozenset({"finished", "aborted", "refused"})
 # Stages a round goes through, as the peers report them (peer/rounds.py), for the bar.
 STAGES = ("starting", "advertise", "share", "masked", "consistency", "unmask", "verify")
 
-_SESSION_KEYS = {
+_SESSION_KEYS: dict[str, type | tuple[type, ...]] = {
     "id": str,
     "participants": list,
     "rounds": int,
@@ -277,7 +277,8 @@ def _row(proto: pb.AgreedRecord, participants: Sequence[str], roster: Roster) ->
 
     record, signatures = record_from_proto(proto)
     metrics = dict(record.metrics)
-    survivors = tuple(str(p) for p in metrics.pop("survivors", participants))
+    listed = metrics.pop("survivors", None)
+    survivors = tuple(str(p) for p in (listed if isinstance(listed, list) else participants))
     aggregator = str(metrics.pop("aggregator", ""))
     verifiers = roster.verifiers()
     payload = record.payload()
@@ -313,7 +314,7 @@ async def fetch_records(
     # error mapping), so going through it keeps a single place that talks to peers.
     status = await client._call(
         peer, "Records", pb.SessionRef(session_id=session_id), pb.SessionStatus
-    )  # noqa: SLF001
+    )
     assert isinstance(status, pb.SessionStatus)
     return sorted(status.records, key=lambda r: r.round)
 
@@ -347,7 +348,8 @@ async def collect_rounds(
     rows = []
     for proto in held[source]:
         row = _row(proto, participants, client.roster)
-        same, other = [], []
+        same: list[str] = []
+        other: list[str] = []
         for peer, records in held.items():
             mine = next((r for r in records if r.round == row.round), None)
             if mine is None:
@@ -384,7 +386,8 @@ def print_rounds(rows: Sequence[RoundRow], out: TextIO) -> None:
         metrics = ", ".join(f"{k}={_format_metric(v)}" for k, v in sorted(row.metrics.items()))
         epsilon = max(row.epsilon.values(), default=0.0)
         print(
-            f"{row.round:>5}  {row.aggregator:<16} {len(row.survivors):>4}/{len(row.participants):<4}"
+            f"{row.round:>5}  {row.aggregator:<16} "
+            f"{len(row.survivors):>4}/{len(row.participants):<4}"
             f"  {', '.join(row.dropped) or '-':<16} {row.signatures:>6}  "
             f"{len(row.held_by):>7}  {epsilon:>7.3g}  {metrics or '-'}",
             file=out,

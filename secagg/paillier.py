@@ -139,6 +139,8 @@ __all__ = [
     "PaillierStage",
     "PaillierTranscript",
     "SeededPrimes",
+    "aggregate_digest",
+    "endorsement_payload",
     "message_size",
     "pack",
     "simulate_paillier",

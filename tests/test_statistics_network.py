@@ -10,6 +10,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -28,7 +29,7 @@ from peer.session import ProposalError, SessionProposal
 from peer.statistics import StatisticsSpec
 
 sys.path.insert(0, str(Path(__file__).parent / "network"))
-from network_harness import Network  # type: ignore[import-not-found]
+from network_harness import Network  # type: ignore[import-not-found, unused-ignore]
 
 EPSILON = 1e6  # large: the answers must equal the pooled data's
 
@@ -137,7 +138,7 @@ def test_statistics_session_between_peer_processes(network: Network) -> None:
         assert [s.record_hash for s in stored] == [reference[0].record_hash]
         assert network.verify(peer_id) == []
     record = reference[0].record
-    statistics = record.metrics["statistics"]
+    statistics: Any = record.metrics["statistics"]
     for diagnosis in ("benign", "malignant"):
         true = sum(r.diagnosis == diagnosis for r in union)
         assert abs(statistics["diagnoses"]["counts"][diagnosis] - true) <= 1

@@ -382,6 +382,77 @@ class Transcript(_message.Message):
 Global___Transcript: _TypeAlias = Transcript  # noqa: Y015
 
 @_typing.final
+class CleartextInput(_message.Message):
+    """Cleartext baseline (benchmarks only; refused unless a peer's policy allows it)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SENDER_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    ROUND_FIELD_NUMBER: _builtins.int
+    BITS_FIELD_NUMBER: _builtins.int
+    VECTOR_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    sender: _builtins.str
+    session_id: _builtins.str
+    round: _builtins.int
+    bits: _builtins.int
+    vector: _builtins.bytes
+    signature: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        sender: _builtins.str = ...,
+        session_id: _builtins.str = ...,
+        round: _builtins.int = ...,
+        bits: _builtins.int = ...,
+        vector: _builtins.bytes = ...,
+        signature: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bits", b"bits", "round", b"round", "sender", b"sender", "session_id", b"session_id", "signature", b"signature", "vector", b"vector"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CleartextInput: _TypeAlias = CleartextInput  # noqa: Y015
+
+@_typing.final
+class CleartextTranscript(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    ROUND_FIELD_NUMBER: _builtins.int
+    AGGREGATOR_FIELD_NUMBER: _builtins.int
+    INPUTS_FIELD_NUMBER: _builtins.int
+    BITS_FIELD_NUMBER: _builtins.int
+    AGGREGATE_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    round: _builtins.int
+    aggregator: _builtins.str
+    bits: _builtins.int
+    aggregate: _builtins.bytes
+    @_builtins.property
+    def inputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___CleartextInput]: ...
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        round: _builtins.int = ...,
+        aggregator: _builtins.str = ...,
+        inputs: _abc.Iterable[Global___CleartextInput] | None = ...,
+        bits: _builtins.int = ...,
+        aggregate: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregate", b"aggregate", "aggregator", b"aggregator", "bits", b"bits", "inputs", b"inputs", "round", b"round", "session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CleartextTranscript: _TypeAlias = CleartextTranscript  # noqa: Y015
+
+@_typing.final
 class RoundHello(_message.Message):
     """---------------------------------------------------------------- rounds on a stream
 

@@ -251,7 +251,7 @@ def test_participation_shows_survivors_dropouts_aggregator_and_cost() -> None:
     assert second["bytes_sent"] == 1000 + 2000
     assert third["status"] == "running"
     assert third["aggregator"] == "hospital-b"
-    assert third["duration_s"] is None
+    assert third.get("duration_s") is None
     duration = figures.duration_figure(table)
     assert duration is not None
     assert list(duration.data[0].x) == [1, 2]
@@ -381,7 +381,9 @@ def test_source_reads_a_real_ledger_and_cannot_write_it(tmp_path: Path) -> None:
         assert source.snapshot("s1").digest() == snapshot.digest()
         # The connection itself refuses writes.
         with pytest.raises(LedgerWriteError, match="readonly"):
-            source._ledger.decide_session("s1", accept=True)
+            source._ledger.record_proposal(
+                "s2", "{}", proposer="hospital-a", participants=PEERS, threshold=2, rounds_planned=1
+            )
         builder.agree_round("s1", 2, {"accuracy": 0.85})
         later = source.snapshot("s1")
         assert later.digest() != snapshot.digest()

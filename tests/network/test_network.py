@@ -191,3 +191,35 @@ def test_tampered_transcript_is_not_agreed(make_network: Callable[..., Network])
     honest = next(p for p in network.peers if p != liar)
     log = network.peers[honest].log_path.read_text(encoding="utf-8")
     assert "published aggregate differs from the recomputed one" in log
+
+
+def test_cleartext_sessions_are_refused_unless_policy_allows(
+    make_network: Callable[..., Network],
+) -> None:
+    import asyncio
+
+    from peer.operator import ProposalRefused
+
+    network = make_network(3)
+    proposal = network.proposal("clear", rounds=1, aggregation="cleartext")
+
+    async def propose() -> None:
+        operator = network.operator()
+        try:
+            await operator.propose(proposal)
+        finally:
+            await operator.close()
+
+    with pytest.raises(ProposalRefused, match="does not allow it") as refused:
+        asyncio.run(propose())
+    assert set(refused.value.answers) == set(network.peers)
+
+
+def test_cleartext_baseline_sums_when_allowed(make_network: Callable[..., Network]) -> None:
+    network = make_network(3, policy={"allow_cleartext": True})
+    proposal = network.proposal("clear", rounds=1, aggregation="cleartext")
+    statuses = network.run_session(proposal)
+    assert set(states(statuses).values()) == {"finished"}, network.logs()
+    expected = network.plain_sum(list(network.peers))
+    for peer_id in network.peers:
+        np.testing.assert_array_equal(network.aggregate_of(peer_id, "clear", 1), expected)

@@ -78,8 +78,8 @@ def test_federated_training_improves_and_all_peers_agree(tmp_path: Path) -> None
             assert network.verify(peer_id) == []
         kinds = [r.record.metrics["round_kind"] for r in reference]
         assert kinds == ["standardize", "train", "train", "evaluate"]
-        initial = reference[1].record.metrics["accuracy"]  # the model entering round 2: untrained
-        final = reference[3].record.metrics["accuracy"]
+        initial = float(str(reference[1].record.metrics["accuracy"]))  # entering round 2: untrained
+        final = float(str(reference[3].record.metrics["accuracy"]))
         assert final > initial, (initial, final)
         assert final >= 0.85, final
         # every hospital spent privacy in each training round, and it is in the record

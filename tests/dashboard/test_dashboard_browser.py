@@ -1,0 +1,308 @@
+"""The dashboard in a real headless Chromium, as a clinician or privacy officer sees it.
+
+The app is served on 127.0.0.1 from a thread; Chromium (driven by chromedriver through
+Selenium) loads it, and the tests read what is on the screen: chart titles, the last
+round's numbers, the verification verdict, the statistics table. Then a round is appended
+to the ledger and the page must show it without being reloaded. Every request the browser
+made is checked to have gone to 127.0.0.1 (the page must work without internet access).
+
+Without Chromium, chromedriver or Selenium the tests skip, except under CI (``CI`` set),
+where they fail: CI must run them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+from dashboard_testlib import LedgerBuilder
+from werkzeug.serving import make_server
+
+from dashboard.app import create_app
+from secagg.crypto import Verifier
+
+pytestmark = pytest.mark.timeout(300)
+
+SCREENSHOT = Path(os.environ.get("DASHBOARD_SCREENSHOT", "/tmp/dashboard.png"))
+
+
+def _missing(reason: str) -> None:
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason} (CI is set: the browser test must run in CI)")
+    pytest.skip(reason)
+
+
+def _find(name: str, fallback: str) -> str | None:
+    found = shutil.which(name)
+    return found or (fallback if os.access(fallback, os.X_OK) else None)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        _missing("selenium is not installed (pip install selenium)")
+    chromium = _find("chromium", "/usr/bin/chromium")
+    driver_path = _find("chromedriver", "/usr/bin/chromedriver")
+    if chromium is None or driver_path is None:
+        _missing("chromium and chromedriver are needed (apt-get install chromium chromium-driver)")
+    assert chromium is not None and driver_path is not None
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    profile = tempfile.mkdtemp(prefix="dashboard-chromium-")
+    for argument in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--no-first-run",
+        "--window-size=1300,1000",
+        f"--user-data-dir={profile}",
+    ):
+        options.add_argument(argument)
+    # The performance log lists every network request the page makes.
+    options.set_capability("goog:loggingPrefs", {"performance": "ALL", "browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    driver.set_page_load_timeout(60)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[..., str]]:
+    servers: list[Any] = []
+
+    def start(
+        ledger_url: str, verifiers: dict[str, Verifier] | None = None, **kwargs: Any
+    ) -> str:
+        app = create_app(ledger_url, verifiers=verifiers, **kwargs)
+        server = make_server("127.0.0.1", 0, app.server, threaded=True)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_port}/"
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def text_of(driver: Any, element_id: str) -> str:
+    from selenium.webdriver.common.by import By
+
+    return str(driver.find_element(By.ID, element_id).text)
+
+
+def wait_for(driver: Any, condition: Callable[[], bool], what: str, timeout: float = 30) -> None:
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if condition():
+                return
+        except (NoSuchElementException, StaleElementReferenceException):
+            pass
+        time.sleep(0.2)
+    body = driver.find_element("tag name", "body").text
+    pytest.fail(f"timed out waiting for {what}; the page shows:\n{body}")
+
+
+def chart_titles(driver: Any) -> list[str]:
+    from selenium.webdriver.common.by import By
+
+    return [str(e.text) for e in driver.find_elements(By.CSS_SELECTOR, ".js-plotly-plot .gtitle")]
+
+
+def table_rows(driver: Any, table_id: str) -> list[list[str]]:
+    from selenium.webdriver.common.by import By
+
+    table = driver.find_element(By.ID, table_id)
+    return [
+        [str(cell.text) for cell in row.find_elements(By.TAG_NAME, "td")]
+        for row in table.find_elements(By.CSS_SELECTOR, "tbody tr")
+    ]
+
+
+def requested_urls(driver: Any) -> list[str]:
+    urls = []
+    for entry in driver.get_log("performance"):
+        message = json.loads(entry["message"])["message"]
+        if message.get("method") == "Network.requestWillBeSent":
+            urls.append(str(message["params"]["request"]["url"]))
+    return urls
+
+
+def assert_only_local_requests(driver: Any) -> None:
+    urls = requested_urls(driver)
+    assert urls, "the performance log recorded no request"
+    for url in urls:
+        parts = urlsplit(url)
+        if parts.scheme in ("data", "blob", "about"):
+            continue
+        assert parts.hostname == "127.0.0.1", f"the page fetched {url}"
+
+
+def assert_no_console_errors(driver: Any) -> None:
+    errors = [e for e in driver.get_log("browser") if e.get("level") == "SEVERE"]
+    assert not errors, errors
+
+
+def screenshot(driver: Any, path: Path) -> None:
+    height = int(driver.execute_script("return document.body.scrollHeight"))
+    driver.set_window_size(1300, min(height + 120, 8000))
+    time.sleep(0.5)  # let Plotly resize the charts to the new window
+    driver.save_screenshot(str(path))
+    driver.set_window_size(1300, 1000)
+
+
+# --------------------------------------------------------------------------- tests
+
+
+def test_page_shows_the_agreed_rounds_and_follows_new_ones(
+    browser: Any, serve: Callable[..., str], tmp_path: Path
+) -> None:
+    builder = LedgerBuilder.create(tmp_path)
+    builder.add_session("s1", rounds=3, threshold=2, privacy={"epsilon": 2.0})
+    builder.agree_round("s1", 1, {"accuracy": 0.812, "loss": 0.52, "auc": 0.861})
+    builder.agree_round(
+        "s1", 2, {"accuracy": 0.874, "loss": 0.41, "auc": 0.902}, failed_attempts=1
+    )
+    builder.add_statistics(
+        "cohort-malignant", "s1", 2, {"count": "diagnosis = M"}, {"count": 212}, 0.5
+    )
+    url = serve(builder.url, builder.verifiers(), interval_s=0.5)
+
+    browser.get(url)
+    wait_for(browser, lambda: "Ledger verified" in text_of(browser, "verdict"), "the verdict")
+    wait_for(browser, lambda: len(chart_titles(browser)) >= 4, "the charts")
+    titles = chart_titles(browser)
+    for title in (
+        "Global model quality per round",
+        "Global loss per round",
+        "ε spent per round, by hospital",
+        "Cumulative ε against budget",
+        "Round duration",
+    ):
+        assert title in titles
+    assert "0.874" in text_of(browser, "card-accuracy")
+    assert "round 2" in text_of(browser, "card-accuracy")
+    assert text_of(browser, "card-signatures").endswith("3 of 3")
+    assert text_of(browser, "card-rounds").endswith("2 of 3")
+    assert "hash chain intact and every signature valid" in text_of(browser, "verdict")
+    assert table_rows(browser, "metrics-table")[-1] == ["2", "0.874", "0.902", "0.41"]
+    assert table_rows(browser, "trust-table")[-1][:4] == [
+        "2",
+        "3 of 3",
+        "2",
+        "hospital-a, hospital-b, hospital-c",
+    ]
+    assert table_rows(browser, "stats-table")[0][:5] == [
+        "cohort-malignant",
+        "2",
+        '{"count": "diagnosis = M"}',
+        '{"count": 212}',
+        "0.500",
+    ]
+    privacy = table_rows(browser, "privacy-table")
+    assert privacy[-1] == ["2", "hospital-c", "0.250", "0.500", "2.000", "1.500"]
+    participation = table_rows(browser, "participation-table")
+    assert participation[1][:5] == ["2", "agreed", "2", "hospital-b", "3 of 3"]
+
+    # A new round, with hospital-c dropped out, must appear without reloading the page.
+    browser.execute_script("window.__notReloaded = true;")
+    builder.agree_round(
+        "s1",
+        3,
+        {"accuracy": 0.913, "loss": 0.33, "auc": 0.95},
+        survivors=["hospital-a", "hospital-b"],
+        epsilon={"hospital-a": 0.25, "hospital-b": 0.25},
+    )
+    wait_for(browser, lambda: "0.913" in text_of(browser, "card-accuracy"), "round 3")
+    assert browser.execute_script("return window.__notReloaded === true;")
+    assert text_of(browser, "card-signatures") == "Signatures, round 3\n2 of 3"
+    assert text_of(browser, "card-rounds").endswith("3 of 3")
+    wait_for(browser, lambda: "3 agreed record(s)" in text_of(browser, "verdict"), "re-check")
+    last = table_rows(browser, "participation-table")[-1]
+    assert last[:6] == ["3", "agreed", "1", "hospital-c", "2 of 3", "hospital-c (at masked)"]
+
+    screenshot(browser, SCREENSHOT)
+    assert_only_local_requests(browser)
+    assert_no_console_errors(browser)
+
+
+def test_empty_ledger_and_session_selector(
+    browser: Any, serve: Callable[..., str], tmp_path: Path
+) -> None:
+    from selenium.webdriver.common.by import By
+
+    builder = LedgerBuilder.create(tmp_path)
+    url = serve(builder.url, interval_s=0.5)
+    browser.get(url)
+    wait_for(browser, lambda: "no session yet" in text_of(browser, "session-facts"), "empty")
+    assert "Signatures not checked: no roster given" in text_of(browser, "verdict")
+
+    builder.add_session("first", rounds=2)
+    builder.agree_round("first", 1, {"accuracy": 0.7})
+    builder.add_session("second", rounds=2)
+    wait_for(browser, lambda: "No rounds agreed yet" in text_of(browser, "metrics"), "second")
+    # The newest session is shown first; the other one is one choice away.
+    assert "second — accepted, 0 of 2 rounds agreed" in text_of(browser, "session")
+    browser.find_element(By.CSS_SELECTOR, "#session").click()
+    option = next(
+        element
+        for element in browser.find_elements(By.XPATH, "//*[contains(text(), 'first —')]")
+        if element.is_displayed()
+    )
+    option.click()
+    wait_for(browser, lambda: "0.7" in text_of(browser, "card-accuracy"), "first session")
+    assert "first — accepted, 1 of 2 rounds agreed" in text_of(browser, "session")
+    assert_only_local_requests(browser)
+
+
+@pytest.mark.slow
+def test_real_federation(browser: Any, serve: Callable[..., str], tmp_path: Path) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "network"))
+    from network_harness import Network
+
+    network = Network.create(tmp_path / "network", 3)
+    try:
+        statuses = network.run_session(network.proposal("s1", rounds=2))
+        states = {peer: getattr(status, "state", repr(status)) for peer, status in statuses.items()}
+        assert set(states.values()) == {"finished"}, network.logs()
+    finally:
+        network.stop()
+    ledger = network.kit.kits["hospital-a"].directory / "ledger.db"
+    verifiers = network.kit.federation.roster.verifiers()
+    records = network.records("hospital-a", "s1")
+    url = serve(str(ledger), verifiers, interval_s=1.0)
+
+    browser.get(url)
+    wait_for(browser, lambda: "Ledger verified" in text_of(browser, "verdict"), "the verdict")
+    assert text_of(browser, "card-rounds").endswith("2 of 2")
+    signed = len(records[-1].signatures)
+    assert text_of(browser, "card-signatures").endswith(f"{signed} of 3")
+    trust = table_rows(browser, "trust-table")
+    assert [row[0] for row in trust] == ["1", "2"]
+    participation = table_rows(browser, "participation-table")
+    aggregators = [str(r.record.metrics["aggregator"]) for r in records]
+    assert [row[3] for row in participation] == aggregators
+    assert all(row[1] == "agreed" for row in participation)
+    assert_only_local_requests(browser)
