@@ -72,6 +72,10 @@ def default_payload(proposal: SessionProposal, config: PeerConfig, ledger: Ledge
         from .learning import training_payload
 
         return training_payload(proposal, config, ledger)
+    if kind == "statistics":
+        from .statistics import statistics_payload
+
+        return statistics_payload(proposal, config, ledger)
     raise ProposalError(f"payload kind {kind!r} is not supported by this peer")
 
 
@@ -441,6 +445,13 @@ class PeerNode:
                     continue
                 round_ += 1
                 attempt = 0
+            if proposal.payload_kind == "statistics":
+                from .statistics import record_statistics_result
+
+                for stored in self.ledger.agreed_records(sid):
+                    record_statistics_result(
+                        self.ledger, sid, stored.record.round, proposal, stored.record.metrics
+                    )
             progress.state, progress.stage = "finished", ""
             self.ledger.set_session_status(sid, SessionStatus.FINISHED)
             logger.info("peer=%s session=%s finished", self.me, sid)

@@ -17,6 +17,8 @@ import numpy as np
 
 from secagg.prg import WordArray, word_dtype
 
+from .ledger import PrivacyKind
+
 __all__ = ["LocalContribution", "Payload", "RoundResult", "VectorPayload"]
 
 
@@ -28,6 +30,7 @@ class LocalContribution:
     epsilon: float = 0.0  # privacy this round costs this peer (public)
     delta: float = 0.0
     clipped_fraction: float = 0.0
+    privacy_kind: PrivacyKind = PrivacyKind.TRAINING
 
 
 @dataclass(frozen=True)

@@ -57,7 +57,6 @@ from .ledger import (
     Ledger,
     LedgerError,
     PrivacyCharge,
-    PrivacyKind,
     StoredRecord,
 )
 from .payload import LocalContribution, Payload
@@ -580,7 +579,7 @@ def _store_agreed(
     # Only a peer whose input is in the released sum has spent privacy on this round.
     spent = record.epsilon.get(ctx.me, 0.0)
     privacy = (
-        [PrivacyCharge(ctx.me, PrivacyKind.TRAINING, spent, contribution.delta)]
+        [PrivacyCharge(ctx.me, contribution.privacy_kind, spent, contribution.delta)]
         if spent > 0
         else []
     )

@@ -53,8 +53,9 @@ error of the sum is provably below one half, which makes them exact.
 
 **Budget.** The budget is the institution's ``policy.max_epsilon``, shared with training.
 What was spent is read from the ledger (:meth:`peer.ledger.Ledger.privacy_spent`). A
-session that would exceed it is refused at proposal time (:func:`statistics_epsilon_needed`,
-and :func:`statistics_payload` checks too) and each round is checked again before any data
+session that would exceed it is refused at proposal time (:func:`statistics_payload` checks,
+and :meth:`StatisticsPayload.epsilon_needed` / :func:`statistics_epsilon_needed` feed the
+node's policy check) and each round is checked again before any data
 is read (:meth:`StatisticsPayload.prepare`).
 
 The query specification travels in the session proposal's payload (``length``, the vector
@@ -91,7 +92,7 @@ from secagg.quantize import Quantizer
 
 from .config import PeerConfig
 from .data import PatientStore, Split
-from .ledger import JsonValue, Ledger, RecordRejected, StatisticsResult
+from .ledger import JsonValue, Ledger, PrivacyKind, RecordRejected, StatisticsResult
 from .payload import LocalContribution, RoundResult
 from .session import ProposalError, SessionProposal
 
@@ -101,12 +102,15 @@ __all__ = [
     "CountQuery",
     "HistogramQuery",
     "MeanQuery",
+    "PatientTable",
     "Query",
     "StatisticsBudgetError",
     "StatisticsDataError",
     "StatisticsPayload",
     "StatisticsSpec",
     "StatisticsSpecError",
+    "check_budget",
+    "local_answers",
     "record_statistics_result",
     "statistics_epsilon_needed",
     "statistics_payload",
@@ -678,6 +682,7 @@ class StatisticsPayload:
             epsilon=self.spec.epsilon,
             delta=0.0,
             clipped_fraction=quantized.clipped_fraction,
+            privacy_kind=PrivacyKind.STATISTICS,
         )
         self._prepared[round_] = contribution
         return contribution
@@ -723,7 +728,7 @@ class StatisticsPayload:
                 shifted, count = part
                 mean = (
                     min(query.upper, max(query.lower, query.lower + shifted / count))
-                    if count > 1e12
+                    if count > 0
                     else None
                 )
                 result.update(
@@ -806,7 +811,7 @@ def record_statistics_result(
     session_id: str,
     round_: int,
     proposal: SessionProposal,
-    result: RoundResult,
+    result: RoundResult | Mapping[str, Any],
 ) -> list[StatisticsResult]:
     """Store each query's agreed result in the ledger's statistics table (idempotent).
 
@@ -815,11 +820,16 @@ def record_statistics_result(
     ``PrivacyKind.STATISTICS``. Query ids are ``<session>/<round>/<query name>``; ids already
     stored (a resumed session, a caught-up round) are skipped.
 
+    Args:
+        result: the round's :class:`~peer.payload.RoundResult`, or the metrics of its
+            stored agreed record (``stored.record.metrics``), which carry the same answers.
+
     Returns:
         the newly stored results.
     """
     spec = StatisticsSpec.from_payload(proposal.payload)
-    answers = result.metrics.get("statistics")
+    metrics = result.metrics if isinstance(result, RoundResult) else result
+    answers = metrics.get("statistics")
     if not isinstance(answers, Mapping):
         raise ValueError(f"session {session_id} round {round_}: result has no statistics")
     stored = {r.query_id for r in ledger.statistics_results(session_id)}

@@ -181,8 +181,8 @@ def build_proposal(
     strangers = [p for p in participants if p not in peers]
     if strangers:
         raise UsageError(
-            f"{where}: {', '.join(strangers)} not peers in the roster {federation.roster} "
-            f"(peers: {', '.join(peers)})"
+            f"{where}: participants {', '.join(strangers)} are not peers in the roster "
+            f"{federation.roster} (its peers: {', '.join(peers)})"
         )
     graph = str(table.get("graph", "complete"))
     degree = table.get("degree")
@@ -540,7 +540,10 @@ async def check_reachable(client: OperatorClient, session_id: str, peers: Sequen
     ]
     if problems:
         raise UsageError(
-            f"cannot reach {len(problems)} of {len(peers)} peers: " + "; ".join(problems)
+            f"cannot reach {len(problems)} of {len(peers)} peers: "
+            + "; ".join(problems)
+            + ". Nothing was proposed. Check that these peers run (peer start --config ...) "
+            "at the addresses in the roster"
         )
 
 
@@ -574,6 +577,8 @@ async def drive_session(
 ) -> SessionOutcome:
     """Watch a started session until every answering peer is done, or ``timeout``.
 
+    ``rounds`` is the planned number of rounds, unless the peers report theirs.
+
     This polls itself rather than using :meth:`OperatorClient.wait`, whose progress callback
     is synchronous: here each newly agreed round is fetched (``Records``) and shown with who
     aggregated it and who dropped.
@@ -604,6 +609,11 @@ async def drive_session(
     view.close()
     rows, unreachable = await collect_rounds(client, session_id, participants)
     states = {p: s.state for p, s in statuses.items() if isinstance(s, pb.SessionStatus)}
+    # On --attach the file may have changed since the proposal: the peers know the plan.
+    rounds = max(
+        (s.rounds_planned for s in statuses.values() if isinstance(s, pb.SessionStatus)),
+        default=rounds,
+    )
     for peer, status in statuses.items():
         if isinstance(status, Exception):
             unreachable.setdefault(peer, one_line(status))

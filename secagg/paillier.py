@@ -54,7 +54,9 @@ carries into the next slot; ``(key_bits - 1) // slot_bits`` slots fit below n (6
 for a 2048-bit key and three peers). One ciphertext then carries 60 coordinates instead of
 one, which makes encryption, transfer and decryption ~60 times cheaper. ``packed=False``
 encrypts one coordinate per ciphertext (for comparison). Slot sums are exact integers; the
-aggregate is reduced mod 2^bits afterwards, like SecAgg's.
+aggregate is reduced mod 2^bits afterwards, like SecAgg's. (The published plaintexts thus show
+the integer sum, which says more than the ring sum only if the inputs wrap the ring; the
+quantizer's headroom rules that out.)
 
 Decryption proof
 ----------------

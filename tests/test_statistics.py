@@ -570,6 +570,8 @@ def test_results_are_recorded_once(hospitals: Hospitals, ledger: Ledger) -> None
         "stats-1/1/area",
     ]
     assert record_statistics_result(ledger, "stats-1", 1, session, result) == []
+    # The metrics of the stored agreed record work too (catch-up, resumed sessions).
+    assert record_statistics_result(ledger, "stats-1", 1, session, result.metrics) == []
     saved = {s.query_id: s for s in ledger.statistics_results("stats-1")}
     assert saved["stats-1/1/area"].result == stats_of(result)["area"]
     assert saved["stats-1/1/area"].epsilon == pytest.approx(5e5)

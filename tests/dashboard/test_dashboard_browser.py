@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 
 import pytest
 from dashboard_testlib import LedgerBuilder
-from werkzeug.serving import make_server
+from werkzeug.serving import WSGIRequestHandler, make_server
 
 from dashboard.app import create_app
 from secagg.crypto import Verifier
@@ -85,6 +85,13 @@ def browser() -> Iterator[Any]:
         shutil.rmtree(profile, ignore_errors=True)
 
 
+class QuietHandler(WSGIRequestHandler):
+    """No access log: the page polls several times a second."""
+
+    def log_request(self, *_args: Any) -> None:
+        pass
+
+
 @pytest.fixture
 def serve() -> Iterator[Callable[..., str]]:
     servers: list[Any] = []
@@ -93,7 +100,9 @@ def serve() -> Iterator[Callable[..., str]]:
         ledger_url: str, verifiers: dict[str, Verifier] | None = None, **kwargs: Any
     ) -> str:
         app = create_app(ledger_url, verifiers=verifiers, **kwargs)
-        server = make_server("127.0.0.1", 0, app.server, threaded=True)
+        server = make_server(
+            "127.0.0.1", 0, app.server, threaded=True, request_handler=QuietHandler
+        )
         threading.Thread(target=server.serve_forever, daemon=True).start()
         servers.append(server)
         return f"http://127.0.0.1:{server.server_port}/"
@@ -153,11 +162,10 @@ def requested_urls(driver: Any) -> list[str]:
 def assert_only_local_requests(driver: Any) -> None:
     urls = requested_urls(driver)
     assert urls, "the performance log recorded no request"
-    for url in urls:
-        parts = urlsplit(url)
-        if parts.scheme in ("data", "blob", "about"):
-            continue
-        assert parts.hostname == "127.0.0.1", f"the page fetched {url}"
+    network = [url for url in urls if urlsplit(url).scheme in ("http", "https", "ws", "wss")]
+    assert network, urls
+    for url in network:
+        assert urlsplit(url).hostname == "127.0.0.1", f"the browser fetched {url}"
 
 
 def assert_no_console_errors(driver: Any) -> None:
@@ -261,19 +269,28 @@ def test_empty_ledger_and_session_selector(
 
     builder.add_session("first", rounds=2)
     builder.agree_round("first", 1, {"accuracy": 0.7})
+    wait_for(browser, lambda: "0.7" in text_of(browser, "card-accuracy"), "the first session")
+    assert "first — running, 1 of 2 rounds agreed" in text_of(browser, "session")
+
+    # A new session joins the selector; the page stays on the one being watched.
     builder.add_session("second", rounds=2)
-    wait_for(browser, lambda: "No rounds agreed yet" in text_of(browser, "metrics"), "second")
-    # The newest session is shown first; the other one is one choice away.
-    assert "second — accepted, 0 of 2 rounds agreed" in text_of(browser, "session")
-    browser.find_element(By.CSS_SELECTOR, "#session").click()
+    browser.find_element(By.ID, "session").click()
+    wait_for(
+        browser,
+        lambda: any(
+            "second — accepted, 0 of 2 rounds agreed" in e.text
+            for e in browser.find_elements(By.CSS_SELECTOR, "[role=option]")
+        ),
+        "the second session in the selector",
+    )
+    assert "first —" in text_of(browser, "session")
     option = next(
-        element
-        for element in browser.find_elements(By.XPATH, "//*[contains(text(), 'first —')]")
-        if element.is_displayed()
+        e for e in browser.find_elements(By.CSS_SELECTOR, "[role=option]") if "second" in e.text
     )
     option.click()
-    wait_for(browser, lambda: "0.7" in text_of(browser, "card-accuracy"), "first session")
-    assert "first — accepted, 1 of 2 rounds agreed" in text_of(browser, "session")
+    wait_for(browser, lambda: "second —" in text_of(browser, "session"), "the second session")
+    wait_for(browser, lambda: "No rounds agreed yet" in text_of(browser, "metrics"), "no rounds")
+    assert text_of(browser, "card-rounds").endswith("0 of 2")
     assert_only_local_requests(browser)
 
 
@@ -305,4 +322,6 @@ def test_real_federation(browser: Any, serve: Callable[..., str], tmp_path: Path
     aggregators = [str(r.record.metrics["aggregator"]) for r in records]
     assert [row[3] for row in participation] == aggregators
     assert all(row[1] == "agreed" for row in participation)
+    screenshot(browser, SCREENSHOT.with_name(SCREENSHOT.stem + "-federation.png"))
     assert_only_local_requests(browser)
+    assert_no_console_errors(browser)

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from secagg import (
     ConfigError,
@@ -25,6 +27,7 @@ from secagg import (
     TranscriptError,
     Verifier,
 )
+from secagg import simulate as simulation
 from secagg.paillier import (
     DecryptedSum,
     DecryptionRequest,
@@ -48,7 +51,6 @@ from secagg.paillier import (
     verify_paillier_transcript,
 )
 from secagg.prg import WordArray
-from secagg import simulate as simulation
 from secagg.simulate import peer_ids
 
 KEY_BITS = 512
@@ -533,3 +535,41 @@ def test_messages_validate_their_shape() -> None:
         KeyAnnouncement("peer-000", SESSION, 0, 1, b"")
     with pytest.raises(ValueError, match="positive"):
         EncryptedInput("peer-000", SESSION, 0, (0,), b"")
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(min_value=3, max_value=40),
+    m=st.integers(min_value=1, max_value=60),
+    summed=st.integers(min_value=1, max_value=40),
+    seed=st.integers(min_value=0, max_value=2**32 - 1),
+)
+def test_packed_sums_unpack_to_the_ring_sum(n: int, m: int, summed: int, seed: int) -> None:
+    """Adding packed plaintexts adds every coordinate, for any roster size up to its n."""
+    summed = min(summed, n)
+    config = PaillierConfig(
+        RoundConfig(SESSION, 0, peer_ids(n), n // 2 + 1, m),
+        "peer-000",
+        KEY_BITS,
+        insecure_small_keys=True,
+    )
+    vectors = random_inputs(summed, m, seed)
+    vectors[0, : m // 2] = 0xFFFFFFFF  # the worst case for carries
+    plaintexts = [sum(column) for column in zip(*(pack(v, config) for v in vectors), strict=True)]
+    assert all(p < 1 << (KEY_BITS - 1) for p in plaintexts)
+    expected = vectors.astype(np.uint64).sum(axis=0) % (1 << 32)
+    assert np.array_equal(unpack(plaintexts, config), expected.astype(np.uint32))
+
+
+def test_altered_witness_fails_the_proof() -> None:
+    round_ = Round(make_config(3, 10), random_inputs(3, 10, seed=17))
+    request = round_.endorse_stage()
+    honest = round_.holder.receive(request)
+    forged = replace(honest, witness=honest.witness + 1)
+    payload = forged.signed_payload(
+        round_.config.digest, request.contributions, aggregate_digest(request.aggregate)
+    )
+    forged = replace(forged, signature=round_.signers["peer-000"].sign(payload))
+    with pytest.raises(RemoteProtocolError, match="proof") as caught:
+        round_.aggregator.receive(forged)
+    assert caught.value.offender == "peer-000"
