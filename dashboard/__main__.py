@@ -154,7 +154,8 @@ def _is_loopback(host: str) -> bool:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the dashboard until interrupted; returns the exit status."""
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    # force: log to the stderr of this call (tests call main() several times in-process).
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", force=True)
     # One request line per refresh per browser would drown anything useful.
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
     try:

@@ -138,9 +138,9 @@ def _summary(snapshot: Snapshot, metrics: Table, check: Verdict) -> list[Any]:
     ]
     if metrics:
         last = metrics.rows[-1]
-        for column in metrics.columns[1:3]:
+        for column in [c for c in metrics.columns if c.kind == "float"][:2]:
             value = last.get(column.key)
-            if value is not None:
+            if isinstance(value, int | float):
                 cards.append(
                     _card(
                         f"{column.label}, round {last.get('round')}",
@@ -179,7 +179,7 @@ def _metrics_section(metrics: Table) -> list[Any]:
     ):
         if figure is not None:
             parts.append(_graph(figure, graph_id))
-    if len(metrics.columns) == 1:
+    if not any(column.kind == "float" for column in metrics.columns):
         parts.append(_empty("The agreed records carry no numeric metrics."))
     parts.append(
         _table(
@@ -200,13 +200,19 @@ def _privacy_section(privacy: Table, budgets: Mapping[str, float]) -> list[Any]:
         else "No budget known for this session (give --budget PEER=EPS, or put it in the "
         "proposal's privacy section)."
     )
+    spent = any(value for value in privacy.column("epsilon"))
+    if not spent:
+        note += (
+            " No differential privacy was spent in this session: every hospital's ε is 0 "
+            "in every round (e.g. a plain secure sum, which adds no noise)."
+        )
     charts = [
         _graph(figure, graph_id)
         for graph_id, figure in (
             ("privacy-round-chart", figures.privacy_round_figure(privacy)),
             ("privacy-cumulative-chart", figures.privacy_cumulative_figure(privacy)),
         )
-        if figure is not None
+        if figure is not None and spent
     ]
     return [
         html.P(note, className="note"),

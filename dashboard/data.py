@@ -224,8 +224,9 @@ def _by_round(records: Iterable[StoredRecord]) -> list[StoredRecord]:
 def metrics_table(records: Sequence[StoredRecord]) -> Table:
     """Agreed global metrics, one row per agreed round.
 
-    Columns: ``round``, then the :data:`KNOWN_METRICS` that any record has, then any other
-    numeric metric (e.g. ``examples``) in name order. Non-numeric metrics and the round
+    Columns: ``round``, ``round_kind`` (text) when records name it, then the
+    :data:`KNOWN_METRICS` that any record has, then any other numeric metric (e.g.
+    ``examples``) in name order. Non-numeric metrics and the round
     bookkeeping (``survivors``, ``aggregator``) are left out; a round lacking a metric has
     None there.
     """
@@ -238,8 +239,11 @@ def metrics_table(records: Sequence[StoredRecord]) -> Table:
     known = [(key, label) for key, label in KNOWN_METRICS if key in present]
     known_keys = {key for key, _ in known}
     others = sorted(present - known_keys)
+    # Training sessions say what each round did (standardize, train, evaluate).
+    kinds = any(isinstance(stored.record.metrics.get("round_kind"), str) for stored in ordered)
     columns = (
         Column("round", "Round", "int"),
+        *((Column("round_kind", "Round type"),) if kinds else ()),
         *(Column(key, label, "float") for key, label in known),
         *(Column(key, key.replace("_", " ").capitalize(), "float") for key in others),
     )
@@ -247,7 +251,10 @@ def metrics_table(records: Sequence[StoredRecord]) -> Table:
     for stored in ordered:
         row: dict[str, Cell] = {"round": stored.record.round}
         for column in columns[1:]:
-            row[column.key] = _number(stored.record.metrics.get(column.key))
+            value = stored.record.metrics.get(column.key)
+            row[column.key] = (
+                value if column.kind == "text" and isinstance(value, str) else (_number(value))
+            )
         rows.append(row)
     return Table(columns, tuple(rows))
 

@@ -100,7 +100,7 @@ def loss_figure(metrics: Table) -> go.Figure | None:
 def other_metrics_figure(metrics: Table) -> go.Figure | None:
     """Every other numeric agreed figure per round (None if there is none)."""
     known = {key for key, _ in KNOWN_METRICS} | {"round"}
-    columns = [c for c in metrics.columns if c.key not in known]
+    columns = [c for c in metrics.columns if c.key not in known and c.kind == "float"]
     if not columns:
         return None
     rounds = _rounds(metrics)

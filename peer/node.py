@@ -22,6 +22,7 @@ import grpc
 from secagg import RandomSource, SystemRandom
 
 from .backends import backend_for
+from .codec import fragments
 from .config import PeerConfig
 from .identity import Role, load_signer
 from .ledger import (
@@ -33,6 +34,7 @@ from .ledger import (
 )
 from .payload import Payload, VectorPayload
 from .rounds import (
+    PRECONDITION,
     AggregatorRound,
     RoundContext,
     RoundOutcome,
@@ -341,14 +343,17 @@ class PeerNode:
                 requests, caller, self._find_round, self._max_bytes()
             ):
                 yield fragment
-        except (PermissionError, LookupError) as error:
-            code = (
-                grpc.StatusCode.PERMISSION_DENIED
-                if isinstance(error, PermissionError)
-                else grpc.StatusCode.FAILED_PRECONDITION
-            )
+        except LookupError as error:
+            # Not an error of the caller: the round is elsewhere in time. Answered in-band
+            # (an Abort message) rather than by aborting the call, which grpc can surface to
+            # the client as INTERNAL when the client is still writing.
+            reason = str(error.args[0] if error.args else error)
+            logger.info("peer=%s round stream from %s: %s", self.me, caller, reason)
+            for fragment in fragments(pb.Abort(reason=reason, offender=PRECONDITION)):
+                yield fragment
+        except PermissionError as error:
             logger.warning("peer=%s round stream from %s refused: %s", self.me, caller, error)
-            await context.abort(code, str(error.args[0] if error.args else error))
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(error))
         except Exception:
             logger.exception("peer=%s round stream from %s failed", self.me, caller)
             raise
@@ -391,6 +396,10 @@ class PeerNode:
             raise LookupError(
                 f"not-ready: {self.me} has not started round {hello.round} attempt {hello.attempt}"
             )
+        if round_.protocol.stage is not round_.ctx.backend.first_stage or round_.finished.is_set():
+            # Too late to join; the caller waits for the outcome (then "round-agreed" makes
+            # it fetch the record, or "round-passed" moves it on) instead of skipping it.
+            raise LookupError(f"not-ready: round {hello.round} is already under way here")
         if hello.chain_head != self.ledger.session_head(hello.session_id):
             # A participant that missed agreed rounds would train on a stale model and sign
             # nothing: it must catch up first (Records), then join again.
@@ -418,6 +427,9 @@ class PeerNode:
             if info is not None and info.status is SessionStatus.ACCEPTED:
                 self.ledger.set_session_status(sid, SessionStatus.RUNNING)
             round_ = self.ledger.last_agreed_round(sid) + 1
+            # After a restart the others may be further on (rounds that aborted leave no
+            # record here): start where they are, not where this ledger stopped.
+            round_ = max(round_, await self._where_are_the_others(proposal))
             attempt = 0
             while round_ <= proposal.rounds:
                 progress.state, progress.round = "running", round_
@@ -562,6 +574,36 @@ class PeerNode:
             if not retry or loop.time() >= deadline or self._stopping.is_set():
                 return outcome
             await asyncio.sleep(0.5)
+
+    async def _where_are_the_others(self, proposal: SessionProposal) -> int:
+        """The highest round another participant is running in this session (0 if none)."""
+        method_name = f"/{SERVICE}/Status"
+        others = [p for p in proposal.participants if p != self.me]
+
+        async def ask(peer: str) -> tuple[str, int]:
+            method = self._channel(peer).unary_unary(
+                method_name,
+                request_serializer=pb.SessionRef.SerializeToString,
+                response_deserializer=pb.SessionStatus.FromString,
+            )
+            try:
+                status = await method(pb.SessionRef(session_id=proposal.session_id), timeout=5.0)
+            except grpc.RpcError:
+                return peer, 0
+            return peer, status.current_round if status.state == "running" else 0
+
+        answers = await asyncio.gather(*(ask(p) for p in others))
+        peer, furthest = max(answers, key=lambda a: a[1], default=("", 0))
+        if furthest > self.ledger.last_agreed_round(proposal.session_id) + 1:
+            logger.info(
+                "peer=%s session=%s rejoining at round %d (%s is there)",
+                self.me,
+                proposal.session_id,
+                furthest,
+                peer,
+            )
+            await self._catch_up(proposal.session_id, peer)
+        return furthest
 
     async def _catch_up(self, session_id: str, source: str) -> None:
         """Fetch and verify the agreed records this peer missed (it was down or refused)."""

@@ -124,8 +124,10 @@ class OperatorClient:
         timeout: float,
         poll: float = 0.5,
         on_progress: Callable[[dict[str, pb.SessionStatus | Exception]], None] | None = None,
+        require_all: bool = False,
     ) -> dict[str, pb.SessionStatus | Exception]:
-        """Poll every peer until all reachable ones report the session finished."""
+        """Poll every peer until all reachable ones (or, with ``require_all``, all of them)
+        report the session finished."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while True:
@@ -133,7 +135,12 @@ class OperatorClient:
             if on_progress is not None:
                 on_progress(statuses)
             reachable = [s for s in statuses.values() if isinstance(s, pb.SessionStatus)]
-            if reachable and all(s.state in ("finished", "aborted", "refused") for s in reachable):
+            everyone = not require_all or len(reachable) == len(statuses)
+            if (
+                reachable
+                and everyone
+                and all(s.state in ("finished", "aborted", "refused") for s in reachable)
+            ):
                 return statuses
             if loop.time() >= deadline:
                 raise TimeoutError(f"session {session_id} did not finish within {timeout:.0f}s")

@@ -63,6 +63,7 @@ from .payload import LocalContribution, Payload
 from .wire import peer_pb2 as pb
 
 __all__ = [
+    "PRECONDITION",
     "ROUND_STREAM_METHOD",
     "AggregatorRound",
     "RoundContext",
@@ -73,6 +74,9 @@ __all__ = [
 ]
 
 ROUND_STREAM_METHOD = "/hospital_secagg.v1.Peer/RoundStream"
+# The offender of an Abort that only says the aggregator is at another point in the session
+# ("not-ready: ...", "round-passed: N", "round-agreed: ...", "behind: N").
+PRECONDITION = "precondition"
 logger = logging.getLogger("peer.rounds")
 
 
@@ -453,6 +457,10 @@ async def participate(ctx: RoundContext, channel: grpc.aio.Channel) -> RoundOutc
                     len(message.signatures),
                     time.monotonic() - started,
                 )
+                return outcome
+            elif isinstance(message, pb.Abort) and message.offender == PRECONDITION:
+                outcome.precondition = message.reason
+                outcome.reason = f"aggregator {ctx.aggregator} is elsewhere: {message.reason}"
                 return outcome
             elif isinstance(message, pb.Abort):
                 outcome.status = RoundStatusKind.ABORTED

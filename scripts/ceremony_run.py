@@ -360,16 +360,28 @@ async def collect_rounds(
     return rows, unreachable
 
 
-def _format_metric(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    if isinstance(value, list):
-        return (
-            "["
-            + ", ".join(_format_metric(v) for v in value[:8])
-            + (", ...]" if len(value) > 8 else "]")
-        )
-    return str(value)
+# Metrics shown first in the table, when present; then the other short ones alphabetically.
+_LEADING_METRICS = ("round_kind", "accuracy", "loss", "auc", "sensitivity", "specificity")
+_SHORT_TEXT = 16
+
+
+def _metric_cells(metrics: Mapping[str, Any]) -> list[str]:
+    """``key=value`` for the scalar metrics; nested ones (e.g. standardization vectors) and
+    long texts are left to ``--json`` and the dashboard."""
+    order = [k for k in _LEADING_METRICS if k in metrics]
+    order += sorted(k for k in metrics if k not in _LEADING_METRICS)
+    cells = []
+    for key in order:
+        value = metrics[key]
+        if isinstance(value, float):
+            cells.append(f"{key}={value:.4g}")
+        elif isinstance(value, bool | int) or (
+            isinstance(value, str) and len(value) <= _SHORT_TEXT
+        ):
+            cells.append(f"{key}={value}")
+        elif value is None:
+            cells.append(f"{key}=n/a")
+    return cells
 
 
 def print_rounds(rows: Sequence[RoundRow], out: TextIO) -> None:
@@ -383,7 +395,7 @@ def print_rounds(rows: Sequence[RoundRow], out: TextIO) -> None:
         file=out,
     )
     for row in rows:
-        metrics = ", ".join(f"{k}={_format_metric(v)}" for k, v in sorted(row.metrics.items()))
+        metrics = ", ".join(_metric_cells(row.metrics))
         epsilon = max(row.epsilon.values(), default=0.0)
         print(
             f"{row.round:>5}  {row.aggregator:<16} "
@@ -592,14 +604,14 @@ async def drive_session(
     timed_out = False
     while True:
         statuses = await client.status(session_id, participants)
-        view.update(statuses)
         answering = {p: s for p, s in statuses.items() if isinstance(s, pb.SessionStatus)}
         agreed = max((s.rounds_agreed for s in answering.values()), default=0)
-        if agreed > view.reported_rounds:
+        if agreed > view.reported_rounds:  # before the next round's line, for the order
             source = max(answering, key=lambda p: answering[p].rounds_agreed)
             for proto in await fetch_records(client, session_id, source):
                 if proto.round > view.reported_rounds:
                     view.agreed(_row(proto, participants, client.roster))
+        view.update(statuses)
         if answering and all(s.state in FINAL_STATES for s in answering.values()):
             break
         if now() >= deadline:
@@ -650,6 +662,12 @@ def default_timeout(proposal: SessionProposal) -> float:
 # --------------------------------------------------------------------------- command
 
 
+# The example in the module docstring, shown under `ceremony run --help`.
+_FILE_EXAMPLE = "federation.toml" + (__doc__ or "").split("``federation.toml``", 1)[-1].replace(
+    "::", ":", 1
+)
+
+
 def _add_run(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "run",
@@ -661,8 +679,16 @@ def _add_run(subparsers: Any) -> None:
             "every round was agreed, 1 when the session was refused or did not finish, 2 for "
             "bad input or unreachable peers."
         ),
+        epilog=_FILE_EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--federation", type=Path, required=True, metavar="federation.toml")
+    parser.add_argument(
+        "--federation",
+        type=Path,
+        required=True,
+        metavar="federation.toml",
+        help="the operator's certificate, key, CA and roster, and the session to run",
+    )
     parser.add_argument(
         "--attach",
         metavar="SESSION",

@@ -58,7 +58,8 @@ def browser() -> Iterator[Any]:
     driver_path = _find("chromedriver", "/usr/bin/chromedriver")
     if chromium is None or driver_path is None:
         _missing("chromium and chromedriver are needed (apt-get install chromium chromium-driver)")
-    assert chromium is not None and driver_path is not None
+    assert chromium is not None
+    assert driver_path is not None
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
     profile = tempfile.mkdtemp(prefix="dashboard-chromium-")
@@ -93,12 +94,13 @@ class QuietHandler(WSGIRequestHandler):
 
 
 @pytest.fixture
-def serve() -> Iterator[Callable[..., str]]:
+def serve(browser: Any) -> Iterator[Callable[..., str]]:
+    """Start the app on 127.0.0.1; afterwards the browser leaves the page before the server
+    stops (a page still polling a stopped server would log errors into the next test), and
+    the browser's logs are emptied."""
     servers: list[Any] = []
 
-    def start(
-        ledger_url: str, verifiers: dict[str, Verifier] | None = None, **kwargs: Any
-    ) -> str:
+    def start(ledger_url: str, verifiers: dict[str, Verifier] | None = None, **kwargs: Any) -> str:
         app = create_app(ledger_url, verifiers=verifiers, **kwargs)
         server = make_server(
             "127.0.0.1", 0, app.server, threaded=True, request_handler=QuietHandler
@@ -108,6 +110,9 @@ def serve() -> Iterator[Callable[..., str]]:
         return f"http://127.0.0.1:{server.server_port}/"
 
     yield start
+    browser.get("about:blank")
+    browser.get_log("browser")
+    browser.get_log("performance")
     for server in servers:
         server.shutdown()
         server.server_close()
@@ -190,9 +195,7 @@ def test_page_shows_the_agreed_rounds_and_follows_new_ones(
     builder = LedgerBuilder.create(tmp_path)
     builder.add_session("s1", rounds=3, threshold=2, privacy={"epsilon": 2.0})
     builder.agree_round("s1", 1, {"accuracy": 0.812, "loss": 0.52, "auc": 0.861})
-    builder.agree_round(
-        "s1", 2, {"accuracy": 0.874, "loss": 0.41, "auc": 0.902}, failed_attempts=1
-    )
+    builder.agree_round("s1", 2, {"accuracy": 0.874, "loss": 0.41, "auc": 0.902}, failed_attempts=1)
     builder.add_statistics(
         "cohort-malignant", "s1", 2, {"count": "diagnosis = M"}, {"count": 212}, 0.5
     )

@@ -376,7 +376,8 @@ def test_source_reads_a_real_ledger_and_cannot_write_it(tmp_path: Path) -> None:
         snapshot = source.snapshot("s1")
         assert snapshot.session is not None
         assert [r.record.round for r in snapshot.records] == [1]
-        assert snapshot.report is not None and snapshot.report.ok
+        assert snapshot.report is not None
+        assert snapshot.report.ok
         # Same state, same digest: the page is not redrawn.
         assert source.snapshot("s1").digest() == snapshot.digest()
         # The connection itself refuses writes.
@@ -387,6 +388,66 @@ def test_source_reads_a_real_ledger_and_cannot_write_it(tmp_path: Path) -> None:
         builder.agree_round("s1", 2, {"accuracy": 0.85})
         later = source.snapshot("s1")
         assert later.digest() != snapshot.digest()
-        assert later.report is not None and later.report.records == 2
+        assert later.report is not None
+        assert later.report.records == 2
     finally:
         source.close()
+
+
+def test_tampered_ledger_is_reported_on_the_page(tmp_path: Path) -> None:
+    import sqlite3
+
+    from dashboard.app import render
+
+    builder = LedgerBuilder.create(tmp_path)
+    builder.add_session("s1")
+    builder.agree_round("s1", 1, {"accuracy": 0.8})
+    builder.agree_round("s1", 2, {"accuracy": 0.9})
+    with sqlite3.connect(builder.path) as db:
+        db.execute(
+            "UPDATE agreed_records SET metrics = ? WHERE round = 1",
+            (json.dumps({"accuracy": 0.99}),),
+        )
+    source = LedgerSource(builder.url, verifiers=builder.verifiers())
+    try:
+        snapshot = source.snapshot("s1")
+    finally:
+        source.close()
+    assert snapshot.report is not None
+    assert [p.kind for p in snapshot.report.problems] == [ProblemKind.METRICS_HASH]
+    sections = render(snapshot)
+    trust = str(sections[5])
+    assert "Ledger check FAILED: 1 problem(s)" in trust
+    assert "metrics_hash" in trust
+    assert "FAILED" in str(sections[1])
+
+
+def test_page_without_privacy_spending_says_so(tmp_path: Path) -> None:
+    from dashboard.app import render
+
+    builder = LedgerBuilder.create(tmp_path)
+    builder.add_session("s1")
+    builder.agree_round("s1", 1, {"summed": 3}, epsilon=dict.fromkeys(PEERS, 0.0))
+    source = LedgerSource(builder.url)
+    try:
+        sections = render(source.snapshot("s1"))
+    finally:
+        source.close()
+    privacy = str(sections[3])
+    assert "No differential privacy was spent" in privacy
+    assert "privacy-round-chart" not in privacy
+    assert "Signatures not checked: no roster given" in str(sections[5])
+
+
+def test_training_rounds_show_their_type_and_charts_skip_text() -> None:
+    records = [
+        stored(1, {"round_kind": "standardize", "examples": 300, "standardization": {"m": [1]}}),
+        stored(2, {"round_kind": "train", "accuracy": 0.8, "examples": 300, "n": 90}),
+    ]
+    table = metrics_table(records)
+    assert table.column_keys() == ("round", "round_kind", "accuracy", "examples", "n")
+    assert table.column("round_kind") == ["standardize", "train"]
+    assert table.column("accuracy") == [None, 0.8]
+    other = figures.other_metrics_figure(table)
+    assert other is not None
+    assert [trace.name for trace in other.data] == ["Examples", "N"]

@@ -168,7 +168,7 @@ class Network:
         )
 
     def run_session(
-        self, proposal: SessionProposal, timeout: float = 120.0, expect_all: bool = True
+        self, proposal: SessionProposal, timeout: float = 120.0, expect_all: bool = False
     ) -> dict[str, pb.SessionStatus | Exception]:
         async def go() -> dict[str, pb.SessionStatus | Exception]:
             operator = self.operator()
@@ -176,7 +176,10 @@ class Network:
                 await operator.propose(proposal)
                 await operator.start(proposal.session_id, proposal.participants)
                 return await operator.wait(
-                    proposal.session_id, proposal.participants, timeout=timeout
+                    proposal.session_id,
+                    proposal.participants,
+                    timeout=timeout,
+                    require_all=expect_all,
                 )
             finally:
                 await operator.close()

@@ -118,7 +118,7 @@ def test_round_aborts_cleanly_and_next_round_proceeds(make_network: Callable[...
 
     restarter = threading.Thread(target=restart_victim)
     restarter.start()
-    statuses = network.run_session(proposal)
+    statuses = network.run_session(proposal, expect_all=True)
     restarter.join()
     assert set(states(statuses).values()) == {"finished"}, network.logs()
     for peer_id in network.peers:
@@ -173,7 +173,7 @@ def test_killed_peer_restarts_with_its_ledger_and_the_session_completes(
 
     restarter = threading.Thread(target=restart_victim)
     restarter.start()
-    statuses = network.run_session(proposal)
+    statuses = network.run_session(proposal, expect_all=True)
     restarter.join()
     assert set(states(statuses).values()) == {"finished"}, network.logs()
     assert_identical_records(network, list(network.peers), "s1", 3)
