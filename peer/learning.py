@@ -49,7 +49,18 @@ if TYPE_CHECKING:
 
     from .config import PeerConfig
 
-__all__ = ["RoundKind", "TrainingPayload", "TrainingSpec", "training_payload"]
+__all__ = [
+    "PrivacyBudgetError",
+    "RoundKind",
+    "TrainingPayload",
+    "TrainingSpec",
+    "training_payload",
+]
+
+
+class PrivacyBudgetError(ValueError):
+    """A round would take this institution over its privacy budget; it refuses the round."""
+
 
 Vector = npt.NDArray[np.float64]
 EVAL_HEAD = 7  # loss_sum, correct, TP, FP, TN, FN, n (peer.training.EVAL_HEADER)
@@ -178,6 +189,7 @@ class TrainingPayload:
     me: str
     store: PatientStore
     ledger: Ledger
+    max_epsilon: float = math.inf  # this institution's total budget (its local policy)
     rng: np.random.Generator = field(
         default_factory=lambda: np.random.default_rng(int.from_bytes(os.urandom(16), "big"))
     )
@@ -349,6 +361,14 @@ class TrainingPayload:
         done = self._trained_rounds()
         before = epsilon(q, sigma, done * steps, self.spec.delta) if done else 0.0
         after = epsilon(q, sigma, (done + 1) * steps, self.spec.delta)
+        # Checked again at every round, not only when the proposal was accepted: other
+        # sessions may have spent from the same budget since.
+        spent = self.ledger.privacy_spent(self.me).epsilon
+        if spent + (after - before) > self.max_epsilon + 1e-12:
+            raise PrivacyBudgetError(
+                f"{self.me} refuses round: it would spend epsilon {after - before:.4g}, "
+                f"{spent:.4g} of its budget {self.max_epsilon:.4g} is already spent"
+            )
         # delta is the session's; it is charged once, with the first round.
         return float(after - before), self.spec.delta if done == 0 else 0.0
 
@@ -397,4 +417,11 @@ def training_payload(
         )
     if proposal.bits != 64:
         raise ProposalError("training sessions aggregate in the 64-bit ring (bits = 64)")
-    return TrainingPayload(proposal, spec, config.peer_id, PatientStore(config.data_url), ledger)
+    return TrainingPayload(
+        proposal,
+        spec,
+        config.peer_id,
+        PatientStore(config.data_url),
+        ledger,
+        max_epsilon=config.policy.max_epsilon,
+    )

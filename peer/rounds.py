@@ -394,6 +394,14 @@ async def participate(ctx: RoundContext, channel: grpc.aio.Channel) -> RoundOutc
     except Exception as error:  # the payload's own checks (budget, data): not a crash
         logger.warning("%s cannot prepare its contribution: %s", ctx.log_prefix, error)
         return RoundOutcome(RoundStatusKind.REFUSED, ctx.aggregator, f"cannot prepare: {error}")
+    if contribution.clipped_fraction > 0:
+        # Quantization ranges follow from public session parameters; clipping means a value
+        # fell outside them. Never silent: it biases the result.
+        logger.warning(
+            "%s clipped %.3g%% of its coordinates to the quantization range",
+            ctx.log_prefix,
+            100 * contribution.clipped_fraction,
+        )
     prefix = f"{ctx.log_prefix} role=participant aggregator={ctx.aggregator}"
     timeout = ctx.prepare_seconds + ctx.stage_seconds * 10
     method = channel.stream_stream(

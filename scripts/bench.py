@@ -28,6 +28,7 @@ import cryptography
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
+from scripts import bench_transport
 from scripts._cli import EXIT_FAILED, EXIT_OK, ArgumentParser, run_guarded
 from secagg import ConfigError, DeterministicRandom, GraphKind, KeyPair, RoundConfig, Stage
 from secagg.graph import recommend_parameters
@@ -513,6 +514,11 @@ BENCHMARKS: dict[str, Benchmark] = {
         "secure aggregation: masking, unmasking, scaling to 500 peers, bytes per peer",
         _add_secagg,
         _run_secagg,
+    ),
+    "transport": Benchmark(
+        "whole rounds over gRPC + mTLS with real peer processes: secure vs cleartext",
+        bench_transport.add_arguments,
+        bench_transport.run,
     ),
 }
 

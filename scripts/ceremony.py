@@ -14,6 +14,12 @@ Subcommands:
 * ``run`` — propose a session to the peers, start it and watch it (:mod:`scripts.ceremony_run`).
 * ``demo`` — a whole federation on this machine, then the dashboard
   (:mod:`scripts.ceremony_demo`).
+* ``stats`` — federated DP statistics (counts, histograms, means) over the peers' patients
+  (:mod:`scripts.ceremony_stats`).
+* ``privacy`` — epsilon of a DP-SGD schedule, or the noise for a target
+  (:mod:`scripts.ceremony_privacy`).
+* ``split``, ``baseline`` — split a data set across simulated hospitals; non-private
+  reference accuracies (:mod:`scripts.ceremony_data`).
 """
 
 from __future__ import annotations
@@ -27,7 +33,14 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from scripts import ceremony_demo, ceremony_identity, ceremony_run
+from scripts import (
+    ceremony_data,
+    ceremony_demo,
+    ceremony_identity,
+    ceremony_privacy,
+    ceremony_run,
+    ceremony_stats,
+)
 from scripts._cli import (
     EXIT_FAILED,
     EXIT_OK,
@@ -386,6 +399,9 @@ def build_parser() -> argparse.ArgumentParser:
     ceremony_identity.add_parsers(subparsers)
     ceremony_run.add_parsers(subparsers)
     ceremony_demo.add_parsers(subparsers)
+    ceremony_stats.add_parsers(subparsers)
+    ceremony_privacy.add_parsers(subparsers)
+    ceremony_data.add_parsers(subparsers)
     _add_simulate(subparsers)
     _add_bench(subparsers)
     return parser

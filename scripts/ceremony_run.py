@@ -102,8 +102,14 @@ class FederationFile:
     session: Mapping[str, Any]
 
 
-def load_federation(path: Path) -> FederationFile:
+def load_federation(path: Path, *, payload_required: bool = True) -> FederationFile:
     """Read and check ``federation.toml``; every problem names the file and the key.
+
+    Args:
+        path: the file.
+        payload_required: whether ``[session]`` must describe a payload and its ``rounds``
+            (``ceremony run``); commands that bring their own payload (``ceremony stats``)
+            only need the operator's files and, optionally, the session's other settings.
 
     Raises:
         UsageError: missing or malformed file, missing keys, wrong types, missing files.
@@ -119,7 +125,7 @@ def load_federation(path: Path) -> FederationFile:
     operator = document.get("operator")
     if not isinstance(operator, dict):
         raise UsageError(f"{path}: missing [operator] table (cert, key, ca, roster)")
-    session = document.get("session")
+    session = document.get("session", None if payload_required else {})
     if not isinstance(session, dict):
         raise UsageError(f"{path}: missing [session] table (participants, rounds, payload)")
     unknown = sorted(set(document) - {"operator", "session"})
@@ -144,9 +150,9 @@ def load_federation(path: Path) -> FederationFile:
         if isinstance(value, bool) or not isinstance(value, kind):
             raise UsageError(f"{path} [session]: '{key}' has the wrong type: {value!r}")
     payload = session.get("payload")
-    if payload is None or not isinstance(payload.get("kind"), str):
+    if payload_required and (payload is None or not isinstance(payload.get("kind"), str)):
         raise UsageError(f"{path} [session.payload]: missing 'kind' (e.g. kind = \"vector\")")
-    if "rounds" not in session:
+    if payload_required and "rounds" not in session:
         raise UsageError(f"{path} [session]: missing required key 'rounds'")
     return FederationFile(
         path=path,

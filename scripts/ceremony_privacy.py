@@ -1,0 +1,148 @@
+"""``ceremony privacy``: the epsilon of a DP-SGD schedule, or the noise a target epsilon needs.
+
+A planning tool for the consortium before it proposes a training session: each local DP-SGD
+step is one Poisson-sampled Gaussian mechanism (sampling rate ``q``, noise multiplier
+``sigma``), and a hospital's privacy loss is the composition of all its steps, computed by
+:func:`peer.training.epsilon` with Google's ``dp_accounting``. The PLD accountant (default) is
+the tight one that the peers enforce budgets with; RDP is a looser, independent cross-check.
+
+Example (the DP-SGD paper's MNIST schedule: batches of 256 of 60,000 images, 60 epochs)::
+
+    ceremony privacy --sampling-rate 256/60000 --noise-multiplier 1.1 --steps 14040 --delta 1e-5
+    ceremony privacy --sampling-rate 256/60000 --target-epsilon 2 --steps 14040 --delta 1e-5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from fractions import Fraction
+from typing import Any
+
+from scripts._cli import EXIT_OK, UsageError
+
+__all__ = ["add_parsers", "parse_rate"]
+
+ACCOUNTANTS = ("pld", "rdp")
+
+
+def parse_rate(text: str) -> float:
+    """A sampling rate given as a decimal (``0.00427``) or a fraction (``256/60000``).
+
+    Raises:
+        argparse.ArgumentTypeError: not a number or fraction.
+    """
+    try:
+        value = float(Fraction(text.strip())) if "/" in text else float(text)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a number or a fraction such as 256/60000"
+        ) from None
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive number")
+    return value
+
+
+def _add_privacy(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "privacy",
+        help="epsilon of a DP-SGD schedule, or the noise multiplier for a target epsilon",
+        description=(
+            "Compute the (epsilon, delta) privacy loss of T Poisson-sampled DP-SGD steps with "
+            "sampling rate Q and noise multiplier S, or, with --target-epsilon instead of "
+            "--noise-multiplier, the smallest noise multiplier that keeps epsilon at or below "
+            "the target. Exit 0, or 2 for bad arguments."
+        ),
+        epilog=(__doc__ or "").split("Example", 1)[-1].replace("::", ":", 1).strip(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--sampling-rate",
+        type=parse_rate,
+        required=True,
+        metavar="Q",
+        help="probability that an example joins a step's batch (batch size / records), "
+        "e.g. 0.004 or 256/60000",
+    )
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument(
+        "--noise-multiplier",
+        type=_positive_float,
+        metavar="S",
+        help="noise standard deviation / clip norm (print epsilon)",
+    )
+    which.add_argument(
+        "--target-epsilon",
+        type=_positive_float,
+        metavar="E",
+        help="print the smallest noise multiplier with epsilon <= E",
+    )
+    parser.add_argument(
+        "--steps", type=int, required=True, metavar="T", help="local steps, over all rounds"
+    )
+    parser.add_argument("--delta", type=float, required=True, metavar="D", help="e.g. 1e-5")
+    parser.add_argument(
+        "--accountant",
+        choices=ACCOUNTANTS,
+        default="pld",
+        help="privacy loss distribution (tight, default) or Rényi DP (looser)",
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.set_defaults(handler=_cmd_privacy)
+
+
+def _cmd_privacy(args: argparse.Namespace) -> int:
+    from peer.training import calibrate_noise, epsilon
+
+    q, steps, delta = args.sampling_rate, args.steps, args.delta
+    if not 0.0 < q <= 1.0:
+        raise UsageError(f"--sampling-rate must be in (0, 1], not {q:g}")
+    if steps < 1:
+        raise UsageError(f"--steps must be at least 1, not {steps}")
+    if not 0.0 < delta < 1.0:
+        raise UsageError(f"--delta must be in (0, 1), not {delta:g}")
+    try:
+        if args.target_epsilon is not None:
+            sigma = calibrate_noise(q, steps, delta, args.target_epsilon, args.accountant)
+        else:
+            sigma = args.noise_multiplier
+        # For a calibrated sigma this is the epsilon actually reached (just below the target).
+        eps = epsilon(q, sigma, steps, delta, args.accountant)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    report: dict[str, Any] = {
+        "accountant": args.accountant,
+        "sampling_rate": q,
+        "steps": steps,
+        "delta": delta,
+        "noise_multiplier": sigma,
+        "epsilon": eps,
+        "target_epsilon": args.target_epsilon,
+    }
+    if args.json:
+        print(json.dumps(report, sort_keys=True))
+        return EXIT_OK
+    schedule = (
+        f"{steps} steps at sampling rate {q:.6g}, delta {delta:g}, "
+        f"{args.accountant.upper()} accountant"
+    )
+    if args.target_epsilon is not None:
+        print(f"noise multiplier {sigma:.4f} (epsilon {eps:.4f} <= {args.target_epsilon:g})")
+    else:
+        print(f"epsilon {eps:.4f} (noise multiplier {sigma:g})")
+    print(schedule)
+    return EXIT_OK
+
+
+def add_parsers(subparsers: Any) -> None:
+    """Register ``privacy`` on ``ceremony``'s subparsers."""
+    _add_privacy(subparsers)
