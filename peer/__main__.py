@@ -2,6 +2,12 @@
 
 peer start --config hospital_a.toml [--log-format json]
 peer verify-ledger --config hospital_a.toml [--json]
+peer data import --config hospital_a.toml --csv patients.csv --label diagnosis [--id pid] [--json]
+peer data show --config hospital_a.toml [--json]
+
+Exit codes: 0 done, 1 a check failed (verify-ledger), 2 a mistake in the arguments, the
+configuration or the input file (one line on stderr saying what; for a CSV that fails
+validation, one more line per problem naming its row and column).
 """
 
 from __future__ import annotations
@@ -12,13 +18,38 @@ import json
 import logging
 import signal
 import sys
+from collections import Counter
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, NoReturn
+
+if TYPE_CHECKING:
+    from .config import PeerConfig
+    from .data import CSVImportError
 
 __all__ = ["main"]
+
+EXIT_USAGE = 2
 
 
 class UserError(Exception):
     """A mistake the user can fix; printed as one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line on stderr (exit 2), not the usage block:
+    operators read these in logs; ``--help`` still shows the usage."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {' '.join(message.split())}\n")
+
+
+def _load_config(path: str) -> PeerConfig:
+    from .config import ConfigFileError, load_config
+
+    try:
+        return load_config(path)
+    except (ConfigFileError, OSError, ValueError) as error:
+        raise UserError(str(error)) from None
 
 
 def _start(args: argparse.Namespace) -> int:
@@ -71,10 +102,218 @@ def _verify_ledger(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="peer", description="A hospital's secure aggregation peer."
+# --------------------------------------------------------------------------- data
+
+
+# The importer's messages name its Python arguments; here the user typed options.
+_OPTION_OF = {"feature_cols": "--features", "positive_label": "--positive-label"}
+
+
+def _as_options(message: str) -> str:
+    for argument, option in _OPTION_OF.items():
+        message = message.replace(argument, option)
+    return message
+
+
+def _import_failure(error: CSVImportError, as_json: bool) -> int:
+    """Report every problem of a rejected CSV: a summary line, then one line per problem."""
+    issues = error.issues
+    print(
+        f"peer data import: error: {error.path}: {len(issues)} problem(s), nothing was "
+        "imported (the database is unchanged)",
+        file=sys.stderr,
     )
+    for issue in issues:
+        print(f"  {_as_options(str(issue))}", file=sys.stderr)
+    if as_json:
+        problems = [
+            {"line": i.line, "column": i.column, "message": _as_options(i.message)} for i in issues
+        ]
+        print(json.dumps({"ok": False, "path": error.path, "issues": problems}, sort_keys=True))
+    return EXIT_USAGE
+
+
+def _data_import(args: argparse.Namespace) -> int:
+    import numpy as np
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from .data import CSVImportError, DataError, PatientStore, import_csv
+
+    if not 0.0 <= args.test_fraction < 1.0:
+        raise UserError(f"--test-fraction must be in [0, 1), not {args.test_fraction}")
+    config = _load_config(args.config)
+    features = None
+    if args.features is not None:
+        features = [n.strip() for value in args.features for n in value.split(",") if n.strip()]
+    store = PatientStore(config.data_url)
+    try:
+        report = import_csv(
+            store,
+            args.csv,
+            args.label,
+            id_col=args.id,
+            feature_cols=features,
+            diagnosis_col=args.diagnosis,
+            test_fraction=args.test_fraction,
+            # The train/test assignment is not secret; --seed makes it reproducible.
+            rng=np.random.default_rng(args.seed),
+            positive_label=args.positive_label,
+        )
+    except CSVImportError as error:
+        return _import_failure(error, args.json)
+    except DataError as error:
+        raise UserError(
+            f"{args.csv}: {error} (nothing was imported; the database is unchanged)"
+        ) from None
+    except SQLAlchemyError as error:
+        raise UserError(f"cannot write to {store.url}: {' '.join(str(error).split())}") from None
+    finally:
+        store.dispose()
+    result = {
+        "ok": True,
+        "peer": config.peer_id,
+        "database": store.url,
+        "path": report.path,
+        "records": report.n_records,
+        "train": report.n_train,
+        "test": report.n_test,
+        "features": report.feature_names,
+        "label_mapping": report.label_mapping,
+        "generated_ids": report.generated_ids,
+    }
+    if args.json:
+        print(json.dumps(result, sort_keys=True))
+        return 0
+    mapping = ", ".join(
+        f"{raw!r} -> {label}" for raw, label in sorted(report.label_mapping.items())
+    )
+    print(
+        f"{config.peer_id}: imported {report.n_records} records from {report.path} into "
+        f"{store.url} ({report.n_train} train, {report.n_test} test)"
+    )
+    print(f"features ({len(report.feature_names)}): {', '.join(report.feature_names)}")
+    print(f"label: {mapping}")
+    if report.generated_ids:
+        print("patient ids generated from the file name and line number (no --id column)")
+    return 0
+
+
+def _data_summary(config: PeerConfig) -> dict[str, Any]:
+    from sqlalchemy import inspect
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from .data import DataError, PatientStore
+
+    store = PatientStore(config.data_url)
+    try:
+        if not inspect(store.engine).has_table("patients"):
+            raise UserError(
+                f"{store.url} holds no patient data yet; import some with: peer data import "
+                f"--config {config.path} --csv FILE --label COLUMN"
+            )
+        splits: dict[str, dict[str, Any]] = {}
+        for split in ("train", "test"):
+            records = store.records(split)
+            splits[split] = {
+                "records": len(records),
+                "labels": {str(k): v for k, v in sorted(Counter(r.label for r in records).items())},
+                "diagnoses": dict(sorted(Counter(r.diagnosis for r in records).items())),
+            }
+        return {
+            "peer": config.peer_id,
+            "database": store.url,
+            "dataset": store.dataset_name(),
+            "features": store.feature_names(),
+            "splits": splits,
+        }
+    except (SQLAlchemyError, DataError) as error:
+        raise UserError(f"cannot read {store.url}: {' '.join(str(error).split())}") from None
+    finally:
+        store.dispose()
+
+
+def _data_show(args: argparse.Namespace) -> int:
+    summary = _data_summary(_load_config(args.config))
+    if args.json:
+        print(json.dumps(summary, sort_keys=True))
+        return 0
+    features = summary["features"]
+    print(
+        f"{summary['peer']}: data set {summary['dataset']!r} in {summary['database']}, "
+        f"{len(features)} features"
+    )
+    print(f"{'split':<5}  {'records':>7}  {'label 0':>7}  {'label 1':>7}  diagnoses")
+    total: Counter[str] = Counter()
+    for split, part in summary["splits"].items():
+        labels = part["labels"]
+        diagnoses = ", ".join(f"{d} {n}" for d, n in part["diagnoses"].items()) or "-"
+        print(
+            f"{split:<5}  {part['records']:>7}  {labels.get('0', 0):>7}  "
+            f"{labels.get('1', 0):>7}  {diagnoses}"
+        )
+        total.update(part["diagnoses"])
+    records = sum(part["records"] for part in summary["splits"].values())
+    everyone = ", ".join(f"{d} {n}" for d, n in sorted(total.items())) or "-"
+    print(f"{'all':<5}  {records:>7}  {'':>7}  {'':>7}  {everyone}")
+    return 0
+
+
+def _add_data(commands: Any) -> None:
+    data = commands.add_parser("data", help="the peer's patient database: import, show")
+    actions = data.add_subparsers(dest="action", metavar="ACTION", required=True)
+    importer = actions.add_parser(
+        "import",
+        help="import a CSV file of patient records into the peer's data database",
+        description=(
+            "Validate a CSV file (header row, UTF-8) and store its records in the data "
+            "database of the peer's configuration, with a label-stratified train/test split. "
+            "Every problem is reported with its line and column (missing values, "
+            "non-numeric columns, a label that is not binary, duplicate ids), and then "
+            "nothing is imported. Numeric labels must be 0/1; text labels need exactly two "
+            "values (M/B, malignant/benign, positive/negative, yes/no... are recognized; "
+            "otherwise name the positive one with --positive-label)."
+        ),
+    )
+    importer.add_argument("--config", required=True, help="the peer's TOML configuration")
+    importer.add_argument("--csv", required=True, metavar="FILE", help="the CSV file")
+    importer.add_argument("--label", required=True, metavar="COL", help="the binary label column")
+    importer.add_argument(
+        "--id", metavar="COL", help="the patient id column (default: file name and line)"
+    )
+    importer.add_argument(
+        "--features",
+        action="append",
+        metavar="COLS",
+        help="feature columns, comma-separated, in order (default: all the other columns)",
+    )
+    importer.add_argument(
+        "--diagnosis",
+        metavar="COL",
+        help="a diagnosis text column (default: a text label itself, or positive/negative)",
+    )
+    importer.add_argument("--positive-label", metavar="V", help="the label value meaning 1")
+    importer.add_argument(
+        "--test-fraction",
+        type=float,
+        default=0.2,
+        metavar="F",
+        help="share of each label kept for testing (default 0.2)",
+    )
+    importer.add_argument(
+        "--seed", type=int, help="seed of the train/test assignment (default: random)"
+    )
+    importer.add_argument("--json", action="store_true", help="print one JSON object")
+    importer.set_defaults(handler=_data_import)
+    show = actions.add_parser(
+        "show", help="records per split, label and diagnosis in the peer's data database"
+    )
+    show.add_argument("--config", required=True, help="the peer's TOML configuration")
+    show.add_argument("--json", action="store_true", help="print one JSON object")
+    show.set_defaults(handler=_data_show)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _Parser(prog="peer", description="A hospital's secure aggregation peer.")
     commands = parser.add_subparsers(dest="command", required=True)
     start = commands.add_parser("start", help="run the peer (mTLS gRPC server and session runner)")
     start.add_argument("--config", required=True, help="the peer's TOML configuration")
@@ -87,13 +326,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     verify.add_argument("--min-signatures", type=int, default=None)
     verify.add_argument("--json", action="store_true")
     verify.set_defaults(handler=_verify_ledger)
-    args = parser.parse_args(argv)
+    _add_data(commands)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help, or a bad argument already reported
+        return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
     try:
         result: int = args.handler(args)
         return result
     except UserError as error:
         print(f"peer: error: {error}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     except KeyboardInterrupt:
         logging.getLogger("peer").info("interrupted")
         return 130

@@ -11,7 +11,8 @@ Figures:
 * role times: the key holder (key generation + decryption), the median participant, the
   aggregator, and one verification of the published transcript;
 * wall: the whole in-memory round, every role run one after the other in this process
-  (transcript verification by one peer included, for both backends);
+  (transcript verification by one peer included, for both backends; SecAgg takes
+  milliseconds, so its figures are medians of 5 runs after a warm-up run);
 * bytes per peer: median payload a participant sends and receives in the stage messages
   (the transcript is reported separately for Paillier);
 * ratios Paillier / SecAgg of the same run.
@@ -28,6 +29,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from collections.abc import Sequence
@@ -76,21 +78,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+SECAGG_REPEATS = 5
+
+
 def _secagg_row(n: int, m: int, inputs: np.ndarray[Any, Any], seed: int) -> dict[str, Any]:
-    started = time.perf_counter()
-    result = simulate(n, m, inputs=inputs, seed=seed)
-    wall = time.perf_counter() - started
+    """SecAgg takes milliseconds, so it is the median of a few runs (after one warm-up run:
+    the first round in a process pays one-off set-up costs)."""
+    simulate(n, min(m, 16), seed=seed)
+    runs = []
+    for _ in range(SECAGG_REPEATS):
+        started = time.perf_counter()
+        result = simulate(n, m, inputs=inputs, seed=seed)
+        runs.append((time.perf_counter() - started, result))
+    wall = statistics.median(w for w, _ in runs)
+    totals = [r.timings_s["total"] for _, r in runs]
     return {
         "backend": "secagg",
         "m": m,
-        "ok": result.ok,
+        "ok": all(r.ok for _, r in runs),
+        "repeats": SECAGG_REPEATS,
         "key_holder_s": None,
-        "participant_s": result.timings_s["total"]["participant_median"],
-        "aggregator_s": result.timings_s["total"]["aggregator"],
+        "participant_s": statistics.median(t["participant_median"] for t in totals),
+        "aggregator_s": statistics.median(t["aggregator"] for t in totals),
         "verify_s": None,
         "wall_s": wall,
-        "bytes_sent_per_peer": result.bytes_per_peer["sent"],
-        "bytes_received_per_peer": result.bytes_per_peer["received"],
+        "bytes_sent_per_peer": runs[0][1].bytes_per_peer["sent"],
+        "bytes_received_per_peer": runs[0][1].bytes_per_peer["received"],
     }
 
 
@@ -182,6 +195,7 @@ def run(args: argparse.Namespace, out: Any = sys.stdout) -> int:
         raise UsageError("Paillier needs at least 3 peers (t endorsers besides the key holder)")
     if any(m < 1 for m in lengths):
         raise UsageError("vector lengths must be positive")
+    load_before = _load()
     rows: list[dict[str, Any]] = []
     per_ciphertext_s: float | None = None  # unpacked encryption time per ciphertext
     largest_unpacked = 0
@@ -231,6 +245,8 @@ def run(args: argparse.Namespace, out: Any = sys.stdout) -> int:
             "nproc": os.cpu_count(),
             "python": platform.python_version(),
             "gmpy2": _has_gmpy2(),
+            "load_average_before": load_before,
+            "load_average_after": _load(),
         },
         "rows": rows,
     }
@@ -241,6 +257,14 @@ def run(args: argparse.Namespace, out: Any = sys.stdout) -> int:
     for row in failed:
         print(f"FAILED: {row['backend']} m={row['m']}: {row.get('error')}", file=out)
     return EXIT_FAILED if failed else EXIT_OK
+
+
+def _load() -> list[float] | None:
+    """The 1/5/15-minute load averages: times on a busy machine are inflated."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
 
 
 def _has_gmpy2() -> bool:

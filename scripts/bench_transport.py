@@ -47,7 +47,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -56,7 +56,7 @@ from typing import Any, TextIO
 import numpy as np
 
 from peer.kit import LocalKit, write_peer_config
-from peer.ledger import Ledger, RoundAttempt, RoundStatus
+from peer.ledger import Checkpoint, Ledger, RoundAttempt, RoundStatus
 from peer.operator import OperatorClient
 from peer.session import SessionProposal
 from peer.wire import peer_pb2 as pb
@@ -70,6 +70,8 @@ __all__ = [
     "TransportBenchError",
     "TransportSizes",
     "add_arguments",
+    "print_report",
+    "round_periods",
     "run",
 ]
 
@@ -95,7 +97,7 @@ class TransportSizes:
     pairs: int  # sessions of each kind per (n, m)
 
 
-FULL = TransportSizes(peers=(5, 10), lengths=(100_000, 1_000_000), rounds=3, pairs=2)
+FULL = TransportSizes(peers=(5, 10), lengths=(100_000, 1_000_000), rounds=3, pairs=3)
 QUICK = TransportSizes(peers=(3,), lengths=(1000,), rounds=1, pairs=1)
 
 
@@ -259,11 +261,29 @@ class _Federation:
     def ledger(self, peer_id: str) -> Ledger:
         return Ledger(f"sqlite:///{self.kit.kits[peer_id].directory / 'ledger.db'}")
 
+    def pids(self) -> list[int]:
+        return [p.process.pid for p in self.peers.values() if p.process is not None]
+
     def logs_tail(self) -> str:
         return "\n".join(f"===== {p.peer_id}\n{_tail(p.log_path, 8)}" for p in self.peers.values())
 
 
 # --------------------------------------------------------------------------- sessions
+
+
+def _cpu_seconds(pids: Sequence[int]) -> float | None:
+    """User + system CPU time consumed so far by the processes ``pids`` (Linux), or None."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    try:
+        for pid in pids:
+            with open(f"/proc/{pid}/stat", encoding="utf-8") as stat:
+                # Fields after the command name (which may hold spaces) start at "state".
+                fields = stat.read().rpartition(")")[2].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    except (OSError, ValueError, IndexError):
+        return None
+    return total / ticks
 
 
 def _loopback_bytes() -> int | None:
@@ -305,6 +325,33 @@ def _seconds(later: datetime, earlier: datetime) -> float:
     return (later - earlier).total_seconds()
 
 
+def round_periods(attempts: Mapping[str, Sequence[RoundAttempt]], rounds: int) -> list[float]:
+    """Seconds each round of a session took, federation-wide, from every peer's attempts.
+
+    Round r ends when the last peer has ended its attempt at r; it starts when round r-1
+    ended (round 1: when the first peer started it). The periods add up to the session's
+    span, so time spent waiting for slow peers is counted once, in the round it delays.
+
+    Args:
+        attempts: per peer, its attempts at rounds 1..rounds in order, one each.
+
+    Raises:
+        TransportBenchError: a peer has no ended attempt for some round.
+    """
+    periods: list[float] = []
+    previous: datetime | None = None
+    for r in range(1, rounds + 1):
+        this = [rows[r - 1] for rows in attempts.values()]
+        if any(a.round != r or a.ended_at is None for a in this):
+            raise TransportBenchError(f"round {r} has not ended at every peer")
+        if previous is None:
+            previous = min(a.started_at for a in this)
+        end = max(a.ended_at for a in this if a.ended_at is not None)
+        periods.append(_seconds(end, previous))
+        previous = end
+    return periods
+
+
 def _session_row(
     federation: _Federation,
     proposal: SessionProposal,
@@ -312,10 +359,12 @@ def _session_row(
     propose_s: float,
     run_s: float,
     loopback: int | None,
+    cpu_s: float | None,
 ) -> dict[str, Any]:
     """What the peers' ledgers say about one finished session, checked."""
     sid, rounds = proposal.session_id, proposal.rounds
     attempts: dict[str, list[RoundAttempt]] = {}
+    checkpoint: Checkpoint | None = None
     for peer_id in federation.peers:
         with federation.ledger(peer_id) as ledger:
             attempts[peer_id] = ledger.round_attempts(sid)
@@ -334,18 +383,7 @@ def _session_row(
     aggregate = np.frombuffer(checkpoint.weights, dtype="<u4")
     if not np.array_equal(aggregate, expected_sum):
         raise TransportBenchError(f"session {sid}: the agreed sum is not the sum of the vectors")
-
-    def by_round(r: int) -> list[RoundAttempt]:
-        return [rows[r - 1] for rows in attempts.values()]
-
-    periods: list[float] = []
-    previous_end = min(a.started_at for a in by_round(1))
-    for r in range(1, rounds + 1):
-        ends = [a.ended_at for a in by_round(r)]
-        assert all(e is not None for e in ends)  # agreed attempts have ended
-        end = max(e for e in ends if e is not None)
-        periods.append(_seconds(end, previous_end))
-        previous_end = end
+    periods = round_periods(attempts, rounds)
     every = [a for rows in attempts.values() for a in rows]
     peer_times = [_seconds(a.ended_at, a.started_at) for a in every if a.ended_at is not None]
     sent = [a.bytes_sent for a in every]
@@ -370,6 +408,9 @@ def _session_row(
         "loopback_tx_bytes_per_peer_round": (
             loopback / (n * rounds) if loopback is not None else None
         ),
+        # All peers together, proposal included; on an oversubscribed machine the round
+        # cannot take less wall time than this divided by the number of cores.
+        "cpu_s_per_round": cpu_s / rounds if cpu_s is not None else None,
         "sum_verified": True,
     }
 
@@ -403,14 +444,16 @@ def _run_session(
         finally:
             await operator.close()
 
-    before = _loopback_bytes()
+    pids = federation.pids()
+    before, cpu_before = _loopback_bytes(), _cpu_seconds(pids)
     try:
         propose_s, run_s = asyncio.run(go())
     except (TransportBenchError, TimeoutError) as error:
         raise TransportBenchError(f"{error}\n{federation.logs_tail()}") from None
-    after = _loopback_bytes()
+    after, cpu_after = _loopback_bytes(), _cpu_seconds(pids)
     loopback = after - before if after is not None and before is not None else None
-    return _session_row(federation, proposal, expected_sum, propose_s, run_s, loopback)
+    cpu = cpu_after - cpu_before if cpu_after is not None and cpu_before is not None else None
+    return _session_row(federation, proposal, expected_sum, propose_s, run_s, loopback, cpu)
 
 
 # --------------------------------------------------------------------------- summary
@@ -439,6 +482,7 @@ def _kind_summary(sessions: list[dict[str, Any]]) -> dict[str, Any]:
         "loopback_tx_bytes_per_peer_round": _median_or_none(
             [r["loopback_tx_bytes_per_peer_round"] for r in sessions]
         ),
+        "cpu_s_per_round": _median_or_none([r["cpu_s_per_round"] for r in sessions]),
     }
 
 
@@ -460,6 +504,11 @@ def _config_row(n: int, m: int, sessions: list[dict[str, Any]]) -> dict[str, Any
         "bytes_received_ratio": secure["bytes_received_per_peer"]
         / plain["bytes_received_per_peer"],
         "bytes_sent_ratio": secure["bytes_sent_per_peer"] / plain["bytes_sent_per_peer"],
+        "cpu_ratio": (
+            secure["cpu_s_per_round"] / plain["cpu_s_per_round"]
+            if secure["cpu_s_per_round"] and plain["cpu_s_per_round"]
+            else None
+        ),
         "sessions": sessions,
     }
 
@@ -483,8 +532,8 @@ def print_report(report: dict[str, Any], out: TextIO) -> None:
     """The human-readable table of a report."""
     header = (
         f"{'n':>3} {'m':>10} {'plain s':>8} {'secure s':>9} {'ratio':>6} "
-        f"{'1st plain':>9} {'1st sec':>8} {'sent/peer plain':>16} {'sent/peer sec':>14} "
-        f"{'recv/peer plain':>16} {'recv/peer sec':>14}"
+        f"{'1st plain':>9} {'1st sec':>8} {'cpu plain':>9} {'cpu sec':>8} "
+        f"{'sent plain':>11} {'sent sec':>11} {'recv plain':>11} {'recv sec':>11}"
     )
     print(header, file=out)
     for row in report["configs"]:
@@ -493,14 +542,17 @@ def print_report(report: dict[str, Any], out: TextIO) -> None:
             f"{row['n']:>3} {row['m']:>10,} {plain['round_median_s']:>8.3f} "
             f"{secure['round_median_s']:>9.3f} {row['ratio']:>5.2f}x "
             f"{plain['first_round_median_s']:>9.3f} {secure['first_round_median_s']:>8.3f} "
-            f"{plain['bytes_sent_per_peer']:>16,.0f} {secure['bytes_sent_per_peer']:>14,.0f} "
-            f"{plain['bytes_received_per_peer']:>16,.0f} "
-            f"{secure['bytes_received_per_peer']:>14,.0f}",
+            f"{_or_dash(plain['cpu_s_per_round']):>9} {_or_dash(secure['cpu_s_per_round']):>8} "
+            f"{plain['bytes_sent_per_peer']:>11,.0f} {secure['bytes_sent_per_peer']:>11,.0f} "
+            f"{plain['bytes_received_per_peer']:>11,.0f} "
+            f"{secure['bytes_received_per_peer']:>11,.0f}",
             file=out,
         )
     print(
-        "round times: median over rounds after each session's first (ledger timestamps); "
-        "bytes: a participant's round stream payload per round",
+        "plain = aggregation 'cleartext', secure = 'secagg'. Round times (s): median over the "
+        "rounds after each session's first, from the ledgers; cpu: CPU seconds of all peers "
+        "per round; sent/recv: bytes one participant puts on / takes off its round stream "
+        "per round (median).",
         file=out,
     )
     if report["quick"]:
@@ -514,6 +566,10 @@ def print_report(report: dict[str, Any], out: TextIO) -> None:
         )
 
 
+def _or_dash(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
 # --------------------------------------------------------------------------- run
 
 
@@ -525,8 +581,14 @@ def _write(report: dict[str, Any], output: Path, *, partial: bool) -> None:
         handle.write("\n")
 
 
-def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
-    """Run the benchmark described by ``args`` (see :func:`add_arguments`)."""
+def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    """Run the benchmark described by ``args`` (see :func:`add_arguments`).
+
+    Prints the table to ``out`` (default stdout) and progress to stderr; returns the exit
+    code: 0 when every session ran and checked out (a missed target is reported, not an
+    error), 1 when a peer or a session failed (the error names it).
+    """
+    out = out if out is not None else sys.stdout
     from scripts.bench import machine_info  # not at import time: bench imports this module
 
     sizes = _sizes(args)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import sys
 from collections.abc import Mapping, Sequence
@@ -229,14 +230,10 @@ def _print_statistics(statistics: Mapping[str, Any], out: TextIO) -> None:
             edges = result.get("edges", [])
             counts = result.get("counts", [])
             # numpy.histogram's bins: half-open, except the last, which holds its upper edge.
+            bins = list(itertools.pairwise(float(edge) for edge in edges))
             labels = [
-                f"[{_number(float(lo))}, {_number(float(hi))}" + ("]" if last else ")")
-                for lo, hi, last in zip(
-                    edges,
-                    edges[1:],
-                    [i == len(edges) - 2 for i in range(len(edges) - 1)],
-                    strict=True,
-                )
+                f"[{_number(lo)}, {_number(hi)}" + ("]" if i == len(bins) - 1 else ")")
+                for i, (lo, hi) in enumerate(bins)
             ]
             width = max((len(label) for label in labels), default=0)
             for label, count in zip(labels, counts, strict=False):

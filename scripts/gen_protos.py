@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import filecmp
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -22,12 +23,16 @@ PACKAGE = Path("peer") / "wire"
 
 def generate(out_root: Path) -> list[Path]:
     """Run protoc on every .proto; return the generated files (relative to out_root)."""
-    from grpc_tools import protoc  # lazy: only needed by developers
+    import grpc_tools  # lazy: only needed by developers
 
     protos = sorted(PROTOS.glob("*.proto"))
-    include = str(Path(protoc.__file__).parent / "_proto")
+    include = str(Path(grpc_tools.__file__).parent / "_proto")
+    # protoc runs in its own process: loaded in-process beside TensorFlow's protobuf it can
+    # crash the interpreter.
     args = [
-        "protoc",
+        sys.executable,
+        "-m",
+        "grpc_tools.protoc",
         f"-I{PACKAGE.as_posix()}={PROTOS}",
         f"-I{include}",
         f"--plugin=protoc-gen-mypy={Path(sys.executable).parent / 'protoc-gen-mypy'}",
@@ -36,8 +41,9 @@ def generate(out_root: Path) -> list[Path]:
         *[(PACKAGE / p.name).as_posix() for p in protos],
     ]
     (out_root / PACKAGE).mkdir(parents=True, exist_ok=True)
-    if protoc.main(args) != 0:
-        raise RuntimeError("protoc failed")
+    result = subprocess.run(args, capture_output=True, text=True, check=False)  # noqa: S603  (our own fixed argv)
+    if result.returncode != 0:
+        raise RuntimeError(f"protoc failed: {result.stderr.strip()}")
     return sorted(p.relative_to(out_root) for p in (out_root / PACKAGE).glob("*_pb2.py*"))
 
 
