@@ -51,7 +51,7 @@ from secagg.crypto import sha256
 
 from .backends import RoundBackend
 from .codec import CodecError, Reassembler, fragments
-from .faults import fault_point, tamper_transcript_aggregate
+from .faults import fault_point, tamper_outgoing, tamper_reply, tamper_transcript_aggregate
 from .ledger import (
     AgreedRecord,
     Ledger,
@@ -241,7 +241,7 @@ class AggregatorRound:
     def _send(self, peer: str, message: object) -> None:
         queue = self._outboxes.get(peer)
         if queue is not None and peer not in self._gone:
-            queue.put_nowait(message)
+            queue.put_nowait(tamper_outgoing(self.ctx.round, peer, message))  # test-only hook
 
     def _broadcast(self, message: object) -> None:
         for peer in list(self._outboxes):
@@ -482,6 +482,7 @@ async def participate(ctx: RoundContext, channel: grpc.aio.Channel) -> RoundOutc
                     reply = await loop.run_in_executor(None, participant.receive, message)
                 else:
                     reply = participant.receive(message)
+                reply = tamper_reply(ctx.round, reply, ctx.signer, ctx.config.digest)  # tests
                 sent.append(reply)
                 stage = ctx.backend.stage_reached(participant)
                 ctx.on_stage(stage, "")

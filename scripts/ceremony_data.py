@@ -242,10 +242,10 @@ def _add_split(subparsers: Any) -> None:
         "split",
         help="split a data set across simulated hospitals, one patient database each",
         description=(
-            "Distribute the bundled breast-cancer data set (or --csv FILE) across N simulated "
-            "hospitals, IID or label-skewed (Dirichlet), keeping each record's train/test "
-            "split, and write one patient database per hospital. Prints the records and "
-            "labels per hospital. Exit 0, or 2 for bad arguments or data."
+            "Distribute the bundled breast-cancer data set (or --csv FILE) across N\n"
+            "simulated hospitals, IID or label-skewed (Dirichlet), keeping each record's\n"
+            "train/test split, and write one patient database per hospital. Prints the\n"
+            "records and labels per hospital. Exit 0, or 2 for bad arguments or data."
         ),
         epilog="Examples:" + (__doc__ or "").split("Examples::", 1)[-1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -582,6 +582,19 @@ def _print_baseline(
     )
 
 
+_BASELINE_HELP = """\
+Train without DP and without any federation (1) one model on the union of every
+hospital's training records (centralized: what a federation tries to approach) and
+(2) one model per hospital on its own records alone (what it gets by not
+collaborating); evaluate every model on the union of all hospitals' test records.
+Exit 0, or 2 for bad arguments or unreadable data.
+
+Standardization: the centralized model uses the mean and standard deviation of the
+union's training records (the statistics a federated session agrees on in its
+standardize round); a hospital alone only knows its own records, so its model is
+trained and evaluated with its local statistics, as it would be deployed."""
+
+
 def _parse_hidden(text: str) -> tuple[int, ...]:
     try:
         widths = tuple(int(w) for w in text.split(","))
@@ -596,7 +609,7 @@ def _add_baseline(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "baseline",
         help="non-private reference accuracies: centralized and each hospital alone",
-        description=(__doc__ or "").split("\n\n")[2] + "\n\n" + (__doc__ or "").split("\n\n")[3],
+        description=_BASELINE_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(

@@ -57,12 +57,12 @@ def _add_privacy(subparsers: Any) -> None:
         "privacy",
         help="epsilon of a DP-SGD schedule, or the noise multiplier for a target epsilon",
         description=(
-            "Compute the (epsilon, delta) privacy loss of T Poisson-sampled DP-SGD steps with "
-            "sampling rate Q and noise multiplier S, or, with --target-epsilon instead of "
-            "--noise-multiplier, the smallest noise multiplier that keeps epsilon at or below "
-            "the target. Exit 0, or 2 for bad arguments."
+            "Compute the (epsilon, delta) privacy loss of T Poisson-sampled DP-SGD steps\n"
+            "with sampling rate Q and noise multiplier S, or, with --target-epsilon instead\n"
+            "of --noise-multiplier, the smallest noise multiplier that keeps epsilon at or\n"
+            "below the target. Exit 0, or 2 for bad arguments."
         ),
-        epilog=(__doc__ or "").split("Example", 1)[-1].replace("::", ":", 1).strip(),
+        epilog="Example" + (__doc__ or "").split("Example", 1)[-1].replace("::", ":", 1),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(

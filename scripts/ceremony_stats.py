@@ -35,6 +35,7 @@ import argparse
 import asyncio
 import itertools
 import json
+import re
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
@@ -295,12 +296,17 @@ def _print_outcome(outcome: SessionOutcome, federation: Path, out: TextIO) -> No
 # --------------------------------------------------------------------------- command
 
 
+def _plain(text: str) -> str:
+    """Docstring text for ``--help``: reST roles and literals as plain text."""
+    return re.sub(r":\w+:`([^`]*)`", r"\1", text).replace("``", "").replace("::", ":").strip()
+
+
 def _add_stats(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "stats",
         help="federated DP statistics: counts per diagnosis, histograms, means",
-        description=(__doc__ or "").split("\n\n", 1)[1].split("The queries come", 1)[0].strip(),
-        epilog="The queries come" + (__doc__ or "").split("The queries come", 1)[1],
+        description=_plain((__doc__ or "").split("\n\n", 1)[1].split("The queries come", 1)[0]),
+        epilog=_plain("The queries come" + (__doc__ or "").split("The queries come", 1)[1]),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(

@@ -289,7 +289,7 @@ def test_peer_data_import_rejects_a_bad_file_and_changes_nothing(
     assert peer_main([*base, "--csv", str(good)]) == 0
     capsys.readouterr()
     store = PatientStore(f"sqlite:///{config.parent / 'data.db'}")
-    before = store.records()
+    before = [(r.patient_id, r.features.tolist(), r.label, r.split) for r in store.records()]
 
     bad = write_csv(tmp_path / "bad.csv", 5, bad="p50,abc,12,M\np51,,12,B\n")
     code, report = peer_json(capsys, *base, "--csv", str(bad))
@@ -320,7 +320,9 @@ def test_peer_data_import_rejects_a_bad_file_and_changes_nothing(
     line = one_error_line(capsys, "peer: error: ")
     assert "duplicate patient id" in line
     assert "unchanged" in line
-    assert store.records() == before
+    assert [
+        (r.patient_id, r.features.tolist(), r.label, r.split) for r in store.records()
+    ] == before
     store.dispose()
 
 

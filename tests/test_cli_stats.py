@@ -217,6 +217,12 @@ def test_agreed_statistics_then_the_budget_runs_out(
     assert 0.0 <= area["mean"] <= 3000.0
     assert area["count"] == pytest.approx(len(union), abs=60)
 
+    # Attaching to the finished session reads the same agreed answers back from the ledgers.
+    code, attached, _ = _stats(capsys, federation, "--attach", "stats-first")
+    assert code == 0
+    assert attached["statistics"] == report["statistics"]
+    assert attached["rounds"][0]["record_hash"] == round_["record_hash"]
+
     # 0.8 of the budget of 1.0 is spent: a second 0.8 is refused by every peer, each saying why.
     code, report, err = _stats(
         capsys,

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from peer.config import load_config
 from peer.kit import LocalKit
 from peer.ledger import Ledger, StoredRecord, verify_ledger
 from peer.operator import OperatorClient
@@ -192,7 +193,16 @@ class Network:
     # ------------------------------------------------------------------ ledger side
 
     def ledger(self, peer_id: str) -> Ledger:
-        return Ledger(f"sqlite:///{self.kit.kits[peer_id].directory / 'ledger.db'}")
+        """The peer's own ledger, wherever its configuration puts it."""
+        return Ledger(load_config(self.kit.kits[peer_id].config).ledger_url)
+
+    def set_storage(self, peer_id: str, *, data: str, ledger: str) -> None:
+        """Point a peer's [storage] at other SQLAlchemy URLs (before it starts)."""
+        config = self.kit.kits[peer_id].config
+        text = config.read_text(encoding="utf-8")
+        text = text.replace('data = "sqlite:///data.db"', f'data = "{data}"')
+        text = text.replace('ledger = "sqlite:///ledger.db"', f'ledger = "{ledger}"')
+        config.write_text(text, encoding="utf-8")
 
     def records(self, peer_id: str, session_id: str) -> list[StoredRecord]:
         with self.ledger(peer_id) as ledger:

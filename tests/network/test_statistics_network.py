@@ -1,21 +1,15 @@
-"""A statistics session between real peer processes over gRPC + mTLS on 127.0.0.1.
-
-Skipped until ``peer.node.default_payload`` dispatches the ``"statistics"`` payload kind to
-:func:`peer.statistics.statistics_payload` (the probe below asks the node itself).
-"""
+"""A statistics session between real peer processes over gRPC + mTLS on 127.0.0.1."""
 
 from __future__ import annotations
 
-import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from network_harness import Network
 
-from peer.config import PeerConfig
 from peer.data import (
     BUNDLED_DATASET_NAME,
     breast_cancer_feature_names,
@@ -23,60 +17,13 @@ from peer.data import (
     split_dataset,
     write_hospital_stores,
 )
-from peer.ledger import Ledger
-from peer.node import default_payload
-from peer.session import ProposalError, SessionProposal
+from peer.session import SessionProposal
 from peer.statistics import StatisticsSpec
-
-sys.path.insert(0, str(Path(__file__).parent / "network"))
-from network_harness import Network  # type: ignore[import-not-found, unused-ignore]
 
 EPSILON = 1e6  # large: the answers must equal the pooled data's
 
 
-def _node_dispatches_statistics() -> bool:
-    with tempfile.TemporaryDirectory() as scratch:
-        where = Path(scratch)
-        config = PeerConfig(
-            path=where / "probe.toml",
-            peer_id="a",
-            listen="127.0.0.1:0",
-            cert=where / "c",
-            key=where / "k",
-            ca=where / "ca",
-            roster=where / "r",
-            crl=where / "crl",
-            data_url=f"sqlite:///{where / 'data.db'}",
-            ledger_url=f"sqlite:///{where / 'ledger.db'}",
-        )
-        spec = StatisticsSpec.from_payload(
-            {
-                "kind": "statistics",
-                "epsilon": 1.0,
-                "queries": [{"name": "d", "type": "count", "categories": ["x"]}],
-            }
-        )
-        proposal = SessionProposal("probe", ("a", "b"), 1, 2, spec.to_payload())
-        ledger = Ledger(config.ledger_url)
-        try:
-            ledger.create()
-            default_payload(proposal, config, ledger)
-        except ProposalError as error:
-            return "not supported" not in str(error)
-        except Exception:
-            return True  # dispatched, then failed on the empty scratch data: wired
-        finally:
-            ledger.close()
-        return True
-
-
-pytestmark = [
-    pytest.mark.timeout(300),
-    pytest.mark.skipif(
-        not _node_dispatches_statistics(),
-        reason="not wired yet: peer.node.default_payload does not dispatch 'statistics'",
-    ),
-]
+pytestmark = [pytest.mark.timeout(300)]
 
 
 @pytest.fixture
@@ -87,13 +34,24 @@ def network(tmp_path: Path) -> Iterator[Network]:
 
 
 def test_statistics_session_between_peer_processes(network: Network) -> None:
+    run_statistics_session(network)
+
+
+def run_statistics_session(network: Network, data_urls: dict[str, str] | None = None) -> None:
+    """Split the bundled data over the peers, run an exact-answer statistics session, and
+    check the agreed answers, the privacy charges and the stored results at every peer.
+
+    ``data_urls`` overrides where a peer's patient data lives (its config must say the same).
+    """
     records = breast_cancer_records(np.random.default_rng(0))
     parts = split_dataset(records, 3, mode="dirichlet", alpha=0.6, rng=np.random.default_rng(3))
     ids = list(network.peers)
     kits = [network.kit.kits[p] for p in ids]
+    urls = {p: f"sqlite:///{network.kit.kits[p].directory / 'data.db'}" for p in ids}
+    urls.update(data_urls or {})
     write_hospital_stores(
         parts,
-        [f"sqlite:///{kit.directory / 'data.db'}" for kit in kits],
+        [urls[p] for p in ids],
         feature_names=breast_cancer_feature_names(),
         dataset_name=BUNDLED_DATASET_NAME,
     )

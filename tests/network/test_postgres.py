@@ -161,3 +161,31 @@ def test_patient_store_on_postgresql(postgres_url: str) -> None:
     assert features.shape[1] == 30
     assert set(np.unique(labels)) <= {0, 1}
     store.dispose()
+
+
+def _create_database(server_url: str, name: str) -> str:
+    import psycopg
+
+    url = server_url.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(url, autocommit=True) as connection:
+        connection.execute(f'CREATE DATABASE "{name}"')
+    return server_url.rsplit("/", 1)[0] + f"/{name}"
+
+
+@pytest.mark.slow
+def test_a_peer_keeps_its_data_and_ledger_on_postgresql(postgres_url: str, tmp_path: Path) -> None:
+    """A real session in which one hospital's peer stores everything in PostgreSQL."""
+    from network_harness import Network
+    from test_statistics_network import run_statistics_session
+
+    network = Network.create(tmp_path / "network", 3, start=False)
+    data_url = _create_database(postgres_url, "hospital_a_data")
+    ledger_url = _create_database(postgres_url, "hospital_a_ledger")
+    network.set_storage("hospital-a", data=data_url, ledger=ledger_url)
+    try:
+        run_statistics_session(network, data_urls={"hospital-a": data_url})
+    finally:
+        network.stop()
+    with Ledger(ledger_url) as ledger:
+        assert ledger.url.startswith("postgresql")
+        assert [r.record.round for r in ledger.agreed_records("stats-1")] == [1]
