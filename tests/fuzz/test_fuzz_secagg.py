@@ -37,6 +37,7 @@ from secagg import (
     ParticipantState,
     RemoteProtocolError,
     RoundAborted,
+    SecAggError,
     UnmaskShares,
 )
 
@@ -243,10 +244,7 @@ def mutate(draw: st.DrawFn, message: Any, replays: list[Any]) -> Any:
         new = _mutate_pairs(draw, value)
     elif isinstance(value, tuple):
         as_names: bool = bool(value) or draw(st.booleans())
-        if as_names:
-            new = _mutate_names(draw, value)
-        else:
-            new = _mutate_pairs(draw, ())
+        new = _mutate_names(draw, value) if as_names else _mutate_pairs(draw, ())
     else:
         raise AssertionError(f"no mutation for {name}={value!r}")
     return dataclasses.replace(message, **{name: new})
