@@ -325,7 +325,10 @@ class PeerNode:
         agreed = self.ledger.agreed_records(session_id)
         return pb.SessionStatus(
             session_id=session_id,
-            state=info.status.value if info else "unknown",
+            # A runner stopped by an error says so, rather than "running" for ever.
+            state="failed"
+            if progress.state == "failed"
+            else (info.status.value if info else "unknown"),
             rounds_planned=info.rounds_planned if info else 0,
             rounds_agreed=len(agreed),
             current_stage=progress.stage,

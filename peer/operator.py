@@ -139,7 +139,7 @@ class OperatorClient:
             if (
                 reachable
                 and everyone
-                and all(s.state in ("finished", "aborted", "refused") for s in reachable)
+                and all(s.state in ("finished", "aborted", "refused", "failed") for s in reachable)
             ):
                 return statuses
             if loop.time() >= deadline:

@@ -66,7 +66,7 @@ __all__ = [
 EXIT_INTERRUPTED = 130  # the shell's convention for "stopped by Ctrl-C"
 POLL_SECONDS = 0.5
 # Session states after which a peer does nothing more for the session.
-FINAL_STATES = frozenset({"finished", "aborted", "refused"})
+FINAL_STATES = frozenset({"finished", "aborted", "refused", "failed"})
 # Stages a round goes through, as the peers report them (peer/rounds.py), for the bar.
 STAGES = ("starting", "advertise", "share", "masked", "consistency", "unmask", "verify")
 
