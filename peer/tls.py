@@ -367,7 +367,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 f"only: {allowed}",
             )
         tls_version = b"".join(auth.get("ssl_tls_version", ())).decode() or "TLS"
-        logger.info(
+        # Debug, not info: operators poll Status every half second.
+        logger.debug(
             "%s called by %s from %s over %s", method, identity, context.peer(), tls_version
         )
         # Each RPC runs in its own asyncio task (with a copy of the context), so the value

@@ -149,7 +149,7 @@ async def call_whoami(chan: grpc.aio.Channel, payload: bytes = b"hi") -> bytes:
 def test_member_is_served_and_identified(
     fed: LocalFederation, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="peer.tls")
+    caplog.set_level(logging.DEBUG, logger="peer.tls")
 
     async def test(port: int) -> None:
         async with channel(fed, port, "alice") as chan:
