@@ -10,23 +10,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError, Message
 
 from secagg import RandomSource, SystemRandom
 
 from .backends import backend_for
-from .codec import fragments
+from .codec import CodecError, fragments
 from .config import PeerConfig
 from .identity import Role, load_signer
 from .ledger import (
-    AgreedRecord,
     Ledger,
     LedgerError,
     RoundStatus,
@@ -41,6 +40,8 @@ from .rounds import (
     RoundStatusKind,
     max_message_bytes,
     participate,
+    record_from_proto,
+    record_to_proto,
     serve_round_stream,
 )
 from .session import ProposalError, SessionProposal, SignedProposal, aggregator_for, check_policy
@@ -103,6 +104,17 @@ class _Session:
     task: asyncio.Task[None] | None = None
 
 
+async def _parsed_fragments(requests: AsyncIterator[bytes]) -> AsyncIterator[pb.Fragment]:
+    """A RoundStream's fragments; bytes that are not one raise CodecError (naming no one:
+    the caller is known to the stream, which reports it)."""
+    async for raw in requests:
+        try:
+            fragment = pb.Fragment.FromString(raw)
+        except DecodeError as error:
+            raise CodecError(f"Fragment does not parse: {error}") from None
+        yield fragment
+
+
 class PeerNode:
     """One institution's peer process (see the module docstring)."""
 
@@ -140,28 +152,23 @@ class PeerNode:
             SERVICE,
             {
                 "Propose": grpc.unary_unary_rpc_method_handler(
-                    self._propose,
-                    request_deserializer=pb.SessionProposal.FromString,
+                    self._parsing(self._propose, pb.SessionProposal),
                     response_serializer=pb.ProposalAnswer.SerializeToString,
                 ),
                 "Start": grpc.unary_unary_rpc_method_handler(
-                    self._start,
-                    request_deserializer=pb.SessionRef.FromString,
+                    self._parsing(self._start, pb.SessionRef),
                     response_serializer=pb.SessionStatus.SerializeToString,
                 ),
                 "Status": grpc.unary_unary_rpc_method_handler(
-                    self._status,
-                    request_deserializer=pb.SessionRef.FromString,
+                    self._parsing(self._status, pb.SessionRef),
                     response_serializer=pb.SessionStatus.SerializeToString,
                 ),
                 "Records": grpc.unary_unary_rpc_method_handler(
-                    self._records,
-                    request_deserializer=pb.SessionRef.FromString,
+                    self._parsing(self._records, pb.SessionRef),
                     response_serializer=pb.SessionStatus.SerializeToString,
                 ),
                 "RoundStream": grpc.stream_stream_rpc_method_handler(
-                    self._round_stream,
-                    request_deserializer=pb.Fragment.FromString,
+                    self._round_stream,  # parses its own fragments (_parsed_fragments)
                     response_serializer=pb.Fragment.SerializeToString,
                 ),
             },
@@ -203,6 +210,34 @@ class PeerNode:
         return channel
 
     # ------------------------------------------------------------------ RPC handlers
+
+    def _parsing(
+        self, handler: Callable[[Any, Any], Awaitable[Any]], kind: type[Message]
+    ) -> Callable[[bytes, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]:
+        """``handler`` behind a parser that answers INVALID_ARGUMENT to bytes that do not parse.
+
+        (grpc's own deserializer answers UNKNOWN and logs a traceback without the caller.)
+        """
+
+        async def call(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            try:
+                request = kind.FromString(raw)
+            except DecodeError as error:
+                caller = caller_identity().peer_id
+                logger.warning(
+                    "peer=%s refused a malformed %s from %s: %s",
+                    self.me,
+                    kind.__name__,
+                    caller,
+                    error,
+                )
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT, f"not a valid {kind.__name__}: {error}"
+                )
+                raise  # not reached: abort raises
+            return await handler(request, context)
+
+        return call
 
     async def _propose(
         self, request: pb.SessionProposal, context: grpc.aio.ServicerContext[Any, Any]
@@ -338,12 +373,12 @@ class PeerNode:
         )
 
     async def _round_stream(
-        self, requests: AsyncIterator[pb.Fragment], context: grpc.aio.ServicerContext[Any, Any]
+        self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.Fragment]:
         caller = caller_identity().peer_id
         try:
             async for fragment in serve_round_stream(
-                requests, caller, self._find_round, self._max_bytes()
+                _parsed_fragments(requests), caller, self._find_round, self._max_bytes()
             ):
                 yield fragment
         except LookupError as error:
@@ -357,6 +392,9 @@ class PeerNode:
         except PermissionError as error:
             logger.warning("peer=%s round stream from %s refused: %s", self.me, caller, error)
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(error))
+        except CodecError as error:  # the hello (later fragments are refused in the round)
+            logger.warning("peer=%s round stream from %s refused: %s", self.me, caller, error)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         except Exception:
             logger.exception("peer=%s round stream from %s failed", self.me, caller)
             raise
@@ -657,35 +695,3 @@ class PeerNode:
             logger.info(
                 "peer=%s caught up round %d of %s from %s", self.me, proto.round, session_id, source
             )
-
-
-def record_to_proto(record: AgreedRecord, signatures: Mapping[str, bytes]) -> pb.AgreedRecord:
-    record_hash = record.record_hash()
-    return pb.AgreedRecord(
-        session_id=record.session_id,
-        round=record.round,
-        aggregate_hash=record.aggregate_hash,
-        model_hash=record.model_hash,
-        metrics_hash=record.metrics_hash,
-        prev_hash=record.prev_hash,
-        metrics_json=json.dumps(dict(record.metrics), sort_keys=True),
-        epsilon_json=json.dumps(dict(record.epsilon), sort_keys=True),
-        signatures=[
-            pb.RecordSignature(peer_id=p, record_hash=record_hash, signature=s)
-            for p, s in sorted(signatures.items())
-        ],
-    )
-
-
-def record_from_proto(proto: pb.AgreedRecord) -> tuple[AgreedRecord, dict[str, bytes]]:
-    record = AgreedRecord(
-        session_id=proto.session_id,
-        round=proto.round,
-        aggregate_hash=proto.aggregate_hash,
-        model_hash=proto.model_hash,
-        metrics_hash=proto.metrics_hash,
-        prev_hash=proto.prev_hash,
-        metrics=json.loads(proto.metrics_json or "{}"),
-        epsilon=json.loads(proto.epsilon_json or "{}"),
-    )
-    return record, {s.peer_id: s.signature for s in proto.signatures}

@@ -146,6 +146,17 @@ def _aggregate_hash(aggregate: np.ndarray[Any, Any]) -> bytes:
 # ====================================================================== aggregator side
 
 
+@dataclasses.dataclass(frozen=True)
+class Encoded:
+    """A message already cut into fragments, to send the same bytes on many streams."""
+
+    fragments: tuple[pb.Fragment, ...]
+
+    @classmethod
+    def of(cls, message: object) -> Encoded:
+        return cls(tuple(fragments(message)))
+
+
 class AggregatorRound:
     """The aggregator's side of one round: owns the secagg Aggregator and the streams."""
 
@@ -312,7 +323,10 @@ class AggregatorRound:
             epsilon_json=json.dumps(epsilon, sort_keys=True),
         )
         self._collecting_votes = True
-        self._broadcast(transcript)
+        # The transcript (every masked input) is the largest message of the round: encode
+        # it once, off the event loop, instead of once per participant stream.
+        encoded = await loop.run_in_executor(None, Encoded.of, transcript)
+        self._broadcast(encoded)
         self._broadcast(draft)
         voters = set(self._outboxes) - self._gone
         await self._wait(lambda: voters <= set(self._votes) | self._gone, ctx.stage_seconds * 2)
@@ -326,8 +340,21 @@ class AggregatorRound:
     def _tally(self) -> pb.AgreedRecord | None:
         by_hash: dict[bytes, list[pb.AgreedRecord]] = {}
         for peer, vote in self._votes.items():
-            if len(vote.signatures) == 1 and vote.signatures[0].peer_id == peer:
-                by_hash.setdefault(vote.signatures[0].record_hash, []).append(vote)
+            # A vote counts only if it is this stream's peer signing, validly, the very
+            # record it sent: one bad signature must not spoil the record for everyone.
+            try:
+                record, signatures = record_from_proto(vote)
+            except CodecError as error:
+                self._warn("participant=%s sent a malformed record: %s", peer, error)
+                continue
+            valid, _ = valid_signatures(record, signatures, self.ctx.verifiers)
+            if list(valid) != [peer] or len(vote.signatures) != 1:
+                self._warn("participant=%s sent a record without its own valid signature", peer)
+                continue
+            if vote.signatures[0].record_hash != record.record_hash():
+                self._warn("participant=%s misstated the hash of its record", peer)
+                continue
+            by_hash.setdefault(record.record_hash(), []).append(vote)
         if not by_hash:
             self.result = "no participant signed a record"
             return None
@@ -447,11 +474,11 @@ async def participate(ctx: RoundContext, channel: grpc.aio.Channel) -> RoundOutc
                 my_record = await loop.run_in_executor(
                     None, _build_record, ctx, transcript, message, sent, contribution
                 )
-                record, _, record_hash = my_record
+                record = my_record[0]
                 outcome.survivors = transcript.survivors
                 fault_point(ctx.round, "sign")
                 signature = ctx.signer.sign(record.payload())
-                await stream.send(_record_proto(record, ctx, [(ctx.me, record_hash, signature)]))
+                await stream.send(record_to_proto(record, {ctx.me: signature}, ctx.aggregator))
             elif isinstance(message, pb.AgreedRecord):
                 if my_record is None:
                     raise RemoteProtocolError(ctx.aggregator, "agreed record before the transcript")
@@ -551,25 +578,6 @@ def _build_record(
     return record, result.model, record.record_hash()
 
 
-def _record_proto(
-    record: AgreedRecord, ctx: RoundContext, signatures: list[tuple[str, bytes, bytes]]
-) -> pb.AgreedRecord:
-    return pb.AgreedRecord(
-        session_id=record.session_id,
-        round=record.round,
-        aggregate_hash=record.aggregate_hash,
-        model_hash=record.model_hash,
-        metrics_hash=record.metrics_hash,
-        prev_hash=record.prev_hash,
-        metrics_json=json.dumps(dict(record.metrics), sort_keys=True),
-        epsilon_json=json.dumps(dict(record.epsilon), sort_keys=True),
-        aggregator=ctx.aggregator,
-        signatures=[
-            pb.RecordSignature(peer_id=p, record_hash=h, signature=s) for p, h, s in signatures
-        ],
-    )
-
-
 def _store_agreed(
     ctx: RoundContext,
     agreed: pb.AgreedRecord,
@@ -578,16 +586,19 @@ def _store_agreed(
 ) -> StoredRecord:
     """Check the agreed record is the one this peer computed, with >= t valid signatures."""
     record, model, record_hash = mine
-    signatures: dict[str, bytes] = {}
-    for signed in agreed.signatures:
-        if signed.record_hash != record_hash:
-            raise RemoteProtocolError(ctx.aggregator, f"{signed.peer_id} signed another record")
-        verifier = ctx.verifiers.get(signed.peer_id)
-        if verifier is None or not verifier.verify(signed.signature, record.payload()):
-            raise RemoteProtocolError(
-                ctx.aggregator, f"record signature of {signed.peer_id} is invalid"
-            )
-        signatures[signed.peer_id] = signed.signature
+    claimed = {s.peer_id: s.signature for s in agreed.signatures if s.record_hash == record_hash}
+    others = sorted(s.peer_id for s in agreed.signatures if s.record_hash != record_hash)
+    if others:
+        raise RemoteProtocolError(ctx.aggregator, f"{', '.join(others)} signed another record")
+    signatures, invalid = valid_signatures(record, claimed, ctx.verifiers)
+    if invalid:
+        # Kept out of the ledger; enough valid ones still make the record.
+        logger.warning(
+            "%s aggregator=%s relayed invalid record signatures of %s",
+            ctx.log_prefix,
+            ctx.aggregator,
+            ", ".join(invalid),
+        )
     if len(signatures) < ctx.config.threshold:
         raise RemoteProtocolError(
             ctx.aggregator,
@@ -651,8 +662,71 @@ async def serve_round_stream(
             message = await queue.get()
             if message is None:
                 break
-            for fragment in fragments(message):
+            for fragment in (
+                message.fragments if isinstance(message, Encoded) else fragments(message)
+            ):
                 yield fragment
     finally:
         reader.cancel()
         round_.leave(caller)
+
+
+def record_to_proto(
+    record: AgreedRecord, signatures: Mapping[str, bytes], aggregator: str = ""
+) -> pb.AgreedRecord:
+    """The wire form of an agreed record (or of one peer's signed vote for it)."""
+    record_hash = record.record_hash()
+    return pb.AgreedRecord(
+        aggregator=aggregator,
+        session_id=record.session_id,
+        round=record.round,
+        aggregate_hash=record.aggregate_hash,
+        model_hash=record.model_hash,
+        metrics_hash=record.metrics_hash,
+        prev_hash=record.prev_hash,
+        metrics_json=json.dumps(dict(record.metrics), sort_keys=True),
+        epsilon_json=json.dumps(dict(record.epsilon), sort_keys=True),
+        signatures=[
+            pb.RecordSignature(peer_id=p, record_hash=record_hash, signature=s)
+            for p, s in sorted(signatures.items())
+        ],
+    )
+
+
+def record_from_proto(proto: pb.AgreedRecord) -> tuple[AgreedRecord, dict[str, bytes]]:
+    """The record and its signatures; CodecError if the record's JSON is malformed."""
+    try:
+        metrics = json.loads(proto.metrics_json or "{}")
+        epsilon = json.loads(proto.epsilon_json or "{}")
+    except ValueError as error:
+        raise CodecError(f"malformed record JSON: {error}") from None
+    if not isinstance(metrics, dict) or not isinstance(epsilon, dict):
+        raise CodecError("record metrics and epsilon must be JSON objects")
+    record = AgreedRecord(
+        session_id=proto.session_id,
+        round=proto.round,
+        aggregate_hash=proto.aggregate_hash,
+        model_hash=proto.model_hash,
+        metrics_hash=proto.metrics_hash,
+        prev_hash=proto.prev_hash,
+        metrics=metrics,
+        epsilon=epsilon,
+    )
+    return record, {s.peer_id: s.signature for s in proto.signatures}
+
+
+def valid_signatures(
+    record: AgreedRecord, signatures: Mapping[str, bytes], verifiers: Mapping[str, Verifier]
+) -> tuple[dict[str, bytes], list[str]]:
+    """The signatures over ``record`` that verify under their peer's roster key, and the
+    peers whose signature did not."""
+    payload = record.payload()
+    valid: dict[str, bytes] = {}
+    invalid: list[str] = []
+    for peer, signature in signatures.items():
+        verifier = verifiers.get(peer)
+        if verifier is not None and verifier.verify(signature, payload):
+            valid[peer] = signature
+        else:
+            invalid.append(peer)
+    return valid, sorted(invalid)

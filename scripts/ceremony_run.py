@@ -279,7 +279,7 @@ class RoundRow:
 
 
 def _row(proto: pb.AgreedRecord, participants: Sequence[str], roster: Roster) -> RoundRow:
-    from peer.node import record_from_proto
+    from peer.rounds import record_from_proto
 
     record, signatures = record_from_proto(proto)
     metrics = dict(record.metrics)
