@@ -1,28 +1,31 @@
 """The aggregation protocols a session can choose, behind one small interface.
 
 The round drivers (peer/rounds.py) move messages and keep deadlines; a backend says which
-sans-I/O objects play the two roles, which messages are heavy to handle, and how a peer
-checks the published transcript. ``secagg`` (the default) is Bonawitz/SecAgg+ masking;
-``cleartext`` is the insecure baseline used to measure what security costs; it is refused
-by every peer whose policy does not explicitly allow it.
+sans-I/O objects play the two roles, which messages are heavy to handle, what each peer is
+sent as the round's transcript, and how a peer checks it.
+
+* ``secagg`` (the default): Bonawitz/SecAgg+ masking. Nobody is trusted.
+* ``paillier``: additively homomorphic encryption under the key of a rotating key holder
+  (``secagg/paillier.py``). Trust assumption: the aggregator and the key holder do not
+  collude. Orders of magnitude slower (see BENCHMARKS.md); it exists to compare.
+* ``cleartext``: the insecure baseline used to measure what security costs; refused by every
+  peer whose policy does not explicitly allow it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any, Protocol
+from collections.abc import Sequence
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any, Protocol
 
 from secagg import (
     Aggregator,
     MaskedInput,
     Participant,
     ParticipantState,
-    RandomSource,
-    RoundConfig,
-    Signer,
     Stage,
     Transcript,
-    Verifier,
+    paillier,
     verify_transcript,
 )
 from secagg.cleartext import (
@@ -34,27 +37,24 @@ from secagg.cleartext import (
 from secagg.messages import SharesToYou
 from secagg.prg import WordArray
 
+if TYPE_CHECKING:
+    from .rounds import RoundContext
+
 __all__ = ["BACKENDS", "RoundBackend", "backend_for"]
 
 
 class RoundBackend(Protocol):
-    name: str
-    first_stage: Stage
+    @property
+    def name(self) -> str: ...
 
-    def aggregator(
-        self, config: RoundConfig, verifiers: Mapping[str, Verifier], me: str
-    ) -> Any: ...
+    @property
+    def first_stage(self) -> StrEnum:
+        """The stage at which participants join (and contributions are awaited)."""
+        ...
 
-    def participant(
-        self,
-        config: RoundConfig,
-        me: str,
-        signer: Signer,
-        verifiers: Mapping[str, Verifier],
-        x: WordArray,
-        rng: RandomSource,
-        aggregator: str,
-    ) -> Any: ...
+    def aggregator(self, ctx: RoundContext) -> Any: ...
+
+    def participant(self, ctx: RoundContext, x: WordArray) -> Any: ...
 
     def is_transcript(self, message: object) -> bool: ...
 
@@ -64,35 +64,33 @@ class RoundBackend(Protocol):
 
     def stage_reached(self, participant: Any) -> str: ...
 
+    def transcripts(self, protocol: Any, recipients: Sequence[str]) -> dict[str, object]:
+        """What each recipient is sent as the round's transcript."""
+        ...
+
     def verify(
-        self,
-        transcript: Any,
-        config: RoundConfig,
-        verifiers: Mapping[str, Verifier],
-        sent: Sequence[object],
+        self, transcript: Any, ctx: RoundContext, sent: Sequence[object]
     ) -> tuple[WordArray, tuple[str, ...]]:
         """The verified aggregate and the peers whose inputs are in it (raises otherwise)."""
         ...
+
+
+def _same_for_everyone(protocol: Any, recipients: Sequence[str]) -> dict[str, object]:
+    transcript = protocol.transcript()
+    return dict.fromkeys(recipients, transcript)
 
 
 class SecAggBackend:
     name = "secagg"
     first_stage = Stage.ADVERTISE
 
-    def aggregator(self, config: RoundConfig, verifiers: Mapping[str, Verifier], me: str) -> Any:
-        return Aggregator(config, verifiers, me)
+    def aggregator(self, ctx: RoundContext) -> Any:
+        return Aggregator(ctx.config, ctx.verifiers, ctx.me)
 
-    def participant(
-        self,
-        config: RoundConfig,
-        me: str,
-        signer: Signer,
-        verifiers: Mapping[str, Verifier],
-        x: WordArray,
-        rng: RandomSource,
-        aggregator: str,
-    ) -> Any:
-        return Participant(config, me, signer, verifiers, x, rng, aggregator)
+    def participant(self, ctx: RoundContext, x: WordArray) -> Any:
+        return Participant(
+            ctx.config, ctx.me, ctx.signer, ctx.verifiers, x, ctx.rng, ctx.aggregator
+        )
 
     def is_transcript(self, message: object) -> bool:
         return isinstance(message, Transcript)
@@ -108,15 +106,14 @@ class SecAggBackend:
             ParticipantState.DONE: "unmask",
         }.get(participant.state, str(participant.state.value))
 
+    def transcripts(self, protocol: Any, recipients: Sequence[str]) -> dict[str, object]:
+        return _same_for_everyone(protocol, recipients)
+
     def verify(
-        self,
-        transcript: Any,
-        config: RoundConfig,
-        verifiers: Mapping[str, Verifier],
-        sent: Sequence[object],
+        self, transcript: Any, ctx: RoundContext, sent: Sequence[object]
     ) -> tuple[WordArray, tuple[str, ...]]:
         own = next((m for m in sent if isinstance(m, MaskedInput)), None)
-        verified = verify_transcript(transcript, config, verifiers, own=own)
+        verified = verify_transcript(transcript, ctx.config, ctx.verifiers, own=own)
         return verified.aggregate, verified.survivors
 
 
@@ -124,20 +121,11 @@ class CleartextBackend:
     name = "cleartext"
     first_stage = Stage.MASKED
 
-    def aggregator(self, config: RoundConfig, verifiers: Mapping[str, Verifier], me: str) -> Any:
-        return CleartextAggregator(config, verifiers, me)
+    def aggregator(self, ctx: RoundContext) -> Any:
+        return CleartextAggregator(ctx.config, ctx.verifiers, ctx.me)
 
-    def participant(
-        self,
-        config: RoundConfig,
-        me: str,
-        signer: Signer,
-        verifiers: Mapping[str, Verifier],
-        x: WordArray,
-        rng: RandomSource,
-        aggregator: str,
-    ) -> Any:
-        return CleartextParticipant(config, me, signer, x)
+    def participant(self, ctx: RoundContext, x: WordArray) -> Any:
+        return CleartextParticipant(ctx.config, ctx.me, ctx.signer, x)
 
     def is_transcript(self, message: object) -> bool:
         return isinstance(message, CleartextTranscript)
@@ -146,20 +134,85 @@ class CleartextBackend:
         return False
 
     def stage_reached(self, participant: Any) -> str:
-        return "masked"
+        return Stage.MASKED.value
+
+    def transcripts(self, protocol: Any, recipients: Sequence[str]) -> dict[str, object]:
+        return _same_for_everyone(protocol, recipients)
 
     def verify(
-        self,
-        transcript: Any,
-        config: RoundConfig,
-        verifiers: Mapping[str, Verifier],
-        sent: Sequence[object],
+        self, transcript: Any, ctx: RoundContext, sent: Sequence[object]
     ) -> tuple[WordArray, tuple[str, ...]]:
-        aggregate = verify_cleartext_transcript(transcript, config, verifiers)
+        aggregate = verify_cleartext_transcript(transcript, ctx.config, ctx.verifiers)
         return aggregate, transcript.survivors
 
 
-BACKENDS: dict[str, RoundBackend] = {"secagg": SecAggBackend(), "cleartext": CleartextBackend()}
+class PaillierBackend:
+    name = "paillier"
+    first_stage = paillier.PaillierStage.KEY
+
+    @staticmethod
+    def config(ctx: RoundContext) -> paillier.PaillierConfig:
+        """The round's Paillier parameters. The key holder is the peer after the aggregator
+        in roster order: never the aggregator, and it moves when a round is retried."""
+        peers = ctx.config.peers
+        key_holder = peers[(peers.index(ctx.aggregator) + 1) % len(peers)]
+        return paillier.PaillierConfig(
+            ctx.config,
+            key_holder,
+            key_bits=ctx.paillier_key_bits,
+            insecure_small_keys=ctx.paillier_key_bits < paillier.DEFAULT_KEY_BITS,
+        )
+
+    def aggregator(self, ctx: RoundContext) -> Any:
+        return paillier.PaillierAggregator(self.config(ctx), ctx.verifiers, ctx.me)
+
+    def participant(self, ctx: RoundContext, x: WordArray) -> Any:
+        return paillier.PaillierPeer(
+            self.config(ctx), ctx.me, ctx.signer, ctx.verifiers, x, ctx.rng, ctx.aggregator
+        )
+
+    def is_transcript(self, message: object) -> bool:
+        return isinstance(
+            message, paillier.PaillierTranscript | paillier.RedactedPaillierTranscript
+        )
+
+    def is_heavy(self, message: object) -> bool:
+        return isinstance(
+            message, paillier.KeyAnnouncement | paillier.InputsToCheck | paillier.DecryptionRequest
+        )
+
+    def stage_reached(self, participant: Any) -> str:
+        state = participant.state
+        if state is paillier.PaillierParticipantState.ENCRYPTED:
+            return paillier.PaillierStage.INPUT.value
+        if state is paillier.KeyHolderState.DONE:
+            return paillier.PaillierStage.DECRYPT.value
+        return paillier.PaillierStage.ENDORSE.value
+
+    def transcripts(self, protocol: Any, recipients: Sequence[str]) -> dict[str, object]:
+        # The key holder must never see individual ciphertexts: it gets a redacted one.
+        key_holder = protocol.config.key_holder
+        full = next((protocol.transcript(r) for r in recipients if r != key_holder), None)
+        return {
+            r: protocol.transcript(r) if r == key_holder or full is None else full
+            for r in recipients
+        }
+
+    def verify(
+        self, transcript: Any, ctx: RoundContext, sent: Sequence[object]
+    ) -> tuple[WordArray, tuple[str, ...]]:
+        own = next((m for m in sent if isinstance(m, paillier.EncryptedInput)), None)
+        verified = paillier.verify_paillier_transcript(
+            transcript, self.config(ctx), ctx.verifiers, own=own, me=ctx.me
+        )
+        return verified.aggregate, verified.survivors
+
+
+BACKENDS: dict[str, RoundBackend] = {
+    "secagg": SecAggBackend(),
+    "paillier": PaillierBackend(),
+    "cleartext": CleartextBackend(),
+}
 
 
 def backend_for(aggregation: str) -> RoundBackend:

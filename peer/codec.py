@@ -30,6 +30,13 @@ from secagg import (
 from secagg.cleartext import CleartextInput, CleartextTranscript
 from secagg.prg import word_dtype
 
+from .paillier_wire import (
+    KIND_PREFIX,
+    MESSAGE_TYPES,
+    PaillierWireError,
+    decode_paillier,
+    encode_paillier,
+)
 from .wire import peer_pb2 as pb
 
 __all__ = [
@@ -325,11 +332,20 @@ _KINDS: dict[str, type[Message]] = {
 
 
 def encode(message: object) -> tuple[str, bytes]:
+    """``(kind, bytes)`` of a message: its protobuf type name and serialization."""
+    if type(message).__name__ in MESSAGE_TYPES:
+        return encode_paillier(message)
     proto = to_proto(message)
     return type(proto).__name__, proto.SerializeToString()
 
 
 def decode(kind: str, data: bytes) -> object:
+    """The message of ``kind`` from its bytes. Raises CodecError for anything malformed."""
+    if kind.startswith(KIND_PREFIX):
+        try:
+            return decode_paillier(kind, data)
+        except PaillierWireError as error:
+            raise CodecError(str(error)) from None
     cls = _KINDS.get(kind)
     if cls is None:
         raise CodecError(f"unknown message kind {kind!r}")

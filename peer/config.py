@@ -50,6 +50,7 @@ class Policy:
     max_vector_length: int = 50_000_000
     # Cleartext sessions reveal every input to the aggregator: benchmarks only.
     allow_cleartext: bool = False
+    min_paillier_key_bits: int = 2048
 
 
 @dataclass(frozen=True)
@@ -158,6 +159,9 @@ def load_config(path: str | Path) -> PeerConfig:
             policy_table, "max_vector_length", int, ppath, Policy.max_vector_length
         ),
         allow_cleartext=_get(policy_table, "allow_cleartext", bool, ppath, False),
+        min_paillier_key_bits=_get(
+            policy_table, "min_paillier_key_bits", int, ppath, Policy.min_paillier_key_bits
+        ),
     )
     if policy.max_epsilon <= 0:
         raise ConfigFileError(f"{ppath}: 'max_epsilon' must be positive")

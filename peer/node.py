@@ -54,6 +54,8 @@ SERVICE = "hospital_secagg.v1.Peer"
 logger = logging.getLogger("peer.node")
 
 PayloadFactory = Callable[[SessionProposal, PeerConfig, Ledger], Payload]
+# Why a round was refused when this peer's ledger cannot record it (read-only, disk full).
+CANNOT_RECORD = "cannot record the round"
 # Under gRPC's 4 MiB default message limit, with room for the records themselves.
 CATCH_UP_CHECKPOINT_BYTES = 3 * 1024 * 1024
 
@@ -496,6 +498,14 @@ class PeerNode:
                     if attempt % len(proposal.participants) == 0:
                         await asyncio.sleep(min(proposal.stage_seconds, 5.0))  # nobody reachable
                     continue
+                if outcome.status is RoundStatusKind.REFUSED and outcome.reason.startswith(
+                    CANNOT_RECORD
+                ):
+                    # Stay on this round until the ledger can be written again: moving on
+                    # would run through every round at once, and progress.round would tell
+                    # the others ("round-passed") that rounds are over which are not.
+                    await asyncio.sleep(min(proposal.stage_seconds, 5.0))
+                    continue
                 round_ += 1
                 attempt = 0
             if proposal.payload_kind == "statistics":
@@ -538,16 +548,11 @@ class PeerNode:
             rng=self.rng,
             stage_seconds=proposal.stage_seconds,
             prepare_seconds=proposal.prepare_seconds,
+            paillier_key_bits=proposal.paillier_key_bits,
             on_stage=on_stage,
         )
-        key = (proposal.session_id, round_, attempt)
-        aggregator_task: asyncio.Task[None] | None = None
-        if aggregator == self.me:
-            agg_round = AggregatorRound(ctx)
-            async with self._rounds_changed:
-                self._rounds[key] = agg_round
-                self._rounds_changed.notify_all()
-            aggregator_task = asyncio.create_task(agg_round.run())
+        # A peer that cannot record the round takes no part in it, in neither role: it finds
+        # out before it aggregates or sends anything.
         try:
             ledger_attempt = self.ledger.start_round(
                 proposal.session_id,
@@ -556,9 +561,24 @@ class PeerNode:
                 participants=list(proposal.participants),
             )
         except LedgerError as error:
-            return RoundOutcome(
-                RoundStatusKind.REFUSED, aggregator, f"cannot record the round: {error}"
+            logger.warning(
+                "peer=%s session=%s round=%d attempt=%d outcome=refused %s: %s",
+                self.me,
+                proposal.session_id,
+                round_,
+                attempt,
+                CANNOT_RECORD,
+                error,
             )
+            return RoundOutcome(RoundStatusKind.REFUSED, aggregator, f"{CANNOT_RECORD}: {error}")
+        key = (proposal.session_id, round_, attempt)
+        aggregator_task: asyncio.Task[None] | None = None
+        if aggregator == self.me:
+            agg_round = AggregatorRound(ctx)
+            async with self._rounds_changed:
+                self._rounds[key] = agg_round
+                self._rounds_changed.notify_all()
+            aggregator_task = asyncio.create_task(agg_round.run())
         started = time.monotonic()
         outcome = await self._participate_with_retry(ctx)
         try:

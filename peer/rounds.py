@@ -44,7 +44,6 @@ from secagg import (
     RoundConfig,
     SecAggError,
     Signer,
-    Stage,
     Verifier,
 )
 from secagg.crypto import sha256
@@ -120,6 +119,7 @@ class RoundContext:
     rng: RandomSource
     stage_seconds: float
     prepare_seconds: float
+    paillier_key_bits: int = 2048
     on_stage: Callable[[str, str], None] = lambda stage, detail: None
 
     @property
@@ -162,7 +162,10 @@ class AggregatorRound:
 
     def __init__(self, ctx: RoundContext) -> None:
         self.ctx = ctx
-        self.protocol = ctx.backend.aggregator(ctx.config, ctx.verifiers, ctx.me)
+        self.protocol = ctx.backend.aggregator(ctx)
+        # While a stage closes in a worker thread, the event loop must not feed the same
+        # object: late messages are dropped then (they would be refused as late anyway).
+        self._closing = False
         self._outboxes: dict[str, asyncio.Queue[object | None]] = {}
         self._hellos: dict[str, pb.RoundHello] = {}
         self._gone: set[str] = set()
@@ -209,6 +212,10 @@ class AggregatorRound:
                 self._refusals[peer] = message.reason
                 self._warn("participant=%s refused: %s", peer, message.reason)
                 self._gone.add(peer)
+            elif self._closing:
+                self._warn(
+                    "participant=%s sent %s while the stage closed", peer, type(message).__name__
+                )
             elif getattr(message, "sender", None) != peer:
                 raise RemoteProtocolError(
                     peer, f"sent a message signed as {getattr(message, 'sender', '?')!r}"
@@ -295,26 +302,28 @@ class AggregatorRound:
                 seconds += ctx.prepare_seconds  # everyone computes its contribution first
             await self._wait(lambda: not (self.protocol.pending() - self._gone), seconds)
             fault_point(ctx.round, f"aggregator:{stage.value}")
+            self._closing = True
             try:
-                if stage is Stage.UNMASK:  # reconstruction and mask removal: heavy
-                    outgoing = await loop.run_in_executor(None, self.protocol.close_stage)
-                else:
-                    outgoing = self.protocol.close_stage()
+                # Closing can be heavy (unmasking, multiplying ciphertexts): off the loop.
+                outgoing = await loop.run_in_executor(None, self.protocol.close_stage)
             except (RoundAborted, RemoteProtocolError) as error:
                 self.result = f"aborted at stage {stage.value}: {error}"
                 self._warn("stage=%s round aborted: %s", stage.value, error)
                 self._finish(pb.Abort(reason=self.result, offender=getattr(error, "offender", "")))
                 return
+            finally:
+                self._closing = False
             dropped = self.protocol.dropped.get(stage, ())
             self._info("stage=%s closed dropped=%s", stage.value, ",".join(dropped) or "-")
             for peer, message in outgoing.items():
                 self._send(peer, message)
 
-        transcript = self.protocol.transcript()
+        recipients = [p for p in self._outboxes if p not in self._gone]
+        transcripts = await loop.run_in_executor(
+            None, ctx.backend.transcripts, self.protocol, recipients
+        )
         if tamper_transcript_aggregate(ctx.round):
-            wrong = transcript.aggregate.copy()
-            wrong[0] += 1
-            transcript = dataclasses.replace(transcript, aggregate=wrong)
+            transcripts = {p: _tampered(t) for p, t in transcripts.items()}
         result = self.protocol.result
         assert result is not None
         epsilon = {p: self._hellos[p].epsilon for p in result.survivors if p in self._hellos}
@@ -324,9 +333,12 @@ class AggregatorRound:
         )
         self._collecting_votes = True
         # The transcript (every masked input) is the largest message of the round: encode
-        # it once, off the event loop, instead of once per participant stream.
-        encoded = await loop.run_in_executor(None, Encoded.of, transcript)
-        self._broadcast(encoded)
+        # each distinct one once, off the event loop, instead of once per stream.
+        encoded: dict[int, Encoded] = {}
+        for peer, transcript in transcripts.items():
+            if id(transcript) not in encoded:
+                encoded[id(transcript)] = await loop.run_in_executor(None, Encoded.of, transcript)
+            self._send(peer, encoded[id(transcript)])
         self._broadcast(draft)
         voters = set(self._outboxes) - self._gone
         await self._wait(lambda: voters <= set(self._votes) | self._gone, ctx.stage_seconds * 2)
@@ -378,6 +390,16 @@ class AggregatorRound:
         )
         self.result = "agreed"
         return agreed
+
+
+def _tampered(transcript: object) -> object:
+    """Test hook (peer/faults.py): the same transcript with a wrong aggregate."""
+    aggregate = getattr(transcript, "aggregate", None)
+    if not isinstance(aggregate, np.ndarray):
+        return transcript
+    wrong = aggregate.copy()
+    wrong[0] += 1
+    return dataclasses.replace(transcript, aggregate=wrong)  # type: ignore[type-var]
 
 
 # ====================================================================== participant side
@@ -438,9 +460,7 @@ async def participate(ctx: RoundContext, channel: grpc.aio.Channel) -> RoundOutc
     )
     call = method(timeout=timeout)  # type: ignore[call-arg]  # stubs predate grpc.aio
     stream = _Stream(call, ctx.max_message_bytes())
-    participant = ctx.backend.participant(
-        ctx.config, ctx.me, ctx.signer, ctx.verifiers, contribution.vector, ctx.rng, ctx.aggregator
-    )
+    participant = ctx.backend.participant(ctx, contribution.vector)
     sent: list[object] = []  # what this peer sent: its own input must be in the transcript
     my_record: tuple[AgreedRecord, bytes, bytes] | None = None  # record, model, record hash
     transcript: Any = None
@@ -456,9 +476,10 @@ async def participate(ctx: RoundContext, channel: grpc.aio.Channel) -> RoundOutc
             )
         )
         fault_point(ctx.round, ctx.backend.first_stage.value)
-        first = participant.start()
-        sent.append(first)
-        await stream.send(first)
+        first = await loop.run_in_executor(None, participant.start)  # e.g. key generation
+        if first is not None:  # some roles speak only when spoken to
+            sent.append(first)
+            await stream.send(first)
         ctx.on_stage(ctx.backend.first_stage.value, "sent")
         while True:
             message = await stream.receive()
@@ -535,6 +556,11 @@ async def participate(ctx: RoundContext, channel: grpc.aio.Channel) -> RoundOutc
             outcome.reason = f"stream to aggregator {ctx.aggregator} failed: {status} {details}"
         logger.warning("%s %s", prefix, outcome.reason)
         return outcome
+    except Exception as error:  # a bug or an environment fault: this round only, never the peer
+        logger.exception("%s failed", prefix)
+        outcome.status = RoundStatusKind.REFUSED
+        outcome.reason = f"internal error: {error}"
+        return outcome
     finally:
         outcome.bytes_sent, outcome.bytes_received = stream.sent, stream.received
         call.cancel()
@@ -548,7 +574,7 @@ def _build_record(
     contribution: LocalContribution,
 ) -> tuple[AgreedRecord, bytes, bytes]:
     """Verify the transcript and build the record this peer is willing to sign."""
-    aggregate, survivors = ctx.backend.verify(transcript, ctx.config, ctx.verifiers, sent)
+    aggregate, survivors = ctx.backend.verify(transcript, ctx, sent)
     head = ctx.ledger.session_head(ctx.session_id)
     if draft.prev_hash != head:
         raise RemoteProtocolError(

@@ -56,6 +56,8 @@ class SessionProposal:
     # Time every peer may take to compute its contribution (training) before sending keys.
     prepare_seconds: float = 120.0
     seed: int = 0
+    # Paillier sessions only: the key holder's modulus size (peers refuse below their policy).
+    paillier_key_bits: int = 2048
 
     def __post_init__(self) -> None:
         if not _SESSION_ID.match(self.session_id):
@@ -172,6 +174,14 @@ def check_policy(
         return f"{me} is not a participant of session {proposal.session_id}"
     if proposal.aggregation == "cleartext" and not policy.allow_cleartext:
         return "cleartext aggregation reveals every input; this institution does not allow it"
+    if (
+        proposal.aggregation == "paillier"
+        and proposal.paillier_key_bits < policy.min_paillier_key_bits
+    ):
+        return (
+            f"Paillier keys of {proposal.paillier_key_bits} bits are below this institution's "
+            f"minimum of {policy.min_paillier_key_bits}"
+        )
     if not proposer_is_peer and proposer not in policy.allowed_operators:
         return f"operator {proposer} is not allowed to propose sessions here"
     if len(proposal.participants) < policy.min_participants:

@@ -509,6 +509,21 @@ def _add_secagg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
 
+def _delegated(module: str) -> Benchmark:
+    """A benchmark with a ``main(argv)`` of its own: its options are passed through."""
+
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("options", nargs=argparse.REMAINDER, help=f"options of {module}")
+
+    def run(args: argparse.Namespace) -> int:
+        import importlib
+
+        main_function = importlib.import_module(module).main
+        return int(main_function(list(args.options)))
+
+    return Benchmark(f"see python -m {module} --help", add_arguments, run)
+
+
 BENCHMARKS: dict[str, Benchmark] = {
     "secagg": Benchmark(
         "secure aggregation: masking, unmasking, scaling to 500 peers, bytes per peer",
@@ -520,6 +535,8 @@ BENCHMARKS: dict[str, Benchmark] = {
         bench_transport.add_arguments,
         bench_transport.run,
     ),
+    "training": _delegated("scripts.bench_training"),
+    "paillier": _delegated("scripts.bench_paillier"),
 }
 
 

@@ -21,16 +21,18 @@ Each round has a *key holder* (a roster peer, rotating) and an *aggregator* (ano
    correct decryption, signed (:class:`DecryptedSum`).
 
 Afterwards the aggregator publishes a :class:`PaillierTranscript` to every peer except the
-key holder; :func:`verify_paillier_transcript` re-multiplies the published ciphertexts,
-checks that the product is what the key holder decrypted, checks the decryption proof and
-every signature.
+key holder, which gets a :class:`RedactedPaillierTranscript` (input digests, not inputs);
+:func:`verify_paillier_transcript` re-multiplies the published ciphertexts, checks that the
+product is what the key holder decrypted, checks the decryption proof and every signature.
+:class:`PaillierPeer` bundles one peer's roles behind ``start``/``receive``.
 
 Trust assumption (and what is *not* assumed)
 --------------------------------------------
 * Privacy: the aggregator and the key holder must not collude. The key holder can decrypt any
   single ciphertext it is given, so individual ciphertexts must never reach it: the aggregator
-  sends it only the product, and :meth:`PaillierAggregator.transcript` refuses to make a
-  transcript for it. Were they to collude, every input would be revealed.
+  sends it only the product, and :meth:`PaillierAggregator.transcript` gives it a redacted
+  transcript (a key holder handed the full one reports the leak, naming the aggregator).
+  Were they to collude, every input would be revealed.
 * A lone malicious aggregator cannot get a single input decrypted: the key holder decrypts
   only a product endorsed by t contributors, each of whom recomputed it from t or more signed
   inputs (the same guarantee as SecAgg's consistency check: only sums over at least t inputs
@@ -102,6 +104,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from phe import paillier as phe_paillier
 from phe.util import is_prime
 
+from .aggregator import AggregatorState
 from .config import RoundConfig
 from .crypto import DeterministicRandom, RandomSource, Signer, Verifier, canonical, sha256
 from .errors import (
@@ -136,10 +139,12 @@ __all__ = [
     "PaillierParticipant",
     "PaillierParticipantMessage",
     "PaillierParticipantState",
+    "PaillierPeer",
     "PaillierResult",
     "PaillierSimulationResult",
     "PaillierStage",
     "PaillierTranscript",
+    "RedactedPaillierTranscript",
     "SeededPrimes",
     "aggregate_digest",
     "endorsement_payload",
@@ -1015,10 +1020,8 @@ class PaillierStage(StrEnum):
     DECRYPT = "decrypt"
 
 
-class PaillierAggregatorState(StrEnum):
-    RUNNING = "running"
-    DONE = "done"
-    ABORTED = "aborted"
+# The aggregator's states are secagg's (RUNNING, DONE, ABORTED): one driver loop serves both.
+PaillierAggregatorState = AggregatorState
 
 
 _STAGE_MESSAGE: dict[PaillierStage, type] = {
@@ -1060,6 +1063,28 @@ class PaillierTranscript:
     @property
     def survivors(self) -> tuple[str, ...]:
         return tuple(m.sender for m in self.inputs)
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class RedactedPaillierTranscript:
+    """The key holder's transcript: digests of the inputs instead of the inputs.
+
+    The key holder could decrypt any individual ciphertext, so it gets (sender, input digest)
+    pairs; it checks the endorsements, its own decryption and that its own input is listed.
+    """
+
+    session_id: str
+    round: int
+    aggregator: str
+    key: KeyAnnouncement
+    contributions: tuple[tuple[str, bytes], ...]
+    aggregate: tuple[int, ...]
+    endorsements: tuple[Endorsement, ...]
+    decryption: DecryptedSum
+
+    @property
+    def survivors(self) -> tuple[str, ...]:
+        return tuple(u for u, _ in self.contributions)
 
 
 class PaillierAggregator:
@@ -1278,21 +1303,31 @@ class PaillierAggregator:
 
     # ------------------------------------------------------------------ publishing
 
-    def transcript(self, recipient: str) -> PaillierTranscript:
+    def transcript(self, recipient: str) -> PaillierTranscript | RedactedPaillierTranscript:
         """The round's transcript for ``recipient`` (after DONE).
 
+        Every peer gets the full :class:`PaillierTranscript` except the key holder, which gets
+        a :class:`RedactedPaillierTranscript`: individual ciphertexts must never reach it.
+        Send each recipient its own transcript; never broadcast one to all.
+
         Raises:
-            LocalProtocolError: no result yet, or ``recipient`` is the key holder (it holds the
-                private key: individual ciphertexts must never reach it; it has its own
-                :attr:`PaillierKeyHolder.verified` result).
+            LocalProtocolError: the round has no result.
         """
-        if recipient == self.config.key_holder:
-            raise LocalProtocolError(
-                "the transcript carries every input; the key holder must never receive it"
-            )
         if self.result is None or self._key is None or self._decryption is None:
             raise LocalProtocolError("the round has no result to publish")
         peers = self.config.round.peers
+        endorsements = tuple(self._endorsements[u] for u in peers if u in self._endorsements)
+        if recipient == self.config.key_holder:
+            return RedactedPaillierTranscript(
+                session_id=self.config.session_id,
+                round=self.config.round_number,
+                aggregator=self.me,
+                key=self._key,
+                contributions=self._contributions,
+                aggregate=self._aggregate,
+                endorsements=endorsements,
+                decryption=self._decryption,
+            )
         return PaillierTranscript(
             session_id=self.config.session_id,
             round=self.config.round_number,
@@ -1300,7 +1335,7 @@ class PaillierAggregator:
             key=self._key,
             inputs=tuple(self._inputs[u] for u in peers if u in self._inputs),
             aggregate=self._aggregate,
-            endorsements=tuple(self._endorsements[u] for u in peers if u in self._endorsements),
+            endorsements=endorsements,
             decryption=self._decryption,
         )
 
@@ -1309,19 +1344,26 @@ class PaillierAggregator:
 
 
 def verify_paillier_transcript(
-    transcript: PaillierTranscript,
+    transcript: PaillierTranscript | RedactedPaillierTranscript,
     config: PaillierConfig,
     verifiers: Mapping[str, Verifier],
     *,
     own: EncryptedInput | None = None,
+    me: str | None = None,
 ) -> VerifiedAggregate:
     """Re-multiply the published inputs, check the decryption proof and every signature.
+
+    A :class:`RedactedPaillierTranscript` (the key holder's) has input digests instead of
+    inputs: everything is checked except the re-multiplication, which the key holder cannot
+    do without seeing the inputs (it relies on the t endorsements for it).
 
     Args:
         transcript: as published by the round's aggregator.
         config: this peer's own copy of the round's parameters.
         verifiers: every roster peer's signature verifier.
         own: this peer's own input, if it sent one: it must appear unaltered.
+        me: this peer's id. The key holder refuses a full transcript: receiving one means the
+            aggregator exposed every input to it (reported, naming the aggregator).
 
     Returns:
         The verified aggregate (mod 2^bits), its contributors and the peers left out.
@@ -1338,32 +1380,48 @@ def verify_paillier_transcript(
     checks = _Checks(config, verifiers)
     if (transcript.session_id, transcript.round) != (config.session_id, config.round_number):
         raise fail(f"transcript is for session {transcript.session_id!r} round {transcript.round}")
+    if me == config.key_holder and isinstance(transcript, PaillierTranscript):
+        raise fail("sent the key holder every input: they are exposed to it")
+    peers = config.round.peers
     try:
         n = checks.key(transcript.key, agg).n
-        inputs: dict[str, EncryptedInput] = {}
-        for encrypted in transcript.inputs:
-            if encrypted.sender in inputs:
-                raise fail(f"transcript lists two inputs of {encrypted.sender}")
-            checks.encrypted_input(encrypted, n, agg)
-            inputs[encrypted.sender] = encrypted
+        if isinstance(transcript, PaillierTranscript):
+            inputs: dict[str, EncryptedInput] = {}
+            for encrypted in transcript.inputs:
+                if encrypted.sender in inputs:
+                    raise fail(f"transcript lists two inputs of {encrypted.sender}")
+                checks.encrypted_input(encrypted, n, agg)
+                inputs[encrypted.sender] = encrypted
+            if own is not None and inputs.get(own.sender, own) != own:
+                raise fail("my own input was altered in the transcript")
+            product = _product(
+                (inputs[u].ciphertexts for u in peers if u in inputs),
+                config.ciphertext_count,
+                n * n,
+            )
+            if tuple(transcript.aggregate) != product:
+                raise fail("the aggregate ciphertext is not the product of the published inputs")
+            contributions = _contributions(inputs, config)
+        else:
+            contributions = tuple(transcript.contributions)
+            listed = [u for u, _ in contributions]
+            if listed != [u for u in peers if u in set(listed)] or len(set(listed)) != len(listed):
+                raise fail("contributions are not distinct roster peers in roster order")
+            if own is not None and own.sender in listed:
+                if dict(contributions)[own.sender] != own.input_digest():
+                    raise fail("my own input was altered")
+            elif own is not None:
+                raise fail("my own input is not in the sum")
+            product = tuple(transcript.aggregate)
+            problem = _ciphertext_problem(product, config, n)
+            if problem is not None:
+                raise fail(f"aggregate: {problem}")
+        if len(contributions) < config.round.threshold:
+            raise fail(f"only {len(contributions)} inputs, threshold is {config.round.threshold}")
+        product_digest = aggregate_digest(product)
+        checks.endorsements(transcript.endorsements, contributions, product_digest, agg)
     except TranscriptError:
         raise
-    except RemoteProtocolError as error:
-        raise fail(error.reason) from None
-    if len(inputs) < config.round.threshold:
-        raise fail(f"only {len(inputs)} inputs, threshold is {config.round.threshold}")
-    if own is not None and inputs.get(own.sender, own) != own:
-        raise fail("my own input was altered in the transcript")
-    peers = config.round.peers
-    product = _product(
-        (inputs[u].ciphertexts for u in peers if u in inputs), config.ciphertext_count, n * n
-    )
-    if tuple(transcript.aggregate) != product:
-        raise fail("the aggregate ciphertext is not the product of the published inputs")
-    contributions = _contributions(inputs, config)
-    product_digest = aggregate_digest(product)
-    try:
-        checks.endorsements(transcript.endorsements, contributions, product_digest, agg)
     except RemoteProtocolError as error:
         raise fail(error.reason) from None
 
@@ -1383,11 +1441,73 @@ def verify_paillier_transcript(
         aggregate = unpack(decryption.plaintexts, config)
     except ValueError as error:
         raise fail(f"the signed decryption does not decode: {error}", key_holder) from None
+    contributors = {u for u, _ in contributions}
     return VerifiedAggregate(
         aggregate,
-        tuple(u for u in peers if u in inputs),
-        tuple(u for u in peers if u not in inputs),
+        tuple(u for u in peers if u in contributors),
+        tuple(u for u in peers if u not in contributors),
     )
+
+
+# ====================================================================== one peer, both roles
+
+
+class PaillierPeer:
+    """One peer's Paillier objects for one round, behind the participant interface that the
+    round drivers already use (``start``, ``receive``, ``state``):
+
+        peer = PaillierPeer(config, me, signer, verifiers, x, rng, aggregator, keygen)
+        first = peer.start()   # the KeyAnnouncement at the key holder, None elsewhere
+        reply = peer.receive(message)   # KeyAnnouncement, InputsToCheck or DecryptionRequest
+
+    At the key holder it owns a :class:`PaillierKeyHolder` (which answers the
+    DecryptionRequest) and a :class:`PaillierParticipant` (its own input); elsewhere only the
+    participant. ``sent_input`` is this peer's own :class:`EncryptedInput`, for ``own=``.
+    """
+
+    def __init__(
+        self,
+        config: PaillierConfig,
+        me: str,
+        signer: Signer,
+        verifiers: Mapping[str, Verifier],
+        x: npt.ArrayLike,
+        rng: RandomSource,
+        aggregator: str = AGGREGATOR,
+        keygen: PaillierKeyGenerator | None = None,
+    ) -> None:
+        self.participant = PaillierParticipant(config, me, signer, verifiers, x, rng, aggregator)
+        self.key_holder = (
+            PaillierKeyHolder(config, me, signer, verifiers, keygen, aggregator)
+            if me == config.key_holder
+            else None
+        )
+
+    @property
+    def state(self) -> PaillierParticipantState | KeyHolderState:
+        """The key holder's state once the participant is done, else the participant's."""
+        if self.key_holder is not None and self.participant.state is PaillierParticipantState.DONE:
+            return self.key_holder.state
+        return self.participant.state
+
+    @property
+    def sent_input(self) -> EncryptedInput | None:
+        return self.participant.sent_input
+
+    def start(self) -> KeyAnnouncement | None:
+        """The key holder's announcement (generates the key: not instant); None elsewhere."""
+        return self.key_holder.start() if self.key_holder is not None else None
+
+    def receive(self, message: PaillierAggregatorMessage) -> PaillierParticipantMessage:
+        """Route ``message`` to the role it is for; see the roles' ``receive``."""
+        if isinstance(message, DecryptionRequest):
+            if self.key_holder is None:
+                self.participant.state = PaillierParticipantState.FAILED
+                raise RemoteProtocolError(
+                    self.participant.aggregator, "sent a decryption request to a non-key-holder"
+                )
+            return self.key_holder.receive(message)
+        return self.participant.receive(message)
 
 
 # ====================================================================== simulation
@@ -1555,7 +1675,9 @@ def simulate_paillier(
         for i in survivors:
             np.add(expected, inputs[i], out=expected)
         reader = next(u for u in peers if u != config.key_holder)
-        transcript = aggregator.transcript(reader)
+        published = aggregator.transcript(reader)
+        assert isinstance(published, PaillierTranscript)
+        transcript = published
         transcript_bytes = (
             message_size(transcript.key)
             + sum(message_size(m) for m in transcript.inputs)

@@ -56,8 +56,8 @@ FUZZ = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     database=None,
 )
-PARTICIPANT_EXAMPLES = 700  # per stage and kind of mutation: 4 stages x 2 = 5,600
-AGGREGATOR_EXAMPLES = 600  # per stage: 5 stages = 3,000
+PARTICIPANT_EXAMPLES = 350  # per stage and kind of mutation: 4 stages x 2 = 2,800
+AGGREGATOR_EXAMPLES = 300  # per stage: 5 stages = 1,500
 
 
 # ------------------------------------------------------------------ templates
@@ -308,8 +308,7 @@ PARTICIPANT_STAGES = [0, 1, 2, 3]  # expecting AdvertisedKeys, SharesToYou, Surv
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", PARTICIPANT_STAGES)
-@FUZZ
-@settings(max_examples=PARTICIPANT_EXAMPLES)
+@settings(FUZZ, max_examples=PARTICIPANT_EXAMPLES)
 @given(data=st.data())
 def test_participant_refuses_mutated_aggregator_messages(stage: int, data: st.DataObject) -> None:
     honest = templates()[stage].to_participants[ME]
@@ -321,8 +320,7 @@ def test_participant_refuses_mutated_aggregator_messages(stage: int, data: st.Da
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", PARTICIPANT_STAGES)
-@FUZZ
-@settings(max_examples=PARTICIPANT_EXAMPLES)
+@settings(FUZZ, max_examples=PARTICIPANT_EXAMPLES)
 @given(data=st.data())
 def test_participant_refuses_mutated_wire_bytes(stage: int, data: st.DataObject) -> None:
     # The real path: bytes from the aggregator -> codec -> state machine.
@@ -355,8 +353,7 @@ def wire_mutation(draw: st.DrawFn, raw: bytes) -> bytes:
     return raw
 
 
-@FUZZ
-@settings(max_examples=300)
+@settings(FUZZ, max_examples=300)
 @given(message=st.sampled_from(all_messages()) | st.none() | st.integers() | st.binary())
 def test_participant_refuses_anything_in_the_wrong_state(message: Any) -> None:
     # Fed to a participant at a stage that expects another kind, or that already finished.
@@ -410,8 +407,7 @@ def aggregator_inbox(draw: st.DrawFn, stage: int) -> list[Any]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", AGGREGATOR_STAGES)
-@FUZZ
-@settings(max_examples=AGGREGATOR_EXAMPLES)
+@settings(FUZZ, max_examples=AGGREGATOR_EXAMPLES)
 @given(data=st.data())
 def test_aggregator_refuses_mutated_participant_messages(stage: int, data: st.DataObject) -> None:
     template = templates()[stage]
@@ -462,8 +458,7 @@ def test_aggregator_refuses_mutated_participant_messages(stage: int, data: st.Da
         assert set(outgoing) <= set(PEERS)
 
 
-@FUZZ
-@settings(max_examples=200)
+@settings(FUZZ, max_examples=200)
 @given(message=st.sampled_from(all_messages()))
 def test_aggregator_after_the_round_refuses_as_a_local_error(message: Any) -> None:
     last = templates()[4]

@@ -212,9 +212,7 @@ class LinkEmulator:
     packets between two hosts are never reordered. ``rng`` decides losses only (no secret).
     """
 
-    def __init__(
-        self, rng: random.Random, clock: Callable[[], float] = time.monotonic
-    ) -> None:
+    def __init__(self, rng: random.Random, clock: Callable[[], float] = time.monotonic) -> None:
         self._rng = rng
         self._clock = clock
         self._ports: dict[str, _Port] = {}
@@ -330,8 +328,10 @@ class NsPeer:
         env = {**os.environ, **(extra_env or {})}
         with self.log_path.open("a", encoding="utf-8") as log:
             self.process = subprocess.Popen(
-                ["ip", "netns", "exec", self.netns, sys.executable, "-m", "peer", "start"]
-                + ["--config", str(self.config)],
+                [
+                    *("ip", "netns", "exec", self.netns),
+                    *(sys.executable, "-m", "peer", "start", "--config", str(self.config)),
+                ],
                 stdout=subprocess.PIPE,
                 stderr=log,
                 text=True,
@@ -340,7 +340,8 @@ class NsPeer:
             )
 
     def wait_ready(self, deadline: float) -> None:
-        assert self.process is not None and self.process.stdout is not None
+        assert self.process is not None
+        assert self.process.stdout is not None
         line = _readline(self.process.stdout, deadline)
         if not line or json.loads(line).get("event") != "ready":
             raise RuntimeError(f"{self.peer_id} did not start ({line!r}):\n{self.log()}")
@@ -448,11 +449,11 @@ class OperatorRun:
         self.process.wait(timeout=10)
         assert self.process.stderr is not None
         errors = self.process.stderr.read()
-        last = self.events[-1] if self.events else {"event": "none"}
+        last: dict[str, Any] = self.events[-1] if self.events else {"event": "none"}
         if last["event"] != "done":
             raise RuntimeError(f"operator run failed: {last}\n{errors[-4000:]}")
-        states: dict[str, str] = last["states"]
-        return states
+        states: dict[str, Any] = last["states"]
+        return {str(peer): str(state) for peer, state in states.items()}
 
 
 # ====================================================================== the federation
@@ -563,7 +564,7 @@ class NetnsFederation:
             if fed is not None:
                 fed.close()
             else:
-                links.stop() if links._thread is not None else None
+                links.stop()
                 for close in closers:
                     close()
                 for netns in namespaces:
@@ -571,7 +572,9 @@ class NetnsFederation:
                         _ip("netns", "del", netns)
             raise
 
-    def start(self, peer_ids: Sequence[str], env: Mapping[str, Mapping[str, str]] | None = None) -> None:
+    def start(
+        self, peer_ids: Sequence[str], env: Mapping[str, Mapping[str, str]] | None = None
+    ) -> None:
         """Start peers in parallel (Python start-up dominates) and wait until all serve."""
         for peer_id in peer_ids:
             self.peers[peer_id].spawn((env or {}).get(peer_id))
@@ -585,7 +588,7 @@ class NetnsFederation:
             trigger.disarm()
         for process in self.peers.values():
             with contextlib.suppress(Exception):
-                process.stop()
+                process.stop(grace=3.0)
         self.links.stop()
         for close in self._closers:
             with contextlib.suppress(OSError):
@@ -651,7 +654,8 @@ class NetnsFederation:
         """
         member = self.kit.federation.members[self.kit.operator]
         roster = self.kit.federation.roster_path
-        assert member.role is Role.OPERATOR and roster is not None
+        assert member.role is Role.OPERATOR
+        assert roster is not None
         spec = self.directory / f"operate-{proposal.session_id}.json"
         spec.write_text(
             json.dumps(
@@ -705,7 +709,9 @@ class NetnsFederation:
 
     def round_lines(self, peer_id: str, session_id: str) -> list[RoundLine]:
         """The ``outcome=`` lines ``peer_id`` logged for ``session_id``, in order."""
-        lines = [ln for ln in self.peers[peer_id].log().splitlines() if f"session={session_id} " in ln]
+        lines = [
+            ln for ln in self.peers[peer_id].log().splitlines() if f"session={session_id} " in ln
+        ]
         return [
             RoundLine(int(m[1]), int(m[2]), m[3], float(m[4]), m[5])
             for m in _OUTCOME.finditer("\n".join(lines))

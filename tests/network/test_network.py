@@ -223,3 +223,37 @@ def test_cleartext_baseline_sums_when_allowed(make_network: Callable[..., Networ
     expected = network.plain_sum(list(network.peers))
     for peer_id in network.peers:
         np.testing.assert_array_equal(network.aggregate_of(peer_id, "clear", 1), expected)
+
+
+def test_paillier_session_sums_through_the_same_peers(make_network: Callable[..., Network]) -> None:
+    # Small keys keep the test fast; the peers' policy must explicitly accept them.
+    network = make_network(3, length=64, policy={"min_paillier_key_bits": 1024})
+    proposal = network.proposal("ph", rounds=2, aggregation="paillier", paillier_key_bits=1024)
+    statuses = network.run_session(proposal)
+    assert set(states(statuses).values()) == {"finished"}, network.logs()
+    expected = network.plain_sum(list(network.peers))
+    for peer_id in network.peers:
+        for round_ in (1, 2):
+            np.testing.assert_array_equal(network.aggregate_of(peer_id, "ph", round_), expected)
+    assert_identical_records(network, list(network.peers), "ph", 2)
+
+
+def test_paillier_keys_below_the_local_minimum_are_refused(
+    make_network: Callable[..., Network],
+) -> None:
+    import asyncio
+
+    from peer.operator import ProposalRefused
+
+    network = make_network(3, length=8)
+    proposal = network.proposal("ph", rounds=1, aggregation="paillier", paillier_key_bits=512)
+
+    async def propose() -> None:
+        operator = network.operator()
+        try:
+            await operator.propose(proposal)
+        finally:
+            await operator.close()
+
+    with pytest.raises(ProposalRefused, match="below this institution's minimum of 2048"):
+        asyncio.run(propose())

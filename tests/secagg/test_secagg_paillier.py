@@ -38,11 +38,15 @@ from secagg.paillier import (
     KeyHolderState,
     PaillierAggregator,
     PaillierAggregatorMessage,
+    PaillierAggregatorState,
     PaillierConfig,
     PaillierKeyHolder,
     PaillierParticipant,
     PaillierParticipantState,
+    PaillierPeer,
     PaillierStage,
+    PaillierTranscript,
+    RedactedPaillierTranscript,
     SeededPrimes,
     aggregate_digest,
     pack,
@@ -156,6 +160,12 @@ class Round:
         return total
 
 
+def full_transcript(round_: Round, recipient: str) -> PaillierTranscript:
+    transcript = round_.aggregator.transcript(recipient)
+    assert isinstance(transcript, PaillierTranscript)
+    return transcript
+
+
 def resign(message: EncryptedInput, signer: Signer, config: PaillierConfig) -> EncryptedInput:
     return replace(message, signature=signer.sign(message.signed_payload(config.digest)))
 
@@ -195,7 +205,7 @@ def test_sum_is_correct_mod_2_32(n: int, packed: bool) -> None:
     round_ = Round(make_config(n, m, packed=packed), random_inputs(n, m, seed=n))
     aggregate = round_.run()
     assert np.array_equal(aggregate, round_.expected(round_.config.round.peers))
-    transcript = round_.aggregator.transcript(round_.config.round.peers[1])
+    transcript = full_transcript(round_, round_.config.round.peers[1])
     verified = verify_paillier_transcript(transcript, round_.config, round_.verifiers)
     assert np.array_equal(verified.aggregate, aggregate)
     assert round_.holder.verified is not None
@@ -364,8 +374,23 @@ def test_key_holder_never_sees_inputs_and_decrypts_once() -> None:
     decrypted = round_.holder.receive(request)
     round_.aggregator.receive(decrypted)
     round_.aggregator.close_stage()
-    with pytest.raises(LocalProtocolError, match="key holder"):
-        round_.aggregator.transcript("peer-000")
+    # ...and gives it a transcript with input digests only, which it can still verify.
+    redacted = round_.aggregator.transcript("peer-000")
+    assert isinstance(redacted, RedactedPaillierTranscript)
+    own = round_.participants["peer-000"].sent_input
+    verified = verify_paillier_transcript(
+        redacted, round_.config, round_.verifiers, own=own, me="peer-000"
+    )
+    assert np.array_equal(verified.aggregate, round_.expected(round_.config.round.peers))
+    # A full transcript sent to the key holder is reported as the leak it is.
+    full = round_.aggregator.transcript("peer-001")
+    with pytest.raises(TranscriptError, match="exposed") as leaked:
+        verify_paillier_transcript(full, round_.config, round_.verifiers, me="peer-000")
+    assert leaked.value.offender == AGG
+    # A redacted transcript that drops the key holder's own input is refused.
+    dropped = replace(redacted, contributions=redacted.contributions[1:])
+    with pytest.raises(TranscriptError):
+        verify_paillier_transcript(dropped, round_.config, round_.verifiers, own=own)
     # A second request (e.g. over a subset, to subtract) is refused.
     with pytest.raises(RemoteProtocolError) as caught:
         round_.holder.receive(request)
@@ -440,7 +465,7 @@ def finished_round(seed: int) -> Round:
 
 def test_transcript_catches_a_wrong_aggregate_ciphertext() -> None:
     round_ = finished_round(13)
-    transcript = round_.aggregator.transcript("peer-001")
+    transcript = full_transcript(round_, "peer-001")
     other = transcript.inputs[1].ciphertexts
     tampered = replace(transcript, aggregate=other)
     with pytest.raises(TranscriptError, match="not the product") as caught:
@@ -450,7 +475,7 @@ def test_transcript_catches_a_wrong_aggregate_ciphertext() -> None:
 
 def test_transcript_catches_a_dropped_or_altered_input() -> None:
     round_ = finished_round(14)
-    transcript = round_.aggregator.transcript("peer-001")
+    transcript = full_transcript(round_, "peer-001")
     mine = round_.participants["peer-001"].sent_input
     assert mine is not None
     without = replace(transcript, inputs=transcript.inputs[:1] + transcript.inputs[2:])
@@ -471,7 +496,7 @@ def test_transcript_catches_a_wrong_decryption_signed_by_the_key_holder() -> Non
     honest = round_.holder.receive(request)
     round_.aggregator.receive(honest)
     round_.aggregator.close_stage()
-    transcript = round_.aggregator.transcript("peer-002")
+    transcript = full_transcript(round_, "peer-002")
     lie = _resigned_lie(round_, honest, request)
     with pytest.raises(TranscriptError, match="proof") as caught:
         verify_paillier_transcript(
@@ -482,7 +507,7 @@ def test_transcript_catches_a_wrong_decryption_signed_by_the_key_holder() -> Non
 
 def test_transcript_catches_a_missing_endorsement_and_another_round() -> None:
     round_ = finished_round(16)
-    transcript = round_.aggregator.transcript("peer-001")
+    transcript = full_transcript(round_, "peer-001")
     with pytest.raises(TranscriptError, match="endorsements"):
         verify_paillier_transcript(
             replace(transcript, endorsements=transcript.endorsements[:1]),
@@ -573,3 +598,49 @@ def test_altered_witness_fails_the_proof() -> None:
     with pytest.raises(RemoteProtocolError, match="proof") as caught:
         round_.aggregator.receive(forged)
     assert caught.value.offender == "peer-000"
+
+
+def test_paillier_peer_plays_both_roles_behind_one_interface() -> None:
+    """The facade the round drivers use: start() then receive() for whatever arrives."""
+    config = make_config(3, 12)
+    inputs = random_inputs(3, 12, seed=18)
+    signers, verifiers = simulation.test_identities(config.round.peers, 0)
+    peers = {
+        u: PaillierPeer(
+            config,
+            u,
+            signers[u],
+            verifiers,
+            inputs[i],
+            DeterministicRandom(f"peer/{u}"),
+            AGG,
+            SeededPrimes(DeterministicRandom("facade")),
+        )
+        for i, u in enumerate(config.round.peers)
+    }
+    aggregator = PaillierAggregator(config, verifiers, AGG)
+    for u, peer in peers.items():
+        first = peer.start()
+        assert (first is not None) == (u == config.key_holder)
+        if first is not None:
+            aggregator.receive(first)
+    while aggregator.state is PaillierAggregatorState.RUNNING:
+        for u, message in aggregator.close_stage().items():
+            aggregator.receive(peers[u].receive(message))
+        if aggregator.stage is PaillierStage.DECRYPT and not aggregator.pending():
+            aggregator.close_stage()
+    assert aggregator.result is not None
+    assert np.array_equal(
+        aggregator.result.aggregate, inputs.astype(np.uint64).sum(axis=0).astype(np.uint32)
+    )
+    holder = peers[config.key_holder]
+    assert holder.state is KeyHolderState.DONE
+    for u, peer in peers.items():
+        verified = verify_paillier_transcript(
+            aggregator.transcript(u), config, verifiers, own=peer.sent_input, me=u
+        )
+        assert np.array_equal(verified.aggregate, aggregator.result.aggregate)
+    with pytest.raises(RemoteProtocolError, match="non-key-holder"):
+        peers["peer-001"].receive(
+            DecryptionRequest(SESSION, 0, (), (), ())  # never for a plain participant
+        )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 import sys
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -36,22 +37,35 @@ OBSERVE = "0:observe"  # no fault, but log whose shares are revealed
 _REVEALED = re.compile(r"fault observation: round=(\d+) revealed self-mask=(\S+) mask-key=(\S+)")
 
 
+def start_all(network: Network, env: dict[str, dict[str, str]] | None = None) -> None:
+    """Start every peer at once (one by one costs seconds per peer)."""
+    with ThreadPoolExecutor(len(network.peers)) as pool:
+        for future in [
+            pool.submit(process.start, (env or {}).get(peer))
+            for peer, process in network.peers.items()
+        ]:
+            future.result()
+
+
 @pytest.fixture
 def make_network(tmp_path: Path) -> Iterator[Callable[..., Network]]:
     created: list[Network] = []
 
-    def make(env: dict[str, dict[str, str]], **kwargs: Any) -> Network:
+    def make(env: dict[str, dict[str, str]], *, start: bool = True) -> Network:
         ids = [f"hospital-{chr(ord('a') + i)}" for i in range(PEERS)]
         full = {p: {TAMPER_SEND_ENV: OBSERVE, **env.get(p, {})} for p in ids}
         network = Network.create(
-            tmp_path / f"network-{len(created)}", PEERS, length=200, env=full, **kwargs
+            tmp_path / f"network-{len(created)}", PEERS, length=200, env=full, start=False
         )
         created.append(network)
+        if start:
+            start_all(network)
         return network
 
     yield make
-    for network in created:
-        network.stop()
+    for network in created:  # everything was checked: no need for a graceful stop
+        for process in network.peers.values():
+            process.kill()
 
 
 def _proposal(network: Network, session: str, rounds: int) -> Any:
@@ -257,8 +271,7 @@ def test_masked_input_signed_with_another_peers_key_is_left_out(
     network = make_network({}, start=False)
     other = next(p for p in network.peers if p != cheat)
     stolen = network.kit.kits[other].directory / f"{other}.key"
-    for peer, process in network.peers.items():
-        process.start({TAMPER_SEND_ENV: f"1:sign-as:{stolen}"} if peer == cheat else None)
+    start_all(network, {cheat: {TAMPER_SEND_ENV: f"1:sign-as:{stolen}"}})
     network.run_session(_proposal(network, "s1", rounds=1))
     assert re.search(
         rf"stage=masked rejected message from {cheat}: invalid signature on its masked input",

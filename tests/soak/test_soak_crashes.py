@@ -48,9 +48,7 @@ def test_random_crashes_lose_no_round(tmp_path: Path, caplog: pytest.LogCaptureF
         print("crashes carried out:")
         for event in crasher.events:
             print(f"  {event}")
-        states = {
-            p: getattr(s, "state", repr(s)) for p, s in statuses.items()
-        }
+        states = {p: getattr(s, "state", repr(s)) for p, s in statuses.items()}
         assert set(states.values()) == {"finished"}, f"{states}\n{network.logs()}"
     finally:
         network.stop()
