@@ -27,7 +27,7 @@ pytestmark = pytest.mark.timeout(420)
 def test_random_crashes_lose_no_round(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="tests.soak")
     network = Network.create(tmp_path / "soak", PEERS, length=1000, stage_seconds=STAGE_SECONDS)
-    schedule = kill_schedule(random.Random(SEED), list(network.peers), ROUNDS)
+    schedule = kill_schedule(random.Random(SEED), list(network.peers), ROUNDS, max_delay=1.0)
     print(f"seed={SEED} schedule:")
     for kill in schedule:
         print(f"  {kill}")
