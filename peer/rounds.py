@@ -315,6 +315,8 @@ class AggregatorRound:
                 self._closing = False
             dropped = self.protocol.dropped.get(stage, ())
             self._info("stage=%s closed dropped=%s", stage.value, ",".join(dropped) or "-")
+            for liar in sorted(getattr(self.protocol, "misbehaving", ())):
+                self._warn("participant=%s revealed wrong shares; rebuilt without them", liar)
             for peer, message in outgoing.items():
                 self._send(peer, message)
 

@@ -108,6 +108,8 @@ class Aggregator:
         self._unmask: dict[str, UnmaskShares] = {}
         self.result: AggregateResult | None = None
         self.abort_reason: str | None = None
+        # Participants whose revealed share was proven wrong (the round went on without it).
+        self.misbehaving: set[str] = set()
 
     # ------------------------------------------------------------------ receiving
 
@@ -350,7 +352,7 @@ class Aggregator:
             frozenset(v for m in self._masked.values() for v in m.masked_with) - self._survivors
         )
         self_seeds, dropped_keys = reconstruct_secrets(
-            config, self._adverts, self._survivors, dropped, self._unmask
+            config, self._adverts, self._survivors, dropped, self._unmask, self.misbehaving
         )
         aggregate = unmask_sum(
             config,

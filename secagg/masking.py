@@ -100,6 +100,7 @@ def reconstruct_secrets(
     survivors: frozenset[str],
     dropped: frozenset[str],
     responses: Mapping[str, UnmaskShares],
+    misbehaving: set[str] | None = None,
 ) -> tuple[dict[str, bytes], dict[str, KeyPair]]:
     """Reconstruct every survivor's self-mask seed and every dropped peer's mask key.
 
@@ -108,12 +109,16 @@ def reconstruct_secrets(
     must lie on one polynomial, so a wrong share is detected rather than silently giving a
     wrong sum.
 
+    A single holder whose share of a secret is wrong is found (when more than t shares were
+    revealed) and added to ``misbehaving``; the secret is rebuilt without it.
+
     Raises:
         RoundAborted: fewer than t shares for some secret.
-        RemoteProtocolError: shares that do not reconstruct the committed secret; the
-            offender is the owner's share holders, named in the message.
+        RemoteProtocolError: shares that do not reconstruct the committed secret even
+            without any one holder; the offender is the owner's share holders.
     """
     reconstructor = Reconstructor(config.threshold)
+    misbehaving = misbehaving if misbehaving is not None else set()
     self_shares: dict[str, dict[int, int]] = {u: {} for u in survivors}
     key_shares: dict[str, dict[int, int]] = {v: {} for v in dropped}
     for responder, response in responses.items():
@@ -133,17 +138,30 @@ def reconstruct_secrets(
                 f"only {len(shares)} shares of the {what} of {owner}, {config.threshold} needed"
             )
         holders = ",".join(sorted(config.peers[x - 1] for x in shares))
+        secret = _committed(shares, matches)
+        if secret is not None:
+            return secret
+        # A wrong share: with more than t shares, the one holder whose share is off the
+        # polynomial is found by leaving each out in turn (checked against the owner's
+        # signed commitment), and the round goes on without it.
+        for x in sorted(shares):
+            rest = {k: v for k, v in shares.items() if k != x}
+            if len(rest) < config.threshold:
+                break
+            secret = _committed(rest, matches)
+            if secret is not None:
+                misbehaving.add(config.peers[x - 1])
+                return secret
+        raise RemoteProtocolError(
+            holders, f"shares of the {what} of {owner} do not reconstruct its signed advert"
+        )
+
+    def _committed(shares: dict[int, int], matches: Callable[[bytes], bool]) -> bytes | None:
         try:
             secret = reconstructor.reconstruct(shares, check=True)
-        except ShareError as error:
-            raise RemoteProtocolError(
-                holders, f"shares of the {what} of {owner} are inconsistent: {error}"
-            ) from None
-        if not matches(secret):
-            raise RemoteProtocolError(
-                holders, f"shares of the {what} of {owner} do not match its signed advert"
-            )
-        return secret
+        except ShareError:
+            return None
+        return secret if matches(secret) else None
 
     self_seeds = {
         u: rebuild(

@@ -58,6 +58,7 @@ class VerifiedAggregate:
     aggregate: WordArray
     survivors: tuple[str, ...]
     dropped: tuple[str, ...]  # advertised keys but their input is not in the sum
+    misbehaving: tuple[str, ...] = ()  # revealed a wrong share (the sum was rebuilt without it)
 
 
 _M = TypeVar("_M", AdvertiseKeys, MaskedInput, ConsistencySignature, UnmaskShares)
@@ -173,9 +174,10 @@ def verify_transcript(
             raise fail(f"{u} revealed both shares of {sorted(revealed_both)}")
 
     dropped = frozenset(v for m in masked.values() for v in m.masked_with) - survivors
+    misbehaving: set[str] = set()
     try:
-        self_seeds, dropped_keys = reconstruct_secrets(
-            config, adverts, survivors, dropped, responses
+        self_seeds, dropped_keys = reconstruct_secrets(  # tolerates one wrong share holder
+            config, adverts, survivors, dropped, responses, misbehaving
         )
     except (RoundAborted, RemoteProtocolError, ShareError) as error:
         raise fail(f"the revealed shares do not unmask the sum: {error}") from None
@@ -200,4 +202,5 @@ def verify_transcript(
         aggregate,
         tuple(u for u in order if u in survivors),
         tuple(u for u in order if u in adverts and u not in survivors),
+        tuple(u for u in order if u in misbehaving),
     )

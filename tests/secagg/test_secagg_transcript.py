@@ -176,20 +176,56 @@ def _resigned(result: SimulationResult, config: RoundConfig, shares: UnmaskShare
     return replace(shares, signature=signer.sign(shares.signed_payload(config.digest)))
 
 
+def _wrong_share(
+    result: SimulationResult,
+    config: RoundConfig,
+    response: UnmaskShares,
+    which: str,
+    owner: str | None = None,
+) -> UnmaskShares:
+    """``response`` with its share of ``owner``'s secret (default: its first share of kind
+    ``which``) off by one, validly re-signed."""
+    pairs = getattr(response, which)
+    assert pairs, which
+    target = owner if owner is not None else pairs[0][0]
+    bad = tuple(
+        (o, encode_share((decode_share(s) + 1) % PRIME) if o == target else s) for o, s in pairs
+    )
+    changes: dict[str, Any] = {which: bad}
+    return _resigned(result, config, replace(response, **changes))
+
+
 @pytest.mark.parametrize("which", ["self_mask_shares", "mask_key_shares"])
-def test_wrong_share_signed_by_its_holder_is_detected(
+def test_wrong_share_signed_by_its_holder_is_found_and_left_out(
     honest: tuple[SimulationResult, Transcript, RoundConfig], which: str
 ) -> None:
-    """A malicious holder signs a wrong share: the sum cannot be unmasked, nor silently wrong."""
+    """A malicious holder signs a wrong share: the verifier names it, and with more than t
+    shares still rebuilds the secret without it, so the sum is right, never silently wrong."""
     result, transcript, config = honest
     first, *rest = transcript.unmask
-    pairs = getattr(first, which)
-    assert pairs, which
-    owner, share = pairs[0]
-    bad = ((owner, encode_share((decode_share(share) + 1) % PRIME)), *pairs[1:])
-    changes: dict[str, Any] = {which: bad}
-    forged = _resigned(result, config, replace(first, **changes))
-    reject(replace(transcript, unmask=(forged, *rest)), config, result, "do not unmask the sum")
+    forged = _wrong_share(result, config, first, which)
+    verified = verify_transcript(
+        replace(transcript, unmask=(forged, *rest)), config, identities(result.peers, 3)[1]
+    )
+    assert verified.misbehaving == (first.sender,)
+    assert np.array_equal(verified.aggregate, transcript.aggregate)
+
+
+@pytest.mark.parametrize("which", ["self_mask_shares", "mask_key_shares"])
+def test_two_wrong_holders_of_one_secret_are_detected(
+    honest: tuple[SimulationResult, Transcript, RoundConfig], which: str
+) -> None:
+    result, transcript, config = honest
+    first, second, *rest = transcript.unmask
+    owners = {o for o, _ in getattr(first, which)} & {o for o, _ in getattr(second, which)}
+    assert owners, "the two responders share an owner"
+    forged = (
+        _wrong_share(result, config, first, which),
+        _wrong_share(result, config, second, which),
+    )
+    if {o for o, _ in getattr(first, which)[:1]} != {o for o, _ in getattr(second, which)[:1]}:
+        pytest.skip("the first shares of the two responders belong to different owners")
+    reject(replace(transcript, unmask=(*forged, *rest)), config, result, "do not unmask the sum")
 
 
 def test_share_outside_the_field_is_detected(
