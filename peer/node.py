@@ -362,9 +362,10 @@ class PeerNode:
         agreed = self.ledger.agreed_records(session_id)
         return pb.SessionStatus(
             session_id=session_id,
-            # A runner stopped by an error says so, rather than "running" for ever.
-            state="failed"
-            if progress.state == "failed"
+            # A runner stopped by an error says so, rather than "running" for ever; one that
+            # has run its rounds and only waits for the others says "settling".
+            state=progress.state
+            if progress.state in ("failed", "settling")
             else (info.status.value if info else "unknown"),
             rounds_planned=info.rounds_planned if info else 0,
             rounds_agreed=len(agreed),
@@ -494,6 +495,12 @@ class PeerNode:
                         )
                         attempt = 0
                         continue
+                    # The aggregator may have died after some peers stored the agreed record:
+                    # before retrying the round, ask everyone, so that no second, different
+                    # record of the same round is ever signed while the first one exists.
+                    if await self._agreed_elsewhere(proposal, round_):
+                        round_, attempt = self.ledger.last_agreed_round(sid) + 1, 0
+                        continue
                     attempt += 1
                     if attempt % len(proposal.participants) == 0:
                         await asyncio.sleep(min(proposal.stage_seconds, 5.0))  # nobody reachable
@@ -508,6 +515,7 @@ class PeerNode:
                     continue
                 round_ += 1
                 attempt = 0
+            await self._settle(proposal, progress)
             if proposal.payload_kind == "statistics":
                 from .statistics import record_statistics_result
 
@@ -636,25 +644,60 @@ class PeerNode:
                 return outcome
             await asyncio.sleep(0.5)
 
-    async def _where_are_the_others(self, proposal: SessionProposal) -> int:
-        """The highest round another participant is running in this session (0 if none)."""
-        method_name = f"/{SERVICE}/Status"
-        others = [p for p in proposal.participants if p != self.me]
+    async def _ask_others(
+        self, proposal: SessionProposal, timeout: float = 3.0
+    ) -> list[tuple[str, pb.SessionStatus]]:
+        """Every other reachable participant's view of the session."""
 
-        async def ask(peer: str) -> tuple[str, int]:
+        async def ask(peer: str) -> tuple[str, pb.SessionStatus | None]:
             method = self._channel(peer).unary_unary(
-                method_name,
+                f"/{SERVICE}/Status",
                 request_serializer=pb.SessionRef.SerializeToString,
                 response_deserializer=pb.SessionStatus.FromString,
             )
             try:
-                status = await method(pb.SessionRef(session_id=proposal.session_id), timeout=5.0)
+                status = await method(
+                    pb.SessionRef(session_id=proposal.session_id), timeout=timeout
+                )
             except grpc.RpcError:
-                return peer, 0
-            return peer, status.current_round if status.state == "running" else 0
+                return peer, None
+            return peer, status
 
+        others = [p for p in proposal.participants if p != self.me]
         answers = await asyncio.gather(*(ask(p) for p in others))
-        peer, furthest = max(answers, key=lambda a: a[1], default=("", 0))
+        return [(peer, status) for peer, status in answers if status is not None]
+
+    async def _catch_up_with_the_most_advanced(
+        self, proposal: SessionProposal, views: list[tuple[str, pb.SessionStatus]]
+    ) -> None:
+        """Fetch the agreed records this peer lacks from whoever holds the most."""
+        mine = len(self.ledger.agreed_records(proposal.session_id))
+        for peer, status in sorted(views, key=lambda view: -view[1].rounds_agreed):
+            if status.rounds_agreed <= mine:
+                return
+            await self._catch_up(proposal.session_id, peer)
+            if len(self.ledger.agreed_records(proposal.session_id)) >= status.rounds_agreed:
+                return
+
+    async def _agreed_elsewhere(self, proposal: SessionProposal, round_: int) -> bool:
+        """Whether another participant holds an agreed record of ``round_`` (now fetched)."""
+        await self._catch_up_with_the_most_advanced(proposal, await self._ask_others(proposal))
+        if self.ledger.last_agreed_round(proposal.session_id) >= round_:
+            logger.info(
+                "peer=%s session=%s round %d was agreed without this peer; fetched its record",
+                self.me,
+                proposal.session_id,
+                round_,
+            )
+            return True
+        return False
+
+    async def _where_are_the_others(self, proposal: SessionProposal) -> int:
+        """After a (re)start: catch up, and the highest round another participant runs."""
+        views = await self._ask_others(proposal, timeout=5.0)
+        await self._catch_up_with_the_most_advanced(proposal, views)
+        running = [(p, s.current_round) for p, s in views if s.state == "running"]
+        peer, furthest = max(running, key=lambda view: view[1], default=("", 0))
         if furthest > self.ledger.last_agreed_round(proposal.session_id) + 1:
             logger.info(
                 "peer=%s session=%s rejoining at round %d (%s is there)",
@@ -663,8 +706,21 @@ class PeerNode:
                 furthest,
                 peer,
             )
-            await self._catch_up(proposal.session_id, peer)
         return furthest
+
+    async def _settle(self, proposal: SessionProposal, progress: _Progress) -> None:
+        """At the end of a session, wait (bounded) for the others to end too and fetch any
+        round they agreed without this peer, so every ledger ends with the same records."""
+        progress.state = "settling"
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + proposal.prepare_seconds + 2 * proposal.stage_seconds
+        while True:
+            views = await self._ask_others(proposal)
+            await self._catch_up_with_the_most_advanced(proposal, views)
+            busy = [p for p, s in views if s.state == "running"]
+            if not busy or loop.time() >= deadline or self._stopping.is_set():
+                return
+            await asyncio.sleep(1.0)
 
     async def _catch_up(self, session_id: str, source: str) -> None:
         """Fetch and verify the agreed records this peer missed (it was down or refused)."""

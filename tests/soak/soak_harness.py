@@ -225,17 +225,19 @@ def consistency_problems(network: Network, session_id: str, rounds: int) -> list
         hashes = {held[p][round_][1] for p in holders}
         if len(hashes) > 1:
             problems.append(f"round {round_}: peers hold {len(hashes)} different records")
-        record = held[holders[0]][round_][0]
-        survivors = [str(p) for p in _as_list(record.metrics.get("survivors"))]
-        expected = network.plain_sum(survivors).astype("<u4")
-        if record.model_hash != model_digest(expected.tobytes()):
-            problems.append(f"round {round_}: the agreed result is not the sum over {survivors}")
         for peer_id in holders:
+            record = held[peer_id][round_][0]
+            survivors = [str(p) for p in _as_list(record.metrics.get("survivors"))]
+            expected = network.plain_sum(survivors).astype("<u4").tobytes()
+            if record.model_hash != model_digest(expected):
+                problems.append(
+                    f"round {round_}: {peer_id}'s record is not the sum over {survivors}"
+                )
             # A peer that caught up on several rounds at once holds the latest checkpoint
             # only; the record's model hash above covers every round.
             with network.ledger(peer_id) as ledger:
                 checkpoint = ledger.get_checkpoint(session_id, round_)
-            if checkpoint is not None and checkpoint.weights != expected.tobytes():
+            if checkpoint is not None and checkpoint.weights != expected:
                 problems.append(
                     f"round {round_}: {peer_id}'s stored result is not the sum over {survivors}"
                 )
