@@ -95,6 +95,8 @@ def _sqlite_relative(url: str, base: Path) -> str:
     # sqlite:///relative.db is relative to the process's working directory; make it relative
     # to the config file instead, so a kit works wherever the peer is started from.
     prefix = "sqlite:///"
+    if "uri=true" in url or url.startswith(prefix + "file:"):
+        return url  # SQLite's URI form (e.g. mode=ro) names its file itself
     if url.startswith(prefix) and not url.startswith("sqlite:////") and url != "sqlite:///:memory:":
         return prefix + str((base / url[len(prefix) :]).resolve())
     return url
