@@ -611,20 +611,35 @@ def test_read_only_database_raises_write_error(ledger: Ledger, db: Path) -> None
     assert verify_ledger(_open(f"sqlite:///{db}"), VERIFIERS, 3).ok
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores file permissions")
-def test_read_only_file_permissions_raise_write_error(ledger: Ledger, db: Path) -> None:
+def test_read_only_files_raise_write_error(ledger: Ledger, db: Path) -> None:
+    """A ledger whose files cannot be written: by permissions for a normal user; as root
+    (who ignores permissions, e.g. in CI) by making them immutable with chattr."""
     _append(ledger, SESSION, 1)
     ledger.close()
-    for path in db.parent.iterdir():
-        path.chmod(0o444)
-    db.parent.chmod(0o555)
+    files = [path for path in db.parent.iterdir() if path.name.startswith(db.name)]
+    as_root = os.geteuid() == 0
+    if as_root:
+        locked = subprocess.run(["chattr", "+i", *map(str, files)], capture_output=True, text=True)
+        if locked.returncode != 0:
+            message = f"cannot make the ledger immutable: {locked.stderr.strip()}"
+            if os.environ.get("CI"):
+                pytest.fail(message)
+            pytest.skip(message)
+    else:
+        for path in files:
+            path.chmod(0o444)
+        db.parent.chmod(0o555)
     try:
         with pytest.raises(LedgerWriteError, match="cannot write the ledger at"):
             _append(Ledger(f"sqlite:///{db}", StepClock()), SESSION, 2)
     finally:
-        db.parent.chmod(0o755)
-        for path in db.parent.iterdir():
-            path.chmod(0o644)
+        if as_root:
+            subprocess.run(["chattr", "-i", *map(str, files)], check=True)
+        else:
+            db.parent.chmod(0o755)
+            for path in files:
+                path.chmod(0o644)
+    assert verify_ledger(_open(f"sqlite:///{db}"), VERIFIERS, 3).ok
 
 
 def test_full_disk_raises_write_error_and_keeps_earlier_records(ledger: Ledger, db: Path) -> None:
