@@ -738,34 +738,40 @@ def _print_outcome(outcome: SessionOutcome, federation: Path, out: TextIO) -> No
         )
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
+def propose_and_follow(
+    client: Any,
+    proposal: Any,
+    *,
+    attach: bool,
+    timeout: float,
+    quiet: bool,
+    json_output: bool,
+    what: str,
+    started: str,
+    again: str,
+) -> SessionOutcome | int:
+    """Propose and start ``proposal`` (or reattach to it), then follow it with a progress
+    view. Returns the outcome, or the exit code when peers refused or the user pressed
+    Ctrl-C (the peers carry on: ``again`` says how to come back)."""
     from peer.operator import ProposalRefused
 
-    federation = load_federation(args.federation)
-    client = operator_client(federation)
-    proposal = build_proposal(federation, client.roster, session_id=args.attach)
-    timeout = args.timeout if args.timeout is not None else default_timeout(proposal)
-    if timeout <= 0:
-        raise UsageError(f"--timeout must be positive, not {timeout}")
     sid = proposal.session_id
-    reattach = f"ceremony run --attach {sid} --federation {args.federation}"
     view = ProgressView(
-        None if args.quiet else sys.stderr,
+        None if quiet else sys.stderr,
         proposal.participants,
         proposal.rounds,
-        live=sys.stderr.isatty() and not args.quiet,
+        live=sys.stderr.isatty() and not quiet,
     )
 
     async def go() -> SessionOutcome:
         try:
-            if args.attach:
+            if attach:
                 await start_if_accepted(client, sid, proposal.participants)
             else:
                 await propose_and_start(client, proposal)
-                if not args.quiet:
+                if not quiet:
                     print(
-                        f"session {sid} started on {len(proposal.participants)} peers "
-                        f"({proposal.rounds} rounds); Ctrl-C stops watching, not the peers",
+                        f"{what} {sid} started on {len(proposal.participants)} peers {started}",
                         file=sys.stderr,
                     )
             return await drive_session(
@@ -775,20 +781,41 @@ def _cmd_run(args: argparse.Namespace) -> int:
             await client.close()
 
     try:
-        outcome = asyncio.run(go())
+        return asyncio.run(go())
     except ProposalRefused as refused:
         for peer, reason in sorted(refused.answers.items()):
-            print(f"{peer} refused session {sid}: {reason}", file=sys.stderr)
-        if args.json:
+            print(f"{peer} refused {what} {sid}: {reason}", file=sys.stderr)
+        if json_output:
             print(json.dumps({"session_id": sid, "ok": False, "refused": refused.answers}))
         return EXIT_FAILED
     except KeyboardInterrupt:
         view.close()
-        print(
-            f"\nstopped watching; the peers carry on with session {sid}. Reattach with: {reattach}",
-            file=sys.stderr,
-        )
+        print(f"\nstopped watching; the peers carry on with {what} {sid}. {again}", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    federation = load_federation(args.federation)
+    client = operator_client(federation)
+    proposal = build_proposal(federation, client.roster, session_id=args.attach)
+    timeout = args.timeout if args.timeout is not None else default_timeout(proposal)
+    if timeout <= 0:
+        raise UsageError(f"--timeout must be positive, not {timeout}")
+    sid = proposal.session_id
+    reattach = f"ceremony run --attach {sid} --federation {args.federation}"
+    outcome = propose_and_follow(
+        client,
+        proposal,
+        attach=bool(args.attach),
+        timeout=timeout,
+        quiet=args.quiet,
+        json_output=args.json,
+        what="session",
+        started=f"({proposal.rounds} rounds); Ctrl-C stops watching, not the peers",
+        again=f"Reattach with: {reattach}",
+    )
+    if isinstance(outcome, int):
+        return outcome
     if args.json:
         print(json.dumps(outcome_report(outcome), sort_keys=True))
     else:

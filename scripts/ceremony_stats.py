@@ -32,7 +32,6 @@ is printed; e.g. its privacy budget is spent) or the session did not finish, 2 f
 from __future__ import annotations
 
 import argparse
-import asyncio
 import itertools
 import json
 import re
@@ -45,19 +44,15 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from scripts._cli import EXIT_FAILED, EXIT_OK, UsageError
 from scripts.ceremony_run import (
-    EXIT_INTERRUPTED,
     FederationFile,
-    ProgressView,
     SessionOutcome,
     build_proposal,
     default_session_id,
     default_timeout,
-    drive_session,
     load_federation,
     operator_client,
     outcome_report,
-    propose_and_start,
-    start_if_accepted,
+    propose_and_follow,
 )
 
 if TYPE_CHECKING:
@@ -368,7 +363,6 @@ def _add_stats(subparsers: Any) -> None:
 
 
 def _cmd_stats(args: argparse.Namespace) -> int:
-    from peer.operator import ProposalRefused
 
     if args.attach:
         if args.session_id and args.session_id != args.attach:
@@ -396,47 +390,19 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     timeout = args.timeout if args.timeout is not None else default_timeout(proposal)
     if timeout <= 0:
         raise UsageError(f"--timeout must be positive, not {timeout}")
-    view = ProgressView(
-        None if args.quiet else sys.stderr,
-        proposal.participants,
-        proposal.rounds,
-        live=sys.stderr.isatty() and not args.quiet,
+    outcome = propose_and_follow(
+        client,
+        proposal,
+        attach=bool(args.attach),
+        timeout=timeout,
+        quiet=args.quiet,
+        json_output=args.json,
+        what="statistics session",
+        started=f"({len(spec.queries)} queries, epsilon {spec.epsilon:g} each)",
+        again=f"Wait again with: ceremony stats --attach {sid} --federation {args.federation}",
     )
-
-    async def go() -> SessionOutcome:
-        try:
-            if args.attach:
-                await start_if_accepted(client, sid, proposal.participants)
-            else:
-                await propose_and_start(client, proposal)
-            if not args.quiet and not args.attach:
-                print(
-                    f"statistics session {sid} started on {len(proposal.participants)} peers "
-                    f"({len(spec.queries)} queries, epsilon {spec.epsilon:g} each)",
-                    file=sys.stderr,
-                )
-            return await drive_session(
-                client, sid, proposal.participants, view, rounds=proposal.rounds, timeout=timeout
-            )
-        finally:
-            await client.close()
-
-    try:
-        outcome = asyncio.run(go())
-    except ProposalRefused as refused:
-        for peer, reason in sorted(refused.answers.items()):
-            print(f"{peer} refused statistics session {sid}: {reason}", file=sys.stderr)
-        if args.json:
-            print(json.dumps({"session_id": sid, "ok": False, "refused": refused.answers}))
-        return EXIT_FAILED
-    except KeyboardInterrupt:
-        view.close()
-        print(
-            f"\nstopped waiting; the peers carry on with session {sid}. Wait again with: "
-            f"ceremony stats --attach {sid} --federation {args.federation}",
-            file=sys.stderr,
-        )
-        return EXIT_INTERRUPTED
+    if isinstance(outcome, int):
+        return outcome
     statistics = _statistics_of(outcome)
     ok = outcome.ok and statistics is not None
     if args.json:
