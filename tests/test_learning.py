@@ -55,7 +55,6 @@ def make_proposal(**changes: object) -> SessionProposal:
 
 
 def config_for(tmp_path: Path, peer: str, max_epsilon: float = 1000.0) -> PeerConfig:
-    paths = {name: tmp_path / f"{peer}.{name}" for name in ("cert", "key", "ca", "roster", "crl")}
     return PeerConfig(
         path=tmp_path / f"{peer}.toml",
         peer_id=peer,
@@ -63,7 +62,11 @@ def config_for(tmp_path: Path, peer: str, max_epsilon: float = 1000.0) -> PeerCo
         data_url=f"sqlite:///{tmp_path / peer}-data.db",
         ledger_url=f"sqlite:///{tmp_path / peer}-ledger.db",
         policy=Policy(max_epsilon=max_epsilon),
-        **paths,
+        cert=tmp_path / f"{peer}.cert",
+        key=tmp_path / f"{peer}.key",
+        ca=tmp_path / f"{peer}.ca",
+        roster=tmp_path / f"{peer}.roster",
+        crl=tmp_path / f"{peer}.crl",
     )
 
 

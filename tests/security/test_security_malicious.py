@@ -105,7 +105,9 @@ def assert_agreed(network: Network, peers: list[str], session: str, round_: int)
     """Round ``round_`` is agreed at ``peers`` on the sum of its survivors; returns them."""
     reference = network.records(peers[0], session)
     record = next(r for r in reference if r.record.round == round_)
-    survivors = list(record.record.metrics["survivors"])
+    named = record.record.metrics["survivors"]
+    assert isinstance(named, list)
+    survivors = [str(peer) for peer in named]
     for peer in peers:
         assert [r.record_hash for r in network.records(peer, session)] == [
             r.record_hash for r in reference
@@ -307,7 +309,8 @@ def test_a_wrong_share_is_attributed_to_its_sender_and_the_round_completes() -> 
     outgoing = r.advance(4)
     cheat = "hospital-b"
     replies = r.respond(outgoing)
-    bad: UnmaskShares = replies[cheat]
+    bad = replies[cheat]
+    assert isinstance(bad, UnmaskShares)
     shares = tuple((u, encode_share(decode_share(s) + 1)) for u, s in bad.self_mask_shares)
     bad = replace(bad, self_mask_shares=shares)
     replies[cheat] = replace(

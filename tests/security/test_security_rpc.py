@@ -66,7 +66,9 @@ def _channel(network: Network, target: str, member: str) -> grpc.aio.Channel:
 
 
 def _rss_kib(network: Network, peer: str) -> int:
-    pid = network.peers[peer].process.pid
+    process = network.peers[peer].process
+    assert process is not None
+    pid = process.pid
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
@@ -277,7 +279,9 @@ def test_oversized_endless_and_silent_streams_are_cut_off_and_the_round_complete
         time.sleep(1)
     for peer, stored in records.items():
         assert [r.record.round for r in stored] == [1], (peer, network.logs())
-        assert sorted(stored[0].record.metrics["survivors"]) == list(RUNNING)
+        survivors = stored[0].record.metrics["survivors"]
+        assert isinstance(survivors, list)
+        assert sorted(str(s) for s in survivors) == list(RUNNING)
     rss_after = _rss_kib(network, aggregator)
     log = network.peers[aggregator].log_path.read_text(encoding="utf-8")
     assert f"participant={ABUSERS[0]} sent an invalid message: MaskedInput of 10" in log
