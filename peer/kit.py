@@ -13,8 +13,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from .config import load_config
 from .identity import Role
 from .identity.testing import LocalFederation
+from .ledger import Ledger, verify_ledger
 
 __all__ = ["Kit", "LocalKit", "free_port", "write_peer_config"]
 
@@ -131,6 +133,16 @@ class LocalKit:
             )
             kits[peer_id] = Kit(peer_id, site, config, addresses[peer_id])
         return cls(fed, kits, operator)
+
+    def ledger(self, peer_id: str) -> Ledger:
+        """The ledger of ``peer_id``, wherever its configuration puts it."""
+        return Ledger(load_config(self.kits[peer_id].config).ledger_url)
+
+    def ledger_problems(self, peer_id: str) -> list[str]:
+        """What :func:`peer.ledger.verify_ledger` finds wrong in ``peer_id``'s ledger."""
+        with self.ledger(peer_id) as ledger:
+            report = verify_ledger(ledger, self.federation.roster.verifiers())
+        return [str(problem) for problem in report.problems]
 
     def operator_files(self) -> tuple[Path, Path, Path]:
         member = self.federation.members[self.operator]

@@ -373,16 +373,7 @@ def _run_session(
 
 
 def _verify_ledgers(kit: LocalKit) -> dict[str, list[str]]:
-    from peer.ledger import Ledger, verify_ledger
-
-    verifiers = kit.federation.roster.verifiers()
-    problems: dict[str, list[str]] = {}
-    for peer_id in HOSPITALS:
-        url = f"sqlite:///{kit.kits[peer_id].directory / 'ledger.db'}"
-        with Ledger(url) as ledger:
-            report = verify_ledger(ledger, verifiers)
-        problems[peer_id] = [str(p) for p in report.problems]
-    return problems
+    return {peer_id: kit.ledger_problems(peer_id) for peer_id in HOSPITALS}
 
 
 def _start_dashboard(

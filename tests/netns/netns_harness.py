@@ -57,7 +57,7 @@ import numpy as np
 from peer.identity import Role
 from peer.identity.testing import LocalFederation
 from peer.kit import Kit, LocalKit, write_peer_config
-from peer.ledger import Ledger, StoredRecord, verify_ledger
+from peer.ledger import Ledger, StoredRecord
 from peer.session import SessionProposal, aggregator_for
 
 __all__ = [
@@ -684,7 +684,7 @@ class NetnsFederation:
     # ------------------------------------------------------------------ ledgers and logs
 
     def ledger(self, peer_id: str) -> Ledger:
-        return Ledger(f"sqlite:///{self.kit.kits[peer_id].directory / 'ledger.db'}")
+        return self.kit.ledger(peer_id)
 
     def records(self, peer_id: str, session_id: str) -> list[StoredRecord]:
         with self.ledger(peer_id) as ledger:
@@ -703,9 +703,7 @@ class NetnsFederation:
         return total
 
     def verify(self, peer_id: str) -> list[str]:
-        with self.ledger(peer_id) as ledger:
-            report = verify_ledger(ledger, self.kit.federation.roster.verifiers())
-        return [str(p) for p in report.problems]
+        return self.kit.ledger_problems(peer_id)
 
     def round_lines(self, peer_id: str, session_id: str) -> list[RoundLine]:
         """The ``outcome=`` lines ``peer_id`` logged for ``session_id``, in order."""

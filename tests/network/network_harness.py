@@ -21,9 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from peer.config import load_config
 from peer.kit import LocalKit
-from peer.ledger import Ledger, StoredRecord, verify_ledger
+from peer.ledger import Ledger, StoredRecord
 from peer.operator import OperatorClient
 from peer.session import SessionProposal, aggregator_for
 from peer.wire import peer_pb2 as pb
@@ -193,8 +192,7 @@ class Network:
     # ------------------------------------------------------------------ ledger side
 
     def ledger(self, peer_id: str) -> Ledger:
-        """The peer's own ledger, wherever its configuration puts it."""
-        return Ledger(load_config(self.kit.kits[peer_id].config).ledger_url)
+        return self.kit.ledger(peer_id)
 
     def set_storage(self, peer_id: str, *, data: str, ledger: str) -> None:
         """Point a peer's [storage] at other SQLAlchemy URLs (before it starts)."""
@@ -221,6 +219,4 @@ class Network:
         return total
 
     def verify(self, peer_id: str) -> list[str]:
-        with self.ledger(peer_id) as ledger:
-            report = verify_ledger(ledger, self.kit.federation.roster.verifiers())
-        return [str(p) for p in report.problems]
+        return self.kit.ledger_problems(peer_id)
