@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import time
@@ -278,6 +279,14 @@ class AggregatorRound:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), remaining)
 
+    def _stage_complete(self, joining: bool) -> bool:
+        """Everyone the stage waits for has answered (or gone). While participants can still
+        join, that includes every roster peer, even when the stage itself needs fewer
+        (Paillier's key stage needs only the key holder)."""
+        if self.protocol.pending() - self._gone:
+            return False
+        return not joining or set(self.ctx.config.peers) <= set(self._outboxes) | self._gone
+
     async def run(self) -> None:
         """Run the stages, then the agreement. Never raises: outcomes go to the streams."""
         try:
@@ -298,9 +307,10 @@ class AggregatorRound:
         while self.protocol.state is AggregatorState.RUNNING:
             stage = self.protocol.stage
             seconds = ctx.stage_seconds
-            if stage is ctx.backend.first_stage:
+            joining = stage is ctx.backend.first_stage
+            if joining:
                 seconds += ctx.prepare_seconds  # everyone computes its contribution first
-            await self._wait(lambda: not (self.protocol.pending() - self._gone), seconds)
+            await self._wait(functools.partial(self._stage_complete, joining), seconds)
             fault_point(ctx.round, f"aggregator:{stage.value}")
             self._closing = True
             try:
