@@ -2,33 +2,60 @@
 
 A training session (payload kind ``"training"``) has ``training_rounds + 2`` rounds:
 
-1. **standardize** — each hospital contributes ``[n, sum(x), sum(x^2)]`` of its training
-   features; the agreed sum gives every peer the same global mean and standard deviation
-   (stored in the round's agreed metrics), so no hospital standardizes with its own
-   statistics only.
+1. **standardize** — each hospital contributes ``[n, sum(x/B), sum((x/B)^2)]`` of its
+   training features, each feature clipped to its public bound ``B`` (``feature_bound``),
+   plus Gaussian noise; the agreed sum gives every peer the same global mean and standard
+   deviation (stored in the round's agreed metrics).
 2. ... ``training_rounds + 1`` — **train**: each hospital evaluates the global model that
    enters the round on its test split, trains it locally with DP-SGD, and contributes
-   ``[delta * n, n, evaluation sums]``. The agreed sum gives the new global model
-   ``w + sum(delta_h n_h) / sum(n_h)`` and the global metrics of the entering model.
-3. last — **evaluate**: the final model's evaluation sums only.
+   ``[w_h * clip(delta_h), noisy evaluation sums]``. The new global model is
+   ``w + clip(sum(w_h delta_h) / sum(w_h))`` over the survivors, with the public weights
+   ``w_h`` of the proposal; the agreed metrics are those of the entering model.
+3. last — **evaluate**: the final model's noisy evaluation sums only.
+
+Privacy: nothing leaves a hospital without noise, and every release is charged before it
+leaves (:func:`peer.rounds.charge_before_release`):
+
+- the update carries DP-SGD's noise (Poisson-sampled Gaussian, ``noise_multiplier``);
+- the standardization sums carry Gaussian noise of ``standardize_noise`` times their L2
+  sensitivity ``sqrt(1 + 2d)`` (one record adds 1 to the count and at most 1 to each of the
+  2d normalized sums);
+- the evaluation sums carry Gaussian noise of ``eval_noise`` times their sensitivity
+  ``sqrt(3)``: one test record adds at most 1 to the normalized loss sum (losses clipped to
+  ``loss_bound``), 1 to one confusion cell and 1 to one histogram cell. The number of
+  correct predictions and the example count are not released: they are derived from the
+  noisy confusion cells.
+
+A retried attempt of a round sends the *same* contribution (cached per round and ledger
+head), so it releases nothing new and is not charged again; if the ledger moved (the peer
+caught up), the contribution is recomputed and charged again. Each hospital adds all the
+noise itself (local DP): its release is private even from an aggregator that unmasks it.
+
+Weights: a hospital's weight is public (``weights`` in the proposal, each in (0, 1];
+default 1 for everyone), never a count it reports, and its update is clipped to the public
+per-coordinate bound, so an honest hospital moves the average by at most ``w_h U / W``;
+``conclude`` clamps the average update to ``[-U, U]`` so that no contribution, however
+malformed, moves a coordinate further than honest ones could together.
 
 Only masked, quantized vectors leave a hospital. Every range used for quantization follows
-from the session's public parameters (clip norm, learning rate, steps, the declared maximum
-number of records), so it is the same at every peer and ``conclude`` is deterministic.
+from the session's public parameters, so it is the same at every peer and ``conclude`` is
+deterministic.
 
 Proposal payload keys (all public, all in the signed proposal)::
 
     {"kind": "training", "model": "logreg" | "mlp", "hidden": [64, 32], "input_dim": 30,
      "training_rounds": 3, "local_steps": 50, "batch_size": 64, "lr": 0.5, "clip_norm": 1.0,
-     "noise_multiplier": 1.0, "delta": 1e-5, "max_records": 100000, "feature_bound": 1e4,
-     "loss_bound": 50.0, "histogram_bins": 20}
+     "noise_multiplier": 1.0, "delta": 1e-5, "max_records": 100000,
+     "feature_bound": 1e4 (or one bound per feature), "loss_bound": 50.0,
+     "histogram_bins": 20, "standardize_noise": 8.0, "eval_noise": 5.0,
+     "weights": {"hospital-a": 1.0, ...} (optional)}
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
@@ -39,10 +66,11 @@ import numpy.typing as npt
 from secagg import Quantizer
 from secagg.prg import WordArray
 
-from .data import PatientStore, global_standardizer, local_feature_stats, standardize
+from .data import PatientStore, local_feature_stats, standardize
 from .ledger import Ledger
 from .payload import LocalContribution, RoundResult
 from .session import ProposalError, SessionProposal
+from .training.accounting import GLOBAL_DELTA, PrivacyEvent
 
 if TYPE_CHECKING:
     import keras
@@ -54,6 +82,8 @@ __all__ = [
     "RoundKind",
     "TrainingPayload",
     "TrainingSpec",
+    "noisy_standardizer",
+    "privacy_after",
     "training_payload",
 ]
 
@@ -64,6 +94,22 @@ class PrivacyBudgetError(ValueError):
 
 Vector = npt.NDArray[np.float64]
 EVAL_HEAD = 7  # loss_sum, correct, TP, FP, TN, FN, n (peer.training.EVAL_HEADER)
+# Evaluation coordinates that are not released: derived from the confusion cells instead.
+_EVAL_DERIVED = (1, 6)  # correct = TP + TN, n = TP + FP + TN + FN
+# L2 sensitivity of one test record's evaluation contribution (normalized loss, one
+# confusion cell, one histogram cell).
+EVAL_SENSITIVITY = math.sqrt(3.0)
+# Quantization headroom for Gaussian noise, in standard deviations (P ~ 1e-33 per value;
+# clipping beyond it would be post-processing anyway).
+NOISE_TAIL = 12.0
+# The smallest standard deviation a noisy standardization may give, as a fraction of the
+# feature's bound (noise can make the variance estimate tiny or negative).
+MIN_STD_FRACTION = 1e-3
+
+
+def _noise_generator() -> np.random.Generator:
+    """A generator for DP noise, seeded per use with 256 bits from the OS CSPRNG."""
+    return np.random.default_rng(int.from_bytes(os.urandom(32), "big"))
 
 
 class RoundKind(StrEnum):
@@ -87,9 +133,12 @@ class TrainingSpec:
     noise_multiplier: float = 1.0
     delta: float = 1e-5
     max_records: int = 100_000
-    feature_bound: float = 1e4
+    feature_bound: float | tuple[float, ...] = 1e4
     loss_bound: float = 50.0
     histogram_bins: int = 20
+    standardize_noise: float = 8.0
+    eval_noise: float = 5.0
+    weights: Mapping[str, float] | None = None
 
     @classmethod
     def from_payload(cls, payload: Mapping[str, Any]) -> TrainingSpec:
@@ -101,8 +150,14 @@ class TrainingSpec:
             values = {k: v for k, v in payload.items() if k in known}
             if "hidden" in values:
                 values["hidden"] = tuple(int(w) for w in values["hidden"])
+            if isinstance(values.get("feature_bound"), list | tuple):
+                values["feature_bound"] = tuple(float(b) for b in values["feature_bound"])
+            if "weights" in values:
+                if not isinstance(values["weights"], Mapping):
+                    raise TypeError("'weights' must map each participant to its weight")
+                values["weights"] = {str(k): float(v) for k, v in values["weights"].items()}
             spec = cls(**values)
-        except TypeError as error:
+        except (TypeError, ValueError) as error:
             raise ProposalError(f"training payload: {error}") from None
         spec.validate()
         return spec
@@ -110,6 +165,8 @@ class TrainingSpec:
     def validate(self) -> None:
         if self.model not in ("logreg", "mlp"):
             raise ProposalError(f"model must be 'logreg' or 'mlp', not {self.model!r}")
+        bounds = self.feature_bounds() if self.input_dim >= 1 else np.ones(1)
+        weights = list((self.weights or {}).values())
         checks = {
             "input_dim": self.input_dim >= 1,
             "training_rounds": self.training_rounds >= 1,
@@ -120,13 +177,31 @@ class TrainingSpec:
             "noise_multiplier": self.noise_multiplier >= 0,
             "delta": 0 < self.delta < 1,
             "max_records": self.max_records >= 1,
-            "feature_bound": self.feature_bound > 0,
+            "feature_bound": bool(np.all(np.isfinite(bounds) & (bounds > 0))),
             "loss_bound": self.loss_bound > 0,
             "histogram_bins": self.histogram_bins >= 2,
+            "standardize_noise": self.standardize_noise > 0,
+            "eval_noise": self.eval_noise > 0,
+            "weights (each in (0, 1])": all(0 < w <= 1 for w in weights),
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
             raise ProposalError(f"training payload: invalid {', '.join(bad)}")
+
+    def feature_bounds(self) -> Vector:
+        """The public bound ``B_j`` of each feature (|x_j| is clipped to it)."""
+        if isinstance(self.feature_bound, tuple):
+            if len(self.feature_bound) != self.input_dim:
+                raise ProposalError(
+                    f"training payload: feature_bound has {len(self.feature_bound)} values "
+                    f"for {self.input_dim} features"
+                )
+            return np.asarray(self.feature_bound, dtype=np.float64)
+        return np.full(self.input_dim, float(self.feature_bound))
+
+    def weight(self, peer: str) -> float:
+        """The public weight of ``peer``'s update (1 when the proposal names none)."""
+        return 1.0 if self.weights is None else float(self.weights[peer])
 
     @property
     def rounds(self) -> int:
@@ -150,6 +225,14 @@ class TrainingSpec:
 
     def eval_length(self) -> int:
         return EVAL_HEAD + 2 * self.histogram_bins
+
+    def standardize_std(self) -> float:
+        """Noise standard deviation on each normalized standardization sum."""
+        return self.standardize_noise * math.sqrt(1 + 2 * self.input_dim)
+
+    def eval_std(self) -> float:
+        """Noise standard deviation on each released evaluation sum."""
+        return self.eval_noise * EVAL_SENSITIVITY
 
     def update_bound(self) -> float:
         """Per-coordinate bound of a local model change, the same at every hospital.
@@ -180,6 +263,31 @@ def _json_safe(values: Mapping[str, float]) -> dict[str, float | None]:
     }
 
 
+def released_evaluation(sums: Vector, spec: TrainingSpec, noise: np.random.Generator) -> Vector:
+    """The evaluation sums as released: loss normalized by ``loss_bound``, derived counts
+    withheld, Gaussian noise of ``spec.eval_std()`` on every released coordinate."""
+    out = np.array(sums, dtype=np.float64)
+    out[0] /= spec.loss_bound
+    released = np.ones(out.shape, dtype=bool)
+    released[list(_EVAL_DERIVED)] = False
+    out[~released] = 0.0
+    out[released] += noise.normal(0.0, spec.eval_std(), int(released.sum()))
+    return out
+
+
+def evaluation_from_release(total: Vector, spec: TrainingSpec) -> Vector:
+    """Evaluation sums (the layout of peer.training.EVAL_HEADER) from a sum of releases.
+
+    Post-processing only: noisy cells are clamped at 0, and the withheld coordinates are
+    derived from the confusion cells."""
+    out = np.maximum(np.array(total, dtype=np.float64), 0.0)
+    tp, fp, tn, fn = out[2:6]
+    out[1] = tp + tn
+    out[6] = tp + fp + tn + fn
+    out[0] = min(out[0] * spec.loss_bound, out[6] * spec.loss_bound)
+    return out
+
+
 @dataclass
 class TrainingPayload:
     """One hospital's side of a training session (the Payload protocol of peer/payload.py)."""
@@ -193,6 +301,9 @@ class TrainingPayload:
     rng: np.random.Generator = field(
         default_factory=lambda: np.random.default_rng(int.from_bytes(os.urandom(16), "big"))
     )
+    # DP noise of the standardization and evaluation releases (DP-SGD has its own, in
+    # TensorFlow): a fresh CSPRNG-seeded generator per release. Tests may inject one.
+    noise: Callable[[], np.random.Generator] = _noise_generator
     _model: Any = None
     _noise: Any = None
     _data: (
@@ -204,34 +315,26 @@ class TrainingPayload:
         ]
         | None
     ) = None
+    # The contribution of each round, per ledger head it was computed at: a retried
+    # attempt sends the same value (nothing new is released, nothing new charged).
+    _prepared: dict[tuple[int, bytes], LocalContribution] = field(default_factory=dict)
 
     # ---------------------------------------------------------------- layout and ranges
 
     def vector_length(self, round_: int) -> int:
         if self.spec.kind_of(round_) is RoundKind.STANDARDIZE:
             return 1 + 2 * self.spec.input_dim
-        return self.spec.n_parameters() + 1 + self.spec.eval_length()
+        return self.spec.n_parameters() + self.spec.eval_length()
 
     def quantizer(self, round_: int) -> Quantizer:
         spec, cap = self.spec, float(self.spec.max_records)
         if spec.kind_of(round_) is RoundKind.STANDARDIZE:
-            d = spec.input_dim
-            bounds = np.concatenate(
-                (
-                    [cap],
-                    np.full(d, spec.feature_bound * cap),
-                    np.full(d, spec.feature_bound**2 * cap),
-                )
-            )
+            # Every normalized sum is within [-cap, cap]; the noise needs its tail on top.
+            bounds = np.full(1 + 2 * spec.input_dim, cap + NOISE_TAIL * spec.standardize_std())
         else:
-            eval_bounds = np.full(spec.eval_length(), cap)
-            eval_bounds[0] = spec.loss_bound * cap
+            eval_bounds = np.full(spec.eval_length(), cap + NOISE_TAIL * spec.eval_std())
             bounds = np.concatenate(
-                (
-                    np.full(spec.n_parameters(), max(spec.update_bound(), 1e-6) * cap),
-                    [cap],
-                    eval_bounds,
-                )
+                (np.full(spec.n_parameters(), max(spec.update_bound(), 1e-6)), eval_bounds)
             )
         return Quantizer(bounds, len(self.proposal.participants), self.proposal.bits)
 
@@ -288,121 +391,190 @@ class TrainingPayload:
             self._noise = secure_generator()
         return self._model
 
-    def _trained_rounds(self) -> int:
-        return sum(
-            1
-            for stored in self.ledger.agreed_records(self.proposal.session_id)
-            if stored.record.epsilon.get(self.me, 0.0) > 0
-        )
-
     def sampling_rate(self) -> float:
         x_train = self._local_data()[0]
         return min(1.0, self.spec.batch_size / max(1, len(x_train)))
 
-    def epsilon_needed(self) -> float:
-        """Epsilon this hospital spends over the whole session (PLD accountant)."""
-        from .training import epsilon
+    def round_events(self, round_: int) -> list[PrivacyEvent]:
+        """The DP mechanisms whose output this hospital releases in ``round_``."""
+        from .training.accounting import gaussian_event, poisson_gaussian_event
 
+        kind = self.spec.kind_of(round_)
+        if kind is RoundKind.STANDARDIZE:
+            return [gaussian_event(self.spec.standardize_noise)]
+        events = [gaussian_event(self.spec.eval_noise)]
+        if kind is RoundKind.TRAIN:
+            if self.spec.noise_multiplier == 0:
+                raise PrivacyBudgetError(f"{self.me} refuses to train without DP noise")
+            events.append(
+                poisson_gaussian_event(
+                    self.sampling_rate(), self.spec.noise_multiplier, self.spec.local_steps
+                )
+            )
+        return events
+
+    def epsilon_needed(self) -> float:
+        """How much this session raises this hospital's composed epsilon (PLD, whole history).
+
+        The node adds it to ``ledger.privacy_spent(me).epsilon`` (the composed figure), so the
+        sum is the composed epsilon of the history plus every release of this session.
+        """
         if self.spec.noise_multiplier == 0:
             return math.inf
-        steps = self.spec.local_steps * self.spec.training_rounds
-        return float(
-            epsilon(self.sampling_rate(), self.spec.noise_multiplier, steps, self.spec.delta)
-        )
+        events = [e for r in range(1, self.spec.rounds + 1) for e in self.round_events(r)]
+        before, after = privacy_after(self.ledger, self.me, events)
+        return after - before
 
     # ---------------------------------------------------------------- the Payload protocol
 
     def prepare(self, round_: int) -> LocalContribution:
+        key = (round_, self.ledger.session_head(self.proposal.session_id))
+        cached = self._prepared.get(key)
+        if cached is not None:
+            return cached
+        contribution = self._prepare(round_)
+        self._prepared[key] = contribution
+        return contribution
+
+    def _prepare(self, round_: int) -> LocalContribution:
         from .training import evaluate_sums, local_train, set_flat_weights
 
-        kind = self.spec.kind_of(round_)
+        spec = self.spec
+        kind = spec.kind_of(round_)
         x_train, y_train, x_test, y_test = self._local_data()
-        epsilon_spent = 0.0
-        delta = 0.0
+        events = self.round_events(round_)
+        epsilon_spent = self._check_budget(round_, events)
+        noise = self.noise()
         if kind is RoundKind.STANDARDIZE:
-            vector = local_feature_stats(x_train)
+            bounds = spec.feature_bounds()
+            normalized = np.clip(np.asarray(x_train, dtype=np.float64) / bounds, -1.0, 1.0)
+            vector = local_feature_stats(normalized)
+            vector = vector + noise.normal(0.0, spec.standardize_std(), vector.shape)
         else:
             mean, std = self._standardizer()
             model = self._keras_model()
             set_flat_weights(model, self.global_weights(round_))
             evaluation = evaluate_sums(
-                model, standardize(x_test, mean, std), y_test, self.spec.histogram_bins
+                model,
+                standardize(x_test, mean, std),
+                y_test,
+                spec.histogram_bins,
+                loss_bound=spec.loss_bound,
             )
-            update = np.zeros(self.spec.n_parameters())
-            n = 0
+            update = np.zeros(spec.n_parameters())
             if kind is RoundKind.TRAIN:
-                epsilon_spent, delta = self._charge()
-                change, n, _ = local_train(
+                change, _, _ = local_train(
                     model,
                     standardize(x_train, mean, std),
                     y_train,
-                    steps=self.spec.local_steps,
+                    steps=spec.local_steps,
                     sampling_rate=self.sampling_rate(),
-                    lr=self.spec.lr,
-                    clip_norm=self.spec.clip_norm,
-                    noise_multiplier=self.spec.noise_multiplier,
+                    lr=spec.lr,
+                    clip_norm=spec.clip_norm,
+                    noise_multiplier=spec.noise_multiplier,
                     rng=self._noise,
                 )
-                update = change.astype(np.float64) * n
-            vector = np.concatenate((update, [float(n)], evaluation))
+                # Clipping to the public bound is post-processing of the DP update; the
+                # weight is public: no local count enters the vector.
+                bound = spec.update_bound()
+                update = np.clip(change.astype(np.float64), -bound, bound) * spec.weight(self.me)
+            vector = np.concatenate((update, released_evaluation(evaluation, spec, noise)))
         quantized = self.quantizer(round_).quantize(vector, self.rng)
         return LocalContribution(
             quantized.values,
             epsilon=epsilon_spent,
-            delta=delta,
+            delta=0.0,  # the composed figure is reported at the global delta
             clipped_fraction=quantized.clipped_fraction,
+            events=tuple(events),
         )
 
-    def _charge(self) -> tuple[float, float]:
-        """Epsilon (and delta) of this round: the increase of the composed PLD epsilon."""
-        from .training import epsilon
+    def _check_budget(self, round_: int, events: list[PrivacyEvent]) -> float:
+        """Epsilon of this round: the increase of this hospital's composed PLD epsilon.
 
-        q, sigma, steps = self.sampling_rate(), self.spec.noise_multiplier, self.spec.local_steps
-        done = self._trained_rounds()
-        before = epsilon(q, sigma, done * steps, self.spec.delta) if done else 0.0
-        after = epsilon(q, sigma, (done + 1) * steps, self.spec.delta)
-        # Checked again at every round, not only when the proposal was accepted: other
-        # sessions may have spent from the same budget since.
-        spent = self.ledger.privacy_spent(self.me).epsilon
-        if spent + (after - before) > self.max_epsilon + 1e-12:
+        Checked at every round, not only when the proposal was accepted: other sessions
+        (and retried attempts) may have spent from the same budget since.
+        """
+        before, after = privacy_after(self.ledger, self.me, events)
+        if after > self.max_epsilon + 1e-12:
             raise PrivacyBudgetError(
-                f"{self.me} refuses round: it would spend epsilon {after - before:.4g}, "
-                f"{spent:.4g} of its budget {self.max_epsilon:.4g} is already spent"
+                f"{self.me} refuses round {round_}: it would spend epsilon "
+                f"{after - before:.4g}, {before:.4g} of its budget {self.max_epsilon:.4g} "
+                "is already spent"
             )
-        # delta is the session's; it is charged once, with the first round.
-        return float(after - before), self.spec.delta if done == 0 else 0.0
+        return float(after - before)
 
     def conclude(
         self, round_: int, aggregate: WordArray, survivors: tuple[str, ...]
     ) -> RoundResult:
-        kind = self.spec.kind_of(round_)
+        spec = self.spec
+        kind = spec.kind_of(round_)
         total = self.quantizer(round_).dequantize_sum(aggregate, len(survivors))
+        dp: dict[str, Any] = {"delta": GLOBAL_DELTA}
         if kind is RoundKind.STANDARDIZE:
-            mean, std = global_standardizer(total, self.spec.input_dim)
+            mean, std = noisy_standardizer(total, spec.feature_bounds())
+            dp["standardization"] = {"mechanism": "gaussian", "sigma": spec.standardize_noise}
             return RoundResult(
                 model=np.concatenate((mean, std)).astype("<f8").tobytes(),
                 metrics={
                     "round_kind": kind.value,
-                    "examples": round(float(total[0])),
+                    "examples": max(0, round(float(total[0]))),
                     "standardization": {"mean": mean.tolist(), "std": std.tolist()},
+                    "dp": dp,
                 },
             )
         from .training import metrics_from_sums
 
-        p = self.spec.n_parameters()
+        p = spec.n_parameters()
         base = self.global_weights(round_).astype(np.float64)
-        examples = float(total[p])
         new = base
-        if kind is RoundKind.TRAIN and examples >= 0.5:
-            new = base + total[:p] / examples
-        metrics: dict[str, Any] = _json_safe(metrics_from_sums(total[p + 1 :]))
-        metrics["n"] = round(metrics["n"] or 0)
-        metrics.update(
-            round_kind=kind.value,
-            examples=round(examples),
-            evaluated="model entering this round",
+        if kind is RoundKind.TRAIN:
+            weight = sum(spec.weight(peer) for peer in survivors)
+            bound = spec.update_bound()
+            # The survivors' weights are public: nobody can inflate the divisor. The clamp
+            # bounds what any contribution, however malformed, does to a coordinate.
+            new = base + np.clip(total[:p] / weight, -bound, bound)
+            dp["update"] = {
+                "mechanism": "poisson-gaussian",
+                "sigma": spec.noise_multiplier,
+                "steps": spec.local_steps,
+            }
+        metrics: dict[str, Any] = _json_safe(
+            metrics_from_sums(evaluation_from_release(total[p:], spec))
         )
+        metrics["n"] = round(metrics["n"] or 0)
+        dp["evaluation"] = {"mechanism": "gaussian", "sigma": spec.eval_noise}
+        metrics.update(round_kind=kind.value, evaluated="model entering this round", dp=dp)
         return RoundResult(model=new.astype("<f4").tobytes(), metrics=metrics)
+
+
+def noisy_standardizer(total: Vector, bounds: Vector) -> tuple[Vector, Vector]:
+    """Mean and standard deviation from the noisy sum of normalized feature statistics.
+
+    Post-processing only: the count is at least 1, the normalized mean within [-1, 1], the
+    variance within [MIN_STD_FRACTION^2, 1]; then scaled back by each feature's bound.
+    """
+    d = len(bounds)
+    n = max(float(total[0]), 1.0)
+    mean = np.clip(total[1 : 1 + d] / n, -1.0, 1.0)
+    var = np.clip(total[1 + d :] / n - np.square(mean), MIN_STD_FRACTION**2, 1.0)
+    return mean * bounds, np.sqrt(var) * bounds
+
+
+def privacy_after(ledger: Ledger, peer_id: str, events: list[PrivacyEvent]) -> tuple[float, float]:
+    """``(spent, after)``: ``peer_id``'s composed epsilon now, and with ``events`` added.
+
+    Charges stored without an event (older ledgers) are added by basic composition."""
+    from .training.accounting import epsilon_increase
+
+    history: list[PrivacyEvent] = []
+    legacy = 0.0
+    for charged in ledger.privacy_charges(peer_id):
+        if charged.charge.event is None:
+            legacy += charged.charge.epsilon
+        else:
+            history.append(dict(charged.charge.event))  # type: ignore[arg-type]
+    before, after = epsilon_increase(history, events)
+    return before + legacy, after + legacy
 
 
 def training_payload(
@@ -417,6 +589,14 @@ def training_payload(
         )
     if proposal.bits != 64:
         raise ProposalError("training sessions aggregate in the 64-bit ring (bits = 64)")
+    spec.feature_bounds()  # its length must match the features
+    if spec.weights is not None and set(spec.weights) != set(proposal.participants):
+        missing = sorted(set(proposal.participants) - set(spec.weights))
+        extra = sorted(set(spec.weights) - set(proposal.participants))
+        raise ProposalError(
+            "training payload: 'weights' must name every participant and no one else "
+            f"(missing: {', '.join(missing) or '-'}; not participants: {', '.join(extra) or '-'})"
+        )
     return TrainingPayload(
         proposal,
         spec,

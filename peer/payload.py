@@ -8,6 +8,7 @@ they must all get the same bytes, because they sign the hash.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,20 +18,49 @@ import numpy as np
 
 from secagg.prg import WordArray, word_dtype
 
-from .ledger import PrivacyKind
+from .ledger import PrivacyCharge, PrivacyKind
 
 __all__ = ["LocalContribution", "Payload", "RoundResult", "VectorPayload"]
 
 
 @dataclass(frozen=True)
 class LocalContribution:
-    """A peer's input to one round."""
+    """A peer's input to one round.
+
+    ``events`` are the DP mechanisms whose output the vector carries (JSON objects of
+    :mod:`peer.training.accounting`); the round driver charges them, with ``epsilon``,
+    to the ledger before the vector can leave (:func:`release_charge`). A payload that
+    returns the *same* vector for a retried attempt of a round releases nothing new and
+    is not charged again; one that draws fresh noise is charged again.
+    """
 
     vector: WordArray
     epsilon: float = 0.0  # privacy this round costs this peer (public)
     delta: float = 0.0
     clipped_fraction: float = 0.0
     privacy_kind: PrivacyKind = PrivacyKind.TRAINING
+    events: tuple[Mapping[str, Any], ...] = ()
+
+    @property
+    def release_id(self) -> str:
+        """Names the released value: a digest of the vector (the same value, the same id)."""
+        little = self.vector.astype(self.vector.dtype.newbyteorder("<"), copy=False)
+        digest = hashlib.sha256(b"hospital-secagg/release/v1" + little.tobytes())
+        return digest.hexdigest()
+
+    @property
+    def is_private(self) -> bool:
+        """Whether releasing the vector costs privacy (so it must be charged first)."""
+        return self.epsilon > 0 or bool(self.events)
+
+    def charge(self, peer_id: str) -> PrivacyCharge:
+        """The ledger charge of releasing this contribution (all its events, composed)."""
+        event: dict[str, Any] | None = None
+        if len(self.events) == 1:
+            event = dict(self.events[0])
+        elif self.events:
+            event = {"mechanism": "composed", "events": [dict(e) for e in self.events]}
+        return PrivacyCharge(peer_id, self.privacy_kind, self.epsilon, self.delta, event)
 
 
 @dataclass(frozen=True)

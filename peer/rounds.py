@@ -463,6 +463,9 @@ async def participate(ctx: RoundContext, channel: grpc.aio.Channel) -> RoundOutc
             ctx.log_prefix,
             100 * contribution.clipped_fraction,
         )
+    refusal = charge_before_release(ctx, contribution)
+    if refusal is not None:
+        return refusal
     prefix = f"{ctx.log_prefix} role=participant aggregator={ctx.aggregator}"
     timeout = ctx.prepare_seconds + ctx.stage_seconds * 10
     method = channel.stream_stream(
@@ -576,6 +579,44 @@ async def participate(ctx: RoundContext, channel: grpc.aio.Channel) -> RoundOutc
     finally:
         outcome.bytes_sent, outcome.bytes_received = stream.sent, stream.received
         call.cancel()
+
+
+def charge_before_release(
+    ctx: RoundContext, contribution: LocalContribution
+) -> RoundOutcome | None:
+    """Charge the contribution's privacy to the ledger before anything of it can leave.
+
+    Every attempt that sends a noisy vector releases it (to that attempt's aggregator, who
+    may unmask it and then abort), so the charge is per release, not per agreed record, and
+    an aborted attempt stays charged. A retry that sends the very same vector releases
+    nothing new and the ledger does not charge it twice (same ``release_id``).
+
+    Returns:
+        None when the round may go on; a REFUSED outcome when the charge cannot be written
+        (then nothing was sent).
+    """
+    if not contribution.is_private:
+        return None
+    try:
+        charged = ctx.ledger.charge_release(
+            ctx.session_id,
+            ctx.round,
+            ctx.attempt,
+            contribution.release_id,
+            contribution.charge(ctx.me),
+        )
+    except LedgerError as error:
+        logger.warning("%s cannot charge its privacy, sends nothing: %s", ctx.log_prefix, error)
+        return RoundOutcome(
+            RoundStatusKind.REFUSED, ctx.aggregator, f"cannot charge privacy: {error}"
+        )
+    logger.info(
+        "%s %s epsilon %.4g before release",
+        ctx.log_prefix,
+        "charged" if charged else "already charged (same value as an earlier attempt):",
+        contribution.epsilon,
+    )
+    return None
 
 
 def _build_record(

@@ -52,6 +52,7 @@ from peer.ledger._errors import (
 from peer.ledger._records import (
     ZERO_HASH,
     AgreedRecord,
+    ChargedRelease,
     Checkpoint,
     JsonValue,
     PrivacyCharge,
@@ -73,6 +74,7 @@ from peer.ledger._schema import (
     Base,
     CheckpointRow,
     MetaRow,
+    PrivacyReleaseRow,
     PrivacyRow,
     RoundRow,
     SessionRow,
@@ -877,28 +879,132 @@ class Ledger:
 
     # ------------------------------------------------------------------ privacy, statistics
 
-    def privacy_spent(self, peer_id: str, session_id: str | None = None) -> PrivacyTotals:
-        """Totals of the privacy charges recorded for a peer (optionally in one session)."""
-        with self._transaction(write=False) as session:
-            query = (
-                select(PrivacyRow.kind, func.sum(PrivacyRow.epsilon), func.sum(PrivacyRow.delta))
-                .where(PrivacyRow.peer_id == peer_id)
-                .group_by(PrivacyRow.kind)
+    def charge_release(
+        self, session_id: str, round_: int, attempt: int, release_id: str, charge: PrivacyCharge
+    ) -> bool:
+        """Record, durably, the privacy charge of a value about to leave this peer.
+
+        Call it *before* the value can leave: when it returns, the charge is committed. The
+        same ``release_id`` (the same value sent again, e.g. by a retried attempt) is charged
+        once; any other value is a new charge.
+
+        Returns:
+            True if this call charged the release, False if it was already charged.
+
+        Raises:
+            InvalidRecordError: a negative, infinite or malformed figure or event.
+            SessionError: unknown session.
+            LedgerWriteError: the charge could not be written (the value must not leave).
+        """
+        charge.check()
+        if not release_id or len(release_id) > 64:
+            raise InvalidRecordError(f"release id must be 1..64 characters: {release_id!r}")
+        event = None if charge.event is None else canonical_json(dict(charge.event))
+        now = self._now()
+        with self._transaction(write=True) as session:
+            self._session_row(session, session_id)
+            key = (session_id, round_, charge.peer_id, release_id)
+            if session.get(PrivacyReleaseRow, key) is not None:
+                return False
+            session.add(
+                PrivacyReleaseRow(
+                    session_id=session_id,
+                    round=round_,
+                    peer_id=charge.peer_id,
+                    release_id=release_id,
+                    attempt=attempt,
+                    kind=charge.kind,
+                    epsilon=charge.epsilon,
+                    delta=charge.delta,
+                    event=event,
+                    recorded_at=now,
+                )
             )
+        return True
+
+    def privacy_charges(self, peer_id: str, session_id: str | None = None) -> list[ChargedRelease]:
+        """Every privacy charge of ``peer_id``, oldest first.
+
+        The charges written before each release (:meth:`charge_release`), and, for rounds
+        that have none (ledgers written before releases were charged), the charges stored
+        with the agreed record (``release_id`` ``"agreed"``, attempt 0).
+        """
+        with self._transaction(write=False) as session:
+            releases = select(PrivacyReleaseRow).where(PrivacyReleaseRow.peer_id == peer_id)
+            legacy = select(PrivacyRow).where(PrivacyRow.peer_id == peer_id)
             if session_id is not None:
-                query = query.where(PrivacyRow.session_id == session_id)
-            sums = {
-                PrivacyKind(kind): (float(eps or 0.0), float(delta or 0.0))
-                for kind, eps, delta in session.execute(query)
-            }
-        training = sums.get(PrivacyKind.TRAINING, (0.0, 0.0))
-        statistics = sums.get(PrivacyKind.STATISTICS, (0.0, 0.0))
+                releases = releases.where(PrivacyReleaseRow.session_id == session_id)
+                legacy = legacy.where(PrivacyRow.session_id == session_id)
+            charged: list[ChargedRelease] = []
+            covered: set[tuple[str, int]] = set()
+            for row in session.scalars(
+                releases.order_by(PrivacyReleaseRow.recorded_at, PrivacyReleaseRow.round)
+            ):
+                where = f"privacy charge of {peer_id} in {row.session_id!r} round {row.round}"
+                event = None if row.event is None else _loads(row.event, where)
+                covered.add((row.session_id, row.round))
+                charged.append(
+                    ChargedRelease(
+                        row.session_id,
+                        row.round,
+                        row.attempt,
+                        row.release_id,
+                        PrivacyCharge(
+                            peer_id, PrivacyKind(row.kind), row.epsilon, row.delta, event
+                        ),
+                        row.recorded_at,
+                    )
+                )
+            for row in session.scalars(legacy.order_by(PrivacyRow.session_id, PrivacyRow.round)):
+                if (row.session_id, row.round) not in covered:
+                    charged.append(
+                        ChargedRelease(
+                            row.session_id,
+                            row.round,
+                            0,
+                            "agreed",
+                            PrivacyCharge(peer_id, PrivacyKind(row.kind), row.epsilon, row.delta),
+                            None,
+                        )
+                    )
+        return charged
+
+    def privacy_spent(
+        self, peer_id: str, session_id: str | None = None, *, delta: float | None = None
+    ) -> PrivacyTotals:
+        """What ``peer_id`` spent (optionally in one session), per kind and composed.
+
+        The composed ε (:attr:`PrivacyTotals.epsilon`) is the PLD accountant's over every
+        charge's mechanism event at ``delta`` (default
+        :data:`peer.training.accounting.GLOBAL_DELTA`), plus, by basic composition, the ε of
+        charges stored without an event.
+        """
+        from peer.training.accounting import GLOBAL_DELTA, composed_epsilon
+
+        charges = [c.charge for c in self.privacy_charges(peer_id, session_id)]
+        sums = {kind: [0.0, 0.0] for kind in PrivacyKind}
+        for charge in charges:
+            sums[charge.kind][0] += charge.epsilon
+            sums[charge.kind][1] += charge.delta
+        events = [dict(c.event) for c in charges if c.event is not None]
+        at = GLOBAL_DELTA if delta is None else delta
+        composed = None
+        if events:
+            try:
+                composed = composed_epsilon(events, at)  # type: ignore[arg-type]
+            except ValueError as error:
+                raise LedgerReadError(f"privacy charges of {peer_id}: {error}") from None
+            composed += sum(c.epsilon for c in charges if c.event is None)
+        training = sums[PrivacyKind.TRAINING]
+        statistics = sums[PrivacyKind.STATISTICS]
         return PrivacyTotals(
             peer_id=peer_id,
             training_epsilon=training[0],
             training_delta=training[1],
             statistics_epsilon=statistics[0],
             statistics_delta=statistics[1],
+            composed=composed,
+            composed_delta=at if composed is not None else 0.0,
         )
 
     def record_statistics(

@@ -32,6 +32,7 @@ __all__ = [
     "RECORD_DOMAIN",
     "ZERO_HASH",
     "AgreedRecord",
+    "ChargedRelease",
     "Checkpoint",
     "JsonValue",
     "PrivacyCharge",
@@ -289,12 +290,19 @@ class Checkpoint:
 
 @dataclass(frozen=True, slots=True)
 class PrivacyCharge:
-    """Privacy budget one peer spent in one round (for DP-SGD: the increase of ε(δ))."""
+    """Privacy budget one peer spent in one round (for DP-SGD: the increase of ε(δ)).
+
+    ``event`` describes the mechanism of the release (see
+    :mod:`peer.training.accounting`: Poisson-sampled Gaussian, Gaussian, pure ε); the
+    accountant composes the events of a peer's whole history. A charge without one (older
+    ledgers) counts as its ε and δ by basic composition.
+    """
 
     peer_id: str
     kind: PrivacyKind
     epsilon: float
     delta: float
+    event: Mapping[str, JsonValue] | None = None
 
     def check(self) -> None:
         """Raises InvalidRecordError if a figure is negative, infinite or NaN."""
@@ -307,15 +315,35 @@ class PrivacyCharge:
                 )
         if self.delta > 1:
             raise InvalidRecordError(f"privacy delta of {self.peer_id!r} exceeds 1: {self.delta}")
+        if self.event is not None and not (
+            isinstance(self.event, Mapping) and isinstance(self.event.get("mechanism"), str)
+        ):
+            raise InvalidRecordError(
+                f"privacy event of {self.peer_id!r} must name its mechanism: {self.event!r}"
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class ChargedRelease:
+    """A privacy charge as stored: which release it paid for, and when."""
+
+    session_id: str
+    round: int
+    attempt: int
+    release_id: str
+    charge: PrivacyCharge
+    recorded_at: datetime | None
 
 
 @dataclass(frozen=True, slots=True)
 class PrivacyTotals:
-    """Sums of one peer's recorded privacy charges.
+    """One peer's recorded privacy charges, added up per kind and composed.
 
-    ε adds up under sequential composition; for DP-SGD each round records the increase of
-    the accountant's ε, so the sum is the accountant's figure. δ is summed as well, which
-    is the basic-composition bound.
+    The per-kind sums add each charge's ε (each charge is the increase of the composed ε
+    when it was made, so they add up to about the composed figure). ``composed`` is the
+    accountant's ε of the peer's whole history (PLD over every charge's mechanism event at
+    ``composed_delta``, plus the ε of charges without an event by basic composition);
+    ``None`` when no charge has an event (then the sums are the figure).
     """
 
     peer_id: str
@@ -323,10 +351,14 @@ class PrivacyTotals:
     training_delta: float = 0.0
     statistics_epsilon: float = 0.0
     statistics_delta: float = 0.0
+    composed: float | None = None
+    composed_delta: float = 0.0
 
     @property
     def epsilon(self) -> float:
-        """Total ε over training and statistics."""
+        """Total ε: the composed figure when there is one, else the sum over the kinds."""
+        if self.composed is not None:
+            return self.composed
         return self.training_epsilon + self.statistics_epsilon
 
     @property

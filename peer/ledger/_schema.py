@@ -207,6 +207,35 @@ class PrivacyRow(Base):
     )
 
 
+class PrivacyReleaseRow(Base):
+    """A privacy charge written *before* a noisy value left this peer, one per release.
+
+    ``release_id`` names the released value (a digest of the vector), so sending the same
+    value again (a retried attempt reusing its contribution) is not a second charge, while
+    a fresh value always is. An attempt that aborts stays charged: the peer cannot know
+    whether the aggregator unmasked its input. Added in schema version 1 without a version
+    change (a new table: older ledgers get it empty on ``create``).
+    """
+
+    __tablename__ = "privacy_releases"
+
+    session_id: Mapped[str] = mapped_column(ID, ForeignKey("sessions.session_id"), primary_key=True)
+    round: Mapped[int] = mapped_column(Integer, primary_key=True)
+    peer_id: Mapped[str] = mapped_column(ID, primary_key=True)
+    release_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    attempt: Mapped[int] = mapped_column(Integer)
+    kind: Mapped[PrivacyKind] = mapped_column(_enum(PrivacyKind, "release_kind"))
+    epsilon: Mapped[float] = mapped_column(Float)
+    delta: Mapped[float] = mapped_column(Float)
+    event: Mapped[str | None] = mapped_column(Text)
+    recorded_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+    __table_args__ = (
+        CheckConstraint("epsilon >= 0", name="epsilon_nonnegative"),
+        CheckConstraint("delta >= 0 AND delta <= 1", name="delta_range"),
+    )
+
+
 class StatisticsRow(Base):
     __tablename__ = "statistics_results"
 

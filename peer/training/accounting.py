@@ -15,11 +15,18 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 __all__ = [
+    "GLOBAL_DELTA",
     "PrivacyBudget",
     "PrivacyBudgetExceeded",
+    "PrivacyEvent",
     "TrainingSpend",
     "calibrate_noise",
+    "composed_epsilon",
     "epsilon",
+    "epsilon_increase",
+    "gaussian_event",
+    "poisson_gaussian_event",
+    "pure_event",
 ]
 
 Accountant = Literal["pld", "rdp"]
@@ -187,3 +194,121 @@ class PrivacyBudget:
     def remaining(self) -> float:
         """Epsilon left before the limit."""
         return max(0.0, self.epsilon_limit - self.spent())
+
+
+# --------------------------------------------------------------------------- charged events
+#
+# Every release a peer makes is charged in its ledger as a *mechanism event* (a small JSON
+# object), so that its whole history can be composed by the accountant instead of adding up
+# per-release epsilons:
+#
+#   {"mechanism": "poisson-gaussian", "q": q, "sigma": s, "steps": T}   DP-SGD (T steps)
+#   {"mechanism": "gaussian", "sigma": s, "count": c}   c Gaussian releases, noise std / L2
+#                                                       sensitivity = s
+#   {"mechanism": "pure", "epsilon": e, "count": c}     c releases that are e-DP each
+#                                                       (geometric / Laplace mechanisms)
+#   {"mechanism": "composed", "events": [...]}          one release carrying several
+#
+# A pure e-DP release is composed as a discrete Laplace mechanism of sensitivity 1, whose
+# privacy loss is +-e: that is the worst case of every e-DP mechanism, so the PLD figure is an
+# upper bound whatever the geometric mechanism's sensitivity was.
+
+PrivacyEvent = dict[str, float | int | str]
+
+# The delta at which a hospital's whole history is reported and its budget enforced.
+GLOBAL_DELTA = 1e-5
+
+
+def poisson_gaussian_event(q: float, sigma: float, steps: int) -> PrivacyEvent:
+    _event(q, sigma, steps)  # validates
+    return {"mechanism": "poisson-gaussian", "q": float(q), "sigma": float(sigma), "steps": steps}
+
+
+def gaussian_event(sigma: float, count: int = 1) -> PrivacyEvent:
+    if not sigma > 0 or count < 1:
+        raise ValueError(f"a Gaussian release needs sigma > 0 and count >= 1: {sigma}, {count}")
+    return {"mechanism": "gaussian", "sigma": float(sigma), "count": int(count)}
+
+
+def pure_event(epsilon: float, count: int = 1) -> PrivacyEvent:
+    if not (epsilon > 0 and math.isfinite(epsilon)) or count < 1:
+        raise ValueError(f"a pure-DP release needs 0 < epsilon < inf: {epsilon}, {count}")
+    return {"mechanism": "pure", "epsilon": float(epsilon), "count": int(count)}
+
+
+def _dp_event(event: object, accountant: Accountant) -> object | None:
+    """The dp_accounting event of a stored event; None for a pure event under RDP (those
+    are added by basic composition in the RDP cross-check)."""
+    import dp_accounting
+    from dp_accounting import dp_event
+
+    if not isinstance(event, dict):
+        raise ValueError(f"a privacy event must be a JSON object, not {event!r}")
+    kind = event.get("mechanism")
+    try:
+        if kind == "poisson-gaussian":
+            return _event(float(event["q"]), float(event["sigma"]), int(event["steps"]))
+        if kind == "gaussian":
+            sigma, count = float(event["sigma"]), int(event["count"])
+            if not sigma > 0 or count < 1:
+                raise ValueError(f"bad Gaussian event {event}")
+            return dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(sigma), count)
+        if kind == "pure":
+            eps, count = float(event["epsilon"]), int(event["count"])
+            if not (eps > 0 and math.isfinite(eps)) or count < 1:
+                raise ValueError(f"bad pure-DP event {event}")
+            if accountant == "rdp":
+                return None
+            return dp_accounting.SelfComposedDpEvent(dp_event.DiscreteLaplaceDpEvent(eps, 1), count)
+    except (KeyError, TypeError) as error:
+        raise ValueError(f"malformed privacy event {event}: {error}") from None
+    raise ValueError(f"unknown privacy mechanism {kind!r} in {event}")
+
+
+def _flatten(events: list[PrivacyEvent]) -> list[PrivacyEvent]:
+    flat: list[PrivacyEvent] = []
+    for event in events:
+        if isinstance(event, dict) and event.get("mechanism") == "composed":
+            inner = event.get("events")
+            if not isinstance(inner, list):
+                raise ValueError(f"a composed privacy event needs a list of events: {event}")
+            flat.extend(_flatten(inner))
+        else:
+            flat.append(event)
+    return flat
+
+
+def composed_epsilon(
+    events: list[PrivacyEvent], delta: float = GLOBAL_DELTA, accountant: Accountant = "pld"
+) -> float:
+    """Epsilon at ``delta`` of the composition of every event (0 for none).
+
+    ``"pld"`` is the tight figure the peers enforce; ``"rdp"`` is the cross-check, where pure
+    events are added by basic composition (valid, looser).
+
+    Raises:
+        ValueError: a malformed event.
+    """
+    if not 0.0 < delta < 1.0:
+        raise ValueError(f"delta must be in (0, 1), not {delta}")
+    if not events:
+        return 0.0
+    acc = _accountant(accountant)
+    basic = 0.0
+    composed = False
+    for stored in _flatten(events):
+        dp = _dp_event(stored, accountant)
+        if dp is None:
+            basic += float(stored["epsilon"]) * int(stored["count"])
+        else:
+            acc.compose(dp)  # type: ignore[attr-defined]
+            composed = True
+    return (float(acc.get_epsilon(delta)) if composed else 0.0) + basic  # type: ignore[attr-defined]
+
+
+def epsilon_increase(
+    history: list[PrivacyEvent], new: list[PrivacyEvent], delta: float = GLOBAL_DELTA
+) -> tuple[float, float]:
+    """``(before, after)``: the composed PLD epsilon of ``history`` and of ``history + new``."""
+    before = composed_epsilon(history, delta)
+    return before, composed_epsilon([*history, *new], delta)

@@ -113,9 +113,17 @@ def predict_proba(model: keras.Model, x: npt.ArrayLike) -> npt.NDArray[np.float6
 
 
 def evaluate_sums(
-    model: keras.Model, x: npt.ArrayLike, y: npt.ArrayLike, n_bins: int = 20
+    model: keras.Model,
+    x: npt.ArrayLike,
+    y: npt.ArrayLike,
+    n_bins: int = 20,
+    loss_bound: float = math.inf,
 ) -> npt.NDArray[np.float64]:
-    """Evaluation sums of ``model`` on ``(x, y)`` (layout in the module docstring)."""
+    """Evaluation sums of ``model`` on ``(x, y)`` (layout in the module docstring).
+
+    Each example's loss is clipped to ``loss_bound``, so one example moves the loss sum by
+    at most that much (the sensitivity a DP release of the sums is calibrated to).
+    """
     if n_bins < 1:
         raise ValueError(f"n_bins must be positive, not {n_bins}")
     labels = np.asarray(y).reshape(-1).astype(np.int64)
@@ -130,6 +138,7 @@ def evaluate_sums(
     ).astype(np.float64)
     # Numerically stable binary cross-entropy from logits.
     losses = np.maximum(logits, 0) - logits * labels + np.log1p(np.exp(-np.abs(logits)))
+    losses = np.minimum(losses, loss_bound)
     scores = 1.0 / (1.0 + np.exp(-logits))
     predicted = (scores >= 0.5).astype(np.int64)
     positive = labels == 1
