@@ -330,6 +330,20 @@ class StatisticsSpec:
         total = math.fsum(q.weight for q in self.queries)
         return tuple(self.epsilon * q.weight / total for q in self.queries)
 
+    def privacy_events(self) -> tuple[dict[str, JsonValue], ...]:
+        """The mechanisms one round releases (for the ledger's accountant): a count or a
+        histogram is one geometric mechanism of its share; a mean is two of half its share.
+        """
+        from .training.accounting import pure_event
+
+        events: list[dict[str, JsonValue]] = []
+        for query, eps in zip(self.queries, self.query_epsilons(), strict=True):
+            if isinstance(query, MeanQuery):
+                events.append(dict(pure_event(eps / 2, count=2)))
+            else:
+                events.append(dict(pure_event(eps)))
+        return tuple(events)
+
     def features(self) -> tuple[str, ...]:
         """The feature names the queries need (sorted, distinct)."""
         return tuple(
@@ -635,8 +649,9 @@ class StatisticsPayload:
         """Answer the queries with DP noise and quantize the answers.
 
         A retry of the same round (its aggregator died) gets the *same* contribution:
-        fresh noise would let whoever saw both attempts average the noise away, while the
-        ledger charges the round once.
+        fresh noise would let whoever saw both attempts average the noise away. The round
+        driver charges the release before it leaves (``Ledger.charge_release``), once per
+        distinct value, so the retry is not charged again: it releases nothing new.
 
         Raises:
             StatisticsBudgetError: this round would exceed the budget (nothing is read).
@@ -683,6 +698,7 @@ class StatisticsPayload:
             delta=0.0,
             clipped_fraction=quantized.clipped_fraction,
             privacy_kind=PrivacyKind.STATISTICS,
+            events=self.spec.privacy_events(),
         )
         self._prepared[round_] = contribution
         return contribution

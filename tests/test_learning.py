@@ -185,3 +185,94 @@ def test_session_shape_is_checked(tmp_path: Path) -> None:
         training_payload(make_proposal(bits=32), config, ledger)
     with pytest.raises(ProposalError, match="unknown training payload keys: colour"):
         training_payload(make_proposal(payload={**PAYLOAD, "colour": "red"}), config, ledger)
+
+
+def test_a_retry_resends_the_same_contribution_until_the_chain_moves(
+    hospitals: list[TrainingPayload],
+) -> None:
+    """A retried attempt releases nothing new (same value, same release id, no new charge);
+    once the ledger moved, the contribution is recomputed and is a new release."""
+    first = hospitals[0].prepare(1)
+    again = hospitals[0].prepare(1)
+    assert again.release_id == first.release_id
+    assert np.array_equal(again.vector, first.vector)
+    run_round(hospitals, 1)
+    moved = hospitals[0].prepare(1)
+    assert moved.release_id != first.release_id
+
+
+def test_every_release_of_a_session_is_charged_and_composed(
+    hospitals: list[TrainingPayload],
+) -> None:
+    """Standardization, training and evaluation are all charged, with their mechanisms, and
+    the ledger's figure is the accountant's composition of them (not their sum)."""
+    from peer.training.accounting import composed_epsilon
+
+    for round_ in (1, 2, 3):
+        run_round(hospitals, round_)
+    ledger, me = hospitals[0].ledger, hospitals[0].me
+    charges = ledger.privacy_charges(me)
+    assert [c.round for c in charges] == [1, 2, 3]
+    mechanisms = [
+        sorted(e["mechanism"] for e in c.charge.event.get("events", [c.charge.event]))  # type: ignore[union-attr]
+        for c in charges
+    ]
+    assert mechanisms == [
+        ["gaussian"],
+        ["gaussian", "poisson-gaussian"],
+        ["gaussian"],
+    ]
+    events = [dict(c.charge.event) for c in charges if c.charge.event is not None]
+    spent = ledger.privacy_spent(me)
+    assert spent.epsilon == pytest.approx(composed_epsilon(events))  # type: ignore[arg-type]
+    assert spent.epsilon <= sum(c.charge.epsilon for c in charges) + 1e-9
+
+
+def test_a_participant_cannot_inflate_its_weight(hospitals: list[TrainingPayload]) -> None:
+    """Issue 9 item 6: the old vector carried [delta * n, n] and conclude divided by the
+    summed n, so one hospital claiming a huge n moved the global model ~4,900 times further.
+    Weights are now public and the average update is clamped to the public bound."""
+    run_round(hospitals, 1)
+    honest = [p.prepare(2) for p in hospitals[:2]]
+    payload = hospitals[0]
+    bound = payload.spec.update_bound()
+    p = payload.spec.n_parameters()
+    quantizer = payload.quantizer(2)
+    # The attacker scales its update by 4,900 (as if it had 4,900x the records) ...
+    inflated = np.concatenate((np.full(p, 4900.0 * bound), np.zeros(payload.spec.eval_length())))
+    attack_vectors = [
+        quantizer.quantize(inflated, np.random.default_rng(0)).values,
+        # ... or sends whatever ring words push the sum furthest (no range proofs).
+        np.full(payload.vector_length(2), np.iinfo(np.uint64).max // 2, dtype=np.uint64),
+    ]
+    base = payload.global_weights(2).astype(np.float64)
+    for attack in attack_vectors:
+        total = honest[0].vector + honest[1].vector + attack
+        result = payload.conclude(2, total, PEERS)
+        moved = np.frombuffer(result.model, dtype="<f4").astype(np.float64) - base
+        assert np.all(np.abs(moved) <= bound * (1 + 1e-6) + 1e-6)
+
+
+def test_weights_are_public_and_bounded(tmp_path: Path) -> None:
+    config = config_for(tmp_path, "hospital-a")
+    ledger = Ledger(config.ledger_url)
+    with pytest.raises(ProposalError, match="missing: hospital-c"):
+        training_payload(
+            make_proposal(payload={**PAYLOAD, "weights": {"hospital-a": 1, "hospital-b": 1}}),
+            config,
+            ledger,
+        )
+    with pytest.raises(ProposalError, match=r"weights \(each in \(0, 1\]\)"):
+        training_payload(
+            make_proposal(payload={**PAYLOAD, "weights": dict.fromkeys(PEERS, 4900)}),
+            config,
+            ledger,
+        )
+    payload = training_payload(
+        make_proposal(
+            payload={**PAYLOAD, "weights": {"hospital-a": 1, "hospital-b": 0.5, "hospital-c": 0.25}}
+        ),
+        config,
+        ledger,
+    )
+    assert payload.spec.weight("hospital-b") == 0.5
