@@ -76,6 +76,14 @@ STOP_SECONDS = 10.0
 # --------------------------------------------------------------------------- the session
 
 
+def bundled_feature_bounds() -> list[float]:
+    """Per-feature bounds for the bundled (public) data set: 1.5 x its largest |value|."""
+    from sklearn.datasets import load_breast_cancer
+
+    largest = abs(load_breast_cancer().data).max(axis=0) * 1.5
+    return [float(f"{value:.2g}") for value in largest]
+
+
 def demo_proposal(kind: str, rounds: int, session_id: str = "demo") -> SessionProposal:
     """The demo's session: the one place that decides what the peers compute.
 
@@ -106,6 +114,11 @@ def demo_proposal(kind: str, rounds: int, session_id: str = "demo") -> SessionPr
             "noise_multiplier": 1.5,
             "delta": 1e-5,
             "max_records": 1000,
+            # Standardization is released with DP noise scaled to each feature's declared
+            # bound, so the bounds must be tight; the bundled data set is public, so its
+            # ranges are too (a real consortium declares clinical ranges).
+            "feature_bound": bundled_feature_bounds(),
+            "loss_bound": 5.0,
         }
         return SessionProposal(session_id, rounds=rounds + 2, payload=payload, bits=64, **common)
     return SessionProposal(

@@ -9,6 +9,7 @@ hospital's budget is refused.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -146,7 +147,8 @@ def test_standardization_round_gives_the_pooled_statistics(
     assert np.all(np.abs(mean - union.mean(axis=0)) <= error * bounds)
     assert np.all(std > 0)
     metrics = hospitals[0].ledger.agreed_records("train")[0].record.metrics
-    assert metrics["dp"]["standardization"]["sigma"] == spec.standardize_noise
+    dp = metrics["dp"]
+    assert isinstance(dp, dict) and dp["standardization"]["sigma"] == spec.standardize_noise
 
 
 def test_training_round_averages_the_local_models(hospitals: list[TrainingPayload]) -> None:
@@ -213,10 +215,10 @@ def test_every_release_of_a_session_is_charged_and_composed(
     ledger, me = hospitals[0].ledger, hospitals[0].me
     charges = ledger.privacy_charges(me)
     assert [c.round for c in charges] == [1, 2, 3]
-    mechanisms = [
-        sorted(e["mechanism"] for e in c.charge.event.get("events", [c.charge.event]))  # type: ignore[union-attr]
-        for c in charges
-    ]
+    mechanisms = []
+    for c in charges:
+        event: Any = c.charge.event
+        mechanisms.append(sorted(e["mechanism"] for e in event.get("events", [event])))
     assert mechanisms == [
         ["gaussian"],
         ["gaussian", "poisson-gaussian"],

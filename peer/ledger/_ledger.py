@@ -955,15 +955,15 @@ class Ledger:
                         row.recorded_at,
                     )
                 )
-            for row in session.scalars(legacy.order_by(PrivacyRow.session_id, PrivacyRow.round)):
-                if (row.session_id, row.round) not in covered:
+            for old in session.scalars(legacy.order_by(PrivacyRow.session_id, PrivacyRow.round)):
+                if (old.session_id, old.round) not in covered:
                     charged.append(
                         ChargedRelease(
-                            row.session_id,
-                            row.round,
+                            old.session_id,
+                            old.round,
                             0,
                             "agreed",
-                            PrivacyCharge(peer_id, PrivacyKind(row.kind), row.epsilon, row.delta),
+                            PrivacyCharge(peer_id, PrivacyKind(old.kind), old.epsilon, old.delta),
                             None,
                         )
                     )

@@ -252,14 +252,20 @@ def _dp_event(event: object, accountant: Accountant) -> object | None:
             sigma, count = float(event["sigma"]), int(event["count"])
             if not sigma > 0 or count < 1:
                 raise ValueError(f"bad Gaussian event {event}")
-            return dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(sigma), count)
+            gaussian: object = dp_accounting.SelfComposedDpEvent(
+                dp_accounting.GaussianDpEvent(sigma), count
+            )
+            return gaussian
         if kind == "pure":
             eps, count = float(event["epsilon"]), int(event["count"])
             if not (eps > 0 and math.isfinite(eps)) or count < 1:
                 raise ValueError(f"bad pure-DP event {event}")
             if accountant == "rdp":
                 return None
-            return dp_accounting.SelfComposedDpEvent(dp_event.DiscreteLaplaceDpEvent(eps, 1), count)
+            pure: object = dp_accounting.SelfComposedDpEvent(
+                dp_event.DiscreteLaplaceDpEvent(eps, 1), count
+            )
+            return pure
     except (KeyError, TypeError) as error:
         raise ValueError(f"malformed privacy event {event}: {error}") from None
     raise ValueError(f"unknown privacy mechanism {kind!r} in {event}")
