@@ -73,7 +73,9 @@ def test_target_epsilon_gives_the_smallest_sufficient_noise(
         (["--sampling-rate", "0.1", "--noise-multiplier", "1", "--target-epsilon", "1",
           "--steps", "3", "--delta", "0.1"],
          "not allowed with argument"),
-        (["--sampling-rate", "0.1", "--steps", "3", "--delta", "0.1"], "one of the arguments"),
+        (["--sampling-rate", "0.1", "--steps", "3", "--delta", "0.1"],
+         "missing --noise-multiplier or --target-epsilon"),
+        (["--ledger", "sqlite://"], "give --config, or --ledger and --peer"),
     ],
 )  # fmt: skip
 def test_bad_arguments_are_one_line_exit_2(
@@ -103,3 +105,38 @@ def test_subprocess() -> None:
     assert helped.returncode == 0
     assert "--target-epsilon" in helped.stdout
     assert "256/60000" in helped.stdout
+
+
+def test_a_hospitals_spending_is_composed_over_all_its_sessions(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """Two sessions, three charged releases (one of an aborted attempt): the figure shown is
+    the accountant's composition of all three against the global budget, not a sum per
+    session."""
+    from peer.ledger import Ledger, PrivacyCharge, PrivacyKind
+    from peer.training.accounting import composed_epsilon, gaussian_event, pure_event
+
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    events = [gaussian_event(4.0), gaussian_event(4.0), pure_event(0.3)]
+    with Ledger(url) as ledger:
+        ledger.create()
+        for session in ("s1", "s2"):
+            ledger.record_proposal(
+                session, "{}", proposer="op", participants=["a", "b"], threshold=2,
+                rounds_planned=1,
+            )  # fmt: skip
+        for (session, attempt), event in zip([("s1", 1), ("s1", 2), ("s2", 1)], events):
+            charge = PrivacyCharge("a", PrivacyKind.TRAINING, 0.1, 0.0, event)
+            ledger.charge_release(session, 1, attempt, f"v{attempt}{session}", charge)
+    code, report = run_json(capsys, "--ledger", url, "--peer", "a", "--budget", "8")
+    assert code == 0
+    expected = composed_epsilon(events)
+    assert report["epsilon"] == pytest.approx(expected)
+    assert report["epsilon"] < 0.926 * 2 + 0.3  # tighter than adding up per release
+    assert report["epsilon_rdp"] >= report["epsilon"] - 1e-3
+    assert report["remaining"] == pytest.approx(8 - expected)
+    assert [(r["session"], r["attempt"]) for r in report["releases"]] == [
+        ("s1", 1), ("s1", 2), ("s2", 1)
+    ]  # fmt: skip
+    assert main(["privacy", "--ledger", url, "--peer", "a"]) == 0
+    assert "composed over 3 release(s)" in capsys.readouterr().out
