@@ -28,6 +28,7 @@ from dashboard.data import (
     Verdict,
     budgets_from_proposal,
     default_session,
+    dp_release_table,
     format_time,
     metrics_table,
     participation_table,
@@ -191,7 +192,9 @@ def _metrics_section(metrics: Table) -> list[Any]:
     return [html.Div(parts[:-1], className="charts two"), parts[-1]]
 
 
-def _privacy_section(privacy: Table, budgets: Mapping[str, float]) -> list[Any]:
+def _privacy_section(
+    privacy: Table, budgets: Mapping[str, float], released: Table | None = None
+) -> list[Any]:
     if not privacy:
         return [_empty("No privacy spending recorded yet: it appears with the first round.")]
     note = (
@@ -221,6 +224,19 @@ def _privacy_section(privacy: Table, budgets: Mapping[str, float]) -> list[Any]:
             privacy,
             table_id="privacy-table",
             caption="Differential privacy spent per hospital and round (ε, signed in the record)",
+        ),
+        *(
+            [
+                _table(
+                    released,
+                    table_id="dp-release-table",
+                    caption="Published numbers released under differential privacy "
+                    "(noised at each hospital before they leave it). A hospital's total over "
+                    "all its sessions, composed: `ceremony privacy --config hospital.toml`",
+                )
+            ]
+            if released
+            else []
         ),
     ]
 
@@ -293,7 +309,7 @@ def render(snapshot: Snapshot, budgets: Mapping[str, float] | None = None) -> li
         _session_facts(snapshot),
         _summary(snapshot, metrics, check),
         _metrics_section(metrics),
-        _privacy_section(privacy, known),
+        _privacy_section(privacy, known, dp_release_table(snapshot.records)),
         _participation_section(participation),
         _trust_section(trust, check),
         _stats_section(statistics_table(snapshot.statistics)),

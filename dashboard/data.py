@@ -41,6 +41,7 @@ __all__ = [
     "Verdict",
     "budgets_from_proposal",
     "default_session",
+    "dp_release_table",
     "format_cell",
     "format_time",
     "metrics_table",
@@ -324,6 +325,60 @@ def privacy_table(records: Sequence[StoredRecord], budgets: Mapping[str, float])
                     "remaining": None if budget is None else budget - totals[peer_id],
                 }
             )
+    return Table(columns, tuple(rows))
+
+
+_RELEASED_AS = {
+    "standardization": "feature mean and standard deviation (and the record count)",
+    "update": "global model update",
+    "evaluation": "evaluation metrics (accuracy, AUC, loss, confusion counts, n)",
+}
+
+
+def dp_release_table(records: Sequence[StoredRecord]) -> Table:
+    """Which published numbers are differentially private, and with which mechanism.
+
+    Read from the agreed records: a training round's ``dp`` metrics (Gaussian noise
+    multipliers of each released part) and a statistics round's per-query ε (geometric
+    mechanism). Every released number of these payloads is noised before it leaves a
+    hospital; a number not listed here was not released under DP.
+    """
+    columns = (
+        Column("round", "Round", "int"),
+        Column("published", "Published numbers", "text"),
+        Column("mechanism", "Mechanism", "text"),
+        Column("sigma", "Noise multiplier σ", "float"),
+        Column("epsilon", "ε (pure DP)", "epsilon"),
+    )
+    rows: list[dict[str, Cell]] = []
+    for stored in _by_round(records):
+        metrics = stored.record.metrics
+        dp = metrics.get("dp")
+        if isinstance(dp, Mapping):
+            for part, info in sorted(dp.items()):
+                if isinstance(info, Mapping):
+                    rows.append(
+                        {
+                            "round": stored.record.round,
+                            "published": _RELEASED_AS.get(part, part),
+                            "mechanism": str(info.get("mechanism", "")),
+                            "sigma": _number(info.get("sigma")),
+                            "epsilon": None,
+                        }
+                    )
+        statistics = metrics.get("statistics")
+        if isinstance(statistics, Mapping):
+            for name, result in sorted(statistics.items()):
+                if isinstance(result, Mapping):
+                    rows.append(
+                        {
+                            "round": stored.record.round,
+                            "published": f"{name} ({result.get('type', '?')})",
+                            "mechanism": "geometric",
+                            "sigma": None,
+                            "epsilon": _number(result.get("epsilon")),
+                        }
+                    )
     return Table(columns, tuple(rows))
 
 

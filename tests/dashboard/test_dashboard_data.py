@@ -17,6 +17,7 @@ from dashboard.data import (
     Table,
     budgets_from_proposal,
     default_session,
+    dp_release_table,
     format_cell,
     format_time,
     metrics_table,
@@ -451,3 +452,30 @@ def test_training_rounds_show_their_type_and_charts_skip_text() -> None:
     other = figures.other_metrics_figure(table)
     assert other is not None
     assert [trace.name for trace in other.data] == ["Examples", "N"]
+
+
+def test_dp_release_table_names_every_noised_publication() -> None:
+    records = [
+        stored(1, {"dp": {"standardization": {"mechanism": "gaussian", "sigma": 8.0}}}),
+        stored(
+            2,
+            {
+                "accuracy": 0.8,
+                "dp": {
+                    "delta": 1e-5,
+                    "evaluation": {"mechanism": "gaussian", "sigma": 5.0},
+                    "update": {"mechanism": "poisson-gaussian", "sigma": 1.5},
+                },
+            },
+        ),
+        stored(3, {"statistics": {"age": {"type": "mean", "epsilon": 0.5}}}),
+    ]
+    table = dp_release_table(records)
+    rows = [(r["round"], r["mechanism"], r["sigma"], r["epsilon"]) for r in table.rows]
+    assert rows == [
+        (1, "gaussian", 8.0, None),
+        (2, "gaussian", 5.0, None),
+        (2, "poisson-gaussian", 1.5, None),
+        (3, "geometric", None, 0.5),
+    ]
+    assert not dp_release_table([stored(1, {"accuracy": 0.5})])
