@@ -77,7 +77,7 @@ def privacy_statement(
     """
     releases = tuple(ledger.privacy_charges(peer_id))
     events: list[PrivacyEvent] = [
-        dict(r.charge.event)  # type: ignore[misc]
+        dict(r.charge.event)  # type: ignore[arg-type]
         for r in releases
         if r.charge.event is not None
     ]

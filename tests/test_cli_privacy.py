@@ -125,7 +125,9 @@ def test_a_hospitals_spending_is_composed_over_all_its_sessions(
                 session, "{}", proposer="op", participants=["a", "b"], threshold=2,
                 rounds_planned=1,
             )  # fmt: skip
-        for (session, attempt), event in zip([("s1", 1), ("s1", 2), ("s2", 1)], events):
+        for (session, attempt), event in zip(
+            [("s1", 1), ("s1", 2), ("s2", 1)], events, strict=True
+        ):
             charge = PrivacyCharge("a", PrivacyKind.TRAINING, 0.1, 0.0, event)
             ledger.charge_release(session, 1, attempt, f"v{attempt}{session}", charge)
     code, report = run_json(capsys, "--ledger", url, "--peer", "a", "--budget", "8")

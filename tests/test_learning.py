@@ -148,7 +148,8 @@ def test_standardization_round_gives_the_pooled_statistics(
     assert np.all(std > 0)
     metrics = hospitals[0].ledger.agreed_records("train")[0].record.metrics
     dp = metrics["dp"]
-    assert isinstance(dp, dict) and dp["standardization"]["sigma"] == spec.standardize_noise
+    assert isinstance(dp, dict)
+    assert dp["standardization"]["sigma"] == spec.standardize_noise
 
 
 def test_training_round_averages_the_local_models(hospitals: list[TrainingPayload]) -> None:
