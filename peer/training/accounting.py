@@ -284,6 +284,38 @@ def _flatten(events: list[PrivacyEvent]) -> list[PrivacyEvent]:
     return flat
 
 
+def _grouped(events: list[PrivacyEvent]) -> list[PrivacyEvent]:
+    """Identical mechanisms merged into one self-composition (the same privacy loss, and
+    PLD composes a k-fold self-composition far faster than k separate events)."""
+    counts: dict[tuple[object, ...], int] = {}
+    for event in events:
+        if not isinstance(event, dict):
+            raise ValueError(f"a privacy event must be a JSON object, not {event!r}")
+        kind = event.get("mechanism")
+        try:
+            if kind == "poisson-gaussian":
+                key: tuple[object, ...] = (kind, float(event["q"]), float(event["sigma"]))
+                repeat = int(event["steps"])
+            elif kind == "gaussian":
+                key, repeat = (kind, float(event["sigma"])), int(event["count"])
+            elif kind == "pure":
+                key, repeat = (kind, float(event["epsilon"])), int(event["count"])
+            else:
+                raise ValueError(f"unknown privacy mechanism {kind!r} in {event}")
+        except (KeyError, TypeError) as error:
+            raise ValueError(f"malformed privacy event {event}: {error}") from None
+        counts[key] = counts.get(key, 0) + repeat
+    grouped: list[PrivacyEvent] = []
+    for key, repeat in counts.items():
+        if key[0] == "poisson-gaussian":
+            grouped.append({"mechanism": key[0], "q": key[1], "sigma": key[2], "steps": repeat})  # type: ignore[dict-item]
+        elif key[0] == "gaussian":
+            grouped.append({"mechanism": key[0], "sigma": key[1], "count": repeat})  # type: ignore[dict-item]
+        else:
+            grouped.append({"mechanism": key[0], "epsilon": key[1], "count": repeat})  # type: ignore[dict-item]
+    return grouped
+
+
 def composed_epsilon(
     events: list[PrivacyEvent], delta: float = GLOBAL_DELTA, accountant: Accountant = "pld"
 ) -> float:
@@ -302,7 +334,7 @@ def composed_epsilon(
     acc = _accountant(accountant)
     basic = 0.0
     composed = False
-    for stored in _flatten(events):
+    for stored in _grouped(_flatten(events)):
         dp = _dp_event(stored, accountant)
         if dp is None:
             basic += float(stored["epsilon"]) * int(stored["count"])
