@@ -131,6 +131,23 @@ class DPSGD:
             raise ValueError(f"expected_batch_size must be positive, not {expected_batch_size}")
         self._sgd_step(*self._tensors(x, y), _f32(lr), _f32(expected_batch_size))
 
+    def clipped_sum(
+        self, x: npt.ArrayLike, y: npt.ArrayLike, clip_norm: float
+    ) -> npt.NDArray[np.float64]:
+        """``sum_i clip(grad_i, C)`` as one flat vector (layer by layer, kernel then bias),
+        without noise: for distributed noise, where each hospital adds only a share."""
+        import tensorflow as tf
+
+        _, inputs, grads = self._forward_pieces(*self._tensors(x, y))
+        norms = tf.sqrt(self._squared_norms(inputs, grads))
+        factors = tf.minimum(1.0, clip_norm / tf.maximum(norms, _TINY))[:, None]
+        parts = []
+        for a, g in zip(inputs, grads, strict=True):
+            clipped = g * factors
+            parts.append(tf.reshape(tf.matmul(a, clipped, transpose_a=True), [-1]))
+            parts.append(tf.reduce_sum(clipped, axis=0))
+        return np.concatenate([np.asarray(p.numpy(), dtype=np.float64) for p in parts])
+
     def per_example_norms(self, x: npt.ArrayLike, y: npt.ArrayLike) -> npt.NDArray[np.float32]:
         """The L2 norm of each example's full gradient (all layers), before clipping."""
         return np.asarray(self._norms(*self._tensors(x, y)).numpy(), dtype=np.float32)
