@@ -69,6 +69,7 @@ from secagg.prg import WordArray
 from .data import PatientStore, local_feature_stats, standardize
 from .ledger import Ledger
 from .payload import LocalContribution, RoundResult
+from .privacy import privacy_after
 from .session import ProposalError, SessionProposal
 from .training.accounting import GLOBAL_DELTA, PrivacyEvent
 
@@ -83,7 +84,6 @@ __all__ = [
     "TrainingPayload",
     "TrainingSpec",
     "noisy_standardizer",
-    "privacy_after",
     "training_payload",
 ]
 
@@ -558,23 +558,6 @@ def noisy_standardizer(total: Vector, bounds: Vector) -> tuple[Vector, Vector]:
     mean = np.clip(total[1 : 1 + d] / n, -1.0, 1.0)
     var = np.clip(total[1 + d :] / n - np.square(mean), MIN_STD_FRACTION**2, 1.0)
     return mean * bounds, np.sqrt(var) * bounds
-
-
-def privacy_after(ledger: Ledger, peer_id: str, events: list[PrivacyEvent]) -> tuple[float, float]:
-    """``(spent, after)``: ``peer_id``'s composed epsilon now, and with ``events`` added.
-
-    Charges stored without an event (older ledgers) are added by basic composition."""
-    from .training.accounting import epsilon_increase
-
-    history: list[PrivacyEvent] = []
-    legacy = 0.0
-    for charged in ledger.privacy_charges(peer_id):
-        if charged.charge.event is None:
-            legacy += charged.charge.epsilon
-        else:
-            history.append(dict(charged.charge.event))  # type: ignore[arg-type]
-    before, after = epsilon_increase(history, events)
-    return before + legacy, after + legacy
 
 
 def training_payload(

@@ -11,13 +11,14 @@ composition. ``ceremony privacy --ledger`` and the dashboard show the result.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from .ledger import ChargedRelease, Ledger
-from .training.accounting import GLOBAL_DELTA, PrivacyEvent, composed_epsilon
+from .training.accounting import GLOBAL_DELTA, PrivacyEvent, composed_epsilon, epsilon_increase
 
-__all__ = ["PrivacyStatement", "privacy_statement"]
+__all__ = ["PrivacyStatement", "privacy_after", "privacy_statement"]
 
 
 @dataclass(frozen=True)
@@ -76,12 +77,7 @@ def privacy_statement(
         ValueError: a stored event is malformed.
     """
     releases = tuple(ledger.privacy_charges(peer_id))
-    events: list[PrivacyEvent] = [
-        dict(r.charge.event)  # type: ignore[arg-type]
-        for r in releases
-        if r.charge.event is not None
-    ]
-    legacy = math.fsum(r.charge.epsilon for r in releases if r.charge.event is None)
+    events, legacy = _history(releases)
     return PrivacyStatement(
         peer_id=peer_id,
         delta=delta,
@@ -91,3 +87,28 @@ def privacy_statement(
         budget=budget,
         releases=releases,
     )
+
+
+def privacy_after(
+    ledger: Ledger, peer_id: str, events: list[PrivacyEvent], delta: float = GLOBAL_DELTA
+) -> tuple[float, float]:
+    """``(spent, after)``: ``peer_id``'s composed ε now, and with ``events`` released too.
+
+    The budget checks use it: ``after`` must stay within the budget, and ``after - spent``
+    is what the new release costs."""
+    history, legacy = _history(ledger.privacy_charges(peer_id))
+    before, after = epsilon_increase(history, events, delta)
+    return before + legacy, after + legacy
+
+
+def _history(releases: Iterable[ChargedRelease]) -> tuple[list[PrivacyEvent], float]:
+    """The mechanism events of the charges, and the ε of charges without one (basic
+    composition: ledgers written before events were stored)."""
+    events: list[PrivacyEvent] = []
+    legacy: list[float] = []
+    for release in releases:
+        if release.charge.event is None:
+            legacy.append(release.charge.epsilon)
+        else:
+            events.append(dict(release.charge.event))  # type: ignore[arg-type]
+    return events, math.fsum(legacy)

@@ -105,7 +105,10 @@ def test_demo_trains_and_reports_agreed_metrics(tmp_path: Path) -> None:
     assert final["loss"] > 0
     training = report["rounds"][1]
     assert all(eps > 0 for eps in training["epsilon"].values())
-    assert all(eps == 0 for eps in final["epsilon"].values())
+    # The final evaluation sums are released with noise too, so they cost a little privacy
+    # (less than a training round, which also releases the DP-SGD update).
+    for peer, eps in final["epsilon"].items():
+        assert 0 < eps < training["epsilon"][peer]
     assert_gone(report["pids"])
 
 
