@@ -43,46 +43,9 @@ def run_statistics_session(network: Network, data_urls: dict[str, str] | None = 
 
     ``data_urls`` overrides where a peer's patient data lives (its config must say the same).
     """
-    records = breast_cancer_records(np.random.default_rng(0))
-    parts = split_dataset(records, 3, mode="dirichlet", alpha=0.6, rng=np.random.default_rng(3))
-    ids = list(network.peers)
-    kits = [network.kit.kits[p] for p in ids]
-    urls = {p: f"sqlite:///{network.kit.kits[p].directory / 'data.db'}" for p in ids}
-    urls.update(data_urls or {})
-    write_hospital_stores(
-        parts,
-        [urls[p] for p in ids],
-        feature_names=breast_cancer_feature_names(),
-        dataset_name=BUNDLED_DATASET_NAME,
-    )
-    for kit in kits:  # a budget that allows the exact-answer epsilon
-        text = kit.config.read_text(encoding="utf-8")
-        kit.config.write_text(
-            text.replace("[policy]\n", "[policy]\nmax_epsilon = 1e7\n", 1), encoding="utf-8"
-        )
+    ids, parts, proposal = _setup(network, data_urls)
     for process in network.peers.values():
         process.start()
-
-    spec = StatisticsSpec.from_payload(
-        {
-            "kind": "statistics",
-            "epsilon": EPSILON,
-            "max_records": 1000,
-            "queries": [
-                {"name": "diagnoses", "type": "count", "categories": ["benign", "malignant"]},
-                {"name": "area", "type": "mean", "feature": "mean area", "bounds": [0, 3000]},
-            ],
-        }
-    )
-    proposal = SessionProposal(
-        "stats-1",
-        tuple(ids),
-        rounds=1,
-        threshold=2,
-        payload=spec.to_payload(),
-        stage_seconds=4.0,
-        prepare_seconds=10.0,
-    )
     statuses = network.run_session(proposal)
     states = {p: getattr(s, "state", repr(s)) for p, s in statuses.items()}
     assert set(states.values()) == {"finished"}, network.logs()
@@ -112,3 +75,72 @@ def run_statistics_session(network: Network, data_urls: dict[str, str] | None = 
             "stats-1/1/diagnoses": statistics["diagnoses"],
             "stats-1/1/area": statistics["area"],
         }
+
+
+def _setup(
+    network: Network, data_urls: dict[str, str] | None = None
+) -> tuple[list[str], list[Any], SessionProposal]:
+    """Patient data at every peer, a budget for the exact-answer epsilon, and the session."""
+    records = breast_cancer_records(np.random.default_rng(0))
+    parts = split_dataset(records, 3, mode="dirichlet", alpha=0.6, rng=np.random.default_rng(3))
+    ids = list(network.peers)
+    kits = [network.kit.kits[p] for p in ids]
+    urls = {p: f"sqlite:///{network.kit.kits[p].directory / 'data.db'}" for p in ids}
+    urls.update(data_urls or {})
+    write_hospital_stores(
+        parts,
+        [urls[p] for p in ids],
+        feature_names=breast_cancer_feature_names(),
+        dataset_name=BUNDLED_DATASET_NAME,
+    )
+    for kit in kits:  # a budget that allows the exact-answer epsilon
+        text = kit.config.read_text(encoding="utf-8")
+        kit.config.write_text(
+            text.replace("[policy]\n", "[policy]\nmax_epsilon = 1e7\n", 1), encoding="utf-8"
+        )
+    spec = StatisticsSpec.from_payload(
+        {
+            "kind": "statistics",
+            "epsilon": EPSILON,
+            "max_records": 1000,
+            "queries": [
+                {"name": "diagnoses", "type": "count", "categories": ["benign", "malignant"]},
+                {"name": "area", "type": "mean", "feature": "mean area", "bounds": [0, 3000]},
+            ],
+        }
+    )
+    proposal = SessionProposal(
+        "stats-1",
+        tuple(ids),
+        rounds=1,
+        threshold=2,
+        payload=spec.to_payload(),
+        stage_seconds=4.0,
+        prepare_seconds=10.0,
+    )
+    return ids, parts, proposal
+
+
+def test_a_release_to_an_aggregator_that_aborts_after_unmasking_is_charged(
+    network: Network,
+) -> None:
+    """Issue 9 item 5 over real gRPC: the round-1 aggregator unmasks the sum, then publishes
+    a wrong aggregate, so no record is agreed. Every peer that sent its noisy answers has
+    them charged in its ledger anyway (before they left), once per distinct value."""
+    ids, _, proposal = _setup(network)
+    liar = network.aggregator(proposal, 1)
+    for peer_id, process in network.peers.items():
+        process.start({"HOSPITAL_SECAGG_TAMPER_TRANSCRIPT": "1"} if peer_id == liar else None)
+    network.run_session(proposal)
+    for peer_id in ids:
+        assert network.records(peer_id, "stats-1") == [], "the liar's round must not be agreed"
+        with network.ledger(peer_id) as ledger:
+            attempts = ledger.round_attempts("stats-1", 1)
+            charges = ledger.privacy_charges(peer_id, "stats-1")
+            spent = ledger.privacy_spent(peer_id)
+        assert attempts, network.logs()
+        # Charged although nothing was agreed: one value (statistics reuse their answers
+        # for every attempt of a round), one charge.
+        assert len(charges) == 1, (charges, network.logs())
+        assert charges[0].round == 1
+        assert spent.statistics_epsilon == pytest.approx(EPSILON)
