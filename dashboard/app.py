@@ -30,6 +30,7 @@ from dashboard.data import (
     default_session,
     dp_release_table,
     format_time,
+    hospital_privacy_table,
     metrics_table,
     participation_table,
     privacy_table,
@@ -193,9 +194,28 @@ def _metrics_section(metrics: Table) -> list[Any]:
 
 
 def _privacy_section(
-    privacy: Table, budgets: Mapping[str, float], released: Table | None = None
+    privacy: Table,
+    budgets: Mapping[str, float],
+    released: Table | None = None,
+    hospital: Table | None = None,
 ) -> list[Any]:
+    overall = (
+        [
+            _table(
+                hospital,
+                table_id="hospital-privacy-table",
+                caption="This hospital's privacy over all its sessions: every release it "
+                "charged (aborted attempts included), composed by the accountant, against "
+                "its global budget",
+            )
+        ]
+        if hospital
+        else []
+    )
     if not privacy:
+        if overall:
+            return overall
+
         return [_empty("No privacy spending recorded yet: it appears with the first round.")]
     note = (
         "Budgets: " + ", ".join(f"{peer} ε = {eps:g}" for peer, eps in sorted(budgets.items()))
@@ -218,6 +238,7 @@ def _privacy_section(
         if figure is not None and spent
     ]
     return [
+        *overall,
         html.P(note, className="note"),
         html.Div(charts, className="charts two"),
         _table(
@@ -309,7 +330,12 @@ def render(snapshot: Snapshot, budgets: Mapping[str, float] | None = None) -> li
         _session_facts(snapshot),
         _summary(snapshot, metrics, check),
         _metrics_section(metrics),
-        _privacy_section(privacy, known, dp_release_table(snapshot.records)),
+        _privacy_section(
+            privacy,
+            known,
+            dp_release_table(snapshot.records),
+            hospital_privacy_table(snapshot.charges, known),
+        ),
         _participation_section(participation),
         _trust_section(trust, check),
         _stats_section(statistics_table(snapshot.statistics)),

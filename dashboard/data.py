@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from peer.ledger import (
+    ChargedRelease,
     LedgerReport,
     RoundAttempt,
     RoundStatus,
@@ -44,6 +45,7 @@ __all__ = [
     "dp_release_table",
     "format_cell",
     "format_time",
+    "hospital_privacy_table",
     "metrics_table",
     "participation_table",
     "privacy_table",
@@ -325,6 +327,40 @@ def privacy_table(records: Sequence[StoredRecord], budgets: Mapping[str, float])
                     "remaining": None if budget is None else budget - totals[peer_id],
                 }
             )
+    return Table(columns, tuple(rows))
+
+
+def hospital_privacy_table(
+    charges: Sequence[ChargedRelease], budgets: Mapping[str, float]
+) -> Table:
+    """Each hospital with charges in this ledger (the ledger's owner: a peer charges only
+    itself) over *all* its sessions: ε composed by the accountant (PLD at the global δ, RDP
+    as a cross-check), its budget and what remains. Every charged release counts, aborted
+    attempts included.
+    """
+    from peer.privacy import compose_charges
+
+    columns = (
+        Column("peer", "Hospital"),
+        Column("releases", "Releases charged", "int"),
+        Column("epsilon", "ε spent, all sessions (PLD)", "epsilon"),
+        Column("epsilon_rdp", "RDP cross-check", "epsilon"),
+        Column("budget", "Global ε budget", "epsilon"),
+        Column("remaining", "ε remaining", "epsilon"),
+    )
+    rows: list[dict[str, Cell]] = []
+    for peer_id in sorted({c.charge.peer_id for c in charges}):
+        statement = compose_charges(peer_id, charges, budgets.get(peer_id))
+        rows.append(
+            {
+                "peer": peer_id,
+                "releases": len(statement.releases),
+                "epsilon": statement.epsilon,
+                "epsilon_rdp": statement.epsilon_rdp,
+                "budget": statement.budget,
+                "remaining": statement.remaining,
+            }
+        )
     return Table(columns, tuple(rows))
 
 

@@ -28,6 +28,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError
 
 from peer.ledger import (
+    ChargedRelease,
     Ledger,
     LedgerError,
     LedgerReadError,
@@ -118,6 +119,8 @@ class Snapshot:
         report: the verification of the whole ledger, or None without a roster.
         check_error: why the verification could not run, if it failed.
         head: ``(seq, record_hash)`` of the ledger's last record.
+        charges: every privacy charge in the ledger (the owning hospital's, all sessions,
+            aborted attempts included).
     """
 
     sessions: tuple[SessionInfo, ...]
@@ -129,6 +132,7 @@ class Snapshot:
     report: LedgerReport | None
     check_error: str | None
     head: tuple[int, bytes]
+    charges: tuple[ChargedRelease, ...] = ()
 
     def digest(self) -> str:
         """A short fingerprint of the visible content: equal digests draw the same page."""
@@ -244,6 +248,11 @@ class LedgerSource:
                 records = tuple(r for r in all_records if r.record.session_id == wanted)
                 attempts = tuple(self._ledger.round_attempts(wanted))
                 statistics = tuple(self._ledger.statistics_results(wanted))
+            charges = tuple(
+                charge
+                for peer_id in self._ledger.privacy_peers()
+                for charge in self._ledger.privacy_charges(peer_id)
+            )
         head = (all_records[-1].seq, all_records[-1].record_hash) if all_records else (0, b"")
         key = (head, tuple((s.session_id, s.proposal_hash) for s in sessions))
         report, error = self._verification(key)
@@ -257,4 +266,5 @@ class LedgerSource:
             report=report,
             check_error=error,
             head=head,
+            charges=charges,
         )

@@ -18,7 +18,7 @@ from typing import Any
 from .ledger import ChargedRelease, Ledger
 from .training.accounting import GLOBAL_DELTA, PrivacyEvent, composed_epsilon, epsilon_increase
 
-__all__ = ["PrivacyStatement", "privacy_after", "privacy_statement"]
+__all__ = ["PrivacyStatement", "compose_charges", "privacy_after", "privacy_statement"]
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,22 @@ def privacy_statement(
         ValueError: a stored event is malformed.
     """
     releases = tuple(ledger.privacy_charges(peer_id))
-    events, legacy = _history(releases)
+    return compose_charges(peer_id, releases, budget, delta)
+
+
+def compose_charges(
+    peer_id: str,
+    releases: Iterable[ChargedRelease],
+    budget: float | None = None,
+    delta: float = GLOBAL_DELTA,
+) -> PrivacyStatement:
+    """The statement of ``peer_id`` from its charged releases (read from its ledger).
+
+    Raises:
+        ValueError: a stored event is malformed.
+    """
+    mine = tuple(r for r in releases if r.charge.peer_id == peer_id)
+    events, legacy = _history(mine)
     return PrivacyStatement(
         peer_id=peer_id,
         delta=delta,
@@ -85,7 +100,7 @@ def privacy_statement(
         epsilon_rdp=composed_epsilon(events, delta, "rdp") + legacy,
         legacy_epsilon=legacy,
         budget=budget,
-        releases=releases,
+        releases=mine,
     )
 
 

@@ -32,7 +32,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, func, select
+from sqlalchemy import Engine, create_engine, event, func, inspect, select
 from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.exc import IntegrityError, InternalError, OperationalError
 from sqlalchemy.orm import Session
@@ -937,9 +937,14 @@ class Ledger:
                 legacy = legacy.where(PrivacyRow.session_id == session_id)
             charged: list[ChargedRelease] = []
             covered: set[tuple[str, int]] = set()
-            for row in session.scalars(
-                releases.order_by(PrivacyReleaseRow.recorded_at, PrivacyReleaseRow.round)
-            ):
+            rows = (
+                session.scalars(
+                    releases.order_by(PrivacyReleaseRow.recorded_at, PrivacyReleaseRow.round)
+                )
+                if self._has_releases(session)
+                else ()
+            )
+            for row in rows:
                 where = f"privacy charge of {peer_id} in {row.session_id!r} round {row.round}"
                 event = None if row.event is None else _loads(row.event, where)
                 covered.add((row.session_id, row.round))
@@ -968,6 +973,21 @@ class Ledger:
                         )
                     )
         return charged
+
+    @staticmethod
+    def _has_releases(session: Session) -> bool:
+        """Whether the release charges table exists: a ledger created before it was added
+        gets it at the peer's next ``create``, but a read-only reader (the dashboard) may
+        open it before that."""
+        return inspect(session.connection()).has_table(PrivacyReleaseRow.__tablename__)
+
+    def privacy_peers(self) -> list[str]:
+        """The peers with privacy charges in this ledger (a peer charges only itself)."""
+        with self._transaction(write=False) as session:
+            peers = set(session.scalars(select(PrivacyRow.peer_id).distinct()))
+            if self._has_releases(session):
+                peers |= set(session.scalars(select(PrivacyReleaseRow.peer_id).distinct()))
+        return sorted(peers)
 
     def privacy_spent(
         self, peer_id: str, session_id: str | None = None, *, delta: float | None = None

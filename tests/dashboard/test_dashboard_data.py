@@ -20,6 +20,7 @@ from dashboard.data import (
     dp_release_table,
     format_cell,
     format_time,
+    hospital_privacy_table,
     metrics_table,
     participation_table,
     privacy_table,
@@ -479,3 +480,23 @@ def test_dp_release_table_names_every_noised_publication() -> None:
         (3, "geometric", None, 0.5),
     ]
     assert not dp_release_table([stored(1, {"accuracy": 0.5})])
+
+
+def test_hospital_privacy_is_composed_over_every_charged_release() -> None:
+    from peer.ledger import ChargedRelease, PrivacyCharge, PrivacyKind
+    from peer.training.accounting import composed_epsilon, gaussian_event
+
+    event = gaussian_event(4.0)
+    charges = [
+        ChargedRelease(
+            session, 1, attempt, f"v{session}{attempt}",
+            PrivacyCharge("hospital-a", PrivacyKind.TRAINING, 0.9, 0.0, event), None,
+        )
+        for session, attempt in (("s1", 1), ("s1", 2), ("s2", 1))
+    ]  # fmt: skip
+    table = hospital_privacy_table(charges, {"hospital-a": 8.0})
+    (row,) = table.rows
+    assert row["releases"] == 3
+    assert row["epsilon"] == pytest.approx(composed_epsilon([event] * 3))
+    assert row["remaining"] == pytest.approx(8.0 - composed_epsilon([event] * 3))
+    assert not hospital_privacy_table([], {})
