@@ -89,9 +89,15 @@ def _table(table: Table, *, table_id: str, caption: str) -> html.Div:
             for cells in table.formatted()
         ]
     )
+    aria: dict[str, Any] = {"aria-label": caption}
+    # A focusable, labelled region: keyboard users can tab to a wide table and scroll it
+    # with the arrow keys; screen readers announce it by its caption.
     return html.Div(
         html.Table([html.Caption(caption), head, body], id=table_id, className="data"),
         className="table-wrap",
+        tabIndex="0",
+        role="region",
+        **aria,
     )
 
 

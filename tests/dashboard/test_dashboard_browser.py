@@ -386,3 +386,40 @@ def test_metric_edited_under_a_running_dashboard_raises_the_banner(
     screenshot(browser, SCREENSHOT.with_name(SCREENSHOT.stem + "-tampered.png"))
     assert_only_local_requests(browser)
     assert_no_console_errors(browser)
+
+
+def test_two_sessions_side_by_side(browser: Any, serve: Callable[..., str], tmp_path: Path) -> None:
+    from selenium.webdriver.common.by import By
+
+    builder = LedgerBuilder.create(tmp_path)
+    builder.add_session("eps-1", rounds=2, privacy={"epsilon": 1.0})
+    builder.agree_round("eps-1", 1, {"accuracy": 0.70, "auc": 0.75})
+    builder.agree_round("eps-1", 2, {"accuracy": 0.80, "auc": 0.85})
+    builder.add_session("eps-3", rounds=2, privacy={"epsilon": 3.0})
+    builder.agree_round("eps-3", 1, {"accuracy": 0.78, "auc": 0.80})
+    builder.agree_round("eps-3", 2, {"accuracy": 0.90, "auc": 0.93})
+    url = serve(builder.url, interval_s=0.5)
+    browser.get(url)
+    wait_for(browser, lambda: "eps-3 —" in text_of(browser, "session"), "the newest session")
+    wait_for(browser, lambda: "Pick a second session" in text_of(browser, "compare-body"), "hint")
+    browser.find_element(By.ID, "compare").click()
+    option = next(
+        e for e in browser.find_elements(By.CSS_SELECTOR, "[role=option]") if "eps-1" in e.text
+    )
+    option.click()
+    wait_for(browser, lambda: bool(browser.find_elements(By.ID, "compare-table")), "comparison")
+    rows = table_rows(browser, "compare-table")
+    assert rows[0] == ["Model after round", "2", "2", "—"]
+    assert rows[1] == ["Accuracy", "0.9", "0.8", "-0.1"]
+    headers = [
+        str(e.text) for e in browser.find_elements(By.CSS_SELECTOR, "#compare-table thead th")
+    ]
+    assert headers == ["Final model", "eps-3", "eps-1", "eps-1 − eps-3"]
+    assert "Accuracy: sessions compared" in chart_titles(browser)
+    # Tables are keyboard-reachable regions named by their caption.
+    wrap = browser.find_element(By.ID, "compare-table").find_element(By.XPATH, "..")
+    assert wrap.get_attribute("tabindex") == "0"
+    assert wrap.get_attribute("aria-label").startswith("Final (latest evaluated) model")
+    wrap.click()
+    assert browser.switch_to.active_element == wrap
+    assert_no_console_errors(browser)
