@@ -13,10 +13,13 @@ browser), so a zoomed chart stays zoomed between rounds.
 
 from __future__ import annotations
 
+import csv
+import io
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import dash
 from dash import dcc, html
@@ -66,6 +69,12 @@ _SECTIONS = (
     "compare-body",
 )
 
+MAX_ROWS = 60
+"""Rows drawn per table on the page; the CSV export has them all."""
+
+# The tables offered as CSV, by the name in their URL.
+EXPORTS = ("metrics", "privacy", "participation", "signatures", "statistics")
+
 # Tone (CSS class) of each verdict status.
 _TONES = {"verified": "good", "intact": "good", "problems": "bad", "error": "bad"}
 
@@ -74,7 +83,18 @@ _TONES = {"verified": "good", "intact": "good", "problems": "bad", "error": "bad
 
 
 def _table(table: Table, *, table_id: str, caption: str) -> html.Div:
-    """An HTML table (real <table>/<th> markup, so screen readers can navigate it)."""
+    """An HTML table (real <table>/<th> markup, so screen readers can navigate it).
+
+    Only the last :data:`MAX_ROWS` rows are drawn: a 1,000-round session with 20 hospitals
+    has 20,000 privacy rows, which no one reads on screen and which would take seconds to
+    build and send at every refresh. The caption says so; every row is in the CSV export.
+    """
+    if len(table.rows) > MAX_ROWS:
+        caption = (
+            f"{caption} — last {MAX_ROWS} of {len(table.rows):,} rows "
+            "(all rows: the CSV links under the session)"
+        )
+        table = Table(table.columns, table.rows[-MAX_ROWS:])
     head = html.Thead(
         html.Tr([html.Th(c.label, scope="col", className=_css(c)) for c in table.columns])
     )
@@ -148,7 +168,13 @@ def _session_facts(snapshot: Snapshot) -> list[Any]:
     items: list[Any] = []
     for term, value in facts:
         items += [html.Dt(term), html.Dd(value)]
-    return [html.Dl(items, className="facts")]
+    session_path = quote(session.session_id, safe="")
+    links: list[Any] = ["Download every row (CSV): "]
+    for index, name in enumerate(EXPORTS):
+        if index:
+            links.append(", ")
+        links.append(html.A(name, href=f"export/{session_path}/{name}.csv", download=""))
+    return [html.Dl(items, className="facts"), html.P(links, className="exports")]
 
 
 def _summary(snapshot: Snapshot, metrics: Table, check: Verdict) -> list[Any]:
@@ -557,9 +583,62 @@ def create_app(
     return app
 
 
+def export_table(snapshot: Snapshot, name: str, budgets: Mapping[str, float]) -> Table:
+    """Every row of one of the page's tables (see :data:`EXPORTS`) for the snapshot's session.
+
+    Raises:
+        KeyError: ``name`` is not an exported table.
+    """
+    session = snapshot.session
+    assert session is not None
+    known = budgets_from_proposal(session.proposal, session.participants)
+    known.update(budgets)
+    first_bad = first_unagreed_round(snapshot.report, session.session_id, snapshot.records)
+    builders: dict[str, Callable[[], Table]] = {
+        "metrics": lambda: metrics_table(snapshot.records, first_bad),
+        "privacy": lambda: privacy_table(snapshot.records, known),
+        "participation": lambda: participation_table(session, snapshot.records, snapshot.attempts),
+        "signatures": lambda: trust_table(session, snapshot.records, snapshot.report),
+        "statistics": lambda: statistics_table(snapshot.statistics),
+    }
+    return builders[name]()
+
+
+def _csv(table: Table) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow([column.label for column in table.columns])
+    for row in table.rows:
+        writer.writerow(["" if row.get(c.key) is None else row.get(c.key) for c in table.columns])
+    return buffer.getvalue()
+
+
+def _register_exports(app: dash.Dash, source: LedgerSource, budgets: dict[str, float]) -> None:
+    def export(session_id: str, name: str) -> Any:
+        from flask import Response, abort
+
+        if name not in EXPORTS:
+            abort(404)
+        try:
+            snapshot = source.snapshot(session_id)
+        except LedgerError:
+            abort(503)
+        if snapshot.session is None:
+            abort(404)
+        filename = f"{session_id}-{name}.csv".replace('"', "")
+        return Response(
+            _csv(export_table(snapshot, name, budgets)),
+            mimetype="text/csv",
+            headers={"Content-Disposition": f'attachment; filename="{filename}"'},
+        )
+
+    app.server.add_url_rule("/export/<session_id>/<name>.csv", "export", export)
+
+
 def _register(
     app: dash.Dash, source: LedgerSource, budgets: dict[str, float], clock: Clock
 ) -> None:
+    _register_exports(app, source, budgets)
     outputs = [
         dash.Output("session", "options"),
         dash.Output("session", "value"),

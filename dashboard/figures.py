@@ -46,6 +46,16 @@ NOT_AGREED_COLOR = "#999999"
 _SCORES = ("accuracy", "auc", "sensitivity", "specificity")
 _LABELS = dict(KNOWN_METRICS)
 
+# White background and light grid, spelled out: naming a template ("plotly_white") makes
+# Plotly deep-copy the whole template into every figure, which was most of the time spent
+# building a page (measured: 0.25 s of 0.36 s for 100 rounds).
+_GRID = {"gridcolor": "#E5ECF6", "linecolor": "#444444", "zerolinecolor": "#C8D4E3"}
+_STYLE: dict[str, Any] = {
+    "template": "none",
+    "paper_bgcolor": "#FFFFFF",
+    "plot_bgcolor": "#FFFFFF",
+}
+
 # The x axis of charts of the model: which agreed model a value belongs to.
 AFTER_ROUND = "Model after round k (k = rounds agreed)"
 
@@ -54,14 +64,14 @@ def _layout(
     title: str, y_title: str, rounds: Sequence[int], x_title: str = "Round"
 ) -> dict[str, Any]:
     # Whole-round ticks while they fit; beyond that let Plotly thin them out.
-    xaxis: dict[str, Any] = {"title": {"text": x_title}, "tickformat": "d"}
+    xaxis: dict[str, Any] = {"title": {"text": x_title}, "tickformat": "d", **_GRID}
     if len(set(rounds)) <= 20:
         xaxis.update(tickmode="array", tickvals=sorted(set(rounds)))
     return {
         "title": {"text": title, "x": 0, "xanchor": "left"},
         "xaxis": xaxis,
-        "yaxis": {"title": {"text": y_title}},
-        "template": "plotly_white",
+        "yaxis": {"title": {"text": y_title}, **_GRID},
+        **_STYLE,
         "font": {"size": 14},
         "margin": {"l": 70, "r": 20, "t": 60, "b": 60},
         "legend": {"orientation": "h", "y": -0.25, "x": 0},
@@ -161,9 +171,9 @@ def _unit_square(title: str, x_title: str, y_title: str) -> go.Figure:
     figure = go.Figure(
         layout={
             "title": {"text": title, "x": 0, "xanchor": "left"},
-            "xaxis": {"title": {"text": x_title}, "range": [0, 1]},
-            "yaxis": {"title": {"text": y_title}, "range": [0, 1.02]},
-            "template": "plotly_white",
+            "xaxis": {"title": {"text": x_title}, "range": [0, 1], **_GRID},
+            "yaxis": {"title": {"text": y_title}, "range": [0, 1.02], **_GRID},
+            **_STYLE,
             "font": {"size": 14},
             "margin": {"l": 70, "r": 20, "t": 60, "b": 60},
             "legend": {"orientation": "h", "y": -0.25, "x": 0},

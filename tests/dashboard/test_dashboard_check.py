@@ -284,3 +284,40 @@ def test_opening_read_only_ledger_for_keyless_check_does_not_write(tmp_path: Pat
     assert builder.path.read_bytes() == before
     with Ledger(builder.url) as ledger:
         assert len(ledger.agreed_records()) == 3
+
+
+# --------------------------------------------------------------------------- large ledgers
+
+
+def test_long_tables_show_their_last_rows_and_say_so() -> None:
+    from dashboard.app import MAX_ROWS
+    from dashboard.source import Snapshot
+
+    records = tuple(stored(r, {"accuracy": r / 100}) for r in range(1, MAX_ROWS + 11))
+    snapshot = Snapshot((session(),), records, session(), records, (), (), None, None, (1, b""))
+    metrics = render(snapshot)[3]
+    text = str(metrics)
+    assert f"last {MAX_ROWS} of {MAX_ROWS + 10} rows" in text
+    assert text.count("Tr(") == MAX_ROWS + 1  # the header row and the last MAX_ROWS rows
+
+
+def test_every_row_is_exported_as_csv(tmp_path: Path) -> None:
+    from dashboard.app import create_app
+
+    builder = _three_rounds(tmp_path)
+    _edit_metric(builder.path, 3, "accuracy", 0.998)
+    client = create_app(builder.url).server.test_client()
+    response = client.get("/export/s1/metrics.csv")
+    assert response.status_code == 200
+    assert response.mimetype == "text/csv"
+    lines = response.get_data(as_text=True).splitlines()
+    assert lines[0] == "Round,Model after round,Accuracy,Status"
+    assert lines[1:] == [
+        "1,1,0.812,agreed",
+        "2,2,0.901,agreed",
+        "3,3,0.998,not agreed (ledger check failed)",
+    ]
+    privacy = client.get("/export/s1/privacy.csv").get_data(as_text=True).splitlines()
+    assert len(privacy) == 1 + 3 * len(PEERS)
+    assert client.get("/export/s1/secrets.csv").status_code == 404
+    assert client.get("/export/nope/metrics.csv").status_code == 404
