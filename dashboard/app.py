@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import io
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -661,7 +662,35 @@ def _register(
     def refresh(
         _tick: int | None, selected: str | None, compared: str | None, shown: str | None
     ) -> list[Any]:
-        return _refresh(source, budgets, clock, selected, shown, compared)
+        return _refresh(source, budgets, clock, selected, shown, compared, cache)
+
+    cache = PageCache()
+
+
+class PageCache:
+    """The last few pages drawn, by snapshot digest.
+
+    Drawing a page of a long session takes seconds (thousands of chart points and table
+    cells); every browser that opens the page, or switches back to a session, would pay it
+    again. Equal digests draw the same page, so it is drawn once per ledger state.
+    """
+
+    def __init__(self, size: int = 8) -> None:
+        self._size = size
+        self._pages: dict[str, list[Any]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, digest: str, draw: Callable[[], list[Any]]) -> list[Any]:
+        """The page of ``digest``, drawn by ``draw`` if it is not kept."""
+        with self._lock:
+            page = self._pages.get(digest)
+        if page is None:
+            page = draw()
+            with self._lock:
+                self._pages[digest] = page
+                while len(self._pages) > self._size:
+                    del self._pages[next(iter(self._pages))]
+        return page
 
 
 def _refresh(
@@ -671,14 +700,17 @@ def _refresh(
     selected: str | None,
     shown: str | None,
     compared: str | None = None,
+    cache: PageCache | None = None,
 ) -> list[Any]:
     keep = dash.no_update
     checked = f"Last checked {format_time(clock())}"
     try:
-        first = source.snapshot(selected)
-        snapshot = first
-        if first.session is None:
-            chosen = default_session(first.sessions)
+        if selected is None:
+            # The first load: pick the session to show before reading it.
+            selected = default_session(source.sessions())
+        snapshot = source.snapshot(selected)
+        if snapshot.session is None:
+            chosen = default_session(snapshot.sessions)
             if chosen is not None:
                 snapshot = source.snapshot(chosen)
         other = None
@@ -692,7 +724,12 @@ def _refresh(
     digest = snapshot.digest() + (other.digest() if other is not None else "")
     if digest == shown:
         return [keep, keep, keep, *([keep] * len(_SECTIONS)), None, checked, keep]
-    options: Sequence[dict[str, str]] = session_options(snapshot.sessions, snapshot.all_records)
-    value = snapshot.session.session_id if snapshot.session else None
-    others = [option for option in options if option["value"] != value]
-    return [options, value, others, *render(snapshot, budgets, other), None, checked, digest]
+
+    def draw() -> list[Any]:
+        options: Sequence[dict[str, str]] = session_options(snapshot.sessions, snapshot.all_records)
+        value = snapshot.session.session_id if snapshot.session else None
+        others = [option for option in options if option["value"] != value]
+        return [options, value, others, *render(snapshot, budgets, other)]
+
+    page = cache.get(digest, draw) if cache is not None else draw()
+    return [*page, None, checked, digest]

@@ -6,9 +6,10 @@ Read-only, by two means:
   files through a ``file:...?mode=ro`` URI (any write fails with "attempt to write a
   readonly database"), PostgreSQL with ``default_transaction_read_only=on``.
 - On any backend, the dashboard only calls the ledger's read methods (``sessions``,
-  ``agreed_records``, ``round_attempts``, ``statistics_results``, ``head``) and
-  :func:`~peer.ledger.verify_ledger`; it never calls ``create`` or a write method, so it
-  cannot create tables or records even where the connection would allow it.
+  ``agreed_records``, ``round_attempts``, ``statistics_results``, ``head``),
+  :func:`~peer.ledger.verify_ledger` and the verifier's raw reader ``read_records``; it never
+  calls ``create`` or a write method, so it cannot create tables or records even where the
+  connection would allow it.
 
 The ledger is shared with the running peer: SQLite's write-ahead log lets the dashboard read
 while the peer writes, and each read sees the last committed round.
@@ -39,6 +40,7 @@ from peer.ledger import (
     StoredRecord,
     verify_ledger,
 )
+from peer.ledger._verify import read_records
 from secagg.crypto import Verifier
 
 __all__ = ["LedgerSource", "LedgerSourceError", "Snapshot", "read_only_url"]
@@ -196,6 +198,7 @@ class LedgerSource:
         self._monotonic = monotonic
         self._lock = threading.Lock()
         self._checked: tuple[str, float, LedgerReport | None, str | None] | None = None
+        self._records_cache: tuple[str, tuple[StoredRecord, ...]] | None = None
 
     @property
     def signatures_checked(self) -> bool:
@@ -250,6 +253,28 @@ class LedgerSource:
             self._checked = (key, now, report, error)
             return report, error
 
+    def sessions(self) -> tuple[SessionInfo, ...]:
+        """Every session of the ledger (a cheap read, to choose one before a snapshot).
+
+        Raises:
+            LedgerReadError: the ledger cannot be read.
+        """
+        with self._reading():
+            return tuple(self._ledger.sessions())
+
+    def _records(self, key: str) -> tuple[StoredRecord, ...]:
+        # The ledger's agreed_records builds an object per record and per signature: about
+        # ten times slower than the plain SELECTs of read_records (3 s against 0.3 s for
+        # 1,000 rounds of 20 hospitals). So the plain read decides whether anything
+        # changed, and the objects are rebuilt only when it did.
+        with self._lock:
+            if self._records_cache is not None and self._records_cache[0] == key:
+                return self._records_cache[1]
+        records = tuple(self._ledger.agreed_records())
+        with self._lock:
+            self._records_cache = (key, records)
+        return records
+
     def snapshot(self, session_id: str | None) -> Snapshot:
         """Read everything shown for ``session_id`` (None or unknown: no session selected).
 
@@ -263,7 +288,12 @@ class LedgerSource:
         statistics: tuple[StatisticsResult, ...] = ()
         with self._reading():
             sessions = tuple(self._ledger.sessions())
-            all_records = tuple(self._ledger.agreed_records())
+            # Every value stored, not just the head: a metric edited in place in an old
+            # record leaves the head unchanged but must be re-checked at once.
+            key = hashlib.sha256(
+                repr((sessions, read_records(self._ledger))).encode("utf-8")
+            ).hexdigest()
+            all_records = self._records(key)
             session = next((s for s in sessions if s.session_id == session_id), None)
             if session is not None:
                 wanted = session.session_id
@@ -271,9 +301,6 @@ class LedgerSource:
                 attempts = tuple(self._ledger.round_attempts(wanted))
                 statistics = tuple(self._ledger.statistics_results(wanted))
         head = (all_records[-1].seq, all_records[-1].record_hash) if all_records else (0, b"")
-        # Every value read, not just the head: a metric edited in place in an old record
-        # leaves the head unchanged but must be re-checked at once.
-        key = hashlib.sha256(repr((sessions, all_records)).encode("utf-8")).hexdigest()
         report, error = self._verification(key)
         return Snapshot(
             sessions=sessions,
