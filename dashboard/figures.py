@@ -243,6 +243,24 @@ def calibration_figure(
     return figure
 
 
+BARS_UP_TO = 200
+"""Per-round charts draw bars up to this many rounds, a stepped line beyond: a browser
+draws a thousand bars several times slower than one line through the same values."""
+
+
+def _bars(x: Sequence[int], y: Sequence[Any], *, name: str, color: str, **kwargs: Any) -> Any:
+    if len(x) <= BARS_UP_TO:
+        return go.Bar(x=list(x), y=list(y), name=name, marker={"color": color}, **kwargs)
+    return go.Scatter(
+        x=list(x),
+        y=list(y),
+        name=name,
+        mode="lines",
+        line={"color": color, "width": 1.5, "shape": "hvh"},
+        **kwargs,
+    )
+
+
 def contributors_figure(contributors: Table) -> go.Figure | None:
     """Hospitals contributing to each agreed round, against the session's participants
     (None without records naming their survivors)."""
@@ -252,11 +270,11 @@ def contributors_figure(contributors: Table) -> go.Figure | None:
     rounds = [int(row.get("round") or 0) for row in rows]
     figure = go.Figure(layout=_layout("Hospitals contributing per round", "Hospitals", rounds))
     figure.add_trace(
-        go.Bar(
-            x=rounds,
-            y=[row.get("contributors") for row in rows],
+        _bars(
+            rounds,
+            [row.get("contributors") for row in rows],
             name="Contributing (survivors)",
-            marker={"color": PALETTE[2]},
+            color=PALETTE[2],
             hovertemplate="%{y} hospitals contributed<extra></extra>",
         )
     )
@@ -372,12 +390,12 @@ def duration_figure(participation: Table) -> go.Figure | None:
     rounds = [int(row.get("round") or 0) for row in rows]
     figure = go.Figure(layout=_layout("Round duration", "Duration (seconds)", rounds))
     figure.add_trace(
-        go.Bar(
-            x=rounds,
-            y=[row.get("duration_s") for row in rows],
-            customdata=[[row.get("aggregator") or "—", row.get("status") or ""] for row in rows],
+        _bars(
+            rounds,
+            [row.get("duration_s") for row in rows],
             name="Duration",
-            marker={"color": PALETTE[0]},
+            color=PALETTE[0],
+            customdata=[[row.get("aggregator") or "—", row.get("status") or ""] for row in rows],
             hovertemplate=(
                 "%{y:.1f} s, aggregator %{customdata[0]} (%{customdata[1]})<extra></extra>"
             ),

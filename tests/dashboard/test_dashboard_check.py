@@ -321,3 +321,16 @@ def test_every_row_is_exported_as_csv(tmp_path: Path) -> None:
     assert len(privacy) == 1 + 3 * len(PEERS)
     assert client.get("/export/s1/secrets.csv").status_code == 404
     assert client.get("/export/nope/metrics.csv").status_code == 404
+
+
+def test_long_sessions_draw_lines_instead_of_bars() -> None:
+    from dashboard.figures import BARS_UP_TO
+
+    def figure_of(rounds: int) -> object:
+        records = [stored(r, {"survivors": list(PEERS)}) for r in range(1, rounds + 1)]
+        figure = figures.contributors_figure(contributors_table(session(), records))
+        assert figure is not None
+        return figure.data[0].type
+
+    assert figure_of(BARS_UP_TO) == "bar"
+    assert figure_of(BARS_UP_TO + 1) == "scatter"
