@@ -402,7 +402,7 @@ def _compare_section(snapshot: Snapshot, other: Snapshot | None) -> list[Any]:
     return [
         html.Div(charts, className="charts two"),
         _table(
-            compare_table((name_a, snapshot.records), (name_b, other.records)),
+            compare_table(tables[0], tables[1]),
             table_id="compare-table",
             caption=f"Final (latest evaluated) model of {name_a} and {name_b}",
         ),

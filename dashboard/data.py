@@ -447,16 +447,18 @@ def calibration_points(
 # --------------------------------------------------------------------------- comparison
 
 
-def compare_table(
-    first: tuple[str, Sequence[StoredRecord]], second: tuple[str, Sequence[StoredRecord]]
-) -> Table:
+def compare_table(first: tuple[str, Table], second: tuple[str, Table]) -> Table:
     """The final (latest evaluated) model's metrics of two sessions side by side.
+
+    Args:
+        first, second: each session's name and :func:`metrics_table` (built with its
+            first failing round, so that a value that failed the ledger check is shown as
+            :data:`NOT_AGREED` rather than compared).
 
     Rows: ``model after round``, then each :data:`KNOWN_METRICS` either session has;
     columns: the metric, each session's value and the difference (second minus first).
     """
-    (name_a, records_a), (name_b, records_b) = first, second
-    table_a, table_b = metrics_table(records_a), metrics_table(records_b)
+    (name_a, table_a), (name_b, table_b) = first, second
     head_a, head_b = headline_row(table_a), headline_row(table_b)
     columns = (
         Column("metric", "Final model"),
@@ -469,6 +471,11 @@ def compare_table(
         cell = row.get(key) if row is not None else None
         return float(cell) if isinstance(cell, int | float) else None
 
+    def shown(row: Mapping[str, Cell] | None, key: str) -> Cell:
+        if row is not None and row.get("status") == NOT_AGREED:
+            return "not agreed"
+        return value(row, key)
+
     rows: list[dict[str, Cell]] = [
         {
             "metric": "Model after round",
@@ -480,13 +487,13 @@ def compare_table(
     for key, label in KNOWN_METRICS:
         if key not in present:
             continue
-        a, b = value(head_a, key), value(head_b, key)
+        a, b = shown(head_a, key), shown(head_b, key)
         rows.append(
             {
                 "metric": label,
                 "a": a,
                 "b": b,
-                "difference": None if a is None or b is None else b - a,
+                "difference": b - a if isinstance(a, float) and isinstance(b, float) else None,
             }
         )
     return Table(columns, tuple(rows))

@@ -260,7 +260,7 @@ def test_participation_counts_contributing_hospitals() -> None:
 def test_two_sessions_compared() -> None:
     first = [stored(r, {"accuracy": 0.7 + r / 20, "auc": 0.8}) for r in (1, 2)]
     second = [stored(r, {"accuracy": 0.8 + r / 20, "auc": 0.9}, session_id="s2") for r in (1, 2, 3)]
-    table = compare_table(("s1", first), ("s2", second))
+    table = compare_table(("s1", metrics_table(first)), ("s2", metrics_table(second)))
     rows = {row["metric"]: row for row in table.rows}
     assert (rows["Model after round"]["a"], rows["Model after round"]["b"]) == (2, 3)
     assert rows["Accuracy"]["a"] == pytest.approx(0.8)
@@ -271,6 +271,11 @@ def test_two_sessions_compared() -> None:
     )
     assert figure is not None
     assert [trace.name for trace in figure.data] == ["s1", "s2"]
+    # A tampered final evaluation is not compared.
+    tampered = compare_table(("s1", metrics_table(first)), ("s2", metrics_table(second, 3)))
+    accuracy = next(row for row in tampered.rows if row["metric"] == "Accuracy")
+    assert accuracy["b"] == "not agreed"
+    assert accuracy["difference"] is None
 
 
 def test_opening_read_only_ledger_for_keyless_check_does_not_write(tmp_path: Path) -> None:
