@@ -13,27 +13,38 @@ browser), so a zoomed chart stays zoomed between rounds.
 
 from __future__ import annotations
 
+import csv
+import io
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import dash
 from dash import dcc, html
 
 from dashboard import figures
 from dashboard.data import (
+    NOT_AGREED,
     Column,
     Table,
     Verdict,
+    banner,
     budgets_from_proposal,
+    compare_table,
+    contributors_table,
     default_session,
     dp_release_table,
+    first_unagreed_round,
     format_time,
+    headline_row,
     hospital_privacy_table,
     metrics_table,
     participation_table,
     privacy_table,
+    score_histogram,
     session_options,
     statistics_table,
     trust_table,
@@ -49,14 +60,44 @@ TITLE = "Consortium ledger"
 ASSETS = Path(__file__).resolve().parent / "assets"
 
 # Ids of the containers the refresh callback fills, in the order of its outputs.
-_SECTIONS = ("session-facts", "summary", "metrics", "privacy", "participation", "trust", "stats")
+_SECTIONS = (
+    "banner",
+    "session-facts",
+    "summary",
+    "metrics",
+    "privacy",
+    "participation",
+    "trust",
+    "stats",
+    "compare-body",
+)
+
+MAX_ROWS = 60
+"""Rows drawn per table on the page; the CSV export has them all."""
+
+# The tables offered as CSV, by the name in their URL.
+EXPORTS = ("metrics", "privacy", "participation", "signatures", "statistics")
+
+# Tone (CSS class) of each verdict status.
+_TONES = {"verified": "good", "intact": "good", "problems": "bad", "error": "bad"}
 
 
 # --------------------------------------------------------------------------- building blocks
 
 
 def _table(table: Table, *, table_id: str, caption: str) -> html.Div:
-    """An HTML table (real <table>/<th> markup, so screen readers can navigate it)."""
+    """An HTML table (real <table>/<th> markup, so screen readers can navigate it).
+
+    Only the last :data:`MAX_ROWS` rows are drawn: a 1,000-round session with 20 hospitals
+    has 20,000 privacy rows, which no one reads on screen and which would take seconds to
+    build and send at every refresh. The caption says so; every row is in the CSV export.
+    """
+    if len(table.rows) > MAX_ROWS:
+        caption = (
+            f"{caption} — last {MAX_ROWS} of {len(table.rows):,} rows "
+            "(all rows: the CSV links under the session)"
+        )
+        table = Table(table.columns, table.rows[-MAX_ROWS:])
     head = html.Thead(
         html.Tr([html.Th(c.label, scope="col", className=_css(c)) for c in table.columns])
     )
@@ -71,9 +112,15 @@ def _table(table: Table, *, table_id: str, caption: str) -> html.Div:
             for cells in table.formatted()
         ]
     )
+    aria: dict[str, Any] = {"aria-label": caption}
+    # A focusable, labelled region: keyboard users can tab to a wide table and scroll it
+    # with the arrow keys; screen readers announce it by its caption.
     return html.Div(
         html.Table([html.Caption(caption), head, body], id=table_id, className="data"),
         className="table-wrap",
+        tabIndex="0",
+        role="region",
+        **aria,
     )
 
 
@@ -124,7 +171,13 @@ def _session_facts(snapshot: Snapshot) -> list[Any]:
     items: list[Any] = []
     for term, value in facts:
         items += [html.Dt(term), html.Dd(value)]
-    return [html.Dl(items, className="facts")]
+    session_path = quote(session.session_id, safe="")
+    links: list[Any] = ["Download every row (CSV): "]
+    for index, name in enumerate(EXPORTS):
+        if index:
+            links.append(", ")
+        links.append(html.A(name, href=f"export/{session_path}/{name}.csv", download=""))
+    return [html.Dl(items, className="facts"), html.P(links, className="exports")]
 
 
 def _summary(snapshot: Snapshot, metrics: Table, check: Verdict) -> list[Any]:
@@ -138,16 +191,22 @@ def _summary(snapshot: Snapshot, metrics: Table, check: Verdict) -> list[Any]:
             "card-rounds",
         )
     ]
-    if metrics:
-        last = metrics.rows[-1]
+    head = headline_row(metrics)
+    if head is not None:
+        # The final model once every planned round is agreed; until then the latest one.
+        final = len(snapshot.records) >= session.rounds_planned and head is metrics.rows[-1]
+        which = "final model" if final else "latest model"
+        after = f"{which}, after round {head.get('after')}"
+        agreed = head.get("status") != NOT_AGREED
         for column in [c for c in metrics.columns if c.kind == "float"][:2]:
-            value = last.get(column.key)
+            value = head.get(column.key)
             if isinstance(value, int | float):
                 cards.append(
                     _card(
-                        f"{column.label}, round {last.get('round')}",
-                        f"{float(value):.4g}",
+                        f"{column.label}, {after}",
+                        f"{float(value):.4g}" if agreed else "NOT AGREED",
                         f"card-{column.key}",
+                        "" if agreed else "bad",
                     )
                 )
     if snapshot.records:
@@ -159,38 +218,80 @@ def _summary(snapshot: Snapshot, metrics: Table, check: Verdict) -> list[Any]:
                 "card-signatures",
             )
         )
-    tone = {"verified": "good", "problems": "bad", "error": "bad"}.get(check.status, "")
     label = {
         "verified": "verified",
+        "intact": "hashes verified",
         "problems": "FAILED",
         "error": "not checked",
         "unchecked": "not checked",
     }[check.status]
-    cards.append(_card("Ledger check", label, "card-check", tone))
+    cards.append(_card("Ledger check", label, "card-check", _TONES.get(check.status, "")))
     return [html.Div(cards, className="cards")]
 
 
-def _metrics_section(metrics: Table) -> list[Any]:
+def _model_charts(snapshot: Snapshot, metrics: Table) -> list[Any]:
+    """ROC curve and calibration of the latest evaluated model, from its agreed score
+    histograms, or a sentence saying why they cannot be drawn."""
+    head = headline_row(metrics)
+    if head is None:
+        return []
+    stored = next((r for r in snapshot.records if r.record.round == head.get("round")), None)
+    histogram = score_histogram(stored) if stored is not None else None
+    if histogram is None:
+        return [
+            _empty(
+                "ROC curve and calibration: the agreed records carry no score histograms "
+                "(metric score_histogram), so they cannot be drawn; the AUC above is "
+                "computed from the histograms before they are summarised."
+            )
+        ]
+    label = f"model after round {head.get('after')}"
+    agreed = head.get("status") != NOT_AGREED
+    parts = [
+        _graph(figure, graph_id)
+        for graph_id, figure in (
+            ("roc-chart", figures.roc_figure(*histogram, label, agreed)),
+            ("calibration-chart", figures.calibration_figure(*histogram, label, agreed)),
+        )
+        if figure is not None
+    ]
+    return [html.Div(parts, className="charts two")] if parts else []
+
+
+def _metrics_section(snapshot: Snapshot, metrics: Table) -> list[Any]:
     if not metrics:
         return [_empty("No rounds agreed yet: the global metrics appear here after round 1.")]
-    parts: list[Any] = []
-    for graph_id, figure in (
-        ("quality-chart", figures.quality_figure(metrics)),
-        ("loss-chart", figures.loss_figure(metrics)),
-        ("other-chart", figures.other_metrics_figure(metrics)),
-    ):
-        if figure is not None:
-            parts.append(_graph(figure, graph_id))
+    parts: list[Any] = [
+        _graph(figure, graph_id)
+        for graph_id, figure in (
+            ("quality-chart", figures.quality_figure(metrics)),
+            ("loss-chart", figures.loss_figure(metrics)),
+        )
+        if figure is not None
+    ]
+    notes: list[Any] = []
     if not any(column.kind == "float" for column in metrics.columns):
-        parts.append(_empty("The agreed records carry no numeric metrics."))
-    parts.append(
+        notes.append(_empty("The agreed records carry no numeric metrics."))
+    if "round_kind" in metrics.column_keys():
+        notes.append(
+            html.P(
+                "A training round evaluates the model it starts from, so its figures belong "
+                "to the model agreed after the previous round; the last round evaluates the "
+                "final model. The model after round 1 is the untrained one (round 1 only "
+                "agrees on the standardization).",
+                className="note",
+            )
+        )
+    return [
+        html.Div(parts, className="charts two"),
+        *_model_charts(snapshot, metrics),
+        *notes,
         _table(
             metrics,
             table_id="metrics-table",
             caption="Agreed global metrics per round (signed by the hospitals)",
-        )
-    )
-    return [html.Div(parts[:-1], className="charts two"), parts[-1]]
+        ),
+    ]
 
 
 def _privacy_section(
@@ -262,26 +363,30 @@ def _privacy_section(
     ]
 
 
-def _participation_section(participation: Table) -> list[Any]:
+def _participation_section(participation: Table, contributors: Table) -> list[Any]:
     if not participation:
         return [_empty("No round has started yet.")]
-    parts: list[Any] = []
-    figure = figures.duration_figure(participation)
-    if figure is not None:
-        parts.append(_graph(figure, "duration-chart"))
-    parts.append(
+    charts = [
+        _graph(figure, graph_id)
+        for graph_id, figure in (
+            ("contributors-chart", figures.contributors_figure(contributors)),
+            ("duration-chart", figures.duration_figure(participation)),
+        )
+        if figure is not None
+    ]
+    return [
+        html.Div(charts, className="charts two"),
         _table(
             participation,
             table_id="participation-table",
             caption="Rounds: participants, dropouts and aggregator (signed); "
             "timing and bytes as this peer saw them",
-        )
-    )
-    return parts
+        ),
+    ]
 
 
 def _trust_section(trust: Table, check: Verdict) -> list[Any]:
-    tone = {"verified": "good", "problems": "bad", "error": "bad"}.get(check.status, "neutral")
+    tone = _TONES.get(check.status, "neutral")
     parts: list[Any] = [
         html.P(check.headline, id="verdict", className=f"verdict {tone}", role="status")
     ]
@@ -306,39 +411,87 @@ def _stats_section(stats: Table) -> list[Any]:
     ]
 
 
-def render(snapshot: Snapshot, budgets: Mapping[str, float] | None = None) -> list[list[Any]]:
+def _banner(snapshot: Snapshot) -> list[Any]:
+    session_id = snapshot.session.session_id if snapshot.session else None
+    text = banner(snapshot.report, session_id, snapshot.records)
+    if snapshot.check_error is not None:
+        text = f"The ledger could not be checked: {snapshot.check_error}"
+    if text is None:
+        return []
+    return [html.P(text, id="check-banner", className="banner bad", role="alert")]
+
+
+def _compare_section(snapshot: Snapshot, other: Snapshot | None) -> list[Any]:
+    if snapshot.session is None:
+        return []
+    if other is None or other.session is None:
+        return [_empty("Pick a second session above to compare it with this one.")]
+    name_a, name_b = snapshot.session.session_id, other.session.session_id
+    tables = [
+        (name, metrics_table(s.records, first_unagreed_round(s.report, name, s.records)))
+        for name, s in ((name_a, snapshot), (name_b, other))
+    ]
+    charts = [
+        _graph(figure, f"compare-{key}-chart")
+        for key in ("accuracy", "auc", "loss")
+        if (figure := figures.compare_figure(key, tables)) is not None
+    ]
+    return [
+        html.Div(charts, className="charts two"),
+        _table(
+            compare_table(tables[0], tables[1]),
+            table_id="compare-table",
+            caption=f"Final (latest evaluated) model of {name_a} and {name_b}",
+        ),
+    ]
+
+
+def render(
+    snapshot: Snapshot,
+    budgets: Mapping[str, float] | None = None,
+    compare: Snapshot | None = None,
+) -> list[list[Any]]:
     """The children of each section (see ``_SECTIONS``) for one snapshot.
 
     Args:
         budgets: ε budget per peer from the command line; they override the budgets read
             from the session proposal.
+        compare: the snapshot of a second session to compare with, if one was picked.
     """
     session = snapshot.session
     known: dict[str, float] = {}
     if session is not None:
         known = budgets_from_proposal(session.proposal, session.participants)
     known.update(budgets or {})
-    metrics = metrics_table(snapshot.records)
+    first_bad = (
+        first_unagreed_round(snapshot.report, session.session_id, snapshot.records)
+        if session is not None
+        else None
+    )
+    metrics = metrics_table(snapshot.records, first_bad)
     privacy = privacy_table(snapshot.records, known)
     check = verdict(snapshot.report, error=snapshot.check_error)
     if session is None:
-        participation = trust = Table(())
+        participation = trust = contributors = Table(())
     else:
         participation = participation_table(session, snapshot.records, snapshot.attempts)
         trust = trust_table(session, snapshot.records, snapshot.report)
+        contributors = contributors_table(session, snapshot.records)
     return [
+        _banner(snapshot),
         _session_facts(snapshot),
         _summary(snapshot, metrics, check),
-        _metrics_section(metrics),
+        _metrics_section(snapshot, metrics),
         _privacy_section(
             privacy,
             known,
             dp_release_table(snapshot.records),
             hospital_privacy_table(snapshot.charges, known),
         ),
-        _participation_section(participation),
+        _participation_section(participation, contributors),
         _trust_section(trust, check),
         _stats_section(statistics_table(snapshot.statistics)),
+        _compare_section(snapshot, compare),
     ]
 
 
@@ -363,6 +516,7 @@ def _layout(source_url: str, interval_s: float) -> html.Div:
                 ]
             ),
             html.Div(id="error", role="alert"),
+            html.Div(id="banner"),
             html.Section(
                 [
                     html.Label("Session", htmlFor="session", className="session-label"),
@@ -403,6 +557,21 @@ def _layout(source_url: str, interval_s: float) -> html.Div:
                         "stats",
                         "Cohort counts, histograms and means computed with differential "
                         "privacy and summed securely.",
+                    ),
+                    html.Section(
+                        [
+                            html.H2("Sessions side by side"),
+                            html.P(
+                                "Compare the session shown above with another one (e.g. two "
+                                "privacy budgets or two model architectures).",
+                                className="intro",
+                            ),
+                            html.Label(
+                                "Compare with", htmlFor="compare", className="session-label"
+                            ),
+                            dcc.Dropdown(id="compare", clearable=True, searchable=False),
+                            html.Div(id="compare-body"),
+                        ]
                     ),
                 ]
             ),
@@ -457,10 +626,67 @@ def create_app(
     return app
 
 
+def export_table(snapshot: Snapshot, name: str, budgets: Mapping[str, float]) -> Table:
+    """Every row of one of the page's tables (see :data:`EXPORTS`) for the snapshot's session.
+
+    Raises:
+        KeyError: ``name`` is not an exported table.
+    """
+    session = snapshot.session
+    assert session is not None
+    known = budgets_from_proposal(session.proposal, session.participants)
+    known.update(budgets)
+    first_bad = first_unagreed_round(snapshot.report, session.session_id, snapshot.records)
+    builders: dict[str, Callable[[], Table]] = {
+        "metrics": lambda: metrics_table(snapshot.records, first_bad),
+        "privacy": lambda: privacy_table(snapshot.records, known),
+        "participation": lambda: participation_table(session, snapshot.records, snapshot.attempts),
+        "signatures": lambda: trust_table(session, snapshot.records, snapshot.report),
+        "statistics": lambda: statistics_table(snapshot.statistics),
+    }
+    return builders[name]()
+
+
+def _csv(table: Table) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow([column.label for column in table.columns])
+    for row in table.rows:
+        writer.writerow(["" if row.get(c.key) is None else row.get(c.key) for c in table.columns])
+    return buffer.getvalue()
+
+
+def _register_exports(app: dash.Dash, source: LedgerSource, budgets: dict[str, float]) -> None:
+    def export(session_id: str, name: str) -> Any:
+        from flask import Response, abort
+
+        if name not in EXPORTS:
+            abort(404)
+        try:
+            snapshot = source.snapshot(session_id)
+        except LedgerError:
+            abort(503)
+        if snapshot.session is None:
+            abort(404)
+        filename = f"{session_id}-{name}.csv".replace('"', "")
+        return Response(
+            _csv(export_table(snapshot, name, budgets)),
+            mimetype="text/csv",
+            headers={"Content-Disposition": f'attachment; filename="{filename}"'},
+        )
+
+    app.server.add_url_rule("/export/<session_id>/<name>.csv", "export", export)
+
+
 def _register(
     app: dash.Dash, source: LedgerSource, budgets: dict[str, float], clock: Clock
 ) -> None:
-    outputs = [dash.Output("session", "options"), dash.Output("session", "value")]
+    _register_exports(app, source, budgets)
+    outputs = [
+        dash.Output("session", "options"),
+        dash.Output("session", "value"),
+        dash.Output("compare", "options"),
+    ]
     outputs += [dash.Output(section, "children") for section in _SECTIONS]
     outputs += [
         dash.Output("error", "children"),
@@ -472,10 +698,41 @@ def _register(
         outputs,
         dash.Input("tick", "n_intervals"),
         dash.Input("session", "value"),
+        dash.Input("compare", "value"),
         dash.State("digest", "data"),
     )
-    def refresh(_tick: int | None, selected: str | None, shown: str | None) -> list[Any]:
-        return _refresh(source, budgets, clock, selected, shown)
+    def refresh(
+        _tick: int | None, selected: str | None, compared: str | None, shown: str | None
+    ) -> list[Any]:
+        return _refresh(source, budgets, clock, selected, shown, compared, cache)
+
+    cache = PageCache()
+
+
+class PageCache:
+    """The last few pages drawn, by snapshot digest.
+
+    Drawing a page of a long session takes seconds (thousands of chart points and table
+    cells); every browser that opens the page, or switches back to a session, would pay it
+    again. Equal digests draw the same page, so it is drawn once per ledger state.
+    """
+
+    def __init__(self, size: int = 8) -> None:
+        self._size = size
+        self._pages: dict[str, list[Any]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, digest: str, draw: Callable[[], list[Any]]) -> list[Any]:
+        """The page of ``digest``, drawn by ``draw`` if it is not kept."""
+        with self._lock:
+            page = self._pages.get(digest)
+        if page is None:
+            page = draw()
+            with self._lock:
+                self._pages[digest] = page
+                while len(self._pages) > self._size:
+                    del self._pages[next(iter(self._pages))]
+        return page
 
 
 def _refresh(
@@ -484,22 +741,37 @@ def _refresh(
     clock: Callable[[], datetime],
     selected: str | None,
     shown: str | None,
+    compared: str | None = None,
+    cache: PageCache | None = None,
 ) -> list[Any]:
     keep = dash.no_update
     checked = f"Last checked {format_time(clock())}"
     try:
-        first = source.snapshot(selected)
-        snapshot = first
-        if first.session is None:
-            chosen = default_session(first.sessions)
+        if selected is None:
+            # The first load: pick the session to show before reading it.
+            selected = default_session(source.sessions())
+        snapshot = source.snapshot(selected)
+        if snapshot.session is None:
+            chosen = default_session(snapshot.sessions)
             if chosen is not None:
                 snapshot = source.snapshot(chosen)
+        other = None
+        if compared is not None and snapshot.session is not None:
+            other = source.snapshot(compared)
+            if other.session is None or other.session.session_id == snapshot.session.session_id:
+                other = None
     except LedgerError as exc:
         problem = html.P(f"Cannot read the ledger: {exc}", className="verdict bad")
-        return [keep, keep, *([keep] * len(_SECTIONS)), problem, checked, keep]
-    digest = snapshot.digest()
+        return [keep, keep, keep, *([keep] * len(_SECTIONS)), problem, checked, keep]
+    digest = snapshot.digest() + (other.digest() if other is not None else "")
     if digest == shown:
-        return [keep, keep, *([keep] * len(_SECTIONS)), None, checked, keep]
-    options: Sequence[dict[str, str]] = session_options(snapshot.sessions, snapshot.all_records)
-    value = snapshot.session.session_id if snapshot.session else None
-    return [options, value, *render(snapshot, budgets), None, checked, digest]
+        return [keep, keep, keep, *([keep] * len(_SECTIONS)), None, checked, keep]
+
+    def draw() -> list[Any]:
+        options: Sequence[dict[str, str]] = session_options(snapshot.sessions, snapshot.all_records)
+        value = snapshot.session.session_id if snapshot.session else None
+        others = [option for option in options if option["value"] != value]
+        return [options, value, others, *render(snapshot, budgets, other)]
+
+    page = cache.get(digest, draw) if cache is not None else draw()
+    return [*page, None, checked, digest]

@@ -25,6 +25,7 @@ from datetime import UTC, datetime
 
 from peer.ledger import (
     ChargedRelease,
+    LedgerProblem,
     LedgerReport,
     RoundAttempt,
     RoundStatus,
@@ -36,19 +37,29 @@ from peer.ledger import (
 
 __all__ = [
     "KNOWN_METRICS",
+    "NOT_AGREED",
     "Cell",
     "Column",
     "Table",
     "Verdict",
+    "banner",
     "budgets_from_proposal",
+    "calibration_points",
+    "compare_table",
+    "contributors_table",
     "default_session",
     "dp_release_table",
+    "evaluated_after",
+    "first_unagreed_round",
     "format_cell",
     "format_time",
+    "headline_row",
     "hospital_privacy_table",
     "metrics_table",
     "participation_table",
     "privacy_table",
+    "roc_points",
+    "score_histogram",
     "session_label",
     "session_options",
     "statistics_table",
@@ -70,6 +81,21 @@ KNOWN_METRICS: tuple[tuple[str, str], ...] = (
 
 # Keys of the agreed metrics that describe the round rather than the model.
 _ROUND_KEYS = frozenset({"survivors", "aggregator"})
+
+# Display names of other agreed figures whose key alone does not say what they count.
+_OTHER_LABELS = {
+    "examples": "Training examples (all hospitals)",
+    "n": "Test examples (all hospitals)",
+}
+
+# Round kinds of a training session (peer.learning.RoundKind) whose evaluation is of the
+# model that *entered* the round, i.e. the model agreed after the previous round: a training
+# round evaluates before it trains, and the final round evaluates the model the last
+# training round produced.
+_EVALUATES_ENTERING = frozenset({"train", "evaluate"})
+
+NOT_AGREED = "not agreed (ledger check failed)"
+"""The status of a row whose record, or one before it in its session, failed the check."""
 
 # Keys a session proposal's ``privacy`` object may use for one ε budget that applies to every
 # participant, in order of preference. The proposal format leaves ``privacy`` free-form, so
@@ -122,7 +148,9 @@ class Verdict:
     """The outcome of checking the ledger, in words.
 
     Attributes:
-        status: ``verified``, ``problems``, ``unchecked`` (no roster given) or ``error``.
+        status: ``verified`` (everything, signatures included), ``intact`` (every check
+            that needs no key passed; signatures counted but not verified, no roster),
+            ``problems``, ``unchecked`` (no check ran) or ``error``.
         headline: one sentence for the page.
         details: one sentence per problem found.
     """
@@ -224,14 +252,35 @@ def _by_round(records: Iterable[StoredRecord]) -> list[StoredRecord]:
     return sorted(records, key=lambda stored: stored.record.round)
 
 
-def metrics_table(records: Sequence[StoredRecord]) -> Table:
+def evaluated_after(stored: StoredRecord) -> int | None:
+    """The round after which the evaluated model was agreed ("model after round k"), or
+    None when the round evaluated no model (a standardization round).
+
+    A training session's train and evaluate rounds evaluate the model entering the round,
+    which is the model agreed after the previous round (see :mod:`peer.learning`); other
+    sessions' metrics describe their own round.
+    """
+    kind = stored.record.metrics.get("round_kind")
+    if kind == "standardize":
+        return None
+    if kind in _EVALUATES_ENTERING or stored.record.metrics.get("evaluated") == (
+        "model entering this round"
+    ):
+        return stored.record.round - 1
+    return stored.record.round
+
+
+def metrics_table(records: Sequence[StoredRecord], first_bad_round: int | None = None) -> Table:
     """Agreed global metrics, one row per agreed round.
 
-    Columns: ``round``, ``round_kind`` (text) when records name it, then the
+    Columns: ``round``, ``after`` (the round after which the evaluated model was agreed,
+    see :func:`evaluated_after`), ``round_kind`` (text) when records name it, then the
     :data:`KNOWN_METRICS` that any record has, then any other numeric metric (e.g.
-    ``examples``) in name order. Non-numeric metrics and the round
-    bookkeeping (``survivors``, ``aggregator``) are left out; a round lacking a metric has
-    None there.
+    ``examples``) in name order, and ``status``: ``agreed``, or :data:`NOT_AGREED` from
+    ``first_bad_round`` on (the first round whose record failed the ledger check: that
+    record and every later one of the session cannot be trusted). Non-numeric metrics and
+    the round bookkeeping (``survivors``, ``aggregator``) are left out; a round lacking a
+    metric has None there.
     """
     ordered = _by_round(records)
     present: set[str] = set()
@@ -246,19 +295,210 @@ def metrics_table(records: Sequence[StoredRecord]) -> Table:
     kinds = any(isinstance(stored.record.metrics.get("round_kind"), str) for stored in ordered)
     columns = (
         Column("round", "Round", "int"),
+        Column("after", "Model after round", "int"),
         *((Column("round_kind", "Round type"),) if kinds else ()),
         *(Column(key, label, "float") for key, label in known),
-        *(Column(key, key.replace("_", " ").capitalize(), "float") for key in others),
+        *(
+            Column(key, _OTHER_LABELS.get(key, key.replace("_", " ").capitalize()), "float")
+            for key in others
+        ),
+        Column("status", "Status"),
     )
     rows: list[dict[str, Cell]] = []
     for stored in ordered:
-        row: dict[str, Cell] = {"round": stored.record.round}
-        for column in columns[1:]:
+        round_ = stored.record.round
+        row: dict[str, Cell] = {"round": round_, "after": evaluated_after(stored)}
+        for column in columns[2:-1]:
             value = stored.record.metrics.get(column.key)
             row[column.key] = (
                 value if column.kind == "text" and isinstance(value, str) else (_number(value))
             )
+        bad = first_bad_round is not None and round_ >= first_bad_round
+        row["status"] = NOT_AGREED if bad else "agreed"
         rows.append(row)
+    return Table(columns, tuple(rows))
+
+
+def headline_row(metrics: Table) -> Mapping[str, Cell] | None:
+    """The row of the latest evaluated model (the final model once the session is over):
+    the last row that has a :data:`KNOWN_METRICS` value. None when no model was evaluated.
+    """
+    keys = [key for key, _ in KNOWN_METRICS if key in metrics.column_keys()]
+    for row in reversed(metrics.rows):
+        if row.get("after") is not None and any(row.get(k) is not None for k in keys):
+            return row
+    return None
+
+
+# --------------------------------------------------------------------------- ledger check
+
+
+def _problem_rounds(
+    problem: LedgerProblem, session_id: str, rounds_by_seq: Mapping[int, int]
+) -> int | None:
+    if problem.seq is not None and problem.seq in rounds_by_seq:
+        return rounds_by_seq[problem.seq]
+    if problem.session_id != session_id:
+        return None
+    if problem.round is not None:
+        return problem.round
+    # A problem of the session itself (its proposal hash): every round is affected.
+    return min(rounds_by_seq.values(), default=1)
+
+
+def first_unagreed_round(
+    report: LedgerReport | None, session_id: str, records: Sequence[StoredRecord]
+) -> int | None:
+    """The first round of ``session_id`` from which its records cannot be trusted, or None.
+
+    A record that fails a check breaks the session's chain there: it and every later record
+    of the session (which link to it) are not what the hospitals agreed. Problems located
+    at another session's record do not count; a gap in ``seq`` shows as a broken link at
+    the next record of the session the deleted record belonged to.
+    """
+    if report is None or report.ok:
+        return None
+    rounds_by_seq = {stored.seq: stored.record.round for stored in records}
+    found = [
+        r
+        for problem in report.problems
+        if (r := _problem_rounds(problem, session_id, rounds_by_seq)) is not None
+    ]
+    return min(found, default=None)
+
+
+def banner(
+    report: LedgerReport | None, session_id: str | None, records: Sequence[StoredRecord]
+) -> str | None:
+    """The sentence of the red banner at the top of the page, or None when the check found
+    nothing wrong: names the first failing round of the shown session and what is wrong."""
+    if report is None or report.ok:
+        return None
+    if session_id is not None:
+        first = first_unagreed_round(report, session_id, records)
+        if first is not None:
+            rounds_by_seq = {stored.seq: stored.record.round for stored in records}
+            what = next(
+                problem
+                for problem in report.problems
+                if _problem_rounds(problem, session_id, rounds_by_seq) == first
+            )
+            return (
+                f"Ledger check FAILED at round {first} of session {session_id}: "
+                f"{what.message}. The figures of round {first} and later are NOT what the "
+                f"hospitals agreed; they are greyed out below."
+            )
+    first_problem = report.problems[0]
+    return (
+        f"Ledger check FAILED ({len(report.problems)} problem(s)) outside this session's "
+        f"records: {first_problem}. This session's figures passed the check."
+    )
+
+
+# --------------------------------------------------------------------------- model quality
+
+
+def score_histogram(stored: StoredRecord) -> tuple[list[float], list[float]] | None:
+    """The agreed score histograms (positives, negatives) of a binary evaluation, or None.
+
+    They are read from the agreed metric ``score_histogram``: ``{"positive": [...],
+    "negative": [...]}``, one count per equal-width bin of the predicted probability over
+    [0, 1] (the layout of :func:`peer.training.evaluate_sums`).
+    """
+    value = stored.record.metrics.get("score_histogram")
+    if not isinstance(value, dict):
+        return None
+    pos, neg = value.get("positive"), value.get("negative")
+    if not isinstance(pos, list) or not isinstance(neg, list) or len(pos) != len(neg):
+        return None
+    counts_pos = [_number(c) for c in pos]
+    counts_neg = [_number(c) for c in neg]
+    if len(pos) < 2 or any(c is None or c < 0 for c in [*counts_pos, *counts_neg]):
+        return None
+    return [float(c or 0) for c in counts_pos], [float(c or 0) for c in counts_neg]
+
+
+def roc_points(positive: Sequence[float], negative: Sequence[float]) -> list[tuple[float, float]]:
+    """The ROC curve ``(false positive rate, true positive rate)`` from score histograms,
+    one point per bin edge from the highest threshold (0, 0) to the lowest (1, 1); empty
+    when either class has no example."""
+    n_pos, n_neg = sum(positive), sum(negative)
+    if n_pos <= 0 or n_neg <= 0:
+        return []
+    points = [(0.0, 0.0)]
+    tp = fp = 0.0
+    for p, n in zip(reversed(positive), reversed(negative), strict=True):
+        tp += p
+        fp += n
+        points.append((fp / n_neg, tp / n_pos))
+    return points
+
+
+def calibration_points(
+    positive: Sequence[float], negative: Sequence[float]
+) -> list[tuple[float, float, int]]:
+    """Reliability: ``(bin centre, observed fraction of positives, examples)`` for every
+    non-empty bin of the predicted probability."""
+    width = 1.0 / len(positive)
+    return [
+        ((i + 0.5) * width, p / (p + n), round(p + n))
+        for i, (p, n) in enumerate(zip(positive, negative, strict=True))
+        if p + n > 0
+    ]
+
+
+# --------------------------------------------------------------------------- comparison
+
+
+def compare_table(first: tuple[str, Table], second: tuple[str, Table]) -> Table:
+    """The final (latest evaluated) model's metrics of two sessions side by side.
+
+    Args:
+        first, second: each session's name and :func:`metrics_table` (built with its
+            first failing round, so that a value that failed the ledger check is shown as
+            :data:`NOT_AGREED` rather than compared).
+
+    Rows: ``model after round``, then each :data:`KNOWN_METRICS` either session has;
+    columns: the metric, each session's value and the difference (second minus first).
+    """
+    (name_a, table_a), (name_b, table_b) = first, second
+    head_a, head_b = headline_row(table_a), headline_row(table_b)
+    columns = (
+        Column("metric", "Final model"),
+        Column("a", name_a, "float"),
+        Column("b", name_b, "float"),
+        Column("difference", f"{name_b} − {name_a}", "float"),
+    )
+
+    def value(row: Mapping[str, Cell] | None, key: str) -> float | None:
+        cell = row.get(key) if row is not None else None
+        return float(cell) if isinstance(cell, int | float) else None
+
+    def shown(row: Mapping[str, Cell] | None, key: str) -> Cell:
+        if row is not None and row.get("status") == NOT_AGREED:
+            return "not agreed"
+        return value(row, key)
+
+    rows: list[dict[str, Cell]] = [
+        {
+            "metric": "Model after round",
+            "a": value(head_a, "after"),
+            "b": value(head_b, "after"),
+        }
+    ]
+    present = set(table_a.column_keys()) | set(table_b.column_keys())
+    for key, label in KNOWN_METRICS:
+        if key not in present:
+            continue
+        a, b = shown(head_a, key), shown(head_b, key)
+        rows.append(
+            {
+                "metric": label,
+                "a": a,
+                "b": b,
+                "difference": b - a if isinstance(a, float) and isinstance(b, float) else None,
+            }
+        )
     return Table(columns, tuple(rows))
 
 
@@ -428,6 +668,32 @@ def _survivors(stored: StoredRecord) -> list[str] | None:
     return None
 
 
+def contributors_table(session: SessionInfo, records: Sequence[StoredRecord]) -> Table:
+    """How many hospitals contributed to each agreed round (the survivors the record
+    names, signed) out of the session's participants.
+
+    Record counts per hospital are not shown: a hospital's exact count is not released
+    (only the sum over the survivors, which is not differentially private either), so the
+    number of contributing hospitals is the participation figure the ledger can vouch for.
+    """
+    columns = (
+        Column("round", "Round", "int"),
+        Column("contributors", "Hospitals contributing", "int"),
+        Column("participants", "Hospitals in the session", "int"),
+    )
+    rows: list[dict[str, Cell]] = []
+    for stored in _by_round(records):
+        survivors = _survivors(stored)
+        rows.append(
+            {
+                "round": stored.record.round,
+                "contributors": None if survivors is None else len(survivors),
+                "participants": len(session.participants),
+            }
+        )
+    return Table(columns, tuple(rows))
+
+
 def _names(peers: Iterable[str]) -> str:
     listed = ", ".join(peers)
     return listed or "none"
@@ -509,7 +775,8 @@ def trust_table(
     """For each agreed round: who signed, how many of how many, and what the check found.
 
     ``check`` is ``valid`` when the ledger was verified and nothing is wrong at the record,
-    the problems found there otherwise, and ``not checked`` without a roster.
+    ``hashes valid, signatures not verified`` when it was checked without a roster, the
+    problems found there otherwise, and ``not checked`` when no check ran.
     """
     columns = (
         Column("round", "Round", "int"),
@@ -525,7 +792,12 @@ def trust_table(
             check = "not checked"
         else:
             problems = report.at(stored.seq)
-            check = "; ".join(p.message for p in problems) if problems else "valid"
+            if problems:
+                check = "; ".join(p.message for p in problems)
+            elif report.signatures_checked:
+                check = "valid"
+            else:
+                check = "hashes valid, signatures not verified"
         rows.append(
             {
                 "round": stored.record.round,
@@ -550,6 +822,13 @@ def verdict(report: LedgerReport | None, *, error: str | None = None) -> Verdict
             "--roster and --ca to verify them).",
         )
     counted = f"{report.records} agreed record(s), {report.checkpoints} checkpoint(s)"
+    if report.ok and not report.signatures_checked:
+        return Verdict(
+            "intact",
+            f"Ledger intact: hash chain, record, metrics and proposal hashes and checkpoints "
+            f"verified ({counted}). Signatures counted but not verified: no roster given "
+            "(start the dashboard with --roster and --ca to verify them).",
+        )
     if report.ok:
         return Verdict(
             "verified",

@@ -18,6 +18,8 @@ Subcommands:
   (:mod:`scripts.ceremony_stats`).
 * ``privacy`` — epsilon of a DP-SGD schedule, or the noise for a target
   (:mod:`scripts.ceremony_privacy`).
+* ``report`` — a printable audit report (HTML or PDF) of one session from a peer's ledger
+  (:mod:`scripts.ceremony_report`).
 * ``split``, ``baseline`` — split a data set across simulated hospitals; non-private
   reference accuracies (:mod:`scripts.ceremony_data`).
 """
@@ -38,6 +40,7 @@ from scripts import (
     ceremony_demo,
     ceremony_identity,
     ceremony_privacy,
+    ceremony_report,
     ceremony_run,
     ceremony_stats,
 )
@@ -402,6 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     ceremony_stats.add_parsers(subparsers)
     ceremony_privacy.add_parsers(subparsers)
     ceremony_data.add_parsers(subparsers)
+    ceremony_report.add_parsers(subparsers)
     _add_simulate(subparsers)
     _add_bench(subparsers)
     return parser

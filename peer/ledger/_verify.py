@@ -113,12 +113,15 @@ class LedgerReport:
         records: how many agreed records were checked.
         checkpoints: how many checkpoints were checked.
         problems: every problem found, in chain order.
+        signatures_checked: False when no roster keys were given: the signatures were
+            counted but not verified.
     """
 
     source: str
     records: int
     checkpoints: int
     problems: tuple[LedgerProblem, ...] = field(default_factory=tuple)
+    signatures_checked: bool = True
 
     @property
     def ok(self) -> bool:
@@ -134,6 +137,8 @@ class LedgerReport:
             f"ledger {self.source}: {self.records} agreed record(s), "
             f"{self.checkpoints} checkpoint(s), "
         )
+        if not self.signatures_checked:
+            head += "signatures counted but not verified (no roster), "
         if self.ok:
             return head + "no problem found"
         lines = [head + f"{len(self.problems)} problem(s):"]
@@ -278,7 +283,9 @@ class ChainChecker:
     """Checks records one by one in ``seq`` order; :attr:`problems` collects what is wrong.
 
     Args:
-        verifiers: roster keys by peer id.
+        verifiers: roster keys by peer id; None checks everything that needs no key (links,
+            hashes, the number of stored signatures, checkpoints) and leaves the signatures
+            themselves unverified.
         min_signatures: signatures required per record; None means each session's threshold.
         thresholds: the threshold of every known session.
         starts: per session, the ``prev_hash`` its first checked record must carry (its
@@ -287,7 +294,7 @@ class ChainChecker:
         prev_seq: the position the first checked record must follow.
     """
 
-    verifiers: Mapping[str, Verifier]
+    verifiers: Mapping[str, Verifier] | None
     min_signatures: int | None
     thresholds: Mapping[str, int]
     starts: Mapping[str, bytes]
@@ -392,6 +399,17 @@ class ChainChecker:
         if threshold is None:
             found.append(_at(row, ProblemKind.MALFORMED, "the record's session is not known"))
         required = self.min_signatures if self.min_signatures is not None else threshold or 1
+        if self.verifiers is None:
+            # Without keys only the count can be checked; a forged signature goes unnoticed.
+            if len(row.signatures) < required:
+                found.append(
+                    _at(
+                        row,
+                        ProblemKind.TOO_FEW_SIGNATURES,
+                        f"{len(row.signatures)} signature(s) stored, {required} required",
+                    )
+                )
+            return found
         valid, _ = valid_signers(payload, row.signatures, self.verifiers)
         unknown = tuple(sorted(p for p in row.signatures if p not in self.verifiers))
         bad = tuple(sorted(p for p in row.signatures if p in self.verifiers and p not in valid))
@@ -535,7 +553,7 @@ def iter_checkpoints(
 
 
 def verify_ledger(
-    ledger: Ledger, verifiers: Mapping[str, Verifier], min_signatures: int | None = None
+    ledger: Ledger, verifiers: Mapping[str, Verifier] | None, min_signatures: int | None = None
 ) -> LedgerReport:
     """Check the whole ledger and report every problem found.
 
@@ -547,7 +565,9 @@ def verify_ledger(
     session's proposal hash.
 
     Args:
-        verifiers: roster keys by peer id.
+        verifiers: roster keys by peer id; None (no roster at hand) runs every check that
+            needs no key and only counts the signatures: the report then says nothing about
+            whether they are genuine (:attr:`LedgerReport.signatures_checked` is false).
         min_signatures: signatures required per record; None means the session's threshold.
 
     Raises:
@@ -572,6 +592,7 @@ def verify_ledger(
         records=checker.count,
         checkpoints=checkpoints,
         problems=tuple(problems + _in_chain_order(checker.problems)),
+        signatures_checked=verifiers is not None,
     )
 
 

@@ -206,19 +206,27 @@ def test_page_shows_the_agreed_rounds_and_follows_new_ones(
     wait_for(browser, lambda: len(chart_titles(browser)) >= 4, "the charts")
     titles = chart_titles(browser)
     for title in (
-        "Global model quality per round",
-        "Global loss per round",
+        "Global model quality",
+        "Global loss",
+        "Hospitals contributing per round",
         "ε spent per round, by hospital",
         "Cumulative ε against budget",
         "Round duration",
     ):
         assert title in titles
     assert "0.874" in text_of(browser, "card-accuracy")
-    assert "round 2" in text_of(browser, "card-accuracy")
+    assert "latest model, after round 2" in text_of(browser, "card-accuracy")
     assert text_of(browser, "card-signatures").endswith("3 of 3")
     assert text_of(browser, "card-rounds").endswith("2 of 3")
     assert "hash chain intact and every signature valid" in text_of(browser, "verdict")
-    assert table_rows(browser, "metrics-table")[-1] == ["2", "0.874", "0.902", "0.41"]
+    assert table_rows(browser, "metrics-table")[-1] == [
+        "2",
+        "2",
+        "0.874",
+        "0.902",
+        "0.41",
+        "agreed",
+    ]
     assert table_rows(browser, "trust-table")[-1][:4] == [
         "2",
         "3 of 3",
@@ -247,6 +255,7 @@ def test_page_shows_the_agreed_rounds_and_follows_new_ones(
         epsilon={"hospital-a": 0.25, "hospital-b": 0.25},
     )
     wait_for(browser, lambda: "0.913" in text_of(browser, "card-accuracy"), "round 3")
+    assert "final model, after round 3" in text_of(browser, "card-accuracy")
     assert browser.execute_script("return window.__notReloaded === true;")
     assert text_of(browser, "card-signatures") == "Signatures, round 3\n2 of 3"
     assert text_of(browser, "card-rounds").endswith("3 of 3")
@@ -268,7 +277,7 @@ def test_empty_ledger_and_session_selector(
     url = serve(builder.url, interval_s=0.5)
     browser.get(url)
     wait_for(browser, lambda: "no session yet" in text_of(browser, "session-facts"), "empty")
-    assert "Signatures not checked: no roster given" in text_of(browser, "verdict")
+    assert "Signatures counted but not verified: no roster given" in text_of(browser, "verdict")
 
     builder.add_session("first", rounds=2)
     builder.agree_round("first", 1, {"accuracy": 0.7})
@@ -327,4 +336,90 @@ def test_real_federation(browser: Any, serve: Callable[..., str], tmp_path: Path
     assert all(row[1] == "agreed" for row in participation)
     screenshot(browser, SCREENSHOT.with_name(SCREENSHOT.stem + "-federation.png"))
     assert_only_local_requests(browser)
+    assert_no_console_errors(browser)
+
+
+def test_metric_edited_under_a_running_dashboard_raises_the_banner(
+    browser: Any, serve: Callable[..., str], tmp_path: Path
+) -> None:
+    """The issue's attack: the last round's accuracy changed from 0.938 to 0.998 directly in
+    ledger.db while the dashboard (started without --roster/--ca) is showing it."""
+    import sqlite3
+
+    from selenium.webdriver.common.by import By
+
+    builder = LedgerBuilder.create(tmp_path)
+    builder.add_session("s1", rounds=3)
+    builder.agree_round("s1", 1, {"accuracy": 0.812, "auc": 0.861})
+    builder.agree_round("s1", 2, {"accuracy": 0.901, "auc": 0.93})
+    builder.agree_round("s1", 3, {"accuracy": 0.938, "auc": 0.95})
+    url = serve(builder.url, interval_s=0.5)
+    browser.get(url)
+    wait_for(browser, lambda: "Ledger intact" in text_of(browser, "verdict"), "the keyless check")
+    assert "0.938" in text_of(browser, "card-accuracy")
+    assert not browser.find_elements(By.ID, "check-banner")
+
+    with sqlite3.connect(builder.path) as db:
+        (metrics,) = db.execute("SELECT metrics FROM agreed_records WHERE round = 3").fetchone()
+        edited = json.loads(metrics)
+        edited["accuracy"] = 0.998
+        db.execute(
+            "UPDATE agreed_records SET metrics = ? WHERE round = 3",
+            (json.dumps(edited, sort_keys=True, separators=(",", ":")),),
+        )
+
+    wait_for(browser, lambda: bool(browser.find_elements(By.ID, "check-banner")), "the banner")
+    banner = text_of(browser, "check-banner")
+    assert "Ledger check FAILED at round 3 of session s1" in banner
+    assert "metrics_hash" in banner
+    # The tampered value is never shown as agreed: not in the headline, greyed in charts.
+    card = text_of(browser, "card-accuracy")
+    assert "NOT AGREED" in card
+    assert "0.998" not in card
+    assert "FAILED" in text_of(browser, "card-check")
+    assert table_rows(browser, "metrics-table")[-1][-1] == "not agreed (ledger check failed)"
+    assert table_rows(browser, "metrics-table")[1][-1] == "agreed"
+    legend = [
+        str(e.text) for e in browser.find_elements(By.CSS_SELECTOR, "#quality-chart .legendtext")
+    ]
+    assert "Not agreed: ledger check failed" in legend
+    screenshot(browser, SCREENSHOT.with_name(SCREENSHOT.stem + "-tampered.png"))
+    assert_only_local_requests(browser)
+    assert_no_console_errors(browser)
+
+
+def test_two_sessions_side_by_side(browser: Any, serve: Callable[..., str], tmp_path: Path) -> None:
+    from selenium.webdriver.common.by import By
+
+    builder = LedgerBuilder.create(tmp_path)
+    builder.add_session("eps-1", rounds=2, privacy={"epsilon": 1.0})
+    builder.agree_round("eps-1", 1, {"accuracy": 0.70, "auc": 0.75})
+    builder.agree_round("eps-1", 2, {"accuracy": 0.80, "auc": 0.85})
+    builder.add_session("eps-3", rounds=2, privacy={"epsilon": 3.0})
+    builder.agree_round("eps-3", 1, {"accuracy": 0.78, "auc": 0.80})
+    builder.agree_round("eps-3", 2, {"accuracy": 0.90, "auc": 0.93})
+    url = serve(builder.url, interval_s=0.5)
+    browser.get(url)
+    wait_for(browser, lambda: "eps-3 —" in text_of(browser, "session"), "the newest session")
+    wait_for(browser, lambda: "Pick a second session" in text_of(browser, "compare-body"), "hint")
+    browser.find_element(By.ID, "compare").click()
+    option = next(
+        e for e in browser.find_elements(By.CSS_SELECTOR, "[role=option]") if "eps-1" in e.text
+    )
+    option.click()
+    wait_for(browser, lambda: bool(browser.find_elements(By.ID, "compare-table")), "comparison")
+    rows = table_rows(browser, "compare-table")
+    assert rows[0] == ["Model after round", "2", "2", "—"]
+    assert rows[1] == ["Accuracy", "0.9", "0.8", "-0.1"]
+    headers = [
+        str(e.text) for e in browser.find_elements(By.CSS_SELECTOR, "#compare-table thead th")
+    ]
+    assert headers == ["Final model", "eps-3", "eps-1", "eps-1 − eps-3"]
+    assert "Accuracy: sessions compared" in chart_titles(browser)
+    # Tables are keyboard-reachable regions named by their caption.
+    wrap = browser.find_element(By.ID, "compare-table").find_element(By.XPATH, "..")
+    assert wrap.get_attribute("tabindex") == "0"
+    assert wrap.get_attribute("aria-label").startswith("Final (latest evaluated) model")
+    wrap.click()
+    assert browser.switch_to.active_element == wrap
     assert_no_console_errors(browser)

@@ -132,18 +132,18 @@ def test_metrics_table_orders_known_metrics_then_other_numbers() -> None:
         stored(1, {"accuracy": 0.8, "note": "text", "survivors": list(PEERS), "flag": True}),
     ]
     table = metrics_table(records)
-    assert table.column_keys() == ("round", "accuracy", "loss", "examples")
+    assert table.column_keys() == ("round", "after", "accuracy", "loss", "examples", "status")
     assert table.column("round") == [1, 2]
     assert table.column("accuracy") == [0.8, 0.9]
     # A metric a round lacks is unknown, not zero.
     assert table.column("loss") == [None, 0.3]
-    assert table.formatted()[0] == ["1", "0.8", "—", "—"]
+    assert table.formatted()[0] == ["1", "1", "0.8", "—", "—", "agreed"]
 
 
 def test_metrics_table_without_records_is_empty() -> None:
     table = metrics_table([])
     assert not table
-    assert table.column_keys() == ("round",)
+    assert table.column_keys() == ("round", "after", "status")
     assert figures.quality_figure(table) is None
     assert figures.loss_figure(table) is None
 
@@ -154,14 +154,14 @@ def test_metrics_figures_carry_titles_units_and_values() -> None:
     )
     quality = figures.quality_figure(table)
     assert quality is not None
-    assert quality.layout.title.text == "Global model quality per round"
+    assert quality.layout.title.text == "Global model quality"
+    assert quality.layout.xaxis.title.text.startswith("Model after round")
     assert quality.layout.yaxis.title.text == "Score (0–1)"
     assert [trace.name for trace in quality.data] == ["Accuracy", "AUC"]
     assert list(quality.data[0].y) == pytest.approx([0.8, 0.9])
     loss = figures.loss_figure(table)
     assert loss is not None
     assert list(loss.data[0].y) == [1.0, 0.5]
-    assert figures.other_metrics_figure(table) is None
 
 
 # --------------------------------------------------------------------------- privacy
@@ -418,10 +418,11 @@ def test_tampered_ledger_is_reported_on_the_page(tmp_path: Path) -> None:
     assert snapshot.report is not None
     assert [p.kind for p in snapshot.report.problems] == [ProblemKind.METRICS_HASH]
     sections = render(snapshot)
-    trust = str(sections[5])
+    trust = str(sections[6])
     assert "Ledger check FAILED: 1 problem(s)" in trust
     assert "metrics_hash" in trust
-    assert "FAILED" in str(sections[1])
+    assert "FAILED" in str(sections[2])
+    assert "Ledger check FAILED at round 1 of session s1" in str(sections[0])
 
 
 def test_page_without_privacy_spending_says_so(tmp_path: Path) -> None:
@@ -435,10 +436,10 @@ def test_page_without_privacy_spending_says_so(tmp_path: Path) -> None:
         sections = render(source.snapshot("s1"))
     finally:
         source.close()
-    privacy = str(sections[3])
+    privacy = str(sections[4])
     assert "No differential privacy was spent" in privacy
     assert "privacy-round-chart" not in privacy
-    assert "Signatures not checked: no roster given" in str(sections[5])
+    assert "Signatures counted but not verified: no roster given" in str(sections[6])
 
 
 def test_training_rounds_show_their_type_and_charts_skip_text() -> None:
@@ -447,12 +448,22 @@ def test_training_rounds_show_their_type_and_charts_skip_text() -> None:
         stored(2, {"round_kind": "train", "accuracy": 0.8, "examples": 300, "n": 90}),
     ]
     table = metrics_table(records)
-    assert table.column_keys() == ("round", "round_kind", "accuracy", "examples", "n")
+    assert table.column_keys() == (
+        "round",
+        "after",
+        "round_kind",
+        "accuracy",
+        "examples",
+        "n",
+        "status",
+    )
     assert table.column("round_kind") == ["standardize", "train"]
     assert table.column("accuracy") == [None, 0.8]
-    other = figures.other_metrics_figure(table)
-    assert other is not None
-    assert [trace.name for trace in other.data] == ["Examples", "N"]
+    # Round 2 (train) evaluates the model it starts from: the one agreed after round 1.
+    assert table.column("after") == [None, 1]
+    quality = figures.quality_figure(table)
+    assert quality is not None
+    assert list(quality.data[0].x) == [1]
 
 
 def test_dp_release_table_names_every_noised_publication() -> None:
