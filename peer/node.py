@@ -441,7 +441,11 @@ class PeerNode:
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"session {sid} is {info.status.value}: {info.reason or ''}",
             )
-        proposal = SessionProposal.from_document(info.proposal)
+        try:
+            proposal = SessionProposal.from_document(info.proposal)
+        except ProposalError as error:  # stored by an older version with other rules
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"session {sid}: {error}")
+            raise  # not reached: abort raises
         state = self.ledger.beacon_state(sid)
         if state is None:
             await context.abort(

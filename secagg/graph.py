@@ -117,7 +117,9 @@ class NeighbourGraph:
         if degree is None:
             raise ConfigError("a SecAgg+ graph needs a degree")
         if beacon:
-            seed = canonical("secagg/graph/v2", beacon, session_id, round_)
+            # The beacon already binds the whole proposal; the session id adds nothing a
+            # proposer could steer.
+            seed = canonical("secagg/graph/v2", beacon, round_)
         else:
             seed = canonical("secagg/graph/v1", session_id, round_)
         return cls.harary(peers, degree, seed)
