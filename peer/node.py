@@ -216,25 +216,29 @@ class PeerNode:
         self._stopping.set()
 
     def _resume_sessions(self) -> None:
+        """Run again the sessions that were running, and those whose beacon was fixed just
+        before a crash (fixed means the proposer started the session)."""
         for info in self.ledger.sessions():
-            if info.status in (SessionStatus.RUNNING,):
-                try:
-                    proposal = SessionProposal.from_document(info.proposal)
-                except ProposalError as error:
-                    logger.error(
-                        "peer=%s cannot resume session %s: %s", self.me, info.session_id, error
-                    )
-                    continue
-                beacon = self.ledger.session_beacon(info.session_id)
-                if beacon is None:
+            if info.status not in (SessionStatus.RUNNING, SessionStatus.ACCEPTED):
+                continue
+            beacon = self.ledger.session_beacon(info.session_id)
+            if beacon is None:
+                if info.status is SessionStatus.RUNNING:
                     logger.error(
                         "peer=%s cannot resume session %s: it has no beacon",
                         self.me,
                         info.session_id,
                     )
-                    continue
-                logger.info("peer=%s resuming session=%s", self.me, info.session_id)
-                self._launch(proposal, beacon)
+                continue
+            try:
+                proposal = SessionProposal.from_document(info.proposal)
+            except ProposalError as error:
+                logger.error(
+                    "peer=%s cannot resume session %s: %s", self.me, info.session_id, error
+                )
+                continue
+            logger.info("peer=%s resuming session=%s", self.me, info.session_id)
+            self._launch(proposal, beacon)
 
     def _channel(self, peer_id: str) -> grpc.aio.Channel:
         channel = self._channels.get(peer_id)
