@@ -161,6 +161,7 @@ class PeerNode:
         self._proposal_limiter = RateLimiter(
             config.policy.proposals_per_minute / 60.0, config.policy.proposal_burst, clock
         )
+        self._rate_limited: set[str] = set()  # callers whose last proposal was rate limited
         self.port = 0
         self._sessions: dict[str, _Session] = {}
         self._rounds: dict[tuple[str, int, int], AggregatorRound] = {}
@@ -293,8 +294,14 @@ class PeerNode:
             )
         policy = self.config.policy
         wait = self._proposal_limiter.take(caller.peer_id)
-        if wait > 0:
-            logger.warning("peer=%s proposals from %s are rate limited", self.me, caller.peer_id)
+        if wait == 0:
+            self._rate_limited.discard(caller.peer_id)
+        else:
+            if caller.peer_id not in self._rate_limited:  # one log line per flood, not per call
+                self._rate_limited.add(caller.peer_id)
+                logger.warning(
+                    "peer=%s proposals from %s are rate limited", self.me, caller.peer_id
+                )
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"{caller.peer_id} sent more than {policy.proposal_burst} proposals in a burst "

@@ -308,6 +308,8 @@ def test_a_proposal_flood_is_rate_limited_per_caller(network: Network) -> None:
     assert len(limited) >= 30 - Policy.proposal_burst - 1
     assert "hospital-e sent more than 10 proposals in a burst" in limited[0]
     assert "retry in" in limited[0]
+    # The flood is one line in the peer's log, not one per call.
+    assert _log(network, "hospital-b").count("proposals from hospital-e are rate limited") == 1
     # Another caller is not affected.
     proposal = _proposal("after-flood", ("hospital-a", "hospital-b", "hospital-c"))
     _, _, answer = _propose(
