@@ -37,7 +37,10 @@ from peer.wire import peer_pb2 as pb
 from secagg import GraphKind, SystemRandom
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "network"))
-from network_harness import Network  # type: ignore[import-not-found, unused-ignore]
+from network_harness import (  # type: ignore[import-not-found, unused-ignore]
+    Network,
+    fixed_beacon,
+)
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -281,7 +284,9 @@ def test_an_oversized_proposal_is_refused_without_growing_the_ledger(network: Ne
     with network.ledger("hospital-a") as ledger:
         assert len(ledger.sessions()) == sessions
         assert len(ledger.refused_proposals()) == refused
-    assert ledger_file.stat().st_size - size < 64 * 1024  # (was ~4 MB per such proposal)
+    grown = ledger_file.stat().st_size - size
+    assert grown < 64 * 1024  # (was ~4 MB per such proposal)
+    print(f"ledger grew by {grown} bytes after 3 refused proposals of {len(huge.document())} bytes")
     assert "refused a proposal of" in _log(network, "hospital-a")
 
 
@@ -304,6 +309,7 @@ def test_a_proposal_flood_is_rate_limited_per_caller(network: Network) -> None:
     answers = asyncio.run(run())
     limited = [d for c, d, _ in answers if c is grpc.StatusCode.RESOURCE_EXHAUSTED]
     served = [a for c, _, a in answers if c is grpc.StatusCode.OK]
+    print(f"{len(served)} of {len(flood)} proposals served, {len(limited)} rate limited")
     assert len(served) <= Policy.proposal_burst + 1  # the burst (and a token refilled meanwhile)
     assert len(limited) >= 30 - Policy.proposal_burst - 1
     assert "hospital-e sent more than 10 proposals in a burst" in limited[0]
@@ -534,3 +540,51 @@ def test_policy_check_is_deny_by_default() -> None:
     assert "peer hospital-b" in str(
         check_policy(proposal, "hospital-b", True, "hospital-a", allowed)
     )
+
+
+def test_a_withheld_nonce_stops_the_start_and_names_the_peer(network: Network) -> None:
+    """hospital-c accepts, then is gone when the beacon is fixed: the operator names it and
+    no peer runs the session. Restarted (its nonce is in its ledger), the start completes."""
+    from peer.operator import BeaconFailed
+
+    peers = ("hospital-a", "hospital-b", "hospital-c")
+    proposal = _proposal("withheld", peers)
+    operator = network.operator()
+    operator.timeout = 10.0
+
+    async def propose() -> None:
+        await operator.propose(proposal)
+
+    async def start() -> bytes:
+        return await operator.start(proposal.session_id, peers)
+
+    async def close() -> None:
+        await operator.close()
+
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(propose())
+        network.peers["hospital-c"].kill()
+        with pytest.raises(BeaconFailed, match="hospital-c") as failed:
+            loop.run_until_complete(start())
+        assert set(failed.value.answers) == {"hospital-c"}
+        for p in ("hospital-a", "hospital-b"):
+            with network.ledger(p) as ledger:
+                info = ledger.session("withheld")
+                assert info is not None
+                assert info.status.value == "accepted"  # not running
+                assert ledger.session_beacon("withheld") is None
+        network.peers["hospital-c"].start()
+        # The operator comes back (as `ceremony run --attach` would) with fresh channels.
+        loop.run_until_complete(close())
+        operator = network.operator()
+        beacon = loop.run_until_complete(start())
+        loop.run_until_complete(
+            operator.wait(proposal.session_id, peers, timeout=90, require_all=True)
+        )
+    finally:
+        loop.run_until_complete(close())
+        loop.close()
+    assert beacon == fixed_beacon(proposal)  # the harness fixed every nonce
+    records = network.records("hospital-a", "withheld")
+    assert [r.record.round for r in records] == [1], network.logs()
