@@ -156,8 +156,10 @@ class PeerNode:
         self.ledger.create()
         self.payload_factory = payload_factory
         self.rng = rng or SystemRandom()
-        # Beacon nonces (peer/beacon.py): the system CSPRNG unless a test fixes them.
-        self._nonce_rng = nonce_rng or self.rng
+        # Beacon nonces (peer/beacon.py): the system CSPRNG unless a test fixes them. Not
+        # ``rng``, whose outputs are secrets that never leave this peer: a nonce is kept in
+        # the ledger (so a restart commits to the same one) and is published at the reveal.
+        self._nonce_rng = nonce_rng or SystemRandom()
         self._proposal_limiter = RateLimiter(
             config.policy.proposals_per_minute / 60.0, config.policy.proposal_burst, clock
         )
