@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 from collections import Counter
@@ -53,6 +54,7 @@ def _load_config(path: str) -> PeerConfig:
 
 
 def _start(args: argparse.Namespace) -> int:
+    from .beacon import TEST_NONCE_ENV, nonce_source_from_env
     from .config import ConfigFileError, load_config
     from .identity import IdentityError
     from .logs import configure_logging
@@ -61,7 +63,14 @@ def _start(args: argparse.Namespace) -> int:
     configure_logging(args.log_format)
     try:
         config = load_config(args.config)
-        node = PeerNode(config)
+        nonce_rng = nonce_source_from_env(os.environ)
+        if nonce_rng is not None:
+            logging.getLogger("peer").warning(
+                "peer=%s beacon nonces are fixed by %s: for tests only",
+                config.peer_id,
+                TEST_NONCE_ENV,
+            )
+        node = PeerNode(config, nonce_rng=nonce_rng)
     except (ConfigFileError, IdentityError, OSError, ValueError) as error:
         raise UserError(str(error)) from None
 

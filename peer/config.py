@@ -18,9 +18,14 @@ Example (``hospital_a.toml``)::
 
     [policy]
     max_epsilon = 8.0               # total privacy budget of this institution
-    min_participants = 3
+    min_participants = 3            # at least 3 (with 2, the other learns your input)
     allowed_models = ["logreg", "mlp", "vector"]
-    allowed_operators = ["ceremony-operator"]   # who may propose (peers may always)
+    allowed_operators = ["ceremony-operator"]   # which operators may propose
+    allowed_peer_proposers = []     # which peers may propose (none by default)
+    allow_exact_payloads = false    # exact sums ("vector"): n-1 others learn your input
+    max_proposal_bytes = 262144     # larger proposal documents are refused unread
+    proposals_per_minute = 30       # per caller (token bucket, burst proposal_burst)
+    proposal_burst = 10
 
     [timeouts]
     stage_seconds = 30.0
@@ -42,10 +47,25 @@ class ConfigFileError(ValueError):
 
 @dataclass(frozen=True)
 class Policy:
+    """A site's local rules for the sessions it joins (deny by default: see SECURITY.md,
+    "Peer layer: who may propose and start; differencing")."""
+
     max_epsilon: float = 8.0
-    min_participants: int = 2
+    # With 2 participants the other one learns this site's input from any sum.
+    min_participants: int = 3
     allowed_models: tuple[str, ...] = ("logreg", "mlp", "vector", "statistics")
+    # Who may propose: roster operators named here, and roster peers named in
+    # ``allowed_peer_proposers`` (none by default: a hospital proposing a session it takes
+    # part in chooses who its input is summed with).
     allowed_operators: tuple[str, ...] = ()
+    allowed_peer_proposers: tuple[str, ...] = ()
+    # Exact (non-DP) payloads such as ``vector``: the n-1 others learn this site's input
+    # from any exact sum, so they are refused unless the site opts in.
+    allow_exact_payloads: bool = False
+    # Bounds on what a caller can make this peer parse and remember.
+    max_proposal_bytes: int = 256 * 1024
+    proposals_per_minute: float = 30.0
+    proposal_burst: int = 10
     max_rounds: int = 1000
     max_vector_length: int = 50_000_000
     # Cleartext sessions reveal every input to the aggregator: benchmarks only.
@@ -156,6 +176,21 @@ def load_config(path: str | Path) -> PeerConfig:
             _get(policy_table, "allowed_models", list, ppath, list(Policy.allowed_models))
         ),
         allowed_operators=tuple(_get(policy_table, "allowed_operators", list, ppath, [])),
+        allowed_peer_proposers=tuple(_get(policy_table, "allowed_peer_proposers", list, ppath, [])),
+        allow_exact_payloads=_get(policy_table, "allow_exact_payloads", bool, ppath, False),
+        max_proposal_bytes=_get(
+            policy_table, "max_proposal_bytes", int, ppath, Policy.max_proposal_bytes
+        ),
+        proposals_per_minute=float(
+            _get(
+                policy_table,
+                "proposals_per_minute",
+                (int, float),
+                ppath,
+                Policy.proposals_per_minute,
+            )
+        ),
+        proposal_burst=_get(policy_table, "proposal_burst", int, ppath, Policy.proposal_burst),
         max_rounds=_get(policy_table, "max_rounds", int, ppath, Policy.max_rounds),
         max_vector_length=_get(
             policy_table, "max_vector_length", int, ppath, Policy.max_vector_length
@@ -167,8 +202,20 @@ def load_config(path: str | Path) -> PeerConfig:
     )
     if policy.max_epsilon <= 0:
         raise ConfigFileError(f"{ppath}: 'max_epsilon' must be positive")
-    if policy.min_participants < 2:
-        raise ConfigFileError(f"{ppath}: 'min_participants' must be at least 2")
+    if policy.min_participants < 3:
+        raise ConfigFileError(
+            f"{ppath}: 'min_participants' must be at least 3 (with 2, each learns the "
+            "other's input from the sum)"
+        )
+    for key in ("allowed_operators", "allowed_peer_proposers", "allowed_models"):
+        if not all(isinstance(item, str) for item in getattr(policy, key)):
+            raise ConfigFileError(f"{ppath}: '{key}' must be a list of strings")
+    if policy.max_proposal_bytes < 1024:
+        raise ConfigFileError(f"{ppath}: 'max_proposal_bytes' must be at least 1024")
+    if policy.proposals_per_minute <= 0 or policy.proposal_burst < 1:
+        raise ConfigFileError(
+            f"{ppath}: 'proposals_per_minute' must be positive and 'proposal_burst' at least 1"
+        )
     stage_seconds = float(
         _get(timeouts, "stage_seconds", (int, float), f"{where} [timeouts]", 30.0)
     )

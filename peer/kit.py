@@ -64,6 +64,9 @@ data = "sqlite:///data.db"
 ledger = "sqlite:///ledger.db"
 
 [policy]
+# Deny by default (SECURITY.md, "Peer layer"): only the operators in allowed_operators (and
+# the peers in allowed_peer_proposers) may propose; at least 3 participants; exact sums
+# (payload "vector") only with allow_exact_payloads = true.
 {policy_lines}
 
 [timeouts]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -22,16 +23,30 @@ from google.protobuf.message import DecodeError, Message
 from secagg import RandomSource, SystemRandom
 
 from .backends import backend_for
+from .beacon import (
+    NONCE_BYTES,
+    BeaconError,
+    Commitment,
+    beacon_of,
+    check_commitments,
+    check_reveals,
+    commit,
+    commitment_signed_bytes,
+)
 from .codec import CodecError, fragments
 from .config import PeerConfig
 from .identity import Role, load_signer
 from .ledger import (
+    BeaconState,
     Ledger,
     LedgerError,
+    RecordRejected,
     RoundStatus,
+    SessionError,
     SessionStatus,
 )
 from .payload import Payload, VectorPayload
+from .ratelimit import RateLimiter
 from .rounds import (
     PRECONDITION,
     AggregatorRound,
@@ -102,6 +117,7 @@ class _Progress:
 @dataclass
 class _Session:
     proposal: SessionProposal
+    beacon: bytes  # fixed by commit-reveal before the session runs (peer/beacon.py)
     progress: _Progress = field(default_factory=_Progress)
     task: asyncio.Task[None] | None = None
 
@@ -126,6 +142,8 @@ class PeerNode:
         *,
         payload_factory: PayloadFactory = default_payload,
         rng: RandomSource | None = None,
+        nonce_rng: RandomSource | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
         self.me = config.peer_id
@@ -138,6 +156,14 @@ class PeerNode:
         self.ledger.create()
         self.payload_factory = payload_factory
         self.rng = rng or SystemRandom()
+        # Beacon nonces (peer/beacon.py): the system CSPRNG unless a test fixes them. Not
+        # ``rng``, whose outputs are secrets that never leave this peer: a nonce is kept in
+        # the ledger (so a restart commits to the same one) and is published at the reveal.
+        self._nonce_rng = nonce_rng or SystemRandom()
+        self._proposal_limiter = RateLimiter(
+            config.policy.proposals_per_minute / 60.0, config.policy.proposal_burst, clock
+        )
+        self._rate_limited: set[str] = set()  # callers whose last proposal was rate limited
         self.port = 0
         self._sessions: dict[str, _Session] = {}
         self._rounds: dict[tuple[str, int, int], AggregatorRound] = {}
@@ -158,8 +184,8 @@ class PeerNode:
                     response_serializer=pb.ProposalAnswer.SerializeToString,
                 ),
                 "Start": grpc.unary_unary_rpc_method_handler(
-                    self._parsing(self._start, pb.SessionRef),
-                    response_serializer=pb.SessionStatus.SerializeToString,
+                    self._parsing(self._start, pb.StartRequest),
+                    response_serializer=pb.StartAnswer.SerializeToString,
                 ),
                 "Status": grpc.unary_unary_rpc_method_handler(
                     self._parsing(self._status, pb.SessionRef),
@@ -193,17 +219,29 @@ class PeerNode:
         self._stopping.set()
 
     def _resume_sessions(self) -> None:
+        """Run again the sessions that were running, and those whose beacon was fixed just
+        before a crash (fixed means the proposer started the session)."""
         for info in self.ledger.sessions():
-            if info.status in (SessionStatus.RUNNING,):
-                try:
-                    proposal = SessionProposal.from_document(info.proposal)
-                except ProposalError as error:
+            if info.status not in (SessionStatus.RUNNING, SessionStatus.ACCEPTED):
+                continue
+            beacon = self.ledger.session_beacon(info.session_id)
+            if beacon is None:
+                if info.status is SessionStatus.RUNNING:
                     logger.error(
-                        "peer=%s cannot resume session %s: %s", self.me, info.session_id, error
+                        "peer=%s cannot resume session %s: it has no beacon",
+                        self.me,
+                        info.session_id,
                     )
-                    continue
-                logger.info("peer=%s resuming session=%s", self.me, info.session_id)
-                self._launch(proposal)
+                continue
+            try:
+                proposal = SessionProposal.from_document(info.proposal)
+            except ProposalError as error:
+                logger.error(
+                    "peer=%s cannot resume session %s: %s", self.me, info.session_id, error
+                )
+                continue
+            logger.info("peer=%s resuming session=%s", self.me, info.session_id)
+            self._launch(proposal, beacon)
 
     def _channel(self, peer_id: str) -> grpc.aio.Channel:
         channel = self._channels.get(peer_id)
@@ -244,54 +282,93 @@ class PeerNode:
     async def _propose(
         self, request: pb.SessionProposal, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ProposalAnswer:
+        """Check a proposal; on accepting, commit to a beacon nonce (peer/beacon.py).
+
+        A refused proposal is logged apart from the sessions (bounded), so its id stays free
+        for a legitimate proposal; one that is too large, or a caller that proposes too often,
+        gets RESOURCE_EXHAUSTED and costs the ledger nothing.
+        """
         caller = caller_identity()
         if request.proposer != caller.peer_id:
             await context.abort(
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"{caller.peer_id} cannot submit a proposal signed as {request.proposer!r}",
             )
+        policy = self.config.policy
+        wait = self._proposal_limiter.take(caller.peer_id)
+        if wait == 0:
+            self._rate_limited.discard(caller.peer_id)
+        else:
+            if caller.peer_id not in self._rate_limited:  # one log line per flood, not per call
+                self._rate_limited.add(caller.peer_id)
+                logger.warning(
+                    "peer=%s proposals from %s are rate limited", self.me, caller.peer_id
+                )
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{caller.peer_id} sent more than {policy.proposal_burst} proposals in a burst "
+                f"(limit {policy.proposals_per_minute:g} per minute); retry in {wait:.1f}s",
+            )
+        size = len(request.document.encode("utf-8"))
+        if size > policy.max_proposal_bytes:
+            logger.warning(
+                "peer=%s refused a proposal of %d bytes from %s", self.me, size, caller.peer_id
+            )
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"proposal document of {size} bytes exceeds this peer's limit of "
+                f"{policy.max_proposal_bytes} bytes",
+            )
         try:
             signed = SignedProposal.verify(
                 request.document, request.proposer, request.signature, self.verifiers
             )
         except ProposalError as error:
-            logger.warning("peer=%s refused proposal from %s: %s", self.me, caller.peer_id, error)
-            return pb.ProposalAnswer(peer_id=self.me, accepted=False, reason=str(error))
+            return self._refuse(request, caller.peer_id, "", str(error))
         proposal = signed.proposal
         existing = self.ledger.session(proposal.session_id)
         if existing is not None:
-            if existing.proposal != proposal.document():
-                return pb.ProposalAnswer(
-                    peer_id=self.me,
-                    accepted=False,
-                    reason=f"session id {proposal.session_id} is already used by another proposal",
+            if existing.proposal != proposal.document() or existing.proposer != request.proposer:
+                return self._refuse(
+                    request,
+                    caller.peer_id,
+                    proposal.session_id,
+                    f"session id {proposal.session_id} is already used by another proposal",
                 )
-            accepted = existing.status not in (SessionStatus.REFUSED, SessionStatus.ABORTED)
-            return pb.ProposalAnswer(
-                peer_id=self.me, accepted=accepted, reason=existing.reason or ""
-            )
-        needed = 0.0
-        loop = asyncio.get_running_loop()
-        try:
-            # Building a training payload reads the patient data and loads TensorFlow:
-            # seconds of work that must not stall the other RPCs.
-            backend_for(proposal.aggregation)
-            payload = await loop.run_in_executor(
-                None, self.payload_factory, proposal, self.config, self.ledger
-            )
-            needed = await loop.run_in_executor(None, epsilon_needed, payload)
-        except (ProposalError, ValueError, OSError) as error:
-            reason: str | None = f"cannot take part: {error}"
-        else:
-            reason = check_policy(
-                proposal,
-                request.proposer,
-                caller.role is Role.PEER,
-                self.me,
-                self.config.policy,
-                epsilon_spent=self.ledger.privacy_spent(self.me).epsilon,
-                epsilon_needed=needed,
-            )
+            # The same proposal again (an operator retrying): the same answer.
+            if existing.status in (SessionStatus.REFUSED, SessionStatus.ABORTED):
+                return pb.ProposalAnswer(
+                    peer_id=self.me, accepted=False, reason=existing.reason or ""
+                )
+            return self._accept(proposal)
+        is_peer = caller.role is Role.PEER
+        # Who may propose, and what, before any work on the payload (which reads the
+        # patient data): an unauthorized caller costs this peer one policy check.
+        reason = check_policy(proposal, request.proposer, is_peer, self.me, policy)
+        if reason is None:
+            loop = asyncio.get_running_loop()
+            try:
+                # Building a training payload reads the patient data and loads TensorFlow:
+                # seconds of work that must not stall the other RPCs.
+                backend_for(proposal.aggregation)
+                payload = await loop.run_in_executor(
+                    None, self.payload_factory, proposal, self.config, self.ledger
+                )
+                needed = await loop.run_in_executor(None, epsilon_needed, payload)
+            except (ProposalError, ValueError, OSError) as error:
+                reason = f"cannot take part: {error}"
+            else:
+                reason = check_policy(
+                    proposal,
+                    request.proposer,
+                    is_peer,
+                    self.me,
+                    policy,
+                    epsilon_spent=self.ledger.privacy_spent(self.me).epsilon,
+                    epsilon_needed=needed,
+                )
+        if reason is not None:
+            return self._refuse(request, caller.peer_id, proposal.session_id, reason)
         self.ledger.record_proposal(
             proposal.session_id,
             proposal.document(),
@@ -300,37 +377,160 @@ class PeerNode:
             threshold=proposal.threshold,
             rounds_planned=proposal.rounds,
         )
-        self.ledger.decide_session(proposal.session_id, accept=reason is None, reason=reason)
+        self.ledger.decide_session(proposal.session_id, accept=True)
         logger.info(
-            "peer=%s session=%s proposal from %s %s%s",
+            "peer=%s session=%s proposal from %s accepted",
             self.me,
             proposal.session_id,
             request.proposer,
-            "accepted" if reason is None else "refused: ",
-            reason or "",
         )
-        return pb.ProposalAnswer(peer_id=self.me, accepted=reason is None, reason=reason or "")
+        return self._accept(proposal)
+
+    def _accept(self, proposal: SessionProposal) -> pb.ProposalAnswer:
+        """An accepting answer with this peer's signed beacon commitment; the nonce is in the
+        ledger before the answer leaves (a restarted peer commits to the same one)."""
+        try:
+            nonce = self.ledger.session_nonce(
+                proposal.session_id, lambda: self._nonce_rng.token_bytes(NONCE_BYTES)
+            )
+        except RecordRejected:  # a concurrent retry of the same proposal stored it first
+            nonce = self.ledger.session_nonce(proposal.session_id, lambda: b"")
+        commitment = commit(proposal.digest, self.me, nonce)
+        signature = self.signer.sign(commitment_signed_bytes(proposal.digest, self.me, commitment))
+        return pb.ProposalAnswer(
+            peer_id=self.me,
+            accepted=True,
+            commitment=commitment,
+            commitment_signature=signature,
+        )
+
+    def _refuse(
+        self, request: pb.SessionProposal, caller: str, session_id: str, reason: str
+    ) -> pb.ProposalAnswer:
+        """A refusal, logged in the bounded refused-proposal log (never as a session)."""
+        logger.warning(
+            "peer=%s session=%s proposal from %s refused: %s",
+            self.me,
+            session_id or "?",
+            caller,
+            reason,
+        )
+        document = request.document.encode("utf-8")
+        try:
+            self.ledger.record_refused_proposal(
+                session_id,
+                proposer=caller,
+                proposal_hash=hashlib.sha256(document).digest(),
+                size=len(document),
+                reason=reason,
+            )
+        except LedgerError as error:
+            logger.warning("peer=%s cannot log a refused proposal: %s", self.me, error)
+        return pb.ProposalAnswer(peer_id=self.me, accepted=False, reason=reason)
 
     async def _start(
-        self, request: pb.SessionRef, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> pb.SessionStatus:
-        info = self.ledger.session(request.session_id)
+        self, request: pb.StartRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.StartAnswer:
+        """Fix the session beacon with its proposer, then run the session (peer/beacon.py).
+
+        With the participants' signed commitments: check and store them, answer this peer's
+        nonce. With every nonce: check each against its commitment, store the beacon, run.
+        Every answer carries this peer's own signed commitment; only the proposer may call.
+        """
+        caller = caller_identity().peer_id
+        sid = request.session_id
+        info = self.ledger.session(sid)
         if info is None:
-            await context.abort(
-                grpc.StatusCode.NOT_FOUND, f"no session {request.session_id!r} here"
-            )
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no session {sid!r} here")
         assert info is not None
+        if caller != info.proposer:
+            logger.warning("peer=%s session=%s start by %s refused", self.me, sid, caller)
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"only {info.proposer}, who proposed session {sid}, may start it; not {caller}",
+            )
         if info.status in (SessionStatus.REFUSED, SessionStatus.ABORTED):
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
-                f"session {request.session_id} is {info.status.value}: {info.reason or ''}",
+                f"session {sid} is {info.status.value}: {info.reason or ''}",
             )
-        if request.session_id not in self._sessions and info.status in (
-            SessionStatus.ACCEPTED,
-            SessionStatus.RUNNING,
-        ):
-            self._launch(SessionProposal.from_document(info.proposal))
-        return self._status_of(request.session_id)
+        try:
+            proposal = SessionProposal.from_document(info.proposal)
+        except ProposalError as error:  # stored by an older version with other rules
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"session {sid}: {error}")
+            raise  # not reached: abort raises
+        state = self.ledger.beacon_state(sid)
+        if state is None:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"{self.me} made no beacon commitment for session {sid}",
+            )
+        assert state is not None
+        own = self._accept(proposal)  # this peer's signed commitment, answered every time
+        answer = pb.StartAnswer(
+            peer_id=self.me,
+            commitment=pb.BeaconCommitment(
+                peer_id=self.me, commitment=own.commitment, signature=own.commitment_signature
+            ),
+        )
+        try:
+            if state.beacon is not None:
+                answer.nonce, answer.beacon = state.nonce, state.beacon  # both public by now
+            elif request.reveals:
+                answer.beacon = self._fix_beacon(proposal, state, request)
+            elif request.commitments:
+                self._fix_commitments(proposal, state, request)
+                answer.nonce = state.nonce
+        except BeaconError as error:
+            logger.warning(
+                "peer=%s session=%s refused a start from %s: %s", self.me, sid, caller, error
+            )
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"session {sid}: {error}")
+        except SessionError as error:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
+        runnable = info.status in (SessionStatus.ACCEPTED, SessionStatus.RUNNING)
+        if answer.beacon and runnable and sid not in self._sessions:
+            self._launch(proposal, answer.beacon)
+        answer.status.CopyFrom(self._status_of(sid))
+        return answer
+
+    def _fix_commitments(
+        self, proposal: SessionProposal, state: BeaconState, request: pb.StartRequest
+    ) -> None:
+        """Check every participant's signed commitment and fix the set (BeaconError if not)."""
+        commitments: dict[str, Commitment] = {}
+        for entry in request.commitments:
+            if entry.peer_id in commitments:
+                raise BeaconError(f"two commitments for {entry.peer_id}")
+            commitments[entry.peer_id] = Commitment(
+                entry.peer_id, entry.commitment, entry.signature
+            )
+        check_commitments(proposal.digest, proposal.participants, commitments, self.verifiers)
+        if commitments[self.me].commitment != commit(proposal.digest, self.me, state.nonce):
+            raise BeaconError(f"the commitment given for {self.me} is not the one it made")
+        self.ledger.store_commitments(
+            proposal.session_id, {p: (c.commitment, c.signature) for p, c in commitments.items()}
+        )
+
+    def _fix_beacon(
+        self, proposal: SessionProposal, state: BeaconState, request: pb.StartRequest
+    ) -> bytes:
+        """Check every revealed nonce and fix the beacon (BeaconError if not)."""
+        if state.commitments is None:
+            raise BeaconError("nonces before the commitments were fixed")
+        reveals: dict[str, bytes] = {}
+        for entry in request.reveals:
+            if entry.peer_id in reveals:
+                raise BeaconError(f"two nonces for {entry.peer_id}")
+            reveals[entry.peer_id] = entry.nonce
+        committed = {p: c for p, (c, _) in state.commitments.items()}
+        check_reveals(proposal.digest, committed, reveals)
+        beacon = beacon_of(proposal.digest, reveals)
+        self.ledger.store_beacon(proposal.session_id, reveals, beacon)
+        logger.info(
+            "peer=%s session=%s beacon fixed: %s", self.me, proposal.session_id, beacon.hex()[:16]
+        )
+        return beacon
 
     async def _status(
         self, request: pb.SessionRef, context: grpc.aio.ServicerContext[Any, Any]
@@ -425,7 +625,7 @@ class PeerNode:
             )
         if session.progress.round > hello.round:
             raise LookupError(f"round-passed: {session.progress.round}")
-        if aggregator_for(session.proposal, hello.round, hello.attempt) != self.me:
+        if aggregator_for(session.proposal, hello.round, hello.attempt, session.beacon) != self.me:
             raise PermissionError(
                 f"{self.me} is not the aggregator of round {hello.round} attempt {hello.attempt}"
             )
@@ -452,11 +652,11 @@ class PeerNode:
 
     # ------------------------------------------------------------------ running sessions
 
-    def _launch(self, proposal: SessionProposal) -> None:
+    def _launch(self, proposal: SessionProposal, beacon: bytes) -> None:
         session = self._sessions.get(proposal.session_id)
         if session is not None and session.task is not None and not session.task.done():
             return
-        session = self._sessions[proposal.session_id] = _Session(proposal)
+        session = self._sessions[proposal.session_id] = _Session(proposal, beacon)
         session.task = asyncio.create_task(
             self._run_session(session), name=f"session-{proposal.session_id}"
         )
@@ -477,7 +677,7 @@ class PeerNode:
             attempt = 0
             while round_ <= proposal.rounds:
                 progress.state, progress.round = "running", round_
-                aggregator = aggregator_for(proposal, round_, attempt)
+                aggregator = aggregator_for(proposal, round_, attempt, session.beacon)
                 progress.aggregator, progress.stage = aggregator, "starting"
                 outcome = await self._one_round(session, payload, round_, attempt, aggregator)
                 progress.detail = outcome.reason
@@ -547,7 +747,9 @@ class PeerNode:
             round=round_,
             attempt=attempt,
             aggregator=aggregator,
-            config=proposal.round_config(round_, payload.vector_length(round_)),
+            config=proposal.round_config(
+                round_, payload.vector_length(round_), attempt=attempt, beacon=session.beacon
+            ),
             signer=self.signer,
             verifiers=self.verifiers,
             ledger=self.ledger,

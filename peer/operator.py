@@ -21,7 +21,7 @@ from .session import SessionProposal, SignedProposal
 from .tls import TLSFiles, map_rpc_error, peer_channel
 from .wire import peer_pb2 as pb
 
-__all__ = ["OperatorClient", "ProposalRefused"]
+__all__ = ["BeaconFailed", "OperatorClient", "ProposalRefused"]
 
 
 class ProposalRefused(Exception):
@@ -29,6 +29,18 @@ class ProposalRefused(Exception):
 
     def __init__(self, answers: Mapping[str, str]) -> None:
         super().__init__("; ".join(f"{peer}: {reason}" for peer, reason in sorted(answers.items())))
+        self.answers = dict(answers)
+
+
+class BeaconFailed(Exception):
+    """The session beacon could not be fixed, so the session does not run; ``answers``
+    names each peer that withheld its commitment or nonce, or refused the others', and why."""
+
+    def __init__(self, session_id: str, answers: Mapping[str, str]) -> None:
+        super().__init__(
+            f"session {session_id} cannot start: "
+            + "; ".join(f"{peer}: {reason}" for peer, reason in sorted(answers.items()))
+        )
         self.answers = dict(answers)
 
 
@@ -51,6 +63,7 @@ class OperatorClient:
 
     def __post_init__(self) -> None:
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._nonces: dict[str, dict[str, bytes]] = {}
 
     def _channel(self, peer: str) -> grpc.aio.Channel:
         if peer not in self._channels:
@@ -92,13 +105,71 @@ class OperatorClient:
             raise ProposalRefused(refused)
         return result
 
-    async def start(self, session_id: str, participants: Sequence[str]) -> None:
-        await asyncio.gather(
-            *(
-                self._call(p, "Start", pb.SessionRef(session_id=session_id), pb.SessionStatus)
-                for p in participants
-            )
+    async def _start_all(
+        self, session_id: str, participants: Sequence[str], request: pb.StartRequest
+    ) -> dict[str, pb.StartAnswer]:
+        """Send ``request`` to every participant; BeaconFailed names whoever did not answer."""
+        answers = await asyncio.gather(
+            *(self._call(p, "Start", request, pb.StartAnswer) for p in participants),
+            return_exceptions=True,
         )
+        failed = {
+            p: str(a)
+            for p, a in zip(participants, answers, strict=True)
+            if not isinstance(a, pb.StartAnswer)
+        }
+        if failed:
+            raise BeaconFailed(session_id, failed)
+        return {
+            p: a
+            for p, a in zip(participants, answers, strict=True)
+            if isinstance(a, pb.StartAnswer)
+        }
+
+    async def start(self, session_id: str, participants: Sequence[str]) -> bytes:
+        """Fix the session beacon with every participant (commit-reveal, peer/beacon.py) and
+        so start the session; returns the beacon.
+
+        ``participants`` must be all of the session's participants: the beacon needs every
+        one's nonce. Peers already running answer the beacon they hold.
+
+        Raises:
+            BeaconFailed: a peer withheld its commitment or nonce, or refused the others'
+                (named, with its reason); the session does not run anywhere.
+        """
+        await self.commit(session_id, participants)
+        return await self.reveal(session_id, participants)
+
+    async def commit(self, session_id: str, participants: Sequence[str]) -> dict[str, bytes]:
+        """Send every participant the others' signed commitments; collect and return the
+        nonces (the beacon they make, :func:`peer.beacon.beacon_of`, is fixed on
+        :meth:`reveal`)."""
+        ref = pb.StartRequest(session_id=session_id)
+        own = await self._start_all(session_id, participants, ref)  # each one's commitment
+        request = pb.StartRequest(
+            session_id=session_id, commitments=[own[p].commitment for p in participants]
+        )
+        answers = await self._start_all(session_id, participants, request)
+        withheld = {p: "revealed no nonce" for p, a in answers.items() if not a.nonce}
+        if withheld:
+            raise BeaconFailed(session_id, withheld)
+        nonces = self._nonces[session_id] = {p: a.nonce for p, a in answers.items()}
+        return dict(nonces)
+
+    async def reveal(self, session_id: str, participants: Sequence[str]) -> bytes:
+        """Send every nonce to every participant; each fixes the beacon and runs."""
+        nonces = self._nonces[session_id]
+        request = pb.StartRequest(
+            session_id=session_id,
+            reveals=[pb.BeaconReveal(peer_id=p, nonce=n) for p, n in sorted(nonces.items())],
+        )
+        answers = await self._start_all(session_id, participants, request)
+        beacons = {a.beacon for a in answers.values()}
+        if len(beacons) != 1 or b"" in beacons:
+            raise BeaconFailed(
+                session_id, {p: f"fixed beacon {a.beacon.hex()[:16]}" for p, a in answers.items()}
+            )
+        return beacons.pop()
 
     async def status(
         self, session_id: str, participants: Sequence[str]

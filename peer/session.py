@@ -3,7 +3,8 @@
 A proposal is a canonical JSON document signed by its proposer's certificate key. Every
 peer checks the signature against the roster, then its own local policy (who may propose,
 which models, how many participants, its privacy budget), and answers accept or refuse with
-a reason. The aggregator of each round follows from the proposal alone (:func:`aggregator_for`).
+a reason. The aggregator of each round follows from the proposal and the session's beacon
+(:func:`aggregator_for`, :mod:`peer.beacon`): randomness fixed only after every peer accepted.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ __all__ = [
 ]
 
 AGGREGATIONS = ("secagg", "paillier", "cleartext")
+# Payloads whose sum is released exactly (no DP noise): from any such sum the n-1 other
+# participants learn the last one's input, so a site joins only if its policy opts in.
+EXACT_PAYLOADS = ("vector",)
 _SESSION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -90,8 +94,16 @@ class SessionProposal:
     def vector_length(self) -> int:
         return int(self.payload.get("length", 0))
 
-    def round_config(self, round_: int, vector_length: int | None = None) -> RoundConfig:
-        """The secagg parameters of a round (graphs are re-drawn per round)."""
+    def round_config(
+        self,
+        round_: int,
+        vector_length: int | None = None,
+        *,
+        attempt: int = 0,
+        beacon: bytes = b"",
+    ) -> RoundConfig:
+        """The secagg parameters of a round (graphs are re-drawn per round, seeded by the
+        session's ``beacon``; ``attempt`` is bound into the digest)."""
         return RoundConfig(
             session_id=self.session_id,
             round=round_,
@@ -101,6 +113,8 @@ class SessionProposal:
             bits=self.bits,
             graph_kind=GraphKind(self.graph),
             degree=self.degree,
+            attempt=attempt,
+            beacon=beacon,
         )
 
     def document(self) -> str:
@@ -169,7 +183,19 @@ def check_policy(
     epsilon_spent: float = 0.0,
     epsilon_needed: float = 0.0,
 ) -> str | None:
-    """Why this peer refuses ``proposal``, or None to accept."""
+    """Why this peer refuses ``proposal``, or None to accept.
+
+    Deny by default: the proposer must be named by the policy (an operator in
+    ``allowed_operators``, a peer in ``allowed_peer_proposers``), and exact payloads need
+    ``allow_exact_payloads``.
+    """
+    if proposer_is_peer and proposer not in policy.allowed_peer_proposers:
+        return (
+            f"peer {proposer} is not allowed to propose sessions here "
+            "(not in this institution's allowed_peer_proposers)"
+        )
+    if not proposer_is_peer and proposer not in policy.allowed_operators:
+        return f"operator {proposer} is not allowed to propose sessions here"
     if me not in proposal.participants:
         return f"{me} is not a participant of session {proposal.session_id}"
     if proposal.aggregation == "cleartext" and not policy.allow_cleartext:
@@ -182,12 +208,16 @@ def check_policy(
             f"Paillier keys of {proposal.paillier_key_bits} bits are below this institution's "
             f"minimum of {policy.min_paillier_key_bits}"
         )
-    if not proposer_is_peer and proposer not in policy.allowed_operators:
-        return f"operator {proposer} is not allowed to propose sessions here"
     if len(proposal.participants) < policy.min_participants:
         return (
             f"{len(proposal.participants)} participants, this institution requires at least "
             f"{policy.min_participants}"
+        )
+    if proposal.payload_kind in EXACT_PAYLOADS and not policy.allow_exact_payloads:
+        return (
+            f"payload {proposal.payload_kind!r} releases an exact sum, from which the other "
+            f"{len(proposal.participants) - 1} participants learn this institution's input; "
+            "this institution does not allow exact payloads (allow_exact_payloads)"
         )
     model = str(proposal.payload.get("model", proposal.payload_kind))
     if model not in policy.allowed_models:
@@ -210,14 +240,19 @@ def check_policy(
     return None
 
 
-def aggregator_for(proposal: SessionProposal, round_: int, attempt: int) -> str:
+def aggregator_for(proposal: SessionProposal, round_: int, attempt: int, beacon: bytes) -> str:
     """The aggregator of (round, attempt): a rotation over the sorted participants.
 
-    The starting point is a hash of (session, round), so no peer is favoured; each retry of a
-    round (its aggregator died) moves to the next participant.
+    The starting point is a hash of (beacon, round): the beacon is fixed only after every
+    peer accepted (:mod:`peer.beacon`), so neither the proposer (through the session id) nor
+    any peer can choose who aggregates. Each retry of a round (its aggregator died) moves to
+    the next participant.
     """
+    if not beacon:
+        raise ValueError(f"session {proposal.session_id} has no beacon yet: it was not started")
     peers: Sequence[str] = sorted(proposal.participants)
-    start = int.from_bytes(
-        hashlib.sha256(f"aggregator/{proposal.session_id}/{round_}".encode()).digest()[:8], "big"
-    )
+    seed = hashlib.sha256(
+        b"hospital-secagg/aggregator/v2\x00" + beacon + round_.to_bytes(8, "big")
+    ).digest()
+    start = int.from_bytes(seed[:8], "big")
     return peers[(start + attempt) % len(peers)]

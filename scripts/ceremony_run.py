@@ -572,13 +572,15 @@ async def propose_and_start(client: OperatorClient, proposal: SessionProposal) -
         UsageError: a peer cannot be reached.
         ProposalRefused: a peer refused (its reason is in ``answers``).
     """
+    from peer.operator import BeaconFailed
     from peer.tls import TransportError
 
     await check_reachable(client, proposal.session_id, proposal.participants)
     try:
         await client.propose(proposal)
+        # Commit-reveal of the session beacon with every participant (peer/beacon.py).
         await client.start(proposal.session_id, proposal.participants)
-    except TransportError as error:
+    except (TransportError, BeaconFailed) as error:
         raise UsageError(one_line(error)) from None
 
 
@@ -656,7 +658,14 @@ async def start_if_accepted(
         raise UsageError(f"no participant knows session {session_id!r} ({reasons})")
     waiting = [p for p, s in known.items() if s.state == "accepted"]
     if waiting:
-        await client.start(session_id, waiting)
+        # The beacon needs every participant's nonce: those already running answer theirs
+        # and the beacon they hold; the waiting ones then fix it and start.
+        from peer.operator import BeaconFailed
+
+        try:
+            await client.start(session_id, list(participants))
+        except BeaconFailed as error:
+            raise UsageError(one_line(error)) from None
 
 
 def default_timeout(proposal: SessionProposal) -> float:

@@ -42,6 +42,11 @@ class RoundConfig:
         vector_length: m, the number of ring elements each peer contributes.
         bits: ring size (32 or 64).
         graph: COMPLETE (SecAgg) or SECAGG_PLUS with an even ``degree``.
+        attempt: the retry of the round (0 first): bound into the digest, so a transcript
+            of one attempt never verifies as another's.
+        beacon: the session's randomness, fixed only after every peer accepted (see
+            peer/beacon.py); it seeds the SecAgg+ graph, so no proposer can choose the graph
+            by choosing the session id. Empty only outside sessions (simulations, tests).
     """
 
     session_id: str
@@ -52,6 +57,8 @@ class RoundConfig:
     bits: int = 32
     graph_kind: GraphKind = GraphKind.COMPLETE
     degree: int | None = None
+    attempt: int = 0
+    beacon: bytes = b""
     graph: NeighbourGraph = field(init=False, repr=False, compare=False)
     digest: bytes = field(init=False, repr=False, compare=False)
     _index: dict[str, int] = field(init=False, repr=False, compare=False)
@@ -66,9 +73,11 @@ class RoundConfig:
                 raise ConfigError(f"peer id {peer!r} must be 1 to 128 characters")
         if self.vector_length < 1:
             raise ConfigError(f"vector length must be positive, not {self.vector_length}")
+        if self.attempt < 0:
+            raise ConfigError(f"attempt must be non-negative, not {self.attempt}")
         word_dtype(self.bits)
         graph = NeighbourGraph.build(
-            self.graph_kind, self.peers, self.degree, self.session_id, self.round
+            self.graph_kind, self.peers, self.degree, self.session_id, self.round, self.beacon
         )
         validate_threshold(self.threshold, graph.min_neighbourhood())
         object.__setattr__(self, "graph", graph)
@@ -87,6 +96,9 @@ class RoundConfig:
                     self.bits,
                     self.graph_kind.value,
                     self.degree if self.degree is not None else -1,
+                    # Appended only when set, so digests (and the known-answer vectors) of
+                    # configs without them are unchanged.
+                    *((self.attempt, self.beacon) if self.attempt or self.beacon else ()),
                 )
             ),
         )

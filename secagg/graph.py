@@ -99,14 +99,30 @@ class NeighbourGraph:
 
     @classmethod
     def build(
-        cls, kind: GraphKind, peers: Sequence[str], degree: int | None, session_id: str, round_: int
+        cls,
+        kind: GraphKind,
+        peers: Sequence[str],
+        degree: int | None,
+        session_id: str,
+        round_: int,
+        beacon: bytes = b"",
     ) -> NeighbourGraph:
-        """The graph of one round; SecAgg+ graphs are re-drawn every round."""
+        """The graph of one round; SecAgg+ graphs are re-drawn every round.
+
+        ``beacon`` (the session's commit-reveal randomness) makes the seed one that nobody
+        chose; without it the seed is (session id, round), which a proposer controls.
+        """
         if kind is GraphKind.COMPLETE:
             return cls.complete(peers)
         if degree is None:
             raise ConfigError("a SecAgg+ graph needs a degree")
-        return cls.harary(peers, degree, canonical("secagg/graph/v1", session_id, round_))
+        if beacon:
+            # The beacon already binds the whole proposal; the session id adds nothing a
+            # proposer could steer.
+            seed = canonical("secagg/graph/v2", beacon, round_)
+        else:
+            seed = canonical("secagg/graph/v1", session_id, round_)
+        return cls.harary(peers, degree, seed)
 
     def neighbourhood(self, u: str) -> frozenset[str]:
         """``u``'s neighbours and ``u`` itself."""

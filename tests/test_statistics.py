@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -423,9 +423,9 @@ def test_proposal_refused_beyond_the_budget(
     reason = check_policy(
         wanted,
         "op",
-        True,
+        False,  # an operator, which the site allows to propose
         "hospital-a",
-        config.policy,
+        replace(config.policy, allowed_operators=("op",)),
         epsilon_spent=ledger.privacy_spent("hospital-a").epsilon,
         epsilon_needed=statistics_epsilon_needed(wanted),
     )

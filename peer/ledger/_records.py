@@ -32,12 +32,14 @@ __all__ = [
     "RECORD_DOMAIN",
     "ZERO_HASH",
     "AgreedRecord",
+    "BeaconState",
     "ChargedRelease",
     "Checkpoint",
     "JsonValue",
     "PrivacyCharge",
     "PrivacyKind",
     "PrivacyTotals",
+    "RefusedProposal",
     "RoundAttempt",
     "RoundStatus",
     "SessionInfo",
@@ -412,3 +414,30 @@ class StatisticsResult:
     result: JsonValue
     epsilon: float
     created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class BeaconState:
+    """A session's commit-reveal beacon at this peer (see peer/beacon.py).
+
+    ``commitments`` maps each participant to (commitment, signature) once the proposer sent
+    them; ``beacon`` is set once every nonce was revealed and checked.
+    """
+
+    session_id: str
+    nonce: bytes
+    commitments: Mapping[str, tuple[bytes, bytes]] | None
+    reveals: Mapping[str, bytes] | None
+    beacon: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class RefusedProposal:
+    """A refused proposal, as kept in the bounded log (never as a session)."""
+
+    session_id: str
+    proposer: str
+    proposal_hash: bytes
+    size: int
+    reason: str
+    received_at: datetime

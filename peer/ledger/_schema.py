@@ -246,3 +246,36 @@ class StatisticsRow(Base):
     result: Mapped[str] = mapped_column(Text)
     epsilon: Mapped[float] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class BeaconRow(Base):
+    """A session's commit-reveal beacon as this peer holds it (peer/beacon.py).
+
+    ``nonce`` is this peer's own, written before it answers the proposal (so a restarted peer
+    answers the same commitment) and secret until it reveals it; ``commitments`` is the set
+    the proposer sent (canonical JSON ``{peer: [commitment hex, signature hex]}``), fixed
+    once stored; ``reveals`` (``{peer: nonce hex}``) and ``beacon`` once every nonce checked.
+    """
+
+    __tablename__ = "session_beacons"
+
+    session_id: Mapped[str] = mapped_column(ID, ForeignKey("sessions.session_id"), primary_key=True)
+    nonce: Mapped[bytes] = mapped_column(LargeBinary(32))
+    commitments: Mapped[str | None] = mapped_column(Text)
+    reveals: Mapped[str | None] = mapped_column(Text)
+    beacon: Mapped[bytes | None] = mapped_column(LargeBinary(32))
+
+
+class RefusedProposalRow(Base):
+    """A proposal this peer refused: a bounded log, kept apart from the session ids so that a
+    refused proposal never reserves its id (the squatting attack)."""
+
+    __tablename__ = "refused_proposals"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    session_id: Mapped[str] = mapped_column(ID)
+    proposer: Mapped[str] = mapped_column(ID)
+    proposal_hash: Mapped[bytes] = mapped_column(LargeBinary(32))
+    size: Mapped[int] = mapped_column(Integer)
+    reason: Mapped[str] = mapped_column(Text)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime())

@@ -691,23 +691,149 @@ class ProposalAnswer(_message.Message):
     PEER_ID_FIELD_NUMBER: _builtins.int
     ACCEPTED_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    COMMITMENT_FIELD_NUMBER: _builtins.int
+    COMMITMENT_SIGNATURE_FIELD_NUMBER: _builtins.int
     peer_id: _builtins.str
     accepted: _builtins.bool
     reason: _builtins.str
+    commitment: _builtins.bytes
+    """When accepted: SHA-256 commitment to this peer's beacon nonce (peer/beacon.py), and the
+    peer's signature over (proposal digest, peer, commitment).
+    """
+    commitment_signature: _builtins.bytes
     def __init__(
         self,
         *,
         peer_id: _builtins.str = ...,
         accepted: _builtins.bool = ...,
         reason: _builtins.str = ...,
+        commitment: _builtins.bytes = ...,
+        commitment_signature: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "peer_id", b"peer_id", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "commitment", b"commitment", "commitment_signature", b"commitment_signature", "peer_id", b"peer_id", "reason", b"reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ProposalAnswer: _TypeAlias = ProposalAnswer  # noqa: Y015
+
+@_typing.final
+class BeaconCommitment(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PEER_ID_FIELD_NUMBER: _builtins.int
+    COMMITMENT_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    peer_id: _builtins.str
+    commitment: _builtins.bytes
+    signature: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        peer_id: _builtins.str = ...,
+        commitment: _builtins.bytes = ...,
+        signature: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["commitment", b"commitment", "peer_id", b"peer_id", "signature", b"signature"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BeaconCommitment: _TypeAlias = BeaconCommitment  # noqa: Y015
+
+@_typing.final
+class BeaconReveal(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PEER_ID_FIELD_NUMBER: _builtins.int
+    NONCE_FIELD_NUMBER: _builtins.int
+    peer_id: _builtins.str
+    nonce: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        peer_id: _builtins.str = ...,
+        nonce: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["nonce", b"nonce", "peer_id", b"peer_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BeaconReveal: _TypeAlias = BeaconReveal  # noqa: Y015
+
+@_typing.final
+class StartRequest(_message.Message):
+    """Start, in two calls by the session's proposer: first with every participant's signed
+    commitment (each peer answers its nonce), then with every nonce (each peer checks them,
+    fixes the beacon and runs the session). With neither, a peer answers its own signed
+    commitment again (an operator that lost the Propose answers).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    COMMITMENTS_FIELD_NUMBER: _builtins.int
+    REVEALS_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    @_builtins.property
+    def commitments(self) -> _containers.RepeatedCompositeFieldContainer[Global___BeaconCommitment]: ...
+    @_builtins.property
+    def reveals(self) -> _containers.RepeatedCompositeFieldContainer[Global___BeaconReveal]: ...
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        commitments: _abc.Iterable[Global___BeaconCommitment] | None = ...,
+        reveals: _abc.Iterable[Global___BeaconReveal] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["commitments", b"commitments", "reveals", b"reveals", "session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StartRequest: _TypeAlias = StartRequest  # noqa: Y015
+
+@_typing.final
+class StartAnswer(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PEER_ID_FIELD_NUMBER: _builtins.int
+    NONCE_FIELD_NUMBER: _builtins.int
+    BEACON_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    COMMITMENT_FIELD_NUMBER: _builtins.int
+    peer_id: _builtins.str
+    nonce: _builtins.bytes
+    """answer to the commitments: this peer's revealed nonce"""
+    beacon: _builtins.bytes
+    """answer to the reveals: the beacon this peer fixed"""
+    @_builtins.property
+    def status(self) -> Global___SessionStatus: ...
+    @_builtins.property
+    def commitment(self) -> Global___BeaconCommitment:
+        """this peer's own (always)"""
+
+    def __init__(
+        self,
+        *,
+        peer_id: _builtins.str = ...,
+        nonce: _builtins.bytes = ...,
+        beacon: _builtins.bytes = ...,
+        status: Global___SessionStatus | None = ...,
+        commitment: Global___BeaconCommitment | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["commitment", b"commitment", "status", b"status"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["beacon", b"beacon", "commitment", b"commitment", "nonce", b"nonce", "peer_id", b"peer_id", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StartAnswer: _TypeAlias = StartAnswer  # noqa: Y015
 
 @_typing.final
 class SessionRef(_message.Message):

@@ -32,6 +32,7 @@ import asyncio
 import contextlib
 import ctypes
 import fcntl
+import hashlib
 import heapq
 import ipaddress
 import itertools
@@ -54,6 +55,7 @@ from typing import IO, Any
 
 import numpy as np
 
+from peer.beacon import TEST_NONCE_ENV, beacon_of
 from peer.identity import Role
 from peer.identity.testing import LocalFederation
 from peer.kit import Kit, LocalKit, write_peer_config
@@ -83,6 +85,11 @@ _TUNSETIFF = 0x400454CA
 _IFF_TUN = 0x0001
 _IFF_NO_PI = 0x1000
 _run_counter = itertools.count()
+
+
+def fixed_nonce(peer_id: str) -> bytes:
+    """The beacon nonce fixed for ``peer_id`` (as in tests/network/network_harness.py)."""
+    return hashlib.sha256(b"network-harness/beacon-nonce/" + peer_id.encode()).digest()
 
 
 # ====================================================================== environment
@@ -325,7 +332,8 @@ class NsPeer:
     process: subprocess.Popen[str] | None = None
 
     def spawn(self, extra_env: Mapping[str, str] | None = None) -> None:
-        env = {**os.environ, **(extra_env or {})}
+        # Fixed beacon nonces, so that tests know who aggregates before the session starts.
+        env = {**os.environ, TEST_NONCE_ENV: fixed_nonce(self.peer_id).hex(), **(extra_env or {})}
         with self.log_path.open("a", encoding="utf-8") as log:
             self.process = subprocess.Popen(
                 [
@@ -679,7 +687,8 @@ class NetnsFederation:
 
     @staticmethod
     def aggregator(proposal: SessionProposal, round_: int, attempt: int = 0) -> str:
-        return aggregator_for(proposal, round_, attempt)
+        beacon = beacon_of(proposal.digest, {p: fixed_nonce(p) for p in proposal.participants})
+        return aggregator_for(proposal, round_, attempt, beacon)
 
     # ------------------------------------------------------------------ ledgers and logs
 
@@ -741,7 +750,7 @@ def _write_kit(directory: Path, addresses: Mapping[str, str], stage_seconds: flo
             peer_id,
             addresses[peer_id],
             stage_seconds=stage_seconds,
-            policy={"allowed_operators": [operator]},
+            policy={"allowed_operators": [operator], "allow_exact_payloads": True},
             extra=f'payload_file = "{VECTOR_FILE}"',
         )
         kits[peer_id] = Kit(peer_id, site, config, addresses[peer_id])

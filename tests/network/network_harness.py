@@ -3,11 +3,16 @@
 ``Network.create(tmp_path, n)`` runs the identity ceremony, writes one kit per hospital
 (with a payload vector each), and starts ``python -m peer start --config ...`` per hospital.
 Each peer's log goes to ``<kit>/peer.log``; on a failing test the logs are printed.
+
+The kits opt in to exact ``vector`` payloads (``allow_exact_payloads``), which real sites
+refuse by default, and each peer's beacon nonce is fixed (``TEST_NONCE_ENV``) so that a
+test knows who aggregates each round before the peers start (:func:`expected_aggregator`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import signal
@@ -21,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from peer.beacon import TEST_NONCE_ENV, beacon_of
 from peer.kit import LocalKit
 from peer.ledger import Ledger, StoredRecord
 from peer.operator import OperatorClient
@@ -28,6 +34,21 @@ from peer.session import SessionProposal, aggregator_for
 from peer.wire import peer_pb2 as pb
 
 VECTOR_FILE = "vector.npy"
+
+
+def fixed_nonce(peer_id: str) -> bytes:
+    """The beacon nonce the harness fixes for ``peer_id`` (tests only)."""
+    return hashlib.sha256(b"network-harness/beacon-nonce/" + peer_id.encode()).digest()
+
+
+def fixed_beacon(proposal: SessionProposal) -> bytes:
+    """The beacon of ``proposal`` between harness peers (their nonces are fixed)."""
+    return beacon_of(proposal.digest, {p: fixed_nonce(p) for p in proposal.participants})
+
+
+def expected_aggregator(proposal: SessionProposal, round_: int, attempt: int = 0) -> str:
+    """Who aggregates (round, attempt) of ``proposal`` between harness peers."""
+    return aggregator_for(proposal, round_, attempt, fixed_beacon(proposal))
 
 
 @dataclass
@@ -103,6 +124,8 @@ class Network:
         policy: Mapping[str, object] | None = None,
     ) -> Network:
         ids = [f"hospital-{chr(ord('a') + i)}" for i in range(n)]
+        # The tests sum exact vectors: every kit opts in (a real site refuses by default).
+        policy = {"allow_exact_payloads": True, **(policy or {})}
         kit = LocalKit.create(directory, ids, stage_seconds=stage_seconds, policy=policy)
         rng = np.random.default_rng(seed)
         vectors: dict[str, np.ndarray[Any, Any]] = {}
@@ -122,7 +145,10 @@ class Network:
                 peer_id,
                 site.config,
                 site.directory / "peer.log",
-                env=dict((env or {}).get(peer_id, {})),
+                env={
+                    TEST_NONCE_ENV: fixed_nonce(peer_id).hex(),
+                    **(env or {}).get(peer_id, {}),
+                },
             )
         network = cls(directory, kit, peers, vectors)
         if start:
@@ -187,7 +213,7 @@ class Network:
         return asyncio.run(go())
 
     def aggregator(self, proposal: SessionProposal, round_: int, attempt: int = 0) -> str:
-        return aggregator_for(proposal, round_, attempt)
+        return expected_aggregator(proposal, round_, attempt)
 
     # ------------------------------------------------------------------ ledger side
 

@@ -21,13 +21,16 @@ import numpy as np
 import pytest
 
 from peer.faults import TAMPER_ENV, TAMPER_SEND_ENV
-from peer.session import SessionProposal, aggregator_for
+from peer.session import SessionProposal
 from secagg import UnmaskShares
 from secagg.shamir import decode_share, encode_share
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "network"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "secagg"))
-from network_harness import Network  # type: ignore[import-not-found, unused-ignore]
+from network_harness import (  # type: ignore[import-not-found, unused-ignore]
+    Network,
+    expected_aggregator,
+)
 from secagg_testlib import make_round  # type: ignore[import-not-found, unused-ignore]
 
 pytestmark = pytest.mark.timeout(300)
@@ -72,13 +75,20 @@ def _proposal(network: Network, session: str, rounds: int) -> Any:
     return network.proposal(session, rounds=rounds, stage_seconds=3.0, prepare_seconds=3.0)
 
 
-def _aggregator(session: str, round_: int) -> str:
-    """Round ``round_``'s first aggregator, computed without a network (same rotation)."""
+def _aggregator(session: str, round_: int, rounds: int) -> str:
+    """Round ``round_``'s first aggregator of ``_proposal(network, session, rounds)``,
+    computed before the network starts (the harness fixes the peers' beacon nonces)."""
     ids = tuple(f"hospital-{chr(ord('a') + i)}" for i in range(PEERS))
     proposal = SessionProposal(
-        session, ids, rounds=2, threshold=3, payload={"kind": "vector", "length": 1}
+        session,
+        ids,
+        rounds=rounds,
+        threshold=PEERS // 2 + 1,
+        payload={"kind": "vector", "length": 200},
+        stage_seconds=3.0,
+        prepare_seconds=3.0,
     )
-    return aggregator_for(proposal, round_, 0)
+    return expected_aggregator(proposal, round_)
 
 
 def _log(network: Network, peer: str) -> str:
@@ -131,7 +141,7 @@ def assert_nothing_agreed(network: Network, session: str, round_: int) -> None:
 def test_wrong_aggregate_in_the_transcript_is_refused(
     make_network: Callable[..., Network],
 ) -> None:
-    liar = _aggregator("s1", 1)
+    liar = _aggregator("s1", 1, 2)
     network = make_network({liar: {TAMPER_ENV: "1"}})
     network.run_session(_proposal(network, "s1", rounds=2))
     assert_nothing_agreed(network, "s1", 1)
@@ -152,9 +162,11 @@ def test_replayed_messages_of_an_earlier_round_are_refused(
 ) -> None:
     # A session where one peer aggregates rounds 1 and 2: it replays round 1's messages.
     session = next(
-        s for s in (f"replay-{i}" for i in range(100)) if _aggregator(s, 1) == _aggregator(s, 2)
+        s
+        for s in (f"replay-{i}" for i in range(100))
+        if _aggregator(s, 1, 2) == _aggregator(s, 2, 2)
     )
-    liar = _aggregator(session, 1)
+    liar = _aggregator(session, 1, 2)
     network = make_network({liar: {TAMPER_SEND_ENV: "2:replay"}})
     network.run_session(_proposal(network, session, rounds=2))
     assert_agreed(network, list(network.peers), session, 1)
@@ -172,7 +184,7 @@ def test_replayed_messages_of_an_earlier_round_are_refused(
 def test_request_for_both_shares_of_a_peer_is_refused(
     make_network: Callable[..., Network],
 ) -> None:
-    liar = _aggregator("s1", 1)
+    liar = _aggregator("s1", 1, 1)
     network = make_network({liar: {TAMPER_SEND_ENV: "1:both-shares"}})
     network.run_session(_proposal(network, "s1", rounds=1))
     assert_nothing_agreed(network, "s1", 1)
@@ -188,7 +200,7 @@ def test_different_survivor_sets_for_different_peers_reveal_nothing(
 ) -> None:
     # hospital-a is told hospital-d dropped out, the others that it survived. a's consistency
     # signature then covers another set: it is left out, and d's mask key is never revealed.
-    liar = _aggregator("s1", 1)
+    liar = _aggregator("s1", 1, 1)
     network = make_network({liar: {TAMPER_SEND_ENV: "1:split-survivors"}})
     network.run_session(_proposal(network, "s1", rounds=1))
     assert "invalid signature on its consistency check" in _log(network, liar)
@@ -206,7 +218,7 @@ def test_unmask_request_naming_another_survivor_set_is_refused(
 ) -> None:
     # hospital-a alone is asked for hospital-d's mask key (as if d had dropped) while the
     # others reveal d's self-mask share: a refuses, so d's input stays hidden.
-    liar = _aggregator("s1", 1)
+    liar = _aggregator("s1", 1, 1)
     network = make_network({liar: {TAMPER_SEND_ENV: "1:split-unmask"}})
     network.run_session(_proposal(network, "s1", rounds=1))
     assert f"refused: {liar}: unmask request names a survivor set other than the one I signed" in (
@@ -222,7 +234,7 @@ def test_unmask_request_naming_another_survivor_set_is_refused(
 
 @pytest.mark.slow
 def test_substituted_public_keys_are_refused(make_network: Callable[..., Network]) -> None:
-    liar = _aggregator("s1", 1)
+    liar = _aggregator("s1", 1, 1)
     network = make_network({liar: {TAMPER_SEND_ENV: "1:substitute-keys"}})
     network.run_session(_proposal(network, "s1", rounds=1))
     assert_nothing_agreed(network, "s1", 1)
@@ -237,12 +249,12 @@ def test_substituted_public_keys_are_refused(make_network: Callable[..., Network
 # ------------------------------------------------------------------ malicious participant
 
 
-def _cheat(session: str) -> str:
+def _cheat(session: str, rounds: int) -> str:
     """A peer that does not aggregate round 1."""
     return next(
         p
         for p in sorted(f"hospital-{chr(ord('a') + i)}" for i in range(PEERS))
-        if p != _aggregator(session, 1)
+        if p != _aggregator(session, 1, rounds)
     )
 
 
@@ -250,10 +262,10 @@ def _cheat(session: str) -> str:
 def test_masked_vector_of_the_wrong_length_is_left_out(
     make_network: Callable[..., Network],
 ) -> None:
-    cheat = _cheat("s1")
+    cheat = _cheat("s1", 1)
     network = make_network({cheat: {TAMPER_SEND_ENV: "1:wrong-length"}})
     network.run_session(_proposal(network, "s1", rounds=1))
-    aggregator = _aggregator("s1", 1)
+    aggregator = _aggregator("s1", 1, 1)
     assert re.search(
         rf"stage=masked rejected message from {cheat}: masked vector has shape \(199,\)",
         _log(network, aggregator),
@@ -268,7 +280,7 @@ def test_masked_vector_of_the_wrong_length_is_left_out(
 def test_masked_input_signed_with_another_peers_key_is_left_out(
     make_network: Callable[..., Network],
 ) -> None:
-    cheat = _cheat("s1")
+    cheat = _cheat("s1", 1)
     # A key file of another institution (stolen, say): a valid signature, but not cheat's.
     network = make_network({}, start=False)
     other = next(p for p in network.peers if p != cheat)
@@ -277,7 +289,7 @@ def test_masked_input_signed_with_another_peers_key_is_left_out(
     network.run_session(_proposal(network, "s1", rounds=1))
     assert re.search(
         rf"stage=masked rejected message from {cheat}: invalid signature on its masked input",
-        _log(network, _aggregator("s1", 1)),
+        _log(network, _aggregator("s1", 1, 1)),
     ), network.logs()
     honest = [p for p in network.peers if p != cheat]
     survivors = assert_agreed(network, honest, "s1", 1)
@@ -289,10 +301,10 @@ def test_masked_input_signed_with_another_peers_key_is_left_out(
 def test_shares_that_do_not_reconstruct_are_attributed_and_left_out(
     make_network: Callable[..., Network],
 ) -> None:
-    cheat = _cheat("s1")
+    cheat = _cheat("s1", 2)
     network = make_network({cheat: {TAMPER_SEND_ENV: "1:bad-shares"}})
     network.run_session(_proposal(network, "s1", rounds=2))
-    aggregator = _aggregator("s1", 1)
+    aggregator = _aggregator("s1", 1, 2)
     # Four holders, threshold 3: the wrong shares are found, blamed on their sender, and the
     # secrets rebuilt from the other three; the (correct) sum is agreed by everyone.
     assert re.search(

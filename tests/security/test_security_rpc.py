@@ -18,14 +18,19 @@ from typing import Any
 import grpc
 import pytest
 
+from peer.beacon import commit, commitment_signed_bytes
 from peer.identity import load_signer
 from peer.ledger import session_genesis
-from peer.session import SessionProposal, SignedProposal, aggregator_for
+from peer.session import SessionProposal, SignedProposal
 from peer.tls import TLSFiles, peer_channel
 from peer.wire import peer_pb2 as pb
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "network"))
-from network_harness import Network  # type: ignore[import-not-found, unused-ignore]
+from network_harness import (  # type: ignore[import-not-found, unused-ignore]
+    Network,
+    fixed_beacon,
+    fixed_nonce,
+)
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -38,6 +43,7 @@ CLEAR = {
     grpc.StatusCode.FAILED_PRECONDITION,
     grpc.StatusCode.NOT_FOUND,
     grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,  # a caller proposing too often (rate limit)
 }
 
 
@@ -130,7 +136,7 @@ def test_every_rpc_answers_random_and_mutated_bytes_with_a_clear_status(network:
         "Propose": pb.SessionProposal(
             document=proposal.document(), proposer=caller, signature=signed.signature
         ).SerializeToString(),
-        "Start": pb.SessionRef(session_id="fuzz").SerializeToString(),
+        "Start": pb.StartRequest(session_id="fuzz").SerializeToString(),
         "Status": pb.SessionRef(session_id="fuzz").SerializeToString(),
         "Records": pb.SessionRef(session_id="fuzz").SerializeToString(),
     }
@@ -222,7 +228,7 @@ def test_oversized_endless_and_silent_streams_are_cut_off_and_the_round_complete
     network: Network,
 ) -> None:
     ids = tuple(network.peers)
-    session = next(
+    candidates = (
         SessionProposal(
             f"limits-{i}",
             ids,
@@ -233,24 +239,54 @@ def test_oversized_endless_and_silent_streams_are_cut_off_and_the_round_complete
             prepare_seconds=8.0,
         )
         for i in range(100)
-        if aggregator_for(network.proposal(f"limits-{i}"), 1, 0) in RUNNING
     )
-    aggregator = aggregator_for(session, 1, 0)
+    # The harness fixes every beacon nonce (the abusers' too, below), so the aggregator is
+    # known in advance: one of the running peers.
+    session = next(c for c in candidates if network.aggregator(c, 1, 0) in RUNNING)
+    aggregator = network.aggregator(session, 1, 0)
     operator = network.kit.operator
     signer = load_signer(network.kit.federation.members[operator].key)
     signed = SignedProposal.sign(session, operator, signer)
     request = pb.SessionProposal(
         document=session.document(), proposer=operator, signature=signed.signature
     ).SerializeToString()
-    ref = pb.SessionRef(session_id=session.session_id).SerializeToString()
     rss_before = _rss_kib(network, aggregator)
+
+    # The abusers are participants that run no peer: the test commits to their beacon
+    # nonces for them (with their keys), as their peers would.
+    def commitment(peer: str) -> pb.BeaconCommitment:
+        value = commit(session.digest, peer, fixed_nonce(peer))
+        key = load_signer(network.kit.federation.members[peer].key)
+        return pb.BeaconCommitment(
+            peer_id=peer,
+            commitment=value,
+            signature=key.sign(commitment_signed_bytes(session.digest, peer, value)),
+        )
+
+    async def start(ops: dict[str, grpc.aio.Channel]) -> None:
+        sid = session.session_id
+        calls = {
+            p: ops[p].unary_unary(
+                SERVICE + "Start",
+                request_serializer=pb.StartRequest.SerializeToString,
+                response_deserializer=pb.StartAnswer.FromString,
+            )
+            for p in RUNNING
+        }
+        own = [(await calls[p](pb.StartRequest(session_id=sid))).commitment for p in RUNNING]
+        commitments = own + [commitment(p) for p in ABUSERS]
+        for p in RUNNING:
+            await calls[p](pb.StartRequest(session_id=sid, commitments=commitments))
+        reveals = [pb.BeaconReveal(peer_id=p, nonce=fixed_nonce(p)) for p in ids]
+        for p in RUNNING:
+            answer = await calls[p](pb.StartRequest(session_id=sid, reveals=reveals))
+            assert answer.beacon == fixed_beacon(session)
 
     async def run() -> list[tuple[str, int, float]]:
         ops = {p: _channel(network, p, operator) for p in RUNNING}
         for p in RUNNING:
             assert await _unary(ops[p], "Propose", request) is grpc.StatusCode.OK
-        for p in RUNNING:
-            assert await _unary(ops[p], "Start", ref) is grpc.StatusCode.OK
+        await start(ops)
         abusers = {p: _channel(network, aggregator, p) for p in ABUSERS}
         huge = pb.Fragment(kind="MaskedInput", total_size=10**12, last=False, data=b"")
         outcomes = await asyncio.gather(

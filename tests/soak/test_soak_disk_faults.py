@@ -337,7 +337,8 @@ def test_refusal_comes_before_either_role(
     proposal = SessionProposal(
         SESSION, tuple(ids), rounds=2, threshold=2, payload={"kind": "vector", "length": 8}
     )
-    me = aggregator_for(proposal, 1, 0)
+    beacon = bytes(32)  # any: this test runs one round by hand, without the commit-reveal
+    me = aggregator_for(proposal, 1, 0, beacon)
     node = node_module.PeerNode(load_config(kit.kits[me].config))
 
     def full(*_args: object, **_kwargs: object) -> None:
@@ -349,7 +350,7 @@ def test_refusal_comes_before_either_role(
     monkeypatch.setattr(node.ledger, "start_round", full)
     monkeypatch.setattr(node_module, "participate", must_not_dial)
     caplog.set_level(logging.WARNING, logger="peer.node")
-    session = node_module._Session(proposal)
+    session = node_module._Session(proposal, beacon)
     outcome = asyncio.run(node._one_round(session, VectorPayload(8), 1, 0, me))
     node.ledger.close()
     assert outcome.status is RoundStatusKind.REFUSED
