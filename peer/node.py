@@ -125,6 +125,31 @@ async def _parsed_fragments(requests: AsyncIterator[bytes]) -> AsyncIterator[pb.
         yield fragment
 
 
+async def _until(stop: asyncio.Event, source: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    """The items of ``source`` until ``stop`` is set; then ``source`` is closed (its
+    ``finally`` blocks run: a round sees the stream's peer leave) and iteration ends."""
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        while True:
+            item = asyncio.ensure_future(anext(source))
+            await asyncio.wait({item, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            if not item.done():
+                item.cancel()
+                with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                    await item
+                return
+            try:
+                yield item.result()
+            except StopAsyncIteration:
+                return
+    finally:
+        stopped.cancel()
+        aclose = getattr(source, "aclose", None)
+        if aclose is not None:
+            with contextlib.suppress(Exception):
+                await aclose()
+
+
 class PeerNode:
     """One institution's peer process (see the module docstring)."""
 
@@ -154,7 +179,7 @@ class PeerNode:
             interval=self.limits.trust_poll_seconds,
         )
         # Open RoundStreams and who holds them, to close them when a CRL revokes the caller.
-        self._open_streams: dict[asyncio.Task[Any], PeerIdentity] = {}
+        self._open_streams: dict[asyncio.Event, PeerIdentity] = {}
         self.ledger = Ledger(config.ledger_url)
         self.ledger.create()
         self.payload_factory = payload_factory
@@ -224,7 +249,7 @@ class PeerNode:
         self.roster = self.authenticator.roster
         self.verifiers.refresh(self.roster, self.authenticator.crl)
         revoked = self.authenticator.crl.serial_numbers
-        for task, caller in list(self._open_streams.items()):
+        for closing, caller in list(self._open_streams.items()):
             entry = self.roster.get(caller.peer_id)
             if (
                 caller.serial_number in revoked
@@ -237,7 +262,7 @@ class PeerNode:
                     self.me,
                     caller.peer_id,
                 )
-                task.cancel()
+                closing.set()
 
     def _resume_sessions(self) -> None:
         for info in self.ledger.sessions():
@@ -468,19 +493,27 @@ class PeerNode:
     ) -> AsyncIterator[pb.Fragment]:
         identity = caller_identity()
         caller = identity.peer_id
-        task = asyncio.current_task()
-        assert task is not None
-        self._open_streams[task] = identity  # closed at once if a new CRL revokes the caller
+        closing = asyncio.Event()  # set when a new CRL or roster no longer accepts the caller
+        self._open_streams[closing] = identity
         hello_seconds = self.limits.hello_seconds or self.config.stage_seconds
         try:
-            async for fragment in serve_round_stream(
-                _parsed_fragments(requests),
-                caller,
-                self._find_round,
-                self._max_bytes(),
-                hello_seconds=hello_seconds,
+            async for fragment in _until(
+                closing,
+                serve_round_stream(
+                    _parsed_fragments(requests),
+                    caller,
+                    self._find_round,
+                    self._max_bytes(),
+                    hello_seconds=hello_seconds,
+                ),
             ):
                 yield fragment
+            if closing.is_set():
+                await context.abort(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"the certificate of {caller} is no longer accepted (revoked or removed "
+                    "from the roster); stream closed",
+                )
         except TimeoutError:
             logger.warning(
                 "peer=%s closed a round stream from %s: no hello within %gs",
@@ -510,7 +543,7 @@ class PeerNode:
             logger.exception("peer=%s round stream from %s failed", self.me, caller)
             raise
         finally:
-            self._open_streams.pop(task, None)
+            self._open_streams.pop(closing, None)
 
     def _max_bytes(self) -> int:
         sizes = [
