@@ -459,9 +459,7 @@ def test_global_head_is_not_a_session_head(ledger: Ledger, db: Path) -> None:
     assert _dump(db) == before
 
 
-def test_a_record_is_stored_only_as_the_next_round_of_its_chain(
-    ledger: Ledger, db: Path
-) -> None:
+def test_a_record_is_stored_only_as_the_next_round_of_its_chain(ledger: Ledger, db: Path) -> None:
     first = _append(ledger, SESSION, 1)
     # Round 2 aborted: it is retried under its number, so a round 3 record linked to
     # round 1 can only come from signers who want this peer to skip rounds. Refused.

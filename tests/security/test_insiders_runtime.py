@@ -35,8 +35,8 @@ import numpy as np
 import pytest
 
 from peer.codec import Reassembler, fragments
-from peer.identity import load_signer, load_crl
-from peer.ledger import AgreedRecord, Ledger, session_genesis
+from peer.identity import load_crl, load_signer
+from peer.ledger import AgreedRecord, session_genesis
 from peer.logs import JsonFormatter, TextFormatter, remote
 from peer.ratelimit import Backoff, RateLimiter
 from peer.reload import TrustedKeys
@@ -150,7 +150,8 @@ def test_remote_text_cannot_forge_a_log_line_or_a_json_field() -> None:
         "peer=a session=s round=1 aborted: %s",
         remote(evil),
     )
-    assert "\n" not in text and "\r" not in text and "\x1b" not in text
+    for control in ("\n", "\r", "\x1b"):
+        assert control not in text
     assert text.startswith("WARNING peer.node peer=a session=s round=1 aborted: 'bye\\n2026")
     # Even text not marked remote stays on one line (the formatter's net).
     assert "\n" not in _log_line(TextFormatter("%(message)s"), "local %s", evil)
@@ -180,7 +181,8 @@ def test_a_revoked_members_signature_does_not_count(tmp_path: Path) -> None:
     )
     signatures = {p: load_signer(fed.members[p].key).sign(record.payload()) for p in network.peers}
     valid, invalid = valid_signatures(record, signatures, after)
-    assert sorted(valid) == ["hospital-a", "hospital-b"] and invalid == ["hospital-c"]
+    assert sorted(valid) == ["hospital-a", "hospital-b"]
+    assert invalid == ["hospital-c"]
 
 
 # ====================================================================== reads
@@ -516,10 +518,12 @@ def test_a_crl_installed_while_peers_run_takes_effect_at_once(tmp_path: Path) ->
     assert out["after garbage"][0] is grpc.StatusCode.NOT_FOUND, out
     assert "refused the new CRL file" in network.peers["hospital-a"].log_path.read_text("utf-8")
     code, details = out["stream"]
-    assert code is grpc.StatusCode.PERMISSION_DENIED and revoked in details, out
+    assert code is grpc.StatusCode.PERMISSION_DENIED, out
+    assert revoked in details, out
     assert out["stream closed after"] < 10, out
     code, details = out["after"]
-    assert code is grpc.StatusCode.UNAUTHENTICATED and "revoked" in details, out
+    assert code is grpc.StatusCode.UNAUTHENTICATED, out
+    assert "revoked" in details, out
     assert out["honest"][0] is grpc.StatusCode.NOT_FOUND, out
     assert load_crl(victim_site / "crl.pem", fed.ca.certificate).number >= 2
     assert {getattr(s, "state", s) for s in statuses.values()} == {"finished"}, logs
