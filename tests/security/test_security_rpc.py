@@ -38,6 +38,7 @@ CLEAR = {
     grpc.StatusCode.FAILED_PRECONDITION,
     grpc.StatusCode.NOT_FOUND,
     grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,  # Status/Records beyond the per-caller rate limit
 }
 
 
