@@ -24,6 +24,7 @@ import contextlib
 import json
 import logging
 import re
+import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -441,6 +442,7 @@ def test_a_lying_insider_moves_nobody_and_the_honest_peers_agree_every_round(
             attempts = ledger.round_attempts(sid)
         # Back-off, not a storm: a handful of attempts per round (was ~960 in 20 s).
         assert len(attempts) <= 4 * rounds, [(a.round, a.attempt, a.status) for a in attempts]
+        print(f"{peer}: {len(attempts)} round attempts for {rounds} rounds")
         log = network.peers[peer].log_path.read_text("utf-8")
         assert "rejoining at round 99" not in log
         assert "a record is stored only as the next round of its chain (1)" in log, peer
@@ -460,14 +462,16 @@ def test_a_lying_insider_moves_nobody_and_the_honest_peers_agree_every_round(
 def test_a_crl_installed_while_peers_run_takes_effect_at_once(tmp_path: Path) -> None:
     network = Network.create(tmp_path, 4, length=32, start=False)
     for peer in network.peers:
-        _set_limits(network, peer, hello_seconds=60, trust_poll_seconds=0.5)
+        # hospital-b does not poll (in practice): it takes the new CRL on SIGHUP.
+        poll = 3600 if peer == "hospital-b" else 0.5
+        _set_limits(network, peer, hello_seconds=60, trust_poll_seconds=poll)
         network.peers[peer].start()
     fed = network.kit.federation
     victim_site = network.kit.kits["hospital-a"].directory
     revoked = "hospital-c"
 
-    async def status_code(caller: str) -> tuple[grpc.StatusCode, str]:
-        channel = _channel(network, "hospital-a", caller)
+    async def status_code(caller: str, at: str = "hospital-a") -> tuple[grpc.StatusCode, str]:
+        channel = _channel(network, at, caller)
         try:
             code, details, _ = await _call(channel, "Status", pb.SessionRef(session_id="none"))
             return code, details
@@ -495,6 +499,12 @@ def test_a_crl_installed_while_peers_run_takes_effect_at_once(tmp_path: Path) ->
         await channel.close(None)
         out["after"] = await status_code(revoked)
         out["honest"] = await status_code("hospital-b")
+        out["b before SIGHUP"] = await status_code(revoked, at="hospital-b")
+        process = network.peers["hospital-b"].process
+        assert process is not None
+        process.send_signal(signal.SIGHUP)
+        await asyncio.sleep(2.0)
+        out["b after SIGHUP"] = await status_code(revoked, at="hospital-b")
         return out
 
     try:
@@ -521,10 +531,13 @@ def test_a_crl_installed_while_peers_run_takes_effect_at_once(tmp_path: Path) ->
     assert code is grpc.StatusCode.PERMISSION_DENIED, out
     assert revoked in details, out
     assert out["stream closed after"] < 10, out
+    print(f"revoked caller's open stream closed {out['stream closed after']:.2f}s after the CRL")
     code, details = out["after"]
     assert code is grpc.StatusCode.UNAUTHENTICATED, out
     assert "revoked" in details, out
     assert out["honest"][0] is grpc.StatusCode.NOT_FOUND, out
+    assert out["b before SIGHUP"][0] is grpc.StatusCode.NOT_FOUND, out  # not looked yet
+    assert out["b after SIGHUP"][0] is grpc.StatusCode.UNAUTHENTICATED, out
     assert load_crl(victim_site / "crl.pem", fed.ca.certificate).number >= 2
     assert {getattr(s, "state", s) for s in statuses.values()} == {"finished"}, logs
     for peer in others:
