@@ -36,10 +36,11 @@ import numpy as np
 import pytest
 
 from peer.codec import Reassembler, fragments
+from peer.config import ConfigFileError, load_config
 from peer.identity import load_crl, load_signer
 from peer.ledger import AgreedRecord, session_genesis
 from peer.logs import JsonFormatter, TextFormatter, remote
-from peer.ratelimit import Backoff, RateLimiter
+from peer.ratelimit import Backoff, Limits, RateLimiter
 from peer.reload import TrustedKeys
 from peer.rounds import record_to_proto, valid_signatures
 from peer.session import SessionProposal, aggregator_for
@@ -137,6 +138,19 @@ def test_backoff_is_exponential_capped_and_jittered() -> None:
     assert ceilings == [0.5, 1.0, 2.0, 4.0, 4.0, 4.0] == delays
     backoff.reset()
     assert backoff.next_delay() == 0.5
+
+
+def test_limits_are_read_from_the_config_and_checked(tmp_path: Path) -> None:
+    network = Network.create(tmp_path, 2, length=4, start=False)
+    config = network.kit.kits["hospital-a"].config
+    assert load_config(config).limits == Limits()  # the table is optional
+    _set_limits(network, "hospital-a", reads_per_second=3, reads_burst=6, hello_seconds=2)
+    limits = load_config(config).limits
+    assert (limits.reads_per_second, limits.reads_burst, limits.hello_seconds) == (3, 6, 2)
+    text = config.read_text("utf-8").replace("reads_burst = 6", "reads_burst = 0")
+    config.write_text(text, encoding="utf-8")
+    with pytest.raises(ConfigFileError, match="reads_burst at least 1"):
+        load_config(config)
 
 
 def _log_line(formatter: logging.Formatter, message: str, *args: object) -> str:
