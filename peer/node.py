@@ -246,8 +246,15 @@ class PeerNode:
 
     def _trust_changed(self) -> None:
         """A new roster or CRL is in force: use its keys, close streams it no longer allows."""
-        self.roster = self.authenticator.roster
+        old, self.roster = self.roster, self.authenticator.roster
         self.verifiers.refresh(self.roster, self.authenticator.crl)
+        for peer_id in list(self._channels):
+            before, after = old.get(peer_id), self.roster.get(peer_id)
+            if after is None or before is None or before.address != after.address:
+                # Dial the new address (or nobody) from now on.
+                closed = asyncio.ensure_future(self._channels.pop(peer_id).close(None))
+                self._background.add(closed)
+                closed.add_done_callback(self._background.discard)
         revoked = self.authenticator.crl.serial_numbers
         for closing, caller in list(self._open_streams.items()):
             entry = self.roster.get(caller.peer_id)

@@ -41,7 +41,7 @@ from peer.identity import load_crl, load_signer
 from peer.ledger import AgreedRecord, session_genesis
 from peer.logs import JsonFormatter, TextFormatter, remote
 from peer.ratelimit import Backoff, Limits, RateLimiter
-from peer.reload import TrustedKeys
+from peer.reload import TrustedKeys, TrustReloader
 from peer.rounds import record_to_proto, valid_signatures
 from peer.session import SessionProposal, aggregator_for
 from peer.tls import Authenticator, TLSFiles, create_server, peer_channel
@@ -198,6 +198,33 @@ def test_a_revoked_members_signature_does_not_count(tmp_path: Path) -> None:
     valid, invalid = valid_signatures(record, signatures, after)
     assert sorted(valid) == ["hospital-a", "hospital-b"]
     assert invalid == ["hospital-c"]
+
+
+def test_the_reloader_installs_only_signed_newer_files(tmp_path: Path) -> None:
+    network = Network.create(tmp_path, 3, length=4, start=False)
+    fed = network.kit.federation
+    site = network.kit.kits["hospital-a"].directory
+    auth = Authenticator.from_files(site / "ca.pem", site / "roster.json", site / "crl.pem")
+    changes: list[int] = []
+    reloader = TrustReloader(
+        auth, site / "roster.json", site / "crl.pem", on_change=lambda: changes.append(1)
+    )
+    assert not reloader.check()  # nothing changed
+    old = (site / "crl.pem").read_bytes()
+    (site / "crl.pem").write_bytes(b"not a CRL")
+    assert not reloader.check()
+    assert auth.crl.number == 1
+    newer = fed.revoke("hospital-c")
+    (site / "crl.pem").write_bytes(newer.pem())
+    assert reloader.check()
+    assert auth.crl.number == newer.number
+    assert changes == [1]
+    (site / "crl.pem").write_bytes(old)  # a rollback to the CRL without the revocation
+    assert not reloader.check()
+    assert auth.crl.number == newer.number
+    reloader.trigger()  # SIGHUP: look again even though nothing changed
+    assert not reloader.check()
+    assert changes == [1]
 
 
 # ====================================================================== reads
