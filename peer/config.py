@@ -29,6 +29,12 @@ Example (``hospital_a.toml``)::
 
     [timeouts]
     stage_seconds = 30.0
+
+    [limits]                        # optional; per caller (peer/ratelimit.py)
+    reads_per_second = 20.0         # Status/Records calls, sustained
+    reads_burst = 40
+    hello_seconds = 30.0            # a RoundStream without a hello by then is closed
+    trust_poll_seconds = 2.0        # how often roster and CRL files are checked for changes
 """
 
 from __future__ import annotations
@@ -37,6 +43,8 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .ratelimit import Limits
 
 __all__ = ["ConfigFileError", "PeerConfig", "Policy", "load_config"]
 
@@ -89,6 +97,7 @@ class PeerConfig:
     stage_seconds: float = 30.0
     dashboard_port: int = 8050
     payload_file: Path | None = None  # test hook: a .npy vector this peer contributes
+    limits: Limits = field(default_factory=Limits)  # per-caller limits (peer/ratelimit.py)
 
     @property
     def directory(self) -> Path:
@@ -241,4 +250,26 @@ def load_config(path: str | Path) -> PeerConfig:
         stage_seconds=stage_seconds,
         dashboard_port=_get(document, "dashboard_port", int, where, 8050),
         payload_file=(base / payload).resolve() if isinstance(payload, str) else None,
+        limits=_limits(table("limits"), f"{where} [limits]"),
     )
+
+
+def _limits(tbl: dict[str, Any], where: str) -> Limits:
+    """The optional ``[limits]`` table (every key optional; see :class:`Limits`)."""
+    hello = _get(tbl, "hello_seconds", (int, float), where, 0.0)
+    limits = Limits(
+        reads_per_second=float(
+            _get(tbl, "reads_per_second", (int, float), where, Limits.reads_per_second)
+        ),
+        reads_burst=_get(tbl, "reads_burst", int, where, Limits.reads_burst),
+        hello_seconds=float(hello) if hello else None,
+        trust_poll_seconds=float(
+            _get(tbl, "trust_poll_seconds", (int, float), where, Limits.trust_poll_seconds)
+        ),
+    )
+    if limits.reads_per_second <= 0 or limits.reads_burst < 1 or limits.trust_poll_seconds <= 0:
+        raise ConfigFileError(
+            f"{where}: reads_per_second and trust_poll_seconds must be positive, "
+            "reads_burst at least 1"
+        )
+    return limits

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -35,7 +36,7 @@ from .beacon import (
 )
 from .codec import CodecError, fragments
 from .config import PeerConfig
-from .identity import Role, load_signer
+from .identity import PeerIdentity, Role, load_signer
 from .ledger import (
     BeaconState,
     Ledger,
@@ -45,8 +46,10 @@ from .ledger import (
     SessionError,
     SessionStatus,
 )
+from .logs import remote
 from .payload import Payload, VectorPayload
-from .ratelimit import RateLimiter
+from .ratelimit import Backoff, RateLimiter
+from .reload import TrustedKeys, TrustReloader
 from .rounds import (
     PRECONDITION,
     AggregatorRound,
@@ -58,6 +61,7 @@ from .rounds import (
     record_from_proto,
     record_to_proto,
     serve_round_stream,
+    valid_signatures,
 )
 from .session import ProposalError, SessionProposal, SignedProposal, aggregator_for, check_policy
 from .tls import Authenticator, TLSFiles, caller_identity, create_server, peer_channel
@@ -73,6 +77,9 @@ PayloadFactory = Callable[[SessionProposal, PeerConfig, Ledger], Payload]
 CANNOT_RECORD = "cannot record the round"
 # Under gRPC's 4 MiB default message limit, with room for the records themselves.
 CATCH_UP_CHECKPOINT_BYTES = 3 * 1024 * 1024
+# A round not agreed after this many attempts per participant ends the session here
+# (aborted, with the reason): rounds are retried, never skipped, so it cannot go on.
+ATTEMPTS_PER_PARTICIPANT = 3
 
 
 def default_payload(proposal: SessionProposal, config: PeerConfig, ledger: Ledger) -> Payload:
@@ -133,6 +140,31 @@ async def _parsed_fragments(requests: AsyncIterator[bytes]) -> AsyncIterator[pb.
         yield fragment
 
 
+async def _until(stop: asyncio.Event, source: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    """The items of ``source`` until ``stop`` is set; then ``source`` is closed (its
+    ``finally`` blocks run: a round sees the stream's peer leave) and iteration ends."""
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        while True:
+            item = asyncio.ensure_future(anext(source))
+            await asyncio.wait({item, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            if not item.done():
+                item.cancel()
+                with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                    await item
+                return
+            try:
+                yield item.result()
+            except StopAsyncIteration:
+                return
+    finally:
+        stopped.cancel()
+        aclose = getattr(source, "aclose", None)
+        if aclose is not None:
+            with contextlib.suppress(Exception):
+                await aclose()
+
+
 class PeerNode:
     """One institution's peer process (see the module docstring)."""
 
@@ -151,7 +183,20 @@ class PeerNode:
         self.files = TLSFiles.of(config.cert, config.key, config.ca)
         self.signer = load_signer(config.key)
         self.roster = self.authenticator.roster
-        self.verifiers = self.roster.verifiers()
+        # Live: members whose certificate the CRL revokes have no key here (peer/reload.py).
+        self.verifiers = TrustedKeys(self.roster, self.authenticator.crl)
+        self.limits = config.limits
+        self._reads = RateLimiter(self.limits.reads_per_second, self.limits.reads_burst)
+        self._read_refusals_logged: dict[str, float] = {}
+        self.reloader = TrustReloader(
+            self.authenticator,
+            config.roster,
+            config.crl,
+            on_change=self._trust_changed,
+            interval=self.limits.trust_poll_seconds,
+        )
+        # Open RoundStreams and who holds them, to close them when a CRL revokes the caller.
+        self._open_streams: dict[asyncio.Event, PeerIdentity] = {}
         self.ledger = Ledger(config.ledger_url)
         self.ledger.create()
         self.payload_factory = payload_factory
@@ -205,6 +250,12 @@ class PeerNode:
             self.config.listen, self.files, self.authenticator, handlers=[handler]
         ) as (_, port):
             self.port = port
+            reloader = asyncio.create_task(self.reloader.run(self._stopping))
+            self._background.add(reloader)
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                # Only possible in the main thread of a Unix process (peer start); a peer
+                # run inside a test polls the files only.
+                asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.reloader.trigger)
             self._resume_sessions()
             if on_ready is not None:
                 on_ready(port)
@@ -217,6 +268,33 @@ class PeerNode:
 
     def stop(self) -> None:
         self._stopping.set()
+
+    def _trust_changed(self) -> None:
+        """A new roster or CRL is in force: use its keys, close streams it no longer allows."""
+        old, self.roster = self.roster, self.authenticator.roster
+        self.verifiers.refresh(self.roster, self.authenticator.crl)
+        for peer_id in list(self._channels):
+            before, after = old.get(peer_id), self.roster.get(peer_id)
+            if after is None or before is None or before.address != after.address:
+                # Dial the new address (or nobody) from now on.
+                closed = asyncio.ensure_future(self._channels.pop(peer_id).close(None))
+                self._background.add(closed)
+                closed.add_done_callback(self._background.discard)
+        revoked = self.authenticator.crl.serial_numbers
+        for closing, caller in list(self._open_streams.items()):
+            entry = self.roster.get(caller.peer_id)
+            if (
+                caller.serial_number in revoked
+                or entry is None
+                or entry.cert_fingerprint_sha256 != caller.fingerprint
+            ):
+                logger.warning(
+                    "peer=%s closing the round stream of %s: its certificate is no longer "
+                    "accepted (revoked or removed from the roster)",
+                    self.me,
+                    caller.peer_id,
+                )
+                closing.set()
 
     def _resume_sessions(self) -> None:
         """Run again the sessions that were running, and those whose beacon was fixed just
@@ -532,18 +610,59 @@ class PeerNode:
         )
         return beacon
 
-    async def _status(
-        self, request: pb.SessionRef, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> pb.SessionStatus:
-        if self.ledger.session(request.session_id) is None:
+    async def _authorize_read(
+        self, request: pb.SessionRef, context: grpc.aio.ServicerContext[Any, Any], what: str
+    ) -> None:
+        """Deny by default: a session's state, records and results are answered to its
+        participants and to the operator who proposed it, at a bounded rate per caller."""
+        caller = caller_identity().peer_id
+        if not self._reads.allow(caller):
+            # One log line per caller per 10 s: a flood must not become a log flood.
+            now = time.monotonic()
+            if now - self._read_refusals_logged.get(caller, -10.0) >= 10.0:
+                self._read_refusals_logged[caller] = now
+                logger.warning(
+                    "peer=%s refusing %s calls from %s: over %g per second",
+                    self.me,
+                    what,
+                    caller,
+                    self._reads.rate,
+                )
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{caller} calls Status/Records more than {self._reads.rate:g} times per second "
+                f"(burst {self._reads.burst}); slow down",
+            )
+        info = self.ledger.session(request.session_id)
+        if info is None:
             await context.abort(
                 grpc.StatusCode.NOT_FOUND, f"no session {request.session_id!r} here"
             )
+        assert info is not None
+        if caller not in info.participants and caller != info.proposer:
+            logger.warning(
+                "peer=%s refused %s of session %s to %s: not a participant nor its proposer",
+                self.me,
+                what,
+                remote(request.session_id),
+                caller,
+            )
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"{caller} is neither a participant nor the proposer of session "
+                f"{request.session_id!r}: its {what} are not answered to {caller}",
+            )
+
+    async def _status(
+        self, request: pb.SessionRef, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.SessionStatus:
+        await self._authorize_read(request, context, "status")
         return self._status_of(request.session_id)
 
     async def _records(
         self, request: pb.SessionRef, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.SessionStatus:
+        await self._authorize_read(request, context, "records")
         status = self._status_of(request.session_id)
         for stored in self.ledger.agreed_records(request.session_id):
             status.records.append(record_to_proto(stored.record, stored.signatures))
@@ -578,12 +697,40 @@ class PeerNode:
     async def _round_stream(
         self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.Fragment]:
-        caller = caller_identity().peer_id
+        identity = caller_identity()
+        caller = identity.peer_id
+        closing = asyncio.Event()  # set when a new CRL or roster no longer accepts the caller
+        self._open_streams[closing] = identity
+        hello_seconds = self.limits.hello_seconds or self.config.stage_seconds
         try:
-            async for fragment in serve_round_stream(
-                _parsed_fragments(requests), caller, self._find_round, self._max_bytes()
+            async for fragment in _until(
+                closing,
+                serve_round_stream(
+                    _parsed_fragments(requests),
+                    caller,
+                    self._find_round,
+                    self._max_bytes(),
+                    hello_seconds=hello_seconds,
+                ),
             ):
                 yield fragment
+            if closing.is_set():
+                await context.abort(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"the certificate of {caller} is no longer accepted (revoked or removed "
+                    "from the roster); stream closed",
+                )
+        except TimeoutError:
+            logger.warning(
+                "peer=%s closed a round stream from %s: no hello within %gs",
+                self.me,
+                caller,
+                hello_seconds,
+            )
+            await context.abort(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"{caller} sent no RoundHello within {hello_seconds:g}s; stream closed",
+            )
         except LookupError as error:
             # Not an error of the caller: the round is elsewhere in time. Answered in-band
             # (an Abort message) rather than by aborting the call, which grpc can surface to
@@ -601,6 +748,8 @@ class PeerNode:
         except Exception:
             logger.exception("peer=%s round stream from %s failed", self.me, caller)
             raise
+        finally:
+            self._open_streams.pop(closing, None)
 
     def _max_bytes(self) -> int:
         sizes = [
@@ -614,8 +763,13 @@ class PeerNode:
     async def _find_round(self, hello: pb.RoundHello) -> AggregatorRound:
         key = (hello.session_id, hello.round, hello.attempt)
         session = self._sessions.get(hello.session_id)
+        info = self.ledger.session(hello.session_id)
+        if info is not None and hello.peer_id not in info.participants:
+            # Before any answer about where the session is: that is for participants only.
+            raise PermissionError(
+                f"{hello.peer_id} is not a participant of session {hello.session_id!r}"
+            )
         if session is None:
-            info = self.ledger.session(hello.session_id)
             if info is not None and info.status is SessionStatus.FINISHED:
                 raise LookupError(f"round-passed: {info.rounds_planned + 1}")
             raise LookupError(f"not-ready: session {hello.session_id!r} is not running here")
@@ -670,51 +824,67 @@ class PeerNode:
             info = self.ledger.session(sid)
             if info is not None and info.status is SessionStatus.ACCEPTED:
                 self.ledger.set_session_status(sid, SessionStatus.RUNNING)
+            # After a restart the others may have agreed rounds without this peer: fetch them
+            # (verified: their signatures against the roster, >= threshold, each the next
+            # round of this chain). What the others *say* moves this peer nowhere.
+            views = await self._ask_others(proposal, timeout=5.0)
+            await self._catch_up_with_the_most_advanced(proposal, views)
             round_ = self.ledger.last_agreed_round(sid) + 1
-            # After a restart the others may be further on (rounds that aborted leave no
-            # record here): start where they are, not where this ledger stopped.
-            round_ = max(round_, await self._where_are_the_others(proposal))
-            attempt = 0
+            attempt = self._attempt_hint(proposal, session.beacon, round_, -1, views)
+            backoff = Backoff(base=0.5, cap=max(1.0, min(proposal.stage_seconds, 10.0)))
+            limit = max(6, ATTEMPTS_PER_PARTICIPANT * len(proposal.participants))
             while round_ <= proposal.rounds:
                 progress.state, progress.round = "running", round_
                 aggregator = aggregator_for(proposal, round_, attempt, session.beacon)
                 progress.aggregator, progress.stage = aggregator, "starting"
                 outcome = await self._one_round(session, payload, round_, attempt, aggregator)
                 progress.detail = outcome.reason
-                if outcome.status is RoundStatusKind.AGGREGATOR_FAILED:
-                    if outcome.precondition.startswith(("round-agreed", "round-passed")):
-                        # The others went on without this peer (it was down): catch up.
-                        await self._catch_up(sid, aggregator)
-                        current = outcome.precondition.partition(":")[2].strip()
-                        round_ = max(
-                            round_ + 1
-                            if outcome.precondition.startswith("round-passed")
-                            else round_,
-                            int(current) if current.isdigit() else 0,
-                            self.ledger.last_agreed_round(sid) + 1,
-                        )
-                        attempt = 0
-                        continue
-                    # The aggregator may have died after some peers stored the agreed record:
-                    # before retrying the round, ask everyone, so that no second, different
-                    # record of the same round is ever signed while the first one exists.
-                    if await self._agreed_elsewhere(proposal, round_):
-                        round_, attempt = self.ledger.last_agreed_round(sid) + 1, 0
-                        continue
-                    attempt += 1
-                    if attempt % len(proposal.participants) == 0:
-                        await asyncio.sleep(min(proposal.stage_seconds, 5.0))  # nobody reachable
+                if outcome.status is RoundStatusKind.AGREED:
+                    round_, attempt = round_ + 1, 0
+                    backoff.reset()
                     continue
                 if outcome.status is RoundStatusKind.REFUSED and outcome.reason.startswith(
                     CANNOT_RECORD
                 ):
-                    # Stay on this round until the ledger can be written again: moving on
-                    # would run through every round at once, and progress.round would tell
-                    # the others ("round-passed") that rounds are over which are not.
+                    # Stay on this round until the ledger can be written again.
                     await asyncio.sleep(min(proposal.stage_seconds, 5.0))
                     continue
-                round_ += 1
-                attempt = 0
+                # Not agreed here. Whether the others agreed it without this peer, only their
+                # agreed records can tell: a "round-agreed"/"round-passed" answer is a claim,
+                # acted on only once the claimer's records are fetched and verified.
+                claimed = outcome.precondition.startswith(("round-agreed", "round-passed"))
+                if claimed:
+                    await self._catch_up(sid, aggregator)
+                views = []
+                if self.ledger.last_agreed_round(sid) < round_:
+                    # The aggregator may have died after some peers stored the agreed record:
+                    # ask everyone before retrying, so that no second, different record of
+                    # the same round is ever signed while the first one exists.
+                    views = await self._agreed_elsewhere(proposal, round_)
+                if self.ledger.last_agreed_round(sid) >= round_:
+                    round_, attempt = self.ledger.last_agreed_round(sid) + 1, 0
+                    backoff.reset()
+                    continue
+                if claimed:
+                    logger.warning(
+                        "peer=%s session=%s round=%d aggregator %s claims %s but showed no "
+                        "agreed record that proves it; trying the next aggregator",
+                        self.me,
+                        sid,
+                        round_,
+                        aggregator,
+                        remote(outcome.precondition),
+                    )
+                # Rounds are never skipped (the ledger stores only last + 1): an aborted
+                # round is tried again under its number, with the next aggregator.
+                attempt = self._attempt_hint(proposal, session.beacon, round_, attempt, views)
+                if attempt >= limit:
+                    reason = f"round {round_} was not agreed in {attempt} attempts"
+                    logger.error("peer=%s session=%s gives up: %s", self.me, sid, reason)
+                    self.ledger.set_session_status(sid, SessionStatus.ABORTED, reason=reason)
+                    progress.state, progress.stage, progress.detail = "aborted", "", reason
+                    return
+                await asyncio.sleep(backoff.next_delay())
             await self._settle(proposal, progress)
             if proposal.payload_kind == "statistics":
                 from .statistics import record_statistics_result
@@ -820,7 +990,7 @@ class PeerNode:
             attempt,
             outcome.status.value,
             time.monotonic() - started,
-            outcome.reason,
+            remote(outcome.reason),  # may carry another peer's Abort reason
         )
         if aggregator_task is not None:
             with contextlib.suppress(TimeoutError):
@@ -881,9 +1051,13 @@ class PeerNode:
             if len(self.ledger.agreed_records(proposal.session_id)) >= status.rounds_agreed:
                 return
 
-    async def _agreed_elsewhere(self, proposal: SessionProposal, round_: int) -> bool:
-        """Whether another participant holds an agreed record of ``round_`` (now fetched)."""
-        await self._catch_up_with_the_most_advanced(proposal, await self._ask_others(proposal))
+    async def _agreed_elsewhere(
+        self, proposal: SessionProposal, round_: int
+    ) -> list[tuple[str, pb.SessionStatus]]:
+        """Fetch (verified) any agreed record of ``round_`` another participant holds; the
+        others' views of the session, for :meth:`_attempt_hint`."""
+        views = await self._ask_others(proposal)
+        await self._catch_up_with_the_most_advanced(proposal, views)
         if self.ledger.last_agreed_round(proposal.session_id) >= round_:
             logger.info(
                 "peer=%s session=%s round %d was agreed without this peer; fetched its record",
@@ -891,24 +1065,42 @@ class PeerNode:
                 proposal.session_id,
                 round_,
             )
-            return True
-        return False
+        return views
 
-    async def _where_are_the_others(self, proposal: SessionProposal) -> int:
-        """After a (re)start: catch up, and the highest round another participant runs."""
-        views = await self._ask_others(proposal, timeout=5.0)
-        await self._catch_up_with_the_most_advanced(proposal, views)
-        running = [(p, s.current_round) for p, s in views if s.state == "running"]
-        peer, furthest = max(running, key=lambda view: view[1], default=("", 0))
-        if furthest > self.ledger.last_agreed_round(proposal.session_id) + 1:
-            logger.info(
-                "peer=%s session=%s rejoining at round %d (%s is there)",
-                self.me,
-                proposal.session_id,
-                furthest,
-                peer,
-            )
-        return furthest
+    def _attempt_hint(
+        self,
+        proposal: SessionProposal,
+        beacon: bytes,
+        round_: int,
+        failed: int,
+        views: list[tuple[str, pb.SessionStatus]],
+    ) -> int:
+        """The attempt to try after ``failed`` (-1: none yet): the next one, or the one most
+        of the others run now if that is further on.
+
+        A peer that was down, or lost an attempt, would otherwise dial aggregators one
+        attempt behind everyone. The others' answers are not evidence, so they only choose
+        the attempt (whose aggregator is then dialled, and must run it): they never move the
+        round. A hint counts only when more than half of the answering participants give
+        the same aggregator for this round, so one liar cannot steer it.
+        """
+        nxt = failed + 1
+        counts: dict[str, int] = {}
+        for _, status in views:
+            if status.state == "running" and status.current_round == round_:
+                counts[status.current_aggregator] = counts.get(status.current_aggregator, 0) + 1
+        if not counts:
+            return nxt
+        aggregator, votes = max(counts.items(), key=lambda item: item[1])
+        if 2 * votes <= len(views) or (
+            failed >= 0 and aggregator == aggregator_for(proposal, round_, failed, beacon)
+        ):
+            return nxt  # no majority, or the others have not moved past the failed attempt
+        n = len(proposal.participants)
+        for candidate in range(nxt, nxt + n):
+            if aggregator_for(proposal, round_, candidate, beacon) == aggregator:
+                return candidate
+        return nxt
 
     async def _settle(self, proposal: SessionProposal, progress: _Progress) -> None:
         """At the end of a session, wait (bounded) for the others to end too and fetch any
@@ -937,13 +1129,40 @@ class PeerNode:
                 pb.SessionRef(session_id=session_id), timeout=session.proposal.stage_seconds
             )
         except grpc.RpcError as error:
-            logger.warning("peer=%s cannot fetch records from %s: %s", self.me, source, error)
+            logger.warning(
+                "peer=%s cannot fetch records from %s: %s",
+                self.me,
+                source,
+                remote(error.details() if isinstance(error, grpc.aio.AioRpcError) else error),
+            )
             return
         have = {r.record.round for r in self.ledger.agreed_records(session_id)}
         for proto in sorted(status.records, key=lambda r: r.round):
             if proto.round in have:
                 continue
-            record, signatures = record_from_proto(proto)
+            try:
+                record, claimed = record_from_proto(proto)
+            except CodecError as error:
+                logger.warning(
+                    "peer=%s refused record of round %d from %s: %s",
+                    self.me,
+                    proto.round,
+                    source,
+                    remote(error),
+                )
+                return
+            # Only signatures that verify under a current, unrevoked roster key count; the
+            # others are dropped (and named), and the rest must still reach the threshold.
+            signatures, invalid = valid_signatures(record, claimed, self.verifiers)
+            if invalid:
+                logger.warning(
+                    "peer=%s record of round %d from %s: signatures of %s do not count "
+                    "(invalid, unknown or revoked)",
+                    self.me,
+                    proto.round,
+                    source,
+                    remote(", ".join(invalid)),
+                )
             expected_prev = self.ledger.session_head(session_id)
             if record.prev_hash != expected_prev:
                 logger.warning(

@@ -59,6 +59,7 @@ from .ledger import (
     PrivacyCharge,
     StoredRecord,
 )
+from .logs import remote
 from .payload import LocalContribution, Payload
 from .wire import peer_pb2 as pb
 
@@ -211,7 +212,7 @@ class AggregatorRound:
                     self._votes[peer] = message
             elif isinstance(message, pb.Abort):
                 self._refusals[peer] = message.reason
-                self._warn("participant=%s refused: %s", peer, message.reason)
+                self._warn("participant=%s refused: %s", peer, remote(message.reason))
                 self._gone.add(peer)
             elif self._closing:
                 self._warn(
@@ -536,7 +537,9 @@ async def participate(ctx: RoundContext, channel: grpc.aio.Channel) -> RoundOutc
             elif isinstance(message, pb.Abort):
                 outcome.status = RoundStatusKind.ABORTED
                 outcome.reason = message.reason
-                logger.warning("%s aggregator aborted the round: %s", prefix, message.reason)
+                logger.warning(
+                    "%s aggregator aborted the round: %s", prefix, remote(message.reason)
+                )
                 return outcome
             elif isinstance(message, Message):
                 raise RemoteProtocolError(ctx.aggregator, f"unexpected {type(message).__name__}")
@@ -554,6 +557,7 @@ async def participate(ctx: RoundContext, channel: grpc.aio.Channel) -> RoundOutc
     except (SecAggError, CodecError, LedgerError) as error:
         outcome.status = RoundStatusKind.REFUSED
         outcome.reason = str(error)
+        # Our own error text (one line: the log formatters escape control characters).
         logger.warning("%s refused: %s", prefix, error)
         with contextlib.suppress(grpc.RpcError, asyncio.CancelledError):
             await stream.send(pb.Abort(reason=str(error), offender=getattr(error, "offender", "")))
@@ -569,7 +573,7 @@ async def participate(ctx: RoundContext, channel: grpc.aio.Channel) -> RoundOutc
         else:
             status = code.name if code else "error"
             outcome.reason = f"stream to aggregator {ctx.aggregator} failed: {status} {details}"
-        logger.warning("%s %s", prefix, outcome.reason)
+        logger.warning("%s %s", prefix, remote(outcome.reason))  # details are the server's text
         return outcome
     except Exception as error:  # a bug or an environment fault: this round only, never the peer
         logger.exception("%s failed", prefix)
@@ -705,14 +709,17 @@ async def serve_round_stream(
     caller: str,
     find_round: Callable[[pb.RoundHello], Any],
     max_bytes: int,
+    hello_seconds: float | None = None,
 ) -> AsyncIterator[pb.Fragment]:
     """The aggregator's end of one participant's RoundStream (used by the gRPC servicer).
 
     ``find_round(hello)`` returns the :class:`AggregatorRound` (awaitable) or raises
-    PermissionError / LookupError with the reason to refuse.
+    PermissionError / LookupError with the reason to refuse. A stream whose hello has not
+    arrived within ``hello_seconds`` raises TimeoutError: an open stream that says nothing
+    would otherwise hold the aggregator's resources for ever.
     """
     hello_reader = Reassembler(64 * 1024)
-    first = await anext(requests, None)
+    first = await asyncio.wait_for(anext(requests, None), hello_seconds)
     if first is None:
         return
     hello = hello_reader.push(first)

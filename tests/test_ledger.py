@@ -459,19 +459,25 @@ def test_global_head_is_not_a_session_head(ledger: Ledger, db: Path) -> None:
     assert _dump(db) == before
 
 
-def test_skipped_rounds_link_to_the_last_agreed_round(ledger: Ledger, db: Path) -> None:
+def test_a_record_is_stored_only_as_the_next_round_of_its_chain(ledger: Ledger, db: Path) -> None:
     first = _append(ledger, SESSION, 1)
-    # Round 2 aborted: round 3 follows round 1 in the session's chain.
+    # Round 2 aborted: it is retried under its number, so a round 3 record linked to
+    # round 1 can only come from signers who want this peer to skip rounds. Refused.
     attempt = ledger.start_round(SESSION, 2, aggregator="a", participants=PEERS)
     ledger.abort_round(SESSION, 2, attempt.attempt, reason="too many dropouts")
-    third = _append(ledger, SESSION, 3)
-    assert third.record.prev_hash == first.record_hash
-    assert verify_ledger(ledger, VERIFIERS, 3).ok
-    # A late round 2 would come after round 3 in the chain: refused, whatever it links to.
     before = _dump(db)
-    for prev in (first.record_hash, third.record_hash):
-        record, weights, signatures = _material(SESSION, 2, prev)
-        with pytest.raises(ChainMismatchError, match="already agreed round 3; its chain only"):
+    record, weights, signatures = _material(SESSION, 3, first.record_hash)
+    with pytest.raises(ChainMismatchError, match="only as the next round of its chain \\(2\\)"):
+        ledger.append_agreed(record, signatures, weights)
+    assert _dump(db) == before
+    second = _append(ledger, SESSION, 2)
+    assert second.record.prev_hash == first.record_hash
+    assert verify_ledger(ledger, VERIFIERS, 2).ok
+    # A second round 1 is refused, whatever it links to.
+    before = _dump(db)
+    for prev in (first.record_hash, second.record_hash):
+        record, weights, signatures = _material(SESSION, 1, prev)
+        with pytest.raises(DuplicateRoundError):
             ledger.append_agreed(record, signatures, weights)
     assert _dump(db) == before
 

@@ -63,7 +63,8 @@ class RecordRejected(LedgerError):
 
 class ChainMismatchError(RecordRejected):
     """The record's ``prev_hash`` is not the head of its session's chain (the hash of the
-    session's last agreed record, or its genesis hash), or its round is below that record's."""
+    session's last agreed record, or its genesis hash), or its round is not that record's
+    round + 1 (rounds are never skipped)."""
 
 
 class DuplicateRoundError(RecordRejected):

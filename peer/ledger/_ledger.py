@@ -635,7 +635,7 @@ class Ledger:
 
         Args:
             record: the agreed record; its ``prev_hash`` must be :meth:`session_head` of
-                its session, and its round above the session's last agreed round.
+                its session, and its round the session's last agreed round + 1.
             signatures: ``{peer_id: signature over record.payload()}``.
             checkpoint: the new global model (float32 bytes); its SHA-256 must be
                 ``record.model_hash``.
@@ -710,6 +710,13 @@ class Ledger:
             raise ChainMismatchError(
                 f"{where}: session {record.session_id!r} has already agreed round "
                 f"{last_round}; its chain only moves forward"
+            )
+        if record.round != last_round + 1:
+            # Rounds are never skipped: an aborted round is retried under its number. So a
+            # record further on can only come from signers who want this peer to jump ahead.
+            raise ChainMismatchError(
+                f"{where}: session {record.session_id!r} has agreed rounds up to {last_round}; "
+                f"a record is stored only as the next round of its chain ({last_round + 1})"
             )
         if record.prev_hash != session_hash:
             head = f"round {last_round}" if last_round else "its genesis"

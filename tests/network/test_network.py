@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from network_harness import Network
 
+from peer.ledger import RoundStatus
 from peer.wire import peer_pb2 as pb
 
 pytestmark = pytest.mark.timeout(300)
@@ -103,7 +104,8 @@ def test_participant_killed_at_each_stage(make_network: Callable[..., Network], 
 @pytest.mark.slow
 def test_round_aborts_cleanly_and_next_round_proceeds(make_network: Callable[..., Network]) -> None:
     # t = 3 of 3: losing one peer at the masked stage makes round 1 impossible; it aborts,
-    # nothing is agreed for it, and round 2 (with the peer restarted) is agreed.
+    # nothing is agreed for that attempt, and round 1 is tried again under its number (rounds
+    # are never skipped) once the peer is back, then round 2.
     network = make_network(3, start=False)
     proposal = network.proposal("s1", rounds=2, threshold=3)
     victim = next(p for p in network.peers if p != network.aggregator(proposal, 1))
@@ -123,11 +125,16 @@ def test_round_aborts_cleanly_and_next_round_proceeds(make_network: Callable[...
     assert set(states(statuses).values()) == {"finished"}, network.logs()
     for peer_id in network.peers:
         rounds = [r.record.round for r in network.records(peer_id, "s1")]
-        assert rounds == [2], f"{peer_id}: {rounds}\n{network.logs()}"
-        np.testing.assert_array_equal(
-            network.aggregate_of(peer_id, "s1", 2), network.plain_sum(list(network.peers))
-        )
+        assert rounds == [1, 2], f"{peer_id}: {rounds}\n{network.logs()}"
+        for round_ in rounds:
+            np.testing.assert_array_equal(
+                network.aggregate_of(peer_id, "s1", round_), network.plain_sum(list(network.peers))
+            )
         assert network.verify(peer_id) == []
+    survivor = next(p for p in network.peers if p != victim)
+    with network.ledger(survivor) as ledger:
+        first = ledger.round_attempts("s1", 1)
+    assert first[0].status is RoundStatus.ABORTED, first  # the attempt the kill spoilt
 
 
 @pytest.mark.slow
@@ -186,8 +193,11 @@ def test_tampered_transcript_is_not_agreed(make_network: Callable[..., Network])
     for peer_id, process in network.peers.items():
         process.start({"HOSPITAL_SECAGG_TAMPER_TRANSCRIPT": "1"} if peer_id == liar else None)
     network.run_session(proposal)
+    # The liar's result is agreed by nobody; round 1 is tried again by the next aggregator.
     for peer_id in network.peers:
-        assert network.records(peer_id, "s1") == []
+        records = network.records(peer_id, "s1")
+        assert [r.record.round for r in records] == [1], network.logs()
+        assert records[0].record.metrics["aggregator"] != liar
     honest = next(p for p in network.peers if p != liar)
     log = network.peers[honest].log_path.read_text(encoding="utf-8")
     assert "published aggregate differs from the recomputed one" in log

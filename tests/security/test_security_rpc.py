@@ -43,7 +43,7 @@ CLEAR = {
     grpc.StatusCode.FAILED_PRECONDITION,
     grpc.StatusCode.NOT_FOUND,
     grpc.StatusCode.PERMISSION_DENIED,
-    grpc.StatusCode.RESOURCE_EXHAUSTED,  # a caller proposing too often (rate limit)
+    grpc.StatusCode.RESOURCE_EXHAUSTED,  # beyond a per-caller rate limit (proposals, reads)
 }
 
 
