@@ -813,7 +813,7 @@ def probe_database(check: str, url: str) -> Finding:
                 assert raw is not None
                 # pysqlite would not open a transaction before DDL (it would commit the
                 # probe table at once): take over transaction control and BEGIN ourselves.
-                raw.isolation_level = None  # type: ignore[attr-defined]
+                raw.isolation_level = None
                 cursor = raw.cursor()
                 try:
                     cursor.execute("BEGIN IMMEDIATE")
