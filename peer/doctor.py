@@ -797,7 +797,9 @@ def probe_database(check: str, url: str) -> Finding:
     if path is not None and not path.exists():
         parent = path.parent
         if parent.is_dir() and os.access(parent, os.W_OK):
-            return Finding(check, Status.OK, f"{path} will be created at the first start")
+            return Finding(
+                check, Status.OK, f"{path} does not exist yet; the peer creates it when needed"
+            )
         return Finding(
             check,
             Status.FAIL,

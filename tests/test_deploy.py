@@ -42,6 +42,7 @@ def make_site(kit: LocalKit, root: Path, peer_id: str = ME) -> tuple[Path, Path]
     folder."""
     source = kit.kits[peer_id].directory
     kit_dir, state = root / "kit", root / "state"
+    root.mkdir(parents=True, exist_ok=True)
     kit_dir.mkdir(mode=0o700)
     state.mkdir(mode=0o700)
     for name in (*KIT_FILES, f"{peer_id}.toml", f"{peer_id}.pem", f"{peer_id}.key"):
@@ -352,7 +353,12 @@ def test_container_image_builds_and_runs_a_peer(kit: LocalKit, tmp_path: Path) -
 
     kit_dir, state = make_site(kit, tmp_path / "site")
     mounts = ["-v", f"{kit_dir}:/kit:ro", "-v", f"{state}:/var/lib/peer", "--network", "host"]
-    # The key still belongs to root: the entrypoint says what to do.
+    # The kit still belongs to root (0700, as `ceremony kit` makes it), then only its key
+    # does: each time the entrypoint says what to do.
+    refused = docker("run", "--rm", *mounts, IMAGE, "start")
+    assert refused.returncode == 2, refused.stderr
+    assert f"cannot read the kit folder /kit as uid {IMAGE_UID}" in refused.stderr
+    os.chown(kit_dir, IMAGE_UID, IMAGE_UID)
     refused = docker("run", "--rm", *mounts, IMAGE, "start")
     assert refused.returncode == 2, refused.stderr
     assert f"cannot read /kit/{ME}.key as uid {IMAGE_UID}" in refused.stderr
