@@ -158,3 +158,31 @@ def test_peer_reached_by_ip_with_an_ip_san_certificate(tmp_path: Path) -> None:
     # Without the IP in an IP SAN, the client's TLS layer refuses the server.
     with pytest.raises(HandshakeError, match="does not carry the expected identity"):
         asyncio.run(dial_by_ip(fed, "hospital-dns", "hospital-a"))
+
+
+def test_roster_address_by_ip_reaches_exactly_that_member(tmp_path: Path) -> None:
+    # peer_channel dials the roster's IP and checks the reserved identity name instead of
+    # the IP (grpc.ssl_target_name_override): it works with or without an IP SAN, and only
+    # the member the roster names at that address is accepted.
+    from peer.tls import peer_channel
+
+    fed = LocalFederation.create(tmp_path, federation=FED, peers=[])
+    for peer_id in ("hospital-a", "hospital-b", "hospital-c"):
+        fed.add_member(peer_id, hostnames=(), ips=())
+
+    async def dial(server: str, expected: str) -> None:
+        assert fed.roster_path is not None
+        auth = Authenticator.from_files(fed.ca.cert_path, fed.roster_path, fed.ca.crl_path)
+        async with create_server("127.0.0.1:0", files(fed.members[server]), auth, grace=0.1) as (
+            _,
+            port,
+        ):
+            roster = fed.publish_roster({expected: f"127.0.0.1:{port}"})
+            async with peer_channel(roster, expected, files(fed.members["hospital-a"])) as chan:
+                await check_peer(chan, target=f"127.0.0.1:{port}", peer=expected, attempts=1)
+
+    fed.publish_roster({})
+    asyncio.run(dial("hospital-b", "hospital-b"))
+    # hospital-c answers at the address the roster gives for hospital-b: refused by TLS.
+    with pytest.raises(HandshakeError, match="does not carry the expected identity"):
+        asyncio.run(dial("hospital-c", "hospital-b"))
