@@ -106,7 +106,10 @@ class SiteChecks:
             )
             return
         self.key_ok = True
-        yield Finding("private key", Status.OK, f"{config.key}: mode 0600, matches the certificate")
+        mode = stat.S_IMODE(config.key.stat().st_mode)
+        yield Finding(
+            "private key", Status.OK, f"{config.key}: mode {mode:04o}, matches the certificate"
+        )
 
     # ----------------------------------------------------------------- certificates
 
