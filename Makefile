@@ -23,7 +23,8 @@ demo: $(STAMP)
 	$(BIN)/ceremony demo
 
 # System packages the tests need (browser for the dashboard test, PostgreSQL for the
-# any-SQLAlchemy-URL test). Installed only when absent and only when we are root;
+# any-SQLAlchemy-URL test, docker.io and debootstrap for the container image test).
+# Installed only when absent and only when we are root;
 # otherwise the tests that need them skip with a message saying why.
 system-deps:
 	@scripts/install_system_deps.sh

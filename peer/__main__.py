@@ -2,10 +2,11 @@
 
 peer start --config hospital_a.toml [--log-format json]
 peer verify-ledger --config hospital_a.toml [--json]
+peer doctor --config hospital_a.toml [--json]
 peer data import --config hospital_a.toml --csv patients.csv --label diagnosis [--id pid] [--json]
 peer data show --config hospital_a.toml [--json]
 
-Exit codes: 0 done, 1 a check failed (verify-ledger), 2 a mistake in the arguments, the
+Exit codes: 0 done, 1 a check failed (verify-ledger, doctor), 2 a mistake in the arguments, the
 configuration or the input file (one line on stderr saying what; for a CSV that fails
 validation, one more line per problem naming its row and column).
 """
@@ -109,6 +110,14 @@ def _verify_ledger(args: argparse.Namespace) -> int:
     else:
         print(str(report))
     return 0 if report.ok else 1
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from .doctor import run_doctor
+
+    report = run_doctor(args.config)
+    print(report.to_json() if args.json else report.to_text())
+    return report.exit_code
 
 
 # --------------------------------------------------------------------------- data
@@ -335,6 +344,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     verify.add_argument("--min-signatures", type=int, default=None)
     verify.add_argument("--json", action="store_true")
     verify.set_defaults(handler=_verify_ledger)
+    doctor = commands.add_parser(
+        "doctor",
+        help="check this site before joining and whenever something is wrong",
+        description=(
+            "Check the configuration, file permissions, certificates, roster, CRL, databases, "
+            "disk space, TensorFlow, the clock and every roster peer; print OK/WARN/FAIL per "
+            "item with what to do. Exit 1 when anything FAILs."
+        ),
+    )
+    doctor.add_argument("--config", required=True, help="the peer's TOML configuration")
+    doctor.add_argument("--json", action="store_true", help="print one JSON object")
+    doctor.set_defaults(handler=_doctor)
     _add_data(commands)
     try:
         args = parser.parse_args(argv)

@@ -200,10 +200,18 @@ def _add_request(subparsers: Any) -> None:
         nargs="+",
         default=[],
         metavar="H",
-        help="DNS names the peer is reached at",
+        help=(
+            "names the peer is reached at: DNS names go into DNS SANs, IP addresses "
+            "(10.1.2.3, 2001:db8::5) into IP address SANs"
+        ),
     )
     parser.add_argument(
-        "--ip", action="extend", nargs="+", default=[], metavar="IP", help="IP addresses"
+        "--ip",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="IP",
+        help="IP addresses the peer is reached at (IP address SANs)",
     )
     parser.add_argument(
         "--operator",
@@ -228,6 +236,7 @@ def _cmd_request(args: argparse.Namespace) -> int:
         csr = _read_csr(paths.csr)
     assert csr is not None  # we just wrote it
     mode = f"{paths.key.stat().st_mode & 0o777:04o}"
+    dns, ips = _sans(csr)
     report = {
         "peer_id": args.peer_id,
         "role": _role(args.operator).value,
@@ -236,6 +245,8 @@ def _cmd_request(args: argparse.Namespace) -> int:
         "key_mode": mode,
         "csr": str(paths.csr),
         "csr_fingerprint": csr_fingerprint(csr),
+        "dns": dns,
+        "ip": ips,
     }
     _emit(
         args,
@@ -243,6 +254,7 @@ def _cmd_request(args: argparse.Namespace) -> int:
         [
             f"private key: {paths.key} (mode {mode}): keep it here, it never leaves this site",
             f"request:     {paths.csr}",
+            f"names:       DNS: {', '.join(dns) or '-'}; IP: {', '.join(ips) or '-'}",
             f"CSR fingerprint: {report['csr_fingerprint']}",
             "Send the .csr file to the consortium CA and read this CSR fingerprint out to them, "
             "so they know the file they sign is yours.",

@@ -30,6 +30,7 @@ from peer.identity._names import (
     ca_uri,
     identity_hostname,
     identity_uri,
+    split_hosts,
     system_clock,
     validate_federation,
     validate_hostname,
@@ -152,7 +153,8 @@ def create_request(
 
     Writes ``<directory>/<peer_id>.key`` (ECDSA P-256, created with mode 0600 and never
     overwritten) and ``<directory>/<peer_id>.csr`` with CN=peer_id, O=institution and SANs:
-    the DNS ``hostnames``, the ``ips`` and the URI ``urn:<federation>:<role>:<peer_id>``.
+    a DNS SAN per hostname, an IP address SAN per IP (in ``ips``, or an IP literal given
+    in ``hostnames``) and the URI ``urn:<federation>:<role>:<peer_id>``.
 
     Raises:
         InvalidNameError: an invalid peer id, institution, federation, hostname or IP.
@@ -162,8 +164,10 @@ def create_request(
     validate_institution(institution)
     validate_federation(federation)
     role = Role(role)
-    dns = [validate_hostname(h) for h in hostnames]
-    addresses = [validate_ip(ip) for ip in ips]
+    # An IP address given as a hostname goes into an IP SAN, where TLS clients look for it.
+    dns, addresses = split_hosts(hostnames)
+    addresses += [validate_ip(ip) for ip in ips]
+    dns, addresses = list(dict.fromkeys(dns)), list(dict.fromkeys(addresses))
     root = make_private_dir(directory)
     key_path = root / f"{peer_id}.key"
     csr_path = root / f"{peer_id}.csr"

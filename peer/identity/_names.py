@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from enum import StrEnum
 
@@ -113,6 +113,13 @@ def validate_hostname(hostname: str) -> str:
         InvalidNameError: otherwise.
     """
     name = hostname.lower().rstrip(".") if isinstance(hostname, str) else ""
+    if _is_ip(name):
+        # "10.1.2.3" also matches the label grammar; as a DNS SAN it would never match a
+        # client that dials the IP (RFC 6125 compares IPs only with IP SANs).
+        raise InvalidNameError(
+            f"{hostname!r} is an IP address, not a DNS hostname: it belongs in an IP address "
+            "SAN (ceremony request --host or --ip puts it there)"
+        )
     if not name or len(name) > 253 or not _HOSTNAME_RE.fullmatch(name):
         raise InvalidNameError(f"invalid DNS hostname {hostname!r} (no wildcards allowed)")
     if name == IDENTITY_DNS_SUFFIX or name.endswith("." + IDENTITY_DNS_SUFFIX):
@@ -131,6 +138,25 @@ def validate_ip(
         return ipaddress.ip_address(ip)
     except ValueError:
         raise InvalidNameError(f"invalid IP address {ip!r}") from None
+
+
+def split_hosts(
+    hosts: Iterable[str],
+) -> tuple[list[str], list[ipaddress.IPv4Address | ipaddress.IPv6Address]]:
+    """Sort names a peer is reached at into DNS hostnames and IP addresses (for the SANs).
+
+    Raises:
+        InvalidNameError: an entry is neither a valid hostname nor an IP address.
+    """
+    dns: list[str] = []
+    ips: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = []
+    for host in hosts:
+        text = host.strip("[]") if isinstance(host, str) else host
+        if isinstance(text, str) and _is_ip(text):
+            ips.append(ipaddress.ip_address(text))
+        else:
+            dns.append(validate_hostname(host))
+    return dns, ips
 
 
 def validate_address(address: str) -> str:
