@@ -547,7 +547,7 @@ class PeerNode:
             round=round_,
             attempt=attempt,
             aggregator=aggregator,
-            config=proposal.round_config(round_, payload.vector_length(round_)),
+            config=proposal.round_config(round_, payload.vector_length(round_), attempt=attempt),
             signer=self.signer,
             verifiers=self.verifiers,
             ledger=self.ledger,
