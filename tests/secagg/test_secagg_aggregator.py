@@ -119,12 +119,25 @@ def _advert_wrong_session(r: Round, m: ParticipantMessage) -> list[ParticipantMe
 
 def _shares_missing_recipient(r: Round, m: ParticipantMessage) -> list[ParticipantMessage]:
     assert isinstance(m, ShareKeys)
-    return [replace(m, ciphertexts=m.ciphertexts[1:])]
+    return [replace(m, ciphertexts=m.ciphertexts[1:], signatures=m.signatures[1:])]
 
 
 def _shares_twice_to_one(r: Round, m: ParticipantMessage) -> list[ParticipantMessage]:
     assert isinstance(m, ShareKeys)
-    return [replace(m, ciphertexts=(*m.ciphertexts, m.ciphertexts[0]))]
+    return [
+        replace(
+            m,
+            ciphertexts=(*m.ciphertexts, m.ciphertexts[0]),
+            signatures=(*m.signatures, m.signatures[0]),
+        )
+    ]
+
+
+def _shares_unsigned(r: Round, m: ParticipantMessage) -> list[ParticipantMessage]:
+    """A sender whose share signature does not verify is excluded by the aggregator, so that
+    its recipients do not blame the relay for it."""
+    assert isinstance(m, ShareKeys)
+    return [replace(m, signatures=(bytes(64), *m.signatures[1:]))]
 
 
 def _short_vector(r: Round, m: ParticipantMessage) -> list[ParticipantMessage]:
@@ -211,6 +224,7 @@ CASES: list[tuple[Stage, Tamper, str]] = [
     (Stage.ADVERTISE, _wrong_type, "sent ConsistencySignature at stage advertise"),
     (Stage.SHARE, _shares_missing_recipient, "not addressed to its neighbourhood"),
     (Stage.SHARE, _shares_twice_to_one, "not addressed to its neighbourhood"),
+    (Stage.SHARE, _shares_unsigned, "invalid signature on its shares"),
     (Stage.MASKED, _short_vector, "masked vector has shape"),
     (Stage.MASKED, _long_vector, "masked vector has shape"),
     (Stage.MASKED, _wrong_dtype, "dtype uint64"),

@@ -35,7 +35,7 @@ from secagg import (
     UnmaskShares,
     verify_transcript,
 )
-from secagg.messages import consistency_payload
+from secagg.messages import consistency_payload, share_payload
 
 A, B, C, D, E = (f"hospital-{x}" for x in "abcde")
 FAILED = ParticipantState.FAILED
@@ -255,11 +255,20 @@ def shares_for(r: Round, peer: str = A, **kwargs: object) -> SharesToYou:
     return message
 
 
+def relay(message: SharesToYou, pairs: tuple[tuple[str, bytes], ...]) -> SharesToYou:
+    """``message`` with other (sender, ciphertext) pairs, each with its sender's original
+    signature (64 zero bytes for a sender that sent none)."""
+    signature = dict(zip((u for u, _ in message.ciphertexts), message.signatures, strict=True))
+    return replace(
+        message, ciphertexts=pairs, signatures=tuple(signature.get(u, bytes(64)) for u, _ in pairs)
+    )
+
+
 def test_fewer_than_t_share_senders_is_refused() -> None:
     r = make_round()
     message = shares_for(r)
     kept = tuple((u, c) for u, c in message.ciphertexts if u in (A, B))
-    refuse(r, A, replace(message, ciphertexts=kept), "only 2 of my neighbourhood at share")
+    refuse(r, A, relay(message, kept), "only 2 of my neighbourhood at share")
 
 
 def test_shares_addressed_to_another_peer_are_refused() -> None:
@@ -272,39 +281,59 @@ def test_shares_from_a_peer_without_advert_are_refused() -> None:
     message = shares_for(r, drop={0: [E]})
     assert E not in {u for u, _ in message.ciphertexts}
     extra = (*message.ciphertexts, (E, bytes(94)))
-    refuse(r, A, replace(message, ciphertexts=extra), "did not advertise")
+    refuse(r, A, relay(message, extra), "did not advertise")
 
 
 def test_two_ciphertexts_from_one_sender_are_refused() -> None:
     r = make_round()
     message = shares_for(r)
     extra = (*message.ciphertexts, message.ciphertexts[1])
-    refuse(r, A, replace(message, ciphertexts=extra), "two share ciphertexts")
+    refuse(r, A, relay(message, extra), "two share ciphertexts")
 
 
-def test_tampered_ciphertext_is_refused_naming_its_sender() -> None:
+def test_ciphertext_tampered_on_the_way_is_blamed_on_the_aggregator() -> None:
+    """C signed its ciphertext; the relay altered it. Before share ciphertexts were signed,
+    the honest C was blamed ("do not decrypt", offender C)."""
     r = make_round()
     message = shares_for(r)
     tampered = tuple(
         (u, c[:-1] + bytes([c[-1] ^ 1]) if u == C else c) for u, c in message.ciphertexts
     )
-    refuse(r, A, replace(message, ciphertexts=tampered), "do not decrypt", offender=C)
+    refuse(r, A, relay(message, tampered), "C did not sign|did not sign", InvalidSignatureError)
 
 
-def test_ciphertext_moved_between_senders_is_refused() -> None:
-    """B's ciphertext relabelled as C's: the AEAD binds sender and recipient."""
+def test_ciphertext_its_sender_signed_but_that_does_not_decrypt_blames_the_sender() -> None:
+    """A malicious C signs garbage: its own signature proves it sent it."""
+    r = make_round()
+    message = shares_for(r)
+    garbage = bytes(94)
+    signed = r.signers[C].sign(share_payload(r.config.digest, C, A, garbage))
+    pairs = tuple((u, garbage if u == C else c) for u, c in message.ciphertexts)
+    forged = relay(message, pairs)
+    forged = replace(
+        forged,
+        signatures=tuple(
+            signed if u == C else sig for (u, _), sig in zip(pairs, forged.signatures, strict=True)
+        ),
+    )
+    refuse(r, A, forged, "do not decrypt", offender=C)
+
+
+def test_ciphertext_moved_between_senders_is_blamed_on_the_aggregator() -> None:
+    """B's ciphertext relabelled as C's: C's signature does not cover it (nor does B's
+    signature, which names B as the sender)."""
     r = make_round()
     message = shares_for(r)
     of_b = dict(message.ciphertexts)[B]
     moved = tuple((u, of_b if u == C else c) for u, c in message.ciphertexts)
-    refuse(r, A, replace(message, ciphertexts=moved), "do not decrypt", offender=C)
+    refuse(r, A, relay(message, moved), "did not sign", InvalidSignatureError)
 
 
 def test_own_shares_must_come_back() -> None:
     r = make_round()
     message = shares_for(r)
     others = tuple((u, c) for u, c in message.ciphertexts if u != A)
-    refuse(r, A, replace(message, ciphertexts=others), "my own shares")
+    refuse(r, A, relay(message, others), "my own shares")
 
 
 # ------------------------------------------------------------------------------ survivor set
@@ -336,7 +365,7 @@ def test_survivor_who_never_shared_with_me_is_refused() -> None:
     r = make_round()
     message = shares_for(r)
     withheld = tuple((u, c) for u, c in message.ciphertexts if u != E)
-    masked = r.participants[A].receive(replace(message, ciphertexts=withheld))
+    masked = r.participants[A].receive(relay(message, withheld))
     assert isinstance(masked, MaskedInput)
     assert E not in masked.masked_with
     refuse(r, A, SurvivorSet(r.config.session_id, 0, (A, B, C, D, E)), "U3 ⊄ U2")
