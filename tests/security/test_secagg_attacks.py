@@ -30,7 +30,7 @@ and the attack tests can fail.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -58,7 +58,7 @@ from secagg.prg import MaskExpander, WordArray
 from secagg.shamir import Reconstructor, ShareError, decode_share
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "secagg"))
-from secagg_testlib import AGGREGATOR, Round, make_round  # type: ignore[import-not-found, unused-ignore]  # noqa: E402
+from secagg_testlib import AGGREGATOR, Round, make_round  # type: ignore[import-not-found, unused-ignore]
 
 
 @dataclass
