@@ -137,10 +137,6 @@ def verify_transcript(
             raise fail(f"masked input of {u} claims masks with peers outside its neighbourhood")
         if not verifiers[u].verify(message.signature, message.signed_payload(digest)):
             raise fail(f"masked input of {u} has an invalid signature (altered)")
-    for u, message in masked.items():
-        for w in message.masked_with:
-            if w in masked and u not in masked[w].masked_with:
-                raise fail(f"{u} masked with {w} but not the reverse: the masks cannot cancel")
     if len(survivors) < config.threshold:
         raise fail(f"only {len(survivors)} survivors, threshold is {config.threshold}")
     if own is not None:
@@ -159,6 +155,10 @@ def verify_transcript(
         partners = len(set(message.masked_with) & survivors)
         if partners < needed:
             raise fail(f"survivor {u} masked with only {partners} other survivors, {needed} needed")
+    for u, message in masked.items():
+        for w in message.masked_with:
+            if w in masked and u not in masked[w].masked_with:
+                raise fail(f"{u} masked with {w} but not the reverse: the masks cannot cancel")
 
     payload = consistency_payload(digest, tuple(sorted(survivors)))
     if signed is not None and not (

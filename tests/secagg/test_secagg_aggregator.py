@@ -104,6 +104,14 @@ def _small_order_key(r: Round, m: ParticipantMessage) -> list[ParticipantMessage
     return [resign(r, replace(m, channel_public=bytes(32)))]
 
 
+def _copied_key_bit_255(r: Round, m: ParticipantMessage) -> list[ParticipantMessage]:
+    """A's key with bit 255 set: other bytes, the same X25519 key."""
+    assert isinstance(m, AdvertiseKeys)
+    copy = bytearray(_advert_of(r, A).mask_public)
+    copy[31] |= 0x80
+    return [resign(r, replace(m, mask_public=bytes(copy)))]
+
+
 def _copied_key(r: Round, m: ParticipantMessage) -> list[ParticipantMessage]:
     assert isinstance(m, AdvertiseKeys)
     return [resign(r, replace(m, mask_public=_advert_of(r, A).mask_public))]
@@ -219,6 +227,7 @@ CASES: list[tuple[Stage, Tamper, str]] = [
     (Stage.ADVERTISE, _bad_advert_signature, "invalid signature on its advert"),
     (Stage.ADVERTISE, _small_order_key, "small-order"),
     (Stage.ADVERTISE, _copied_key, "already in use"),
+    (Stage.ADVERTISE, _copied_key_bit_255, "non-canonical"),
     (Stage.ADVERTISE, _advert_wrong_round, "replayed or misrouted"),
     (Stage.ADVERTISE, _advert_wrong_session, "replayed or misrouted"),
     (Stage.ADVERTISE, _wrong_type, "sent ConsistencySignature at stage advertise"),

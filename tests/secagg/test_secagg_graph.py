@@ -6,12 +6,10 @@ import itertools
 import math
 
 import pytest
-
-from secagg import ConfigError, GraphKind, NeighbourGraph, RoundConfig, recommend_parameters
 from scipy import stats
 
+from secagg import ConfigError, GraphKind, NeighbourGraph, RoundConfig, recommend_parameters
 from secagg.graph import (
-    _binomial_tail_at_least,
     colluders_per_neighbourhood,
     consistency_quorum,
     minimum_threshold,
@@ -198,7 +196,9 @@ def test_recommended_parameters_satisfy_the_documented_bounds(n: int, d: float, 
     assert parameter_problem(n, graph, k, t, colluders) is None
     h = min(k, n - 1) + 1
     c_h = colluders_per_neighbourhood(n, h, colluders)
-    assert 2 * t > h + c_h and t >= c_h + 2 and t <= h
+    assert 2 * t > h + c_h
+    assert t >= c_h + 2
+    assert t <= h
     assert consistency_quorum(n, colluders) <= online  # enough peers remain to sign
     if k < n - 1:
         # The claim, recomputed independently (scipy): over the random graph, no honest

@@ -494,6 +494,92 @@ def test_split_survivor_sets_are_detected() -> None:
     refuse(r, B, request, "only 2 consistency signatures")
 
 
+# ------------------------------------------------------------------------------ issue 9
+
+
+def test_dropped_peer_listed_twice_is_refused() -> None:
+    """Two mask-key shares of one owner in one response would be a second share of it."""
+    r, message = unmask_round()
+    refuse(r, A, replace(message, dropped=(E, E)), "lists a dropped peer twice")
+
+
+def test_survivor_without_a_masked_input_is_refused() -> None:
+    """A survivor whose masked input the request does not carry: A cannot check that its
+    masks protect it, so it reveals nothing."""
+    r, message = unmask_round()
+    headers = tuple(h for h in message.masked if h.sender != B)
+    refuse(r, A, replace(message, masked=headers), "survivor hospital-b has no masked input")
+
+
+def test_masked_input_header_listed_twice_is_refused() -> None:
+    r, message = unmask_round()
+    refuse(r, A, replace(message, masked=(*message.masked, message.masked[0])), "two masked")
+
+
+def test_forged_masked_input_header_is_refused() -> None:
+    """B's header with a masked_with B never signed: the aggregator forged it."""
+    r, message = unmask_round()
+    headers = tuple(
+        replace(h, masked_with=(*h.masked_with, D)) if h.sender == B else h for h in message.masked
+    )
+    refuse(r, A, replace(message, masked=headers), "invalid signature", InvalidSignatureError)
+
+
+def test_survivor_with_too_few_surviving_partners_is_not_unmasked() -> None:
+    """The isolation attack in one message: C's input was masked with E only (its U2 cut),
+    E is declared dropped: C's self-mask share would strip C's last mask. A refuses."""
+    r = make_round()
+    outgoing = r.advance(2)
+    shares_c = outgoing[C]
+    assert isinstance(shares_c, SharesToYou)
+    cut = relay(shares_c, tuple((u, ct) for u, ct in shares_c.ciphertexts if u in (C, E, A)))
+    replies = {u: r.participants[u].receive(m) for u, m in outgoing.items() if u != C}
+    replies[C] = r.participants[C].receive(cut)
+    masked_c = replies[C]
+    assert isinstance(masked_c, MaskedInput)
+    assert set(masked_c.masked_with) == {A, E}
+    survivors = (A, B, C, D)  # E "dropped"
+    signatures = []
+    for u in (A, B, D):
+        reply = r.participants[u].receive(SurvivorSet(r.config.session_id, 0, survivors))
+        assert isinstance(reply, ConsistencySignature)
+        signatures.append(reply)
+    headers = tuple(
+        m.header() for u, m in replies.items() if u in survivors and isinstance(m, MaskedInput)
+    )
+    request = UnmaskRequest(r.config.session_id, 0, survivors, (E,), tuple(signatures), headers)
+    # C masked with A and E; of them only A survived: 1 partner, t - 1 = 2 needed.
+    refuse(r, A, request, "survivor hospital-c masked with only 1 other survivors")
+
+
+def test_fewer_than_a_quorum_of_signatures_is_refused_even_above_t() -> None:
+    """SecAgg+ n = 10, k = 4, t = 3: five valid signatures over my set, quorum 6."""
+    r = make_round(10, graph=GraphKind.SECAGG_PLUS, degree=4)
+    assert (r.config.threshold, r.config.quorum) == (3, 6)
+    outgoing = r.advance(4)
+    peer = r.peers[0]
+    message = outgoing[peer]
+    assert isinstance(message, UnmaskRequest)
+    refuse(
+        r,
+        peer,
+        replace(message, signatures=message.signatures[:5]),
+        "only 5 consistency signatures over my survivor set, 6 of the 10 roster peers",
+    )
+
+
+def test_copy_of_another_peers_key_with_bit_255_set_is_refused() -> None:
+    """X25519 ignores bit 255: byte-wise it differs, as a key it is B's own."""
+    r = make_round()
+    message = adverts_for(r)
+    b = advert_of(message, B)
+    c = advert_of(message, C)
+    copy = bytearray(b.channel_public)
+    copy[31] |= 0x80
+    forged = r.sign_as(C, replace(c, channel_public=bytes(copy)))
+    refuse(r, A, swap(message, C, forged), "non-canonical or small-order key")
+
+
 # ------------------------------------------------------------------------------ state table
 
 STATES = list(ParticipantState)

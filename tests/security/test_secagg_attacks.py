@@ -29,6 +29,7 @@ and the attack tests can fail.
 
 from __future__ import annotations
 
+import hashlib
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +44,7 @@ from secagg import (
     GraphKind,
     KeyPair,
     MaskedInput,
+    NeighbourGraph,
     Participant,
     RemoteProtocolError,
     RoundConfig,
@@ -355,3 +357,34 @@ def test_a_victim_whose_cut_partners_survive_can_still_be_unmasked_only_in_its_g
     adversary.outcome.masked = dict(r.aggregator._masked)
     adversary.adverts = dict(r.aggregator._adverts)
     assert adversary.recover_victim() is None  # no sk_w of a survivor is ever revealed
+
+
+# ------------------------------------------------------------------ grinding (issue item 3)
+
+
+def test_choosing_the_session_id_cannot_steer_a_victims_neighbourhood() -> None:
+    """The proposer picks the session id; the graph seed also needs the beacon, fixed only
+    after every peer accepted that id. Grinding ids against the old seed (session, round)
+    quickly finds a graph that surrounds the victim with colluders; against the beacon the
+    same id is just a random graph."""
+    roster = tuple(f"peer-{i:02d}" for i in range(30))
+    victim, colluders = roster[0], frozenset(roster[1:6])
+
+    def surrounding(session: str, beacon: bytes) -> int:
+        graph = NeighbourGraph.build(GraphKind.SECAGG_PLUS, roster, 8, session, 0, beacon=beacon)
+        return len(graph.neighbours[victim] & colluders)
+
+    # The old attack: search ids (no beacon) for one that puts >= 4 of the 5 colluders
+    # around the victim (about 1 id in 80 does).
+    found = next((f"s{i}" for i in range(5_000) if surrounding(f"s{i}", b"") >= 4), None)
+    assert found is not None
+    # Now the beacon is drawn after the id was fixed (independent randomness per session):
+    # the ground id does no better than any other id.
+    beacons = [hashlib.sha256(f"beacon/{j}".encode()).digest() for j in range(300)]
+    bad = sum(surrounding(found, beacon) >= 4 for beacon in beacons)
+    # Expected 300 * 0.0128 = 3.8; grinding that worked would give 300.
+    assert bad <= 15
+    # And the beacon, not the id, decides: one id, two beacons, two graphs.
+    g0 = NeighbourGraph.build(GraphKind.SECAGG_PLUS, roster, 8, found, 0, beacon=beacons[0])
+    g1 = NeighbourGraph.build(GraphKind.SECAGG_PLUS, roster, 8, found, 0, beacon=beacons[1])
+    assert g0.neighbours != g1.neighbours
