@@ -160,7 +160,9 @@ class Network:
             session_id,
             ids,
             rounds=rounds,
-            threshold=threshold if threshold is not None else len(ids) // 2 + 1,
+            threshold=threshold
+            if threshold is not None
+            else SessionProposal.default_threshold(len(ids), int(kwargs.get("colluders", 1))),
             payload={"kind": "vector", "length": length},
             stage_seconds=float(kwargs.pop("stage_seconds", 4.0)),
             prepare_seconds=float(kwargs.pop("prepare_seconds", 4.0)),

@@ -78,7 +78,7 @@ def run_statistics_session(network: Network, data_urls: dict[str, str] | None = 
         "stats-1",
         tuple(ids),
         rounds=1,
-        threshold=2,
+        threshold=3,
         payload=spec.to_payload(),
         stage_seconds=4.0,
         prepare_seconds=10.0,
