@@ -227,7 +227,7 @@ def test_oversized_endless_and_silent_streams_are_cut_off_and_the_round_complete
             f"limits-{i}",
             ids,
             rounds=1,
-            threshold=4,
+            threshold=5,  # 7 peers, the aggregator may collude: t > (7 + 1)/2
             payload={"kind": "vector", "length": 200},
             stage_seconds=4.0,
             prepare_seconds=8.0,
