@@ -102,7 +102,8 @@ class SessionProposal:
                     raise ProposalError(problem)
             else:
                 validate_threshold(self.threshold, neighbourhood_size(n, kind, self.degree))
-            self.round_config(1, vector_length=max(1, self.vector_length))  # validates the rest
+            # Validates the rest (the beacon only exists once every peer accepted).
+            self.round_config(1, vector_length=max(1, self.vector_length), beacon=bytes(32))
         except (ConfigError, ValueError) as error:
             raise ProposalError(str(error)) from None
 
@@ -126,7 +127,15 @@ class SessionProposal:
 
         ``beacon`` is the session's public randomness, fixed after every peer accepted; a
         SecAgg+ session must pass it, or its graph is grindable (see SECURITY.md).
+
+        Raises:
+            ConfigError: a SecAgg+ round without a beacon, or invalid parameters.
         """
+        if GraphKind(self.graph) is GraphKind.SECAGG_PLUS and not beacon:
+            raise ConfigError(
+                "a SecAgg+ round needs the session's beacon: without it the proposer could "
+                "choose the graph through the session id"
+            )
         return RoundConfig(
             session_id=self.session_id,
             round=round_,

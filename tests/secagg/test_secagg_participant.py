@@ -391,6 +391,7 @@ def unmask_round() -> tuple[Round, UnmaskRequest]:
 
 def test_honest_unmask_request_is_answered() -> None:
     r, message = unmask_round()
+    assert r.participants[A].signed_survivors == (A, B, C)  # what its transcript must show
     reply = r.participants[A].receive(message)
     assert isinstance(reply, UnmaskShares)
     assert [u for u, _ in reply.self_mask_shares] == [A, B, C]

@@ -7,6 +7,7 @@ import pytest
 
 from peer.config import Policy
 from peer.session import ProposalError, SessionProposal, check_policy, required_colluders
+from secagg import ConfigError
 
 PAYLOAD = {"kind": "vector", "length": 4}
 
@@ -83,3 +84,11 @@ def test_round_config_takes_the_attempt_and_the_beacon() -> None:
     assert first.digest != retry.digest
     assert first.colluders == 1
     assert first.quorum == 6
+
+
+def test_a_secagg_plus_round_needs_the_beacon() -> None:
+    """Without the beacon the graph would follow from the session id the proposer chose."""
+    proposal = propose(100, threshold=34, graph="secagg+", degree=60, colluders=5)
+    with pytest.raises(ConfigError, match="needs the session's beacon"):
+        proposal.round_config(1)
+    assert proposal.round_config(1, beacon=bytes(32)).graph_kind.value == "secagg+"
