@@ -361,7 +361,11 @@ class Aggregator:
                 raise RoundAborted(
                     f"only {len(self._signatures)} consistency signatures, {config.quorum} needed"
                 )
-            signatures = tuple(self._signatures[u] for u in sorted(self._signatures))
+            # A quorum is what each participant needs and checks; sending every signature
+            # would only cost each of them more verifications (the transcript has them all).
+            signatures = tuple(self._signatures[u] for u in sorted(self._signatures))[
+                : config.quorum
+            ]
             survivors = tuple(sorted(self._survivors))
             headers = {u: m.header() for u, m in self._masked.items()}
             return {
