@@ -289,8 +289,12 @@ def simulate(
             aggregate=None,
             expected=None,
             survivors=(),
-            dropped={},
-            timings_s={},
+            dropped={s.value: [] for s in STAGES},
+            # Not a performance run: the attack is played outside the timed loop.
+            timings_s={
+                key: {"aggregator": 0.0, "participant_median": 0.0}
+                for key in (*(s.value for s in STAGES), "total")
+            },
             bytes_per_peer={"sent": 0.0, "received": 0.0},
             # Detected: honest peers refused (naming the aggregator) or rejected the
             # published transcript, and nobody revealed both shares of one peer.

@@ -123,6 +123,22 @@ def test_attacks_are_refused(capsys: pytest.CaptureFixture[str], attack: str) ->
         assert all(reason.startswith("aggregator:") for reason in report["refusals"].values())
 
 
+def test_two_view_attack_text_summary_names_the_aggregator(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code = main(
+        [
+            *("simulate", "--peers", "10", "--length", "4", "--graph", "secagg+"),
+            *("--degree", "4", "--attack", "two-view", "--quiet"),
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "refused: peer-" in out
+    assert "aggregator: survivor peer-000 masked with only 0 other survivors" in out
+    assert "verdict: attack detected" in out
+
+
 def test_text_summary(capsys: pytest.CaptureFixture[str]) -> None:
     code = main(["simulate", "--peers", "5", "--length", "10", "--drop", "masked:1", "--quiet"])
     out = capsys.readouterr().out
