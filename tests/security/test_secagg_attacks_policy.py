@@ -3,11 +3,17 @@ against the collusion a peer assumes are refused with a reason, before any round
 
 from __future__ import annotations
 
+from dataclasses import replace
+from types import SimpleNamespace
+
 import pytest
 
+from peer.backends import SecAggBackend
 from peer.config import Policy
 from peer.session import ProposalError, SessionProposal, check_policy, required_colluders
-from secagg import ConfigError
+from secagg import ConfigError, ConsistencySignature, RoundConfig, TranscriptError
+from secagg.messages import consistency_payload
+from secagg.simulate import simulate, test_identities
 
 PAYLOAD = {"kind": "vector", "length": 4}
 
@@ -92,3 +98,34 @@ def test_a_secagg_plus_round_needs_the_beacon() -> None:
     with pytest.raises(ConfigError, match="needs the session's beacon"):
         proposal.round_config(1)
     assert proposal.round_config(1, beacon=bytes(32)).graph_kind.value == "secagg+"
+
+
+def test_the_peer_refuses_a_transcript_over_another_survivor_set_than_it_signed() -> None:
+    """``SecAggBackend.verify``: the stealth two-view attack seen from the victim's peer."""
+    result = simulate(7, 3, seed=5)
+    transcript = result.transcript
+    assert transcript is not None
+    signers, verifiers = test_identities(result.peers, 5)
+    config = RoundConfig("simulation", 0, result.peers, 4, 3)
+    ctx = SimpleNamespace(config=config, verifiers=verifiers)
+    backend = SecAggBackend()
+    mine = transcript.masked_inputs[0]
+    signed = next(s for s in transcript.consistency if s.sender == mine.sender)
+    backend.verify(transcript, ctx, [mine, signed])  # type: ignore[arg-type]
+    # I signed a set without peer-006; the published transcript includes it.
+    other = tuple(u for u in transcript.survivors if u != result.peers[-1])
+    my_view = ConsistencySignature(
+        mine.sender,
+        "simulation",
+        0,
+        signers[mine.sender].sign(consistency_payload(config.digest, other)),
+    )
+    with pytest.raises(TranscriptError, match=r"not the one .* signed"):
+        backend.verify(transcript, ctx, [mine, my_view])  # type: ignore[arg-type]
+    # My input left out although I signed a survivor set (with me in it): refused.
+    without_me = replace(
+        transcript,
+        masked_inputs=tuple(m for m in transcript.masked_inputs if m.sender != mine.sender),
+    )
+    with pytest.raises(TranscriptError):
+        backend.verify(without_me, ctx, [mine, signed])  # type: ignore[arg-type]
