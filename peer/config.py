@@ -21,6 +21,9 @@ Example (``hospital_a.toml``)::
     min_participants = 3
     allowed_models = ["logreg", "mlp", "vector"]
     allowed_operators = ["ceremony-operator"]   # who may propose (peers may always)
+    assumed_colluders_fraction = 0.1  # secure aggregation must hold against this many
+                                      # colluding participants (and the aggregator); weaker
+                                      # graphs, degrees or thresholds are refused (SECURITY.md)
 
     [timeouts]
     stage_seconds = 30.0

@@ -18,6 +18,7 @@ each round's record is compared across peers, so the table is what they actually
     participants = ["hospital-a", "hospital-b", "hospital-c"]   # default: every roster peer
     rounds = 3
     threshold = 3                   # default: the lowest safe one (SECURITY.md)
+    colluders = 1                   # participants that may collude, the aggregator included
     graph = "complete"              # or "secagg+" (then optionally degree = K)
     stage_seconds = 30
     prepare_seconds = 120
