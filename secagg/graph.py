@@ -4,7 +4,8 @@ In SecAgg every peer masks with and secret-shares to every other peer: per-peer 
 O(n·m). SecAgg+ (Bell et al., CCS 2020) replaces the complete graph with a random k-regular
 graph, k = O(log n): a Harary graph H(k, n) (each peer linked to the k/2 nearest on each side
 of a ring) over a random permutation of the roster. The permutation is derived from a public
-seed (session id and round), so every peer computes the same graph without a message.
+seed (:func:`graph_seed`: the session's beacon, session id, round and attempt), so every peer
+computes the same graph without a message, and nobody could choose it in advance.
 
 Each peer's *neighbourhood* is its neighbours plus itself: it Shamir-shares its secrets
 t-of-|neighbourhood| to exactly these peers, and its pairwise masks are with its neighbours.
