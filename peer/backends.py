@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from secagg import (
     Aggregator,
+    ConsistencySignature,
     MaskedInput,
     Participant,
     ParticipantState,
@@ -112,8 +113,16 @@ class SecAggBackend:
     def verify(
         self, transcript: Any, ctx: RoundContext, sent: Sequence[object]
     ) -> tuple[WordArray, tuple[str, ...]]:
+        # What this peer sent binds the transcript: its masked input must be in it, and the
+        # survivor set must be the one it signed (else the aggregator showed two views).
         own = next((m for m in sent if isinstance(m, MaskedInput)), None)
-        verified = verify_transcript(transcript, ctx.config, ctx.verifiers, own=own)
+        signed = next((m for m in sent if isinstance(m, ConsistencySignature)), None)
+        if own is not None and signed is None and own.sender not in transcript.survivors:
+            # My input reached the aggregator too late (or it says so) and I signed no
+            # survivor set: left out like a dropout. Harmless: honest peers reveal self-mask
+            # shares only of the one signed survivor set, so my input was never unmasked.
+            own = None
+        verified = verify_transcript(transcript, ctx.config, ctx.verifiers, own=own, signed=signed)
         return verified.aggregate, verified.survivors
 
 

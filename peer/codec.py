@@ -28,6 +28,7 @@ from secagg import (
     UnmaskShares,
 )
 from secagg.cleartext import CleartextInput, CleartextTranscript
+from secagg.messages import MaskedHeader
 from secagg.prg import word_dtype
 
 from .paillier_wire import (
@@ -186,6 +187,7 @@ def to_proto(message: object) -> Message:
             session_id=message.session_id,
             round=message.round,
             ciphertexts=_addressed(message.ciphertexts),
+            signatures=list(message.signatures),
         )
     if isinstance(message, MaskedInput):
         return _masked_pb(message)
@@ -205,6 +207,7 @@ def to_proto(message: object) -> Message:
             round=message.round,
             recipient=message.recipient,
             ciphertexts=_addressed(message.ciphertexts),
+            signatures=list(message.signatures),
         )
     if isinstance(message, SurvivorSet):
         return pb.SurvivorSet(
@@ -217,6 +220,15 @@ def to_proto(message: object) -> Message:
             survivors=list(message.survivors),
             dropped=list(message.dropped),
             signatures=[_consistency_pb(s) for s in message.signatures],
+            masked=[
+                pb.MaskedHeader(
+                    sender=h.sender,
+                    masked_with=list(h.masked_with),
+                    vector_sha256=h.vector_sha256,
+                    signature=h.signature,
+                )
+                for h in message.masked
+            ],
         )
     if isinstance(message, CleartextInput):
         return _cleartext_pb(message)
@@ -262,7 +274,9 @@ def _from_proto(p: Message) -> object:
     if isinstance(p, pb.AdvertiseKeys):
         return _advert(p)
     if isinstance(p, pb.ShareKeys):
-        return ShareKeys(p.sender, p.session_id, p.round, _pairs(p.ciphertexts))
+        return ShareKeys(
+            p.sender, p.session_id, p.round, _pairs(p.ciphertexts), tuple(p.signatures)
+        )
     if isinstance(p, pb.MaskedInput):
         return _masked(p)
     if isinstance(p, pb.ConsistencySignature):
@@ -272,7 +286,9 @@ def _from_proto(p: Message) -> object:
     if isinstance(p, pb.AdvertisedKeys):
         return AdvertisedKeys(p.session_id, p.round, tuple(_advert(a) for a in p.adverts))
     if isinstance(p, pb.SharesToYou):
-        return SharesToYou(p.session_id, p.round, p.recipient, _pairs(p.ciphertexts))
+        return SharesToYou(
+            p.session_id, p.round, p.recipient, _pairs(p.ciphertexts), tuple(p.signatures)
+        )
     if isinstance(p, pb.SurvivorSet):
         return SurvivorSet(p.session_id, p.round, tuple(p.survivors))
     if isinstance(p, pb.UnmaskRequest):
@@ -282,6 +298,10 @@ def _from_proto(p: Message) -> object:
             tuple(p.survivors),
             tuple(p.dropped),
             tuple(_consistency(s) for s in p.signatures),
+            tuple(
+                MaskedHeader(h.sender, tuple(h.masked_with), h.vector_sha256, h.signature)
+                for h in p.masked
+            ),
         )
     if isinstance(p, pb.CleartextInput):
         return _cleartext(p)

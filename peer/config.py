@@ -26,6 +26,9 @@ Example (``hospital_a.toml``)::
     max_proposal_bytes = 262144     # larger proposal documents are refused unread
     proposals_per_minute = 30       # per caller (token bucket, burst proposal_burst)
     proposal_burst = 10
+    assumed_colluders_fraction = 0.1  # secure aggregation must hold against this many
+                                      # colluding participants (and the aggregator); weaker
+                                      # graphs, degrees or thresholds are refused (SECURITY.md)
 
     [timeouts]
     stage_seconds = 30.0
@@ -79,6 +82,10 @@ class Policy:
     # Cleartext sessions reveal every input to the aggregator: benchmarks only.
     allow_cleartext: bool = False
     min_paillier_key_bits: int = 2048
+    # Secure aggregation: the fraction of participants this institution assumes may collude
+    # with a malicious aggregator (never fewer than the aggregator itself). Proposals whose
+    # graph, degree or threshold do not hold against that many are refused.
+    assumed_colluders_fraction: float = 0.1
 
 
 @dataclass(frozen=True)
@@ -208,7 +215,18 @@ def load_config(path: str | Path) -> PeerConfig:
         min_paillier_key_bits=_get(
             policy_table, "min_paillier_key_bits", int, ppath, Policy.min_paillier_key_bits
         ),
+        assumed_colluders_fraction=float(
+            _get(
+                policy_table,
+                "assumed_colluders_fraction",
+                (int, float),
+                ppath,
+                Policy.assumed_colluders_fraction,
+            )
+        ),
     )
+    if not 0 <= policy.assumed_colluders_fraction < 0.5:
+        raise ConfigFileError(f"{ppath}: 'assumed_colluders_fraction' must be in [0, 0.5)")
     if policy.max_epsilon <= 0:
         raise ConfigFileError(f"{ppath}: 'max_epsilon' must be positive")
     if policy.min_participants < 3:

@@ -11,13 +11,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from secagg import ConfigError, RoundConfig, Signer, Verifier
-from secagg.graph import GraphKind, minimum_threshold, validate_threshold
+from secagg.graph import (
+    GraphKind,
+    colluders_per_neighbourhood,
+    neighbourhood_size,
+    parameter_problem,
+    safe_threshold,
+    validate_threshold,
+)
 
 from .config import Policy
 
@@ -27,6 +35,7 @@ __all__ = [
     "SignedProposal",
     "aggregator_for",
     "check_policy",
+    "required_colluders",
 ]
 
 AGGREGATIONS = ("secagg", "paillier", "cleartext")
@@ -44,7 +53,12 @@ class ProposalError(ValueError):
 class SessionProposal:
     """What a session does. Payload kinds: ``vector`` (each peer contributes a vector of
     ``payload["length"]`` words; the round machinery does not care what it means),
-    ``training`` and ``statistics`` (later)."""
+    ``training`` and ``statistics`` (later).
+
+    ``colluders`` is the number of participants the proposal claims may collude with a
+    malicious aggregator, counting the aggregator's own peer (it is always a participant):
+    at least 1. Secure aggregation thresholds must hold against it
+    (:func:`secagg.graph.parameter_problem`), and each peer's policy may demand more."""
 
     session_id: str
     participants: tuple[str, ...]
@@ -62,6 +76,7 @@ class SessionProposal:
     seed: int = 0
     # Paillier sessions only: the key holder's modulus size (peers refuse below their policy).
     paillier_key_bits: int = 2048
+    colluders: int = 1
 
     def __post_init__(self) -> None:
         if not _SESSION_ID.match(self.session_id):
@@ -78,11 +93,21 @@ class SessionProposal:
             raise ProposalError("stage_seconds must be positive and prepare_seconds non-negative")
         try:
             kind = GraphKind(self.graph)
-            hood = len(self.participants)
-            if kind is GraphKind.SECAGG_PLUS and self.degree is not None:
-                hood = min(hood, self.degree + 1)
-            validate_threshold(self.threshold, hood)
-            self.round_config(1, vector_length=max(1, self.vector_length))  # validates the rest
+            n = len(self.participants)
+            if self.aggregation == "secagg":
+                # The aggregator is a participant: a malicious one is a colluder itself.
+                if not 1 <= self.colluders < n:
+                    raise ProposalError(
+                        f"colluders must be between 1 (the aggregator's own peer) and {n - 1}, "
+                        f"not {self.colluders}"
+                    )
+                problem = parameter_problem(n, kind, self.degree, self.threshold, self.colluders)
+                if problem is not None:
+                    raise ProposalError(problem)
+            else:
+                validate_threshold(self.threshold, neighbourhood_size(n, kind, self.degree))
+            # Validates the rest (the beacon only exists once every peer accepted).
+            self.round_config(1, vector_length=max(1, self.vector_length), beacon=bytes(32))
         except (ConfigError, ValueError) as error:
             raise ProposalError(str(error)) from None
 
@@ -102,8 +127,19 @@ class SessionProposal:
         attempt: int = 0,
         beacon: bytes = b"",
     ) -> RoundConfig:
-        """The secagg parameters of a round (graphs are re-drawn per round, seeded by the
-        session's ``beacon``; ``attempt`` is bound into the digest)."""
+        """The secagg parameters of one attempt of a round (graphs are re-drawn per attempt).
+
+        ``beacon`` is the session's public randomness, fixed after every peer accepted; a
+        SecAgg+ session must pass it, or its graph is grindable (see SECURITY.md).
+
+        Raises:
+            ConfigError: a SecAgg+ round without a beacon, or invalid parameters.
+        """
+        if GraphKind(self.graph) is GraphKind.SECAGG_PLUS and not beacon:
+            raise ConfigError(
+                "a SecAgg+ round needs the session's beacon: without it the proposer could "
+                "choose the graph through the session id"
+            )
         return RoundConfig(
             session_id=self.session_id,
             round=round_,
@@ -113,6 +149,8 @@ class SessionProposal:
             bits=self.bits,
             graph_kind=GraphKind(self.graph),
             degree=self.degree,
+            # Only the masking protocol's thresholds depend on the collusion bound.
+            colluders=self.colluders if self.aggregation == "secagg" else 0,
             attempt=attempt,
             beacon=beacon,
         )
@@ -139,8 +177,13 @@ class SessionProposal:
             raise ProposalError(f"malformed proposal document: {error}") from None
 
     @staticmethod
-    def default_threshold(n: int) -> int:
-        return minimum_threshold(n)
+    def default_threshold(
+        n: int, colluders: int = 1, graph: str = GraphKind.COMPLETE.value, degree: int | None = None
+    ) -> int:
+        """The lowest safe threshold for n participants and ``colluders`` (see
+        :func:`secagg.graph.parameter_problem`)."""
+        h = neighbourhood_size(n, GraphKind(graph), degree)
+        return safe_threshold(h, colluders_per_neighbourhood(n, h, colluders))
 
 
 @dataclass(frozen=True)
@@ -232,12 +275,39 @@ def check_policy(
             f"vector length {proposal.vector_length} exceeds the local maximum "
             f"{policy.max_vector_length}"
         )
+    if proposal.aggregation == "secagg":
+        refusal = _secagg_parameter_refusal(proposal, policy)
+        if refusal is not None:
+            return refusal
     if epsilon_spent + epsilon_needed > policy.max_epsilon + 1e-12:
         return (
             f"privacy budget: this session needs epsilon {epsilon_needed:.3g}, "
             f"{epsilon_spent:.3g} of {policy.max_epsilon:.3g} already spent"
         )
     return None
+
+
+def required_colluders(n: int, policy: Policy) -> int:
+    """The collusion bound this institution assumes for n participants: its policy's
+    fraction of them, and never fewer than the aggregator itself."""
+    return max(1, math.ceil(policy.assumed_colluders_fraction * n - 1e-9))
+
+
+def _secagg_parameter_refusal(proposal: SessionProposal, policy: Policy) -> str | None:
+    """Why the proposal's graph, degree and threshold are too weak for this institution:
+    minimum degree and threshold as a function of n follow from the collusion it assumes."""
+    n = len(proposal.participants)
+    assumed = required_colluders(n, policy)
+    if proposal.colluders < assumed:
+        return (
+            f"the proposal assumes {proposal.colluders} colluding participants; this "
+            f"institution assumes {assumed} of {n} ({policy.assumed_colluders_fraction:.0%}, "
+            "and at least the aggregator)"
+        )
+    problem = parameter_problem(
+        n, GraphKind(proposal.graph), proposal.degree, proposal.threshold, assumed
+    )
+    return None if problem is None else f"unsafe secure aggregation parameters: {problem}"
 
 
 def aggregator_for(proposal: SessionProposal, round_: int, attempt: int, beacon: bytes) -> str:

@@ -19,10 +19,13 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
+from unittest import mock
 
 import cryptography
 import numpy as np
@@ -30,8 +33,26 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from scripts import bench_transport
 from scripts._cli import EXIT_FAILED, EXIT_OK, ArgumentParser, run_guarded
-from secagg import ConfigError, DeterministicRandom, GraphKind, KeyPair, RoundConfig, Stage
-from secagg.graph import recommend_parameters
+from secagg import (
+    AggregatorMessage,
+    ConfigError,
+    DeterministicRandom,
+    GraphKind,
+    KeyPair,
+    Participant,
+    ParticipantMessage,
+    RoundConfig,
+    Signer,
+    Stage,
+    Verifier,
+)
+from secagg import simulate as simulation
+from secagg.graph import (
+    colluders_per_neighbourhood,
+    consistency_quorum,
+    recommend_parameters,
+    safe_threshold,
+)
 from secagg.masking import mask_input
 from secagg.prg import MaskExpander
 from secagg.simulate import Progress, SimulationResult, peer_ids, simulate
@@ -48,10 +69,11 @@ TARGET_AGGREGATOR_500_S = 15.0  # n=500, m=1e5, 30% dropouts
 TARGET_PARTICIPANT_500_S = 0.15
 TARGET_EXPANSION = 1.05  # bytes sent per peer / float32 vector in the clear, n=10, m=1e6
 
-# SecAgg+ degree of the scaling runs: recommend_parameters for 10% dropouts and 5% corrupted
-# peers at a 2^-40 failure probability (k = 48, t = 25 from n = 100 on). It is fixed across
-# the dropout rates so that the curves compare one graph; at 30% dropouts it is below what
-# recommend_parameters asks for (k = 284 at n = 500), see BENCHMARKS.md.
+# SecAgg+ degree of the scaling runs: recommend_parameters for 10% dropouts and 5% colluding
+# peers at a 2^-40 failure probability (k = 60, t = 34 at n = 100; k = 90, t = 57 at n = 500
+# since issue 9's bounds). It is fixed across the dropout rates so that the curves compare
+# one graph; at 30% dropouts it is below what recommend_parameters asks for (k = 402 at
+# n = 500), see BENCHMARKS.md.
 SECAGG_PLUS_DROPOUT = 0.1
 SECAGG_PLUS_CORRUPTION = 0.05
 
@@ -82,7 +104,7 @@ class _Sizes:
 
 
 FULL = _Sizes(10, 1_000_000, 5, (100, 500), 100_000, (0.0, 0.1, 0.3), (10, 50, 100, 500), 500, 25)
-QUICK = _Sizes(5, 20_000, 2, (8, 12), 2_000, (0.0, 0.3), (6, 8, 12), 12, 4, plus_degree=4)
+QUICK = _Sizes(5, 20_000, 2, (8, 12), 2_000, (0.0, 0.3), (6, 8, 12), 12, 4, plus_degree=8)
 
 
 # --------------------------------------------------------------------------- machine
@@ -189,6 +211,47 @@ def _masking(sizes: _Sizes) -> dict[str, Any]:
     }
 
 
+class _CountingVerifier:
+    """Counts signature verifications, attributed to whoever is acting (``actor[0]``)."""
+
+    def __init__(self, inner: Verifier, counts: Counter[str], actor: list[str]) -> None:
+        self._inner, self._counts, self._actor = inner, counts, actor
+
+    def verify(self, signature: bytes, data: bytes) -> bool:
+        self._counts[self._actor[0]] += 1
+        return self._inner.verify(signature, data)
+
+
+@contextmanager
+def _counting_signature_checks() -> Iterator[Counter[str]]:
+    """Within the block, every verification the simulator's peers make is counted per
+    participant ("aggregator" for the aggregator's). Memoised verifications of untimed
+    participants (``timed_sample``) never reach the counter: read timed ones only."""
+    counts: Counter[str] = Counter()
+    actor = ["aggregator"]
+    identities = simulation.test_identities
+    receive = Participant.receive
+
+    def counting_identities(
+        peers: Sequence[str], seed: int
+    ) -> tuple[dict[str, Signer], dict[str, Verifier]]:
+        signers, verifiers = identities(peers, seed)
+        return signers, {u: _CountingVerifier(v, counts, actor) for u, v in verifiers.items()}
+
+    def acting_receive(self: Participant, message: AggregatorMessage) -> ParticipantMessage:
+        actor[0] = self.me
+        try:
+            return receive(self, message)
+        finally:
+            actor[0] = "aggregator"
+
+    with (
+        mock.patch.object(simulation, "test_identities", counting_identities),
+        mock.patch.object(Participant, "receive", acting_receive),
+    ):
+        yield counts
+
+
 def _run(
     n: int,
     m: int,
@@ -200,6 +263,8 @@ def _run(
     seed: int,
     sample: int | None,
     log: Callable[[str], None],
+    colluders: int = 0,
+    checks: Counter[str] | None = None,
 ) -> tuple[SimulationResult, float]:
     label = f"n={n} m={m} {graph.value} drops={drops}" + (f" sample={sample}" if sample else "")
     last = [time.perf_counter()]
@@ -212,19 +277,23 @@ def _run(
             log(f"  {label}: {event.stage.value} {state} ({event.elapsed_s:.0f} s)")
 
     start = time.perf_counter()
-    result = simulate(
-        n,
-        m,
-        threshold=threshold,
-        graph=graph,
-        degree=degree,
-        drops={Stage.MASKED: drops} if drops else None,
-        seed=seed,
-        verify=False,
-        progress=progress,
-        timed_sample=sample,
-    )
+    with _counting_signature_checks() as counts:
+        result = simulate(
+            n,
+            m,
+            threshold=threshold,
+            graph=graph,
+            degree=degree,
+            drops={Stage.MASKED: drops} if drops else None,
+            seed=seed,
+            verify=False,
+            progress=progress,
+            timed_sample=sample,
+            colluders=colluders,
+        )
     wall = time.perf_counter() - start
+    if checks is not None:
+        checks.update(counts)
     if not result.ok:
         raise RuntimeError(f"benchmark round {label} failed: {result.aborted}")
     return result, wall
@@ -287,9 +356,17 @@ def _unmask(sizes: _Sizes, log: Callable[[str], None]) -> dict[str, Any]:
     }
 
 
+def _colluders(n: int) -> int:
+    """The collusion bound of a scaling row: 5 % of n (5 at n = 100, 25 at n = 500, as
+    recommend_parameters assumes; 0 for the tiny --quick rosters)."""
+    return int(SECAGG_PLUS_CORRUPTION * n)
+
+
 def _secagg_plus_parameters(n: int, sizes: _Sizes) -> tuple[int | None, int | None]:
     if sizes.plus_degree is not None and sizes.plus_degree < n - 1:
-        return sizes.plus_degree, sizes.plus_degree // 2 + 1
+        h = sizes.plus_degree + 1
+        colluders = _colluders(n)
+        return sizes.plus_degree, safe_threshold(h, colluders_per_neighbourhood(n, h, colluders))
     degree, threshold = recommend_parameters(n, SECAGG_PLUS_DROPOUT, SECAGG_PLUS_CORRUPTION)
     if degree >= n - 1:
         return None, None  # the recommendation is the complete graph at this size
@@ -307,6 +384,12 @@ def _scaling_row(
         degree, threshold = None, None
     sample = sizes.sample if graph is GraphKind.COMPLETE and n >= sizes.sample_from else None
     drops = round(fraction * n)
+    # The collusion bound the SecAgg+ degree was chosen for sets the consistency quorum (and
+    # the complete graph's threshold) of both graphs, so they compare like for like.
+    colluders = _colluders(n)
+    if graph is GraphKind.COMPLETE:
+        threshold = safe_threshold(n, colluders)
+    checks: Counter[str] = Counter()
     result, wall = _run(
         n,
         m,
@@ -317,13 +400,23 @@ def _scaling_row(
         seed=0,
         sample=sample,
         log=log,
+        colluders=colluders,
+        checks=checks,
     )
+    peers = result.peers
+    finishers = [peers[i] for i in result.timed if i in result.survivors] or [
+        peers[i] for i in result.timed
+    ]
     return {
         "n": n,
         "m": m,
         "graph": graph.value,
         "degree": degree if degree is not None else n - 1,
         "threshold": threshold if threshold is not None else n // 2 + 1,
+        "colluders": colluders,
+        "quorum": consistency_quorum(n, colluders),
+        "signature_checks_per_participant": statistics.median(checks[u] for u in finishers),
+        "signature_checks_aggregator": checks["aggregator"],
         "dropout_fraction": fraction,
         "dropped": drops,
         "survivors": len(result.survivors),

@@ -98,7 +98,7 @@ def demo_proposal(kind: str, rounds: int, session_id: str = "demo") -> SessionPr
 
     common: dict[str, Any] = {
         "participants": HOSPITALS,
-        "threshold": 2,
+        "threshold": 3,  # 3 hospitals, the aggregator may collude: all must sign
         "stage_seconds": STAGE_SECONDS,
         "prepare_seconds": PREPARE_SECONDS,
         "privacy": {"max_epsilon": MAX_EPSILON},

@@ -17,7 +17,8 @@ each round's record is compared across peers, so the table is what they actually
     id = "study-1"                  # optional: default session-<UTC time>-<random>
     participants = ["hospital-a", "hospital-b", "hospital-c"]   # default: every roster peer
     rounds = 3
-    threshold = 2                   # default: a strict majority
+    threshold = 3                   # default: the lowest safe one (SECURITY.md)
+    colluders = 1                   # participants that may collude, the aggregator included
     graph = "complete"              # or "secagg+" (then optionally degree = K)
     stage_seconds = 30
     prepare_seconds = 120
@@ -75,6 +76,7 @@ _SESSION_KEYS: dict[str, type | tuple[type, ...]] = {
     "participants": list,
     "rounds": int,
     "threshold": int,
+    "colluders": int,
     "graph": str,
     "degree": int,
     "bits": int,
@@ -178,7 +180,7 @@ def build_proposal(
         UsageError: a participant not in the roster, or a proposal the library rejects.
     """
     from peer.identity import Role
-    from peer.session import ProposalError, SessionProposal
+    from peer.session import SessionProposal
 
     table = federation.session
     where = f"{federation.path} [session]"
@@ -192,14 +194,23 @@ def build_proposal(
         )
     graph = str(table.get("graph", "complete"))
     degree = table.get("degree")
-    hood = len(participants) if degree is None else min(len(participants), int(degree) + 1)
     sid = session_id or str(table.get("id") or default_session_id(datetime.now(UTC)))
     try:
         return SessionProposal(
             session_id=sid,
             participants=tuple(participants),
             rounds=int(table["rounds"]),
-            threshold=int(table.get("threshold", SessionProposal.default_threshold(hood))),
+            threshold=int(
+                table.get(
+                    "threshold",
+                    SessionProposal.default_threshold(
+                        len(participants),
+                        int(table.get("colluders", 1)),
+                        graph,
+                        None if degree is None else int(degree),
+                    ),
+                )
+            ),
             payload=dict(table["payload"]),
             graph=graph,
             degree=None if degree is None else int(degree),
@@ -209,8 +220,9 @@ def build_proposal(
             stage_seconds=float(table.get("stage_seconds", 30.0)),
             prepare_seconds=float(table.get("prepare_seconds", 120.0)),
             seed=int(table.get("seed", 0)),
+            colluders=int(table.get("colluders", 1)),
         )
-    except ProposalError as error:
+    except ValueError as error:  # ProposalError, or an unknown graph kind
         raise UsageError(f"{where}: {error}") from None
 
 

@@ -24,12 +24,13 @@ from .errors import (
     RoundAborted,
     SecAggError,
 )
-from .graph import GraphKind, NeighbourGraph, recommend_parameters
+from .graph import GraphKind, NeighbourGraph, parameter_problem, recommend_parameters
 from .messages import (
     AdvertisedKeys,
     AdvertiseKeys,
     AggregatorMessage,
     ConsistencySignature,
+    MaskedHeader,
     MaskedInput,
     ParticipantMessage,
     ShareKeys,
@@ -56,6 +57,7 @@ __all__ = [
     "InvalidSignatureError",
     "KeyPair",
     "LocalProtocolError",
+    "MaskedHeader",
     "MaskedInput",
     "NeighbourGraph",
     "Participant",
@@ -80,6 +82,7 @@ __all__ = [
     "UnmaskShares",
     "VerifiedAggregate",
     "Verifier",
+    "parameter_problem",
     "recommend_parameters",
     "signer_from_private_key",
     "verifier_from_public_key",

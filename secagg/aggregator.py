@@ -42,6 +42,7 @@ from .messages import (
     UnmaskRequest,
     UnmaskShares,
     consistency_payload,
+    share_payload,
 )
 from .prg import WordArray
 from .shamir import ShareError, decode_share
@@ -165,7 +166,9 @@ class Aggregator:
             # neighbour would refuse the whole round.
             keys = (message.channel_public, message.mask_public)
             if not all(is_valid_x25519_public(key) for key in keys):
-                raise RemoteProtocolError(sender, "advertised a small-order public key")
+                raise RemoteProtocolError(
+                    sender, "advertised a small-order or non-canonical public key"
+                )
             taken = {
                 key
                 for other in self._received.values()
@@ -179,6 +182,14 @@ class Aggregator:
             expected = set(self._adverts) & config.neighbourhood(sender)
             if len(set(recipients)) != len(recipients) or set(recipients) != expected:
                 raise RemoteProtocolError(sender, "shares are not addressed to its neighbourhood")
+            # Checked here so that a sender's bad signature costs the round that sender;
+            # relayed, its recipients could only blame the relay (this aggregator).
+            for (v, ciphertext), signature in zip(
+                message.ciphertexts, message.signatures, strict=True
+            ):
+                self._verify(
+                    sender, signature, share_payload(config.digest, sender, v, ciphertext), "shares"
+                )
         elif isinstance(message, MaskedInput):
             if message.vector.shape != (config.vector_length,) or message.vector.dtype != np.dtype(
                 np.uint32 if config.bits == 32 else np.uint64
@@ -306,15 +317,26 @@ class Aggregator:
             self._shares = {
                 u: m for u, m in arrived.items() if u in u2 and isinstance(m, ShareKeys)
             }
-            inbox: dict[str, list[tuple[str, bytes]]] = {v: [] for v in u2}
+            inbox: dict[str, list[tuple[str, bytes, bytes]]] = {v: [] for v in u2}
             for u in config.peers:
                 if u in self._shares:
-                    for v, ciphertext in self._shares[u].ciphertexts:
+                    shares = self._shares[u]
+                    for (v, ciphertext), signature in zip(
+                        shares.ciphertexts, shares.signatures, strict=True
+                    ):
                         if v in inbox:
-                            inbox[v].append((u, ciphertext))
-            self._relayed_to = {v: frozenset(u for u, _ in inbox[v]) for v in inbox}
+                            inbox[v].append((u, ciphertext, signature))
+            self._relayed_to = {v: frozenset(u for u, _, _ in inbox[v]) for v in inbox}
             return {
-                v: SharesToYou(sid, rnd, v, tuple(inbox[v])) for v in config.peers if v in inbox
+                v: SharesToYou(
+                    sid,
+                    rnd,
+                    v,
+                    tuple((u, c) for u, c, _ in inbox[v]),
+                    tuple(signature for _, _, signature in inbox[v]),
+                )
+                for v in config.peers
+                if v in inbox
             }
         if stage is Stage.MASKED:
             u3 = self._viable(arrived, stage)
@@ -322,6 +344,11 @@ class Aggregator:
                 u: m for u, m in arrived.items() if u in u3 and isinstance(m, MaskedInput)
             }
             self._survivors = frozenset(self._masked)
+            if len(self._survivors) < config.quorum:
+                raise RoundAborted(
+                    f"only {len(self._survivors)} survivors, {config.quorum} consistency "
+                    "signatures needed"
+                )
             survivors = tuple(sorted(self._survivors))
             return {
                 u: SurvivorSet(sid, rnd, survivors) for u in config.peers if u in self._survivors
@@ -330,13 +357,17 @@ class Aggregator:
             self._signatures = {
                 u: m for u, m in arrived.items() if isinstance(m, ConsistencySignature)
             }
-            if len(self._signatures) < config.threshold:
+            if len(self._signatures) < config.quorum:
                 raise RoundAborted(
-                    f"only {len(self._signatures)} consistency signatures, "
-                    f"threshold is {config.threshold}"
+                    f"only {len(self._signatures)} consistency signatures, {config.quorum} needed"
                 )
-            signatures = tuple(self._signatures[u] for u in sorted(self._signatures))
+            # A quorum is what each participant needs and checks; sending every signature
+            # would only cost each of them more verifications (the transcript has them all).
+            signatures = tuple(self._signatures[u] for u in sorted(self._signatures))[
+                : config.quorum
+            ]
             survivors = tuple(sorted(self._survivors))
+            headers = {u: m.header() for u, m in self._masked.items()}
             return {
                 u: UnmaskRequest(
                     sid,
@@ -344,6 +375,11 @@ class Aggregator:
                     survivors,
                     tuple(sorted(self._dropped_for(u), key=config.index)),
                     signatures,
+                    # The headers of the survivors whose self-mask shares u holds.
+                    tuple(
+                        headers[v]
+                        for v in sorted(self._survivors & self._relayed_to[u], key=config.index)
+                    ),
                 )
                 for u in sorted(self._signatures, key=config.index)
             }

@@ -7,7 +7,7 @@ from enum import StrEnum
 
 from .crypto import canonical, sha256
 from .errors import ConfigError
-from .graph import GraphKind, NeighbourGraph, validate_threshold
+from .graph import GraphKind, NeighbourGraph, consistency_quorum, parameter_problem
 from .prg import word_dtype
 
 __all__ = ["RoundConfig", "Stage"]
@@ -31,22 +31,26 @@ class RoundConfig:
     """Everything every party of a round must agree on.
 
     ``digest`` hashes all of it and is bound into every signature and every AEAD's
-    associated data, so a message from another session, round or parameter set never
-    verifies (replay protection).
+    associated data, so a message from another session, round, attempt or parameter set
+    never verifies (replay protection).
 
     Args:
         session_id: the session this round belongs to.
         round: the round number within the session (0-based).
         peers: the roster of this round, in canonical order (share x-coordinate = position+1).
-        threshold: t, shares needed to reconstruct; a strict majority of each neighbourhood.
+        threshold: t, shares needed to reconstruct; see :func:`secagg.graph.parameter_problem`.
         vector_length: m, the number of ring elements each peer contributes.
         bits: ring size (32 or 64).
         graph: COMPLETE (SecAgg) or SECAGG_PLUS with an even ``degree``.
-        attempt: the retry of the round (0 first): bound into the digest, so a transcript
-            of one attempt never verifies as another's.
-        beacon: the session's randomness, fixed only after every peer accepted (see
-            peer/beacon.py); it seeds the SecAgg+ graph, so no proposer can choose the graph
-            by choosing the session id. Empty only outside sessions (simulations, tests).
+        colluders: c, how many roster members may collude with the aggregator (counting the
+            aggregator's own peer when it is on the roster). Sets the consistency quorum
+            (:attr:`quorum`) and the lowest safe threshold.
+        attempt: the retry number of this round (each attempt is a fresh protocol run).
+        beacon: 32 bytes of public randomness fixed only after every peer accepted the
+            session; seeds the SecAgg+ graph so that nobody can choose it. Empty means no
+            beacon: the graph then follows from (session, round, attempt) alone, which the
+            proposer can grind; only simulations and tests may do that (the peer always
+            passes one for SecAgg+, see SECURITY.md).
     """
 
     session_id: str
@@ -57,6 +61,7 @@ class RoundConfig:
     bits: int = 32
     graph_kind: GraphKind = GraphKind.COMPLETE
     degree: int | None = None
+    colluders: int = 0
     attempt: int = 0
     beacon: bytes = b""
     graph: NeighbourGraph = field(init=False, repr=False, compare=False)
@@ -77,9 +82,19 @@ class RoundConfig:
             raise ConfigError(f"attempt must be non-negative, not {self.attempt}")
         word_dtype(self.bits)
         graph = NeighbourGraph.build(
-            self.graph_kind, self.peers, self.degree, self.session_id, self.round, self.beacon
+            self.graph_kind,
+            self.peers,
+            self.degree,
+            self.session_id,
+            self.round,
+            attempt=self.attempt,
+            beacon=self.beacon,
         )
-        validate_threshold(self.threshold, graph.min_neighbourhood())
+        problem = parameter_problem(
+            len(self.peers), self.graph_kind, self.degree, self.threshold, self.colluders
+        )
+        if problem is not None:
+            raise ConfigError(problem)
         object.__setattr__(self, "graph", graph)
         object.__setattr__(self, "_index", {u: i + 1 for i, u in enumerate(self.peers)})
         object.__setattr__(
@@ -87,21 +102,26 @@ class RoundConfig:
             "digest",
             sha256(
                 canonical(
-                    "secagg/round-config/v1",
+                    "secagg/round-config/v2",
                     self.session_id,
                     self.round,
+                    self.attempt,
+                    self.beacon,
+                    self.colluders,
                     self.peers,
                     self.threshold,
                     self.vector_length,
                     self.bits,
                     self.graph_kind.value,
                     self.degree if self.degree is not None else -1,
-                    # Appended only when set, so digests (and the known-answer vectors) of
-                    # configs without them are unchanged.
-                    *((self.attempt, self.beacon) if self.attempt or self.beacon else ()),
                 )
             ),
         )
+
+    @property
+    def quorum(self) -> int:
+        """Consistency signatures over one survivor set needed before anyone unmasks."""
+        return consistency_quorum(len(self.peers), self.colluders)
 
     def index(self, peer: str) -> int:
         """The 1-based roster position of ``peer``: its Shamir x-coordinate."""

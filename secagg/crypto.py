@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 __all__ = [
     "CHANNEL_INFO",
+    "GRAPH_INFO",
     "MASK_INFO",
     "DeterministicRandom",
     "KeyPair",
@@ -46,6 +47,7 @@ __all__ = [
 # One HKDF label per purpose. Never reuse a label for a second purpose.
 CHANNEL_INFO = b"secagg/channel/v1"
 MASK_INFO = b"secagg/mask/v1"
+GRAPH_INFO = b"secagg/graph/v2"
 
 
 # --------------------------------------------------------------------------- randomness
@@ -157,12 +159,22 @@ class KeyPair:
 _PROBE_KEY = x25519.X25519PrivateKey.from_private_bytes(bytes(range(1, 33)))
 
 
+_P25519 = 2**255 - 19
+
+
 def is_valid_x25519_public(raw: bytes) -> bool:
-    """False for a 32-byte X25519 public key of small order (every ECDH with it gives zero).
+    """False for a 32-byte X25519 public key of small order (every ECDH with it gives zero),
+    or one that is not in canonical form.
 
     A peer that advertises such a key would make every honest ``exchange`` with it raise, so
-    such adverts are refused where they are received.
+    such adverts are refused where they are received. Non-canonical encodings (bit 255 set,
+    or a u-coordinate >= 2^255 - 19) are refused too: X25519 ignores bit 255 and reduces u,
+    so such a key is the *same* key as a canonical one with different bytes, and would pass
+    a byte-wise duplicate-key check (a copy of another peer's key). Honest keys, produced by
+    ``public_bytes``, are always canonical.
     """
+    if len(raw) != 32 or raw[31] & 0x80 or int.from_bytes(raw, "little") >= _P25519:
+        return False
     try:
         _PROBE_KEY.exchange(x25519.X25519PublicKey.from_public_bytes(raw))
     except ValueError:

@@ -25,6 +25,7 @@ __all__ = [
     "AdvertisedKeys",
     "AggregatorMessage",
     "ConsistencySignature",
+    "MaskedHeader",
     "MaskedInput",
     "ParticipantMessage",
     "ShareKeys",
@@ -33,6 +34,8 @@ __all__ = [
     "UnmaskRequest",
     "UnmaskShares",
     "consistency_payload",
+    "masked_payload",
+    "share_payload",
     "vector_digest",
 ]
 
@@ -51,6 +54,23 @@ def vector_digest(vector: WordArray) -> bytes:
 def consistency_payload(digest: bytes, survivors: tuple[str, ...]) -> bytes:
     """What each peer signs in the consistency check: the survivor set U3 of the round."""
     return canonical("secagg/consistency/v1", digest, tuple(sorted(survivors)))
+
+
+def share_payload(digest: bytes, sender: str, recipient: str, ciphertext: bytes) -> bytes:
+    """What a sender signs for each share ciphertext: who sent what to whom, in which round.
+
+    The aggregator relays the signature with the ciphertext, so a recipient can tell a
+    ciphertext its sender made (and blame the sender if it does not decrypt) from one the
+    aggregator altered or forged (and blame the aggregator).
+    """
+    return canonical("secagg/share-signature/v1", digest, sender, recipient, sha256(ciphertext))
+
+
+def masked_payload(
+    digest: bytes, sender: str, masked_with: tuple[str, ...], vector_sha256: bytes
+) -> bytes:
+    """What a peer signs for its masked input: the vector's digest and its mask partners."""
+    return canonical("secagg/masked/v1", digest, sender, tuple(sorted(masked_with)), vector_sha256)
 
 
 # ----------------------------------------------------------------- participant -> aggregator
@@ -86,12 +106,20 @@ class AdvertiseKeys:
 
 @dataclass(frozen=True, slots=True)
 class ShareKeys:
-    """Stage 1: one AES-GCM ciphertext of (mask-key share, self-mask share) per neighbour."""
+    """Stage 1: one AES-GCM ciphertext of (mask-key share, self-mask share) per neighbour,
+    each signed by the sender (:func:`share_payload`); ``signatures[i]`` is that of
+    ``ciphertexts[i]``."""
 
     sender: str
     session_id: str
     round: int
     ciphertexts: tuple[tuple[str, bytes], ...]  # (recipient, ciphertext)
+    signatures: tuple[bytes, ...] = ()
+
+    def __post_init__(self) -> None:
+        _require(
+            len(self.signatures) == len(self.ciphertexts), "one signature per share ciphertext"
+        )
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -109,13 +137,34 @@ class MaskedInput:
         _require(self.vector.ndim == 1, "masked vector must be one-dimensional")
 
     def signed_payload(self, digest: bytes) -> bytes:
-        return canonical(
-            "secagg/masked/v1",
-            digest,
-            self.sender,
-            tuple(sorted(self.masked_with)),
-            vector_digest(self.vector),
+        return masked_payload(digest, self.sender, self.masked_with, vector_digest(self.vector))
+
+    def header(self) -> MaskedHeader:
+        """The signed facts of this input without its vector (relayed at unmasking)."""
+        return MaskedHeader(
+            self.sender, self.masked_with, vector_digest(self.vector), self.signature
         )
+
+
+@dataclass(frozen=True, slots=True)
+class MaskedHeader:
+    """A survivor's signed masked input, less the vector: who it masked with.
+
+    The aggregator relays these with the unmask request, so that each share holder checks,
+    from the survivor's own signature, that the survivor's mask partners survived before it
+    reveals the survivor's self-mask share.
+    """
+
+    sender: str
+    masked_with: tuple[str, ...]
+    vector_sha256: bytes
+    signature: bytes
+
+    def __post_init__(self) -> None:
+        _require(len(self.vector_sha256) == 32, "vector digest must be 32 bytes")
+
+    def signed_payload(self, digest: bytes) -> bytes:
+        return masked_payload(digest, self.sender, self.masked_with, self.vector_sha256)
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,6 +228,12 @@ class SharesToYou:
     round: int
     recipient: str
     ciphertexts: tuple[tuple[str, bytes], ...]  # (sender, ciphertext)
+    signatures: tuple[bytes, ...] = ()  # the sender's signature of each ciphertext
+
+    def __post_init__(self) -> None:
+        _require(
+            len(self.signatures) == len(self.ciphertexts), "one signature per share ciphertext"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,7 +250,10 @@ class UnmaskRequest:
     """Stage 3 reply: the consistency signatures, and whose shares the recipient reveals.
 
     ``survivors`` get their self-mask seed share revealed; ``dropped`` their mask-key
-    share. An honest participant refuses unless the two are disjoint.
+    share. ``masked`` holds the signed masked-input header of every survivor in the
+    recipient's neighbourhood. An honest participant refuses unless the two sets are
+    disjoint, a quorum signed the survivor set, and every survivor it unmasks masked with at
+    least t - 1 other survivors (see participant.py).
     """
 
     session_id: str
@@ -203,6 +261,7 @@ class UnmaskRequest:
     survivors: tuple[str, ...]
     dropped: tuple[str, ...]
     signatures: tuple[ConsistencySignature, ...]
+    masked: tuple[MaskedHeader, ...] = ()
 
 
 AggregatorMessage = AdvertisedKeys | SharesToYou | SurvivorSet | UnmaskRequest

@@ -42,6 +42,7 @@ from .messages import (
     AdvertiseKeys,
     AggregatorMessage,
     ConsistencySignature,
+    MaskedHeader,
     MaskedInput,
     ParticipantMessage,
     ShareKeys,
@@ -50,6 +51,7 @@ from .messages import (
     UnmaskRequest,
     UnmaskShares,
     consistency_payload,
+    share_payload,
 )
 from .shamir import SHARE_BYTES, decode_share, encode_share, split_secret
 
@@ -125,6 +127,16 @@ class Participant:
         self._held_shares: dict[str, tuple[int, int]] = {}  # owner -> (mask-key, self-mask)
         self._u2: frozenset[str] = frozenset()
         self._u3: tuple[str, ...] = ()
+        self._masked: MaskedInput | None = None
+
+    @property
+    def signed_survivors(self) -> tuple[str, ...] | None:
+        """The survivor set U3 this participant signed (sorted), or None if it signed none.
+
+        An honest peer signs exactly one per round attempt; the published transcript must
+        show this same set (:class:`peer.backends.SecAggBackend` compares them).
+        """
+        return self._u3 if self._u3 else None
 
     # ------------------------------------------------------------------ driving
 
@@ -220,7 +232,9 @@ class Participant:
                 )
             for key in (advert.channel_public, advert.mask_public):
                 if not is_valid_x25519_public(key):
-                    raise self._fail(f"relayed an advert of {sender} with a small-order key")
+                    raise self._fail(
+                        f"relayed an advert of {sender} with a non-canonical or small-order key"
+                    )
                 if key in seen_keys:
                     raise self._fail(f"advert of {sender} reuses a public key of another advert")
                 seen_keys.add(key)
@@ -238,6 +252,7 @@ class Participant:
         mask_key_shares = split_secret(self._mask_keys.private_bytes(), xs, t, self._rng)
         self_mask_shares = split_secret(self._self_seed, xs, t, self._rng)
         ciphertexts = []
+        signatures = []
         for v, x in zip(recipients, xs, strict=True):
             key = derive_channel_key(
                 self._channel_keys.exchange(adverts[v].channel_public),
@@ -248,8 +263,18 @@ class Participant:
             )
             plaintext = encode_share(mask_key_shares[x]) + encode_share(self_mask_shares[x])
             ad = share_associated_data(self.config.digest, self.me, v)
-            ciphertexts.append((v, aead_encrypt(key, plaintext, ad, self._rng)))
-        reply = ShareKeys(self.me, self.config.session_id, self.config.round, tuple(ciphertexts))
+            ciphertext = aead_encrypt(key, plaintext, ad, self._rng)
+            ciphertexts.append((v, ciphertext))
+            signatures.append(
+                self._signer.sign(share_payload(self.config.digest, self.me, v, ciphertext))
+            )
+        reply = ShareKeys(
+            self.me,
+            self.config.session_id,
+            self.config.round,
+            tuple(ciphertexts),
+            tuple(signatures),
+        )
         return reply, ParticipantState.SHARED
 
     def _on_shares_to_you(self, message: SharesToYou) -> tuple[MaskedInput, ParticipantState]:
@@ -258,11 +283,24 @@ class Participant:
         assert self._channel_keys is not None
         assert self._mask_keys is not None
         held: dict[str, tuple[int, int]] = {}
-        for sender, ciphertext in message.ciphertexts:
+        for (sender, ciphertext), signature in zip(
+            message.ciphertexts, message.signatures, strict=True
+        ):
             if sender not in self._adverts:
                 raise self._fail(f"relayed shares from {sender!r}, who did not advertise keys")
             if sender in held:
                 raise self._fail(f"relayed two share ciphertexts from {sender}")
+            # The sender's signature decides whom to blame: a ciphertext its sender did not
+            # sign was altered or forged on the way (by the aggregator, who relays it); one it
+            # signed that does not decrypt is the sender's fault.
+            if not self._verifiers[sender].verify(
+                signature, share_payload(self.config.digest, sender, self.me, ciphertext)
+            ):
+                raise InvalidSignatureError(
+                    self.aggregator,
+                    f"relayed a share ciphertext of {sender} that {sender} did not sign "
+                    "(altered or forged on the way)",
+                )
             key = derive_channel_key(
                 self._channel_keys.exchange(self._adverts[sender].channel_public),
                 self.config.session_id,
@@ -302,7 +340,8 @@ class Participant:
             self.me, self.config.session_id, self.config.round, masked_with, y, b""
         )
         signature = self._signer.sign(unsigned.signed_payload(self.config.digest))
-        return replace(unsigned, signature=signature), ParticipantState.MASKED
+        self._masked = replace(unsigned, signature=signature)
+        return self._masked, ParticipantState.MASKED
 
     def _on_survivor_set(
         self, message: SurvivorSet
@@ -320,48 +359,51 @@ class Participant:
         if strangers:
             raise self._fail(f"survivors {strangers} never sent me their shares (U3 ⊄ U2)")
         self._check_threshold(set(survivors), "masked")
+        if len(survivors) < self.config.quorum:
+            raise self._fail(
+                f"only {len(survivors)} survivors, fewer than the {self.config.quorum} "
+                "consistency signatures any unmasking needs"
+            )
+        # The one survivor set this participant ever signs in this round attempt: it
+        # reveals shares only for this set, so at most one set is ever unmasked.
         self._u3 = tuple(sorted(survivors))
         signature = self._signer.sign(consistency_payload(self.config.digest, self._u3))
         reply = ConsistencySignature(self.me, self.config.session_id, self.config.round, signature)
         return reply, ParticipantState.SIGNED
 
     def _on_unmask_request(self, message: UnmaskRequest) -> tuple[UnmaskShares, ParticipantState]:
-        both = sorted(set(message.survivors) & set(message.dropped))
+        """Reveal shares, but only for the one survivor set a roster quorum signed, and only
+        self-mask shares of survivors whose masks with other survivors protect them.
+
+        Why each check (the attacks are in tests/security/test_secagg_attacks.py):
+
+        * the survivor set is the one I signed and carries >= Q = floor((n + c)/2) + 1 valid
+          signatures over it from distinct roster members: two different sets would need
+          an honest peer to sign twice, so all honest peers unmask the same set;
+        * every survivor u whose self-mask share I reveal signed a masked input with at
+          least t - 1 mask partners in that set: otherwise an aggregator that cut u's shares
+          (U2) to a few peers it then declares dropped would strip every mask from y_u;
+        * a dropped peer is one that shared with me and is not a survivor, listed once.
+        """
+        u3 = set(self._u3)
+        if tuple(sorted(message.survivors)) != self._u3 or len(message.survivors) != len(u3):
+            raise self._fail("unmask request names a survivor set other than the one I signed")
+        if len(set(message.dropped)) != len(message.dropped):
+            raise self._fail("unmask request lists a dropped peer twice")
+        both = sorted(u3 & set(message.dropped))
         if both:
             raise self._fail(
                 f"asked for both the self-mask and the mask-key share of {both}: "
                 "that would reveal their input"
             )
-        if tuple(sorted(message.survivors)) != self._u3:
-            raise self._fail("unmask request names a survivor set other than the one I signed")
-        not_dropped = sorted(set(message.dropped) - (self._u2 - set(self._u3)))
+        not_dropped = sorted(set(message.dropped) - (self._u2 - u3))
         if not_dropped:
             raise self._fail(f"asked for mask-key shares of {not_dropped}, who did not drop out")
-        payload = consistency_payload(self.config.digest, self._u3)
-        signers: set[str] = set()
-        listed: set[str] = set()
-        for signed in message.signatures:
-            if signed.sender not in self._u3 or signed.sender in listed:
-                raise self._fail(f"consistency signature from {signed.sender!r} is not expected")
-            listed.add(signed.sender)
-        # Every listed signature is checked, not just t of them: one that does not match is
-        # proof that the aggregator showed different survivor sets, and is reported.
-        for signed in message.signatures:
-            verifier = self._verifiers.get(signed.sender)
-            if verifier is None or not verifier.verify(signed.signature, payload):
-                raise InvalidSignatureError(
-                    self.aggregator,
-                    f"consistency signature of {signed.sender} does not match my survivor set",
-                )
-            signers.add(signed.sender)
-        if len(signers) < self.config.threshold:
-            raise self._fail(
-                f"only {len(signers)} consistency signatures, threshold is {self.config.threshold}"
-            )
-        self_mask_shares = tuple(
-            (u, encode_share(self._held_shares[u][1]))
-            for u in sorted(set(self._u3) & self._u2, key=self.config.index)
-        )
+        self._check_quorum(message)
+        revealed = sorted(u3 & self._u2, key=self.config.index)
+        self._check_mask_partners(message, revealed)
+
+        self_mask_shares = tuple((u, encode_share(self._held_shares[u][1])) for u in revealed)
         mask_key_shares = tuple(
             (u, encode_share(self._held_shares[u][0]))
             for u in sorted(message.dropped, key=self.config.index)
@@ -376,6 +418,62 @@ class Participant:
         )
         signature = self._signer.sign(unsigned.signed_payload(self.config.digest))
         return replace(unsigned, signature=signature), ParticipantState.DONE
+
+    def _check_quorum(self, message: UnmaskRequest) -> None:
+        payload = consistency_payload(self.config.digest, self._u3)
+        listed: set[str] = set()
+        for signed in message.signatures:
+            if signed.sender not in self._u3 or signed.sender in listed:
+                raise self._fail(f"consistency signature from {signed.sender!r} is not expected")
+            listed.add(signed.sender)
+        # Every listed signature is checked, not just Q of them: one that does not match is
+        # proof that the aggregator showed different survivor sets, and is reported.
+        for signed in message.signatures:
+            verifier = self._verifiers.get(signed.sender)
+            if verifier is None or not verifier.verify(signed.signature, payload):
+                raise InvalidSignatureError(
+                    self.aggregator,
+                    f"consistency signature of {signed.sender} does not match my survivor set",
+                )
+        if len(listed) < self.config.quorum:
+            raise self._fail(
+                f"only {len(listed)} consistency signatures over my survivor set, "
+                f"{self.config.quorum} of the {len(self.config.peers)} roster peers needed "
+                f"(against {self.config.colluders} colluders)"
+            )
+
+    def _check_mask_partners(self, message: UnmaskRequest, revealed: list[str]) -> None:
+        headers: dict[str, MaskedHeader] = {}
+        for header in message.masked:
+            if header.sender in headers:
+                raise self._fail(f"unmask request lists two masked inputs of {header.sender}")
+            if header.sender not in revealed:
+                raise self._fail(
+                    f"unmask request carries a masked input of {header.sender!r}, "
+                    "not a survivor of my neighbourhood"
+                )
+            headers[header.sender] = header
+        needed = self.config.threshold - 1
+        for u in revealed:
+            if u not in headers:
+                raise self._fail(f"survivor {u} has no masked input in the unmask request")
+            header = headers[u]
+            if u == self.me:
+                assert self._masked is not None
+                if header != self._masked.header():
+                    raise self._fail("the unmask request shows my masked input altered")
+            elif not self._verifiers[u].verify(
+                header.signature, header.signed_payload(self.config.digest)
+            ):
+                raise InvalidSignatureError(
+                    self.aggregator, f"masked input header of {u} has an invalid signature"
+                )
+            partners = set(header.masked_with) & set(self._u3)
+            if len(partners) < needed:
+                raise self._fail(
+                    f"survivor {u} masked with only {len(partners)} other survivors, "
+                    f"{needed} (t - 1) needed: unmasking it would reveal its input"
+                )
 
 
 _Handler = Callable[[Participant, Any], tuple[ParticipantMessage, ParticipantState]]

@@ -40,7 +40,13 @@ from .crypto import (
     verifier_from_public_key,
 )
 from .errors import ConfigError, RemoteProtocolError, RoundAborted, SecAggError
-from .graph import GraphKind, minimum_threshold
+from .graph import (
+    GraphKind,
+    colluders_per_neighbourhood,
+    consistency_quorum,
+    neighbourhood_size,
+    safe_threshold,
+)
 from .messages import (
     AdvertisedKeys,
     AdvertiseKeys,
@@ -80,6 +86,16 @@ class Attack(StrEnum):
     SPLIT_SURVIVORS = "split-survivors"  # shows different survivor sets to different peers
     REPLAY = "replay"  # relays adverts from the previous round
     WRONG_SUM = "wrong-sum"  # publishes a transcript with a wrong aggregate
+    # Issue 9: the victim (first peer) is sent the shares of only t - 1 neighbours W, so it
+    # masks with W alone; then
+    TWO_VIEW = "two-view"  # V and W see a survivor set with W, everyone else one without W
+    TWO_VIEW_STEALTH = "two-view-stealth"  # ... and the second view's transcript is published
+    ISOLATE = "isolate"  # one survivor set without W, shown to everyone
+
+
+# Attacks that the honest Aggregator class cannot play (it would refuse the victim's cut
+# masked input): the simulator drives the participants itself, as a malicious aggregator.
+_VIEW_ATTACKS = (Attack.TWO_VIEW, Attack.TWO_VIEW_STEALTH, Attack.ISOLATE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,6 +208,7 @@ def simulate(
     clock: Callable[[], float] = time.perf_counter,
     progress: Callable[[Progress], None] | None = None,
     timed_sample: int | None = None,
+    colluders: int = 0,
 ) -> SimulationResult:
     """Run one round in memory. See the module docstring.
 
@@ -201,6 +218,8 @@ def simulate(
         verify: also run :func:`verify_transcript` on the published transcript.
         progress: called after each participant's message and when each stage closes.
         timed_sample: time only this many participants (see the module docstring).
+        colluders: the collusion bound c of the round (sets the quorum and the default,
+            lowest safe, threshold). The simulated aggregator is not on the roster.
 
     Raises:
         ConfigError: invalid parameters (threshold, degree, sizes, inputs). Drops that leave
@@ -209,11 +228,19 @@ def simulate(
     """
     peers = peer_ids(n_peers)
     if threshold is None:
-        hood = (
-            n_peers if graph is GraphKind.COMPLETE or degree is None else min(n_peers, degree + 1)
-        )
-        threshold = minimum_threshold(hood)
-    config = RoundConfig(session_id, round_, peers, threshold, vector_length, bits, graph, degree)
+        hood = neighbourhood_size(n_peers, graph, degree)
+        threshold = safe_threshold(hood, colluders_per_neighbourhood(n_peers, hood, colluders))
+    config = RoundConfig(
+        session_id,
+        round_,
+        peers,
+        threshold,
+        vector_length,
+        bits,
+        graph,
+        degree,
+        colluders=colluders,
+    )
     if timed_sample is not None and not 1 <= timed_sample <= n_peers:
         raise ConfigError(f"timed_sample must be between 1 and {n_peers}, not {timed_sample}")
     dtype = word_dtype(bits)
@@ -252,6 +279,29 @@ def simulate(
         )
         for i, u in enumerate(peers)
     }
+    if attack in _VIEW_ATTACKS:
+        assert attack is not None
+        view_refusals, view_reveals, view_error = _view_attack(
+            attack, config, participants, verifiers
+        )
+        return SimulationResult(
+            peers=peers,
+            aggregate=None,
+            expected=None,
+            survivors=(),
+            dropped={s.value: [] for s in STAGES},
+            # Not a performance run: the attack is played outside the timed loop.
+            timings_s={
+                key: {"aggregator": 0.0, "participant_median": 0.0}
+                for key in (*(s.value for s in STAGES), "total")
+            },
+            bytes_per_peer={"sent": 0.0, "received": 0.0},
+            # Detected: honest peers refused (naming the aggregator) or rejected the
+            # published transcript, and nobody revealed both shares of one peer.
+            ok=bool(view_refusals or view_error) and not _revealed_both(view_reveals),
+            refusals=view_refusals,
+            transcript_error=view_error,
+        )
     aggregator = Aggregator(config, verifiers, AGGREGATOR_ID)
     stage_times: dict[Stage, list[float]] = {s: [] for s in STAGES}
     aggregator_times: dict[Stage, float] = {s: 0.0 for s in STAGES}
@@ -396,18 +446,24 @@ def simulate(
     )
 
 
-def too_many_drops(n_peers: int, threshold: int, drops: Mapping[Stage, int]) -> str | None:
-    """Why ``drops`` certainly abort the round (fewer than t peers left to unmask), or None.
+def too_many_drops(
+    n_peers: int, threshold: int, drops: Mapping[Stage, int], colluders: int = 0
+) -> str | None:
+    """Why ``drops`` certainly abort the round (fewer than t peers left to unmask, or fewer
+    than the consistency quorum left to sign), or None.
 
     :func:`simulate` runs such a round anyway and records the clean abort; callers that
     want to refuse the parameters up front (the CLI) ask this first.
     """
     total = sum(drops.values())
-    if n_peers - total >= threshold:
+    quorum = consistency_quorum(n_peers, colluders)
+    needed = max(threshold, quorum)
+    if n_peers - total >= needed:
         return None
+    what = f"the threshold {threshold}" if threshold >= quorum else f"the quorum {quorum}"
     return (
-        f"{total} dropouts leave {n_peers - total} of {n_peers} peers, fewer than the "
-        f"threshold {threshold}: at most {n_peers - threshold} peers may drop"
+        f"{total} dropouts leave {n_peers - total} of {n_peers} peers, fewer than "
+        f"{what}: at most {n_peers - needed} peers may drop"
     )
 
 
@@ -434,6 +490,103 @@ def _revealed_both(reveals: Sequence[UnmaskShares]) -> list[str]:
     self_masks = {owner for r in reveals for owner, _ in r.self_mask_shares}
     mask_keys = {owner for r in reveals for owner, _ in r.mask_key_shares}
     return sorted(self_masks & mask_keys)
+
+
+def _view_attack(
+    attack: Attack,
+    config: RoundConfig,
+    participants: Mapping[str, Participant],
+    verifiers: Mapping[str, Verifier],
+) -> tuple[dict[str, str], list[UnmaskShares], str | None]:
+    """Play the issue-9 survivor-set attacks against honest participants.
+
+    Returns the refusals (peer -> error), every UnmaskShares sent, and (stealth variant) the
+    victim's error on the published transcript of the second view.
+    """
+    peers, sid, rnd = config.peers, config.session_id, config.round
+    refusals: dict[str, str] = {}
+
+    def deliver(u: str, message: AggregatorMessage) -> ParticipantMessage | None:
+        try:
+            return participants[u].receive(message)
+        except SecAggError as error:
+            refusals[u] = str(error)
+            return None
+
+    adverts = {u: participants[u].start() for u in peers}
+    shares: dict[str, ShareKeys] = {}
+    for u in peers:
+        relayed = tuple(adverts[w] for w in peers if w in config.neighbourhood(u))
+        reply = deliver(u, AdvertisedKeys(sid, rnd, relayed))
+        if isinstance(reply, ShareKeys):
+            shares[u] = reply
+    victim = peers[0]
+    cut = tuple(sorted(config.neighbourhood(victim) - {victim}, key=config.index))[
+        : config.threshold - 1
+    ]
+    masked: dict[str, MaskedInput] = {}
+    for u in shares:
+        senders = [w for w in shares if u in config.neighbourhood(w)]
+        if u == victim:  # the cut: exactly t shares, so the victim masks with W alone
+            senders = [w for w in senders if w == victim or w in cut]
+        pairs, signatures = [], []
+        for w in senders:
+            i = [r for r, _ in shares[w].ciphertexts].index(u)
+            pairs.append((w, shares[w].ciphertexts[i][1]))
+            signatures.append(shares[w].signatures[i])
+        reply = deliver(u, SharesToYou(sid, rnd, u, tuple(pairs), tuple(signatures)))
+        if isinstance(reply, MaskedInput):
+            masked[u] = reply
+    # View A: the victim, W and everyone outside the victim's neighbourhood; view B: all but W.
+    cut_off = config.neighbourhood(victim) - {victim, *cut}
+    view_a = tuple(sorted(u for u in masked if u not in cut_off))
+    view_b = tuple(sorted(u for u in masked if u not in cut))
+    group_a = {victim, *cut}
+    views = {u: view_a if attack is not Attack.ISOLATE and u in group_a else view_b for u in masked}
+    signed: dict[tuple[str, ...], list[ConsistencySignature]] = {view_a: [], view_b: []}
+    for u in masked:
+        reply = deliver(u, SurvivorSet(sid, rnd, views[u]))
+        if isinstance(reply, ConsistencySignature):
+            signed[views[u]].append(reply)
+    reveals: list[UnmaskShares] = []
+    for u in masked:
+        if u in refusals:
+            continue
+        view = views[u]
+        held = group_a if u == victim else {w for w in shares if u in config.neighbourhood(w)}
+        request = UnmaskRequest(
+            sid,
+            rnd,
+            view,
+            tuple(sorted(held - set(view), key=config.index)),
+            tuple(signed[view]),
+            tuple(masked[w].header() for w in view if w in held),
+        )
+        reply = deliver(u, request)
+        if isinstance(reply, UnmaskShares):
+            reveals.append(reply)
+    transcript_error = None
+    if attack is Attack.TWO_VIEW_STEALTH and victim in masked:
+        # Publish the second view, in which the victim and W are late dropouts, with what the
+        # aggregator gathered for it; the victim checks it as every peer does.
+        transcript = Transcript(
+            sid,
+            rnd,
+            AGGREGATOR_ID,
+            tuple(adverts[u] for u in peers if u in shares),
+            tuple(masked[u] for u in view_b if u != victim),
+            tuple(signed[view_b]),
+            tuple(r for r in reveals if r.sender in view_b),
+            np.zeros(config.vector_length, dtype=word_dtype(config.bits)),
+        )
+        own_signature = next((m for m in signed[view_a] if m.sender == victim), None)
+        try:
+            verify_transcript(
+                transcript, config, verifiers, own=masked[victim], signed=own_signature
+            )
+        except TranscriptError as error:
+            transcript_error = f"{victim} rejects the published transcript: {error}"
+    return refusals, reveals, transcript_error
 
 
 def _tamper(
@@ -482,9 +635,9 @@ def _tamper(
         assert isinstance(message, SurvivorSet)
         hidden = recipients[-1]
         # Show the smaller set to as many peers as the aggregator can afford while keeping
-        # t signatures on the true set, so the round reaches the unmask request, where the
-        # honest peers must notice the mismatched signatures it carries.
-        split = max(1, len(recipients) - config.threshold)
+        # a quorum of signatures on the true set, so the round reaches the unmask request,
+        # where the honest peers must notice the mismatched signatures it carries.
+        split = max(1, len(recipients) - config.quorum)
         for u in recipients[:split]:
             tampered[u] = replace(
                 message, survivors=tuple(s for s in message.survivors if s != hidden)

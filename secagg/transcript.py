@@ -81,6 +81,7 @@ def verify_transcript(
     verifiers: Mapping[str, Verifier],
     *,
     own: MaskedInput | None = None,
+    signed: ConsistencySignature | None = None,
 ) -> VerifiedAggregate:
     """Recompute the aggregate from ``transcript`` and check every signature.
 
@@ -89,6 +90,8 @@ def verify_transcript(
         config: this peer's own copy of the round's parameters.
         verifiers: every roster peer's signature verifier.
         own: this peer's own masked input, if it sent one: it must appear unaltered.
+        signed: this peer's own consistency signature, if it sent one: the published
+            survivor set must be the one it signed (anything else is a second view).
 
     Returns:
         The verified aggregate, survivors and dropped peers.
@@ -114,7 +117,7 @@ def verify_transcript(
             raise fail(f"advert of {u} has an invalid signature (forged or substituted keys)")
         for key in (advert.channel_public, advert.mask_public):
             if not is_valid_x25519_public(key):
-                raise fail(f"advert of {u} has a small-order public key")
+                raise fail(f"advert of {u} has a small-order or non-canonical public key")
             if key in seen_keys:
                 raise fail(f"advert of {u} reuses another advert's public key")
             seen_keys.add(key)
@@ -134,31 +137,49 @@ def verify_transcript(
             raise fail(f"masked input of {u} claims masks with peers outside its neighbourhood")
         if not verifiers[u].verify(message.signature, message.signed_payload(digest)):
             raise fail(f"masked input of {u} has an invalid signature (altered)")
+    if len(survivors) < config.threshold:
+        raise fail(f"only {len(survivors)} survivors, threshold is {config.threshold}")
+    if own is not None:
+        # A transcript without my input would be the "stealth" two-view attack: my input
+        # unmasked in a view in which I am not a survivor. It is never a valid outcome: I
+        # sent my input, so I am in the one survivor set that was unmasked or none was.
+        if own.sender not in masked:
+            raise fail(f"my masked input ({own.sender}) is missing from the transcript")
+        if vector_digest(masked[own.sender].vector) != vector_digest(own.vector):
+            raise fail("my own masked input was altered in the transcript")
+    # Every survivor's masks with other survivors must protect it (participant.py reveals
+    # self-mask shares only then): a transcript that unmasks a less protected survivor was
+    # not produced by honest share holders.
+    needed = config.threshold - 1
+    for u, message in masked.items():
+        partners = len(set(message.masked_with) & survivors)
+        if partners < needed:
+            raise fail(f"survivor {u} masked with only {partners} other survivors, {needed} needed")
     for u, message in masked.items():
         for w in message.masked_with:
             if w in masked and u not in masked[w].masked_with:
                 raise fail(f"{u} masked with {w} but not the reverse: the masks cannot cancel")
-    if len(survivors) < config.threshold:
-        raise fail(f"only {len(survivors)} survivors, threshold is {config.threshold}")
-    if (
-        own is not None
-        and own.sender in masked
-        and vector_digest(masked[own.sender].vector) != vector_digest(own.vector)
-    ):
-        raise fail("my own masked input was altered in the transcript")
 
+    payload = consistency_payload(digest, tuple(sorted(survivors)))
+    if signed is not None and not (
+        signed.sender in verifiers and verifiers[signed.sender].verify(signed.signature, payload)
+    ):
+        raise fail(
+            f"the published survivor set is not the one {signed.sender} signed "
+            "(the aggregator showed different survivor sets)"
+        )
     signatures = _unique_by_sender(
         transcript.consistency, "consistency signatures", TranscriptError, agg
     )
-    payload = consistency_payload(digest, tuple(sorted(survivors)))
-    for u, signed in signatures.items():
+    for u, signature in signatures.items():
         if u not in survivors:
             raise fail(f"consistency signature of {u}, who is not a survivor")
-        if not verifiers[u].verify(signed.signature, payload):
+        if not verifiers[u].verify(signature.signature, payload):
             raise fail(f"consistency signature of {u} is not over the published survivor set")
-    if len(signatures) < config.threshold:
+    if len(signatures) < config.quorum:
         raise fail(
-            f"only {len(signatures)} consistency signatures, threshold is {config.threshold}"
+            f"only {len(signatures)} consistency signatures over the survivor set, "
+            f"{config.quorum} needed"
         )
 
     responses = _unique_by_sender(transcript.unmask, "unmask responses", TranscriptError, agg)

@@ -99,7 +99,17 @@ def test_secagg_plus_graph(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 @pytest.mark.parametrize(
-    "attack", ["both-shares", "substitute-key", "split-survivors", "replay", "wrong-sum"]
+    "attack",
+    [
+        "both-shares",
+        "substitute-key",
+        "split-survivors",
+        "replay",
+        "wrong-sum",
+        "two-view",
+        "two-view-stealth",
+        "isolate",
+    ],
 )
 def test_attacks_are_refused(capsys: pytest.CaptureFixture[str], attack: str) -> None:
     code, report = run_json(capsys, "--peers", "6", "--length", "8", "--attack", attack)
@@ -111,6 +121,22 @@ def test_attacks_are_refused(capsys: pytest.CaptureFixture[str], attack: str) ->
     else:
         assert report["refusals"], report
         assert all(reason.startswith("aggregator:") for reason in report["refusals"].values())
+
+
+def test_two_view_attack_text_summary_names_the_aggregator(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code = main(
+        [
+            *("simulate", "--peers", "10", "--length", "4", "--graph", "secagg+"),
+            *("--degree", "4", "--attack", "two-view", "--quiet"),
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "refused: peer-" in out
+    assert "aggregator: survivor peer-000 masked with only 0 other survivors" in out
+    assert "verdict: attack detected" in out
 
 
 def test_text_summary(capsys: pytest.CaptureFixture[str]) -> None:
@@ -125,11 +151,12 @@ def test_text_summary(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_aborted_round_exits_1(capsys: pytest.CaptureFixture[str]) -> None:
-    # Not certain up front (3 of 6 remain, threshold 2), but on this sparse ring the seed's
-    # dropouts leave a dropped peer's mask key with too few share holders: the round stops.
+    # Not certain up front (5 of 8 remain, threshold 2, quorum 5), but on this sparse ring
+    # the seed's dropouts leave a dropped peer's mask key with too few share holders: the
+    # round stops.
     code, report = run_json(
         capsys,
-        *("--peers", "6", "--length", "4", "--graph", "secagg+", "--degree", "2"),
+        *("--peers", "8", "--length", "4", "--graph", "secagg+", "--degree", "2"),
         *("--drop", "masked:3", "--threshold", "2", "--seed", "0"),
     )
     assert code == 1
@@ -140,7 +167,7 @@ def test_aborted_round_exits_1(capsys: pytest.CaptureFixture[str]) -> None:
 
 BAD_ARGUMENTS = [
     (["--peers", "5", "--length", "4", "--threshold", "6"], "threshold"),
-    (["--peers", "5", "--length", "4", "--threshold", "2"], "strict majority"),
+    (["--peers", "5", "--length", "4", "--threshold", "2"], "too weak"),
     (["--peers", "5", "--length", "4", "--drop", "masked:3"], "at most 2 peers may drop"),
     (["--peers", "5", "--length", "4", "--drop", "share:1", "unmask:2"], "at most 2"),
     (["--peers", "5", "--length", "4", "--drop", "sharing:1"], "unknown stage"),

@@ -46,7 +46,7 @@ def make_proposal(**changes: object) -> SessionProposal:
         "session_id": "train",
         "participants": PEERS,
         "rounds": 3,
-        "threshold": 2,
+        "threshold": 3,
         "payload": PAYLOAD,
         "bits": 64,
         "seed": 3,

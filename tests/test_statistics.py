@@ -381,7 +381,7 @@ def peer_config(tmp_path: Path, store: PatientStore, max_epsilon: float) -> Peer
 def proposal(session_id: str, payload: Mapping[str, Any], rounds: int = 1) -> SessionProposal:
     if payload.get("kind") == "statistics":
         payload = StatisticsSpec.from_payload(payload).to_payload()  # adds the length
-    return SessionProposal(session_id, PEERS, rounds=rounds, threshold=2, payload=payload)
+    return SessionProposal(session_id, PEERS, rounds=rounds, threshold=3, payload=payload)
 
 
 def charge(ledger: Ledger, session_id: str, epsilon: float, kind: PrivacyKind) -> None:

@@ -94,11 +94,16 @@ class ShareKeys(_message.Message):
     SESSION_ID_FIELD_NUMBER: _builtins.int
     ROUND_FIELD_NUMBER: _builtins.int
     CIPHERTEXTS_FIELD_NUMBER: _builtins.int
+    SIGNATURES_FIELD_NUMBER: _builtins.int
     sender: _builtins.str
     session_id: _builtins.str
     round: _builtins.int
     @_builtins.property
     def ciphertexts(self) -> _containers.RepeatedCompositeFieldContainer[Global___Addressed]: ...
+    @_builtins.property
+    def signatures(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """the sender's signature of each ciphertext, in order"""
+
     def __init__(
         self,
         *,
@@ -106,10 +111,11 @@ class ShareKeys(_message.Message):
         session_id: _builtins.str = ...,
         round: _builtins.int = ...,
         ciphertexts: _abc.Iterable[Global___Addressed] | None = ...,
+        signatures: _abc.Iterable[_builtins.bytes] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ciphertexts", b"ciphertexts", "round", b"round", "sender", b"sender", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ciphertexts", b"ciphertexts", "round", b"round", "sender", b"sender", "session_id", b"session_id", "signatures", b"signatures"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -253,11 +259,16 @@ class SharesToYou(_message.Message):
     ROUND_FIELD_NUMBER: _builtins.int
     RECIPIENT_FIELD_NUMBER: _builtins.int
     CIPHERTEXTS_FIELD_NUMBER: _builtins.int
+    SIGNATURES_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     round: _builtins.int
     recipient: _builtins.str
     @_builtins.property
     def ciphertexts(self) -> _containers.RepeatedCompositeFieldContainer[Global___Addressed]: ...
+    @_builtins.property
+    def signatures(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """each sender's signature of its ciphertext, in order"""
+
     def __init__(
         self,
         *,
@@ -265,10 +276,11 @@ class SharesToYou(_message.Message):
         round: _builtins.int = ...,
         recipient: _builtins.str = ...,
         ciphertexts: _abc.Iterable[Global___Addressed] | None = ...,
+        signatures: _abc.Iterable[_builtins.bytes] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ciphertexts", b"ciphertexts", "recipient", b"recipient", "round", b"round", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ciphertexts", b"ciphertexts", "recipient", b"recipient", "round", b"round", "session_id", b"session_id", "signatures", b"signatures"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -309,6 +321,7 @@ class UnmaskRequest(_message.Message):
     SURVIVORS_FIELD_NUMBER: _builtins.int
     DROPPED_FIELD_NUMBER: _builtins.int
     SIGNATURES_FIELD_NUMBER: _builtins.int
+    MASKED_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     round: _builtins.int
     @_builtins.property
@@ -317,6 +330,8 @@ class UnmaskRequest(_message.Message):
     def dropped(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
     def signatures(self) -> _containers.RepeatedCompositeFieldContainer[Global___ConsistencySignature]: ...
+    @_builtins.property
+    def masked(self) -> _containers.RepeatedCompositeFieldContainer[Global___MaskedHeader]: ...
     def __init__(
         self,
         *,
@@ -325,14 +340,46 @@ class UnmaskRequest(_message.Message):
         survivors: _abc.Iterable[_builtins.str] | None = ...,
         dropped: _abc.Iterable[_builtins.str] | None = ...,
         signatures: _abc.Iterable[Global___ConsistencySignature] | None = ...,
+        masked: _abc.Iterable[Global___MaskedHeader] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dropped", b"dropped", "round", b"round", "session_id", b"session_id", "signatures", b"signatures", "survivors", b"survivors"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dropped", b"dropped", "masked", b"masked", "round", b"round", "session_id", b"session_id", "signatures", b"signatures", "survivors", b"survivors"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___UnmaskRequest: _TypeAlias = UnmaskRequest  # noqa: Y015
+
+@_typing.final
+class MaskedHeader(_message.Message):
+    """a signed MaskedInput without its vector"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SENDER_FIELD_NUMBER: _builtins.int
+    MASKED_WITH_FIELD_NUMBER: _builtins.int
+    VECTOR_SHA256_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    sender: _builtins.str
+    vector_sha256: _builtins.bytes
+    signature: _builtins.bytes
+    @_builtins.property
+    def masked_with(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        sender: _builtins.str = ...,
+        masked_with: _abc.Iterable[_builtins.str] | None = ...,
+        vector_sha256: _builtins.bytes = ...,
+        signature: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["masked_with", b"masked_with", "sender", b"sender", "signature", b"signature", "vector_sha256", b"vector_sha256"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MaskedHeader: _TypeAlias = MaskedHeader  # noqa: Y015
 
 @_typing.final
 class Transcript(_message.Message):

@@ -640,7 +640,9 @@ class NetnsFederation:
             session_id,
             ids,
             rounds=rounds,
-            threshold=threshold if threshold is not None else len(ids) // 2 + 1,
+            threshold=threshold
+            if threshold is not None
+            else SessionProposal.default_threshold(len(ids)),
             payload={"kind": "vector", "length": len(next(iter(self.vectors.values())))},
             stage_seconds=stage_seconds,
             prepare_seconds=prepare_seconds,

@@ -124,9 +124,10 @@ SECAGG_STAGES = ["advertise", "share", "masked", "consistency", "unmask"]
 def test_participant_partitioned_at_each_stage(
     make_federation: Callable[..., NetnsFederation], stage: str
 ) -> None:
-    # 3 peers, t = 2: one participant cut off mid-round 1 and for the rest of the session.
-    # The 30 ms delay is the window between the trigger line and the victim's next message.
-    fed = make_federation(3, length=10_000, conditions=LinkConditions(delay=0.03))
+    # 4 peers, t = 3 (3 of 3 would leave no survivor quorum once the aggregator may collude):
+    # one participant cut off mid-round 1 and for the rest of the session. The 30 ms delay is
+    # the window between the trigger line and the victim's next message.
+    fed = make_federation(4, length=10_000, conditions=LinkConditions(delay=0.03))
     victim = "hospital-c"
     stage_seconds, prepare_seconds = 3.0, 1.0
     proposal = session_avoiding(
@@ -193,7 +194,8 @@ def test_partition_heals_and_the_peer_rejoins(
 ) -> None:
     # Cut a participant when round 2 begins, restore it once the others agreed round 3:
     # it must catch up the records it missed and take part again in the last rounds.
-    fed = make_federation(3, length=10_000, conditions=LinkConditions(delay=0.03))
+    # 4 peers, t = 3: the 3 others keep agreeing meanwhile.
+    fed = make_federation(4, length=10_000, conditions=LinkConditions(delay=0.03))
     victim = "hospital-b"
     rounds = 5
     proposal = session_avoiding(

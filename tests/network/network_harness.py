@@ -103,6 +103,19 @@ class PeerProcess:
             return None
 
 
+def _default_threshold(ids: tuple[str, ...], kwargs: dict[str, Any]) -> int:
+    """Secure aggregation: the lowest safe threshold against the declared colluders (the
+    aggregator at least); other aggregations: a strict majority."""
+    if kwargs.get("aggregation", "secagg") != "secagg":
+        return len(ids) // 2 + 1
+    return SessionProposal.default_threshold(
+        len(ids),
+        int(kwargs.get("colluders", 1)),
+        kwargs.get("graph", "complete"),
+        kwargs.get("degree"),
+    )
+
+
 @dataclass
 class Network:
     directory: Path
@@ -186,7 +199,7 @@ class Network:
             session_id,
             ids,
             rounds=rounds,
-            threshold=threshold if threshold is not None else len(ids) // 2 + 1,
+            threshold=threshold if threshold is not None else _default_threshold(ids, kwargs),
             payload={"kind": "vector", "length": length},
             stage_seconds=float(kwargs.pop("stage_seconds", 4.0)),
             prepare_seconds=float(kwargs.pop("prepare_seconds", 4.0)),

@@ -165,7 +165,9 @@ def test_aggregator_killed_mid_round_is_replaced(make_network: Callable[..., Net
 def test_killed_peer_restarts_with_its_ledger_and_the_session_completes(
     make_network: Callable[..., Network],
 ) -> None:
-    network = make_network(3, start=False)
+    # 4 peers, t = 3: the others agree round 2 while the victim is down (with 3 peers the
+    # safe threshold is 3 of 3, and nobody could agree without it).
+    network = make_network(4, start=False)
     proposal = network.proposal("s1", rounds=3)
     victim = next(p for p in network.peers if p != network.aggregator(proposal, 2))
     for peer_id, process in network.peers.items():

@@ -114,7 +114,7 @@ def _setup(
         "stats-1",
         tuple(ids),
         rounds=1,
-        threshold=2,
+        threshold=3,
         payload=spec.to_payload(),
         stage_seconds=4.0,
         prepare_seconds=10.0,

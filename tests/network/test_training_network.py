@@ -64,7 +64,7 @@ def test_federated_training_improves_and_all_peers_agree(tmp_path: Path) -> None
             "train",
             tuple(network.peers),
             rounds=4,
-            threshold=2,
+            threshold=3,
             payload=TRAINING,
             bits=64,
             stage_seconds=10.0,

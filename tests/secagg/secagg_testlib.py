@@ -28,7 +28,7 @@ from secagg import (
     Verifier,
 )
 from secagg import simulate as simulation
-from secagg.graph import minimum_threshold
+from secagg.graph import colluders_per_neighbourhood, neighbourhood_size, safe_threshold
 from secagg.prg import WordArray, word_dtype
 
 AGGREGATOR = "the-aggregator"
@@ -114,6 +114,11 @@ class Round:
         )
 
 
+def default_threshold(n: int, graph: GraphKind, degree: int | None, colluders: int = 0) -> int:
+    h = neighbourhood_size(n, graph, degree)
+    return safe_threshold(h, colluders_per_neighbourhood(n, h, colluders))
+
+
 def peer_names(n: int) -> tuple[str, ...]:
     return tuple(f"hospital-{chr(ord('a') + i)}" for i in range(n))
 
@@ -130,13 +135,29 @@ def make_round(
     bits: int = 32,
     seed: int = 0,
     peers: tuple[str, ...] | None = None,
+    colluders: int = 0,
+    attempt: int = 0,
+    beacon: bytes = b"",
 ) -> Round:
-    """A fresh round. Same arguments, same keys and messages (everything is seeded)."""
+    """A fresh round. Same arguments, same keys and messages (everything is seeded).
+
+    The threshold defaults to the lowest safe one against ``colluders``."""
     roster = peers or peer_names(n)
     if threshold is None:
-        hood = n if graph is GraphKind.COMPLETE or degree is None else min(n, degree + 1)
-        threshold = minimum_threshold(hood)
-    config = RoundConfig(session, round_, roster, threshold, length, bits, graph, degree)
+        threshold = default_threshold(len(roster), graph, degree, colluders)
+    config = RoundConfig(
+        session,
+        round_,
+        roster,
+        threshold,
+        length,
+        bits,
+        graph,
+        degree,
+        colluders=colluders,
+        attempt=attempt,
+        beacon=beacon,
+    )
     signers, verifiers = identities(roster, seed)
     data = np.random.default_rng(seed)
     dtype = word_dtype(bits)

@@ -104,6 +104,14 @@ def _small_order_key(r: Round, m: ParticipantMessage) -> list[ParticipantMessage
     return [resign(r, replace(m, channel_public=bytes(32)))]
 
 
+def _copied_key_bit_255(r: Round, m: ParticipantMessage) -> list[ParticipantMessage]:
+    """A's key with bit 255 set: other bytes, the same X25519 key."""
+    assert isinstance(m, AdvertiseKeys)
+    copy = bytearray(_advert_of(r, A).mask_public)
+    copy[31] |= 0x80
+    return [resign(r, replace(m, mask_public=bytes(copy)))]
+
+
 def _copied_key(r: Round, m: ParticipantMessage) -> list[ParticipantMessage]:
     assert isinstance(m, AdvertiseKeys)
     return [resign(r, replace(m, mask_public=_advert_of(r, A).mask_public))]
@@ -119,12 +127,25 @@ def _advert_wrong_session(r: Round, m: ParticipantMessage) -> list[ParticipantMe
 
 def _shares_missing_recipient(r: Round, m: ParticipantMessage) -> list[ParticipantMessage]:
     assert isinstance(m, ShareKeys)
-    return [replace(m, ciphertexts=m.ciphertexts[1:])]
+    return [replace(m, ciphertexts=m.ciphertexts[1:], signatures=m.signatures[1:])]
 
 
 def _shares_twice_to_one(r: Round, m: ParticipantMessage) -> list[ParticipantMessage]:
     assert isinstance(m, ShareKeys)
-    return [replace(m, ciphertexts=(*m.ciphertexts, m.ciphertexts[0]))]
+    return [
+        replace(
+            m,
+            ciphertexts=(*m.ciphertexts, m.ciphertexts[0]),
+            signatures=(*m.signatures, m.signatures[0]),
+        )
+    ]
+
+
+def _shares_unsigned(r: Round, m: ParticipantMessage) -> list[ParticipantMessage]:
+    """A sender whose share signature does not verify is excluded by the aggregator, so that
+    its recipients do not blame the relay for it."""
+    assert isinstance(m, ShareKeys)
+    return [replace(m, signatures=(bytes(64), *m.signatures[1:]))]
 
 
 def _short_vector(r: Round, m: ParticipantMessage) -> list[ParticipantMessage]:
@@ -206,11 +227,13 @@ CASES: list[tuple[Stage, Tamper, str]] = [
     (Stage.ADVERTISE, _bad_advert_signature, "invalid signature on its advert"),
     (Stage.ADVERTISE, _small_order_key, "small-order"),
     (Stage.ADVERTISE, _copied_key, "already in use"),
+    (Stage.ADVERTISE, _copied_key_bit_255, "non-canonical"),
     (Stage.ADVERTISE, _advert_wrong_round, "replayed or misrouted"),
     (Stage.ADVERTISE, _advert_wrong_session, "replayed or misrouted"),
     (Stage.ADVERTISE, _wrong_type, "sent ConsistencySignature at stage advertise"),
     (Stage.SHARE, _shares_missing_recipient, "not addressed to its neighbourhood"),
     (Stage.SHARE, _shares_twice_to_one, "not addressed to its neighbourhood"),
+    (Stage.SHARE, _shares_unsigned, "invalid signature on its shares"),
     (Stage.MASKED, _short_vector, "masked vector has shape"),
     (Stage.MASKED, _long_vector, "masked vector has shape"),
     (Stage.MASKED, _wrong_dtype, "dtype uint64"),

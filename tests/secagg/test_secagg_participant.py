@@ -35,7 +35,7 @@ from secagg import (
     UnmaskShares,
     verify_transcript,
 )
-from secagg.messages import consistency_payload
+from secagg.messages import consistency_payload, share_payload
 
 A, B, C, D, E = (f"hospital-{x}" for x in "abcde")
 FAILED = ParticipantState.FAILED
@@ -255,11 +255,20 @@ def shares_for(r: Round, peer: str = A, **kwargs: object) -> SharesToYou:
     return message
 
 
+def relay(message: SharesToYou, pairs: tuple[tuple[str, bytes], ...]) -> SharesToYou:
+    """``message`` with other (sender, ciphertext) pairs, each with its sender's original
+    signature (64 zero bytes for a sender that sent none)."""
+    signature = dict(zip((u for u, _ in message.ciphertexts), message.signatures, strict=True))
+    return replace(
+        message, ciphertexts=pairs, signatures=tuple(signature.get(u, bytes(64)) for u, _ in pairs)
+    )
+
+
 def test_fewer_than_t_share_senders_is_refused() -> None:
     r = make_round()
     message = shares_for(r)
     kept = tuple((u, c) for u, c in message.ciphertexts if u in (A, B))
-    refuse(r, A, replace(message, ciphertexts=kept), "only 2 of my neighbourhood at share")
+    refuse(r, A, relay(message, kept), "only 2 of my neighbourhood at share")
 
 
 def test_shares_addressed_to_another_peer_are_refused() -> None:
@@ -272,39 +281,59 @@ def test_shares_from_a_peer_without_advert_are_refused() -> None:
     message = shares_for(r, drop={0: [E]})
     assert E not in {u for u, _ in message.ciphertexts}
     extra = (*message.ciphertexts, (E, bytes(94)))
-    refuse(r, A, replace(message, ciphertexts=extra), "did not advertise")
+    refuse(r, A, relay(message, extra), "did not advertise")
 
 
 def test_two_ciphertexts_from_one_sender_are_refused() -> None:
     r = make_round()
     message = shares_for(r)
     extra = (*message.ciphertexts, message.ciphertexts[1])
-    refuse(r, A, replace(message, ciphertexts=extra), "two share ciphertexts")
+    refuse(r, A, relay(message, extra), "two share ciphertexts")
 
 
-def test_tampered_ciphertext_is_refused_naming_its_sender() -> None:
+def test_ciphertext_tampered_on_the_way_is_blamed_on_the_aggregator() -> None:
+    """C signed its ciphertext; the relay altered it. Before share ciphertexts were signed,
+    the honest C was blamed ("do not decrypt", offender C)."""
     r = make_round()
     message = shares_for(r)
     tampered = tuple(
         (u, c[:-1] + bytes([c[-1] ^ 1]) if u == C else c) for u, c in message.ciphertexts
     )
-    refuse(r, A, replace(message, ciphertexts=tampered), "do not decrypt", offender=C)
+    refuse(r, A, relay(message, tampered), "C did not sign|did not sign", InvalidSignatureError)
 
 
-def test_ciphertext_moved_between_senders_is_refused() -> None:
-    """B's ciphertext relabelled as C's: the AEAD binds sender and recipient."""
+def test_ciphertext_its_sender_signed_but_that_does_not_decrypt_blames_the_sender() -> None:
+    """A malicious C signs garbage: its own signature proves it sent it."""
+    r = make_round()
+    message = shares_for(r)
+    garbage = bytes(94)
+    signed = r.signers[C].sign(share_payload(r.config.digest, C, A, garbage))
+    pairs = tuple((u, garbage if u == C else c) for u, c in message.ciphertexts)
+    forged = relay(message, pairs)
+    forged = replace(
+        forged,
+        signatures=tuple(
+            signed if u == C else sig for (u, _), sig in zip(pairs, forged.signatures, strict=True)
+        ),
+    )
+    refuse(r, A, forged, "do not decrypt", offender=C)
+
+
+def test_ciphertext_moved_between_senders_is_blamed_on_the_aggregator() -> None:
+    """B's ciphertext relabelled as C's: C's signature does not cover it (nor does B's
+    signature, which names B as the sender)."""
     r = make_round()
     message = shares_for(r)
     of_b = dict(message.ciphertexts)[B]
     moved = tuple((u, of_b if u == C else c) for u, c in message.ciphertexts)
-    refuse(r, A, replace(message, ciphertexts=moved), "do not decrypt", offender=C)
+    refuse(r, A, relay(message, moved), "did not sign", InvalidSignatureError)
 
 
 def test_own_shares_must_come_back() -> None:
     r = make_round()
     message = shares_for(r)
     others = tuple((u, c) for u, c in message.ciphertexts if u != A)
-    refuse(r, A, replace(message, ciphertexts=others), "my own shares")
+    refuse(r, A, relay(message, others), "my own shares")
 
 
 # ------------------------------------------------------------------------------ survivor set
@@ -336,7 +365,7 @@ def test_survivor_who_never_shared_with_me_is_refused() -> None:
     r = make_round()
     message = shares_for(r)
     withheld = tuple((u, c) for u, c in message.ciphertexts if u != E)
-    masked = r.participants[A].receive(replace(message, ciphertexts=withheld))
+    masked = r.participants[A].receive(relay(message, withheld))
     assert isinstance(masked, MaskedInput)
     assert E not in masked.masked_with
     refuse(r, A, SurvivorSet(r.config.session_id, 0, (A, B, C, D, E)), "U3 ⊄ U2")
@@ -362,6 +391,7 @@ def unmask_round() -> tuple[Round, UnmaskRequest]:
 
 def test_honest_unmask_request_is_answered() -> None:
     r, message = unmask_round()
+    assert r.participants[A].signed_survivors == (A, B, C)  # what its transcript must show
     reply = r.participants[A].receive(message)
     assert isinstance(reply, UnmaskShares)
     assert [u for u, _ in reply.self_mask_shares] == [A, B, C]
@@ -463,6 +493,92 @@ def test_split_survivor_sets_are_detected() -> None:
     own_view_only = (signatures[A], signatures[B])
     request = UnmaskRequest(r.config.session_id, 0, (A, B, C, D), (), own_view_only)
     refuse(r, B, request, "only 2 consistency signatures")
+
+
+# ------------------------------------------------------------------------------ issue 9
+
+
+def test_dropped_peer_listed_twice_is_refused() -> None:
+    """Two mask-key shares of one owner in one response would be a second share of it."""
+    r, message = unmask_round()
+    refuse(r, A, replace(message, dropped=(E, E)), "lists a dropped peer twice")
+
+
+def test_survivor_without_a_masked_input_is_refused() -> None:
+    """A survivor whose masked input the request does not carry: A cannot check that its
+    masks protect it, so it reveals nothing."""
+    r, message = unmask_round()
+    headers = tuple(h for h in message.masked if h.sender != B)
+    refuse(r, A, replace(message, masked=headers), "survivor hospital-b has no masked input")
+
+
+def test_masked_input_header_listed_twice_is_refused() -> None:
+    r, message = unmask_round()
+    refuse(r, A, replace(message, masked=(*message.masked, message.masked[0])), "two masked")
+
+
+def test_forged_masked_input_header_is_refused() -> None:
+    """B's header with a masked_with B never signed: the aggregator forged it."""
+    r, message = unmask_round()
+    headers = tuple(
+        replace(h, masked_with=(*h.masked_with, D)) if h.sender == B else h for h in message.masked
+    )
+    refuse(r, A, replace(message, masked=headers), "invalid signature", InvalidSignatureError)
+
+
+def test_survivor_with_too_few_surviving_partners_is_not_unmasked() -> None:
+    """The isolation attack in one message: C's input was masked with E only (its U2 cut),
+    E is declared dropped: C's self-mask share would strip C's last mask. A refuses."""
+    r = make_round()
+    outgoing = r.advance(2)
+    shares_c = outgoing[C]
+    assert isinstance(shares_c, SharesToYou)
+    cut = relay(shares_c, tuple((u, ct) for u, ct in shares_c.ciphertexts if u in (C, E, A)))
+    replies = {u: r.participants[u].receive(m) for u, m in outgoing.items() if u != C}
+    replies[C] = r.participants[C].receive(cut)
+    masked_c = replies[C]
+    assert isinstance(masked_c, MaskedInput)
+    assert set(masked_c.masked_with) == {A, E}
+    survivors = (A, B, C, D)  # E "dropped"
+    signatures = []
+    for u in (A, B, D):
+        reply = r.participants[u].receive(SurvivorSet(r.config.session_id, 0, survivors))
+        assert isinstance(reply, ConsistencySignature)
+        signatures.append(reply)
+    headers = tuple(
+        m.header() for u, m in replies.items() if u in survivors and isinstance(m, MaskedInput)
+    )
+    request = UnmaskRequest(r.config.session_id, 0, survivors, (E,), tuple(signatures), headers)
+    # C masked with A and E; of them only A survived: 1 partner, t - 1 = 2 needed.
+    refuse(r, A, request, "survivor hospital-c masked with only 1 other survivors")
+
+
+def test_fewer_than_a_quorum_of_signatures_is_refused_even_above_t() -> None:
+    """SecAgg+ n = 10, k = 4, t = 3: five valid signatures over my set, quorum 6."""
+    r = make_round(10, graph=GraphKind.SECAGG_PLUS, degree=4)
+    assert (r.config.threshold, r.config.quorum) == (3, 6)
+    outgoing = r.advance(4)
+    peer = r.peers[0]
+    message = outgoing[peer]
+    assert isinstance(message, UnmaskRequest)
+    refuse(
+        r,
+        peer,
+        replace(message, signatures=message.signatures[:5]),
+        "only 5 consistency signatures over my survivor set, 6 of the 10 roster peers",
+    )
+
+
+def test_copy_of_another_peers_key_with_bit_255_set_is_refused() -> None:
+    """X25519 ignores bit 255: byte-wise it differs, as a key it is B's own."""
+    r = make_round()
+    message = adverts_for(r)
+    b = advert_of(message, B)
+    c = advert_of(message, C)
+    copy = bytearray(b.channel_public)
+    copy[31] |= 0x80
+    forged = r.sign_as(C, replace(c, channel_public=bytes(copy)))
+    refuse(r, A, swap(message, C, forged), "non-canonical or small-order key")
 
 
 # ------------------------------------------------------------------------------ state table

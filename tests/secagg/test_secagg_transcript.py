@@ -10,6 +10,7 @@ import pytest
 from secagg_testlib import identities
 
 from secagg import (
+    ConsistencySignature,
     GraphKind,
     MaskedInput,
     RoundConfig,
@@ -20,6 +21,7 @@ from secagg import (
     verify_transcript,
 )
 from secagg.graph import minimum_threshold
+from secagg.messages import consistency_payload
 from secagg.shamir import PRIME, decode_share, encode_share
 from secagg.simulate import AGGREGATOR_ID, SimulationResult, simulate
 
@@ -279,3 +281,110 @@ def test_masked_input_type_is_checked(
     first, *rest = transcript.masked_inputs
     wrong: MaskedInput = replace(first, vector=first.vector.astype(np.uint64))
     reject(replace(transcript, masked_inputs=(wrong, *rest)), config, result, "wrong shape")
+
+
+# ------------------------------------------------------------------------------ issue 9
+
+
+def test_transcript_of_another_attempt_is_refused(
+    honest: tuple[SimulationResult, Transcript, RoundConfig],
+) -> None:
+    """The attempt is in the digest every signature covers: attempt 0's transcript does not
+    verify as attempt 1 of the same round."""
+    result, transcript, config = honest
+    retry = RoundConfig(
+        config.session_id,
+        config.round,
+        config.peers,
+        config.threshold,
+        config.vector_length,
+        config.bits,
+        config.graph_kind,
+        config.degree,
+        attempt=1,
+    )
+    with pytest.raises(TranscriptError, match="invalid signature"):
+        verify_transcript(transcript, retry, identities(result.peers, 3)[1])
+
+
+def test_transcript_without_my_input_is_refused(
+    honest: tuple[SimulationResult, Transcript, RoundConfig],
+) -> None:
+    """The stealth two-view attack published a view in which the victim was a late dropout."""
+    result, transcript, config = honest
+    mine, *rest = transcript.masked_inputs
+    without = replace(transcript, masked_inputs=tuple(rest))
+    with pytest.raises(TranscriptError, match=r"my masked input .* is missing") as raised:
+        verify_transcript(without, config, identities(result.peers, 3)[1], own=mine)
+    assert raised.value.offender == AGGREGATOR_ID
+
+
+def test_transcript_with_another_survivor_set_than_i_signed_is_refused(
+    honest: tuple[SimulationResult, Transcript, RoundConfig],
+) -> None:
+    result, transcript, config = honest
+    signers, verifiers = identities(result.peers, 3)
+    me = transcript.masked_inputs[0].sender
+    other_set = tuple(sorted(m.sender for m in transcript.masked_inputs[1:]))
+    signed = ConsistencySignature(
+        me,
+        config.session_id,
+        config.round,
+        signers[me].sign(consistency_payload(config.digest, other_set)),
+    )
+    with pytest.raises(TranscriptError, match=r"not the one .* signed") as raised:
+        verify_transcript(transcript, config, verifiers, signed=signed)
+    assert raised.value.offender == AGGREGATOR_ID
+    mine = next(s for s in transcript.consistency if s.sender == me)
+    verify_transcript(transcript, config, verifiers, signed=mine)  # the honest one passes
+
+
+def test_fewer_consistency_signatures_than_the_quorum_are_refused() -> None:
+    """SecAgg+ (n = 10, k = 4, t = 3): t signatures are not enough, Q = 6 are needed."""
+    result, transcript, config = run(10, None, GraphKind.SECAGG_PLUS, 4)
+    assert config.threshold == 3
+    assert config.quorum == 6
+    kept = transcript.consistency[: config.quorum - 1]
+    signers = {s.sender for s in kept}
+    unmask = tuple(u for u in transcript.unmask if u.sender in signers)
+    reject(
+        replace(transcript, consistency=kept, unmask=unmask),
+        config,
+        result,
+        "only 5 consistency signatures over the survivor set, 6 needed",
+    )
+
+
+def test_survivor_with_too_few_surviving_mask_partners_is_refused(
+    honest: tuple[SimulationResult, Transcript, RoundConfig],
+) -> None:
+    """A survivor whose signed masked_with leaves fewer than t - 1 other survivors: honest
+    holders would not have revealed its self-mask share (the isolation attack)."""
+    result, transcript, config = honest
+    signers, _ = identities(result.peers, 3)
+    first, *rest = transcript.masked_inputs
+    few = first.masked_with[: config.threshold - 2]
+    lonely = replace(first, masked_with=few)
+    lonely = replace(
+        lonely, signature=signers[first.sender].sign(lonely.signed_payload(config.digest))
+    )
+    reject(
+        replace(transcript, masked_inputs=(lonely, *rest)),
+        config,
+        result,
+        f"masked with only {len(few)} other survivors",
+    )
+
+
+def test_non_canonical_copy_of_another_key_is_refused(
+    honest: tuple[SimulationResult, Transcript, RoundConfig],
+) -> None:
+    """Bit 255 set: the same X25519 key as another advert's with different bytes."""
+    result, transcript, config = honest
+    signers, _ = identities(result.peers, 3)
+    a, b, *rest = transcript.adverts
+    copy = bytearray(a.mask_public)
+    copy[31] |= 0x80
+    forged = replace(b, mask_public=bytes(copy))
+    forged = replace(forged, signature=signers[b.sender].sign(forged.signed_payload(config.digest)))
+    reject(replace(transcript, adverts=(a, forged, *rest)), config, result, "non-canonical")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-from secagg_testlib import FixedBytes, make_round
+from secagg_testlib import AGGREGATOR, FixedBytes, make_round
 
 from secagg import DeterministicRandom, KeyPair, RemoteProtocolError, SharesToYou
 from secagg.crypto import aead_decrypt, aead_encrypt, derive_channel_key, hkdf_sha256
@@ -215,7 +215,8 @@ def test_channel_keys_are_bound_to_session_and_round() -> None:
 
 
 def test_share_ciphertext_replayed_into_the_next_round_is_refused() -> None:
-    """End to end: round-0 ciphertexts relayed in round 1 do not decrypt; the recipient fails."""
+    """End to end: round-0 ciphertexts relayed in round 1 carry their senders' round-0
+    signatures, which do not verify under round 1's digest: the relay is blamed."""
     old = make_round(4, round_=0)
     old_shares = old.advance(2)
     new = make_round(4, round_=1)
@@ -225,8 +226,10 @@ def test_share_ciphertext_replayed_into_the_next_round_is_refused() -> None:
     stale = old_shares[victim]
     assert isinstance(honest, SharesToYou)
     assert isinstance(stale, SharesToYou)
-    replayed = SharesToYou(honest.session_id, honest.round, victim, stale.ciphertexts)
-    with pytest.raises(RemoteProtocolError, match="do not decrypt") as raised:
+    replayed = SharesToYou(
+        honest.session_id, honest.round, victim, stale.ciphertexts, stale.signatures
+    )
+    with pytest.raises(RemoteProtocolError, match="did not sign") as raised:
         new.participants[victim].receive(replayed)
-    assert raised.value.offender == stale.ciphertexts[0][0]
+    assert raised.value.offender == AGGREGATOR
     assert new.participants[victim].state == "failed"

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from soak_harness import Crasher, Network, consistency_problems, kill_schedule
 
-PEERS = 5
+PEERS = 6
 ROUNDS = 20
-THRESHOLD = 3
+THRESHOLD = 4  # > (6 + 1)/2 (the aggregator may collude); 2 peers may be down
 STAGE_SECONDS = 3.0
 SEED = int(os.environ.get("HOSPITAL_SOAK_SEED", "20240611"))
 

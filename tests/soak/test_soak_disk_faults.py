@@ -30,8 +30,8 @@ from peer.ledger import Ledger
 from peer.operator import OperatorClient
 from peer.wire import peer_pb2 as pb
 
-PEERS = 3
-THRESHOLD = 2
+PEERS = 4  # t = 3 of 4 keeps agreeing while one ledger is broken
+THRESHOLD = 3
 ROUNDS = 8
 STAGE_SECONDS = 3.0
 FAULT_AFTER = 2  # rounds the victim has agreed before its disk fails
@@ -344,7 +344,7 @@ def test_refusal_comes_before_either_role(
     ids = ["hospital-a", "hospital-b", "hospital-c"]
     kit = LocalKit.create(tmp_path / "kit", ids, stage_seconds=STAGE_SECONDS)
     proposal = SessionProposal(
-        SESSION, tuple(ids), rounds=2, threshold=2, payload={"kind": "vector", "length": 8}
+        SESSION, tuple(ids), rounds=2, threshold=3, payload={"kind": "vector", "length": 8}
     )
     beacon = bytes(32)  # any: this test runs one round by hand, without the commit-reveal
     me = aggregator_for(proposal, 1, 0, beacon)

@@ -17,7 +17,7 @@ import pytest
 from soak_harness import Network, consistency_problems
 
 PEERS = 5
-THRESHOLD = 3
+THRESHOLD = 4  # > (5 + 1)/2: the aggregator may collude; the 4 others still agree
 ROUNDS = 3
 STAGE_SECONDS = 3.0
 HOOK = Path(__file__).resolve().parent / "partial_agreement"

@@ -86,3 +86,31 @@ def test_garbage_bytes_give_a_codec_error_not_a_crash() -> None:
     )
     with pytest.raises(CodecError, match="malformed UnmaskShares"):
         decode("UnmaskShares", bad_share.SerializeToString())
+
+
+def test_signed_shares_and_unmask_headers_round_trip() -> None:
+    """Issue 9's new fields: each share ciphertext's signature (ShareKeys, SharesToYou) and
+    the survivors' masked-input headers (UnmaskRequest) survive the wire format."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "secagg"))
+    from secagg_testlib import make_round  # type: ignore[import-not-found, unused-ignore]
+
+    from secagg import ShareKeys, SharesToYou, UnmaskRequest
+
+    r = make_round(4, length=3)
+    outgoing = r.collect(r.start())
+    replies = r.respond(outgoing)
+    share_keys = list(replies.values())
+    outgoing = r.collect(replies)
+    shares_to_you = list(outgoing.values())
+    outgoing = r.collect(r.respond(outgoing))
+    outgoing = r.collect(r.respond(outgoing))
+    requests = list(outgoing.values())
+    assert all(isinstance(m, ShareKeys) and m.signatures for m in share_keys)
+    assert all(isinstance(m, SharesToYou) and m.signatures for m in shares_to_you)
+    assert all(isinstance(m, UnmaskRequest) and m.masked for m in requests)
+    for message in (*share_keys, *shares_to_you, *requests):
+        kind, data = encode(message)
+        assert decode(kind, data) == message
