@@ -28,8 +28,8 @@ import cryptography
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
+from peer.cli import EXIT_FAILED, EXIT_OK, ArgumentParser, run_guarded
 from scripts import bench_transport
-from scripts._cli import EXIT_FAILED, EXIT_OK, ArgumentParser, run_guarded
 from secagg import ConfigError, DeterministicRandom, GraphKind, KeyPair, RoundConfig, Stage
 from secagg.graph import recommend_parameters
 from secagg.masking import mask_input

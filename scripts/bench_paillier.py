@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from scripts._cli import EXIT_FAILED, EXIT_OK, ArgumentParser, UsageError, run_guarded
+from peer.cli import EXIT_FAILED, EXIT_OK, ArgumentParser, UsageError, run_guarded
 from secagg import ConfigError
 from secagg.paillier import DEFAULT_KEY_BITS, OpenSSLPrimes, simulate_paillier
 from secagg.simulate import simulate

@@ -55,12 +55,12 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from peer.cli import EXIT_FAILED, EXIT_OK, UsageError
 from peer.kit import LocalKit, write_peer_config
 from peer.ledger import Checkpoint, Ledger, RoundAttempt, RoundStatus
 from peer.operator import OperatorClient
 from peer.session import SessionProposal
 from peer.wire import peer_pb2 as pb
-from scripts._cli import EXIT_FAILED, EXIT_OK, UsageError
 
 __all__ = [
     "DEFAULT_OUTPUT",

@@ -34,6 +34,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from peer.cli import EXIT_FAILED, EXIT_OK, UsageError
 from peer.identity import (
     IdentityError,
     Role,
@@ -55,7 +56,6 @@ from peer.identity import (
     validate_address,
 )
 from peer.identity._x509 import read_identity
-from scripts._cli import EXIT_FAILED, EXIT_OK, UsageError
 
 __all__ = ["add_parsers", "csr_fingerprint", "user_errors"]
 
