@@ -28,7 +28,7 @@ import cryptography
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from peer.cli import EXIT_FAILED, EXIT_OK, ArgumentParser, run_guarded
+from peer.cli import EXIT_OK, ArgumentParser, run_command
 from scripts import bench_transport
 from secagg import ConfigError, DeterministicRandom, GraphKind, KeyPair, RoundConfig, Stage
 from secagg.graph import recommend_parameters
@@ -550,20 +550,18 @@ def build_parser() -> argparse.ArgumentParser:
     for name, benchmark in BENCHMARKS.items():
         sub = subparsers.add_parser(name, help=benchmark.help, description=benchmark.help)
         benchmark.add_arguments(sub)
-        sub.set_defaults(run=benchmark.run)
+        sub.set_defaults(handler=benchmark.run)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``bench`` with ``argv`` (default: the process arguments); return the exit code."""
     arguments = list(sys.argv[1:] if argv is None else argv)
-    try:
-        args = build_parser().parse_args(arguments)
-    except SystemExit as exit_:
-        return exit_.code if isinstance(exit_.code, int) else EXIT_FAILED
-    args.argv = arguments
-    run: Callable[[argparse.Namespace], int] = args.run
-    return run_guarded(f"{PROG} {args.benchmark}", lambda: run(args), expected=(ConfigError,))
+    parser = build_parser()
+    parser.set_defaults(argv=arguments)  # recorded with the results
+    return run_command(
+        parser, arguments, prog=lambda args: f"{PROG} {args.benchmark}", expected=(ConfigError,)
+    )
 
 
 if __name__ == "__main__":

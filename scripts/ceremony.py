@@ -41,7 +41,7 @@ from peer.cli import (
     EXIT_OK,
     ArgumentParser,
     UsageError,
-    run_guarded,
+    run_command,
 )
 from peer.operator import OperatorError
 from scripts import (
@@ -415,14 +415,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``ceremony`` with ``argv`` (default: the process arguments); return the exit code."""
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exit_:
-        return exit_.code if isinstance(exit_.code, int) else EXIT_FAILED
-    handler = args.handler
-    prog = f"{PROG} {args.command}"
-    return run_guarded(prog, lambda: int(handler(args)), expected=(ConfigError, OperatorError))
+    return run_command(
+        build_parser(),
+        argv,
+        prog=lambda args: f"{PROG} {args.command}",
+        expected=(ConfigError, OperatorError),
+    )
 
 
 if __name__ == "__main__":

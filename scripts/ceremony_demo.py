@@ -38,7 +38,7 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, TYPE_CHECKING, Any
 
-from peer.cli import EXIT_FAILED, EXIT_OK, UsageError
+from peer.cli import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, UsageError
 from peer.operator import (
     OperatorClient,
     ProposalRefused,
@@ -47,7 +47,7 @@ from peer.operator import (
     drive_session,
     propose_and_start,
 )
-from scripts.ceremony_run import EXIT_INTERRUPTED, ProgressView, print_rounds
+from scripts.ceremony_run import ProgressView, print_rounds
 
 if TYPE_CHECKING:
     from peer.kit import LocalKit

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from peer.cli import EXIT_FAILED, EXIT_OK, UsageError, one_line
+from peer.cli import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, UsageError, one_line, user_errors
 from peer.operator import (
     STAGES,
     OperatorClient,
@@ -38,17 +38,13 @@ from peer.operator import (
 from peer.operator.federation import __doc__ as federation_doc
 from peer.session import SessionProposal
 from peer.wire import peer_pb2 as pb
-from scripts.ceremony_identity import user_errors
 
 __all__ = [
-    "EXIT_INTERRUPTED",
     "ProgressView",
     "add_parsers",
     "print_rounds",
     "propose_and_follow",
 ]
-
-EXIT_INTERRUPTED = 130  # the shell's convention for "stopped by Ctrl-C"
 
 
 # --------------------------------------------------------------------------- results

@@ -42,7 +42,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from peer.cli import EXIT_FAILED, EXIT_OK, UsageError
+from peer.cli import EXIT_FAILED, EXIT_OK, UsageError, user_errors
 from peer.operator import (
     FederationFile,
     SessionOutcome,
@@ -52,7 +52,6 @@ from peer.operator import (
     load_federation,
     operator_client,
 )
-from scripts.ceremony_identity import user_errors
 from scripts.ceremony_run import propose_and_follow
 
 if TYPE_CHECKING:
