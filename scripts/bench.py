@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -24,19 +22,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-import cryptography
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from peer.cli import EXIT_OK, ArgumentParser, run_command
 from scripts import bench_transport
+from scripts.bench_machine import machine_info
 from secagg import ConfigError, DeterministicRandom, GraphKind, KeyPair, RoundConfig, Stage
 from secagg.graph import recommend_parameters
 from secagg.masking import mask_input
 from secagg.prg import MaskExpander
 from secagg.simulate import Progress, SimulationResult, peer_ids, simulate
 
-__all__ = ["BENCHMARKS", "Benchmark", "build_parser", "machine_info", "main"]
+__all__ = ["BENCHMARKS", "Benchmark", "build_parser", "main"]
 
 PROG = "bench"
 DEFAULT_OUTPUT_DIR = Path("bench-results")
@@ -86,36 +84,6 @@ QUICK = _Sizes(5, 20_000, 2, (8, 12), 2_000, (0.0, 0.3), (6, 8, 12), 12, 4, plus
 
 
 # --------------------------------------------------------------------------- machine
-
-
-def machine_info() -> dict[str, Any]:
-    """What the figures were measured on."""
-    cpu = "unknown"
-    flags: set[str] = set()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-            for line in cpuinfo:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name" and cpu == "unknown":
-                    cpu = value.strip()
-                elif key.strip() == "flags" and not flags:
-                    flags = set(value.split())
-    except OSError:
-        pass
-    try:
-        load: list[float] | None = list(os.getloadavg())
-    except OSError:
-        load = None
-    return {
-        "nproc": os.cpu_count(),
-        "cpu": cpu,
-        "aes_ni": "aes" in flags,
-        "vaes": "vaes" in flags,
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "cryptography": cryptography.__version__,
-        "load_average_at_start": load,
-    }
 
 
 # --------------------------------------------------------------------------- secagg parts
@@ -531,7 +499,7 @@ BENCHMARKS: dict[str, Benchmark] = {
         _run_secagg,
     ),
     "transport": Benchmark(
-        "whole rounds over gRPC + mTLS with real peer processes: secure vs cleartext",
+        bench_transport.BENCH_HELP,
         bench_transport.add_arguments,
         bench_transport.run,
     ),
