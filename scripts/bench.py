@@ -26,13 +26,14 @@ import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from peer.cli import EXIT_OK, ArgumentParser, run_command
-from scripts import bench_transport
-from scripts.bench_machine import machine_info
 from secagg import ConfigError, DeterministicRandom, GraphKind, KeyPair, RoundConfig, Stage
 from secagg.graph import recommend_parameters
 from secagg.masking import mask_input
 from secagg.prg import MaskExpander
 from secagg.simulate import Progress, SimulationResult, peer_ids, simulate
+
+from . import bench_transport
+from .bench_machine import machine_info
 
 __all__ = ["BENCHMARKS", "Benchmark", "build_parser", "main"]
 
@@ -503,8 +504,8 @@ BENCHMARKS: dict[str, Benchmark] = {
         bench_transport.add_arguments,
         bench_transport.run,
     ),
-    "training": _delegated("scripts.bench_training"),
-    "paillier": _delegated("scripts.bench_paillier"),
+    "training": _delegated(f"{__package__}.bench_training"),
+    "paillier": _delegated(f"{__package__}.bench_paillier"),
 }
 
 

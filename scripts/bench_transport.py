@@ -61,8 +61,9 @@ from peer.ledger import Checkpoint, Ledger, RoundAttempt, RoundStatus
 from peer.operator import OperatorClient
 from peer.session import SessionProposal
 from peer.wire import peer_pb2 as pb
-from scripts.bench_machine import machine_info
 from secagg import ConfigError
+
+from .bench_machine import machine_info
 
 __all__ = [
     "DEFAULT_OUTPUT",

@@ -44,7 +44,11 @@ from peer.cli import (
     run_command,
 )
 from peer.operator import OperatorError
-from scripts import (
+from secagg import ConfigError, GraphKind, Stage, recommend_parameters
+from secagg.graph import minimum_threshold
+from secagg.simulate import Attack, Progress, SimulationResult, simulate, too_many_drops
+
+from . import (
     ceremony_data,
     ceremony_demo,
     ceremony_identity,
@@ -53,9 +57,6 @@ from scripts import (
     ceremony_run,
     ceremony_stats,
 )
-from secagg import ConfigError, GraphKind, Stage, recommend_parameters
-from secagg.graph import minimum_threshold
-from secagg.simulate import Attack, Progress, SimulationResult, simulate, too_many_drops
 
 __all__ = ["build_parser", "main"]
 
@@ -389,7 +390,7 @@ def _add_bench(subparsers: Any) -> None:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from scripts import bench  # only the bench command pays for importing it
+    from . import bench  # only the bench command pays for importing it
 
     return bench.main(args.bench_args)
 

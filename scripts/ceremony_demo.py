@@ -47,7 +47,8 @@ from peer.operator import (
     drive_session,
     propose_and_start,
 )
-from scripts.ceremony_run import ProgressView, print_rounds
+
+from .ceremony_run import ProgressView, print_rounds
 
 if TYPE_CHECKING:
     from peer.kit import LocalKit

@@ -52,7 +52,8 @@ from peer.operator import (
     load_federation,
     operator_client,
 )
-from scripts.ceremony_run import propose_and_follow
+
+from .ceremony_run import propose_and_follow
 
 if TYPE_CHECKING:
     from peer.identity import Roster
