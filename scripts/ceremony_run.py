@@ -23,6 +23,7 @@ from typing import Any, TextIO
 from peer.cli import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, UsageError, one_line, user_errors
 from peer.operator import (
     STAGES,
+    FederationFile,
     OperatorClient,
     ProposalRefused,
     RoundRow,
@@ -42,6 +43,7 @@ from peer.wire import peer_pb2 as pb
 __all__ = [
     "ProgressView",
     "add_parsers",
+    "connect",
     "print_rounds",
     "propose_and_follow",
 ]
@@ -263,7 +265,7 @@ def propose_and_follow(
     proposal: SessionProposal,
     *,
     attach: bool,
-    timeout: float,
+    timeout: float | None,
     quiet: bool,
     json_output: bool,
     what: str,
@@ -272,7 +274,16 @@ def propose_and_follow(
 ) -> SessionOutcome | int:
     """Propose and start ``proposal`` (or reattach to it), then follow it with a progress
     view. Returns the outcome, or the exit code when peers refused or the user pressed
-    Ctrl-C (the peers carry on: ``again`` says how to come back)."""
+    Ctrl-C (the peers carry on: ``again`` says how to come back).
+
+    Raises:
+        UsageError: ``timeout`` (``--timeout``; None for :func:`default_timeout`) is not
+            positive.
+    """
+    if timeout is None:
+        timeout = default_timeout(proposal)
+    if timeout <= 0:
+        raise UsageError(f"--timeout must be positive, not {timeout}")
     sid = proposal.session_id
     view = ProgressView(
         None if quiet else sys.stderr,
@@ -312,21 +323,23 @@ def propose_and_follow(
         return EXIT_INTERRUPTED
 
 
+def connect(federation: FederationFile) -> OperatorClient:
+    """:func:`peer.operator.operator_client`, its unreadable files reported as usage errors."""
+    with user_errors():
+        return operator_client(federation)
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     federation = load_federation(args.federation)
-    with user_errors():
-        client = operator_client(federation)
+    client = connect(federation)
     proposal = build_proposal(federation, client.roster, session_id=args.attach)
-    timeout = args.timeout if args.timeout is not None else default_timeout(proposal)
-    if timeout <= 0:
-        raise UsageError(f"--timeout must be positive, not {timeout}")
     sid = proposal.session_id
     reattach = f"ceremony run --attach {sid} --federation {args.federation}"
     outcome = propose_and_follow(
         client,
         proposal,
         attach=bool(args.attach),
-        timeout=timeout,
+        timeout=args.timeout,
         quiet=args.quiet,
         json_output=args.json,
         what="session",

@@ -42,18 +42,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from peer.cli import EXIT_FAILED, EXIT_OK, UsageError, user_errors
+from peer.cli import EXIT_FAILED, EXIT_OK, UsageError
 from peer.operator import (
     FederationFile,
     SessionOutcome,
     build_proposal,
     default_session_id,
-    default_timeout,
     load_federation,
-    operator_client,
 )
 
-from .ceremony_run import propose_and_follow
+from .ceremony_run import connect, propose_and_follow
 
 if TYPE_CHECKING:
     from peer.identity import Roster
@@ -380,22 +378,18 @@ def _cmd_stats(args: argparse.Namespace) -> int:
             split=args.split,
         )
     federation = load_federation(args.federation, payload_required=False)
-    with user_errors():
-        client = operator_client(federation)
+    client = connect(federation)
     sid = (
         args.attach
         or args.session_id
         or default_session_id(datetime.now(UTC)).replace("session-", "stats-", 1)
     )
     proposal = statistics_proposal(federation, client.roster, spec, sid)
-    timeout = args.timeout if args.timeout is not None else default_timeout(proposal)
-    if timeout <= 0:
-        raise UsageError(f"--timeout must be positive, not {timeout}")
     outcome = propose_and_follow(
         client,
         proposal,
         attach=bool(args.attach),
-        timeout=timeout,
+        timeout=args.timeout,
         quiet=args.quiet,
         json_output=args.json,
         what="statistics session",
