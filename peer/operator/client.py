@@ -11,6 +11,7 @@ import asyncio
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 import grpc
 
@@ -63,7 +64,7 @@ class OperatorClient:
     timeout: float = 60.0
 
     @classmethod
-    def from_files(cls, me: str, cert: Path, key: Path, ca: Path, roster: Path) -> OperatorClient:
+    def from_files(cls, me: str, cert: Path, key: Path, ca: Path, roster: Path) -> Self:
         return cls(
             me,
             load_roster(roster, load_certificate(ca)),

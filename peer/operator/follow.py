@@ -104,21 +104,16 @@ class RoundRow:
 
 
 def round_row(proto: pb.AgreedRecord, participants: Sequence[str], roster: Roster) -> RoundRow:
-    # Imported here: the round driver is heavy, and only this needs its wire form.
-    from ..rounds import record_from_proto
+    """One record as a row; only the signatures that verify under the roster are counted."""
+    # Imported here: the round driver is heavy, and only this needs its wire form and check.
+    from ..rounds import record_from_proto, valid_signatures
 
     record, signatures = record_from_proto(proto)
     metrics = dict(record.metrics)
     listed = metrics.pop("survivors", None)
     survivors = tuple(str(p) for p in (listed if isinstance(listed, list) else participants))
     aggregator = str(metrics.pop("aggregator", ""))
-    verifiers = roster.verifiers()
-    payload = record.payload()
-    valid = sum(
-        1
-        for peer, signature in signatures.items()
-        if peer in verifiers and verifiers[peer].verify(signature, payload)
-    )
+    valid, _ = valid_signatures(record, signatures, roster.verifiers())
     return RoundRow(
         round=record.round,
         aggregator=aggregator,
@@ -127,7 +122,7 @@ def round_row(proto: pb.AgreedRecord, participants: Sequence[str], roster: Roste
         dropped=tuple(sorted(set(participants) - set(survivors))),
         metrics=metrics,
         epsilon={str(k): float(v) for k, v in record.epsilon.items()},
-        signatures=valid,
+        signatures=len(valid),
         record_hash=record.record_hash().hex(),
     )
 
