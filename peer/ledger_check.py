@@ -27,7 +27,9 @@ _SQLITE = "sqlite:///"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Declare ``verify-ledger``'s arguments on ``parser`` and make :func:`command` its
     handler."""
-    parser.add_argument("--config", type=Path, required=True, metavar="PEER.toml")
+    parser.add_argument(
+        "--config", type=Path, required=True, metavar="PEER.toml", help="the peer's configuration"
+    )
     parser.add_argument(
         "--min-signatures",
         type=int,
