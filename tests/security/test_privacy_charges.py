@@ -139,7 +139,7 @@ class Consortium:
             SESSION,
             participants=PEERS,
             rounds=1,
-            threshold=2,
+            threshold=3,  # every one of the 3: the safe threshold (SECURITY.md)
             payload={"kind": "vector", "length": LENGTH},
             stage_seconds=5.0,
             prepare_seconds=1.0,
@@ -157,7 +157,7 @@ class Consortium:
                 self.proposal.document(),
                 proposer="op",
                 participants=PEERS,
-                threshold=2,
+                threshold=3,
                 rounds_planned=1,
             )
             ledger.decide_session(SESSION, accept=True)
