@@ -7,14 +7,12 @@ bytes): refusing with an error is not enough if something was written first.
 from __future__ import annotations
 
 import hashlib
+import importlib
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
-
-# The network tests' throwaway PostgreSQL server (skips where none can be started).
-from network.test_postgres import postgres_url  # noqa: F401
 from sqlalchemy import create_engine, func, select, text
 
 from peer.data import (
@@ -32,6 +30,10 @@ from peer.data.omop import OMOP_COHORT_FEATURES, OMOP_COHORT_QUERY, omop_metadat
 from peer.data.omop import write_synthetic_omop as write_omop
 
 N_PERSONS = 120
+
+# The network tests' throwaway PostgreSQL server (skips where none can be started). Imported
+# by name at run time: mypy knows that file only as the top-level module ``test_postgres``.
+postgres_url = importlib.import_module("network.test_postgres").postgres_url
 
 
 @pytest.fixture
@@ -281,7 +283,7 @@ def test_a_missing_sqlite_file_is_not_created(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def omop_postgres(postgres_url: str) -> str:  # noqa: F811
+def omop_postgres(postgres_url: str) -> str:
     import psycopg
 
     server = postgres_url.replace("postgresql+psycopg://", "postgresql://")

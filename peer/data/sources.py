@@ -91,6 +91,8 @@ def read_data_file(path: Path) -> DataFile:
     """
     try:
         document = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SourceConfigError(f"{path}: no such configuration file") from None
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
         raise SourceConfigError(f"{path}: cannot read: {error}") from None
     table = document.get("data")
@@ -152,12 +154,14 @@ def data_source(table: dict[str, Any] | None, base: Path, store_url: str) -> Dat
             keys.done()
             return SQLSource(sql)
         if kind == "images":
+            folder = (base / keys.get("folder", str)).resolve()
+            labels = (base / keys.get("labels", str)).resolve()
             size = _strings(keys.get("image_size", list), f"{where} image_size", kind=int)
             if len(size) != 2:
                 raise SourceConfigError(f"{where}: 'image_size' must be [height, width]")
             images = ImageSourceConfig(
-                folder=(base / keys.get("folder", str)).resolve(),
-                labels_csv=(base / keys.get("labels", str)).resolve(),
+                folder=folder,
+                labels_csv=labels,
                 image_size=(size[0], size[1]),
                 channels=keys.get("channels", int, 1),
                 normalization=keys.get("normalization", str, "max_value"),
