@@ -202,6 +202,20 @@ def test_a_folder_with_no_usable_image_is_an_error(tmp_path: Path) -> None:
         ImageFolderSource(config).describe()
 
 
+def test_a_header_claiming_a_huge_image_is_skipped_before_decoding(tmp_path: Path) -> None:
+    config, _ = dicom_folder(tmp_path)
+    bomb = config.folder / "patient_00.dcm"
+    write_dicom(bomb, np.zeros((4, 4), dtype=np.uint16))
+    ds = pydicom.dcmread(bomb)
+    ds.Rows, ds.Columns = 60000, 60000  # 7.2 GB of pixels claimed, 32 bytes present
+    ds.save_as(bomb, enforce_file_format=True)
+    notes = ImageFolderSource(config).describe().notes
+    assert any(
+        n.startswith("file 'patient_00.dcm' skipped") and "3600000000 pixel values declared" in n
+        for n in notes
+    )
+
+
 def test_pydicom_reads_what_the_test_wrote(tmp_path: Path) -> None:
     """The fixture files are real DICOM (preamble, file meta), not something only our
     reader accepts."""

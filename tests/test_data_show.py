@@ -176,6 +176,7 @@ def test_show_the_patient_store_through_a_data_table(
         ('source = "ftp"', "'source' must be store, sql or images"),
         ('source = "images"\nfolder = "x"', "missing required key 'labels'"),
         ('source = "store"\nurl = "sqlite:///x.db"', "unknown key(s) url"),
+        ('source = "store"\nsplit = { test_fraction = 0.5 }', "unknown key(s) split"),
         (
             'source = "images"\nfolder = "x"\nlabels = "x.csv"\nimage_size = [8, 8]\nchannels = 2',
             "channels must be 1 or 3",

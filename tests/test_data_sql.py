@@ -266,6 +266,7 @@ def test_urls_whose_read_only_cannot_be_enforced_are_refused(tmp_path: Path) -> 
     for url, reason in [
         ("mysql+pymysql://reader@db/omop", "cannot be enforced for 'mysql'"),
         ("sqlite://", "plain sqlite:///path"),
+        ("postgresql+pg8000://reader@db/omop", "driver 'pg8000' is not supported"),
         (f"sqlite:///file:{tmp_path}/x.db?mode=rw&uri=true", "plain sqlite:///path"),
     ]:
         with pytest.raises(ReadOnlyError, match=reason):

@@ -53,6 +53,8 @@ _EXTENSIONS: dict[str, ImageFormat] = {
     ".jpeg": "jpeg",
 }
 _MAX_ISSUES = 20
+# Largest image (pixel values over all frames and samples) a file may declare: 8192x8192.
+_MAX_PIXELS = 8192 * 8192
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,11 +130,20 @@ def _dicom_pixels(path: str, channels: int, normalization: Normalization) -> npt
 
     try:
         dataset = pydicom.dcmread(path)
+        samples = int(getattr(dataset, "SamplesPerPixel", 1))
+        frames = int(getattr(dataset, "NumberOfFrames", 1) or 1)
+        declared = int(dataset.Rows) * int(dataset.Columns) * samples * frames
+        if declared > _MAX_PIXELS:
+            # Checked before decoding: a header may claim any size.
+            raise ValueError(f"{declared} pixel values declared, more than {_MAX_PIXELS}")
         pixels = np.asarray(dataset.pixel_array)
-    except (InvalidDicomError, AttributeError, KeyError, ValueError, TypeError, OSError) as err:
+    except InvalidDicomError as err:
+        raise ValueError(f"not a readable DICOM image ({err})") from None
+    except Exception as err:
+        # A corrupt or unsupported file can fail anywhere inside pydicom (struct, EOF,
+        # missing tags, a compressed transfer syntax without its decoder...): whatever the
+        # reason, the file is unusable and is reported by name rather than stopping the scan.
         raise ValueError(f"not a readable DICOM image ({type(err).__name__}: {err})") from None
-    samples = int(getattr(dataset, "SamplesPerPixel", 1))
-    frames = int(getattr(dataset, "NumberOfFrames", 1) or 1)
     if frames != 1 or pixels.ndim != (3 if samples > 1 else 2):
         raise ValueError(f"{frames} frame(s) of shape {pixels.shape}: one 2-D image expected")
     image = pixels.astype(np.float64)

@@ -137,6 +137,8 @@ def data_source(table: dict[str, Any] | None, base: Path, store_url: str) -> Dat
     split_keys.done()
     try:
         if kind == "store":
+            # The store keeps its own split and binary labels: no classes or split keys.
+            keys.read -= {"classes", "split"}
             keys.done()
             return PatientStore(store_url)
         if kind == "sql":

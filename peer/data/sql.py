@@ -242,6 +242,19 @@ def read_only_engine(url: str) -> Engine:
 
         return engine
     if backend == "postgresql":
+        # libpq's "options" start every session read-only; only the libpq-based drivers
+        # take them (and the per-transaction SET/SHOW below checks it in any case).
+        if parsed.get_driver_name() not in ("psycopg", "psycopg2"):
+            raise ReadOnlyError(
+                shown,
+                [
+                    SourceIssue(
+                        None,
+                        f"PostgreSQL driver {parsed.get_driver_name()!r} is not supported "
+                        "here: use postgresql+psycopg:// (or psycopg2)",
+                    )
+                ],
+            )
         return create_engine(
             parsed, connect_args={"options": "-c default_transaction_read_only=on"}
         )
