@@ -186,6 +186,21 @@ def test_labels_file_problems_are_named_and_nothing_is_used(tmp_path: Path) -> N
     assert problems[2] == "labels file line 17: split 'val' is not train/test"
 
 
+def test_absolute_paths_and_symlinks_out_of_the_folder_are_refused(tmp_path: Path) -> None:
+    config, _ = dicom_folder(tmp_path)
+    secret = tmp_path / "elsewhere.dcm"
+    write_dicom(secret, np.zeros((4, 4), dtype=np.uint16))
+    (config.folder / "link.dcm").symlink_to(secret)
+    config.labels_csv.write_text(
+        f"file,label,split\n{secret},lesion,train\nlink.dcm,lesion,train\n", encoding="utf-8"
+    )
+    with pytest.raises(SourceError) as caught:
+        ImageFolderSource(config).describe()
+    problems = [str(issue) for issue in caught.value.issues]
+    assert problems[0].startswith(f"labels file line 2: file '{secret}' is not inside")
+    assert problems[1].startswith("labels file line 3: file 'link.dcm' is not inside")
+
+
 def test_a_labels_file_without_the_declared_columns(tmp_path: Path) -> None:
     config, _ = dicom_folder(tmp_path)
     with pytest.raises(SourceError, match="has no column 'diagnosis'"):
