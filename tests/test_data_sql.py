@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from sqlalchemy import create_engine, func, select, text
 
 from peer.data import (
@@ -250,6 +252,19 @@ def test_keywords_inside_literals_and_comments_are_not_statements() -> None:
         check_select_only("SELECT 'open")
 
 
+@given(st.text(alphabet=st.characters(exclude_categories=["Cs"]), max_size=40))
+def test_any_literal_is_skipped_and_a_statement_after_it_is_seen(content: str) -> None:
+    """Whatever a literal or comment holds, the scanner skips exactly it: the query passes
+    alone and is refused with a second statement after it."""
+    standard = "'" + content.replace("'", "''") + "'"
+    escaped = "E'" + content.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    comment = "/*" + content.replace("*/", "") + "*/"
+    for piece in (standard, escaped, comment):
+        check_select_only(f"SELECT {piece} AS x")
+        with pytest.raises(ReadOnlyError, match="more than one statement"):
+            check_select_only(f"SELECT {piece} AS x; DELETE FROM person")
+
+
 def test_the_connection_itself_is_read_only_even_without_the_text_check(
     omop_sqlite: str,
 ) -> None:
@@ -267,6 +282,7 @@ def test_urls_whose_read_only_cannot_be_enforced_are_refused(tmp_path: Path) -> 
         ("mysql+pymysql://reader@db/omop", "cannot be enforced for 'mysql'"),
         ("sqlite://", "plain sqlite:///path"),
         ("postgresql+pg8000://reader@db/omop", "driver 'pg8000' is not supported"),
+        ("postgresql+psycopg2://reader@db/omop", "driver 'psycopg2' is not supported"),
         (f"sqlite:///file:{tmp_path}/x.db?mode=rw&uri=true", "plain sqlite:///path"),
     ]:
         with pytest.raises(ReadOnlyError, match=reason):
@@ -325,6 +341,38 @@ def test_a_select_calling_a_writing_function_is_rolled_back_on_postgresql(
     flip = "SELECT person_id, set_config('transaction_read_only', 'off', true) AS age FROM person"
     with pytest.raises(SourceError, match="the query failed"):
         SQLSource(cohort(omop_postgres, query=flip, feature_columns=("age",))).describe()
+    assert fingerprint(omop_postgres) == before
+
+
+# PostgreSQL's E'...' strings escape a quote with a backslash: a scanner that ignored it would
+# end the literal early, take the next quote as opening one, and so not see the statements
+# after it. Here they would commit the read-only transaction, open a read-write one and
+# delete every measurement (PostgreSQL runs all of them if it receives them in one simple
+# query message, read-only session or not: checked by hand with psycopg's default protocol).
+SMUGGLED = (
+    "SELECT E'\\'' AS age, 1 AS person_id, 0 AS ckd; COMMIT; BEGIN READ WRITE; "
+    "DELETE FROM measurement; COMMIT; SELECT '--'"
+)
+
+
+def test_a_statement_smuggled_past_an_escaped_quote_is_refused() -> None:
+    with pytest.raises(ReadOnlyError, match="more than one statement"):
+        check_select_only(SMUGGLED)
+    # Likewise a$b$ is an identifier in PostgreSQL, not the start of a $b$ quote.
+    with pytest.raises(ReadOnlyError, match="more than one statement"):
+        check_select_only("SELECT 1 AS a$b$; DELETE FROM measurement; SELECT 1 AS c$b$")
+
+
+def test_a_smuggled_statement_is_refused_by_postgresql_itself(
+    omop_postgres: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Layer 2 alone: with the text check switched off, the server still runs only one
+    statement (the extended query protocol), so nothing is committed or deleted."""
+    before = fingerprint(omop_postgres)
+    monkeypatch.setattr("peer.data.sql.check_select_only", lambda query: None)
+    source = SQLSource(cohort(omop_postgres, query=SMUGGLED, feature_columns=("age",)))
+    with pytest.raises(SourceError, match="the query failed"):
+        source.describe()
     assert fingerprint(omop_postgres) == before
 
 

@@ -34,7 +34,7 @@ from urllib.parse import quote
 
 import numpy as np
 import numpy.typing as npt
-from sqlalchemy import Connection, Engine, create_engine, event, make_url, text
+from sqlalchemy import Connection, Engine, create_engine, event, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from .errors import ReadOnlyError, SourceError, SourceIssue
@@ -156,6 +156,15 @@ def _code_of(query: str) -> str:
                 raise ReadOnlyError("query", [SourceIssue(None, "unterminated /* comment")])
             i = end + 2
             out.append(" ")
+        elif c == "'" and _escape_string_prefix(query, i):
+            # PostgreSQL's E'...': a backslash escapes the next character (a quote too).
+            end = i + 1
+            while end < n and query[end] != "'":
+                end += 2 if query[end] == "\\" else 1
+            if end >= n:
+                raise ReadOnlyError("query", [SourceIssue(None, "unterminated E' quote")])
+            i = end + 1
+            out.append(" x ")
         elif c in "'\"`":
             # A doubled quote inside is an escaped quote: scanning to the next quote and
             # continuing handles it (the pair is two adjacent literals, both blanked).
@@ -164,7 +173,11 @@ def _code_of(query: str) -> str:
                 raise ReadOnlyError("query", [SourceIssue(None, f"unterminated {c} quote")])
             i = end + 1
             out.append(" x ")
-        elif c == "$" and (match := _DOLLAR_QUOTE.match(query, i)) is not None:
+        elif (
+            c == "$"
+            and not _ends_identifier(query, i)  # a$b$ is an identifier, not a quote
+            and (match := _DOLLAR_QUOTE.match(query, i)) is not None
+        ):
             tag = match.group(0)
             end = query.find(tag, match.end())
             if end < 0:
@@ -175,6 +188,17 @@ def _code_of(query: str) -> str:
             out.append(c)
             i += 1
     return "".join(out)
+
+
+def _ends_identifier(query: str, i: int) -> bool:
+    """Whether the character before ``i`` belongs to an identifier or keyword (PostgreSQL's
+    identifiers may contain ``$`` after their first character)."""
+    return i > 0 and (query[i - 1].isalnum() or query[i - 1] in "_$")
+
+
+def _escape_string_prefix(query: str, i: int) -> bool:
+    """Whether the quote at ``i`` opens an escape string: ``E'`` not ending an identifier."""
+    return i > 0 and query[i - 1] in "eE" and not _ends_identifier(query, i - 1)
 
 
 def check_select_only(query: str) -> None:
@@ -242,22 +266,24 @@ def read_only_engine(url: str) -> Engine:
 
         return engine
     if backend == "postgresql":
-        # libpq's "options" start every session read-only; only the libpq-based drivers
-        # take them (and the per-transaction SET/SHOW below checks it in any case).
-        if parsed.get_driver_name() not in ("psycopg", "psycopg2"):
+        # libpq's "options" start every session read-only, and psycopg (3) can run the query
+        # through the extended protocol, where the server itself refuses a second statement
+        # (see SQLSource._fetch); psycopg2 always interpolates client-side.
+        if parsed.get_driver_name() != "psycopg":
             raise ReadOnlyError(
                 shown,
                 [
                     SourceIssue(
                         None,
                         f"PostgreSQL driver {parsed.get_driver_name()!r} is not supported "
-                        "here: use postgresql+psycopg:// (or psycopg2)",
+                        "here: use postgresql+psycopg://",
                     )
                 ],
             )
-        return create_engine(
-            parsed, connect_args={"options": "-c default_transaction_read_only=on"}
-        )
+        # standard_conforming_strings: a backslash in '...' is a character, as the text
+        # check assumes (only E'...' strings take backslash escapes).
+        options = "-c default_transaction_read_only=on -c standard_conforming_strings=on"
+        return create_engine(parsed, connect_args={"options": options})
     raise ReadOnlyError(
         shown,
         [
@@ -544,35 +570,51 @@ class SQLSource:
         check_select_only(self.config.query)
         engine = read_only_engine(self.config.url)
         where = self.location
+        driver_error = engine.dialect.loaded_dbapi.Error
         try:
             with engine.connect() as connection:
                 try:
                     _begin_read_only(connection, where)
-                    result = connection.execute(text(self.config.query))
-                    keys = list(result.keys())
-                    rows: list[Sequence[Any]] = []
-                    while chunk := result.fetchmany(_FETCH_CHUNK):
-                        rows.extend(tuple(row) for row in chunk)
-                        if len(rows) > self.config.max_rows:
-                            raise SourceError(
-                                where,
-                                [
-                                    SourceIssue(
-                                        None,
-                                        f"the query yields more than max_rows = "
-                                        f"{self.config.max_rows} rows",
-                                    )
-                                ],
-                            )
-                    result.close()
-                    return keys, rows
+                    return self._fetch(connection, where)
                 finally:
                     connection.rollback()
-        except SQLAlchemyError as error:
+        except (SQLAlchemyError, driver_error) as error:
             detail = " ".join(str(getattr(error, "orig", None) or error).split())
             raise SourceError(where, [SourceIssue(None, f"the query failed: {detail}")]) from None
         finally:
             engine.dispose()
+
+    def _fetch(self, connection: Connection, where: str) -> tuple[list[str], list[Sequence[Any]]]:
+        """Run the query on the driver's cursor as one statement, enforced by the database
+        (independently of :func:`check_select_only`): sqlite3 refuses a second statement,
+        and psycopg's ``prepare=True`` uses PostgreSQL's extended query protocol, in which
+        the server refuses a second statement. The text is sent as written (no parameter
+        or ``:name`` processing)."""
+        # Any: psycopg's execute takes prepare=, beyond the DBAPI interface SQLAlchemy types.
+        cursor: Any = connection.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+        try:
+            if connection.dialect.name == "postgresql":
+                cursor.execute(self.config.query, prepare=True)
+            else:
+                cursor.execute(self.config.query)
+            keys = [str(column[0]) for column in cursor.description or ()]
+            rows: list[Sequence[Any]] = []
+            while chunk := cursor.fetchmany(_FETCH_CHUNK):
+                rows.extend(tuple(row) for row in chunk)
+                if len(rows) > self.config.max_rows:
+                    raise SourceError(
+                        where,
+                        [
+                            SourceIssue(
+                                None,
+                                f"the query yields more than max_rows = "
+                                f"{self.config.max_rows} rows",
+                            )
+                        ],
+                    )
+            return keys, rows
+        finally:
+            cursor.close()
 
     def _data(self) -> _Checked:
         if self._checked is None:
