@@ -80,7 +80,9 @@ SELECT p.person_id,
 
 
 def omop_metadata() -> MetaData:
-    """The three OMOP CDM tables of the example (the columns it uses, OMOP's names)."""
+    """The three OMOP CDM tables of the example (the columns it uses, OMOP's names), with
+    the person_id indexes of the OMOP DDL (without them each correlated subquery of the
+    cohort scans the whole table)."""
     metadata = MetaData()
     Table(
         "person",
@@ -93,7 +95,7 @@ def omop_metadata() -> MetaData:
         "condition_occurrence",
         metadata,
         Column("condition_occurrence_id", Integer, primary_key=True, autoincrement=False),
-        Column("person_id", Integer, ForeignKey("person.person_id"), nullable=False),
+        Column("person_id", Integer, ForeignKey("person.person_id"), nullable=False, index=True),
         Column("condition_concept_id", Integer, nullable=False),
         Column("condition_start_date", Date, nullable=False),
     )
@@ -101,7 +103,7 @@ def omop_metadata() -> MetaData:
         "measurement",
         metadata,
         Column("measurement_id", Integer, primary_key=True, autoincrement=False),
-        Column("person_id", Integer, ForeignKey("person.person_id"), nullable=False),
+        Column("person_id", Integer, ForeignKey("person.person_id"), nullable=False, index=True),
         Column("measurement_concept_id", Integer, nullable=False),
         Column("measurement_date", Date, nullable=False),
         Column("value_as_number", Float, nullable=True),
