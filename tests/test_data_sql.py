@@ -289,6 +289,15 @@ def test_urls_whose_read_only_cannot_be_enforced_are_refused(tmp_path: Path) -> 
             read_only_engine(url)
 
 
+def test_a_password_in_the_url_is_never_shown() -> None:
+    source = SQLSource(cohort("postgresql+psycopg://reader:hunter2@127.0.0.1:1/omop"))
+    assert source.location == "postgresql+psycopg://reader:***@127.0.0.1:1/omop"
+    with pytest.raises(SourceError) as caught:  # nothing listens on port 1
+        source.describe()
+    assert "hunter2" not in str(caught.value)
+    assert "the query failed" in str(caught.value)
+
+
 def test_a_missing_sqlite_file_is_not_created(tmp_path: Path) -> None:
     path = tmp_path / "absent.db"
     with pytest.raises(SourceError, match="the query failed"):
