@@ -4,7 +4,7 @@ peer start --config hospital_a.toml [--log-format json]
 peer verify-ledger --config hospital_a.toml [--json]
 peer doctor --config hospital_a.toml [--json]
 peer data import --config hospital_a.toml --csv patients.csv --label diagnosis [--id pid] [--json]
-peer data show --config hospital_a.toml [--json]
+peer data show --config hospital_a.toml [--json]   (any source: store, SQL, images)
 
 Exit codes: 0 done, 1 a check failed (verify-ledger, doctor), 2 a mistake in the arguments, the
 configuration or the input file (one line on stderr saying what; for a CSV that fails
@@ -228,7 +228,45 @@ def _data_summary(config: PeerConfig) -> dict[str, Any]:
         store.dispose()
 
 
+def _source_show(args: argparse.Namespace) -> int | None:
+    """``peer data show`` for a file with a ``[data]`` table (SQL, images, store); None if
+    the file has none (the store summary below then applies, as before)."""
+    from pathlib import Path
+
+    from .data import DataError, SourceError, read_data_file
+
+    try:
+        file = read_data_file(Path(args.config))
+        if file.table is None:
+            return None
+        info = file.source().describe()
+    except SourceError as error:
+        # Like a rejected CSV: a summary line, then one line per problem.
+        print(
+            f"peer data show: error: {error.source}: {len(error.issues)} problem(s), nothing "
+            "was used",
+            file=sys.stderr,
+        )
+        for issue in error.issues:
+            print(f"  {issue}", file=sys.stderr)
+        if args.json:
+            problems = [{"subject": i.subject, "message": i.message} for i in error.issues]
+            print(json.dumps({"ok": False, "source": error.source, "issues": problems}))
+        return EXIT_USAGE
+    except DataError as error:
+        raise UserError(str(error)) from None
+    peer = file.peer_id or file.path.stem
+    if args.json:
+        print(json.dumps({"peer": peer, **info.as_json()}, sort_keys=True))
+    else:
+        print(f"{peer}: " + "\n".join(info.summary_lines()))
+    return 0
+
+
 def _data_show(args: argparse.Namespace) -> int:
+    shown = _source_show(args)
+    if shown is not None:
+        return shown
     summary = _data_summary(_load_config(args.config))
     if args.json:
         print(json.dumps(summary, sort_keys=True))
@@ -301,7 +339,14 @@ def _add_data(commands: Any) -> None:
     importer.add_argument("--json", action="store_true", help="print one JSON object")
     importer.set_defaults(handler=_data_import)
     show = actions.add_parser(
-        "show", help="records per split, label and diagnosis in the peer's data database"
+        "show",
+        help="records per split, label and diagnosis in the peer's data database",
+        description=(
+            "Summarize the peer's data: records per split and label, feature names or image "
+            "shape, per-column type/missing/mean/std -- never a patient's record. Reads the "
+            "source the file's [data] table declares (sql, images, store), else the peer's "
+            "patient database ([storage] data)."
+        ),
     )
     show.add_argument("--config", required=True, help="the peer's TOML configuration")
     show.add_argument("--json", action="store_true", help="print one JSON object")

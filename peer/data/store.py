@@ -8,6 +8,7 @@ the database exactly as it was.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
@@ -17,6 +18,10 @@ from sqlalchemy.orm import Session
 
 from .errors import DataError, SchemaMismatchError
 from .records import FEATURE_DTYPE, SPLITS, Base, DatasetMeta, PatientRecord, PatientRow, Split
+from .source import DataSetInfo, arrays_dataset, column_summaries
+
+if TYPE_CHECKING:
+    import tensorflow as tf
 
 __all__ = ["PatientStore"]
 
@@ -26,7 +31,8 @@ _INSERT_CHUNK = 10_000
 
 
 class PatientStore:
-    """The patient records of one hospital, in a SQLAlchemy database.
+    """The patient records of one hospital, in a SQLAlchemy database (a
+    :class:`~peer.data.DataSource`).
 
     Args:
         url: a SQLAlchemy database URL, e.g. ``"sqlite:///data/patients.db"`` or
@@ -191,6 +197,33 @@ class PatientStore:
         with Session(self.engine) as session:
             meta = session.get(DatasetMeta, 1)
             return meta.name if meta is not None else None
+
+    def describe(self) -> DataSetInfo:
+        """The data set's metadata: feature names, records per split and label, and
+        per-column summaries (the :class:`~peer.data.DataSource` protocol)."""
+        query = select(PatientRow.split, PatientRow.label, func.count()).group_by(
+            PatientRow.split, PatientRow.label
+        )
+        with Session(self.engine) as session:
+            counts: dict[Split, dict[int, int]] = {split: {} for split in SPLITS}
+            for split, label, n in session.execute(query).all():
+                counts[_check_split(split)][int(label)] = int(n)
+        names = self.feature_names()
+        features = np.concatenate([self.load(split)[0] for split in SPLITS])
+        return DataSetInfo(
+            kind="tabular",
+            name=self.dataset_name() or "unnamed",
+            location=self.url,
+            label_counts=counts,
+            # The store holds binary labels only (PatientRecord checks it).
+            label_names=("0", "1"),
+            feature_names=tuple(names),
+            columns=column_summaries(names, features, ["float"] * len(names)),
+        )
+
+    def tf_dataset(self, split: Split) -> tf.data.Dataset:
+        """One split as an unbatched ``tf.data.Dataset`` of ``(features, label)``."""
+        return arrays_dataset(*self.load(split))
 
     def diagnosis_counts(self) -> dict[str, int]:
         """Number of records per diagnosis (both splits)."""

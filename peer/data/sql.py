@@ -1,0 +1,654 @@
+"""Training records read where they live: one read-only SQL query over any SQLAlchemy URL.
+
+A site points its peer at its own database (an OMOP CDM instance, a research warehouse...)
+with a query that yields one row per patient: an id column, feature columns and a label
+column (see :class:`SQLSourceConfig`). Nothing is used before every column is checked: the
+types found, missing values, labels outside the declared classes, duplicate ids, columns that
+the query does not yield -- each reported with the column it concerns (:class:`SourceError`).
+
+The database is never written, by three independent layers (any one suffices for SQLite and
+PostgreSQL; together they also give clear errors):
+
+1. The query text must be one SELECT (or WITH ... SELECT) statement: comments, string
+   literals and quoted identifiers are skipped, then a second statement or a writing keyword
+   (INSERT, UPDATE, DELETE, CREATE, INTO, ATTACH, PRAGMA...) is refused before connecting.
+   This check alone is not the guarantee: a PostgreSQL function called from a SELECT may write.
+2. The connection is read-only: SQLite is opened with the ``mode=ro`` URI (the file cannot be
+   written through this handle) plus ``PRAGMA query_only``; PostgreSQL sessions start with
+   ``default_transaction_read_only`` and each transaction is ``SET TRANSACTION READ ONLY`` and
+   checked with ``SHOW transaction_read_only`` before the query runs. Other dialects are
+   refused: read-only cannot be enforced for them here.
+3. The transaction is always rolled back, never committed.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import quote
+
+import numpy as np
+import numpy.typing as npt
+from sqlalchemy import Connection, Engine, create_engine, event, make_url
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+
+from .errors import ReadOnlyError, SourceError, SourceIssue
+from .records import SPLITS, Split
+from .source import ColumnSummary, DataSetInfo, arrays_dataset, hash_split
+
+if TYPE_CHECKING:
+    import tensorflow as tf
+
+__all__ = ["SQLSource", "SQLSourceConfig", "check_select_only", "read_only_engine"]
+
+MissingPolicy = Literal["refuse", "drop"]
+
+# Problems listed per column before "... and N more": enough to see the pattern.
+_MAX_ISSUES_PER_COLUMN = 5
+_FETCH_CHUNK = 10_000
+
+# Keywords that only a statement that writes (or changes the connection) contains. Matched
+# as whole words outside comments, literals and quoted identifiers; INTO catches both
+# INSERT INTO and PostgreSQL's table-creating SELECT ... INTO.
+_WRITING_KEYWORDS = frozenset(
+    [
+        "insert",
+        "update",
+        "delete",
+        "merge",
+        "upsert",
+        "create",
+        "drop",
+        "alter",
+        "truncate",
+        "grant",
+        "revoke",
+        "attach",
+        "detach",
+        "pragma",
+        "vacuum",
+        "reindex",
+        "copy",
+        "call",
+        "lock",
+        "into",
+        "execute",
+        "prepare",
+        "deallocate",
+        "listen",
+        "notify",
+        "refresh",
+    ]
+)
+_DOLLAR_QUOTE = re.compile(r"\$([A-Za-z_][A-Za-z_0-9]*)?\$")
+
+
+@dataclass(frozen=True, slots=True)
+class SQLSourceConfig:
+    """What a site declares to read its records with a query (the ``[data]`` TOML table).
+
+    Attributes:
+        url: a SQLAlchemy URL (``sqlite:///omop.db``, ``postgresql+psycopg://reader@db/omop``).
+        query: one SELECT statement yielding one row per patient.
+        id_column: the patient id column (unique, never NULL).
+        feature_columns: numeric feature columns, in the order of the feature vector.
+        label_column: the label column.
+        classes: the label values in class-index order (e.g. ``("no", "yes")``); if None,
+            labels must be integers 0..k-1.
+        split_column: a column holding ``'train'``/``'test'``; if None, the split is derived
+            from the patient id (:func:`~peer.data.hash_split`) with ``test_fraction``.
+        test_fraction: share of patients kept for testing when there is no split column.
+        split_salt: changes the derived split (the same salt gives the same split).
+        missing: ``"refuse"`` (default: any NULL feature is an error) or ``"drop"`` (patients
+            with a NULL feature are left out, and counted per column).
+        max_rows: more rows than this is an error (bounds this peer's memory).
+        name: the data set's name shown by ``peer data show``.
+    """
+
+    url: str
+    query: str
+    id_column: str
+    feature_columns: tuple[str, ...]
+    label_column: str
+    classes: tuple[str, ...] | None = None
+    split_column: str | None = None
+    test_fraction: float = 0.2
+    split_salt: str = ""
+    missing: MissingPolicy = "refuse"
+    max_rows: int = 1_000_000
+    name: str = "sql"
+
+    def __post_init__(self) -> None:
+        if not self.feature_columns:
+            raise ValueError("a SQL source needs at least one feature column")
+        if not 0.0 <= self.test_fraction < 1.0:
+            raise ValueError(f"test_fraction must be in [0, 1), not {self.test_fraction}")
+        if self.missing not in ("refuse", "drop"):
+            raise ValueError(f"missing must be 'refuse' or 'drop', not {self.missing!r}")
+        if self.classes is not None and len(set(self.classes)) < 2:
+            raise ValueError("classes must name at least two distinct label values")
+
+
+# --------------------------------------------------------------------------- read-only
+
+
+def _code_of(query: str) -> str:
+    """The query with comments removed and literals/quoted identifiers blanked out.
+
+    Raises:
+        ReadOnlyError: an unterminated comment, literal or identifier.
+    """
+    out: list[str] = []
+    i, n = 0, len(query)
+    while i < n:
+        c = query[i]
+        if query.startswith("--", i):
+            end = query.find("\n", i)
+            i = n if end < 0 else end
+        elif query.startswith("/*", i):
+            end = query.find("*/", i + 2)
+            if end < 0:
+                raise ReadOnlyError("query", [SourceIssue(None, "unterminated /* comment")])
+            i = end + 2
+            out.append(" ")
+        elif c == "'" and _escape_string_prefix(query, i):
+            # PostgreSQL's E'...': a backslash escapes the next character (a quote too).
+            end = i + 1
+            while end < n and query[end] != "'":
+                end += 2 if query[end] == "\\" else 1
+            if end >= n:
+                raise ReadOnlyError("query", [SourceIssue(None, "unterminated E' quote")])
+            i = end + 1
+            out.append(" x ")
+        elif c in "'\"`":
+            # A doubled quote inside is an escaped quote: scanning to the next quote and
+            # continuing handles it (the pair is two adjacent literals, both blanked).
+            end = query.find(c, i + 1)
+            if end < 0:
+                raise ReadOnlyError("query", [SourceIssue(None, f"unterminated {c} quote")])
+            i = end + 1
+            out.append(" x ")
+        elif (
+            c == "$"
+            and not _ends_identifier(query, i)  # a$b$ is an identifier, not a quote
+            and (match := _DOLLAR_QUOTE.match(query, i)) is not None
+        ):
+            tag = match.group(0)
+            end = query.find(tag, match.end())
+            if end < 0:
+                raise ReadOnlyError("query", [SourceIssue(None, f"unterminated {tag} quote")])
+            i = end + len(tag)
+            out.append(" x ")
+        else:
+            out.append(c)
+            i += 1
+    return "".join(out)
+
+
+def _ends_identifier(query: str, i: int) -> bool:
+    """Whether the character before ``i`` belongs to an identifier or keyword (PostgreSQL's
+    identifiers may contain ``$`` after their first character)."""
+    return i > 0 and (query[i - 1].isalnum() or query[i - 1] in "_$")
+
+
+def _escape_string_prefix(query: str, i: int) -> bool:
+    """Whether the quote at ``i`` opens an escape string: ``E'`` not ending an identifier."""
+    return i > 0 and query[i - 1] in "eE" and not _ends_identifier(query, i - 1)
+
+
+def check_select_only(query: str) -> None:
+    """Refuse anything but one SELECT (or WITH ... SELECT) statement.
+
+    Raises:
+        ReadOnlyError: naming what was found (a second statement, a writing keyword...).
+    """
+    code = _code_of(query).strip()
+    if code.endswith(";"):
+        code = code[:-1].rstrip()
+    problems = []
+    if ";" in code:
+        problems.append(SourceIssue(None, "more than one statement (a ';' inside the query)"))
+    words = re.findall(r"[A-Za-z_][A-Za-z_0-9]*", code)
+    if not words or words[0].lower() not in ("select", "with"):
+        first = words[0] if words else "nothing"
+        problems.append(SourceIssue(None, f"must start with SELECT or WITH, not {first}"))
+    writing = sorted({w.upper() for w in words if w.lower() in _WRITING_KEYWORDS})
+    if writing:
+        problems.append(
+            SourceIssue(
+                None,
+                f"{', '.join(writing)}: a source query only reads (SELECT); the database "
+                "is never written",
+            )
+        )
+    if problems:
+        raise ReadOnlyError("query", problems)
+
+
+def read_only_engine(url: str) -> Engine:
+    """An engine whose connections cannot write (see the module header, layer 2).
+
+    Raises:
+        ReadOnlyError: the URL's dialect cannot be opened read-only here, or a SQLite URL
+            names no file (or carries its own options).
+    """
+    try:
+        parsed = make_url(url)
+    except ArgumentError as error:
+        raise ReadOnlyError(url, [SourceIssue(None, f"not a SQLAlchemy URL: {error}")]) from None
+    shown = parsed.render_as_string(hide_password=True)
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        database = parsed.database or ""
+        if database in ("", ":memory:") or database.startswith("file:") or parsed.query:
+            raise ReadOnlyError(
+                shown,
+                [
+                    SourceIssue(
+                        None,
+                        "give a plain sqlite:///path/to/file.db URL: the source opens the "
+                        "file read-only itself (mode=ro)",
+                    )
+                ],
+            )
+        engine = create_engine(f"sqlite:///file:{quote(database)}?mode=ro&uri=true")
+
+        @event.listens_for(engine, "connect")
+        def _query_only(dbapi_connection: Any, _record: Any) -> None:
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA query_only = ON")
+            cursor.close()
+
+        return engine
+    if backend == "postgresql":
+        # libpq's "options" start every session read-only, and psycopg (3) can run the query
+        # through the extended protocol, where the server itself refuses a second statement
+        # (see SQLSource._fetch); psycopg2 always interpolates client-side.
+        if parsed.get_driver_name() != "psycopg":
+            raise ReadOnlyError(
+                shown,
+                [
+                    SourceIssue(
+                        None,
+                        f"PostgreSQL driver {parsed.get_driver_name()!r} is not supported "
+                        "here: use postgresql+psycopg://",
+                    )
+                ],
+            )
+        # standard_conforming_strings: a backslash in '...' is a character, as the text
+        # check assumes (only E'...' strings take backslash escapes).
+        options = "-c default_transaction_read_only=on -c standard_conforming_strings=on"
+        return create_engine(parsed, connect_args={"options": options})
+    raise ReadOnlyError(
+        shown,
+        [
+            SourceIssue(
+                None,
+                f"read-only access cannot be enforced for {backend!r} databases here "
+                "(supported: sqlite, postgresql)",
+            )
+        ],
+    )
+
+
+def _begin_read_only(connection: Connection, where: str) -> None:
+    """Make the current transaction read-only and check that it is (PostgreSQL)."""
+    if connection.dialect.name != "postgresql":
+        return
+    connection.exec_driver_sql("SET TRANSACTION READ ONLY")
+    state = connection.exec_driver_sql("SHOW transaction_read_only").scalar_one()
+    if state != "on":
+        raise ReadOnlyError(where, [SourceIssue(None, "the transaction is not read-only")])
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _kind_of(value: Any) -> str:
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "float"
+    if isinstance(value, Decimal):
+        return "decimal"
+    return type(value).__name__
+
+
+@dataclass
+class _Checked:
+    """A query's rows, checked: inputs, labels, splits and what was found per column."""
+
+    features: npt.NDArray[np.float64]
+    labels: npt.NDArray[np.int64]
+    splits: list[Split]
+    label_names: tuple[str, ...]
+    columns: tuple[ColumnSummary, ...]
+    notes: list[str] = field(default_factory=list)
+
+
+class _IssueList:
+    """Issues per subject, at most a few of each kind listed."""
+
+    def __init__(self) -> None:
+        self.issues: list[SourceIssue] = []
+        self._per_subject: Counter[str] = Counter()
+
+    def add(self, subject: str | None, message: str) -> None:
+        key = subject or ""
+        self._per_subject[key] += 1
+        if self._per_subject[key] <= _MAX_ISSUES_PER_COLUMN:
+            self.issues.append(SourceIssue(subject, message))
+
+    def finish(self) -> list[SourceIssue]:
+        for subject, n in self._per_subject.items():
+            if n > _MAX_ISSUES_PER_COLUMN:
+                self.issues.append(
+                    SourceIssue(subject or None, f"... and {n - _MAX_ISSUES_PER_COLUMN} more")
+                )
+        return self.issues
+
+
+def _check_rows(
+    config: SQLSourceConfig, keys: Sequence[str], rows: Sequence[Sequence[Any]]
+) -> tuple[_Checked | None, list[SourceIssue]]:
+    issues = _IssueList()
+    index: dict[str, int] = {}
+    for i, key in enumerate(keys):
+        if key in index:
+            issues.add(f"column {key!r}", "the query yields this column twice")
+        index[key] = i
+    roles = [("id", config.id_column), ("label", config.label_column)]
+    roles += [("feature", name) for name in config.feature_columns]
+    if config.split_column is not None:
+        roles.append(("split", config.split_column))
+    available = ", ".join(repr(k) for k in keys)
+    for role, name in roles:
+        if name not in index:
+            issues.add(
+                f"column {name!r}",
+                f"{role} column not yielded by the query (it yields: {available})",
+            )
+    if issues.issues:
+        return None, issues.finish()
+    notes = [
+        f"column {key!r} is not used (no role in the configuration)"
+        for key in keys
+        if key not in {name for _, name in roles}
+    ]
+
+    id_at = index[config.id_column]
+    seen_ids: dict[str, int] = {}
+    for row in rows:
+        pid = row[id_at]
+        if pid is None:
+            issues.add(f"column {config.id_column!r}", "a patient id is NULL")
+            continue
+        seen_ids[str(pid)] = seen_ids.get(str(pid), 0) + 1
+    for pid, n in seen_ids.items():
+        if n > 1:
+            issues.add(f"column {config.id_column!r}", f"patient id {pid!r} occurs {n} times")
+
+    n, d = len(rows), len(config.feature_columns)
+    features = np.full((n, d), np.nan, dtype=np.float64)
+    kinds: list[str] = []
+    missing_rows = np.zeros(n, dtype=bool)
+    for j, name in enumerate(config.feature_columns):
+        at, subject = index[name], f"column {name!r}"
+        found: Counter[str] = Counter()
+        n_missing = 0
+        for r, row in enumerate(rows):
+            value = row[at]
+            if value is None or (isinstance(value, float) and math.isnan(value)):
+                n_missing += 1
+                missing_rows[r] = True
+                continue
+            kind = _kind_of(value)
+            found[kind] += 1
+            if kind not in ("boolean", "integer", "float", "decimal"):
+                issues.add(
+                    subject,
+                    f"holds {kind} values, not numbers (patient {row[id_at]!r}): CAST or "
+                    "derive a number in the query",
+                )
+                continue
+            number = float(value)
+            if not math.isfinite(number):
+                issues.add(subject, f"infinite value (patient {row[id_at]!r})")
+                continue
+            features[r, j] = number
+        kinds.append("/".join(sorted(found)) or "empty")
+        if n_missing and config.missing == "refuse":
+            issues.add(
+                subject,
+                f"{n_missing} of {n} values are missing (NULL); fill them in the query "
+                '(e.g. COALESCE) or set missing = "drop"',
+            )
+        elif n_missing:
+            notes.append(f"{subject}: {n_missing} of {n} values missing")
+
+    label_names, labels = _check_labels(config, rows, index, id_at, issues)
+    splits = _splits(config, rows, index, id_at, issues)
+    if issues.issues:
+        return None, issues.finish()
+
+    columns = []
+    for j, name in enumerate(config.feature_columns):
+        column = features[:, j]
+        present = column[~np.isnan(column)]
+        columns.append(
+            ColumnSummary(
+                name=name,
+                kind=kinds[j],
+                count=int(present.size),
+                missing=int(n - present.size),
+                mean=float(present.mean()) if present.size else None,
+                std=float(present.std()) if present.size else None,
+            )
+        )
+    keep = ~missing_rows
+    if not keep.all():
+        notes.append(f"{int((~keep).sum())} of {n} patients dropped for a missing feature")
+    checked = _Checked(
+        features=features[keep],
+        labels=labels[keep],
+        splits=[s for s, k in zip(splits, keep, strict=True) if k],
+        label_names=label_names,
+        columns=tuple(columns),
+        notes=notes,
+    )
+    present_classes = set(checked.labels.tolist())
+    if len(present_classes) < 2:
+        issues.add(
+            f"column {config.label_column!r}",
+            f"only {len(present_classes)} class among the usable patients: nothing to learn",
+        )
+        return None, issues.finish()
+    return checked, []
+
+
+def _check_labels(
+    config: SQLSourceConfig,
+    rows: Sequence[Sequence[Any]],
+    index: dict[str, int],
+    id_at: int,
+    issues: _IssueList,
+) -> tuple[tuple[str, ...], npt.NDArray[np.int64]]:
+    at, subject = index[config.label_column], f"column {config.label_column!r}"
+    labels = np.zeros(len(rows), dtype=np.int64)
+    if config.classes is not None:
+        position = {value: i for i, value in enumerate(config.classes)}
+        for r, row in enumerate(rows):
+            value = row[at]
+            # Compare as text so that classes = ["0", "1"] matches integer labels too.
+            key = None if value is None else str(int(value) if _is_integral(value) else value)
+            if key is None or key not in position:
+                issues.add(
+                    subject,
+                    f"label {value!r} of patient {row[id_at]!r} is not one of the declared "
+                    f"classes {list(config.classes)}",
+                )
+                continue
+            labels[r] = position[key]
+        return config.classes, labels
+    for r, row in enumerate(rows):
+        value = row[at]
+        if not _is_integral(value) or int(value) < 0:
+            issues.add(
+                subject,
+                f"label {value!r} of patient {row[id_at]!r} is not a class index 0, 1, ...; "
+                "declare the label values with classes = [...]",
+            )
+            continue
+        labels[r] = int(value)
+    k = int(labels.max()) + 1 if len(labels) else 0
+    return tuple(str(i) for i in range(k)), labels
+
+
+def _is_integral(value: Any) -> bool:
+    if isinstance(value, bool | int):
+        return True
+    if isinstance(value, float | Decimal):
+        return math.isfinite(value) and float(value).is_integer()
+    return False
+
+
+def _splits(
+    config: SQLSourceConfig,
+    rows: Sequence[Sequence[Any]],
+    index: dict[str, int],
+    id_at: int,
+    issues: _IssueList,
+) -> list[Split]:
+    if config.split_column is None:
+        return [
+            hash_split(str(row[id_at]), config.test_fraction, config.split_salt) for row in rows
+        ]
+    at, subject = index[config.split_column], f"column {config.split_column!r}"
+    splits: list[Split] = []
+    for row in rows:
+        value = row[at]
+        if value == "train" or value == "test":
+            splits.append(value)
+        else:
+            issues.add(subject, f"split {value!r} of patient {row[id_at]!r} is not 'train'/'test'")
+            splits.append("train")
+    return splits
+
+
+# --------------------------------------------------------------------------- the source
+
+
+class SQLSource:
+    """A :class:`~peer.data.DataSource` over one read-only query (see the module header).
+
+    The query runs once, on the first call that needs it; every later call uses that result.
+
+    Raises (from ``describe``, ``load``, ``tf_dataset``):
+        ReadOnlyError: the query or the database cannot be made read-only; nothing ran.
+        SourceError: the query failed, or its columns have problems (each one listed).
+    """
+
+    def __init__(self, config: SQLSourceConfig) -> None:
+        self.config = config
+        self._checked: _Checked | None = None
+
+    @property
+    def location(self) -> str:
+        try:
+            return make_url(self.config.url).render_as_string(hide_password=True)
+        except ArgumentError:
+            return "(invalid URL)"
+
+    def _rows(self) -> tuple[list[str], list[Sequence[Any]]]:
+        check_select_only(self.config.query)
+        engine = read_only_engine(self.config.url)
+        where = self.location
+        driver_error = engine.dialect.loaded_dbapi.Error
+        try:
+            with engine.connect() as connection:
+                try:
+                    _begin_read_only(connection, where)
+                    return self._fetch(connection, where)
+                finally:
+                    connection.rollback()
+        except (SQLAlchemyError, driver_error) as error:
+            detail = " ".join(str(getattr(error, "orig", None) or error).split())
+            raise SourceError(where, [SourceIssue(None, f"the query failed: {detail}")]) from None
+        finally:
+            engine.dispose()
+
+    def _fetch(self, connection: Connection, where: str) -> tuple[list[str], list[Sequence[Any]]]:
+        """Run the query on the driver's cursor as one statement, enforced by the database
+        (independently of :func:`check_select_only`): sqlite3 refuses a second statement,
+        and psycopg's ``prepare=True`` uses PostgreSQL's extended query protocol, in which
+        the server refuses a second statement. The text is sent as written (no parameter
+        or ``:name`` processing)."""
+        # Any: psycopg's execute takes prepare=, beyond the DBAPI interface SQLAlchemy types.
+        cursor: Any = connection.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+        try:
+            if connection.dialect.name == "postgresql":
+                cursor.execute(self.config.query, prepare=True)
+            else:
+                cursor.execute(self.config.query)
+            keys = [str(column[0]) for column in cursor.description or ()]
+            rows: list[Sequence[Any]] = []
+            while chunk := cursor.fetchmany(_FETCH_CHUNK):
+                rows.extend(tuple(row) for row in chunk)
+                if len(rows) > self.config.max_rows:
+                    raise SourceError(
+                        where,
+                        [
+                            SourceIssue(
+                                None,
+                                f"the query yields more than max_rows = "
+                                f"{self.config.max_rows} rows",
+                            )
+                        ],
+                    )
+            return keys, rows
+        finally:
+            cursor.close()
+
+    def _data(self) -> _Checked:
+        if self._checked is None:
+            keys, rows = self._rows()
+            checked, issues = _check_rows(self.config, keys, rows)
+            if checked is None:
+                raise SourceError(self.location, issues)
+            self._checked = checked
+        return self._checked
+
+    def describe(self) -> DataSetInfo:
+        data = self._data()
+        counts: dict[Split, dict[int, int]] = {}
+        for split in SPLITS:
+            chosen = data.labels[[s == split for s in data.splits]]
+            values, n = np.unique(chosen, return_counts=True)
+            counts[split] = {int(v): int(c) for v, c in zip(values, n, strict=True)}
+        return DataSetInfo(
+            kind="tabular",
+            name=self.config.name,
+            location=self.location,
+            label_counts=counts,
+            label_names=data.label_names,
+            feature_names=self.config.feature_columns,
+            columns=data.columns,
+            notes=tuple(data.notes),
+        )
+
+    def load(self, split: Split) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
+        data = self._data()
+        chosen = np.array([s == split for s in data.splits], dtype=bool)
+        return data.features[chosen].astype(np.float32), data.labels[chosen]
+
+    def tf_dataset(self, split: Split) -> tf.data.Dataset:
+        return arrays_dataset(*self.load(split))
