@@ -18,7 +18,7 @@ checks it against its own :class:`ModelPolicy` before building anything:
   a declared 10^12-parameter model is refused, not built.
 
 Bit-identical initial weights on every peer: whatever seeds the JSON carries are replaced by
-``session seed + 1000 * layer index + initializer slot``, so the same JSON and the same session
+``session seed + 1000 * initializer slot + layer index``, so the same JSON and the same session
 seed build the same weights in any process (Keras' seeded initializers are stateless).
 """
 
@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_ALLOWED_LAYERS",
+    "PRESET_POLICY",
     "ModelPolicy",
     "ModelRefused",
     "build_declared_model",
@@ -155,6 +156,10 @@ class ModelPolicy:
                 f"{self.max_parameters:,}"
             )
         return count
+
+
+# What the built-in presets need: Dense layers only, any size a ModelSpec allows.
+PRESET_POLICY = ModelPolicy(frozenset({"InputLayer", "Dense"}), max_parameters=2**62)
 
 
 def build_declared_model(
@@ -302,8 +307,14 @@ def _count_parameters(layers: list[dict[str, Any]]) -> int:
 
 
 def _seed_initializers(config: dict[str, Any], seed: int) -> dict[str, Any]:
-    """Replace every initializer's seed by one derived from the session seed and position."""
-    for index, layer in enumerate(_layer_configs(config)):
+    """Replace every random initializer's seed by one derived from the session seed.
+
+    The ``k``-th layer after the input gets ``seed + k`` for its first initializer slot
+    (kernel), ``seed + 1000 + k`` for the next (bias), and so on: for the Dense presets this
+    is exactly the seeding of :func:`peer.training.model.build_model` (``seed`` + layer index).
+    """
+    layers = [x for x in _layer_configs(config) if x.get("class_name") != "InputLayer"]
+    for index, layer in enumerate(layers):
         cfg = layer.get("config", {})
         for slot, key in enumerate(_INITIALIZER_KEYS):
             init = cfg.get(key)
@@ -316,7 +327,7 @@ def _seed_initializers(config: dict[str, Any], seed: int) -> dict[str, Any]:
                 }
                 cfg[key] = init
             if isinstance(init, dict) and _is_random(init):
-                init.setdefault("config", {})["seed"] = seed + _SEED_STRIDE * index + slot
+                init.setdefault("config", {})["seed"] = seed + _SEED_STRIDE * slot + index
     return config
 
 
