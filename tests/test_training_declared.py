@@ -88,9 +88,7 @@ def test_declared_model_is_bit_identical_in_a_fresh_process(tmp_path: Path) -> N
 def test_presets_are_declared_models_with_the_old_seeding() -> None:
     spec = ModelSpec("mlp", 30, hidden=(16, 8), activation="tanh")
     config = json.loads(spec.to_json())
-    assert [x["class_name"] for x in config["config"]["layers"]] == ["InputLayer"] + [
-        "Dense"
-    ] * 3
+    assert [x["class_name"] for x in config["config"]["layers"]] == ["InputLayer"] + ["Dense"] * 3
     model = build_model(spec, 3)
     # build_model's documented seeding: Glorot-uniform with seed + layer index, zero biases.
     first = keras.initializers.GlorotUniform(seed=3)((30, 16))
