@@ -39,7 +39,7 @@ def _reference(model: Any, x: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 def _check(model: Any, x: np.ndarray, seed: int, linear_norm: str = "auto") -> LayerwiseDPSGD:
     """Norms and the clipped sum of the trainer equal those of the reference gradients."""
-    y = np.random.default_rng(seed).integers(0, 2, size=x.shape[0]).astype(np.float32)
+    y = np.random.default_rng(seed).integers(0, 2, size=x.shape[0]).astype(np.float32).reshape(-1)
     trainer = LayerwiseDPSGD(model, linear_norm=linear_norm)
     reference = _reference(model, x, y)
     ref_norms = np.linalg.norm(reference, axis=1)
@@ -184,7 +184,7 @@ def test_batch_normalization_is_refused_by_the_trainer_too() -> None:
     model = keras.Sequential(
         [keras.Input((3,)), keras.layers.BatchNormalization(name="bn"), keras.layers.Dense(1)]
     )
-    with pytest.raises(TypeError, match="'bn' .*non-trainable state"):
+    with pytest.raises(TypeError, match=r"'bn' .*non-trainable state"):
         LayerwiseDPSGD(model)
 
 

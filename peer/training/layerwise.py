@@ -36,7 +36,7 @@ size.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -407,7 +407,7 @@ def _norm_step(layer: Any, variables: list[Any], groups: int | None) -> _Step:
         else:
             channels = int(a.shape[-1])
             grouped = tf.reshape(a, tf.concat([tf.shape(a)[:-1], [groups, channels // groups]], 0))
-            axes = list(range(1, rank - 1)) + [rank]
+            axes = [*range(1, rank - 1), rank]
             mean, var = tf.nn.moments(grouped, axes=axes, keepdims=True)
             xhat = tf.reshape((grouped - mean) * tf.math.rsqrt(var + layer.epsilon), tf.shape(a))
         step.xhat["value"] = xhat
@@ -479,7 +479,7 @@ _RULES: dict[str, Callable[[_Step, Any, Any], Any]] = {
 }
 
 
-def _per_example_grads(step: _Step, a: Any, g: Any) -> Sequence[Any]:
+def _per_example_grads(step: _Step, a: Any, g: Any) -> list[Any]:
     """Exact per-example weight gradients of one layer, vectorized over the batch."""
     import tensorflow as tf
 

@@ -64,7 +64,6 @@ class ModelSpec:
             fan_in = width
         return total
 
-
     def to_json(self) -> str:
         """This preset as a declared model (the JSON Keras writes; see peer.training.declared)."""
         from .declared import preset_json
