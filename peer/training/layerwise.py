@@ -134,6 +134,7 @@ class LayerwiseDPSGD:
         self._sgd_step = tf.function(
             self._sgd_step_graph, input_signature=[x_spec, y_spec, scalar, scalar]
         )
+        self._run = tf.function(self._run_graph, reduce_retracing=True)
 
     # ------------------------------------------------------------------ public
 
@@ -178,7 +179,82 @@ class LayerwiseDPSGD:
             raise ValueError(f"expected_batch_size must be positive, not {expected_batch_size}")
         self._sgd_step(*self._tensors(x, y), _f32(lr), _f32(expected_batch_size))
 
+    def run(
+        self,
+        x: npt.ArrayLike,
+        y: npt.ArrayLike,
+        *,
+        steps: int,
+        sampling_rate: float,
+        lr: float,
+        clip_norm: float | None,
+        noise_multiplier: float,
+        generator: tf.random.Generator,
+    ) -> int:
+        """``steps`` Poisson-sampled steps in one compiled loop, as :meth:`DPSGD.run` does.
+
+        The same signature and sampling as :meth:`peer.training.DPSGD.run`, so the training
+        payload can use either trainer. ``clip_norm=None`` runs plain SGD.
+
+        Returns:
+            the total number of examples in all sampled batches.
+        """
+        import tensorflow as tf
+
+        if steps < 0:
+            raise ValueError(f"steps must be >= 0, not {steps}")
+        if not 0.0 < sampling_rate <= 1.0:
+            raise ValueError(f"sampling rate must be in (0, 1], not {sampling_rate}")
+        xt, yt = self._tensors(x, y)
+        n = int(xt.shape[0])
+        if n == 0:
+            raise ValueError("cannot train on an empty data set")
+        private = clip_norm is not None
+        clip = clip_norm if clip_norm is not None else 1.0
+        if private:
+            _check_dp(clip, noise_multiplier, sampling_rate * n)
+        total = self._run(
+            xt,
+            yt,
+            tf.constant(steps, tf.int32),
+            _f32(sampling_rate),
+            _f32(lr),
+            _f32(clip),
+            _f32(noise_multiplier * clip if private else 0.0),
+            _f32(sampling_rate * n),
+            private,
+            generator=generator,
+        )
+        return int(total.numpy())
+
     # ------------------------------------------------------------------ graphs
+
+    def _run_graph(
+        self,
+        x: Any,
+        y: Any,
+        steps: Any,
+        rate: Any,
+        lr: Any,
+        clip: Any,
+        noise_std: Any,
+        denom: Any,
+        private: bool,
+        generator: Any,
+    ) -> Any:
+        import tensorflow as tf
+
+        n = tf.shape(x)[0]
+        total = tf.constant(0, tf.int64)
+        for _ in tf.range(steps):
+            chosen = tf.where(generator.uniform([n], dtype=tf.float32) < rate)[:, 0]
+            xb, yb = tf.gather(x, chosen), tf.gather(y, chosen)
+            if private:
+                self._dp_step_graph(xb, yb, lr, clip, noise_std, denom, generator)
+            else:
+                self._sgd_step_graph(xb, yb, lr, denom)
+            total += tf.size(chosen, out_type=tf.int64)
+        return total
 
     def _tensors(self, x: npt.ArrayLike, y: npt.ArrayLike) -> tuple[tf.Tensor, tf.Tensor]:
         import tensorflow as tf
