@@ -259,18 +259,23 @@ def test_run_samples_and_trains_like_the_dense_trainer() -> None:
     x = np.random.default_rng(2).normal(size=(12, 6, 6, 1)).astype(np.float32)
     y = (x[:, 1, 1, 0] > 0).astype(np.float32)
     dp, sgd = LayerwiseDPSGD(_build(layers, 3)), LayerwiseDPSGD(_build(layers, 3))
-    common = {"steps": 3, "sampling_rate": 1.0, "lr": 0.3, "noise_multiplier": 0.0}
-    seen = dp.run(x, y, clip_norm=1e9, generator=tf.random.Generator.from_seed(0), **common)
+    common: dict[str, Any] = {"sampling_rate": 1.0, "lr": 0.3, "noise_multiplier": 0.0}
+    seen = dp.run(
+        x, y, steps=3, clip_norm=1e9, generator=tf.random.Generator.from_seed(0), **common
+    )
     assert seen == 36
-    sgd.run(x, y, clip_norm=None, generator=tf.random.Generator.from_seed(0), **common)
+    sgd.run(x, y, steps=3, clip_norm=None, generator=tf.random.Generator.from_seed(0), **common)
     np.testing.assert_allclose(
         get_flat_weights(dp.model), get_flat_weights(sgd.model), rtol=1e-4, atol=1e-6
     )
     half = dp.run(
         x,
         y,
+        steps=40,
+        sampling_rate=0.5,
+        lr=0.3,
         clip_norm=1.0,
+        noise_multiplier=1.0,
         generator=tf.random.Generator.from_seed(1),
-        **(common | {"steps": 40, "sampling_rate": 0.5, "noise_multiplier": 1.0}),
     )
     assert 120 < half < 360  # about 0.5 * 12 * 40 = 240 sampled examples
