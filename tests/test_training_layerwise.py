@@ -279,3 +279,16 @@ def test_run_samples_and_trains_like_the_dense_trainer() -> None:
         generator=tf.random.Generator.from_seed(1),
     )
     assert 120 < half < 360  # about 0.5 * 12 * 40 = 240 sampled examples
+
+
+def test_masking_embedding_is_refused_rather_than_trained_differently() -> None:
+    model = keras.Sequential(
+        [
+            keras.Input((3,), dtype="int32"),
+            keras.layers.Embedding(4, 2, mask_zero=True, name="e"),
+            keras.layers.GlobalAveragePooling1D(),
+            keras.layers.Dense(1),
+        ]
+    )
+    with pytest.raises(TypeError, match=r"'e' .*mask_zero"):
+        LayerwiseDPSGD(model)

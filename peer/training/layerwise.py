@@ -423,7 +423,10 @@ def _plan_layer(layer: Any) -> _Step:
     ):
         return _conv_step(layer, variables, act)
 
-    if isinstance(layer, keras.layers.Embedding) and not layer.mask_zero:
+    if isinstance(layer, keras.layers.Embedding) and layer.mask_zero:
+        # Keras would pass a mask to the following layers; this trainer runs them without.
+        raise TypeError(f"layer {name}: mask_zero=True is not supported by DP-SGD here")
+    if isinstance(layer, keras.layers.Embedding):
         table = layer.embeddings.value
 
         def embed(a: Any) -> tuple[Any, Any]:
