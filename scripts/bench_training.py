@@ -6,6 +6,14 @@ Part 1 times one DP-SGD step and one plain SGD step (batch 256) for a ~12k- and 
 MLP, interleaved in the same run so that machine load affects both alike (after a warm-up,
 the median of several repetitions of a compiled loop of steps, divided by the loop length).
 
+It also times the small CNN of issue 12 (two Conv2D layers and a Dense head on 64x64
+grayscale, 105,185 parameters, declared as Keras JSON and trained by
+``peer.training.layerwise.LayerwiseDPSGD``), DP step vs plain step interleaved, and the two
+exact ways of taking a convolution's per-example kernel norm (ghost norm on unfolded patches
+vs the materialized per-example kernel gradient) at a small batch, since the ghost norm's
+``B x T x T`` Gram matrices (T = 3,844 output positions) do not fit in memory at batch 256.
+For the MLPs, ``noise_ms`` is the time of the noise draw alone (one Gaussian per parameter).
+
 Part 2 splits the bundled breast-cancer data non-IID (Dirichlet 0.5) across 3 hospitals and
 reports test accuracy on the union of the hospitals' test sets for: federated DP-SGD at
 epsilon 1, 3 and 8 per hospital (delta 1e-5, PLD accounting over all local steps of all
@@ -88,6 +96,7 @@ def bench_steps(reps: int, loop: int) -> list[dict[str, Any]]:
             dp_ms.append(_median_step_ms(dp_run, loop, 1))
             sgd_ms.append(_median_step_ms(sgd_run, loop, 1))
         dp_med, sgd_med = float(np.median(dp_ms)), float(np.median(sgd_ms))
+        noise_ms = _noise_ms(spec.n_parameters(), loop, reps)
         rows.append(
             {
                 "model": f"mlp{hidden}",
@@ -95,12 +104,110 @@ def bench_steps(reps: int, loop: int) -> list[dict[str, Any]]:
                 "batch": 256,
                 "dp_step_ms": dp_med,
                 "sgd_step_ms": sgd_med,
+                "noise_ms": noise_ms,
                 "ratio": dp_med / sgd_med,
                 "target_ratio": target,
                 "meets_target": dp_med / sgd_med <= target,
             }
         )
+    rows.append(bench_cnn(reps))
     return rows
+
+
+def _noise_ms(n_params: int, loop: int, reps: int) -> float:
+    """Time of one step's noise draw alone (the floor of the DP step's extra cost)."""
+    import tensorflow as tf
+
+    generator = tf.random.Generator.from_seed(SEED)
+
+    def loop_of_draws() -> Any:
+        total = tf.constant(0.0)
+        for _ in tf.range(loop):
+            total += generator.normal([n_params])[0]
+        return total
+
+    draws = tf.function(loop_of_draws)
+    draws()
+    return float(np.median([_median_step_ms(draws, loop, 1) for _ in range(reps)]))
+
+
+def cnn_json() -> str:
+    """The benchmark CNN as a declared model: 64x64x1 -> 2 x (Conv2D 3x3, max-pool) -> Dense."""
+    import keras
+
+    layers = keras.layers
+    model = keras.Sequential(
+        [
+            keras.Input((64, 64, 1)),
+            layers.Conv2D(16, 3, activation="relu"),
+            layers.MaxPooling2D(),
+            layers.Conv2D(32, 3, activation="relu"),
+            layers.MaxPooling2D(),
+            layers.Flatten(),
+            layers.Dense(16, activation="relu"),
+            layers.Dense(1),
+        ],
+        name="cnn64",
+    )
+    return str(model.to_json())
+
+
+def bench_cnn(reps: int) -> dict[str, Any]:
+    """DP step vs plain step (batch 256) for the CNN, and the two conv norm methods."""
+    import tensorflow as tf
+
+    from peer.training.declared import ModelPolicy, build_declared_model
+    from peer.training.layerwise import LayerwiseDPSGD
+
+    rng = np.random.default_rng(SEED)
+    x = rng.normal(size=(256, 64, 64, 1)).astype(np.float32)
+    y = (x[:, 32, 32, 0] > 0).astype(np.float32)
+    policy = ModelPolicy()
+    dp = LayerwiseDPSGD(build_declared_model(cnn_json(), 0, policy))
+    sgd = LayerwiseDPSGD(build_declared_model(cnn_json(), 0, policy))
+    generator = tf.random.Generator.from_seed(SEED)
+
+    def dp_step() -> None:
+        dp.dp_step(
+            x,
+            y,
+            lr=0.01,
+            clip_norm=1.0,
+            noise_multiplier=1.0,
+            expected_batch_size=256,
+            generator=generator,
+        )
+
+    def sgd_step() -> None:
+        sgd.sgd_step(x, y, lr=0.01, expected_batch_size=256)
+
+    for _ in range(2):
+        dp_step()
+        sgd_step()
+    dp_ms, sgd_ms = [], []
+    for _ in range(reps):
+        dp_ms.append(_median_step_ms(dp_step, 1, 1))
+        sgd_ms.append(_median_step_ms(sgd_step, 1, 1))
+    # Per-example norms only, both exact methods, at a batch where the ghost norm fits.
+    small = x[:8], y[:8]
+    norm_ms = {}
+    for method in ("ghost", "materialize"):
+        trainer = LayerwiseDPSGD(build_declared_model(cnn_json(), 0, policy), linear_norm=method)
+        trainer.per_example_norms(*small)
+        norms = functools.partial(trainer.per_example_norms, *small)
+        norm_ms[method] = float(np.median([_median_step_ms(norms, 1, 1) for _ in range(3)]))
+    dp_med, sgd_med = float(np.median(dp_ms)), float(np.median(sgd_ms))
+    return {
+        "model": "cnn64 (2 conv)",
+        "parameters": dp.model.count_params(),
+        "batch": 256,
+        "dp_step_ms": dp_med,
+        "sgd_step_ms": sgd_med,
+        "ratio": dp_med / sgd_med,
+        "target_ratio": 2.0,
+        "meets_target": dp_med / sgd_med <= 2.0,
+        "conv_norms_batch8_ms": norm_ms,
+    }
 
 
 def bench_accuracy(quick: bool) -> dict[str, Any]:
@@ -240,12 +347,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     reps, loop = (3, 10) if args.quick else (7, 30)
     steps = bench_steps(reps, loop)
-    print(f"{'model':<18}{'params':>10}{'DP ms':>10}{'SGD ms':>10}{'ratio':>8}{'target':>8}")
+    print(
+        f"{'model':<18}{'params':>10}{'DP ms':>10}{'SGD ms':>10}{'ratio':>8}{'target':>8}"
+        f"{'noise ms':>10}"
+    )
     for row in steps:
+        noise = f"{row['noise_ms']:>10.3f}" if "noise_ms" in row else ""
         print(
             f"{row['model']:<18}{row['parameters']:>10}{row['dp_step_ms']:>10.3f}"
-            f"{row['sgd_step_ms']:>10.3f}{row['ratio']:>8.2f}{row['target_ratio']:>8.1f}"
+            f"{row['sgd_step_ms']:>10.3f}{row['ratio']:>8.2f}{row['target_ratio']:>8.1f}{noise}"
         )
+        if "conv_norms_batch8_ms" in row:
+            methods = ", ".join(f"{k} {v:.1f} ms" for k, v in row["conv_norms_batch8_ms"].items())
+            print(f"  CNN per-example norms at batch 8: {methods}")
     report: dict[str, Any] = {
         "machine": {"python": platform.python_version(), "platform": platform.platform()},
         "steps": steps,

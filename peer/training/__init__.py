@@ -13,8 +13,10 @@ from .accounting import (
     calibrate_noise,
     epsilon,
 )
+from .declared import ModelPolicy, ModelRefused, build_declared_model, preset_json
 from .dpsgd import DPSGD, secure_generator, trainer_for
 from .federated import FedAvgResult, LocalTrainConfig, PeerData, fedavg_round, numpy_sum
+from .layerwise import LayerwiseDPSGD
 from .local import (
     EVAL_HEADER,
     evaluate_sums,
@@ -29,12 +31,16 @@ __all__ = [
     "DPSGD",
     "EVAL_HEADER",
     "FedAvgResult",
+    "LayerwiseDPSGD",
     "LocalTrainConfig",
+    "ModelPolicy",
+    "ModelRefused",
     "ModelSpec",
     "PeerData",
     "PrivacyBudget",
     "PrivacyBudgetExceeded",
     "TrainingSpend",
+    "build_declared_model",
     "build_model",
     "calibrate_noise",
     "dense_layers",
@@ -46,6 +52,7 @@ __all__ = [
     "metrics_from_sums",
     "numpy_sum",
     "predict_proba",
+    "preset_json",
     "secure_generator",
     "set_flat_weights",
     "trainer_for",

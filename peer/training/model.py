@@ -64,28 +64,23 @@ class ModelSpec:
             fan_in = width
         return total
 
+    def to_json(self) -> str:
+        """This preset as a declared model (the JSON Keras writes; see peer.training.declared)."""
+        from .declared import preset_json
+
+        return preset_json(self)
+
 
 def build_model(spec: ModelSpec, seed: int) -> keras.Sequential:
     """Build and initialise the model of ``spec``, identically on every peer for one ``seed``.
 
-    Kernels use Glorot-uniform with seed ``seed + layer index``; biases start at zero.
+    The preset is built through the declared-model path (its JSON, loaded in safe mode), so
+    presets and declared models are one path. Kernels use Glorot-uniform with seed
+    ``seed + layer index``; biases start at zero.
     """
-    import keras
+    from .declared import PRESET_POLICY, build_declared_model
 
-    layers: list[Any] = [keras.Input(shape=(spec.input_dim,), dtype="float32")]
-    widths = spec.widths
-    for i, width in enumerate(widths):
-        last = i == len(widths) - 1
-        layers.append(
-            keras.layers.Dense(
-                width,
-                activation=None if last else spec.activation,
-                kernel_initializer=keras.initializers.GlorotUniform(seed=seed + i),
-                bias_initializer=keras.initializers.Zeros(),
-                name=f"dense_{i}",
-            )
-        )
-    return keras.Sequential(layers, name=f"{spec.kind}_{spec.input_dim}")
+    return build_declared_model(spec.to_json(), seed, PRESET_POLICY)
 
 
 def dense_layers(model: keras.Model) -> list[Any]:
