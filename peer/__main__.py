@@ -254,7 +254,7 @@ def _source_show(args: argparse.Namespace) -> int | None:
             print(json.dumps({"ok": False, "source": error.source, "issues": problems}))
         return EXIT_USAGE
     except DataError as error:
-        raise UserError(str(error)) from None
+        raise UsageError(str(error)) from None
     peer = file.peer_id or file.path.stem
     if args.json:
         print(json.dumps({"peer": peer, **info.as_json()}, sort_keys=True))
