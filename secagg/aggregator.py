@@ -23,8 +23,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
-import numpy as np
-
 from .config import RoundConfig, Stage
 from .crypto import Verifier, is_valid_x25519_public
 from .errors import InvalidSignatureError, LocalProtocolError, RemoteProtocolError, RoundAborted
@@ -44,7 +42,7 @@ from .messages import (
     consistency_payload,
     share_payload,
 )
-from .prg import WordArray
+from .ring import WordArray, word_dtype
 from .shamir import ShareError, decode_share
 from .transcript import Transcript
 
@@ -191,9 +189,9 @@ class Aggregator:
                     sender, signature, share_payload(config.digest, sender, v, ciphertext), "shares"
                 )
         elif isinstance(message, MaskedInput):
-            if message.vector.shape != (config.vector_length,) or message.vector.dtype != np.dtype(
-                np.uint32 if config.bits == 32 else np.uint64
-            ):
+            if message.vector.shape != (
+                config.vector_length,
+            ) or message.vector.dtype != word_dtype(config.bits):
                 raise RemoteProtocolError(
                     sender,
                     f"masked vector has shape {message.vector.shape} and dtype "

@@ -21,7 +21,7 @@ from .config import RoundConfig, Stage
 from .crypto import Signer, Verifier, canonical
 from .errors import InvalidSignatureError, LocalProtocolError, RemoteProtocolError, RoundAborted
 from .messages import vector_digest
-from .prg import WordArray, word_dtype
+from .ring import WordArray, word_dtype
 
 __all__ = [
     "CleartextAggregator",

@@ -14,10 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
 from .crypto import canonical, sha256
-from .prg import WordArray
+from .ring import WordArray, le_bytes
 from .shamir import SHARE_BYTES
 
 __all__ = [
@@ -48,7 +46,7 @@ def _require(condition: bool, what: str) -> None:
 
 
 def vector_digest(vector: WordArray) -> bytes:
-    return sha256(b"secagg/vector/v1", np.ascontiguousarray(vector).tobytes())
+    return sha256(b"secagg/vector/v1", le_bytes(vector))
 
 
 def consistency_payload(digest: bytes, survivors: tuple[str, ...]) -> bytes:

@@ -115,7 +115,7 @@ from .errors import (
     RoundAborted,
     SecAggError,
 )
-from .prg import WordArray, word_dtype
+from .ring import WordArray, word_dtype
 from .simulate import peer_ids, test_identities
 from .transcript import TranscriptError, VerifiedAggregate
 

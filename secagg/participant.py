@@ -53,6 +53,7 @@ from .messages import (
     consistency_payload,
     share_payload,
 )
+from .ring import word_dtype
 from .shamir import SHARE_BYTES, decode_share, encode_share, split_secret
 
 __all__ = ["Participant", "ParticipantState"]
@@ -103,7 +104,7 @@ class Participant:
         if missing:
             raise LocalProtocolError(f"no signature verifier for neighbours {sorted(missing)}")
         vector = np.asarray(x)
-        dtype = np.dtype(np.uint32 if config.bits == 32 else np.uint64)
+        dtype = word_dtype(config.bits)
         if vector.shape != (config.vector_length,) or vector.dtype != dtype:
             raise LocalProtocolError(
                 f"input must be a {dtype} vector of length {config.vector_length}, "

@@ -61,7 +61,7 @@ from .messages import (
     UnmaskShares,
 )
 from .participant import Participant, ParticipantState
-from .prg import WordArray, word_dtype
+from .ring import WordArray, word_dtype
 from .transcript import Transcript, TranscriptError, verify_transcript
 
 __all__ = [
@@ -618,7 +618,7 @@ def _tamper(
             config, round=config.round + 1 if config.round == 0 else config.round - 1
         )
         signers, verifiers = test_identities(config.peers, seed)
-        zeros = np.zeros(config.vector_length, dtype=np.uint32 if config.bits == 32 else np.uint64)
+        zeros = np.zeros(config.vector_length, dtype=word_dtype(config.bits))
         old = {
             v: Participant(
                 previous, v, signers[v], verifiers, zeros, DeterministicRandom(f"old/{v}")
