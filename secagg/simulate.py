@@ -27,17 +27,13 @@ from enum import StrEnum
 from functools import partial
 
 import numpy as np
-from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from .aggregator import Aggregator
 from .config import RoundConfig, Stage
 from .crypto import (
     DeterministicRandom,
     KeyPair,
-    Signer,
     Verifier,
-    signer_from_private_key,
-    verifier_from_public_key,
 )
 from .errors import ConfigError, RemoteProtocolError, RoundAborted, SecAggError
 from .graph import (
@@ -62,6 +58,7 @@ from .messages import (
 )
 from .participant import Participant, ParticipantState
 from .ring import WordArray, word_dtype
+from .testing import peer_ids, test_identities  # re-exported: scripts/ and tests use them
 from .transcript import Transcript, TranscriptError, verify_transcript
 
 __all__ = [
@@ -144,26 +141,6 @@ class SimulationResult:
     timed: tuple[int, ...] = ()  # 0-based indices of the participants whose times are reported
     transcript: Transcript | None = None
     transcript_error: str | None = None
-
-
-def peer_ids(n: int) -> tuple[str, ...]:
-    width = max(3, len(str(n - 1)))
-    return tuple(f"peer-{i:0{width}d}" for i in range(n))
-
-
-def test_identities(
-    peers: Sequence[str], seed: int
-) -> tuple[dict[str, Signer], dict[str, Verifier]]:
-    """Deterministic Ed25519 signing keys for simulated peers (never for real ones)."""
-    signers: dict[str, Signer] = {}
-    verifiers: dict[str, Verifier] = {}
-    for u in peers:
-        key = ed25519.Ed25519PrivateKey.from_private_bytes(
-            DeterministicRandom(f"identity/{seed}/{u}").token_bytes(32)
-        )
-        signers[u] = signer_from_private_key(key)
-        verifiers[u] = verifier_from_public_key(key.public_key())
-    return signers, verifiers
 
 
 def message_size(message: ParticipantMessage | AggregatorMessage) -> int:

@@ -29,7 +29,7 @@ from secagg import (
 )
 from secagg import simulate as simulation
 from secagg.graph import colluders_per_neighbourhood, neighbourhood_size, safe_threshold
-from secagg.prg import WordArray, word_dtype
+from secagg.ring import WordArray, word_dtype
 
 AGGREGATOR = "the-aggregator"
 SESSION = "test-session"

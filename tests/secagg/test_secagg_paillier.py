@@ -54,8 +54,8 @@ from secagg.paillier import (
     unpack,
     verify_paillier_transcript,
 )
-from secagg.prg import WordArray
-from secagg.simulate import peer_ids
+from secagg.ring import WordArray
+from secagg.testing import peer_ids
 
 KEY_BITS = 512
 AGG = "the-aggregator"
