@@ -45,6 +45,15 @@ def _require(condition: bool, what: str) -> None:
         raise ValueError(what)
 
 
+def _require_share_signatures(
+    signatures: tuple[bytes, ...], ciphertexts: tuple[tuple[str, bytes], ...]
+) -> None:
+    # Checked here, like every field the codec decodes, so that a signature of the wrong type
+    # is a malformed message and never reaches the verifier (which would raise TypeError).
+    _require(len(signatures) == len(ciphertexts), "one signature per share ciphertext")
+    _require(all(isinstance(s, bytes) for s in signatures), "share signatures must be bytes")
+
+
 def vector_digest(vector: WordArray) -> bytes:
     return sha256(b"secagg/vector/v1", le_bytes(vector))
 
@@ -115,9 +124,7 @@ class ShareKeys:
     signatures: tuple[bytes, ...] = ()
 
     def __post_init__(self) -> None:
-        _require(
-            len(self.signatures) == len(self.ciphertexts), "one signature per share ciphertext"
-        )
+        _require_share_signatures(self.signatures, self.ciphertexts)
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -229,9 +236,7 @@ class SharesToYou:
     signatures: tuple[bytes, ...] = ()  # the sender's signature of each ciphertext
 
     def __post_init__(self) -> None:
-        _require(
-            len(self.signatures) == len(self.ciphertexts), "one signature per share ciphertext"
-        )
+        _require_share_signatures(self.signatures, self.ciphertexts)
 
 
 @dataclass(frozen=True, slots=True)
