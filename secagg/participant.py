@@ -23,6 +23,7 @@ import numpy as np
 import numpy.typing as npt
 from cryptography.exceptions import InvalidTag
 
+from ._roles import drive
 from .config import RoundConfig
 from .crypto import (
     KeyPair,
@@ -35,7 +36,7 @@ from .crypto import (
     derive_channel_key,
     is_valid_x25519_public,
 )
-from .errors import InvalidSignatureError, LocalProtocolError, RemoteProtocolError, SecAggError
+from .errors import InvalidSignatureError, LocalProtocolError, RemoteProtocolError
 from .masking import mask_input, self_mask_commitment
 from .messages import (
     AdvertisedKeys,
@@ -163,7 +164,7 @@ class Participant:
         self.state = ParticipantState.ADVERTISED
         return self._advert
 
-    def receive(self, message: AggregatorMessage) -> ParticipantMessage:
+    def receive(self, message: object) -> ParticipantMessage:
         """Handle the aggregator's next message and return the reply to send.
 
         Raises:
@@ -173,23 +174,15 @@ class Participant:
                 ``start()`` or after the participant FAILED.
         In both cases the participant is FAILED and reveals nothing more.
         """
-        if self.state in (ParticipantState.NEW, ParticipantState.FAILED):
-            current, self.state = self.state, ParticipantState.FAILED
-            raise LocalProtocolError(f"{type(message).__name__} delivered in state {current.value}")
-        handler = _TRANSITIONS.get((self.state, type(message)))
-        if handler is None:
-            state, self.state = self.state, ParticipantState.FAILED
-            raise RemoteProtocolError(
-                self.aggregator, f"unexpected {type(message).__name__} in state {state.value}"
-            )
-        try:
-            self._check_round(message)
-            reply, next_state = handler(self, message)
-        except SecAggError:
-            self.state = ParticipantState.FAILED
-            raise
-        self.state = next_state
-        return reply
+        return drive(
+            self,
+            message,
+            _TRANSITIONS,
+            offender=self.aggregator,
+            failed=ParticipantState.FAILED,
+            refused_in=(ParticipantState.NEW, ParticipantState.FAILED),
+            check=self._check_round,
+        )
 
     # ------------------------------------------------------------------ checks
 

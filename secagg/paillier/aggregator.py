@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
-from ..aggregator import AggregatorState
+from .._roles import AggregatorState, StagedAggregator
 from ..crypto import Verifier
 from ..errors import (
     ConfigError,
@@ -109,7 +109,9 @@ class RedactedPaillierTranscript:
         return tuple(u for u, _ in self.contributions)
 
 
-class PaillierAggregator:
+class PaillierAggregator(
+    StagedAggregator[PaillierStage, PaillierParticipantMessage, PaillierAggregatorMessage]
+):
     """The aggregator's side of one round, driven like :class:`secagg.Aggregator`:
 
         agg = PaillierAggregator(config, verifiers, "hospital-c")
@@ -124,6 +126,9 @@ class PaillierAggregator:
     contributor but the key holder (endorse).
     """
 
+    STAGE_MESSAGE = _STAGE_MESSAGE
+    NEXT_STAGE = _NEXT_STAGE
+
     def __init__(
         self, config: PaillierConfig, verifiers: Mapping[str, Verifier], me: str = AGGREGATOR
     ) -> None:
@@ -131,21 +136,12 @@ class PaillierAggregator:
             raise ConfigError(
                 f"{me} cannot be both aggregator and key holder: it could decrypt every input"
             )
-        missing = [u for u in config.round.peers if u not in verifiers]
-        if missing:
-            raise LocalProtocolError(f"no signature verifier for {missing}")
+        super().__init__(
+            me, config.round.peers, verifiers, PaillierStage.KEY, frozenset({config.key_holder})
+        )
         self.config = config
-        self.me = me
-        self.state = PaillierAggregatorState.RUNNING
-        self.stage = PaillierStage.KEY
-        self.dropped: dict[PaillierStage, tuple[str, ...]] = {}
         self.result: PaillierResult | None = None
-        self.abort_reason: str | None = None
         self._checks = _Checks(config, verifiers)
-        self._verifiers = verifiers
-        self._expected: frozenset[str] = frozenset({config.key_holder})
-        self._received: dict[str, PaillierParticipantMessage] = {}
-        self._excluded: set[str] = set()
         self._key: KeyAnnouncement | None = None
         self._n = 0
         self._inputs: dict[str, EncryptedInput] = {}
@@ -156,39 +152,8 @@ class PaillierAggregator:
 
     # ------------------------------------------------------------------ receiving
 
-    def pending(self) -> frozenset[str]:
-        """Peers whose message for the current stage has not arrived yet."""
-        if self.state is not PaillierAggregatorState.RUNNING:
-            return frozenset()
-        return self._expected - set(self._received) - self._excluded
-
-    def receive(self, message: PaillierParticipantMessage) -> None:
-        """Accept one message for the current stage.
-
-        Raises:
-            RemoteProtocolError: the message breaks the protocol; its sender is left out of
-                the rest of the round (for the key holder that aborts the round at close).
-            LocalProtocolError: the round is over.
-        """
-        if self.state is not PaillierAggregatorState.RUNNING:
-            raise LocalProtocolError(f"round is {self.state.value}; no more messages")
-        sender = message.sender
-        if sender not in self._expected or sender in self._excluded:
-            raise RemoteProtocolError(sender, f"not expected at stage {self.stage.value}")
-        try:
-            if not isinstance(message, _STAGE_MESSAGE[self.stage]):
-                raise RemoteProtocolError(
-                    sender,
-                    f"sent {type(message).__name__} at stage {self.stage.value} (late or replayed)",
-                )
-            if sender in self._received:
-                raise RemoteProtocolError(sender, f"sent two messages at stage {self.stage.value}")
-            self._checks.round_of(message, sender)
-            self._validate(message)
-        except RemoteProtocolError:
-            self._excluded.add(sender)
-            raise
-        self._received[sender] = message
+    def _check_round(self, message: PaillierParticipantMessage) -> None:
+        self._checks.round_of(message, message.sender)
 
     def _validate(self, message: PaillierParticipantMessage) -> None:
         config, sender = self.config, message.sender
@@ -226,45 +191,6 @@ class PaillierAggregator:
             ) from None
 
     # ------------------------------------------------------------------ closing stages
-
-    def close_stage(self) -> dict[str, PaillierAggregatorMessage]:
-        """End the current stage; return the next messages by recipient.
-
-        After the decrypt stage this sets ``self.result`` and returns {}.
-
-        Raises:
-            RoundAborted: the round cannot go on (no key, fewer than t inputs or
-                endorsements, no decryption). The aggregator is ABORTED.
-        """
-        if self.state is not PaillierAggregatorState.RUNNING:
-            raise LocalProtocolError(f"round is {self.state.value}")
-        stage = self.stage
-        arrived = {u: m for u, m in self._received.items() if u not in self._excluded}
-        self.dropped[stage] = tuple(
-            u for u in self.config.round.peers if u in self._expected and u not in arrived
-        )
-        try:
-            outgoing = self._close(stage, arrived)
-        except RoundAborted as error:
-            self.state = PaillierAggregatorState.ABORTED
-            self.abort_reason = str(error)
-            raise
-        next_stage = _NEXT_STAGE[stage]
-        if next_stage is None:
-            self.state = PaillierAggregatorState.DONE
-        else:
-            self.stage = next_stage
-            self._expected = self._next_expected(next_stage)
-            self._received = {}
-        return outgoing
-
-    def _next_expected(self, stage: PaillierStage) -> frozenset[str]:
-        key_holder = self.config.key_holder
-        if stage is PaillierStage.INPUT:
-            return frozenset(self.config.round.peers)
-        if stage is PaillierStage.ENDORSE:
-            return frozenset(self._inputs) - {key_holder}
-        return frozenset({key_holder})
 
     def _close(
         self, stage: PaillierStage, arrived: Mapping[str, PaillierParticipantMessage]

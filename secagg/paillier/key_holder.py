@@ -7,13 +7,13 @@ from dataclasses import replace
 from enum import StrEnum
 from typing import Any, cast
 
+from .._roles import drive
 from ..crypto import Signer, Verifier
 from ..errors import (
     ConfigError,
     LocalProtocolError,
     RemoteProtocolError,
     RoundAborted,
-    SecAggError,
 )
 from ..transcript import VerifiedAggregate
 from .checks import _Checks
@@ -25,7 +25,6 @@ from .messages import (
     DecryptionRequest,
     InputsToCheck,
     KeyAnnouncement,
-    PaillierAggregatorMessage,
     aggregate_digest,
 )
 
@@ -100,7 +99,7 @@ class PaillierKeyHolder:
         self.state = KeyHolderState.PUBLISHED
         return replace(unsigned, signature=signature)
 
-    def receive(self, message: PaillierAggregatorMessage) -> DecryptedSum:
+    def receive(self, message: object) -> DecryptedSum:
         """Decrypt the endorsed product, once.
 
         Raises:
@@ -111,29 +110,19 @@ class PaillierKeyHolder:
             LocalProtocolError: called before ``start()`` or after a failure.
         In every case the key holder is FAILED and its private key is dropped.
         """
-        if self.state in (KeyHolderState.NEW, KeyHolderState.FAILED):
-            state, self.state = self.state, KeyHolderState.FAILED
-            self._private = None
-            raise LocalProtocolError(f"{type(message).__name__} delivered in state {state.value}")
-        handler = _KEY_HOLDER_TRANSITIONS.get((self.state, type(message)))
-        try:
-            if handler is None:
-                raise RemoteProtocolError(
-                    self.aggregator,
-                    f"unexpected {type(message).__name__} in state {self.state.value}"
-                    + (
-                        " (the key holder must never see individual inputs)"
-                        if isinstance(message, InputsToCheck)
-                        else ""
-                    ),
-                )
-            reply, next_state = handler(self, message)
-        except SecAggError:
-            self.state = KeyHolderState.FAILED
-            self._private = None
-            raise
-        self.state = next_state
-        return reply
+        return drive(
+            self,
+            message,
+            _KEY_HOLDER_TRANSITIONS,
+            offender=self.aggregator,
+            failed=KeyHolderState.FAILED,
+            refused_in=(KeyHolderState.NEW, KeyHolderState.FAILED),
+            on_fail=self._drop_key,
+            unexpected_note=_never_inputs,
+        )
+
+    def _drop_key(self) -> None:
+        self._private = None
 
     def _on_request(self, message: DecryptionRequest) -> tuple[DecryptedSum, KeyHolderState]:
         config, agg = self.config, self.aggregator
@@ -198,6 +187,12 @@ class PaillierKeyHolder:
         wp = pow(combined % p, pow(n, -1, p - 1), p)
         wq = pow(combined % q, pow(n, -1, q - 1), q)
         return int(wp + p * ((wq - wp) * pow(p, -1, q) % q))
+
+
+def _never_inputs(message: object) -> str:
+    if isinstance(message, InputsToCheck):
+        return " (the key holder must never see individual inputs)"
+    return ""
 
 
 _KeyHolderHandler = Callable[[PaillierKeyHolder, Any], tuple[DecryptedSum, KeyHolderState]]

@@ -10,12 +10,12 @@ from typing import Any, cast
 import numpy as np
 import numpy.typing as npt
 
+from .._roles import drive
 from ..crypto import RandomSource, Signer, Verifier
 from ..errors import (
     ConfigError,
     LocalProtocolError,
     RemoteProtocolError,
-    SecAggError,
 )
 from ..ring import word_dtype
 from .checks import _Checks
@@ -26,7 +26,6 @@ from .messages import (
     Endorsement,
     InputsToCheck,
     KeyAnnouncement,
-    PaillierAggregatorMessage,
     PaillierParticipantMessage,
     _contributions,
     aggregate_digest,
@@ -96,7 +95,7 @@ class PaillierParticipant:
         self._rng = rng
         self._n = 0
 
-    def receive(self, message: PaillierAggregatorMessage) -> PaillierParticipantMessage:
+    def receive(self, message: object) -> PaillierParticipantMessage:
         """Handle the aggregator's next message and return the reply to send.
 
         Raises:
@@ -105,21 +104,14 @@ class PaillierParticipant:
             LocalProtocolError: a message after the participant FAILED.
         In both cases the participant is FAILED and sends nothing more.
         """
-        if self.state is PaillierParticipantState.FAILED:
-            raise LocalProtocolError(f"{type(message).__name__} delivered in state failed")
-        handler = _PARTICIPANT_TRANSITIONS.get((self.state, type(message)))
-        if handler is None:
-            state, self.state = self.state, PaillierParticipantState.FAILED
-            raise RemoteProtocolError(
-                self.aggregator, f"unexpected {type(message).__name__} in state {state.value}"
-            )
-        try:
-            reply, next_state = handler(self, message)
-        except SecAggError:
-            self.state = PaillierParticipantState.FAILED
-            raise
-        self.state = next_state
-        return reply
+        return drive(
+            self,
+            message,
+            _PARTICIPANT_TRANSITIONS,
+            offender=self.aggregator,
+            failed=PaillierParticipantState.FAILED,
+            refused_in=(PaillierParticipantState.FAILED,),
+        )
 
     def _on_key(self, message: KeyAnnouncement) -> tuple[EncryptedInput, PaillierParticipantState]:
         public_key = self._checks.key(message, self.aggregator)

@@ -15,7 +15,6 @@ from .messages import (
     DecryptionRequest,
     EncryptedInput,
     KeyAnnouncement,
-    PaillierAggregatorMessage,
     PaillierParticipantMessage,
 )
 from .participant import PaillierParticipant, PaillierParticipantState
@@ -67,7 +66,7 @@ class PaillierPeer:
         """The key holder's announcement (generates the key: not instant); None elsewhere."""
         return self.key_holder.start() if self.key_holder is not None else None
 
-    def receive(self, message: PaillierAggregatorMessage) -> PaillierParticipantMessage:
+    def receive(self, message: object) -> PaillierParticipantMessage:
         """Route ``message`` to the role it is for; see the roles' ``receive``."""
         if isinstance(message, DecryptionRequest):
             if self.key_holder is None:
