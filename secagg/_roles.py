@@ -23,13 +23,17 @@ so that it needs neither ``Any`` nor ``getattr`` to move messages between the ro
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Mapping, Set
+from collections.abc import Callable, Collection, Iterable, Mapping, Set
 from enum import StrEnum
 from typing import Any, ClassVar, Generic, Protocol, TypeVar, cast
 
+import numpy as np
+import numpy.typing as npt
+
+from .config import RoundConfig
 from .crypto import Verifier
 from .errors import LocalProtocolError, RemoteProtocolError, RoundAborted, SecAggError
-from .ring import WordArray
+from .ring import WordArray, word_dtype
 
 __all__ = [
     "AggregatorRole",
@@ -38,6 +42,8 @@ __all__ = [
     "RoundResult",
     "StagedAggregator",
     "drive",
+    "own_input",
+    "require_verifiers",
 ]
 
 
@@ -116,6 +122,31 @@ class ParticipantRole(Protocol):
     def start(self) -> object | None: ...
 
     def receive(self, message: object) -> object: ...
+
+
+# ---------------------------------------------------------------------- construction checks
+
+
+def require_verifiers(
+    peers: Iterable[str], verifiers: Mapping[str, Verifier], whose: str = ""
+) -> None:
+    """Every peer whose signature a role checks must have a verifier: refused up front, not
+    as a KeyError at the first message."""
+    missing = [u for u in peers if u not in verifiers]
+    if missing:
+        raise LocalProtocolError(f"no signature verifier for {whose}{missing}")
+
+
+def own_input(x: npt.ArrayLike, config: RoundConfig) -> WordArray:
+    """This peer's quantized input as ring words, refused unless it has the round's shape."""
+    vector = np.asarray(x)
+    dtype = word_dtype(config.bits)
+    if vector.shape != (config.vector_length,) or vector.dtype != dtype:
+        raise LocalProtocolError(
+            f"input must be a {dtype} vector of length {config.vector_length}, "
+            f"not {vector.dtype} of shape {vector.shape}"
+        )
+    return vector
 
 
 # ---------------------------------------------------------------------- participant side
@@ -223,9 +254,7 @@ class StagedAggregator(Generic[StageT, InT, OutT]):
         first_stage: StageT,
         expected: frozenset[str],
     ) -> None:
-        missing = [u for u in roster if u not in verifiers]
-        if missing:
-            raise LocalProtocolError(f"no signature verifier for {missing}")
+        require_verifiers(roster, verifiers)
         self.me = me
         self.state = AggregatorState.RUNNING
         self.stage: StageT = first_stage

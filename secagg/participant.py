@@ -19,11 +19,10 @@ from dataclasses import replace
 from enum import StrEnum
 from typing import Any, cast
 
-import numpy as np
 import numpy.typing as npt
 from cryptography.exceptions import InvalidTag
 
-from ._roles import drive
+from ._roles import drive, own_input, require_verifiers
 from .config import RoundConfig
 from .crypto import (
     KeyPair,
@@ -54,7 +53,6 @@ from .messages import (
     consistency_payload,
     share_payload,
 )
-from .ring import word_dtype
 from .shamir import SHARE_BYTES, decode_share, encode_share, split_secret
 
 __all__ = ["Participant", "ParticipantState"]
@@ -101,16 +99,8 @@ class Participant:
     ) -> None:
         if not config.is_member(me):
             raise LocalProtocolError(f"{me} is not in the roster of this round")
-        missing = [u for u in config.neighbourhood(me) if u not in verifiers]
-        if missing:
-            raise LocalProtocolError(f"no signature verifier for neighbours {sorted(missing)}")
-        vector = np.asarray(x)
-        dtype = word_dtype(config.bits)
-        if vector.shape != (config.vector_length,) or vector.dtype != dtype:
-            raise LocalProtocolError(
-                f"input must be a {dtype} vector of length {config.vector_length}, "
-                f"not {vector.dtype} of shape {vector.shape}"
-            )
+        require_verifiers(sorted(config.neighbourhood(me)), verifiers, "neighbours ")
+        vector = own_input(x, config)
         self.config = config
         self.me = me
         self.aggregator = aggregator

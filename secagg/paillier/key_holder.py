@@ -7,7 +7,7 @@ from dataclasses import replace
 from enum import StrEnum
 from typing import Any, cast
 
-from .._roles import drive
+from .._roles import drive, require_verifiers
 from ..crypto import Signer, Verifier
 from ..errors import (
     ConfigError,
@@ -69,9 +69,7 @@ class PaillierKeyHolder:
             raise LocalProtocolError(f"{me} is not the key holder of this round")
         if aggregator == me:
             raise ConfigError("the key holder cannot also be the aggregator")
-        missing = [u for u in config.round.peers if u not in verifiers]
-        if missing:
-            raise LocalProtocolError(f"no signature verifier for {missing}")
+        require_verifiers(config.round.peers, verifiers)
         self.config = config
         self.me = me
         self.aggregator = aggregator

@@ -7,17 +7,15 @@ from dataclasses import replace
 from enum import StrEnum
 from typing import Any, cast
 
-import numpy as np
 import numpy.typing as npt
 
-from .._roles import drive
+from .._roles import drive, own_input, require_verifiers
 from ..crypto import RandomSource, Signer, Verifier
 from ..errors import (
     ConfigError,
     LocalProtocolError,
     RemoteProtocolError,
 )
-from ..ring import word_dtype
 from .checks import _Checks
 from .config import AGGREGATOR, PaillierConfig
 from .encoding import _product, _random_unit, endorsement_payload, pack
@@ -74,16 +72,8 @@ class PaillierParticipant:
                 f"{aggregator} cannot be both aggregator and key holder: it could decrypt "
                 "every input"
             )
-        missing = [u for u in config.round.peers if u not in verifiers]
-        if missing:
-            raise LocalProtocolError(f"no signature verifier for {missing}")
-        vector = np.asarray(x)
-        dtype = word_dtype(config.round.bits)
-        if vector.shape != (config.round.vector_length,) or vector.dtype != dtype:
-            raise LocalProtocolError(
-                f"input must be a {dtype} vector of length {config.round.vector_length}, "
-                f"not {vector.dtype} of shape {vector.shape}"
-            )
+        require_verifiers(config.round.peers, verifiers)
+        vector = own_input(x, config.round)
         self.config = config
         self.me = me
         self.aggregator = aggregator
