@@ -33,6 +33,7 @@ __all__ = [
     "UnmaskShares",
     "consistency_payload",
     "masked_payload",
+    "message_size",
     "share_payload",
     "vector_digest",
 ]
@@ -268,3 +269,27 @@ class UnmaskRequest:
 
 
 AggregatorMessage = AdvertisedKeys | SharesToYou | SurvivorSet | UnmaskRequest
+
+
+def message_size(message: ParticipantMessage | AggregatorMessage) -> int:
+    """Bytes of payload a message carries on the wire (ids, keys, ciphertexts, vectors)."""
+    if isinstance(message, AdvertiseKeys):
+        return len(message.sender) + 96 + len(message.signature)
+    if isinstance(message, ShareKeys):
+        return len(message.sender) + sum(len(v) + len(c) for v, c in message.ciphertexts)
+    if isinstance(message, MaskedInput):
+        ids = sum(len(v) for v in message.masked_with)
+        return len(message.sender) + ids + message.vector.nbytes + len(message.signature)
+    if isinstance(message, ConsistencySignature):
+        return len(message.sender) + len(message.signature)
+    if isinstance(message, UnmaskShares):
+        pairs = (*message.self_mask_shares, *message.mask_key_shares)
+        return len(message.sender) + sum(len(o) + len(s) for o, s in pairs) + len(message.signature)
+    if isinstance(message, AdvertisedKeys):
+        return sum(message_size(a) for a in message.adverts)
+    if isinstance(message, SharesToYou):
+        return sum(len(u) + len(c) for u, c in message.ciphertexts)
+    if isinstance(message, SurvivorSet):
+        return sum(len(u) for u in message.survivors)
+    ids = sum(len(u) for u in (*message.survivors, *message.dropped))
+    return ids + sum(message_size(s) for s in message.signatures)

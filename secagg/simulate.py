@@ -45,7 +45,6 @@ from .graph import (
 )
 from .messages import (
     AdvertisedKeys,
-    AdvertiseKeys,
     AggregatorMessage,
     ConsistencySignature,
     MaskedInput,
@@ -55,6 +54,7 @@ from .messages import (
     SurvivorSet,
     UnmaskRequest,
     UnmaskShares,
+    message_size,  # re-exported: it used to live here
 )
 from .participant import Participant, ParticipantState
 from .ring import WordArray, word_dtype
@@ -141,30 +141,6 @@ class SimulationResult:
     timed: tuple[int, ...] = ()  # 0-based indices of the participants whose times are reported
     transcript: Transcript | None = None
     transcript_error: str | None = None
-
-
-def message_size(message: ParticipantMessage | AggregatorMessage) -> int:
-    """Bytes of payload a message carries on the wire (ids, keys, ciphertexts, vectors)."""
-    if isinstance(message, AdvertiseKeys):
-        return len(message.sender) + 96 + len(message.signature)
-    if isinstance(message, ShareKeys):
-        return len(message.sender) + sum(len(v) + len(c) for v, c in message.ciphertexts)
-    if isinstance(message, MaskedInput):
-        ids = sum(len(v) for v in message.masked_with)
-        return len(message.sender) + ids + message.vector.nbytes + len(message.signature)
-    if isinstance(message, ConsistencySignature):
-        return len(message.sender) + len(message.signature)
-    if isinstance(message, UnmaskShares):
-        pairs = (*message.self_mask_shares, *message.mask_key_shares)
-        return len(message.sender) + sum(len(o) + len(s) for o, s in pairs) + len(message.signature)
-    if isinstance(message, AdvertisedKeys):
-        return sum(message_size(a) for a in message.adverts)
-    if isinstance(message, SharesToYou):
-        return sum(len(u) + len(c) for u, c in message.ciphertexts)
-    if isinstance(message, SurvivorSet):
-        return sum(len(u) for u in message.survivors)
-    ids = sum(len(u) for u in (*message.survivors, *message.dropped))
-    return ids + sum(message_size(s) for s in message.signatures)
 
 
 def simulate(
