@@ -163,11 +163,11 @@ class _Stateful(Protocol[StateT]):
 def drive(
     role: RoleT,
     message: object,
-    table: Mapping[tuple[Any, type], Callable[[RoleT, Any], tuple[ReplyT, Any]]],
+    table: Mapping[tuple[StateT, type], Callable[[RoleT, Any], tuple[ReplyT, StateT]]],
     *,
     offender: str,
-    failed: StrEnum,
-    refused_in: Collection[StrEnum],
+    failed: StateT,
+    refused_in: Collection[StateT],
     check: Callable[[Any], None] | None = None,
     on_fail: Callable[[], None] | None = None,
     unexpected_note: Callable[[object], str] = lambda message: "",
@@ -191,7 +191,7 @@ def drive(
         SecAggError: whatever else the handler raises (e.g. :class:`RoundAborted`).
     In every case the role is ``failed`` (and ``on_fail`` has run).
     """
-    stateful = cast(_Stateful[Any], role)
+    stateful = cast(_Stateful[StateT], role)
 
     def fail() -> None:
         stateful.state = failed

@@ -105,8 +105,10 @@ class CleartextParticipant:
         )
 
 
+# The cleartext participant expects no message at all: its table is empty.
 _NO_TRANSITIONS: dict[
-    tuple[_ParticipantState, type], Callable[..., tuple[CleartextInput, Any]]
+    tuple[_ParticipantState, type],
+    Callable[[CleartextParticipant, Any], tuple[CleartextInput, _ParticipantState]],
 ] = {}
 
 
