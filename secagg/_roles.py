@@ -23,7 +23,7 @@ so that it needs neither ``Any`` nor ``getattr`` to move messages between the ro
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterable, Mapping, Set
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence, Set
 from enum import StrEnum
 from typing import Any, ClassVar, Generic, Protocol, TypeVar, cast
 
@@ -105,6 +105,10 @@ class AggregatorRole(Protocol):
 
     def transcript(self, recipient: str) -> object:
         """What ``recipient`` is sent as the round's transcript (after DONE)."""
+        ...
+
+    def transcripts(self, recipients: Sequence[str]) -> Mapping[str, object]:
+        """The transcript of every recipient (after DONE); build once, send each its own."""
         ...
 
 
@@ -359,6 +363,18 @@ class StagedAggregator(Generic[StageT, InT, OutT]):
             self._expected = frozenset(outgoing)  # each recipient answers at the next stage
             self._received = {}
         return outgoing
+
+    # ------------------------------------------------------------------ publishing
+
+    def transcript(self, recipient: str) -> object:
+        """What ``recipient`` is sent as the round's transcript (after DONE)."""
+        raise NotImplementedError
+
+    def transcripts(self, recipients: Sequence[str]) -> dict[str, object]:
+        """The transcript of every recipient (after DONE). By default one and the same for
+        everyone; a protocol that must show some recipient less overrides this."""
+        shared = self.transcript(recipients[0]) if recipients else None
+        return dict.fromkeys(recipients, shared)
 
     def dropped_at(self, stage: StrEnum) -> tuple[str, ...]:
         """The peers that missed (or were excluded at) ``stage``; () for an open stage."""

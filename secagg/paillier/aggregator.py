@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -250,6 +250,15 @@ class PaillierAggregator(
         return {}
 
     # ------------------------------------------------------------------ publishing
+
+    def transcripts(self, recipients: Sequence[str]) -> dict[str, object]:
+        """Every recipient's transcript: the key holder's redacted, one full one shared by the
+        others (see :meth:`transcript`)."""
+        key_holder = self.config.key_holder
+        full = next((self.transcript(r) for r in recipients if r != key_holder), None)
+        return {
+            r: self.transcript(r) if r == key_holder or full is None else full for r in recipients
+        }
 
     def transcript(self, recipient: str) -> PaillierTranscript | RedactedPaillierTranscript:
         """The round's transcript for ``recipient`` (after DONE).

@@ -457,6 +457,15 @@ def _resigned_lie(round_: Round, honest: DecryptedSum, request: DecryptionReques
 # ------------------------------------------------------------------ transcript
 
 
+def test_transcripts_give_the_key_holder_the_redacted_one_and_the_others_one_full_one() -> None:
+    round_ = finished_round(seed=9)
+    peers = round_.config.round.peers
+    sent = round_.aggregator.transcripts(peers)
+    assert isinstance(sent[peers[0]], RedactedPaillierTranscript)  # peers[0] holds the key
+    assert isinstance(sent[peers[1]], PaillierTranscript)
+    assert sent[peers[1]] is sent[peers[2]]
+
+
 def finished_round(seed: int) -> Round:
     round_ = Round(make_config(3, 25), random_inputs(3, 25, seed=seed))
     round_.run()

@@ -94,6 +94,8 @@ def test_cleartext_round_sums_and_its_transcript_verifies() -> None:
     assert np.array_equal(agg.result.aggregate, vector(1 + 2 + 3))
     total = verify_cleartext_transcript(agg.transcript(PEERS[0]), CONFIG, VERIFIERS)
     assert np.array_equal(total, vector(6))
+    sent = agg.transcripts(PEERS[:3])
+    assert sent[PEERS[0]] is sent[PEERS[2]]  # the same one for everyone
 
 
 def test_cleartext_close_twice_is_refused_and_keeps_the_drop_report() -> None:
