@@ -26,6 +26,7 @@ from secagg import (
     Signer,
     UnmaskShares,
     Verifier,
+    testing,
 )
 from secagg import simulate as simulation
 from secagg.graph import colluders_per_neighbourhood, neighbourhood_size, safe_threshold
@@ -52,7 +53,7 @@ def identities(
     peers: Iterable[str], seed: int = 0
 ) -> tuple[dict[str, Signer], dict[str, Verifier]]:
     """Deterministic Ed25519 identities (the simulator's, so the two can be mixed)."""
-    return simulation.test_identities(tuple(peers), seed)
+    return testing.test_identities(tuple(peers), seed)
 
 
 @dataclass
