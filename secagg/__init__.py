@@ -1,9 +1,12 @@
 """Secure aggregation core: Bonawitz et al. SecAgg and SecAgg+ as sans-I/O state machines.
 
 No sockets, threads or clocks in here: a :class:`Participant` and an :class:`Aggregator`
-take messages and return messages; the gRPC peer and the in-memory simulator drive them.
+take messages and return messages; the gRPC peer and the in-memory simulator drive them,
+typed by :class:`AggregatorRole` and :class:`ParticipantRole` (every protocol's roles, SecAgg,
+Paillier and cleartext, fit them).
 """
 
+from ._roles import AggregatorRole, ParticipantRole, RoundResult
 from .aggregator import AggregateResult, Aggregator, AggregatorState
 from .config import RoundConfig, Stage
 from .crypto import (
@@ -49,6 +52,7 @@ __all__ = [
     "AggregateResult",
     "Aggregator",
     "AggregatorMessage",
+    "AggregatorRole",
     "AggregatorState",
     "ConfigError",
     "ConsistencySignature",
@@ -62,6 +66,7 @@ __all__ = [
     "NeighbourGraph",
     "Participant",
     "ParticipantMessage",
+    "ParticipantRole",
     "ParticipantState",
     "QuantizedVector",
     "Quantizer",
@@ -69,6 +74,7 @@ __all__ = [
     "RemoteProtocolError",
     "RoundAborted",
     "RoundConfig",
+    "RoundResult",
     "SecAggError",
     "ShareKeys",
     "SharesToYou",

@@ -21,10 +21,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from enum import StrEnum
 
-import numpy as np
-
+from ._roles import AggregatorState, StagedAggregator
 from .config import RoundConfig, Stage
 from .crypto import Verifier, is_valid_x25519_public
 from .errors import InvalidSignatureError, LocalProtocolError, RemoteProtocolError, RoundAborted
@@ -44,7 +42,7 @@ from .messages import (
     consistency_payload,
     share_payload,
 )
-from .prg import WordArray
+from .ring import WordArray, word_dtype
 from .shamir import ShareError, decode_share
 from .transcript import Transcript
 
@@ -66,12 +64,6 @@ _NEXT_STAGE: dict[Stage, Stage | None] = {
 }
 
 
-class AggregatorState(StrEnum):
-    RUNNING = "running"
-    DONE = "done"
-    ABORTED = "aborted"
-
-
 @dataclass(frozen=True, slots=True, eq=False)
 class AggregateResult:
     """The round's outcome: the sum over ``survivors`` of their inputs, mod 2^bits."""
@@ -81,24 +73,17 @@ class AggregateResult:
     dropped: Mapping[Stage, tuple[str, ...]]  # peers that missed (or were excluded at) a stage
 
 
-class Aggregator:
+class Aggregator(StagedAggregator[Stage, ParticipantMessage, AggregatorMessage]):
     """The aggregator's side of one round (see the module docstring)."""
+
+    STAGE_MESSAGE = _STAGE_MESSAGE
+    NEXT_STAGE = _NEXT_STAGE
 
     def __init__(
         self, config: RoundConfig, verifiers: Mapping[str, Verifier], me: str = "aggregator"
     ) -> None:
-        missing = [u for u in config.peers if u not in verifiers]
-        if missing:
-            raise LocalProtocolError(f"no signature verifier for {missing}")
+        super().__init__(me, config.peers, verifiers, Stage.ADVERTISE, frozenset(config.peers))
         self.config = config
-        self.me = me
-        self.state = AggregatorState.RUNNING
-        self.stage: Stage = Stage.ADVERTISE
-        self._verifiers = verifiers
-        self._expected: frozenset[str] = frozenset(config.peers)
-        self._received: dict[str, ParticipantMessage] = {}
-        self._excluded: set[str] = set()
-        self.dropped: dict[Stage, tuple[str, ...]] = {}
         # What the transcript needs, kept as the stages close.
         self._adverts: dict[str, AdvertiseKeys] = {}
         self._shares: dict[str, ShareKeys] = {}
@@ -108,51 +93,16 @@ class Aggregator:
         self._signatures: dict[str, ConsistencySignature] = {}
         self._unmask: dict[str, UnmaskShares] = {}
         self.result: AggregateResult | None = None
-        self.abort_reason: str | None = None
-        # Participants whose revealed share was proven wrong (the round went on without it).
-        self.misbehaving: set[str] = set()
 
     # ------------------------------------------------------------------ receiving
 
-    def pending(self) -> frozenset[str]:
-        """Peers whose message for the current stage has not arrived yet."""
-        if self.state is not AggregatorState.RUNNING:
-            return frozenset()
-        return self._expected - set(self._received) - self._excluded
-
-    def receive(self, message: ParticipantMessage) -> None:
-        """Accept one participant message for the current stage.
-
-        Raises:
-            RemoteProtocolError: the message breaks the protocol; its sender is excluded from
-                the rest of the round (as if it had dropped out) and the round goes on.
-            LocalProtocolError: the round is over.
-        """
-        if self.state is not AggregatorState.RUNNING:
-            raise LocalProtocolError(f"round is {self.state.value}; no more messages")
-        sender = message.sender
-        if sender not in self._expected or sender in self._excluded:
-            raise RemoteProtocolError(sender, f"not expected at stage {self.stage.value}")
-        try:
-            if not isinstance(message, _STAGE_MESSAGE[self.stage]):
-                raise RemoteProtocolError(
-                    sender,
-                    f"sent {type(message).__name__} at stage {self.stage.value} (late or replayed)",
-                )
-            # A second, possibly different, message is equivocation: neither copy is used.
-            if sender in self._received:
-                raise RemoteProtocolError(sender, f"sent two messages at stage {self.stage.value}")
-            if (message.session_id, message.round) != (self.config.session_id, self.config.round):
-                raise RemoteProtocolError(
-                    sender,
-                    f"message for session {message.session_id!r} round {message.round} "
-                    "(replayed or misrouted)",
-                )
-            self._validate(message)
-        except RemoteProtocolError:
-            self._excluded.add(sender)
-            raise
-        self._received[sender] = message
+    def _check_round(self, message: ParticipantMessage) -> None:
+        if (message.session_id, message.round) != (self.config.session_id, self.config.round):
+            raise RemoteProtocolError(
+                message.sender,
+                f"message for session {message.session_id!r} round {message.round} "
+                "(replayed or misrouted)",
+            )
 
     def _verify(self, sender: str, signature: bytes, payload: bytes, what: str) -> None:
         if not self._verifiers[sender].verify(signature, payload):
@@ -191,9 +141,9 @@ class Aggregator:
                     sender, signature, share_payload(config.digest, sender, v, ciphertext), "shares"
                 )
         elif isinstance(message, MaskedInput):
-            if message.vector.shape != (config.vector_length,) or message.vector.dtype != np.dtype(
-                np.uint32 if config.bits == 32 else np.uint64
-            ):
+            if message.vector.shape != (
+                config.vector_length,
+            ) or message.vector.dtype != word_dtype(config.bits):
                 raise RemoteProtocolError(
                     sender,
                     f"masked vector has shape {message.vector.shape} and dtype "
@@ -234,43 +184,13 @@ class Aggregator:
 
     # ------------------------------------------------------------------ closing stages
 
-    def close_stage(self) -> dict[str, AggregatorMessage]:
-        """End the current stage; return the next messages, one per remaining participant.
-
-        After the last stage this computes the aggregate (``self.result``) and returns {}.
-
-        Raises:
-            RoundAborted: too few peers remain to continue safely. The aggregator is ABORTED.
-        """
-        if self.state is not AggregatorState.RUNNING:
-            raise LocalProtocolError(f"round is {self.state.value}")
-        stage = self.stage
-        arrived = {u: m for u, m in self._received.items() if u not in self._excluded}
-        self.dropped[stage] = tuple(
-            u for u in self.config.peers if u in self._expected and u not in arrived
-        )
-        try:
-            outgoing = self._close(stage, arrived)
-        except RoundAborted as error:
-            self.state = AggregatorState.ABORTED
-            self.abort_reason = str(error)
-            raise
-        except RemoteProtocolError as error:
-            self.state = AggregatorState.ABORTED
-            self.abort_reason = str(error)
-            raise
-        next_stage = _NEXT_STAGE[stage]
-        if next_stage is None:
-            self.state = AggregatorState.DONE
-        else:
-            # Peers left out because too few of their neighbours remain have dropped too.
-            self.dropped[stage] = tuple(
-                u for u in self.config.peers if u in self._expected and u not in outgoing
-            )
-            self.stage = next_stage
-            self._expected = frozenset(outgoing)
-            self._received = {}
-        return outgoing
+    def _dropped_at_close(
+        self,
+        arrived: Mapping[str, ParticipantMessage],
+        outgoing: Mapping[str, AggregatorMessage],
+    ) -> tuple[str, ...]:
+        # Peers left out because too few of their neighbours remain have dropped too.
+        return self._in_roster_order(self._expected - set(outgoing))
 
     def _viable(self, peers: Iterable[str], stage: Stage) -> frozenset[str]:
         """The largest subset in which everyone still has >= t of its neighbourhood."""
@@ -404,8 +324,9 @@ class Aggregator:
 
     # ------------------------------------------------------------------ publishing
 
-    def transcript(self) -> Transcript:
-        """Everything a peer needs to recompute and check the aggregate (after DONE)."""
+    def transcript(self, recipient: str | None = None) -> Transcript:
+        """Everything a peer needs to recompute and check the aggregate (after DONE); the
+        same for every ``recipient``."""
         if self.result is None:
             raise LocalProtocolError("the round has no result to publish")
         return Transcript(

@@ -10,18 +10,20 @@ participant with ``start``/``receive``, an aggregator with ``receive``/``pending
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any, ClassVar
 
 import numpy as np
 
-from .aggregator import AggregateResult, AggregatorState
+from ._roles import StagedAggregator, drive
+from .aggregator import AggregateResult
 from .config import RoundConfig, Stage
 from .crypto import Signer, Verifier, canonical
 from .errors import InvalidSignatureError, LocalProtocolError, RemoteProtocolError, RoundAborted
 from .messages import vector_digest
-from .prg import WordArray, word_dtype
+from .ring import WordArray, word_dtype
 
 __all__ = [
     "CleartextAggregator",
@@ -64,10 +66,18 @@ class _ParticipantState(StrEnum):
 
 
 class CleartextParticipant:
-    def __init__(self, config: RoundConfig, me: str, signer: Signer, x: WordArray) -> None:
+    def __init__(
+        self,
+        config: RoundConfig,
+        me: str,
+        signer: Signer,
+        x: WordArray,
+        aggregator: str = "aggregator",
+    ) -> None:
         if not config.is_member(me):
             raise LocalProtocolError(f"{me} is not in the roster of this round")
         self.config, self.me, self._signer, self._x = config, me, signer, np.asarray(x)
+        self.aggregator = aggregator
         self.state = _ParticipantState.NEW
 
     def start(self) -> CleartextInput:
@@ -81,34 +91,45 @@ class CleartextParticipant:
             self.me, self.config.session_id, self.config.round, self._x, signature
         )
 
+    def receive(self, message: object) -> CleartextInput:
+        """The aggregator sends a cleartext participant nothing but the transcript (which the
+        driver checks, not this object): any message is refused, naming the aggregator.
+        Before, a driver that passed one on got an AttributeError (no ``receive``)."""
+        return drive(
+            self,
+            message,
+            _NO_TRANSITIONS,
+            offender=self.aggregator,
+            failed=_ParticipantState.FAILED,
+            refused_in=(_ParticipantState.NEW, _ParticipantState.FAILED),
+        )
 
-class CleartextAggregator:
+
+# The cleartext participant expects no message at all: its table is empty.
+_NO_TRANSITIONS: dict[
+    tuple[_ParticipantState, type],
+    Callable[[CleartextParticipant, Any], tuple[CleartextInput, _ParticipantState]],
+] = {}
+
+
+class CleartextAggregator(StagedAggregator[Stage, CleartextInput, object]):
     """One stage (named ``masked`` so deadlines and drop reports read the same)."""
 
+    STAGE_MESSAGE: ClassVar[Mapping[Stage, type]] = {Stage.MASKED: CleartextInput}
+    NEXT_STAGE: ClassVar[Mapping[Stage, Stage | None]] = {Stage.MASKED: None}
+
     def __init__(self, config: RoundConfig, verifiers: Mapping[str, Verifier], me: str) -> None:
-        self.config, self.me, self._verifiers = config, me, verifiers
-        self.state = AggregatorState.RUNNING
-        self.stage = Stage.MASKED
+        super().__init__(me, config.peers, verifiers, Stage.MASKED, frozenset(config.peers))
+        self.config = config
         self._inputs: dict[str, CleartextInput] = {}
-        self.dropped: dict[Stage, tuple[str, ...]] = {}
         self.result: AggregateResult | None = None
 
-    def pending(self) -> frozenset[str]:
-        if self.state is not AggregatorState.RUNNING:
-            return frozenset()
-        return frozenset(self.config.peers) - set(self._inputs)
+    def _check_round(self, message: CleartextInput) -> None:
+        if (message.session_id, message.round) != (self.config.session_id, self.config.round):
+            raise RemoteProtocolError(message.sender, "input for another session or round (replay)")
 
-    def receive(self, message: object) -> None:
-        if self.state is not AggregatorState.RUNNING:
-            raise LocalProtocolError(f"round is {self.state.value}")
-        if not isinstance(message, CleartextInput):
-            sender = str(getattr(message, "sender", "?"))
-            raise RemoteProtocolError(sender, f"sent {type(message).__name__} in a cleartext round")
+    def _validate(self, message: CleartextInput) -> None:
         sender, config = message.sender, self.config
-        if not config.is_member(sender) or sender in self._inputs:
-            raise RemoteProtocolError(sender, "unexpected or duplicate input")
-        if (message.session_id, message.round) != (config.session_id, config.round):
-            raise RemoteProtocolError(sender, "input for another session or round (replay)")
         if message.vector.shape != (config.vector_length,) or message.vector.dtype != word_dtype(
             config.bits
         ):
@@ -117,22 +138,18 @@ class CleartextAggregator:
             message.signature, message.signed_payload(config.digest)
         ):
             raise InvalidSignatureError(sender, "invalid signature on its input")
-        self._inputs[sender] = message
 
-    def close_stage(self) -> dict[str, object]:
-        if len(self._inputs) < self.config.threshold:
-            self.state = AggregatorState.ABORTED
-            raise RoundAborted(
-                f"only {len(self._inputs)} inputs, threshold is {self.config.threshold}"
-            )
-        self.dropped[Stage.MASKED] = tuple(sorted(self.pending()))
+    def _close(self, stage: Stage, arrived: Mapping[str, CleartextInput]) -> dict[str, object]:
+        if len(arrived) < self.config.threshold:
+            raise RoundAborted(f"only {len(arrived)} inputs, threshold is {self.config.threshold}")
+        self._inputs = dict(arrived)
         total = _sum(self._inputs.values(), self.config)
         survivors = tuple(u for u in self.config.peers if u in self._inputs)
         self.result = AggregateResult(total, survivors, dict(self.dropped))
-        self.state = AggregatorState.DONE
         return {}
 
-    def transcript(self) -> CleartextTranscript:
+    def transcript(self, recipient: str | None = None) -> CleartextTranscript:
+        """The inputs and their sum (after DONE); the same for every ``recipient``."""
         if self.result is None:
             raise LocalProtocolError("the round has no result to publish")
         inputs = tuple(self._inputs[u] for u in self.result.survivors)

@@ -8,7 +8,7 @@ from enum import StrEnum
 from .crypto import canonical, sha256
 from .errors import ConfigError
 from .graph import GraphKind, NeighbourGraph, consistency_quorum, parameter_problem
-from .prg import word_dtype
+from .ring import word_dtype
 
 __all__ = ["RoundConfig", "Stage"]
 

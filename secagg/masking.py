@@ -20,7 +20,8 @@ from .config import RoundConfig
 from .crypto import KeyPair, derive_mask_seed, sha256
 from .errors import RemoteProtocolError, RoundAborted
 from .messages import AdvertiseKeys, UnmaskShares
-from .prg import MaskExpander, WordArray
+from .prg import MaskExpander
+from .ring import WordArray
 from .shamir import Reconstructor, ShareError, decode_share
 
 __all__ = ["mask_input", "reconstruct_secrets", "self_mask_commitment", "unmask_sum"]

@@ -14,10 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
 from .crypto import canonical, sha256
-from .prg import WordArray
+from .ring import WordArray, le_bytes
 from .shamir import SHARE_BYTES
 
 __all__ = [
@@ -35,6 +33,7 @@ __all__ = [
     "UnmaskShares",
     "consistency_payload",
     "masked_payload",
+    "message_size",
     "share_payload",
     "vector_digest",
 ]
@@ -47,8 +46,17 @@ def _require(condition: bool, what: str) -> None:
         raise ValueError(what)
 
 
+def _require_share_signatures(
+    signatures: tuple[bytes, ...], ciphertexts: tuple[tuple[str, bytes], ...]
+) -> None:
+    # Checked here, like every field the codec decodes, so that a signature of the wrong type
+    # is a malformed message and never reaches the verifier (which would raise TypeError).
+    _require(len(signatures) == len(ciphertexts), "one signature per share ciphertext")
+    _require(all(isinstance(s, bytes) for s in signatures), "share signatures must be bytes")
+
+
 def vector_digest(vector: WordArray) -> bytes:
-    return sha256(b"secagg/vector/v1", np.ascontiguousarray(vector).tobytes())
+    return sha256(b"secagg/vector/v1", le_bytes(vector))
 
 
 def consistency_payload(digest: bytes, survivors: tuple[str, ...]) -> bytes:
@@ -117,9 +125,7 @@ class ShareKeys:
     signatures: tuple[bytes, ...] = ()
 
     def __post_init__(self) -> None:
-        _require(
-            len(self.signatures) == len(self.ciphertexts), "one signature per share ciphertext"
-        )
+        _require_share_signatures(self.signatures, self.ciphertexts)
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -231,9 +237,7 @@ class SharesToYou:
     signatures: tuple[bytes, ...] = ()  # the sender's signature of each ciphertext
 
     def __post_init__(self) -> None:
-        _require(
-            len(self.signatures) == len(self.ciphertexts), "one signature per share ciphertext"
-        )
+        _require_share_signatures(self.signatures, self.ciphertexts)
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,3 +269,27 @@ class UnmaskRequest:
 
 
 AggregatorMessage = AdvertisedKeys | SharesToYou | SurvivorSet | UnmaskRequest
+
+
+def message_size(message: ParticipantMessage | AggregatorMessage) -> int:
+    """Bytes of payload a message carries on the wire (ids, keys, ciphertexts, vectors)."""
+    if isinstance(message, AdvertiseKeys):
+        return len(message.sender) + 96 + len(message.signature)
+    if isinstance(message, ShareKeys):
+        return len(message.sender) + sum(len(v) + len(c) for v, c in message.ciphertexts)
+    if isinstance(message, MaskedInput):
+        ids = sum(len(v) for v in message.masked_with)
+        return len(message.sender) + ids + message.vector.nbytes + len(message.signature)
+    if isinstance(message, ConsistencySignature):
+        return len(message.sender) + len(message.signature)
+    if isinstance(message, UnmaskShares):
+        pairs = (*message.self_mask_shares, *message.mask_key_shares)
+        return len(message.sender) + sum(len(o) + len(s) for o, s in pairs) + len(message.signature)
+    if isinstance(message, AdvertisedKeys):
+        return sum(message_size(a) for a in message.adverts)
+    if isinstance(message, SharesToYou):
+        return sum(len(u) + len(c) for u, c in message.ciphertexts)
+    if isinstance(message, SurvivorSet):
+        return sum(len(u) for u in message.survivors)
+    ids = sum(len(u) for u in (*message.survivors, *message.dropped))
+    return ids + sum(message_size(s) for s in message.signatures)

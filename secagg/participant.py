@@ -19,10 +19,10 @@ from dataclasses import replace
 from enum import StrEnum
 from typing import Any, cast
 
-import numpy as np
 import numpy.typing as npt
 from cryptography.exceptions import InvalidTag
 
+from ._roles import drive, own_input, require_verifiers
 from .config import RoundConfig
 from .crypto import (
     KeyPair,
@@ -35,7 +35,7 @@ from .crypto import (
     derive_channel_key,
     is_valid_x25519_public,
 )
-from .errors import InvalidSignatureError, LocalProtocolError, RemoteProtocolError, SecAggError
+from .errors import InvalidSignatureError, LocalProtocolError, RemoteProtocolError
 from .masking import mask_input, self_mask_commitment
 from .messages import (
     AdvertisedKeys,
@@ -99,16 +99,8 @@ class Participant:
     ) -> None:
         if not config.is_member(me):
             raise LocalProtocolError(f"{me} is not in the roster of this round")
-        missing = [u for u in config.neighbourhood(me) if u not in verifiers]
-        if missing:
-            raise LocalProtocolError(f"no signature verifier for neighbours {sorted(missing)}")
-        vector = np.asarray(x)
-        dtype = np.dtype(np.uint32 if config.bits == 32 else np.uint64)
-        if vector.shape != (config.vector_length,) or vector.dtype != dtype:
-            raise LocalProtocolError(
-                f"input must be a {dtype} vector of length {config.vector_length}, "
-                f"not {vector.dtype} of shape {vector.shape}"
-            )
+        require_verifiers(sorted(config.neighbourhood(me)), verifiers, "neighbours ")
+        vector = own_input(x, config)
         self.config = config
         self.me = me
         self.aggregator = aggregator
@@ -162,7 +154,7 @@ class Participant:
         self.state = ParticipantState.ADVERTISED
         return self._advert
 
-    def receive(self, message: AggregatorMessage) -> ParticipantMessage:
+    def receive(self, message: object) -> ParticipantMessage:
         """Handle the aggregator's next message and return the reply to send.
 
         Raises:
@@ -172,23 +164,15 @@ class Participant:
                 ``start()`` or after the participant FAILED.
         In both cases the participant is FAILED and reveals nothing more.
         """
-        if self.state in (ParticipantState.NEW, ParticipantState.FAILED):
-            current, self.state = self.state, ParticipantState.FAILED
-            raise LocalProtocolError(f"{type(message).__name__} delivered in state {current.value}")
-        handler = _TRANSITIONS.get((self.state, type(message)))
-        if handler is None:
-            state, self.state = self.state, ParticipantState.FAILED
-            raise RemoteProtocolError(
-                self.aggregator, f"unexpected {type(message).__name__} in state {state.value}"
-            )
-        try:
-            self._check_round(message)
-            reply, next_state = handler(self, message)
-        except SecAggError:
-            self.state = ParticipantState.FAILED
-            raise
-        self.state = next_state
-        return reply
+        return drive(
+            self,
+            message,
+            _TRANSITIONS,
+            offender=self.aggregator,
+            failed=ParticipantState.FAILED,
+            refused_in=(ParticipantState.NEW, ParticipantState.FAILED),
+            check=self._check_round,
+        )
 
     # ------------------------------------------------------------------ checks
 

@@ -10,30 +10,16 @@ drawn fresh per round, so a fixed all-zero IV is safe.
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
-import numpy.typing as npt
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from .errors import ConfigError
+from .ring import WordArray, word_dtype  # re-exported: peer/ imports them from here
 
 __all__ = ["MaskExpander", "WordArray", "expand_mask", "word_dtype"]
 
-WordArray = npt.NDArray[Any]
-"""A vector of ring words (uint32 or uint64)."""
-
 _BLOCK = 16
 _ZERO_IV = bytes(_BLOCK)
-
-
-def word_dtype(bits: int) -> np.dtype[Any]:
-    """The numpy dtype of the ring Z_{2^bits} (bits = 32 or 64)."""
-    if bits == 32:
-        return np.dtype(np.uint32)
-    if bits == 64:
-        return np.dtype(np.uint64)
-    raise ConfigError(f"ring size must be 32 or 64 bits, not {bits}")
 
 
 class MaskExpander:

@@ -21,7 +21,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .errors import ConfigError
-from .prg import WordArray, word_dtype
+from .ring import WordArray, word_dtype
 
 __all__ = ["QuantizedVector", "Quantizer"]
 

@@ -27,17 +27,13 @@ from enum import StrEnum
 from functools import partial
 
 import numpy as np
-from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from .aggregator import Aggregator
 from .config import RoundConfig, Stage
 from .crypto import (
     DeterministicRandom,
     KeyPair,
-    Signer,
     Verifier,
-    signer_from_private_key,
-    verifier_from_public_key,
 )
 from .errors import ConfigError, RemoteProtocolError, RoundAborted, SecAggError
 from .graph import (
@@ -49,7 +45,6 @@ from .graph import (
 )
 from .messages import (
     AdvertisedKeys,
-    AdvertiseKeys,
     AggregatorMessage,
     ConsistencySignature,
     MaskedInput,
@@ -59,9 +54,11 @@ from .messages import (
     SurvivorSet,
     UnmaskRequest,
     UnmaskShares,
+    message_size,  # re-exported: it used to live here
 )
 from .participant import Participant, ParticipantState
-from .prg import WordArray, word_dtype
+from .ring import WordArray, word_dtype
+from .testing import peer_ids, test_identities  # re-exported: scripts/ and tests use them
 from .transcript import Transcript, TranscriptError, verify_transcript
 
 __all__ = [
@@ -144,50 +141,6 @@ class SimulationResult:
     timed: tuple[int, ...] = ()  # 0-based indices of the participants whose times are reported
     transcript: Transcript | None = None
     transcript_error: str | None = None
-
-
-def peer_ids(n: int) -> tuple[str, ...]:
-    width = max(3, len(str(n - 1)))
-    return tuple(f"peer-{i:0{width}d}" for i in range(n))
-
-
-def test_identities(
-    peers: Sequence[str], seed: int
-) -> tuple[dict[str, Signer], dict[str, Verifier]]:
-    """Deterministic Ed25519 signing keys for simulated peers (never for real ones)."""
-    signers: dict[str, Signer] = {}
-    verifiers: dict[str, Verifier] = {}
-    for u in peers:
-        key = ed25519.Ed25519PrivateKey.from_private_bytes(
-            DeterministicRandom(f"identity/{seed}/{u}").token_bytes(32)
-        )
-        signers[u] = signer_from_private_key(key)
-        verifiers[u] = verifier_from_public_key(key.public_key())
-    return signers, verifiers
-
-
-def message_size(message: ParticipantMessage | AggregatorMessage) -> int:
-    """Bytes of payload a message carries on the wire (ids, keys, ciphertexts, vectors)."""
-    if isinstance(message, AdvertiseKeys):
-        return len(message.sender) + 96 + len(message.signature)
-    if isinstance(message, ShareKeys):
-        return len(message.sender) + sum(len(v) + len(c) for v, c in message.ciphertexts)
-    if isinstance(message, MaskedInput):
-        ids = sum(len(v) for v in message.masked_with)
-        return len(message.sender) + ids + message.vector.nbytes + len(message.signature)
-    if isinstance(message, ConsistencySignature):
-        return len(message.sender) + len(message.signature)
-    if isinstance(message, UnmaskShares):
-        pairs = (*message.self_mask_shares, *message.mask_key_shares)
-        return len(message.sender) + sum(len(o) + len(s) for o, s in pairs) + len(message.signature)
-    if isinstance(message, AdvertisedKeys):
-        return sum(message_size(a) for a in message.adverts)
-    if isinstance(message, SharesToYou):
-        return sum(len(u) + len(c) for u, c in message.ciphertexts)
-    if isinstance(message, SurvivorSet):
-        return sum(len(u) for u in message.survivors)
-    ids = sum(len(u) for u in (*message.survivors, *message.dropped))
-    return ids + sum(message_size(s) for s in message.signatures)
 
 
 def simulate(
@@ -618,7 +571,7 @@ def _tamper(
             config, round=config.round + 1 if config.round == 0 else config.round - 1
         )
         signers, verifiers = test_identities(config.peers, seed)
-        zeros = np.zeros(config.vector_length, dtype=np.uint32 if config.bits == 32 else np.uint64)
+        zeros = np.zeros(config.vector_length, dtype=word_dtype(config.bits))
         old = {
             v: Participant(
                 previous, v, signers[v], verifiers, zeros, DeterministicRandom(f"old/{v}")

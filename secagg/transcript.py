@@ -27,7 +27,7 @@ from .messages import (
     consistency_payload,
     vector_digest,
 )
-from .prg import WordArray
+from .ring import WordArray, word_dtype
 from .shamir import ShareError
 
 __all__ = ["Transcript", "TranscriptError", "VerifiedAggregate", "verify_transcript"]
@@ -124,7 +124,7 @@ def verify_transcript(
 
     masked = _unique_by_sender(transcript.masked_inputs, "masked inputs", TranscriptError, agg)
     survivors = frozenset(masked)
-    expected_dtype = np.dtype(np.uint32 if config.bits == 32 else np.uint64)
+    expected_dtype = word_dtype(config.bits)
     for u, message in masked.items():
         if u not in adverts:
             raise fail(f"masked input of {u}, who advertised no keys")

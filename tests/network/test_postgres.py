@@ -25,7 +25,7 @@ from peer.data import PatientStore, breast_cancer_feature_names, breast_cancer_r
 from peer.kit import free_port
 from peer.ledger import AgreedRecord, Ledger, RoundStatus, session_genesis, verify_ledger
 from secagg.crypto import sha256
-from secagg.simulate import test_identities as simulated_identities
+from secagg.testing import test_identities as simulated_identities
 
 
 def _unavailable(reason: str) -> None:

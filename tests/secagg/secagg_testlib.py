@@ -26,10 +26,11 @@ from secagg import (
     Signer,
     UnmaskShares,
     Verifier,
+    testing,
 )
 from secagg import simulate as simulation
 from secagg.graph import colluders_per_neighbourhood, neighbourhood_size, safe_threshold
-from secagg.prg import WordArray, word_dtype
+from secagg.ring import WordArray, word_dtype
 
 AGGREGATOR = "the-aggregator"
 SESSION = "test-session"
@@ -52,7 +53,7 @@ def identities(
     peers: Iterable[str], seed: int = 0
 ) -> tuple[dict[str, Signer], dict[str, Verifier]]:
     """Deterministic Ed25519 identities (the simulator's, so the two can be mixed)."""
-    return simulation.test_identities(tuple(peers), seed)
+    return testing.test_identities(tuple(peers), seed)
 
 
 @dataclass

@@ -26,8 +26,8 @@ from secagg import (
     Signer,
     TranscriptError,
     Verifier,
+    testing,
 )
-from secagg import simulate as simulation
 from secagg.paillier import (
     DecryptedSum,
     DecryptionRequest,
@@ -54,8 +54,8 @@ from secagg.paillier import (
     unpack,
     verify_paillier_transcript,
 )
-from secagg.prg import WordArray
-from secagg.simulate import peer_ids
+from secagg.ring import WordArray
+from secagg.testing import peer_ids
 
 KEY_BITS = 512
 AGG = "the-aggregator"
@@ -96,7 +96,7 @@ class Round:
 
     def __post_init__(self) -> None:
         peers = self.config.round.peers
-        self.signers, self.verifiers = simulation.test_identities(peers, self.seed)
+        self.signers, self.verifiers = testing.test_identities(peers, self.seed)
         kh = self.config.key_holder
         self.holder = PaillierKeyHolder(
             self.config,
@@ -457,6 +457,15 @@ def _resigned_lie(round_: Round, honest: DecryptedSum, request: DecryptionReques
 # ------------------------------------------------------------------ transcript
 
 
+def test_transcripts_give_the_key_holder_the_redacted_one_and_the_others_one_full_one() -> None:
+    round_ = finished_round(seed=9)
+    peers = round_.config.round.peers
+    sent = round_.aggregator.transcripts(peers)
+    assert isinstance(sent[peers[0]], RedactedPaillierTranscript)  # peers[0] holds the key
+    assert isinstance(sent[peers[1]], PaillierTranscript)
+    assert sent[peers[1]] is sent[peers[2]]
+
+
 def finished_round(seed: int) -> Round:
     round_ = Round(make_config(3, 25), random_inputs(3, 25, seed=seed))
     round_.run()
@@ -533,7 +542,7 @@ def test_config_refuses_impossible_threshold_and_roles() -> None:
     with pytest.raises(ConfigError, match="endorsements"):
         PaillierConfig(RoundConfig(SESSION, 0, peers, 3, 10), peers[0])
     config = make_config(3, 10)
-    signers, verifiers = simulation.test_identities(config.round.peers, 0)
+    signers, verifiers = testing.test_identities(config.round.peers, 0)
     with pytest.raises(ConfigError, match="both aggregator and key holder"):
         PaillierAggregator(config, verifiers, config.key_holder)
     with pytest.raises(ConfigError, match="both aggregator and key holder"):
@@ -604,7 +613,7 @@ def test_paillier_peer_plays_both_roles_behind_one_interface() -> None:
     """The facade the round drivers use: start() then receive() for whatever arrives."""
     config = make_config(3, 12)
     inputs = random_inputs(3, 12, seed=18)
-    signers, verifiers = simulation.test_identities(config.round.peers, 0)
+    signers, verifiers = testing.test_identities(config.round.peers, 0)
     peers = {
         u: PaillierPeer(
             config,

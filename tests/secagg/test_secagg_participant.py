@@ -291,6 +291,17 @@ def test_two_ciphertexts_from_one_sender_are_refused() -> None:
     refuse(r, A, relay(message, extra), "two share ciphertexts")
 
 
+def test_share_signature_of_the_wrong_type_is_a_malformed_message() -> None:
+    """Found by tests/fuzz/test_fuzz_secagg.py: a non-bytes share signature reached the
+    Ed25519 verifier, which raised TypeError (a crash, not a refusal). The message now
+    refuses it when built, as the codec refuses any malformed field."""
+    r = make_round()
+    message = shares_for(r)
+    odd: tuple[Any, ...] = (A, *message.signatures[1:])
+    with pytest.raises(ValueError, match="share signatures must be bytes"):
+        replace(message, signatures=odd)
+
+
 def test_ciphertext_tampered_on_the_way_is_blamed_on_the_aggregator() -> None:
     """C signed its ciphertext; the relay altered it. Before share ciphertexts were signed,
     the honest C was blamed ("do not decrypt", offender C)."""

@@ -22,7 +22,8 @@ from secagg import (
 )
 from secagg.graph import minimum_threshold
 from secagg.shamir import PRIME, reconstruct, split_secret
-from secagg.simulate import peer_ids, simulate
+from secagg.simulate import simulate
+from secagg.testing import peer_ids
 
 # ------------------------------------------------------------------------------ dropouts
 

@@ -85,7 +85,7 @@ class Adversary:
     def _deliver(self, peer: str, message: object) -> object | None:
         """Hand ``message`` to ``peer``; a refusal is recorded and the peer drops out."""
         try:
-            return self.r.participants[peer].receive(message)  # type: ignore[arg-type]
+            return self.r.participants[peer].receive(message)
         except RemoteProtocolError as error:
             self.outcome.refusals[peer] = error
             return None

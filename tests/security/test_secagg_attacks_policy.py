@@ -11,8 +11,7 @@ import pytest
 from peer.backends import SecAggBackend
 from peer.config import Policy
 from peer.session import ProposalError, SessionProposal, check_policy, required_colluders
-from secagg import ConfigError, ConsistencySignature, RoundConfig, TranscriptError
-from secagg import simulate as simulation
+from secagg import ConfigError, ConsistencySignature, RoundConfig, TranscriptError, testing
 from secagg.messages import consistency_payload
 from secagg.simulate import simulate
 
@@ -113,7 +112,7 @@ def test_the_peer_refuses_a_transcript_over_another_survivor_set_than_it_signed(
     result = simulate(7, 3, seed=5)
     transcript = result.transcript
     assert transcript is not None
-    signers, verifiers = simulation.test_identities(result.peers, 5)
+    signers, verifiers = testing.test_identities(result.peers, 5)
     config = RoundConfig("simulation", 0, result.peers, 4, 3)
     ctx = SimpleNamespace(config=config, verifiers=verifiers)
     backend = SecAggBackend()
