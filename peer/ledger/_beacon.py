@@ -6,18 +6,9 @@ from collections.abc import Callable, Mapping
 
 from sqlalchemy import func, select
 
-from peer.ledger._errors import (
-    SessionError,
-)
-from peer.ledger._records import (
-    BeaconState,
-    RefusedProposal,
-    canonical_json,
-)
-from peer.ledger._schema import (
-    BeaconRow,
-    RefusedProposalRow,
-)
+from peer.ledger._errors import SessionError
+from peer.ledger._records import BeaconState, RefusedProposal, canonical_json
+from peer.ledger._schema import BeaconRow, RefusedProposalRow
 from peer.ledger._sessions import session_row
 from peer.ledger._store import LedgerStore, loads_json
 

@@ -30,13 +30,7 @@ from peer.ledger._records import (
     session_genesis,
     valid_signers,
 )
-from peer.ledger._schema import (
-    AgreedRow,
-    CheckpointRow,
-    PrivacyRow,
-    SessionRow,
-    SignatureRow,
-)
+from peer.ledger._schema import AgreedRow, CheckpointRow, PrivacyRow, SessionRow, SignatureRow
 from peer.ledger._sessions import session_row
 from peer.ledger._store import LedgerStore, loads_json
 from secagg.crypto import Verifier
@@ -165,6 +159,14 @@ def append_record(
     verifiers: Mapping[str, Verifier] | None,
     now: datetime,
 ) -> StoredRecord:
+    """Check an agreed record against the session's chain and append it, inside the
+    caller's write transaction (shared by :meth:`ChainMixin.append_agreed` and the import
+    of an export, so both refuse exactly the same records).
+
+    Raises:
+        ChainMismatchError, DuplicateRoundError, NotEnoughSignaturesError,
+        InvalidRecordError, SessionError: the record was refused.
+    """
     record.check()
     where = f"session {record.session_id!r} round {record.round}"
     if record.round < 1:

@@ -8,11 +8,7 @@ from collections.abc import Iterable
 from sqlalchemy import inspect, select
 from sqlalchemy.orm import Session
 
-from peer.ledger._errors import (
-    InvalidRecordError,
-    LedgerReadError,
-    RecordRejected,
-)
+from peer.ledger._errors import InvalidRecordError, LedgerReadError, RecordRejected
 from peer.ledger._records import (
     ChargedRelease,
     JsonValue,
@@ -22,11 +18,7 @@ from peer.ledger._records import (
     StatisticsResult,
     canonical_json,
 )
-from peer.ledger._schema import (
-    PrivacyReleaseRow,
-    PrivacyRow,
-    StatisticsRow,
-)
+from peer.ledger._schema import PrivacyReleaseRow, PrivacyRow, StatisticsRow
 from peer.ledger._sessions import session_row
 from peer.ledger._store import LedgerStore, loads_json
 

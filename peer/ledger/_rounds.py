@@ -8,19 +8,9 @@ from collections.abc import Mapping, Sequence
 from sqlalchemy import select
 
 from peer.ledger._chain import agreed_row
-from peer.ledger._errors import (
-    DuplicateRoundError,
-    SessionError,
-)
-from peer.ledger._records import (
-    RoundAttempt,
-    RoundStatus,
-    SessionStatus,
-    canonical_json,
-)
-from peer.ledger._schema import (
-    RoundRow,
-)
+from peer.ledger._errors import DuplicateRoundError, SessionError
+from peer.ledger._records import RoundAttempt, RoundStatus, SessionStatus, canonical_json
+from peer.ledger._schema import RoundRow
 from peer.ledger._sessions import session_row
 from peer.ledger._store import LedgerStore, check_peers, loads_json
 

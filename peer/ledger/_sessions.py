@@ -9,17 +9,9 @@ from collections.abc import Sequence
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from peer.ledger._errors import (
-    SessionError,
-)
-from peer.ledger._records import (
-    SessionInfo,
-    SessionStatus,
-    canonical_json,
-)
-from peer.ledger._schema import (
-    SessionRow,
-)
+from peer.ledger._errors import SessionError
+from peer.ledger._records import SessionInfo, SessionStatus, canonical_json
+from peer.ledger._schema import SessionRow
 from peer.ledger._store import LedgerStore, check_peers, loads_json
 from secagg.crypto import sha256
 
