@@ -7,9 +7,10 @@ that peers were told about) and enforced foreign keys. On other backends the ser
 durability settings apply. Write transactions start with ``BEGIN IMMEDIATE`` on SQLite, so
 that two writers queue instead of racing.
 
-:class:`LedgerStore` is the base of :class:`~peer.ledger.Ledger`; its :meth:`~LedgerStore.
-transaction` and :meth:`~LedgerStore.now` are the API the ledger's own modules (the jobs of
-``Ledger``, verification, import) build on.
+:class:`LedgerStore` is the base of :class:`~peer.ledger.Ledger`. Its
+:meth:`~LedgerStore.transaction` and :meth:`~LedgerStore.now` are the API that the
+ledger's own modules (the jobs of ``Ledger``, verification, import) build on, instead of
+reaching into each other's private methods.
 """
 
 from __future__ import annotations
