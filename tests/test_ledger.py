@@ -35,6 +35,7 @@ from peer.ledger import (
     InvalidRecordError,
     Ledger,
     LedgerExport,
+    LedgerReadError,
     LedgerWriteError,
     NotEnoughSignaturesError,
     PrivacyCharge,
@@ -594,6 +595,25 @@ def test_verify_reports_every_problem_not_just_the_first(ledger: Ledger, db: Pat
 
 
 # --------------------------------------------------------------------------- write failures
+
+
+def test_file_that_is_not_a_database_raises_read_error(tmp_path: Path) -> None:
+    """An operator points verification at the wrong file (or the file was overwritten):
+    the verifier answers with a ledger error naming the file, not a database traceback,
+    and leaves the file as it was."""
+    path = tmp_path / "not-a-ledger.db"
+    garbage = random.Random(10).randbytes(8192)
+    path.write_bytes(garbage)
+    ledger = Ledger(f"sqlite:///{path}", StepClock())
+    with pytest.raises(LedgerReadError) as caught:
+        verify_ledger(ledger, VERIFIERS, min_signatures=3)
+    message = str(caught.value)
+    assert message.startswith(f"cannot read the ledger at {ledger.url}: ")
+    assert message.endswith("file is not a database")
+    with pytest.raises(LedgerWriteError, match="file is not a database"):
+        ledger.create()
+    ledger.close()
+    assert path.read_bytes() == garbage
 
 
 def test_read_only_database_raises_write_error(ledger: Ledger, db: Path) -> None:

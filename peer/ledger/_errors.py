@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from peer.ledger._verify import LedgerProblem
+    from peer.ledger._problems import LedgerProblem
 
 __all__ = [
     "ChainMismatchError",

@@ -26,6 +26,7 @@ from typing import Any, Literal
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from peer.ledger._chain import append_record, session_chain_head
 from peer.ledger._errors import ImportRefusedError, InvalidRecordError, RecordRejected
 from peer.ledger._ledger import Ledger
 from peer.ledger._records import AgreedRecord, SessionStatus, StoredRecord
@@ -281,12 +282,12 @@ def import_records(
     sessions = {s.session_id: s for s in export.sessions}
     checkpoints = {(c.session_id, c.round): c.weights for c in export.checkpoints}
     appended: list[StoredRecord] = []
-    with ledger._transaction(write=True) as session:
+    with ledger.transaction(write=True) as session:
         new = _new_records(session, export.records)
         firsts = {r.session_id: r for r in reversed(new)}
         for session_id in dict.fromkeys(r.session_id for r in new):
             srow = _ensure_session(session, sessions[session_id])
-            last_round, head = ledger._session_head(session, srow)
+            last_round, head = session_chain_head(session, srow)
             first = firsts[session_id]
             if first.prev_hash != head:
                 where = f"round {last_round}" if last_round else "its genesis"
@@ -296,7 +297,7 @@ def import_records(
                     f"{first.prev_hash.hex()}, but the session's head is {where} "
                     f"({head.hex()})"
                 )
-        now = ledger._now()
+        now = ledger.now()
         for raw in new:
             record = AgreedRecord(
                 session_id=raw.session_id,
@@ -309,7 +310,7 @@ def import_records(
                 epsilon=json.loads(raw.epsilon),
             )
             try:
-                stored = ledger._append(
+                stored = append_record(
                     session,
                     record,
                     raw.signatures,

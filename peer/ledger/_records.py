@@ -21,7 +21,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, TypeAlias
 
 from peer.ledger._errors import InvalidRecordError
-from secagg.crypto import canonical, sha256
+from secagg.crypto import Verifier, canonical, sha256
 
 if TYPE_CHECKING:
     import numpy as np
@@ -51,6 +51,7 @@ __all__ = [
     "model_digest",
     "record_payload",
     "session_genesis",
+    "valid_signers",
 ]
 
 JsonValue: TypeAlias = (
@@ -441,3 +442,20 @@ class RefusedProposal:
     size: int
     reason: str
     received_at: datetime
+
+
+def valid_signers(
+    payload: bytes, signatures: Mapping[str, bytes], verifiers: Mapping[str, Verifier]
+) -> tuple[list[str], list[str]]:
+    """Split signers into (valid, problems); each problem is a sentence naming the peer."""
+    valid: list[str] = []
+    problems: list[str] = []
+    for peer_id in sorted(signatures):
+        verifier = verifiers.get(peer_id)
+        if verifier is None:
+            problems.append(f"signature by {peer_id!r}, who is not in the roster")
+        elif not verifier.verify(signatures[peer_id], payload):
+            problems.append(f"signature of {peer_id!r} does not verify under its roster key")
+        else:
+            valid.append(peer_id)
+    return valid, problems

@@ -14,7 +14,6 @@ broken link at the next record of its session.
 
 from __future__ import annotations
 
-import enum
 import json
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -25,19 +24,20 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import select
 
 from peer.ledger._errors import InvalidRecordError
-from peer.ledger._ledger import valid_signers
+from peer.ledger._problems import LedgerProblem, ProblemKind
 from peer.ledger._records import (
     HASH_BYTES,
     metrics_digest,
     model_digest,
     record_payload,
     session_genesis,
+    valid_signers,
 )
 from peer.ledger._schema import AgreedRow, CheckpointRow, SessionRow, SignatureRow
 from secagg.crypto import Verifier, sha256
 
 if TYPE_CHECKING:
-    from peer.ledger._ledger import Ledger
+    from peer.ledger._store import LedgerStore
 
 __all__ = [
     "LedgerProblem",
@@ -48,60 +48,6 @@ __all__ = [
     "RawSession",
     "verify_ledger",
 ]
-
-
-class ProblemKind(enum.StrEnum):
-    """What is wrong with a ledger."""
-
-    MISSING_RECORD = "missing-record"
-    """A gap in ``seq``: records were deleted."""
-    BROKEN_LINK = "broken-link"
-    """``prev_hash`` is not the ``record_hash`` of the previous record of the same session
-    (its genesis hash for the session's first record)."""
-    RECORD_HASH = "record-hash"
-    """``record_hash`` is not the hash of the payload recomputed from the columns."""
-    METRICS_HASH = "metrics-hash"
-    """``metrics_hash`` does not cover the stored metrics and epsilon."""
-    MALFORMED = "malformed"
-    """A column cannot be decoded (bad JSON, wrong hash length, unknown session), or ``seq``
-    or a session's rounds do not increase."""
-    DUPLICATE_ROUND = "duplicate-round"
-    """Two records for the same (session, round)."""
-    BAD_SIGNATURE = "bad-signature"
-    """A signature does not verify under its peer's roster key."""
-    UNKNOWN_SIGNER = "unknown-signer"
-    """A signature by a peer that is not in the roster."""
-    TOO_FEW_SIGNATURES = "too-few-signatures"
-    """Fewer signatures are stored than required."""
-    CHECKPOINT_HASH = "checkpoint-hash"
-    """A checkpoint's weights do not hash to its stored SHA-256."""
-    CHECKPOINT_MODEL = "checkpoint-model"
-    """A checkpoint's SHA-256 is not its record's ``model_hash``."""
-    PROPOSAL_HASH = "proposal-hash"
-    """A session's proposal document does not hash to its ``proposal_hash``."""
-
-
-@dataclass(frozen=True, slots=True)
-class LedgerProblem:
-    """One thing wrong with a ledger, with where it is."""
-
-    kind: ProblemKind
-    message: str
-    seq: int | None = None
-    session_id: str | None = None
-    round: int | None = None
-    peers: tuple[str, ...] = ()
-
-    def __str__(self) -> str:
-        where = []
-        if self.seq is not None:
-            where.append(f"seq {self.seq}")
-        if self.session_id is not None:
-            where.append(f"session {self.session_id!r}")
-        if self.round is not None:
-            where.append(f"round {self.round}")
-        prefix = " ".join(where)
-        return f"[{self.kind.value}] {prefix}: {self.message}" if prefix else self.message
 
 
 @dataclass(frozen=True, slots=True)
@@ -480,9 +426,11 @@ class ChainChecker:
 # --------------------------------------------------------------------------- the ledger
 
 
-def read_sessions(ledger: Ledger, session_ids: Iterable[str] | None = None) -> list[RawSession]:
+def read_sessions(
+    ledger: LedgerStore, session_ids: Iterable[str] | None = None
+) -> list[RawSession]:
     """Session rows as stored (all, or those named)."""
-    with ledger._transaction(write=False) as session:
+    with ledger.transaction(write=False) as session:
         query = select(SessionRow).order_by(SessionRow.created_at, SessionRow.session_id)
         if session_ids is not None:
             query = query.where(SessionRow.session_id.in_(list(session_ids)))
@@ -503,9 +451,9 @@ def read_sessions(ledger: Ledger, session_ids: Iterable[str] | None = None) -> l
         ]
 
 
-def read_records(ledger: Ledger, after_seq: int = 0) -> list[RawRecord]:
+def read_records(ledger: LedgerStore, after_seq: int = 0) -> list[RawRecord]:
     """Agreed records as stored, in chain order."""
-    with ledger._transaction(write=False) as session:
+    with ledger.transaction(write=False) as session:
         signatures: dict[int, dict[str, bytes]] = {}
         for seq, peer_id, signature in session.execute(
             select(SignatureRow.seq, SignatureRow.peer_id, SignatureRow.signature).where(
@@ -533,11 +481,11 @@ def read_records(ledger: Ledger, after_seq: int = 0) -> list[RawRecord]:
 
 
 def iter_checkpoints(
-    ledger: Ledger, keys: Iterable[tuple[str, int]] | None = None
+    ledger: LedgerStore, keys: Iterable[tuple[str, int]] | None = None
 ) -> Iterator[RawCheckpoint]:
     """Checkpoints as stored, one at a time (they can be large)."""
     wanted = None if keys is None else set(keys)
-    with ledger._transaction(write=False) as session:
+    with ledger.transaction(write=False) as session:
         names = session.execute(
             select(CheckpointRow.session_id, CheckpointRow.round).order_by(
                 CheckpointRow.session_id, CheckpointRow.round
@@ -553,7 +501,7 @@ def iter_checkpoints(
 
 
 def verify_ledger(
-    ledger: Ledger, verifiers: Mapping[str, Verifier] | None, min_signatures: int | None = None
+    ledger: LedgerStore, verifiers: Mapping[str, Verifier] | None, min_signatures: int | None = None
 ) -> LedgerReport:
     """Check the whole ledger and report every problem found.
 
