@@ -29,14 +29,13 @@ import inspect
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 if TYPE_CHECKING:
     import keras
 
-    from .model import ModelSpec
 
 __all__ = [
     "DEFAULT_ALLOWED_LAYERS",
@@ -188,7 +187,24 @@ def build_declared_model(
     return model
 
 
-def preset_json(spec: ModelSpec) -> str:
+class PresetShape(Protocol):
+    """What a built-in preset declares (:class:`peer.training.model.ModelSpec` is one); a
+    Protocol, so this module does not import the one that imports it."""
+
+    @property
+    def kind(self) -> str: ...
+
+    @property
+    def input_dim(self) -> int: ...
+
+    @property
+    def widths(self) -> tuple[int, ...]: ...
+
+    @property
+    def activation(self) -> str: ...
+
+
+def preset_json(spec: PresetShape) -> str:
     """The declared-model JSON of a built-in preset (logreg or MLP of :class:`ModelSpec`)."""
     import keras
 
