@@ -18,7 +18,7 @@ FROM ${BASE} AS builder
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 WORKDIR /src
 COPY deploy/container/wheels/ /wheels/
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY secagg ./secagg
 COPY peer ./peer
 COPY dashboard ./dashboard

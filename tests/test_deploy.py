@@ -477,7 +477,7 @@ def test_container_image_builds_and_runs_a_peer(
     # An offline build: the context is a copy of what .dockerignore lets in, plus wheels of
     # this tree and its dependencies (pip uses its own configuration to fetch those).
     context = tmp_path / "context"
-    for name in ("pyproject.toml", "README.md", "Dockerfile", ".dockerignore"):
+    for name in ("pyproject.toml", "setup.py", "README.md", "Dockerfile", ".dockerignore"):
         (context / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / name, context / name)
     for package in ("secagg", "peer", "dashboard", "scripts"):
