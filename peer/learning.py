@@ -14,7 +14,7 @@ A training session (payload kind ``"training"``) has ``training_rounds + 2`` rou
 3. last — **evaluate**: the final model's noisy evaluation sums only.
 
 Privacy: nothing leaves a hospital without noise, and every release is charged before it
-leaves (:func:`peer.rounds.charge_before_release`):
+leaves (:func:`peer.round.charge_before_release`):
 
 - the update carries DP-SGD's noise (Poisson-sampled Gaussian, ``noise_multiplier``);
 - the standardization sums carry Gaussian noise of ``standardize_noise`` times their L2

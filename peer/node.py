@@ -2,7 +2,7 @@
 
 Every peer runs the same program; none is special. For each round the aggregator follows
 from the proposal (:func:`peer.session.aggregator_for`); that peer runs an
-:class:`~peer.rounds.AggregatorRound` beside its own participation, and everyone else dials it.
+:class:`~peer.round.AggregatorRound` beside its own participation, and everyone else dials it.
 A round whose aggregator cannot be reached is retried with the next one in the rotation.
 """
 
@@ -23,7 +23,6 @@ from google.protobuf.message import DecodeError, Message
 
 from secagg import RandomSource, SystemRandom
 
-from .backends import backend_for
 from .beacon import (
     NONCE_BYTES,
     BeaconError,
@@ -34,7 +33,7 @@ from .beacon import (
     commit,
     commitment_signed_bytes,
 )
-from .codec import CodecError, fragments
+from .codec import CodecError, fragments, record_from_proto, record_to_proto
 from .config import PeerConfig
 from .identity import PeerIdentity, Role, load_signer
 from .ledger import (
@@ -50,16 +49,17 @@ from .logs import remote
 from .payload import Payload, VectorPayload
 from .ratelimit import Backoff, RateLimiter
 from .reload import TrustedKeys, TrustReloader
-from .rounds import (
+from .round import (
+    NO_FAULTS,
     PRECONDITION,
     AggregatorRound,
+    FaultHooks,
     RoundContext,
     RoundOutcome,
     RoundStatusKind,
+    backend_for,
     max_message_bytes,
     participate,
-    record_from_proto,
-    record_to_proto,
     serve_round_stream,
     valid_signatures,
 )
@@ -176,8 +176,10 @@ class PeerNode:
         rng: RandomSource | None = None,
         nonce_rng: RandomSource | None = None,
         clock: Callable[[], float] = time.monotonic,
+        faults: FaultHooks = NO_FAULTS,
     ) -> None:
         self.config = config
+        self.faults = faults  # test-only fault injection (peer/faults.py); no-op by default
         self.me = config.peer_id
         self.authenticator = Authenticator.from_files(config.ca, config.roster, config.crl)
         self.files = TLSFiles.of(config.cert, config.key, config.ca)
@@ -930,6 +932,7 @@ class PeerNode:
             prepare_seconds=proposal.prepare_seconds,
             paillier_key_bits=proposal.paillier_key_bits,
             on_stage=on_stage,
+            faults=self.faults,
         )
         # A peer that cannot record the round takes no part in it, in neither role: it finds
         # out before it aggregates or sends anything.

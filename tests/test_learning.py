@@ -108,7 +108,7 @@ def run_round(payloads: list[TrainingPayload], round_: int) -> list[bytes]:
     """Every hospital prepares, the ring sum is formed, every hospital concludes and stores."""
     contributions = [p.prepare(round_) for p in payloads]
     for payload, contribution in zip(payloads, contributions, strict=True):
-        # What the round driver does before the vector can leave (peer.rounds).
+        # What the round driver does before the vector can leave (peer.round).
         payload.ledger.charge_release(
             "train", round_, 1, contribution.release_id, contribution.charge(payload.me)
         )

@@ -36,14 +36,14 @@ import numpy as np
 import pytest
 
 from peer.beacon import commit, commitment_signed_bytes
-from peer.codec import Reassembler, fragments
+from peer.codec import Reassembler, fragments, record_to_proto
 from peer.config import ConfigFileError, load_config
 from peer.identity import load_crl, load_signer
 from peer.ledger import AgreedRecord, session_genesis
 from peer.logs import JsonFormatter, TextFormatter, remote
 from peer.ratelimit import Backoff, Limits, RateLimiter
 from peer.reload import TrustedKeys, TrustReloader
-from peer.rounds import record_to_proto, valid_signatures
+from peer.round import valid_signatures
 from peer.session import SessionProposal
 from peer.tls import Authenticator, TLSFiles, create_server, peer_channel
 from peer.wire import peer_pb2 as pb

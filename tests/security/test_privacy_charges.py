@@ -5,8 +5,8 @@ attempt's aggregator, who can unmask it and then abort so that no record is agre
 charge were written only with the agreed record, three such aborts and one agreed attempt
 would be four releases and one charge.
 
-These tests run the real participant code (:func:`peer.rounds.participate`) and the real
-aggregator (:class:`peer.rounds.AggregatorRound`) in one process, joined by an in-memory
+These tests run the real participant code (:func:`peer.round.participate`) and the real
+aggregator (:class:`peer.round.AggregatorRound`) in one process, joined by an in-memory
 stream instead of gRPC, with an aggregator that completes the unmasking (it holds the
 aggregate, and every participant verified it) and then aborts. The ledger is checked after
 every attempt, and at the moment each participant's first byte leaves.
@@ -25,14 +25,14 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from peer.backends import backend_for
 from peer.ledger import Ledger, PrivacyCharge, PrivacyKind
 from peer.payload import LocalContribution, RoundResult
-from peer.rounds import (
+from peer.round import (
     AggregatorRound,
     RoundContext,
     RoundOutcome,
     RoundStatusKind,
+    backend_for,
     participate,
     serve_round_stream,
 )
@@ -139,7 +139,7 @@ class Consortium:
             SESSION,
             participants=PEERS,
             rounds=1,
-            threshold=2,
+            threshold=3,
             payload={"kind": "vector", "length": LENGTH},
             stage_seconds=5.0,
             prepare_seconds=1.0,
@@ -157,7 +157,7 @@ class Consortium:
                 self.proposal.document(),
                 proposer="op",
                 participants=PEERS,
-                threshold=2,
+                threshold=3,
                 rounds_planned=1,
             )
             ledger.decide_session(SESSION, accept=True)

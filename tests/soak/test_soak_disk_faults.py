@@ -338,7 +338,7 @@ def test_refusal_comes_before_either_role(
     from peer.kit import LocalKit
     from peer.ledger import LedgerWriteError
     from peer.payload import VectorPayload
-    from peer.rounds import RoundStatusKind
+    from peer.round import RoundStatusKind
     from peer.session import SessionProposal, aggregator_for
 
     ids = ["hospital-a", "hospital-b", "hospital-c"]
