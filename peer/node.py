@@ -51,8 +51,8 @@ from .ratelimit import Backoff, RateLimiter
 from .reload import TrustedKeys, TrustReloader
 from .round import (
     NO_FAULTS,
-    PRECONDITION,
     AggregatorRound,
+    Elsewhere,
     FaultHooks,
     RoundContext,
     RoundOutcome,
@@ -64,6 +64,7 @@ from .round import (
     valid_signatures,
 )
 from .session import ProposalError, SessionProposal, SignedProposal, aggregator_for, check_policy
+from .session_state import SessionState
 from .tls import Authenticator, TLSFiles, caller_identity, create_server, peer_channel
 from .wire import peer_pb2 as pb
 
@@ -114,7 +115,7 @@ def epsilon_needed(payload: Payload) -> float:
 
 @dataclass
 class _Progress:
-    state: str = "accepted"
+    state: SessionState = SessionState.ACCEPTED
     round: int = 0
     stage: str = ""
     aggregator: str = ""
@@ -686,8 +687,8 @@ class PeerNode:
             # A runner stopped by an error says so, rather than "running" for ever; one that
             # has run its rounds and only waits for the others says "settling".
             state=progress.state
-            if progress.state in ("failed", "settling")
-            else (info.status.value if info else "unknown"),
+            if progress.state in (SessionState.FAILED, SessionState.SETTLING)
+            else (SessionState.of(info.status) if info else SessionState.UNKNOWN),
             rounds_planned=info.rounds_planned if info else 0,
             rounds_agreed=len(agreed),
             current_stage=progress.stage,
@@ -733,13 +734,12 @@ class PeerNode:
                 grpc.StatusCode.DEADLINE_EXCEEDED,
                 f"{caller} sent no RoundHello within {hello_seconds:g}s; stream closed",
             )
-        except LookupError as error:
+        except Elsewhere as elsewhere:
             # Not an error of the caller: the round is elsewhere in time. Answered in-band
             # (an Abort message) rather than by aborting the call, which grpc can surface to
             # the client as INTERNAL when the client is still writing.
-            reason = str(error.args[0] if error.args else error)
-            logger.info("peer=%s round stream from %s: %s", self.me, caller, reason)
-            for fragment in fragments(pb.Abort(reason=reason, offender=PRECONDITION)):
+            logger.info("peer=%s round stream from %s: %s", self.me, caller, elsewhere.reason)
+            for fragment in fragments(elsewhere.abort()):
                 yield fragment
         except PermissionError as error:
             logger.warning("peer=%s round stream from %s refused: %s", self.me, caller, error)
@@ -773,14 +773,26 @@ class PeerNode:
             )
         if session is None:
             if info is not None and info.status is SessionStatus.FINISHED:
-                raise LookupError(f"round-passed: {info.rounds_planned + 1}")
-            raise LookupError(f"not-ready: session {hello.session_id!r} is not running here")
+                raise Elsewhere(
+                    pb.PRECONDITION_ROUND_PASSED,
+                    f"session {hello.session_id} is finished here",
+                    info.rounds_planned + 1,
+                )
+            raise Elsewhere(
+                pb.PRECONDITION_NOT_READY, f"session {hello.session_id!r} is not running here"
+            )
         if any(r.record.round == hello.round for r in self.ledger.agreed_records(hello.session_id)):
-            raise LookupError(
-                f"round-agreed: round {hello.round} of {hello.session_id} is already agreed"
+            raise Elsewhere(
+                pb.PRECONDITION_ROUND_AGREED,
+                f"round {hello.round} of {hello.session_id} is already agreed",
+                hello.round,
             )
         if session.progress.round > hello.round:
-            raise LookupError(f"round-passed: {session.progress.round}")
+            raise Elsewhere(
+                pb.PRECONDITION_ROUND_PASSED,
+                f"session {hello.session_id} is at round {session.progress.round} here",
+                session.progress.round,
+            )
         if aggregator_for(session.proposal, hello.round, hello.attempt, session.beacon) != self.me:
             raise PermissionError(
                 f"{self.me} is not the aggregator of round {hello.round} attempt {hello.attempt}"
@@ -793,17 +805,23 @@ class PeerNode:
                 )
         round_ = self._rounds.get(key)
         if round_ is None:
-            raise LookupError(
-                f"not-ready: {self.me} has not started round {hello.round} attempt {hello.attempt}"
+            raise Elsewhere(
+                pb.PRECONDITION_NOT_READY,
+                f"{self.me} has not started round {hello.round} attempt {hello.attempt}",
             )
         if round_.protocol.stage is not round_.ctx.backend.first_stage or round_.finished.is_set():
-            # Too late to join; the caller waits for the outcome (then "round-agreed" makes
-            # it fetch the record, or "round-passed" moves it on) instead of skipping it.
-            raise LookupError(f"not-ready: round {hello.round} is already under way here")
+            # Too late to join; the caller waits for the outcome (then ROUND_AGREED makes
+            # it fetch the record, or ROUND_PASSED moves it on) instead of skipping it.
+            raise Elsewhere(
+                pb.PRECONDITION_NOT_READY, f"round {hello.round} is already under way here"
+            )
         if hello.chain_head != self.ledger.session_head(hello.session_id):
             # A participant that missed agreed rounds would train on a stale model and sign
             # nothing: it must catch up first (Records), then join again.
-            raise LookupError(f"behind: {self.ledger.last_agreed_round(hello.session_id)}")
+            last = self.ledger.last_agreed_round(hello.session_id)
+            raise Elsewhere(
+                pb.PRECONDITION_BEHIND, f"the caller is behind: round {last} is agreed here", last
+            )
         return round_
 
     # ------------------------------------------------------------------ running sessions
@@ -836,7 +854,7 @@ class PeerNode:
             backoff = Backoff(base=0.5, cap=max(1.0, min(proposal.stage_seconds, 10.0)))
             limit = max(6, ATTEMPTS_PER_PARTICIPANT * len(proposal.participants))
             while round_ <= proposal.rounds:
-                progress.state, progress.round = "running", round_
+                progress.state, progress.round = SessionState.RUNNING, round_
                 aggregator = aggregator_for(proposal, round_, attempt, session.beacon)
                 progress.aggregator, progress.stage = aggregator, "starting"
                 outcome = await self._one_round(session, payload, round_, attempt, aggregator)
@@ -852,9 +870,12 @@ class PeerNode:
                     await asyncio.sleep(min(proposal.stage_seconds, 5.0))
                     continue
                 # Not agreed here. Whether the others agreed it without this peer, only their
-                # agreed records can tell: a "round-agreed"/"round-passed" answer is a claim,
+                # agreed records can tell: a ROUND_AGREED/ROUND_PASSED answer is a claim,
                 # acted on only once the claimer's records are fetched and verified.
-                claimed = outcome.precondition.startswith(("round-agreed", "round-passed"))
+                claimed = outcome.precondition in (
+                    pb.PRECONDITION_ROUND_AGREED,
+                    pb.PRECONDITION_ROUND_PASSED,
+                )
                 if claimed:
                     await self._catch_up(sid, aggregator)
                 views = []
@@ -875,7 +896,7 @@ class PeerNode:
                         sid,
                         round_,
                         aggregator,
-                        remote(outcome.precondition),
+                        remote(outcome.where()),  # the round number is the claimer's
                     )
                 # Rounds are never skipped (the ledger stores only last + 1): an aborted
                 # round is tried again under its number, with the next aggregator.
@@ -884,7 +905,11 @@ class PeerNode:
                     reason = f"round {round_} was not agreed in {attempt} attempts"
                     logger.error("peer=%s session=%s gives up: %s", self.me, sid, reason)
                     self.ledger.set_session_status(sid, SessionStatus.ABORTED, reason=reason)
-                    progress.state, progress.stage, progress.detail = "aborted", "", reason
+                    progress.state, progress.stage, progress.detail = (
+                        SessionState.ABORTED,
+                        "",
+                        reason,
+                    )
                     return
                 await asyncio.sleep(backoff.next_delay())
             await self._settle(proposal, progress)
@@ -895,13 +920,13 @@ class PeerNode:
                     record_statistics_result(
                         self.ledger, sid, stored.record.round, proposal, stored.record.metrics
                     )
-            progress.state, progress.stage = "finished", ""
+            progress.state, progress.stage = SessionState.FINISHED, ""
             self.ledger.set_session_status(sid, SessionStatus.FINISHED)
             logger.info("peer=%s session=%s finished", self.me, sid)
         except asyncio.CancelledError:
             raise
         except Exception as error:
-            progress.state, progress.detail = "failed", str(error)
+            progress.state, progress.detail = SessionState.FAILED, str(error)
             logger.exception("peer=%s session=%s stopped by an error", self.me, sid)
 
     async def _one_round(
@@ -1007,13 +1032,13 @@ class PeerNode:
         deadline = loop.time() + ctx.prepare_seconds + ctx.stage_seconds
         while True:
             outcome = await participate(ctx, self._channel(ctx.aggregator))
-            if outcome.precondition.startswith("behind"):
+            if outcome.precondition == pb.PRECONDITION_BEHIND:
                 before = self.ledger.session_head(ctx.session_id)
                 await self._catch_up(ctx.session_id, ctx.aggregator)
                 if self.ledger.session_head(ctx.session_id) != before:
                     continue  # in sync now: join again with a fresh contribution
             retry = outcome.status is RoundStatusKind.AGGREGATOR_FAILED and (
-                outcome.precondition.startswith("not-ready") or "UNAVAILABLE" in outcome.reason
+                outcome.precondition == pb.PRECONDITION_NOT_READY or outcome.unreachable
             )
             if not retry or loop.time() >= deadline or self._stopping.is_set():
                 return outcome
@@ -1090,7 +1115,7 @@ class PeerNode:
         nxt = failed + 1
         counts: dict[str, int] = {}
         for _, status in views:
-            if status.state == "running" and status.current_round == round_:
+            if status.state == SessionState.RUNNING and status.current_round == round_:
                 counts[status.current_aggregator] = counts.get(status.current_aggregator, 0) + 1
         if not counts:
             return nxt
@@ -1108,13 +1133,13 @@ class PeerNode:
     async def _settle(self, proposal: SessionProposal, progress: _Progress) -> None:
         """At the end of a session, wait (bounded) for the others to end too and fetch any
         round they agreed without this peer, so every ledger ends with the same records."""
-        progress.state = "settling"
+        progress.state = SessionState.SETTLING
         loop = asyncio.get_running_loop()
         deadline = loop.time() + proposal.prepare_seconds + 2 * proposal.stage_seconds
         while True:
             views = await self._ask_others(proposal)
             await self._catch_up_with_the_most_advanced(proposal, views)
-            busy = [p for p, s in views if s.state == "running"]
+            busy = [p for p, s in views if s.state == SessionState.RUNNING]
             if not busy or loop.time() >= deadline or self._stopping.is_set():
                 return
             await asyncio.sleep(1.0)

@@ -23,7 +23,7 @@ Modules: :mod:`.context` (what a round needs, the backend and role Protocols, fa
 :mod:`.agreement` (records, signatures, the tally).
 """
 
-from .aggregating import AggregatorRound, serve_round_stream
+from .aggregating import AggregatorRound, Elsewhere, serve_round_stream
 from .agreement import valid_signatures
 from .backends import BACKENDS, backend_for
 from .context import (
@@ -35,14 +35,14 @@ from .context import (
     RoundStatusKind,
     max_message_bytes,
 )
-from .participating import PRECONDITION, ROUND_STREAM_METHOD, charge_before_release, participate
+from .participating import ROUND_STREAM_METHOD, charge_before_release, participate
 
 __all__ = [
     "BACKENDS",
     "NO_FAULTS",
-    "PRECONDITION",
     "ROUND_STREAM_METHOD",
     "AggregatorRound",
+    "Elsewhere",
     "FaultHooks",
     "RoundBackend",
     "RoundContext",

@@ -25,9 +25,26 @@ from ..wire import peer_pb2 as pb
 from .agreement import tally
 from .context import RoundContext
 
-__all__ = ["AggregatorRound", "Encoded", "serve_round_stream"]
+__all__ = ["AggregatorRound", "Elsewhere", "Encoded", "serve_round_stream"]
 
 logger = logging.getLogger("peer.rounds")
+
+
+class Elsewhere(LookupError):
+    """This peer cannot take the stream: it is at another point of the session.
+
+    Not an error of the caller: answered in-band as an Abort carrying the typed
+    ``precondition`` (and the round it names), so that the caller knows what to do next.
+    """
+
+    def __init__(self, precondition: pb.Precondition.ValueType, reason: str, round_: int = 0):
+        super().__init__(reason)
+        self.precondition = precondition
+        self.reason = reason
+        self.round = round_
+
+    def abort(self) -> pb.Abort:
+        return pb.Abort(reason=self.reason, precondition=self.precondition, round=self.round)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -262,7 +279,7 @@ async def serve_round_stream(
     """The aggregator's end of one participant's RoundStream (used by the gRPC servicer).
 
     ``find_round(hello)`` returns the :class:`AggregatorRound` (awaitable) or raises
-    PermissionError / LookupError with the reason to refuse. A stream whose hello has not
+    PermissionError with the reason to refuse, or :class:`Elsewhere`. A stream whose hello has not
     arrived within ``hello_seconds`` raises TimeoutError: an open stream that says nothing
     would otherwise hold the aggregator's resources for ever.
     """

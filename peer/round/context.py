@@ -20,6 +20,7 @@ from secagg.prg import WordArray
 
 from ..ledger import Ledger, StoredRecord
 from ..payload import Payload
+from ..wire import peer_pb2 as pb
 
 __all__ = [
     "NO_FAULTS",
@@ -32,6 +33,7 @@ __all__ = [
     "RoundOutcome",
     "RoundResult",
     "RoundStatusKind",
+    "describe_precondition",
     "max_message_bytes",
 ]
 
@@ -175,6 +177,17 @@ class RoundStatusKind(StrEnum):
     REFUSED = "refused"  # this peer refused (protocol violation, bad transcript)
 
 
+def describe_precondition(precondition: pb.Precondition.ValueType, round_: int) -> str:
+    """``round-passed: 7``, ``behind: 3``, ``not-ready``, ``round-agreed`` (``-`` for none)."""
+    if precondition == pb.PRECONDITION_NONE:
+        return "-"
+    name = pb.Precondition.Name(precondition).removeprefix("PRECONDITION_").lower()
+    name = name.replace("_", "-")
+    if precondition in (pb.PRECONDITION_ROUND_PASSED, pb.PRECONDITION_BEHIND):
+        return f"{name}: {round_}"
+    return name
+
+
 @dataclass
 class RoundOutcome:
     status: RoundStatusKind
@@ -185,9 +198,15 @@ class RoundOutcome:
     dropped: dict[str, list[str]] = field(default_factory=dict)
     bytes_sent: int = 0
     bytes_received: int = 0
-    # Why the aggregator refused the stream: "not-ready: ...", "round-agreed: ..." or
-    # "round-passed: <its current round>".
-    precondition: str = ""
+    # Set when the aggregator is elsewhere in the session (protos/peer.proto, Precondition),
+    # with the round it names; ``unreachable`` when the aggregator could not be dialled.
+    precondition: pb.Precondition.ValueType = pb.PRECONDITION_NONE
+    precondition_round: int = 0
+    unreachable: bool = False
+
+    def where(self) -> str:
+        """The precondition for the logs, e.g. ``round-passed: 7``."""
+        return describe_precondition(self.precondition, self.precondition_round)
 
 
 @dataclass

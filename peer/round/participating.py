@@ -26,12 +26,9 @@ from ..wire import peer_pb2 as pb
 from .agreement import build_record, store_agreed
 from .context import RoundContext, RoundOutcome, RoundStatusKind
 
-__all__ = ["PRECONDITION", "ROUND_STREAM_METHOD", "charge_before_release", "participate"]
+__all__ = ["ROUND_STREAM_METHOD", "charge_before_release", "participate"]
 
 ROUND_STREAM_METHOD = "/hospital_secagg.v1.Peer/RoundStream"
-# The offender of an Abort that only says the aggregator is at another point in the session
-# ("not-ready: ...", "round-passed: N", "round-agreed: ...", "behind: N").
-PRECONDITION = "precondition"
 logger = logging.getLogger("peer.rounds")
 
 
@@ -158,8 +155,9 @@ async def participate(ctx: RoundContext, channel: grpc.aio.Channel) -> RoundOutc
                     time.monotonic() - started,
                 )
                 return outcome
-            elif isinstance(message, pb.Abort) and message.offender == PRECONDITION:
-                outcome.precondition = message.reason
+            elif isinstance(message, pb.Abort) and message.precondition != pb.PRECONDITION_NONE:
+                outcome.precondition = message.precondition
+                outcome.precondition_round = message.round
                 outcome.reason = f"aggregator {ctx.aggregator} is elsewhere: {message.reason}"
                 return outcome
             elif isinstance(message, pb.Abort):
@@ -195,8 +193,8 @@ async def participate(ctx: RoundContext, channel: grpc.aio.Channel) -> RoundOutc
         details = (error.details() if isinstance(error, grpc.aio.AioRpcError) else None) or str(
             error
         )
+        outcome.unreachable = code is grpc.StatusCode.UNAVAILABLE
         if code is grpc.StatusCode.FAILED_PRECONDITION:
-            outcome.precondition = details
             outcome.reason = f"aggregator {ctx.aggregator} refused the stream: {details}"
         else:
             status = code.name if code else "error"
