@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import grpc
+from google.protobuf.message import Message
 
 from .identity import Roster
 from .tls import TLSFiles, peer_channel
@@ -39,31 +40,25 @@ class RoundStreamCall(Protocol):
     def cancel(self) -> bool: ...
 
 
+def _unary(
+    channel: grpc.aio.Channel, name: str, request: type[Message], response: type[Message]
+) -> grpc.aio.UnaryUnaryMultiCallable[Any, Any]:
+    return channel.unary_unary(
+        method_path(name),
+        request_serializer=request.SerializeToString,
+        response_deserializer=response.FromString,
+    )
+
+
 class PeerStub:
     """The Peer service (protos/peer.proto) of one peer, over ``channel``."""
 
     def __init__(self, channel: grpc.aio.Channel) -> None:
         self.channel = channel
-        self._propose = channel.unary_unary(
-            method_path("Propose"),
-            request_serializer=pb.SessionProposal.SerializeToString,
-            response_deserializer=pb.ProposalAnswer.FromString,
-        )
-        self._start = channel.unary_unary(
-            method_path("Start"),
-            request_serializer=pb.StartRequest.SerializeToString,
-            response_deserializer=pb.StartAnswer.FromString,
-        )
-        self._status = channel.unary_unary(
-            method_path("Status"),
-            request_serializer=pb.SessionRef.SerializeToString,
-            response_deserializer=pb.SessionStatus.FromString,
-        )
-        self._records = channel.unary_unary(
-            method_path("Records"),
-            request_serializer=pb.SessionRef.SerializeToString,
-            response_deserializer=pb.SessionStatus.FromString,
-        )
+        self._propose = _unary(channel, "Propose", pb.SessionProposal, pb.ProposalAnswer)
+        self._start = _unary(channel, "Start", pb.StartRequest, pb.StartAnswer)
+        self._status = _unary(channel, "Status", pb.SessionRef, pb.SessionStatus)
+        self._records = _unary(channel, "Records", pb.SessionRef, pb.SessionStatus)
         self._round_stream = channel.stream_stream(
             method_path("RoundStream"),
             request_serializer=pb.Fragment.SerializeToString,

@@ -35,12 +35,11 @@ from .context import (
     RoundStatusKind,
     max_message_bytes,
 )
-from .participating import ROUND_STREAM_METHOD, charge_before_release, participate
+from .participating import RoundStreamDialer, charge_before_release, participate
 
 __all__ = [
     "BACKENDS",
     "NO_FAULTS",
-    "ROUND_STREAM_METHOD",
     "AggregatorRound",
     "Elsewhere",
     "FaultHooks",
@@ -48,6 +47,7 @@ __all__ = [
     "RoundContext",
     "RoundOutcome",
     "RoundStatusKind",
+    "RoundStreamDialer",
     "backend_for",
     "charge_before_release",
     "max_message_bytes",

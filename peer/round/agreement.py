@@ -19,7 +19,7 @@ from secagg.prg import WordArray
 
 from ..codec import CodecError, record_from_proto
 from ..ledger import AgreedRecord, PrivacyCharge, StoredRecord
-from ..payload import LocalContribution
+from ..payloads import LocalContribution
 from ..wire import peer_pb2 as pb
 from .context import RoundContext
 

@@ -19,7 +19,7 @@ from secagg import AggregatorState, RandomSource, RoundConfig, Signer, Verifier
 from secagg.prg import WordArray
 
 from ..ledger import Ledger, StoredRecord
-from ..payload import Payload
+from ..payloads import Payload
 from ..wire import peer_pb2 as pb
 
 __all__ = [

@@ -18,34 +18,30 @@ from google.protobuf.message import Message
 
 from secagg import RemoteProtocolError, SecAggError
 
+from ..channels import RoundStreamCall
 from ..codec import CodecError, Reassembler, fragments, record_to_proto
 from ..ledger import AgreedRecord, LedgerError
 from ..logs import remote
-from ..payload import LocalContribution
+from ..payloads import LocalContribution
 from ..wire import peer_pb2 as pb
 from .agreement import build_record, store_agreed
 from .context import RoundContext, RoundOutcome, RoundStatusKind
 
-__all__ = ["ROUND_STREAM_METHOD", "charge_before_release", "participate"]
+__all__ = ["RoundStreamDialer", "charge_before_release", "participate"]
 
-ROUND_STREAM_METHOD = "/hospital_secagg.v1.Peer/RoundStream"
 logger = logging.getLogger("peer.rounds")
 
 
-class _Call(Protocol):
-    """The client end of a gRPC stream-stream call (grpc.aio's stubs are untyped)."""
+class RoundStreamDialer(Protocol):
+    """What a participant needs of the aggregator's stub (peer/channels.py's PeerStub)."""
 
-    async def write(self, request: pb.Fragment) -> None: ...
-
-    async def read(self) -> object: ...
-
-    def cancel(self) -> bool: ...
+    def round_stream(self, timeout: float | None = None) -> RoundStreamCall: ...
 
 
 class _Stream:
     """A participant's end of a RoundStream: fragments out, whole messages in."""
 
-    def __init__(self, call: _Call, max_bytes: int) -> None:
+    def __init__(self, call: RoundStreamCall, max_bytes: int) -> None:
         self._call = call
         self._reassembler = Reassembler(max_bytes)
         self.sent = 0
@@ -69,8 +65,9 @@ class _Stream:
                 return message
 
 
-async def participate(ctx: RoundContext, channel: grpc.aio.Channel) -> RoundOutcome:
-    """Take part in one round as a participant, through ``channel`` to the aggregator."""
+async def participate(ctx: RoundContext, aggregator: RoundStreamDialer) -> RoundOutcome:
+    """Take part in one round as a participant, over a RoundStream to ``aggregator`` (the
+    round's aggregator's :class:`~peer.channels.PeerStub`)."""
     outcome = RoundOutcome(RoundStatusKind.AGGREGATOR_FAILED, ctx.aggregator)
     loop = asyncio.get_running_loop()
     started = time.monotonic()
@@ -94,12 +91,7 @@ async def participate(ctx: RoundContext, channel: grpc.aio.Channel) -> RoundOutc
         return refusal
     prefix = f"{ctx.log_prefix} role=participant aggregator={ctx.aggregator}"
     timeout = ctx.prepare_seconds + ctx.stage_seconds * 10
-    method = channel.stream_stream(
-        ROUND_STREAM_METHOD,
-        request_serializer=pb.Fragment.SerializeToString,
-        response_deserializer=pb.Fragment.FromString,
-    )
-    call = method(timeout=timeout)  # type: ignore[call-arg]  # stubs predate grpc.aio
+    call = aggregator.round_stream(timeout=timeout)
     stream = _Stream(call, ctx.max_message_bytes())
     participant = ctx.backend.participant(ctx, contribution.vector)
     sent: list[object] = []  # what this peer sent: its own input must be in the transcript

@@ -26,7 +26,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from peer.ledger import Ledger, PrivacyCharge, PrivacyKind
-from peer.payload import LocalContribution, RoundResult
+from peer.payloads import LocalContribution, RoundResult
 from peer.round import (
     AggregatorRound,
     RoundContext,
@@ -77,6 +77,12 @@ class NoisyPayload:
     ) -> RoundResult:
         return RoundResult(model=aggregate.astype("<u4").tobytes(), metrics={"n": len(survivors)})
 
+    def epsilon_needed(self) -> float:
+        return EPSILON
+
+    def finish(self, ledger: Ledger, proposal: SessionProposal) -> None:
+        return None
+
 
 class AbortAfterUnmasking(AggregatorRound):
     """A malicious aggregator: it unmasks (it holds the aggregate and every participant's
@@ -121,16 +127,19 @@ class _Call:
     async def read(self) -> Any:
         return await self._responses.get()
 
-    def cancel(self) -> None:
+    def cancel(self) -> bool:
         self._requests.put_nowait(None)
+        return True
 
 
-class _Channel:
+class _Stub:
+    """The aggregator's stub, as :func:`participate` dials it."""
+
     def __init__(self, agg: AggregatorRound, caller: str, on_write: Callable[[str], None]):
         self._agg, self._caller, self._on_write = agg, caller, on_write
 
-    def stream_stream(self, *_args: object, **_kwargs: object) -> Callable[..., _Call]:
-        return lambda timeout=None: _Call(self._agg, self._caller, self._on_write)
+    def round_stream(self, timeout: float | None = None) -> _Call:
+        return _Call(self._agg, self._caller, self._on_write)
 
 
 class Consortium:
@@ -200,7 +209,7 @@ class Consortium:
             *(
                 participate(
                     self.ctx(p, attempt, aggregator),
-                    _Channel(agg, p, self._first_write),  # type: ignore[arg-type]
+                    _Stub(agg, p, self._first_write),
                 )
                 for p in PEERS
             )
@@ -267,7 +276,7 @@ def test_nothing_leaves_when_the_charge_cannot_be_written(tmp_path: Path) -> Non
         agg = AggregatorRound(consortium.ctx("hospital-b", 1, "hospital-b"))
         return await participate(
             consortium.ctx("hospital-a", 1, "hospital-b"),
-            _Channel(agg, "hospital-a", consortium._first_write),  # type: ignore[arg-type]
+            _Stub(agg, "hospital-a", consortium._first_write),
         )
 
     outcome = asyncio.run(main())

@@ -21,8 +21,8 @@ from peer.data import (
     split_dataset,
     write_hospital_stores,
 )
-from peer.learning import PrivacyBudgetError, TrainingPayload, training_payload
 from peer.ledger import AgreedRecord, Ledger
+from peer.payloads.training import PrivacyBudgetError, TrainingPayload, training_payload
 from peer.session import ProposalError, SessionProposal
 from secagg.crypto import sha256
 
