@@ -22,27 +22,24 @@ import signal
 import sys
 from collections import Counter
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
+
+from . import ledger_check
+from .cli import (
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    ArgumentParser,
+    UsageError,
+    one_line,
+    run_command,
+)
 
 if TYPE_CHECKING:
     from .config import PeerConfig
     from .data import CSVImportError
 
 __all__ = ["main"]
-
-EXIT_USAGE = 2
-
-
-class UserError(Exception):
-    """A mistake the user can fix; printed as one line, exit code 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a bad argument is one line on stderr (exit 2), not the usage block:
-    operators read these in logs; ``--help`` still shows the usage."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {' '.join(message.split())}\n")
 
 
 def _load_config(path: str) -> PeerConfig:
@@ -51,7 +48,7 @@ def _load_config(path: str) -> PeerConfig:
     try:
         return load_config(path)
     except (ConfigFileError, OSError, ValueError) as error:
-        raise UserError(str(error)) from None
+        raise UsageError(str(error)) from None
 
 
 def _start(args: argparse.Namespace) -> int:
@@ -74,7 +71,7 @@ def _start(args: argparse.Namespace) -> int:
             )
         node = PeerNode(config, nonce_rng=nonce_rng, faults=from_environment())
     except (ConfigFileError, IdentityError, OSError, ValueError) as error:
-        raise UserError(str(error)) from None
+        raise UsageError(str(error)) from None
 
     async def run() -> None:
         loop = asyncio.get_running_loop()
@@ -90,27 +87,8 @@ def _start(args: argparse.Namespace) -> int:
     try:
         asyncio.run(run())
     except (IdentityError, OSError) as error:
-        raise UserError(str(error)) from None
-    return 0
-
-
-def _verify_ledger(args: argparse.Namespace) -> int:
-    from .config import ConfigFileError, load_config
-    from .identity import load_certificate, load_roster
-    from .ledger import Ledger, verify_ledger
-
-    try:
-        config = load_config(args.config)
-        roster = load_roster(config.roster, load_certificate(config.ca))
-    except (ConfigFileError, ValueError, OSError) as error:
-        raise UserError(str(error)) from None
-    ledger = Ledger(config.ledger_url)
-    report = verify_ledger(ledger, roster.verifiers(), min_signatures=args.min_signatures)
-    if args.json:
-        print(json.dumps({"ok": report.ok, "problems": [str(p) for p in report.problems]}))
-    else:
-        print(str(report))
-    return 0 if report.ok else 1
+        raise UsageError(str(error)) from None
+    return EXIT_OK
 
 
 def _doctor(args: argparse.Namespace) -> int:
@@ -159,7 +137,7 @@ def _data_import(args: argparse.Namespace) -> int:
     from .data import CSVImportError, DataError, PatientStore, import_csv
 
     if not 0.0 <= args.test_fraction < 1.0:
-        raise UserError(f"--test-fraction must be in [0, 1), not {args.test_fraction}")
+        raise UsageError(f"--test-fraction must be in [0, 1), not {args.test_fraction}")
     config = _load_config(args.config)
     features = None
     if args.features is not None:
@@ -181,11 +159,11 @@ def _data_import(args: argparse.Namespace) -> int:
     except CSVImportError as error:
         return _import_failure(error, args.json)
     except DataError as error:
-        raise UserError(
+        raise UsageError(
             f"{args.csv}: {error} (nothing was imported; the database is unchanged)"
         ) from None
     except SQLAlchemyError as error:
-        raise UserError(f"cannot write to {store.url}: {' '.join(str(error).split())}") from None
+        raise UsageError(f"cannot write to {store.url}: {one_line(error)}") from None
     finally:
         store.dispose()
     result = {
@@ -202,7 +180,7 @@ def _data_import(args: argparse.Namespace) -> int:
     }
     if args.json:
         print(json.dumps(result, sort_keys=True))
-        return 0
+        return EXIT_OK
     mapping = ", ".join(
         f"{raw!r} -> {label}" for raw, label in sorted(report.label_mapping.items())
     )
@@ -214,7 +192,7 @@ def _data_import(args: argparse.Namespace) -> int:
     print(f"label: {mapping}")
     if report.generated_ids:
         print("patient ids generated from the file name and line number (no --id column)")
-    return 0
+    return EXIT_OK
 
 
 def _data_summary(config: PeerConfig) -> dict[str, Any]:
@@ -226,7 +204,7 @@ def _data_summary(config: PeerConfig) -> dict[str, Any]:
     store = PatientStore(config.data_url)
     try:
         if not inspect(store.engine).has_table("patients"):
-            raise UserError(
+            raise UsageError(
                 f"{store.url} holds no patient data yet; import some with: peer data import "
                 f"--config {config.path} --csv FILE --label COLUMN"
             )
@@ -246,7 +224,7 @@ def _data_summary(config: PeerConfig) -> dict[str, Any]:
             "splits": splits,
         }
     except (SQLAlchemyError, DataError) as error:
-        raise UserError(f"cannot read {store.url}: {' '.join(str(error).split())}") from None
+        raise UsageError(f"cannot read {store.url}: {one_line(error)}") from None
     finally:
         store.dispose()
 
@@ -255,7 +233,7 @@ def _data_show(args: argparse.Namespace) -> int:
     summary = _data_summary(_load_config(args.config))
     if args.json:
         print(json.dumps(summary, sort_keys=True))
-        return 0
+        return EXIT_OK
     features = summary["features"]
     print(
         f"{summary['peer']}: data set {summary['dataset']!r} in {summary['database']}, "
@@ -274,7 +252,7 @@ def _data_show(args: argparse.Namespace) -> int:
     records = sum(part["records"] for part in summary["splits"].values())
     everyone = ", ".join(f"{d} {n}" for d, n in sorted(total.items())) or "-"
     print(f"{'all':<5}  {records:>7}  {'':>7}  {'':>7}  {everyone}")
-    return 0
+    return EXIT_OK
 
 
 def _add_data(commands: Any) -> None:
@@ -332,7 +310,7 @@ def _add_data(commands: Any) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _Parser(prog="peer", description="A hospital's secure aggregation peer.")
+    parser = ArgumentParser(prog="peer", description="A hospital's secure aggregation peer.")
     commands = parser.add_subparsers(dest="command", required=True)
     start = commands.add_parser("start", help="run the peer (mTLS gRPC server and session runner)")
     start.add_argument("--config", required=True, help="the peer's TOML configuration")
@@ -341,10 +319,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     verify = commands.add_parser(
         "verify-ledger", help="check the ledger's hash chain and signatures"
     )
-    verify.add_argument("--config", required=True)
-    verify.add_argument("--min-signatures", type=int, default=None)
-    verify.add_argument("--json", action="store_true")
-    verify.set_defaults(handler=_verify_ledger)
+    ledger_check.add_arguments(verify)
     doctor = commands.add_parser(
         "doctor",
         help="check this site before joining and whenever something is wrong",
@@ -359,18 +334,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     doctor.set_defaults(handler=_doctor)
     _add_data(commands)
     try:
-        args = parser.parse_args(argv)
-    except SystemExit as exit_:  # --help, or a bad argument already reported
-        return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
-    try:
-        result: int = args.handler(args)
-        return result
-    except UserError as error:
-        print(f"peer: error: {error}", file=sys.stderr)
-        return EXIT_USAGE
+        # Every error names the tool only ("peer: error: ..."), whichever the subcommand.
+        return run_command(parser, argv, prog=lambda _: "peer")
     except KeyboardInterrupt:
         logging.getLogger("peer").info("interrupted")
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -27,12 +25,10 @@ from pathlib import Path
 from typing import Any, TextIO
 from unittest import mock
 
-import cryptography
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from scripts import bench_transport
-from scripts._cli import EXIT_FAILED, EXIT_OK, ArgumentParser, run_guarded
+from peer.cli import EXIT_OK, ArgumentParser, run_command
 from secagg import (
     AggregatorMessage,
     ConfigError,
@@ -57,7 +53,10 @@ from secagg.masking import mask_input
 from secagg.prg import MaskExpander
 from secagg.simulate import Progress, SimulationResult, peer_ids, simulate
 
-__all__ = ["BENCHMARKS", "Benchmark", "build_parser", "machine_info", "main"]
+from . import bench_transport
+from .bench_machine import machine_info
+
+__all__ = ["BENCHMARKS", "Benchmark", "build_parser", "main"]
 
 PROG = "bench"
 DEFAULT_OUTPUT_DIR = Path("bench-results")
@@ -108,36 +107,6 @@ QUICK = _Sizes(5, 20_000, 2, (8, 12), 2_000, (0.0, 0.3), (6, 8, 12), 12, 4, plus
 
 
 # --------------------------------------------------------------------------- machine
-
-
-def machine_info() -> dict[str, Any]:
-    """What the figures were measured on."""
-    cpu = "unknown"
-    flags: set[str] = set()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-            for line in cpuinfo:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name" and cpu == "unknown":
-                    cpu = value.strip()
-                elif key.strip() == "flags" and not flags:
-                    flags = set(value.split())
-    except OSError:
-        pass
-    try:
-        load: list[float] | None = list(os.getloadavg())
-    except OSError:
-        load = None
-    return {
-        "nproc": os.cpu_count(),
-        "cpu": cpu,
-        "aes_ni": "aes" in flags,
-        "vaes": "vaes" in flags,
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "cryptography": cryptography.__version__,
-        "load_average_at_start": load,
-    }
 
 
 # --------------------------------------------------------------------------- secagg parts
@@ -624,12 +593,12 @@ BENCHMARKS: dict[str, Benchmark] = {
         _run_secagg,
     ),
     "transport": Benchmark(
-        "whole rounds over gRPC + mTLS with real peer processes: secure vs cleartext",
+        bench_transport.BENCH_HELP,
         bench_transport.add_arguments,
         bench_transport.run,
     ),
-    "training": _delegated("scripts.bench_training"),
-    "paillier": _delegated("scripts.bench_paillier"),
+    "training": _delegated(f"{__package__}.bench_training"),
+    "paillier": _delegated(f"{__package__}.bench_paillier"),
 }
 
 
@@ -643,20 +612,18 @@ def build_parser() -> argparse.ArgumentParser:
     for name, benchmark in BENCHMARKS.items():
         sub = subparsers.add_parser(name, help=benchmark.help, description=benchmark.help)
         benchmark.add_arguments(sub)
-        sub.set_defaults(run=benchmark.run)
+        sub.set_defaults(handler=benchmark.run)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``bench`` with ``argv`` (default: the process arguments); return the exit code."""
     arguments = list(sys.argv[1:] if argv is None else argv)
-    try:
-        args = build_parser().parse_args(arguments)
-    except SystemExit as exit_:
-        return exit_.code if isinstance(exit_.code, int) else EXIT_FAILED
-    args.argv = arguments
-    run: Callable[[argparse.Namespace], int] = args.run
-    return run_guarded(f"{PROG} {args.benchmark}", lambda: run(args), expected=(ConfigError,))
+    parser = build_parser()
+    parser.set_defaults(argv=arguments)  # recorded with the results
+    return run_command(
+        parser, arguments, prog=lambda args: f"{PROG} {args.benchmark}", expected=(ConfigError,)
+    )
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from scripts._cli import EXIT_FAILED, EXIT_OK, ArgumentParser, UsageError, run_guarded
+from peer.cli import EXIT_FAILED, EXIT_OK, ArgumentParser, UsageError, run_command
 from secagg import ConfigError
 from secagg.paillier import DEFAULT_KEY_BITS, OpenSSLPrimes, simulate_paillier
 from secagg.simulate import simulate
@@ -279,12 +279,9 @@ def _has_gmpy2() -> bool:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark with ``argv`` (default: the process arguments); return the exit code."""
     arguments = list(sys.argv[1:] if argv is None else argv)
-    try:
-        args = build_parser().parse_args(arguments)
-    except SystemExit as exit_:
-        return exit_.code if isinstance(exit_.code, int) else EXIT_FAILED
-    args.argv = arguments
-    return run_guarded(PROG, lambda: run(args), expected=(ConfigError,))
+    parser = build_parser()
+    parser.set_defaults(handler=run, argv=arguments)  # argv is recorded with the results
+    return run_command(parser, arguments, prog=lambda _: PROG, expected=(ConfigError,))
 
 
 if __name__ == "__main__":

@@ -55,12 +55,15 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from peer.cli import EXIT_FAILED, EXIT_OK, ArgumentParser, UsageError, run_command
 from peer.kit import LocalKit, write_peer_config
 from peer.ledger import Checkpoint, Ledger, RoundAttempt, RoundStatus
 from peer.operator import OperatorClient
 from peer.session import SessionProposal
 from peer.wire import peer_pb2 as pb
-from scripts._cli import EXIT_FAILED, EXIT_OK, UsageError
+from secagg import ConfigError
+
+from .bench_machine import machine_info
 
 __all__ = [
     "DEFAULT_OUTPUT",
@@ -75,6 +78,8 @@ __all__ = [
     "run",
 ]
 
+PROG = "bench transport"
+BENCH_HELP = "whole rounds over gRPC + mTLS with real peer processes: secure vs cleartext"
 DEFAULT_OUTPUT = Path("bench-results") / "transport.json"
 # secure round time / plain round time at n = 10, m = 1,000,000 (see BENCHMARKS.md).
 TARGET_RATIO = 1.5
@@ -590,8 +595,6 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     error), 1 when a peer or a session failed (the error names it).
     """
     out = out if out is not None else sys.stdout
-    from scripts.bench import machine_info  # not at import time: bench imports this module
-
     sizes = _sizes(args)
     output: Path = args.output or DEFAULT_OUTPUT
     err: TextIO = sys.stderr
@@ -676,9 +679,12 @@ def _measure(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m scripts.bench_transport``: the same as ``python -m scripts.bench transport``."""
-    from scripts import bench
-
-    return bench.main(["transport", *(sys.argv[1:] if argv is None else argv)])
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    parser = ArgumentParser(prog=PROG, description=BENCH_HELP)
+    add_arguments(parser)
+    # Recorded with the results as bench.py records it (the benchmark's name first).
+    parser.set_defaults(handler=run, argv=["transport", *arguments])
+    return run_command(parser, arguments, prog=lambda _: PROG, expected=(ConfigError,))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 Each subcommand is a pair of functions: ``_add_<name>(subparsers)`` declares its arguments
 and ``_cmd_<name>(args) -> int`` runs it. ``main`` dispatches; errors in the arguments or
-input files are one line on stderr with exit code 2 (see :mod:`scripts._cli`).
+input files are one line on stderr with exit code 2 (see :mod:`peer.cli`).
 
 Subcommands:
 
@@ -11,7 +11,8 @@ Subcommands:
 * ``bench`` — benchmarks (``ceremony bench secagg``), delegated to :mod:`scripts.bench`.
 * ``init-ca``, ``request``, ``sign``, ``roster``, ``revoke``, ``kit``, ``verify-ledger`` —
   the identity ceremony and the ledger check (:mod:`scripts.ceremony_identity`).
-* ``run`` — propose a session to the peers, start it and watch it (:mod:`scripts.ceremony_run`).
+* ``run`` — propose a session to the peers, start it and watch it (:mod:`scripts.ceremony_run`,
+  on the operator library :mod:`peer.operator`).
 * ``demo`` — a whole federation on this machine, then the dashboard
   (:mod:`scripts.ceremony_demo`).
 * ``stats`` — federated DP statistics (counts, histograms, means) over the peers' patients
@@ -35,7 +36,19 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from scripts import (
+from peer.cli import (
+    EXIT_FAILED,
+    EXIT_OK,
+    ArgumentParser,
+    UsageError,
+    run_command,
+)
+from peer.operator import OperatorError
+from secagg import ConfigError, GraphKind, Stage, recommend_parameters
+from secagg.graph import minimum_threshold
+from secagg.simulate import Attack, Progress, SimulationResult, simulate, too_many_drops
+
+from . import (
     ceremony_data,
     ceremony_demo,
     ceremony_identity,
@@ -44,16 +57,6 @@ from scripts import (
     ceremony_run,
     ceremony_stats,
 )
-from scripts._cli import (
-    EXIT_FAILED,
-    EXIT_OK,
-    ArgumentParser,
-    UsageError,
-    run_guarded,
-)
-from secagg import ConfigError, GraphKind, Stage, recommend_parameters
-from secagg.graph import minimum_threshold
-from secagg.simulate import Attack, Progress, SimulationResult, simulate, too_many_drops
 
 __all__ = ["build_parser", "main"]
 
@@ -387,7 +390,7 @@ def _add_bench(subparsers: Any) -> None:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from scripts import bench  # only the bench command pays for importing it
+    from . import bench  # only the bench command pays for importing it
 
     return bench.main(args.bench_args)
 
@@ -413,14 +416,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``ceremony`` with ``argv`` (default: the process arguments); return the exit code."""
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exit_:
-        return exit_.code if isinstance(exit_.code, int) else EXIT_FAILED
-    handler = args.handler
-    prog = f"{PROG} {args.command}"
-    return run_guarded(prog, lambda: int(handler(args)), expected=(ConfigError,))
+    return run_command(
+        build_parser(),
+        argv,
+        prog=lambda args: f"{PROG} {args.command}",
+        expected=(ConfigError, OperatorError),
+    )
 
 
 if __name__ == "__main__":

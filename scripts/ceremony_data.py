@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from scripts._cli import EXIT_OK, UsageError, one_line
+from peer.cli import EXIT_OK, UsageError, one_line
 
 if TYPE_CHECKING:
     from peer.data import PatientRecord

@@ -38,17 +38,17 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, TYPE_CHECKING, Any
 
-from scripts._cli import EXIT_FAILED, EXIT_OK, UsageError
-from scripts.ceremony_run import (
-    EXIT_INTERRUPTED,
-    ProgressView,
+from peer.cli import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, UsageError
+from peer.operator import (
+    OperatorClient,
+    ProposalRefused,
     SessionOutcome,
     default_timeout,
     drive_session,
-    outcome_report,
-    print_rounds,
     propose_and_start,
 )
+
+from .ceremony_run import ProgressView, print_rounds
 
 if TYPE_CHECKING:
     from peer.kit import LocalKit
@@ -361,8 +361,6 @@ def _start_peers(kit: LocalKit, children: Children) -> None:
 def _run_session(
     args: argparse.Namespace, kit: LocalKit, proposal: SessionProposal
 ) -> SessionOutcome:
-    from peer.operator import OperatorClient
-
     cert, key, ca = kit.operator_files()
     roster = kit.federation.roster_path
     assert roster is not None
@@ -430,7 +428,7 @@ def _report(
     children: Children,
     payload: str,
 ) -> dict[str, Any]:
-    report = outcome_report(outcome)
+    report = outcome.as_json()
     report.update(
         workdir=str(workdir),
         payload=payload,
@@ -442,8 +440,6 @@ def _report(
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from peer.operator import ProposalRefused
-
     if args.rounds < 1:
         raise UsageError(f"--rounds must be at least 1, not {args.rounds}")
     if not 1 <= args.port <= 65535:

@@ -27,15 +27,16 @@ import json
 import os
 import shutil
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from peer import ledger_check
+from peer.cli import EXIT_FAILED, EXIT_OK, UsageError, user_errors
 from peer.identity import (
-    IdentityError,
     Role,
     RosterEntry,
     build_roster,
@@ -55,29 +56,11 @@ from peer.identity import (
     validate_address,
 )
 from peer.identity._x509 import read_identity
-from scripts._cli import EXIT_FAILED, EXIT_OK, UsageError
 
-__all__ = ["add_parsers", "csr_fingerprint", "user_errors"]
+__all__ = ["add_parsers", "csr_fingerprint"]
 
 ROOT_FINGERPRINT_FILE = "ROOT_FINGERPRINT.txt"
 REVOCATION_REASONS = [flag.name for flag in x509.ReasonFlags]
-
-
-@contextlib.contextmanager
-def user_errors() -> Iterator[None]:
-    """Turn the library's input errors into :class:`UsageError` (one line, exit code 2).
-
-    Identity errors already name the file and the problem; OS errors are about the paths the
-    user gave (missing, unreadable, a directory where a file was expected); ``ValueError``
-    comes from parsing what those files hold (e.g. "x.pem is not a certificate").
-    """
-    try:
-        yield
-    except (IdentityError, ValueError) as error:
-        raise UsageError(str(error)) from None
-    except OSError as error:
-        where = f"{error.filename}: " if error.filename else ""
-        raise UsageError(f"{where}{error.strerror or error}") from None
 
 
 def _emit(args: argparse.Namespace, report: dict[str, Any], lines: Sequence[str]) -> None:
@@ -640,54 +623,7 @@ def _add_verify_ledger(subparsers: Any) -> None:
             "check as `peer verify-ledger`). Exit 0 when no problem is found, 1 otherwise."
         ),
     )
-    parser.add_argument("--config", type=Path, required=True, metavar="PEER.toml")
-    parser.add_argument(
-        "--min-signatures",
-        type=int,
-        metavar="N",
-        help="signatures required per record (default: each session's threshold)",
-    )
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.set_defaults(handler=_cmd_verify_ledger)
-
-
-def _cmd_verify_ledger(args: argparse.Namespace) -> int:
-    from peer.config import ConfigFileError, load_config
-    from peer.ledger import Ledger, LedgerError, verify_ledger
-
-    try:
-        config = load_config(args.config)
-    except ConfigFileError as error:
-        raise UsageError(str(error)) from None
-    with user_errors():
-        roster = load_roster(config.roster, load_certificate(config.ca))
-    prefix = "sqlite:///"
-    if config.ledger_url.startswith(prefix) and ":memory:" not in config.ledger_url:
-        # Opening a missing SQLite file would create an empty ledger that "verifies".
-        database = Path(config.ledger_url[len(prefix) :])
-        if not database.is_file():
-            raise UsageError(f"{args.config}: no ledger at {database} (has this peer run?)")
-    try:
-        with Ledger(config.ledger_url) as ledger:
-            report = verify_ledger(ledger, roster.verifiers(), min_signatures=args.min_signatures)
-    except LedgerError as error:
-        raise UsageError(f"{args.config}: cannot read the ledger: {error}") from None
-    if args.json:
-        print(
-            json.dumps(
-                {
-                    "ok": report.ok,
-                    "source": report.source,
-                    "records": report.records,
-                    "checkpoints": report.checkpoints,
-                    "problems": [str(p) for p in report.problems],
-                },
-                sort_keys=True,
-            )
-        )
-    else:
-        print(str(report))
-    return EXIT_OK if report.ok else EXIT_FAILED
+    ledger_check.add_arguments(parser)
 
 
 # --------------------------------------------------------------------------- registration

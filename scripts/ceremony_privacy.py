@@ -27,7 +27,7 @@ import math
 from fractions import Fraction
 from typing import Any
 
-from scripts._cli import EXIT_OK, UsageError
+from peer.cli import EXIT_OK, UsageError
 
 __all__ = ["add_parsers", "parse_rate"]
 

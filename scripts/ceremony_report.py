@@ -35,7 +35,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from scripts._cli import EXIT_FAILED, EXIT_OK, UsageError
+from peer.cli import EXIT_FAILED, EXIT_OK, UsageError
 
 __all__ = ["ReportData", "add_parsers", "load_report_data", "render_report", "svg_chart"]
 

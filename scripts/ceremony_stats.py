@@ -42,18 +42,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from scripts._cli import EXIT_FAILED, EXIT_OK, UsageError
-from scripts.ceremony_run import (
+from peer.cli import EXIT_FAILED, EXIT_OK, UsageError
+from peer.operator import (
     FederationFile,
     SessionOutcome,
     build_proposal,
     default_session_id,
-    default_timeout,
     load_federation,
-    operator_client,
-    outcome_report,
-    propose_and_follow,
 )
+
+from .ceremony_run import connect, propose_and_follow
 
 if TYPE_CHECKING:
     from peer.identity import Roster
@@ -195,7 +193,7 @@ def statistics_proposal(
     and rounds do not (asking the same queries again would only spend more epsilon).
 
     Raises:
-        UsageError: as :func:`scripts.ceremony_run.build_proposal`.
+        OperatorError: as :func:`peer.operator.build_proposal`.
     """
     session = {**federation.session, "payload": spec.to_payload(), "rounds": 1}
     session.pop("privacy", None)  # DP-SGD settings; statistics carry their own epsilon
@@ -380,21 +378,18 @@ def _cmd_stats(args: argparse.Namespace) -> int:
             split=args.split,
         )
     federation = load_federation(args.federation, payload_required=False)
-    client = operator_client(federation)
+    client = connect(federation)
     sid = (
         args.attach
         or args.session_id
         or default_session_id(datetime.now(UTC)).replace("session-", "stats-", 1)
     )
     proposal = statistics_proposal(federation, client.roster, spec, sid)
-    timeout = args.timeout if args.timeout is not None else default_timeout(proposal)
-    if timeout <= 0:
-        raise UsageError(f"--timeout must be positive, not {timeout}")
     outcome = propose_and_follow(
         client,
         proposal,
         attach=bool(args.attach),
-        timeout=timeout,
+        timeout=args.timeout,
         quiet=args.quiet,
         json_output=args.json,
         what="statistics session",
@@ -406,7 +401,7 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     statistics = _statistics_of(outcome)
     ok = outcome.ok and statistics is not None
     if args.json:
-        report = outcome_report(outcome)
+        report = outcome.as_json()
         report.update(ok=ok, statistics=statistics, refused={})
         print(json.dumps(report, sort_keys=True))
     else:

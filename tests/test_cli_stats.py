@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from peer.cli import UsageError
 from peer.data import (
     BUNDLED_DATASET_NAME,
     PatientRecord,
@@ -21,7 +22,6 @@ from peer.data import (
     split_dataset,
     write_hospital_stores,
 )
-from scripts._cli import UsageError
 from scripts.ceremony import main
 from scripts.ceremony_stats import histogram_query, mean_query, statistics_spec
 

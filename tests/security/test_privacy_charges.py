@@ -148,7 +148,7 @@ class Consortium:
             SESSION,
             participants=PEERS,
             rounds=1,
-            threshold=3,
+            threshold=3,  # every one of the 3: the safe threshold (SECURITY.md)
             payload={"kind": "vector", "length": LENGTH},
             stage_seconds=5.0,
             prepare_seconds=1.0,

@@ -35,7 +35,14 @@ def propose(n: int, **fields: object) -> SessionProposal:
 
 def refusal(proposal: SessionProposal, policy: Policy | None = None) -> str | None:
     me = proposal.participants[1]
-    return check_policy(proposal, proposal.participants[0], True, me, policy or Policy())
+    # The proposer is a peer this site lets propose (deny by default otherwise), so what is
+    # checked here is the secure aggregation parameters.
+    allowed = replace(
+        policy or Policy(),
+        allowed_peer_proposers=(proposal.participants[0],),
+        allow_exact_payloads=True,
+    )
+    return check_policy(proposal, proposal.participants[0], True, me, allowed)
 
 
 def test_the_issues_weak_proposal_is_refused_with_its_reason() -> None:

@@ -1,7 +1,8 @@
-"""The operator's side: propose a session to every peer, start it, follow its progress.
+"""The operator's connection to the peers: propose a session, start it, ask its status.
 
-Used by ``ceremony run`` and by the tests. The operator holds an operator certificate (or a
-peer's); it proposes, but it takes no part in the rounds and sees no data.
+Used by :mod:`peer.operator.follow` (``ceremony run``, ``stats``, ``demo``) and by the
+tests. The operator holds an operator certificate (or a peer's); it proposes, but it takes no
+part in the rounds and sees no data.
 """
 
 from __future__ import annotations
@@ -10,18 +11,28 @@ import asyncio
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 import grpc
 
 from secagg import Signer
 
-from .identity import Roster, load_certificate, load_roster, load_signer
-from .node import SERVICE
-from .session import SessionProposal, SignedProposal
-from .tls import TLSFiles, map_rpc_error, peer_channel
-from .wire import peer_pb2 as pb
+from ..identity import Roster, load_certificate, load_roster, load_signer
+from ..session import SessionProposal, SignedProposal
+from ..tls import TLSFiles, map_rpc_error, peer_channel
+from ..wire import peer_pb2 as pb
 
-__all__ = ["BeaconFailed", "OperatorClient", "ProposalRefused"]
+__all__ = ["FINAL_STATES", "BeaconFailed", "OperatorClient", "OperatorError", "ProposalRefused"]
+
+# The gRPC service the peers serve, by its name in protos/peer.proto.
+SERVICE = pb.DESCRIPTOR.services_by_name["Peer"].full_name
+# Session states after which a peer does nothing more for the session.
+FINAL_STATES = frozenset({"finished", "aborted", "refused", "failed"})
+
+
+class OperatorError(Exception):
+    """The operator cannot go on as asked: a federation file is wrong, a peer cannot be
+    reached, or no peer knows the session. The message says what to change."""
 
 
 class ProposalRefused(Exception):
@@ -53,7 +64,7 @@ class OperatorClient:
     timeout: float = 60.0
 
     @classmethod
-    def from_files(cls, me: str, cert: Path, key: Path, ca: Path, roster: Path) -> OperatorClient:
+    def from_files(cls, me: str, cert: Path, key: Path, ca: Path, roster: Path) -> Self:
         return cls(
             me,
             load_roster(roster, load_certificate(ca)),
@@ -171,6 +182,18 @@ class OperatorClient:
             )
         return beacons.pop()
 
+    async def records(self, session_id: str, peer: str) -> list[pb.AgreedRecord]:
+        """The agreed records of ``session_id`` in ``peer``'s ledger, by round (``Records``).
+
+        Raises:
+            TransportError: the peer cannot be reached or refused the call.
+        """
+        status = await self._call(
+            peer, "Records", pb.SessionRef(session_id=session_id), pb.SessionStatus
+        )
+        assert isinstance(status, pb.SessionStatus)
+        return sorted(status.records, key=lambda r: r.round)
+
     async def status(
         self, session_id: str, participants: Sequence[str]
     ) -> dict[str, pb.SessionStatus | Exception]:
@@ -207,11 +230,7 @@ class OperatorClient:
                 on_progress(statuses)
             reachable = [s for s in statuses.values() if isinstance(s, pb.SessionStatus)]
             everyone = not require_all or len(reachable) == len(statuses)
-            if (
-                reachable
-                and everyone
-                and all(s.state in ("finished", "aborted", "refused", "failed") for s in reachable)
-            ):
+            if reachable and everyone and all(s.state in FINAL_STATES for s in reachable):
                 return statuses
             if loop.time() >= deadline:
                 raise TimeoutError(f"session {session_id} did not finish within {timeout:.0f}s")
