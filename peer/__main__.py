@@ -54,6 +54,7 @@ def _load_config(path: str) -> PeerConfig:
 def _start(args: argparse.Namespace) -> int:
     from .beacon import TEST_NONCE_ENV, nonce_source_from_env
     from .config import ConfigFileError, load_config
+    from .faults import from_environment
     from .identity import IdentityError
     from .logs import configure_logging
     from .node import PeerNode
@@ -68,7 +69,7 @@ def _start(args: argparse.Namespace) -> int:
                 config.peer_id,
                 TEST_NONCE_ENV,
             )
-        node = PeerNode(config, nonce_rng=nonce_rng)
+        node = PeerNode(config, nonce_rng=nonce_rng, faults=from_environment())
     except (ConfigFileError, IdentityError, OSError, ValueError) as error:
         raise UsageError(str(error)) from None
 

@@ -5,11 +5,15 @@ Also the fragmenting of large messages: every message goes on a stream as one or
 gRPC's default 4 MiB message limit. :class:`Reassembler` refuses a message larger than the
 limit its caller sets (derived from the round's vector length), so a stream that never ends
 or claims a huge size is cut off instead of exhausting memory.
+
+And the wire form of an agreed ledger record (:func:`record_to_proto`,
+:func:`record_from_proto`), used by the round's agreement and by catching up.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import json
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -31,6 +35,7 @@ from secagg.cleartext import CleartextInput, CleartextTranscript
 from secagg.messages import MaskedHeader
 from secagg.prg import word_dtype
 
+from .ledger import AgreedRecord
 from .paillier_wire import (
     KIND_PREFIX,
     MESSAGE_TYPES,
@@ -47,6 +52,8 @@ __all__ = [
     "decode",
     "encode",
     "fragments",
+    "record_from_proto",
+    "record_to_proto",
 ]
 
 FRAGMENT_BYTES = 1 << 20
@@ -434,3 +441,50 @@ class Reassembler:
         kind, data = self._kind, bytes(self._buffer)
         self._kind, self._total, self._buffer = None, 0, bytearray()
         return decode(kind, data)
+
+
+# ---------------------------------------------------------------- agreed records
+
+
+def record_to_proto(
+    record: AgreedRecord, signatures: Mapping[str, bytes], aggregator: str = ""
+) -> pb.AgreedRecord:
+    """The wire form of an agreed record (or of one peer's signed vote for it)."""
+    record_hash = record.record_hash()
+    return pb.AgreedRecord(
+        aggregator=aggregator,
+        session_id=record.session_id,
+        round=record.round,
+        aggregate_hash=record.aggregate_hash,
+        model_hash=record.model_hash,
+        metrics_hash=record.metrics_hash,
+        prev_hash=record.prev_hash,
+        metrics_json=json.dumps(dict(record.metrics), sort_keys=True),
+        epsilon_json=json.dumps(dict(record.epsilon), sort_keys=True),
+        signatures=[
+            pb.RecordSignature(peer_id=p, record_hash=record_hash, signature=s)
+            for p, s in sorted(signatures.items())
+        ],
+    )
+
+
+def record_from_proto(proto: pb.AgreedRecord) -> tuple[AgreedRecord, dict[str, bytes]]:
+    """The record and its signatures; CodecError if the record's JSON is malformed."""
+    try:
+        metrics = json.loads(proto.metrics_json or "{}")
+        epsilon = json.loads(proto.epsilon_json or "{}")
+    except ValueError as error:
+        raise CodecError(f"malformed record JSON: {error}") from None
+    if not isinstance(metrics, dict) or not isinstance(epsilon, dict):
+        raise CodecError("record metrics and epsilon must be JSON objects")
+    record = AgreedRecord(
+        session_id=proto.session_id,
+        round=proto.round,
+        aggregate_hash=proto.aggregate_hash,
+        model_hash=proto.model_hash,
+        metrics_hash=proto.metrics_hash,
+        prev_hash=proto.prev_hash,
+        metrics=metrics,
+        epsilon=epsilon,
+    )
+    return record, {s.peer_id: s.signature for s in proto.signatures}

@@ -9,6 +9,11 @@ production, it costs one dictionary lookup per stage.
 
 ``HOSPITAL_SECAGG_TAMPER_SEND`` makes a peer play a malicious aggregator or participant
 (:func:`tamper_outgoing`, :func:`tamper_reply`); unset, it costs one lookup per message.
+
+None of this is on the production path: the round drivers call the
+:class:`~peer.round.context.FaultHooks` of their context, a no-op by default, and only the
+peer's entry point (``peer start``) installs :func:`from_environment`'s hooks, which exist
+only when one of these variables is set.
 """
 
 from __future__ import annotations
@@ -19,11 +24,19 @@ import os
 import signal
 from typing import Any
 
+import numpy as np
+
+from secagg import Signer
+
+from .round.context import NO_FAULTS, FaultHooks
+
 __all__ = [
     "KILL_AT_ENV",
     "TAMPER_ENV",
     "TAMPER_SEND_ENV",
+    "EnvironmentFaults",
     "fault_point",
+    "from_environment",
     "tamper_outgoing",
     "tamper_reply",
     "tamper_transcript_aggregate",
@@ -177,3 +190,38 @@ def tamper_reply(round_: int, message: object, signer: Any, digest: bytes) -> ob
             ",".join(owner for owner, _ in message.mask_key_shares) or "-",
         )
     return message
+
+
+def _wrong_aggregate(transcript: object) -> object:
+    """The same transcript with a wrong aggregate (a malicious aggregator)."""
+    aggregate = getattr(transcript, "aggregate", None)
+    if not isinstance(aggregate, np.ndarray):
+        return transcript
+    wrong = aggregate.copy()
+    wrong[0] += 1
+    return dataclasses.replace(transcript, aggregate=wrong)  # type: ignore[type-var]
+
+
+class EnvironmentFaults:
+    """The :class:`~peer.round.context.FaultHooks` these environment variables ask for."""
+
+    def point(self, round_: int, name: str) -> None:
+        fault_point(round_, name)
+
+    def outgoing(self, round_: int, recipient: str, message: object) -> object:
+        return tamper_outgoing(round_, recipient, message)
+
+    def reply(self, round_: int, message: object, signer: Signer, digest: bytes) -> object:
+        return tamper_reply(round_, message, signer, digest)
+
+    def transcripts(self, round_: int, transcripts: dict[str, object]) -> dict[str, object]:
+        if not tamper_transcript_aggregate(round_):
+            return transcripts
+        return {p: _wrong_aggregate(t) for p, t in transcripts.items()}
+
+
+def from_environment() -> FaultHooks:
+    """The hooks a test asked for through the environment; no-op hooks when none is set."""
+    if any(os.environ.get(name) for name in (KILL_AT_ENV, TAMPER_ENV, TAMPER_SEND_ENV)):
+        return EnvironmentFaults()
+    return NO_FAULTS

@@ -16,9 +16,22 @@ from dataclasses import dataclass
 from typing import Any
 
 from .ledger import ChargedRelease, Ledger
+from .session import ProposalError
 from .training.accounting import GLOBAL_DELTA, PrivacyEvent, composed_epsilon, epsilon_increase
 
-__all__ = ["PrivacyStatement", "compose_charges", "privacy_after", "privacy_statement"]
+__all__ = [
+    "PrivacyBudgetError",
+    "PrivacyStatement",
+    "compose_charges",
+    "privacy_after",
+    "privacy_statement",
+]
+
+
+class PrivacyBudgetError(ProposalError):
+    """A session or round would take this institution over its privacy budget, or spend
+    privacy without the protection the policy demands; the peer refuses it (figures in the
+    text). The one budget error of every payload (training, statistics)."""
 
 
 @dataclass(frozen=True)

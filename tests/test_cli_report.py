@@ -31,7 +31,7 @@ HISTOGRAM = {"positive": [0, 0, 1, 2, 5, 12], "negative": [20, 9, 4, 2, 1, 0]}
 
 
 def _study(tmp_path: Path) -> LedgerBuilder:
-    """A training session as peer.learning records it: standardize, train, evaluate."""
+    """A training session as peer.payloads.training records it: standardize, train, evaluate."""
     builder = LedgerBuilder.create(tmp_path)
     privacy = {"epsilon_budget": 3.0, "noise_multiplier": 1.1, "delta": 1e-5}
     builder.add_session("study-1", rounds=4, privacy=privacy)

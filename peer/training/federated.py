@@ -22,7 +22,14 @@ if TYPE_CHECKING:
     import keras
     import tensorflow as tf
 
-__all__ = ["FedAvgResult", "LocalTrainConfig", "PeerData", "fedavg_round", "numpy_sum"]
+__all__ = [
+    "FedAvgResult",
+    "LocalTrainConfig",
+    "PeerData",
+    "fedavg_round",
+    "fedavg_step",
+    "numpy_sum",
+]
 
 Vector = npt.NDArray[np.float64]
 
@@ -64,6 +71,22 @@ def numpy_sum(vectors: Sequence[Vector]) -> Vector:
     return total
 
 
+def fedavg_step(
+    base: npt.ArrayLike, weighted_sum: npt.ArrayLike, weight: float, bound: float | None = None
+) -> Vector:
+    """The FedAvg rule: ``base + sum(w_h delta_h) / sum(w_h)``, in float64.
+
+    ``weighted_sum`` is the sum of every survivor's update times its weight and ``weight``
+    the sum of the weights. With ``bound``, the step is clamped to ``[-bound, bound]`` per
+    coordinate, so that no contribution, however malformed, moves a weight further.
+    """
+    step = np.asarray(weighted_sum, dtype=np.float64) / weight
+    if bound is not None:
+        step = np.clip(step, -bound, bound)
+    new: Vector = np.asarray(base, dtype=np.float64) + step
+    return new
+
+
 def fedavg_round(
     global_weights: npt.ArrayLike,
     peers_data: Sequence[PeerData],
@@ -100,5 +123,5 @@ def fedavg_round(
     count = total[-1]
     if not count > 0:
         raise ValueError(f"aggregated example count is {count}")
-    new = (start.astype(np.float64) + total[:-1] / count).astype(np.float32)
+    new = fedavg_step(start, total[:-1], count).astype(np.float32)
     return FedAvgResult(new, round(count), steps)

@@ -12,6 +12,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -22,6 +23,42 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _Precondition:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _PreconditionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Precondition.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PRECONDITION_NONE: _Precondition.ValueType  # 0
+    """a real abort: the round failed or someone broke the protocol"""
+    PRECONDITION_NOT_READY: _Precondition.ValueType  # 1
+    """this round/attempt is not open here (not yet, or under way)"""
+    PRECONDITION_ROUND_PASSED: _Precondition.ValueType  # 2
+    """the aggregator is at a later round: Abort.round"""
+    PRECONDITION_ROUND_AGREED: _Precondition.ValueType  # 3
+    """this round is already agreed there"""
+    PRECONDITION_BEHIND: _Precondition.ValueType  # 4
+    """the caller's chain is behind; Abort.round: the last agreed"""
+
+class Precondition(_Precondition, metaclass=_PreconditionEnumTypeWrapper):
+    """Why an aggregator does not take a participant's RoundStream now: it is at another point
+    of the session. Not a protocol violation by either side: the participant comes back later,
+    catches up, or moves on (peer/node.py). A peer acts on ROUND_PASSED / ROUND_AGREED only
+    once the claimer's agreed records are fetched and verified.
+    """
+
+PRECONDITION_NONE: Precondition.ValueType  # 0
+"""a real abort: the round failed or someone broke the protocol"""
+PRECONDITION_NOT_READY: Precondition.ValueType  # 1
+"""this round/attempt is not open here (not yet, or under way)"""
+PRECONDITION_ROUND_PASSED: Precondition.ValueType  # 2
+"""the aggregator is at a later round: Abort.round"""
+PRECONDITION_ROUND_AGREED: Precondition.ValueType  # 3
+"""this round is already agreed there"""
+PRECONDITION_BEHIND: Precondition.ValueType  # 4
+"""the caller's chain is behind; Abort.round: the last agreed"""
+Global___Precondition: _TypeAlias = Precondition  # noqa: Y015
 
 @_typing.final
 class AdvertiseKeys(_message.Message):
@@ -656,17 +693,27 @@ class Abort(_message.Message):
 
     REASON_FIELD_NUMBER: _builtins.int
     OFFENDER_FIELD_NUMBER: _builtins.int
+    PRECONDITION_FIELD_NUMBER: _builtins.int
+    ROUND_FIELD_NUMBER: _builtins.int
     reason: _builtins.str
+    """human-readable, for the logs"""
     offender: _builtins.str
+    """the peer that broke the protocol, if any"""
+    precondition: Global___Precondition.ValueType
+    """set: not an abort of the round, "come back later" """
+    round: _builtins.int
+    """the round the precondition names (see Precondition)"""
     def __init__(
         self,
         *,
         reason: _builtins.str = ...,
         offender: _builtins.str = ...,
+        precondition: Global___Precondition.ValueType = ...,
+        round: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["offender", b"offender", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["offender", b"offender", "precondition", b"precondition", "reason", b"reason", "round", b"round"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -916,7 +963,9 @@ class SessionStatus(_message.Message):
     RECORDS_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     state: _builtins.str
-    """proposed / running / finished / aborted / refused"""
+    """peer/session_state.py: proposed / accepted / refused / running / settling / finished /
+    aborted / failed (a runner stopped by an error) / unknown
+    """
     rounds_planned: _builtins.int
     rounds_agreed: _builtins.int
     current_stage: _builtins.str

@@ -18,8 +18,8 @@ from peer.data import (
     write_hospital_stores,
 )
 from peer.ledger import RoundStatus
+from peer.payloads.statistics import StatisticsSpec
 from peer.session import SessionProposal
-from peer.statistics import StatisticsSpec
 
 EPSILON = 1e6  # large: the answers must equal the pooled data's
 

@@ -7,7 +7,7 @@ input nor their session:
 * reads (Status, Records, RoundStream) are answered only to the session's participants and
   its proposer;
 * a peer that lies about where the session is (Status "running, round 99", an aggregator's
-  "round-passed: 99" / "round-agreed", records that skip rounds) moves nobody: the honest
+  ROUND_PASSED 99 / ROUND_AGREED, records that skip rounds) moves nobody: the honest
   peers agree every round, with back-off instead of a retry storm;
 * a CRL installed while the peers run takes effect at once: RPCs and open streams of the
   revoked member are refused, a bad CRL file is refused and the old one stays;
@@ -36,14 +36,14 @@ import numpy as np
 import pytest
 
 from peer.beacon import commit, commitment_signed_bytes
-from peer.codec import Reassembler, fragments
+from peer.codec import Reassembler, fragments, record_to_proto
 from peer.config import ConfigFileError, load_config
 from peer.identity import load_crl, load_signer
 from peer.ledger import AgreedRecord, session_genesis
 from peer.logs import JsonFormatter, TextFormatter, remote
 from peer.ratelimit import Backoff, Limits, RateLimiter
 from peer.reload import TrustedKeys, TrustReloader
-from peer.rounds import record_to_proto, valid_signatures
+from peer.round import valid_signatures
 from peer.session import SessionProposal
 from peer.tls import Authenticator, TLSFiles, create_server, peer_channel
 from peer.wire import peer_pb2 as pb
@@ -338,7 +338,7 @@ class _Liar:
 
     Status: "running, round 99, 99 rounds agreed". Records: a round-3 record chained to the
     genesis, validly signed by a threshold of the session's members (colluders). RoundStream:
-    round 1 "round-passed: 99", round 2 "round-agreed", round 3 an Abort whose reason
+    round 1 ROUND_PASSED 99, round 2 ROUND_AGREED, round 3 an Abort whose reason
     carries a forged log line.
     """
 
@@ -416,9 +416,13 @@ class _Liar:
             hello = Reassembler(1 << 16).push(await anext(requests))
             assert isinstance(hello, pb.RoundHello)
             if hello.round == 1:
-                abort = pb.Abort(reason="round-passed: 99", offender="precondition")
+                abort = pb.Abort(
+                    reason="at round 99", precondition=pb.PRECONDITION_ROUND_PASSED, round=99
+                )
             elif hello.round == 2:
-                abort = pb.Abort(reason="round-agreed: round 2 is agreed", offender="precondition")
+                abort = pb.Abort(
+                    reason="round 2 is agreed", precondition=pb.PRECONDITION_ROUND_AGREED, round=2
+                )
             else:
                 abort = pb.Abort(reason=f"no\n{FORGED}", offender=LIAR)
             for fragment in fragments(abort):

@@ -5,8 +5,8 @@ attempt's aggregator, who can unmask it and then abort so that no record is agre
 charge were written only with the agreed record, three such aborts and one agreed attempt
 would be four releases and one charge.
 
-These tests run the real participant code (:func:`peer.rounds.participate`) and the real
-aggregator (:class:`peer.rounds.AggregatorRound`) in one process, joined by an in-memory
+These tests run the real participant code (:func:`peer.round.participate`) and the real
+aggregator (:class:`peer.round.AggregatorRound`) in one process, joined by an in-memory
 stream instead of gRPC, with an aggregator that completes the unmasking (it holds the
 aggregate, and every participant verified it) and then aborts. The ledger is checked after
 every attempt, and at the moment each participant's first byte leaves.
@@ -25,14 +25,14 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from peer.backends import backend_for
 from peer.ledger import Ledger, PrivacyCharge, PrivacyKind
-from peer.payload import LocalContribution, RoundResult
-from peer.rounds import (
+from peer.payloads import LocalContribution, RoundResult
+from peer.round import (
     AggregatorRound,
     RoundContext,
     RoundOutcome,
     RoundStatusKind,
+    backend_for,
     participate,
     serve_round_stream,
 )
@@ -76,6 +76,12 @@ class NoisyPayload:
         self, round_: int, aggregate: WordArray, survivors: tuple[str, ...]
     ) -> RoundResult:
         return RoundResult(model=aggregate.astype("<u4").tobytes(), metrics={"n": len(survivors)})
+
+    def epsilon_needed(self) -> float:
+        return EPSILON
+
+    def finish(self, ledger: Ledger, proposal: SessionProposal) -> None:
+        return None
 
 
 class AbortAfterUnmasking(AggregatorRound):
@@ -121,16 +127,19 @@ class _Call:
     async def read(self) -> Any:
         return await self._responses.get()
 
-    def cancel(self) -> None:
+    def cancel(self) -> bool:
         self._requests.put_nowait(None)
+        return True
 
 
-class _Channel:
+class _Stub:
+    """The aggregator's stub, as :func:`participate` dials it."""
+
     def __init__(self, agg: AggregatorRound, caller: str, on_write: Callable[[str], None]):
         self._agg, self._caller, self._on_write = agg, caller, on_write
 
-    def stream_stream(self, *_args: object, **_kwargs: object) -> Callable[..., _Call]:
-        return lambda timeout=None: _Call(self._agg, self._caller, self._on_write)
+    def round_stream(self, timeout: float | None = None) -> _Call:
+        return _Call(self._agg, self._caller, self._on_write)
 
 
 class Consortium:
@@ -200,7 +209,7 @@ class Consortium:
             *(
                 participate(
                     self.ctx(p, attempt, aggregator),
-                    _Channel(agg, p, self._first_write),  # type: ignore[arg-type]
+                    _Stub(agg, p, self._first_write),
                 )
                 for p in PEERS
             )
@@ -267,7 +276,7 @@ def test_nothing_leaves_when_the_charge_cannot_be_written(tmp_path: Path) -> Non
         agg = AggregatorRound(consortium.ctx("hospital-b", 1, "hospital-b"))
         return await participate(
             consortium.ctx("hospital-a", 1, "hospital-b"),
-            _Channel(agg, "hospital-a", consortium._first_write),  # type: ignore[arg-type]
+            _Stub(agg, "hospital-a", consortium._first_write),
         )
 
     outcome = asyncio.run(main())

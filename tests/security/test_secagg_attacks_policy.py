@@ -8,8 +8,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from peer.backends import SecAggBackend
 from peer.config import Policy
+from peer.round.backends import SecAggBackend
 from peer.session import ProposalError, SessionProposal, check_policy, required_colluders
 from secagg import ConfigError, ConsistencySignature, RoundConfig, TranscriptError, testing
 from secagg.messages import consistency_payload

@@ -334,11 +334,12 @@ def test_refusal_comes_before_either_role(
     """Deterministic companion of the tests above: a peer whose ledger cannot record the
     round it would aggregate neither aggregates nor dials anyone, and logs why."""
     import peer.node as node_module
+    import peer.runner as runner_module
     from peer.config import load_config
     from peer.kit import LocalKit
     from peer.ledger import LedgerWriteError
-    from peer.payload import VectorPayload
-    from peer.rounds import RoundStatusKind
+    from peer.payloads import VectorPayload
+    from peer.round import RoundStatusKind
     from peer.session import SessionProposal, aggregator_for
 
     ids = ["hospital-a", "hospital-b", "hospital-c"]
@@ -357,13 +358,13 @@ def test_refusal_comes_before_either_role(
         raise AssertionError("a peer that cannot record the round dialled the aggregator")
 
     monkeypatch.setattr(node.ledger, "start_round", full)
-    monkeypatch.setattr(node_module, "participate", must_not_dial)
+    monkeypatch.setattr(runner_module, "participate", must_not_dial)
     caplog.set_level(logging.WARNING, logger="peer.node")
-    session = node_module._Session(proposal, beacon)
-    outcome = asyncio.run(node._one_round(session, VectorPayload(8), 1, 0, me))
+    session = runner_module.Session(proposal, beacon)
+    outcome = asyncio.run(node.runner.one_round(session, VectorPayload(8), 1, 0, me))
     node.ledger.close()
     assert outcome.status is RoundStatusKind.REFUSED
-    assert outcome.reason.startswith(node_module.CANNOT_RECORD)
-    assert node._rounds == {}, "it set up the aggregator side of a round it cannot record"
+    assert outcome.reason.startswith(runner_module.CANNOT_RECORD)
+    assert node.runner.rounds == {}, "it set up the aggregator side of a round it cannot record"
     assert "outcome=refused cannot record the round" in caplog.text
     assert "database or disk is full" in caplog.text

@@ -17,12 +17,12 @@ def _install(round_: int, lucky: str) -> None:
     import asyncio
     import signal
 
-    from peer import rounds
+    from peer.round import aggregating
     from peer.wire import peer_pb2 as pb
 
-    finish = rounds.AggregatorRound._finish
+    finish = aggregating.AggregatorRound._finish
 
-    def partial_finish(self: rounds.AggregatorRound, final: object | None) -> None:
+    def partial_finish(self: aggregating.AggregatorRound, final: object | None) -> None:
         if self.ctx.round != round_ or not isinstance(final, pb.AgreedRecord):
             finish(self, final)
             return
@@ -30,7 +30,7 @@ def _install(round_: int, lucky: str) -> None:
         # Long enough for the lucky peer's bytes to leave, too short for anything else.
         asyncio.get_running_loop().call_later(0.5, os.kill, os.getpid(), signal.SIGKILL)
 
-    rounds.AggregatorRound._finish = partial_finish  # type: ignore[method-assign]
+    aggregating.AggregatorRound._finish = partial_finish  # type: ignore[method-assign]
 
 
 if _SPEC:

@@ -14,7 +14,7 @@ A training session (payload kind ``"training"``) has ``training_rounds + 2`` rou
 3. last — **evaluate**: the final model's noisy evaluation sums only.
 
 Privacy: nothing leaves a hospital without noise, and every release is charged before it
-leaves (:func:`peer.rounds.charge_before_release`):
+leaves (:func:`peer.round.charge_before_release`):
 
 - the update carries DP-SGD's noise (Poisson-sampled Gaussian, ``noise_multiplier``);
 - the standardization sums carry Gaussian noise of ``standardize_noise`` times their L2
@@ -66,17 +66,17 @@ import numpy.typing as npt
 from secagg import Quantizer
 from secagg.prg import WordArray
 
-from .data import PatientStore, local_feature_stats, standardize
-from .ledger import Ledger
-from .payload import LocalContribution, RoundResult
-from .privacy import privacy_after
-from .session import ProposalError, SessionProposal
-from .training.accounting import GLOBAL_DELTA, PrivacyEvent
+from ..data import PatientStore, local_feature_stats, standardize
+from ..ledger import Ledger
+from ..privacy import PrivacyBudgetError, privacy_after
+from ..session import ProposalError, SessionProposal
+from ..training.accounting import GLOBAL_DELTA, PrivacyEvent
+from .base import LocalContribution, RoundResult
 
 if TYPE_CHECKING:
     import keras
 
-    from .config import PeerConfig
+    from ..config import PeerConfig
 
 __all__ = [
     "PrivacyBudgetError",
@@ -86,10 +86,6 @@ __all__ = [
     "noisy_standardizer",
     "training_payload",
 ]
-
-
-class PrivacyBudgetError(ValueError):
-    """A round would take this institution over its privacy budget; it refuses the round."""
 
 
 Vector = npt.NDArray[np.float64]
@@ -216,7 +212,7 @@ class TrainingSpec:
         return RoundKind.EVALUATE
 
     def model_spec(self) -> Any:
-        from .training import ModelSpec
+        from ..training import ModelSpec
 
         return ModelSpec(self.model, self.input_dim, self.hidden)  # type: ignore[arg-type]
 
@@ -240,7 +236,7 @@ class TrainingSpec:
         With Poisson sampling at q = batch_size / N the expected batch q N is batch_size for
         every N, so the bound of peer.training.update_bound does not depend on the local N.
         """
-        from .training import update_bound
+        from ..training import update_bound
 
         q = min(1.0, self.batch_size / self.max_records)
         return float(
@@ -290,7 +286,7 @@ def evaluation_from_release(total: Vector, spec: TrainingSpec) -> Vector:
 
 @dataclass
 class TrainingPayload:
-    """One hospital's side of a training session (the Payload protocol of peer/payload.py)."""
+    """One hospital's side of a training session (the Payload protocol of peer/payloads/base.py)."""
 
     proposal: SessionProposal
     spec: TrainingSpec
@@ -379,13 +375,13 @@ class TrainingPayload:
             if checkpoint is None:
                 raise ValueError(f"the agreed model of round {latest} is missing from the ledger")
             return np.frombuffer(checkpoint.weights, dtype="<f4").astype(np.float32)
-        from .training import build_model, get_flat_weights
+        from ..training import build_model, get_flat_weights
 
         return get_flat_weights(build_model(self.spec.model_spec(), self.proposal.seed))
 
     def _keras_model(self) -> keras.Model:
         if self._model is None:
-            from .training import build_model, secure_generator
+            from ..training import build_model, secure_generator
 
             self._model = build_model(self.spec.model_spec(), self.proposal.seed)
             self._noise = secure_generator()
@@ -397,7 +393,7 @@ class TrainingPayload:
 
     def round_events(self, round_: int) -> list[PrivacyEvent]:
         """The DP mechanisms whose output this hospital releases in ``round_``."""
-        from .training.accounting import gaussian_event, poisson_gaussian_event
+        from ..training.accounting import gaussian_event, poisson_gaussian_event
 
         kind = self.spec.kind_of(round_)
         if kind is RoundKind.STANDARDIZE:
@@ -412,6 +408,9 @@ class TrainingPayload:
                 )
             )
         return events
+
+    def finish(self, ledger: Ledger, proposal: SessionProposal) -> None:
+        return None  # every round's model is already in the ledger (its checkpoint)
 
     def epsilon_needed(self) -> float:
         """How much this session raises this hospital's composed epsilon (PLD, whole history).
@@ -437,7 +436,7 @@ class TrainingPayload:
         return contribution
 
     def _prepare(self, round_: int) -> LocalContribution:
-        from .training import evaluate_sums, local_train, set_flat_weights
+        from ..training import evaluate_sums, local_train, set_flat_weights
 
         spec = self.spec
         kind = spec.kind_of(round_)
@@ -522,7 +521,8 @@ class TrainingPayload:
                     "dp": dp,
                 },
             )
-        from .training import metrics_from_sums
+        from ..training import metrics_from_sums
+        from ..training.federated import fedavg_step
 
         p = spec.n_parameters()
         base = self.global_weights(round_).astype(np.float64)
@@ -532,7 +532,7 @@ class TrainingPayload:
             bound = spec.update_bound()
             # The survivors' weights are public: nobody can inflate the divisor. The clamp
             # bounds what any contribution, however malformed, does to a coordinate.
-            new = base + np.clip(total[:p] / weight, -bound, bound)
+            new = fedavg_step(base, total[:p], weight, bound)
             dp["update"] = {
                 "mechanism": "poisson-gaussian",
                 "sigma": spec.noise_multiplier,

@@ -1,6 +1,6 @@
 """The aggregation protocols a session can choose, behind one small interface.
 
-The round drivers (peer/rounds.py) move messages and keep deadlines; a backend says which
+The round drivers (peer/round/) move messages and keep deadlines; a backend says which
 sans-I/O objects play the two roles, which messages are heavy to handle, what each peer is
 sent as the round's transcript, and how a peer checks it.
 
@@ -14,9 +14,8 @@ sent as the round's transcript, and how a peer checks it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from enum import StrEnum
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Sequence, Set
+from typing import cast
 
 from secagg import (
     Aggregator,
@@ -24,6 +23,7 @@ from secagg import (
     MaskedInput,
     Participant,
     ParticipantState,
+    RemoteProtocolError,
     Stage,
     Transcript,
     paillier,
@@ -38,59 +38,56 @@ from secagg.cleartext import (
 from secagg.messages import SharesToYou
 from secagg.prg import WordArray
 
-if TYPE_CHECKING:
-    from .rounds import RoundContext
+from .context import AggregatorRole, ParticipantRole, RoundBackend, RoundContext
 
 __all__ = ["BACKENDS", "RoundBackend", "backend_for"]
 
 
-class RoundBackend(Protocol):
-    @property
-    def name(self) -> str: ...
-
-    @property
-    def first_stage(self) -> StrEnum:
-        """The stage at which participants join (and contributions are awaited)."""
-        ...
-
-    def aggregator(self, ctx: RoundContext) -> Any: ...
-
-    def participant(self, ctx: RoundContext, x: WordArray) -> Any: ...
-
-    def is_transcript(self, message: object) -> bool: ...
-
-    def is_heavy(self, message: object) -> bool:
-        """Handling ``message`` takes long enough to belong in a worker thread."""
-        ...
-
-    def stage_reached(self, participant: Any) -> str: ...
-
-    def transcripts(self, protocol: Any, recipients: Sequence[str]) -> dict[str, object]:
-        """What each recipient is sent as the round's transcript."""
-        ...
-
-    def verify(
-        self, transcript: Any, ctx: RoundContext, sent: Sequence[object]
-    ) -> tuple[WordArray, tuple[str, ...]]:
-        """The verified aggregate and the peers whose inputs are in it (raises otherwise)."""
-        ...
+# The role objects check each message's type at run time (their stage tables) and refuse
+# the others, so they are the roles of peer/round/context.py although their ``receive``
+# annotations name only their own protocol's messages: hence the casts below.
 
 
-def _same_for_everyone(protocol: Any, recipients: Sequence[str]) -> dict[str, object]:
+def _not_a_transcript(ctx: RoundContext, message: object) -> RemoteProtocolError:
+    return RemoteProtocolError(
+        ctx.aggregator, f"sent a {type(message).__name__} as the round's transcript"
+    )
+
+
+def _same_for_everyone(
+    protocol: AggregatorRole,
+    kind: type[Aggregator | CleartextAggregator],
+    recipients: Sequence[str],
+) -> dict[str, object]:
+    assert isinstance(protocol, kind)  # made by the same backend
     transcript = protocol.transcript()
     return dict.fromkeys(recipients, transcript)
+
+
+def _no_one(protocol: AggregatorRole) -> Set[str]:
+    return frozenset()
+
+
+# The participant's state after each reply, named after the stage whose message it sent.
+_SECAGG_STAGE_REACHED = {
+    ParticipantState.SHARED: "share",
+    ParticipantState.MASKED: "masked",
+    ParticipantState.SIGNED: "consistency",
+    ParticipantState.DONE: "unmask",
+}
 
 
 class SecAggBackend:
     name = "secagg"
     first_stage = Stage.ADVERTISE
 
-    def aggregator(self, ctx: RoundContext) -> Any:
-        return Aggregator(ctx.config, ctx.verifiers, ctx.me)
+    def aggregator(self, ctx: RoundContext) -> AggregatorRole:
+        return cast(AggregatorRole, Aggregator(ctx.config, ctx.verifiers, ctx.me))
 
-    def participant(self, ctx: RoundContext, x: WordArray) -> Any:
-        return Participant(
-            ctx.config, ctx.me, ctx.signer, ctx.verifiers, x, ctx.rng, ctx.aggregator
+    def participant(self, ctx: RoundContext, x: WordArray) -> ParticipantRole:
+        return cast(
+            ParticipantRole,
+            Participant(ctx.config, ctx.me, ctx.signer, ctx.verifiers, x, ctx.rng, ctx.aggregator),
         )
 
     def is_transcript(self, message: object) -> bool:
@@ -99,20 +96,24 @@ class SecAggBackend:
     def is_heavy(self, message: object) -> bool:
         return isinstance(message, SharesToYou)  # expands every mask
 
-    def stage_reached(self, participant: Any) -> str:
-        return {
-            ParticipantState.SHARED: "share",
-            ParticipantState.MASKED: "masked",
-            ParticipantState.SIGNED: "consistency",
-            ParticipantState.DONE: "unmask",
-        }.get(participant.state, str(participant.state.value))
+    def stage_reached(self, participant: ParticipantRole) -> str:
+        state = participant.state
+        if isinstance(state, ParticipantState) and state in _SECAGG_STAGE_REACHED:
+            return _SECAGG_STAGE_REACHED[state]
+        return str(state.value)
 
-    def transcripts(self, protocol: Any, recipients: Sequence[str]) -> dict[str, object]:
-        return _same_for_everyone(protocol, recipients)
+    def misbehaving(self, protocol: AggregatorRole) -> Set[str]:
+        assert isinstance(protocol, Aggregator)
+        return protocol.misbehaving
+
+    def transcripts(self, protocol: AggregatorRole, recipients: Sequence[str]) -> dict[str, object]:
+        return _same_for_everyone(protocol, Aggregator, recipients)
 
     def verify(
-        self, transcript: Any, ctx: RoundContext, sent: Sequence[object]
+        self, transcript: object, ctx: RoundContext, sent: Sequence[object]
     ) -> tuple[WordArray, tuple[str, ...]]:
+        if not isinstance(transcript, Transcript):
+            raise _not_a_transcript(ctx, transcript)
         # What this peer sent binds the transcript: its masked input must be in it, and the
         # survivor set must be the one it signed (else the aggregator showed two views).
         own = next((m for m in sent if isinstance(m, MaskedInput)), None)
@@ -130,11 +131,11 @@ class CleartextBackend:
     name = "cleartext"
     first_stage = Stage.MASKED
 
-    def aggregator(self, ctx: RoundContext) -> Any:
-        return CleartextAggregator(ctx.config, ctx.verifiers, ctx.me)
+    def aggregator(self, ctx: RoundContext) -> AggregatorRole:
+        return cast(AggregatorRole, CleartextAggregator(ctx.config, ctx.verifiers, ctx.me))
 
-    def participant(self, ctx: RoundContext, x: WordArray) -> Any:
-        return CleartextParticipant(ctx.config, ctx.me, ctx.signer, x)
+    def participant(self, ctx: RoundContext, x: WordArray) -> ParticipantRole:
+        return cast(ParticipantRole, CleartextParticipant(ctx.config, ctx.me, ctx.signer, x))
 
     def is_transcript(self, message: object) -> bool:
         return isinstance(message, CleartextTranscript)
@@ -142,15 +143,20 @@ class CleartextBackend:
     def is_heavy(self, message: object) -> bool:
         return False
 
-    def stage_reached(self, participant: Any) -> str:
+    def stage_reached(self, participant: ParticipantRole) -> str:
         return Stage.MASKED.value
 
-    def transcripts(self, protocol: Any, recipients: Sequence[str]) -> dict[str, object]:
-        return _same_for_everyone(protocol, recipients)
+    def misbehaving(self, protocol: AggregatorRole) -> Set[str]:
+        return _no_one(protocol)
+
+    def transcripts(self, protocol: AggregatorRole, recipients: Sequence[str]) -> dict[str, object]:
+        return _same_for_everyone(protocol, CleartextAggregator, recipients)
 
     def verify(
-        self, transcript: Any, ctx: RoundContext, sent: Sequence[object]
+        self, transcript: object, ctx: RoundContext, sent: Sequence[object]
     ) -> tuple[WordArray, tuple[str, ...]]:
+        if not isinstance(transcript, CleartextTranscript):
+            raise _not_a_transcript(ctx, transcript)
         aggregate = verify_cleartext_transcript(transcript, ctx.config, ctx.verifiers)
         return aggregate, transcript.survivors
 
@@ -172,12 +178,17 @@ class PaillierBackend:
             insecure_small_keys=ctx.paillier_key_bits < paillier.DEFAULT_KEY_BITS,
         )
 
-    def aggregator(self, ctx: RoundContext) -> Any:
-        return paillier.PaillierAggregator(self.config(ctx), ctx.verifiers, ctx.me)
+    def aggregator(self, ctx: RoundContext) -> AggregatorRole:
+        return cast(
+            AggregatorRole, paillier.PaillierAggregator(self.config(ctx), ctx.verifiers, ctx.me)
+        )
 
-    def participant(self, ctx: RoundContext, x: WordArray) -> Any:
-        return paillier.PaillierPeer(
-            self.config(ctx), ctx.me, ctx.signer, ctx.verifiers, x, ctx.rng, ctx.aggregator
+    def participant(self, ctx: RoundContext, x: WordArray) -> ParticipantRole:
+        return cast(
+            ParticipantRole,
+            paillier.PaillierPeer(
+                self.config(ctx), ctx.me, ctx.signer, ctx.verifiers, x, ctx.rng, ctx.aggregator
+            ),
         )
 
     def is_transcript(self, message: object) -> bool:
@@ -190,7 +201,7 @@ class PaillierBackend:
             message, paillier.KeyAnnouncement | paillier.InputsToCheck | paillier.DecryptionRequest
         )
 
-    def stage_reached(self, participant: Any) -> str:
+    def stage_reached(self, participant: ParticipantRole) -> str:
         state = participant.state
         if state is paillier.PaillierParticipantState.ENCRYPTED:
             return paillier.PaillierStage.INPUT.value
@@ -198,7 +209,11 @@ class PaillierBackend:
             return paillier.PaillierStage.DECRYPT.value
         return paillier.PaillierStage.ENDORSE.value
 
-    def transcripts(self, protocol: Any, recipients: Sequence[str]) -> dict[str, object]:
+    def misbehaving(self, protocol: AggregatorRole) -> Set[str]:
+        return _no_one(protocol)
+
+    def transcripts(self, protocol: AggregatorRole, recipients: Sequence[str]) -> dict[str, object]:
+        assert isinstance(protocol, paillier.PaillierAggregator)  # made by this backend
         # The key holder must never see individual ciphertexts: it gets a redacted one.
         key_holder = protocol.config.key_holder
         full = next((protocol.transcript(r) for r in recipients if r != key_holder), None)
@@ -208,8 +223,12 @@ class PaillierBackend:
         }
 
     def verify(
-        self, transcript: Any, ctx: RoundContext, sent: Sequence[object]
+        self, transcript: object, ctx: RoundContext, sent: Sequence[object]
     ) -> tuple[WordArray, tuple[str, ...]]:
+        if not isinstance(
+            transcript, paillier.PaillierTranscript | paillier.RedactedPaillierTranscript
+        ):
+            raise _not_a_transcript(ctx, transcript)
         own = next((m for m in sent if isinstance(m, paillier.EncryptedInput)), None)
         verified = paillier.verify_paillier_transcript(
             transcript, self.config(ctx), ctx.verifiers, own=own, me=ctx.me

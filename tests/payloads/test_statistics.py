@@ -22,9 +22,8 @@ from peer.data import (
     write_hospital_stores,
 )
 from peer.ledger import Ledger, PrivacyCharge, PrivacyKind
-from peer.payload import LocalContribution, RoundResult
-from peer.session import SessionProposal, check_policy
-from peer.statistics import (
+from peer.payloads import LocalContribution, RoundResult
+from peer.payloads.statistics import (
     CountQuery,
     MeanQuery,
     PatientTable,
@@ -38,6 +37,7 @@ from peer.statistics import (
     statistics_epsilon_needed,
     statistics_payload,
 )
+from peer.session import SessionProposal, check_policy
 from secagg.simulate import simulate
 
 PEERS = ("hospital-a", "hospital-b", "hospital-c")

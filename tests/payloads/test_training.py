@@ -21,8 +21,8 @@ from peer.data import (
     split_dataset,
     write_hospital_stores,
 )
-from peer.learning import PrivacyBudgetError, TrainingPayload, training_payload
 from peer.ledger import AgreedRecord, Ledger
+from peer.payloads.training import PrivacyBudgetError, TrainingPayload, training_payload
 from peer.session import ProposalError, SessionProposal
 from secagg.crypto import sha256
 
@@ -108,7 +108,7 @@ def run_round(payloads: list[TrainingPayload], round_: int) -> list[bytes]:
     """Every hospital prepares, the ring sum is formed, every hospital concludes and stores."""
     contributions = [p.prepare(round_) for p in payloads]
     for payload, contribution in zip(payloads, contributions, strict=True):
-        # What the round driver does before the vector can leave (peer.rounds).
+        # What the round driver does before the vector can leave (peer.round).
         payload.ledger.charge_release(
             "train", round_, 1, contribution.release_id, contribution.charge(payload.me)
         )

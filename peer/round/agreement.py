@@ -1,0 +1,181 @@
+"""The round's agreement: each peer's record, the aggregator's tally, the agreed record.
+
+After the transcript, every participant verifies it and builds the record it is willing to
+sign (:func:`build_record`); the aggregator groups the signed votes by record hash
+(:func:`tally`) and, when at least t peers signed the same record, sends it back with all
+their signatures; each peer checks that it is the record it computed, with at least t valid
+signatures (:func:`store_agreed`), and stores it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Mapping, Sequence
+
+from secagg import RemoteProtocolError, Verifier
+from secagg.crypto import sha256
+from secagg.prg import WordArray
+
+from ..codec import CodecError, record_from_proto
+from ..ledger import AgreedRecord, PrivacyCharge, StoredRecord
+from ..payloads import LocalContribution
+from ..wire import peer_pb2 as pb
+from .context import RoundContext
+
+__all__ = ["aggregate_hash", "build_record", "store_agreed", "tally", "valid_signatures"]
+
+logger = logging.getLogger("peer.rounds")
+
+
+def tally(
+    votes: Mapping[str, pb.AgreedRecord],
+    verifiers: Mapping[str, Verifier],
+    threshold: int,
+    warn: Callable[..., None],
+) -> tuple[pb.AgreedRecord | None, str]:
+    """The record at least ``threshold`` peers signed, with their signatures, and why not.
+
+    ``votes`` maps each stream's peer to the record it sent; ``warn(message, *args)`` logs
+    each vote that does not count and each dissent.
+    """
+    by_hash: dict[bytes, list[pb.AgreedRecord]] = {}
+    for peer, vote in votes.items():
+        # A vote counts only if it is this stream's peer signing, validly, the very
+        # record it sent: one bad signature must not spoil the record for everyone.
+        try:
+            record, signatures = record_from_proto(vote)
+        except CodecError as error:
+            warn("participant=%s sent a malformed record: %s", peer, error)
+            continue
+        valid, _ = valid_signatures(record, signatures, verifiers)
+        if list(valid) != [peer] or len(vote.signatures) != 1:
+            warn("participant=%s sent a record without its own valid signature", peer)
+            continue
+        if vote.signatures[0].record_hash != record.record_hash():
+            warn("participant=%s misstated the hash of its record", peer)
+            continue
+        by_hash.setdefault(record.record_hash(), []).append(vote)
+    if not by_hash:
+        return None, "no participant signed a record"
+    best_hash, best = max(by_hash.items(), key=lambda item: len(item[1]))
+    for record_hash, others in by_hash.items():
+        if record_hash != best_hash:
+            dissent = ",".join(v.signatures[0].peer_id for v in others)
+            warn("peers %s signed a different record (%s)", dissent, record_hash.hex()[:16])
+    if len(best) < threshold:
+        return None, f"only {len(best)} peers signed the same record, {threshold} needed"
+    agreed = pb.AgreedRecord()
+    agreed.CopyFrom(best[0])
+    del agreed.signatures[:]
+    agreed.signatures.extend(
+        v.signatures[0] for v in sorted(best, key=lambda v: v.signatures[0].peer_id)
+    )
+    return agreed, "agreed"
+
+
+def aggregate_hash(aggregate: WordArray) -> bytes:
+    """The hash of the released sum that the record carries (little-endian words)."""
+    little = aggregate.astype(aggregate.dtype.newbyteorder("<"), copy=False)
+    return sha256(b"hospital-secagg/aggregate/v1", little.tobytes())
+
+
+def build_record(
+    ctx: RoundContext,
+    transcript: object,
+    draft: pb.RecordDraft,
+    sent: Sequence[object],
+    contribution: LocalContribution,
+) -> tuple[AgreedRecord, bytes, bytes, tuple[str, ...]]:
+    """Verify the transcript and build the record this peer is willing to sign.
+
+    Returns the record, the round's model, the record's hash and the survivors.
+    """
+    aggregate, survivors = ctx.backend.verify(transcript, ctx, sent)
+    head = ctx.ledger.session_head(ctx.session_id)
+    if draft.prev_hash != head:
+        raise RemoteProtocolError(
+            ctx.aggregator,
+            f"record draft continues chain {draft.prev_hash.hex()[:16]}, "
+            f"mine is at {head.hex()[:16]}",
+        )
+    try:
+        epsilon = {str(k): float(v) for k, v in json.loads(draft.epsilon_json).items()}
+    except (ValueError, AttributeError) as error:
+        raise RemoteProtocolError(ctx.aggregator, f"malformed epsilon claims: {error}") from None
+    if ctx.me in survivors and abs(epsilon.get(ctx.me, -1.0) - contribution.epsilon) > 1e-12:
+        raise RemoteProtocolError(ctx.aggregator, "record draft misstates my privacy spending")
+    result = ctx.payload.conclude(ctx.round, aggregate, survivors)
+    metrics = dict(result.metrics)
+    metrics["survivors"] = list(survivors)
+    metrics["aggregator"] = ctx.aggregator
+    record = AgreedRecord.build(
+        ctx.session_id,
+        ctx.round,
+        aggregate_hash=aggregate_hash(aggregate),
+        model_hash=sha256(result.model),
+        metrics=metrics,
+        epsilon=epsilon,
+        prev_hash=head,
+    )
+    return record, result.model, record.record_hash(), survivors
+
+
+def store_agreed(
+    ctx: RoundContext,
+    agreed: pb.AgreedRecord,
+    mine: tuple[AgreedRecord, bytes, bytes, tuple[str, ...]],
+    contribution: LocalContribution,
+) -> StoredRecord:
+    """Check the agreed record is the one this peer computed, with >= t valid signatures."""
+    record, model, record_hash, _ = mine
+    claimed = {s.peer_id: s.signature for s in agreed.signatures if s.record_hash == record_hash}
+    others = sorted(s.peer_id for s in agreed.signatures if s.record_hash != record_hash)
+    if others:
+        raise RemoteProtocolError(ctx.aggregator, f"{', '.join(others)} signed another record")
+    signatures, invalid = valid_signatures(record, claimed, ctx.verifiers)
+    if invalid:
+        # Kept out of the ledger; enough valid ones still make the record.
+        logger.warning(
+            "%s aggregator=%s relayed invalid record signatures of %s",
+            ctx.log_prefix,
+            ctx.aggregator,
+            ", ".join(invalid),
+        )
+    if len(signatures) < ctx.config.threshold:
+        raise RemoteProtocolError(
+            ctx.aggregator,
+            f"agreed record has {len(signatures)} signatures, {ctx.config.threshold} needed",
+        )
+    # Only a peer whose input is in the released sum has spent privacy on this round.
+    spent = record.epsilon.get(ctx.me, 0.0)
+    privacy = (
+        [PrivacyCharge(ctx.me, contribution.privacy_kind, spent, contribution.delta)]
+        if spent > 0
+        else []
+    )
+    return ctx.ledger.append_agreed(
+        record,
+        signatures,
+        checkpoint=model,
+        privacy=privacy,
+        min_signatures=ctx.config.threshold,
+        verifiers=ctx.verifiers,
+    )
+
+
+def valid_signatures(
+    record: AgreedRecord, signatures: Mapping[str, bytes], verifiers: Mapping[str, Verifier]
+) -> tuple[dict[str, bytes], list[str]]:
+    """The signatures over ``record`` that verify under their peer's roster key, and the
+    peers whose signature did not."""
+    payload = record.payload()
+    valid: dict[str, bytes] = {}
+    invalid: list[str] = []
+    for peer, signature in signatures.items():
+        verifier = verifiers.get(peer)
+        if verifier is not None and verifier.verify(signature, payload):
+            valid[peer] = signature
+        else:
+            invalid.append(peer)
+    return valid, sorted(invalid)

@@ -1,0 +1,241 @@
+"""A participant's side of one round (theory of operation: peer/round/__init__.py).
+
+:func:`participate` prepares this peer's contribution, charges its privacy before anything
+of it can leave (:func:`charge_before_release`), then drives its role object over one
+``RoundStream`` to the aggregator until the round is agreed, aborted or refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Protocol
+
+import grpc
+from google.protobuf.message import Message
+
+from secagg import RemoteProtocolError, SecAggError
+
+from ..channels import RoundStreamCall
+from ..codec import CodecError, Reassembler, fragments, record_to_proto
+from ..ledger import AgreedRecord, LedgerError
+from ..logs import remote
+from ..payloads import LocalContribution
+from ..wire import peer_pb2 as pb
+from .agreement import build_record, store_agreed
+from .context import RoundContext, RoundOutcome, RoundStatusKind
+
+__all__ = ["RoundStreamDialer", "charge_before_release", "participate"]
+
+logger = logging.getLogger("peer.rounds")
+
+
+class RoundStreamDialer(Protocol):
+    """What a participant needs of the aggregator's stub (peer/channels.py's PeerStub)."""
+
+    def round_stream(self, timeout: float | None = None) -> RoundStreamCall: ...
+
+
+class _Stream:
+    """A participant's end of a RoundStream: fragments out, whole messages in."""
+
+    def __init__(self, call: RoundStreamCall, max_bytes: int) -> None:
+        self._call = call
+        self._reassembler = Reassembler(max_bytes)
+        self.sent = 0
+        self.received = 0
+
+    async def send(self, message: object) -> None:
+        for fragment in fragments(message):
+            self.sent += len(fragment.data)
+            await self._call.write(fragment)
+
+    async def receive(self) -> object | None:
+        """The next whole message, or None when the aggregator closed the stream."""
+        while True:
+            fragment = await self._call.read()
+            if fragment is grpc.aio.EOF:  # type: ignore[attr-defined]
+                return None
+            assert isinstance(fragment, pb.Fragment)  # the call's deserializer made it
+            self.received += len(fragment.data)
+            message = self._reassembler.push(fragment)
+            if message is not None:
+                return message
+
+
+async def participate(ctx: RoundContext, aggregator: RoundStreamDialer) -> RoundOutcome:
+    """Take part in one round as a participant, over a RoundStream to ``aggregator`` (the
+    round's aggregator's :class:`~peer.channels.PeerStub`)."""
+    outcome = RoundOutcome(RoundStatusKind.AGGREGATOR_FAILED, ctx.aggregator)
+    loop = asyncio.get_running_loop()
+    started = time.monotonic()
+    try:
+        contribution: LocalContribution = await loop.run_in_executor(
+            None, ctx.payload.prepare, ctx.round
+        )
+    except Exception as error:  # the payload's own checks (budget, data): not a crash
+        logger.warning("%s cannot prepare its contribution: %s", ctx.log_prefix, error)
+        return RoundOutcome(RoundStatusKind.REFUSED, ctx.aggregator, f"cannot prepare: {error}")
+    if contribution.clipped_fraction > 0:
+        # Quantization ranges follow from public session parameters; clipping means a value
+        # fell outside them. Never silent: it biases the result.
+        logger.warning(
+            "%s clipped %.3g%% of its coordinates to the quantization range",
+            ctx.log_prefix,
+            100 * contribution.clipped_fraction,
+        )
+    refusal = charge_before_release(ctx, contribution)
+    if refusal is not None:
+        return refusal
+    prefix = f"{ctx.log_prefix} role=participant aggregator={ctx.aggregator}"
+    timeout = ctx.prepare_seconds + ctx.stage_seconds * 10
+    call = aggregator.round_stream(timeout=timeout)
+    stream = _Stream(call, ctx.max_message_bytes())
+    participant = ctx.backend.participant(ctx, contribution.vector)
+    sent: list[object] = []  # what this peer sent: its own input must be in the transcript
+    my_record: tuple[AgreedRecord, bytes, bytes, tuple[str, ...]] | None = None
+    transcript: object | None = None
+    try:
+        await stream.send(
+            pb.RoundHello(
+                session_id=ctx.session_id,
+                round=ctx.round,
+                attempt=ctx.attempt,
+                peer_id=ctx.me,
+                epsilon=contribution.epsilon,
+                chain_head=ctx.ledger.session_head(ctx.session_id),
+            )
+        )
+        ctx.faults.point(ctx.round, ctx.backend.first_stage.value)
+        first = await loop.run_in_executor(None, participant.start)  # e.g. key generation
+        if first is not None:  # some roles speak only when spoken to
+            sent.append(first)
+            await stream.send(first)
+        ctx.on_stage(ctx.backend.first_stage.value, "sent")
+        while True:
+            message = await stream.receive()
+            if message is None:
+                outcome.reason = "the aggregator closed the stream before the round ended"
+                return outcome
+            if ctx.backend.is_transcript(message):
+                transcript = message
+            elif isinstance(message, pb.RecordDraft):
+                if transcript is None:
+                    raise RemoteProtocolError(ctx.aggregator, "record draft before the transcript")
+                ctx.on_stage("verify", "checking the transcript")
+                my_record = await loop.run_in_executor(
+                    None, build_record, ctx, transcript, message, sent, contribution
+                )
+                record = my_record[0]
+                outcome.survivors = my_record[3]
+                ctx.faults.point(ctx.round, "sign")
+                signature = ctx.signer.sign(record.payload())
+                await stream.send(record_to_proto(record, {ctx.me: signature}, ctx.aggregator))
+            elif isinstance(message, pb.AgreedRecord):
+                if my_record is None:
+                    raise RemoteProtocolError(ctx.aggregator, "agreed record before the transcript")
+                stored = store_agreed(ctx, message, my_record, contribution)
+                outcome.status = RoundStatusKind.AGREED
+                outcome.record = stored
+                outcome.reason = f"agreed with {len(message.signatures)} signatures"
+                logger.info(
+                    "%s agreed signatures=%d in %.2fs",
+                    prefix,
+                    len(message.signatures),
+                    time.monotonic() - started,
+                )
+                return outcome
+            elif isinstance(message, pb.Abort) and message.precondition != pb.PRECONDITION_NONE:
+                outcome.precondition = message.precondition
+                outcome.precondition_round = message.round
+                outcome.reason = f"aggregator {ctx.aggregator} is elsewhere: {message.reason}"
+                return outcome
+            elif isinstance(message, pb.Abort):
+                outcome.status = RoundStatusKind.ABORTED
+                outcome.reason = message.reason
+                logger.warning(
+                    "%s aggregator aborted the round: %s", prefix, remote(message.reason)
+                )
+                return outcome
+            elif isinstance(message, Message):
+                raise RemoteProtocolError(ctx.aggregator, f"unexpected {type(message).__name__}")
+            else:  # the protocol's own messages
+                if ctx.backend.is_heavy(message):
+                    reply = await loop.run_in_executor(None, participant.receive, message)
+                else:
+                    reply = participant.receive(message)
+                reply = ctx.faults.reply(ctx.round, reply, ctx.signer, ctx.config.digest)
+                sent.append(reply)
+                stage = ctx.backend.stage_reached(participant)
+                ctx.on_stage(stage, "")
+                ctx.faults.point(ctx.round, stage)
+                await stream.send(reply)
+    except (SecAggError, CodecError, LedgerError) as error:
+        outcome.status = RoundStatusKind.REFUSED
+        outcome.reason = str(error)
+        # Our own error text (one line: the log formatters escape control characters).
+        logger.warning("%s refused: %s", prefix, error)
+        with contextlib.suppress(grpc.RpcError, asyncio.CancelledError):
+            await stream.send(pb.Abort(reason=str(error), offender=getattr(error, "offender", "")))
+        return outcome
+    except grpc.RpcError as error:
+        code = error.code() if isinstance(error, grpc.aio.AioRpcError) else None
+        details = (error.details() if isinstance(error, grpc.aio.AioRpcError) else None) or str(
+            error
+        )
+        outcome.unreachable = code is grpc.StatusCode.UNAVAILABLE
+        if code is grpc.StatusCode.FAILED_PRECONDITION:
+            outcome.reason = f"aggregator {ctx.aggregator} refused the stream: {details}"
+        else:
+            status = code.name if code else "error"
+            outcome.reason = f"stream to aggregator {ctx.aggregator} failed: {status} {details}"
+        logger.warning("%s %s", prefix, remote(outcome.reason))  # details are the server's text
+        return outcome
+    except Exception as error:  # a bug or an environment fault: this round only, never the peer
+        logger.exception("%s failed", prefix)
+        outcome.status = RoundStatusKind.REFUSED
+        outcome.reason = f"internal error: {error}"
+        return outcome
+    finally:
+        outcome.bytes_sent, outcome.bytes_received = stream.sent, stream.received
+        call.cancel()
+
+
+def charge_before_release(
+    ctx: RoundContext, contribution: LocalContribution
+) -> RoundOutcome | None:
+    """Charge the contribution's privacy to the ledger before anything of it can leave.
+
+    Every attempt that sends a noisy vector releases it (to that attempt's aggregator, who
+    may unmask it and then abort), so the charge is per release, not per agreed record, and
+    an aborted attempt stays charged. A retry that sends the very same vector releases
+    nothing new and the ledger does not charge it twice (same ``release_id``).
+
+    Returns:
+        None when the round may go on; a REFUSED outcome when the charge cannot be written
+        (then nothing was sent).
+    """
+    if not contribution.is_private:
+        return None
+    try:
+        charged = ctx.ledger.charge_release(
+            ctx.session_id,
+            ctx.round,
+            ctx.attempt,
+            contribution.release_id,
+            contribution.charge(ctx.me),
+        )
+    except LedgerError as error:
+        logger.warning("%s cannot charge its privacy, sends nothing: %s", ctx.log_prefix, error)
+        return RoundOutcome(
+            RoundStatusKind.REFUSED, ctx.aggregator, f"cannot charge privacy: {error}"
+        )
+    logger.info(
+        "%s %s epsilon %.4g before release",
+        ctx.log_prefix,
+        "charged" if charged else "already charged (same value as an earlier attempt):",
+        contribution.epsilon,
+    )
+    return None
