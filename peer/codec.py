@@ -33,7 +33,7 @@ from secagg import (
 )
 from secagg.cleartext import CleartextInput, CleartextTranscript
 from secagg.messages import MaskedHeader
-from secagg.prg import word_dtype
+from secagg.ring import word_dtype
 
 from .ledger import AgreedRecord
 from .paillier_wire import (

@@ -51,7 +51,8 @@ from secagg.graph import (
 )
 from secagg.masking import mask_input
 from secagg.prg import MaskExpander
-from secagg.simulate import Progress, SimulationResult, peer_ids, simulate
+from secagg.simulate import Progress, SimulationResult, simulate
+from secagg.testing import peer_ids
 
 from . import bench_transport
 from .bench_machine import machine_info

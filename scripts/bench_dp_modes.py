@@ -98,7 +98,7 @@ def run(seeds: int) -> dict[str, Any]:
         set_flat_weights(model, weights)
         return float(metrics_from_sums(evaluate_sums(model, x_test, y_test))["accuracy"])
 
-    # Local mode: as peer/learning.py (FedAvg of local DP-SGD), batch 8 per hospital.
+    # Local mode: as peer/payloads/training.py (FedAvg of local DP-SGD), batch 8 per hospital.
     rounds, local_steps, batch, lr_local, clip = 5, 20, 8, 0.5, 1.0
     # Distributed mode: one step per round on the sum; rate q at every hospital.
     fed_steps, q_fed, lr_fed = 100, 0.1, 1.0

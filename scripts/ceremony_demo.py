@@ -89,7 +89,7 @@ def bundled_feature_bounds() -> list[float]:
 def demo_proposal(kind: str, rounds: int, session_id: str = "demo") -> SessionProposal:
     """The demo's session: the one place that decides what the peers compute.
 
-    ``training`` is federated DP-SGD (peer/learning.py): ``rounds`` training rounds plus a
+    ``training`` is federated DP-SGD (peer/payloads/training.py): ``rounds`` training rounds plus a
     standardization round before and an evaluation round after. ``vector`` is a plain
     secure sum of each hospital's label counts (see :func:`_write_vector_payloads`): fast,
     no TensorFlow, and still the whole protocol.

@@ -1,6 +1,6 @@
 """``ceremony stats``: federated differentially private statistics over the peers' patients.
 
-Proposes a one-round ``statistics`` session (:mod:`peer.statistics`) to the participants of
+Proposes a one-round ``statistics`` session (:mod:`peer.payloads.statistics`) to the participants of
 ``federation.toml``, exactly as ``ceremony run`` proposes a training session: each peer checks
 the queries against its policy and its remaining privacy budget, answers them locally with
 DP noise, and the answers are summed by secure aggregation and signed by every peer. What is
@@ -55,8 +55,8 @@ from .ceremony_run import connect, propose_and_follow
 
 if TYPE_CHECKING:
     from peer.identity import Roster
+    from peer.payloads.statistics import StatisticsSpec
     from peer.session import SessionProposal
-    from peer.statistics import StatisticsSpec
 
 __all__ = [
     "DEFAULT_CATEGORIES",
@@ -145,7 +145,7 @@ def statistics_spec(
     max_records: int | None = None,
     split: str | None = None,
 ) -> StatisticsSpec:
-    """The :class:`~peer.statistics.StatisticsSpec` the command line asks for.
+    """The :class:`~peer.payloads.statistics.StatisticsSpec` the command line asks for.
 
     Options given on the command line win over the same settings in ``query_file``.
 
@@ -153,7 +153,7 @@ def statistics_spec(
         UsageError: no query, both a file and shorthands, no epsilon, or a spec that
             :meth:`StatisticsSpec.from_payload` rejects (its message names the query).
     """
-    from peer.statistics import STATISTICS_KIND, StatisticsSpec, StatisticsSpecError
+    from peer.payloads.statistics import STATISTICS_KIND, StatisticsSpec, StatisticsSpecError
 
     shorthand: list[dict[str, Any]] = []
     if count_categories is not None:

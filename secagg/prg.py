@@ -14,9 +14,9 @@ import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from .errors import ConfigError
-from .ring import WordArray, word_dtype  # re-exported: peer/ imports them from here
+from .ring import WordArray, word_dtype
 
-__all__ = ["MaskExpander", "WordArray", "expand_mask", "word_dtype"]
+__all__ = ["MaskExpander", "expand_mask"]
 
 _BLOCK = 16
 _ZERO_IV = bytes(_BLOCK)

@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from peer.codec import record_to_proto
 from peer.identity import load_signer
 from peer.identity.testing import LocalFederation
 from peer.ledger import AgreedRecord
 from peer.operator import OperatorClient, RoundRow, SessionOutcome, collect_rounds
-from peer.rounds import record_to_proto
 from peer.tls import PeerUnreachableError
 from peer.wire import peer_pb2 as pb
 

@@ -40,7 +40,7 @@ __all__ = [
 ]
 
 POLL_SECONDS = 0.5
-# Stages a round goes through, as the peers report them (peer/rounds.py), for progress bars.
+# Stages a round goes through, as the peers report them (peer/round/), for progress bars.
 STAGES = ("starting", "advertise", "share", "masked", "consistency", "unmask", "verify")
 
 
@@ -106,7 +106,8 @@ class RoundRow:
 def round_row(proto: pb.AgreedRecord, participants: Sequence[str], roster: Roster) -> RoundRow:
     """One record as a row; only the signatures that verify under the roster are counted."""
     # Imported here: the round driver is heavy, and only this needs its wire form and check.
-    from ..rounds import record_from_proto, valid_signatures
+    from ..codec import record_from_proto
+    from ..round import valid_signatures
 
     record, signatures = record_from_proto(proto)
     metrics = dict(record.metrics)

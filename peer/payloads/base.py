@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from secagg.prg import WordArray
+from secagg.ring import WordArray
 
 from ..ledger import Ledger, PrivacyCharge, PrivacyKind
 from ..session import SessionProposal

@@ -86,8 +86,8 @@ from diffprivlib.accountant import BudgetAccountant
 from diffprivlib.mechanisms import Geometric
 from sqlalchemy.exc import SQLAlchemyError
 
-from secagg.prg import WordArray
 from secagg.quantize import Quantizer
+from secagg.ring import WordArray
 
 from ..config import PeerConfig
 from ..data import PatientStore

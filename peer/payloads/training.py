@@ -64,7 +64,7 @@ import numpy as np
 import numpy.typing as npt
 
 from secagg import Quantizer
-from secagg.prg import WordArray
+from secagg.ring import WordArray
 
 from ..data import PatientStore, local_feature_stats, standardize
 from ..ledger import Ledger

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from secagg.prg import WordArray, word_dtype
+from secagg.ring import WordArray, word_dtype
 
 from ..ledger import Ledger
 from ..session import SessionProposal

@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 from secagg import RemoteProtocolError, Verifier
 from secagg.crypto import sha256
-from secagg.prg import WordArray
+from secagg.ring import WordArray
 
 from ..codec import CodecError, record_from_proto
 from ..ledger import AgreedRecord, PrivacyCharge, StoredRecord

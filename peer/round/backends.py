@@ -6,7 +6,7 @@ sent as the round's transcript, and how a peer checks it.
 
 * ``secagg`` (the default): Bonawitz/SecAgg+ masking. Nobody is trusted.
 * ``paillier``: additively homomorphic encryption under the key of a rotating key holder
-  (``secagg/paillier.py``). Trust assumption: the aggregator and the key holder do not
+  (``secagg/paillier/``). Trust assumption: the aggregator and the key holder do not
   collude. Orders of magnitude slower (see BENCHMARKS.md); it exists to compare.
 * ``cleartext``: the insecure baseline used to measure what security costs; refused by every
   peer whose policy does not explicitly allow it.
@@ -36,7 +36,7 @@ from secagg.cleartext import (
     verify_cleartext_transcript,
 )
 from secagg.messages import SharesToYou
-from secagg.prg import WordArray
+from secagg.ring import WordArray
 
 from .context import AggregatorRole, ParticipantRole, RoundBackend, RoundContext
 

@@ -16,7 +16,7 @@ from enum import StrEnum
 from typing import Protocol
 
 from secagg import AggregatorState, RandomSource, RoundConfig, Signer, Verifier
-from secagg.prg import WordArray
+from secagg.ring import WordArray
 
 from ..ledger import Ledger, StoredRecord
 from ..payloads import Payload

@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-In the local-DP mode (peer/learning.py) each hospital adds *all* the noise its release
+In the local-DP mode (peer/payloads/training.py) each hospital adds *all* the noise its release
 needs, so the aggregate carries the noise of every hospital: ``H`` times the variance the
 privacy of one record requires. With secure aggregation nobody sees one hospital's vector,
 only the sum, so the noise can be *shared*: each hospital adds a part, and the sum over the

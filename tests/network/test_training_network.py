@@ -85,9 +85,14 @@ def test_federated_training_improves_and_all_peers_agree(tmp_path: Path) -> None
             assert network.verify(peer_id) == []
         kinds = [r.record.metrics["round_kind"] for r in reference]
         assert kinds == ["standardize", "train", "train", "evaluate"]
-        initial = float(str(reference[1].record.metrics["accuracy"]))  # entering round 2: untrained
+        # Round 2 evaluates the model entering it (untrained), round 4 the final one. On this
+        # data set a random linear model is often far right or far wrong (the features are
+        # strongly collinear), so "more accurate than untrained" is left to chance; the
+        # agreed loss of the trained model is lower, and its accuracy is high.
+        initial_loss = float(str(reference[1].record.metrics["loss"]))
+        final_loss = float(str(reference[3].record.metrics["loss"]))
+        assert final_loss < initial_loss, (initial_loss, final_loss)
         final = float(str(reference[3].record.metrics["accuracy"]))
-        assert final > initial, (initial, final)
         assert final >= 0.85, final
         # every hospital spent privacy in each training round, and it is in the record
         for stored in reference[1:3]:

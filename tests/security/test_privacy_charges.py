@@ -40,7 +40,7 @@ from peer.session import SessionProposal
 from peer.training.accounting import composed_epsilon, pure_event
 from peer.wire import peer_pb2 as pb
 from secagg.crypto import SystemRandom, signer_from_private_key, verifier_from_public_key
-from secagg.prg import WordArray
+from secagg.ring import WordArray
 
 PEERS = ("hospital-a", "hospital-b", "hospital-c")
 SESSION = "charges"

@@ -56,7 +56,8 @@ from secagg import (
 )
 from secagg.crypto import derive_mask_seed
 from secagg.messages import consistency_payload
-from secagg.prg import MaskExpander, WordArray
+from secagg.prg import MaskExpander
+from secagg.ring import WordArray
 from secagg.shamir import Reconstructor, ShareError, decode_share
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "secagg"))

@@ -27,8 +27,8 @@ pytestmark = pytest.mark.timeout(300)
 # Regression: this used to split the round. Aggregator A of (r, 0) handed the agreed record to
 # one participant X and died; the others retried (r, 1) with the next aggregator, which had
 # missed the record too, and signed a second, different record of round r. Now a peer asks
-# the others for an agreed record of the round before retrying it (peer/node.py
-# _agreed_elsewhere), and settles with the others at the end of a session (_settle).
+# the others for an agreed record of the round before retrying it (peer/catchup.py
+# agreed_elsewhere), and settles with the others at the end of a session (runner.settle).
 
 
 @pytest.mark.slow
