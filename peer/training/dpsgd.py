@@ -60,7 +60,67 @@ def secure_generator(seed: bytes | None = None) -> tf.random.Generator:
     return tf.random.Generator.from_state(words, alg="philox")
 
 
-class DPSGD:
+class PoissonTrainer:
+    """What every DP-SGD trainer shares: :meth:`run`, Poisson-sampled steps in one compiled
+    loop, with the argument checks the privacy accountant relies on. A trainer provides
+    ``_tensors`` (its input conversion) and ``_run`` (its compiled loop)."""
+
+    _run: Callable[..., Any]
+
+    def _tensors(self, x: npt.ArrayLike, y: npt.ArrayLike) -> tuple[tf.Tensor, tf.Tensor]:
+        raise NotImplementedError
+
+    def run(
+        self,
+        x: npt.ArrayLike,
+        y: npt.ArrayLike,
+        *,
+        steps: int,
+        sampling_rate: float,
+        lr: float,
+        clip_norm: float | None,
+        noise_multiplier: float,
+        generator: tf.random.Generator,
+    ) -> int:
+        """``steps`` Poisson-sampled steps over ``(x, y)`` in one compiled loop.
+
+        Each example joins each batch independently with probability ``sampling_rate``
+        (the sampling that the privacy accountant assumes). ``clip_norm=None`` runs plain SGD
+        with the same sampling and normalization.
+
+        Returns:
+            the total number of examples in all sampled batches.
+        """
+        if steps < 0:
+            raise ValueError(f"steps must be >= 0, not {steps}")
+        if not 0.0 < sampling_rate <= 1.0:
+            raise ValueError(f"sampling rate must be in (0, 1], not {sampling_rate}")
+        xt, yt = self._tensors(x, y)
+        n = int(xt.shape[0])
+        if n == 0:
+            raise ValueError("cannot train on an empty data set")
+        private = clip_norm is not None
+        clip = clip_norm if clip_norm is not None else 1.0
+        if private:
+            _check_dp(clip, noise_multiplier, sampling_rate * n)
+        import tensorflow as tf
+
+        total = self._run(
+            xt,
+            yt,
+            tf.constant(steps, tf.int32),
+            _f32(sampling_rate),
+            _f32(lr),
+            _f32(clip),
+            _f32(noise_multiplier * clip if private else 0.0),
+            _f32(sampling_rate * n),
+            private,
+            generator=generator,
+        )
+        return int(total.numpy())
+
+
+class DPSGD(PoissonTrainer):
     """Compiled DP-SGD and plain SGD steps for one Dense-only Keras model.
 
     Build it once per model (see :func:`trainer_for`) and reuse it: the TensorFlow graphs
@@ -151,55 +211,6 @@ class DPSGD:
     def per_example_norms(self, x: npt.ArrayLike, y: npt.ArrayLike) -> npt.NDArray[np.float32]:
         """The L2 norm of each example's full gradient (all layers), before clipping."""
         return np.asarray(self._norms(*self._tensors(x, y)).numpy(), dtype=np.float32)
-
-    def run(
-        self,
-        x: npt.ArrayLike,
-        y: npt.ArrayLike,
-        *,
-        steps: int,
-        sampling_rate: float,
-        lr: float,
-        clip_norm: float | None,
-        noise_multiplier: float,
-        generator: tf.random.Generator,
-    ) -> int:
-        """``steps`` Poisson-sampled steps over ``(x, y)`` in one compiled loop.
-
-        Each example joins each batch independently with probability ``sampling_rate``
-        (the sampling that the privacy accountant assumes). ``clip_norm=None`` runs plain SGD
-        with the same sampling and normalization.
-
-        Returns:
-            the total number of examples in all sampled batches.
-        """
-        if steps < 0:
-            raise ValueError(f"steps must be >= 0, not {steps}")
-        if not 0.0 < sampling_rate <= 1.0:
-            raise ValueError(f"sampling rate must be in (0, 1], not {sampling_rate}")
-        xt, yt = self._tensors(x, y)
-        n = int(xt.shape[0])
-        if n == 0:
-            raise ValueError("cannot train on an empty data set")
-        private = clip_norm is not None
-        clip = clip_norm if clip_norm is not None else 1.0
-        if private:
-            _check_dp(clip, noise_multiplier, sampling_rate * n)
-        import tensorflow as tf
-
-        total = self._run(
-            xt,
-            yt,
-            tf.constant(steps, tf.int32),
-            _f32(sampling_rate),
-            _f32(lr),
-            _f32(clip),
-            _f32(noise_multiplier * clip if private else 0.0),
-            _f32(sampling_rate * n),
-            private,
-            generator=generator,
-        )
-        return int(total.numpy())
 
     # ------------------------------------------------------------------ graphs
 

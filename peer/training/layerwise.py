@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from .dpsgd import _check_dp, _f32
+from .dpsgd import PoissonTrainer, _check_dp, _f32
 
 if TYPE_CHECKING:
     import keras
@@ -79,7 +79,7 @@ class _Step:
     linear_norm: str = "auto"  # linear: "auto", "ghost" or "materialize"
 
 
-class LayerwiseDPSGD:
+class LayerwiseDPSGD(PoissonTrainer):
     """DP-SGD and plain SGD steps for a Sequential Keras model of supported layers.
 
     Args:
@@ -178,54 +178,6 @@ class LayerwiseDPSGD:
         if not expected_batch_size > 0:
             raise ValueError(f"expected_batch_size must be positive, not {expected_batch_size}")
         self._sgd_step(*self._tensors(x, y), _f32(lr), _f32(expected_batch_size))
-
-    def run(
-        self,
-        x: npt.ArrayLike,
-        y: npt.ArrayLike,
-        *,
-        steps: int,
-        sampling_rate: float,
-        lr: float,
-        clip_norm: float | None,
-        noise_multiplier: float,
-        generator: tf.random.Generator,
-    ) -> int:
-        """``steps`` Poisson-sampled steps in one compiled loop, as :meth:`DPSGD.run` does.
-
-        The same signature and sampling as :meth:`peer.training.DPSGD.run`, so the training
-        payload can use either trainer. ``clip_norm=None`` runs plain SGD.
-
-        Returns:
-            the total number of examples in all sampled batches.
-        """
-        import tensorflow as tf
-
-        if steps < 0:
-            raise ValueError(f"steps must be >= 0, not {steps}")
-        if not 0.0 < sampling_rate <= 1.0:
-            raise ValueError(f"sampling rate must be in (0, 1], not {sampling_rate}")
-        xt, yt = self._tensors(x, y)
-        n = int(xt.shape[0])
-        if n == 0:
-            raise ValueError("cannot train on an empty data set")
-        private = clip_norm is not None
-        clip = clip_norm if clip_norm is not None else 1.0
-        if private:
-            _check_dp(clip, noise_multiplier, sampling_rate * n)
-        total = self._run(
-            xt,
-            yt,
-            tf.constant(steps, tf.int32),
-            _f32(sampling_rate),
-            _f32(lr),
-            _f32(clip),
-            _f32(noise_multiplier * clip if private else 0.0),
-            _f32(sampling_rate * n),
-            private,
-            generator=generator,
-        )
-        return int(total.numpy())
 
     # ------------------------------------------------------------------ graphs
 
