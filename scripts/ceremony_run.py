@@ -38,6 +38,7 @@ from peer.operator import (
 )
 from peer.operator.federation import __doc__ as federation_doc
 from peer.session import SessionProposal
+from peer.session_state import SessionState
 from peer.wire import peer_pb2 as pb
 
 __all__ = [
@@ -150,7 +151,7 @@ class ProgressView:
         stage = running[0].current_stage if running else lead.current_stage
         aggregator = lead.current_aggregator
         key = (lead.current_round, aggregator, stage if not self.live else "")
-        if lead.current_round and key != self._round and lead.state == "running":
+        if lead.current_round and key != self._round and lead.state == SessionState.RUNNING:
             previous_round, previous_aggregator, _ = self._round
             if lead.current_round == previous_round and aggregator != previous_aggregator:
                 self._line(

@@ -19,6 +19,7 @@ from secagg import Signer
 
 from ..identity import Roster, load_certificate, load_roster, load_signer
 from ..session import SessionProposal, SignedProposal
+from ..session_state import FINAL_STATES
 from ..tls import TLSFiles, map_rpc_error, peer_channel
 from ..wire import peer_pb2 as pb
 
@@ -26,8 +27,6 @@ __all__ = ["FINAL_STATES", "BeaconFailed", "OperatorClient", "OperatorError", "P
 
 # The gRPC service the peers serve, by its name in protos/peer.proto.
 SERVICE = pb.DESCRIPTOR.services_by_name["Peer"].full_name
-# Session states after which a peer does nothing more for the session.
-FINAL_STATES = frozenset({"finished", "aborted", "refused", "failed"})
 
 
 class OperatorError(Exception):

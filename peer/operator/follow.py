@@ -20,6 +20,7 @@ import grpc
 from ..cli import one_line
 from ..identity import Roster
 from ..session import SessionProposal
+from ..session_state import SessionState
 from ..tls import TransportError
 from ..wire import peer_pb2 as pb
 from .client import FINAL_STATES, BeaconFailed, OperatorClient, OperatorError
@@ -184,7 +185,7 @@ class SessionOutcome:
         return (
             not self.timed_out
             and bool(self.states)
-            and all(state == "finished" for state in self.states.values())
+            and all(state == SessionState.FINISHED for state in self.states.values())
             and [row.round for row in self.rows] == list(range(1, self.planned + 1))
             and not any(row.differs for row in self.rows)
         )
@@ -307,7 +308,7 @@ async def start_if_accepted(
     if not known:
         reasons = "; ".join(f"{p}: {one_line(s)}" for p, s in statuses.items())
         raise OperatorError(f"no participant knows session {session_id!r} ({reasons})")
-    waiting = [p for p, s in known.items() if s.state == "accepted"]
+    waiting = [p for p, s in known.items() if s.state == SessionState.ACCEPTED]
     if waiting:
         # The beacon needs every participant's nonce: those already running answer theirs
         # and the beacon they hold; the waiting ones then fix it and start.
