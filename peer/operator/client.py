@@ -8,25 +8,25 @@ part in the rounds and sees no data.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Self
+from typing import Self, TypeVar
 
 import grpc
 
 from secagg import Signer
 
+from ..channels import ChannelPool, PeerStub
 from ..identity import Roster, load_certificate, load_roster, load_signer
 from ..session import SessionProposal, SignedProposal
 from ..session_state import FINAL_STATES
-from ..tls import TLSFiles, map_rpc_error, peer_channel
+from ..tls import TLSFiles, map_rpc_error
 from ..wire import peer_pb2 as pb
 
 __all__ = ["FINAL_STATES", "BeaconFailed", "OperatorClient", "OperatorError", "ProposalRefused"]
 
-# The gRPC service the peers serve, by its name in protos/peer.proto.
-SERVICE = pb.DESCRIPTOR.services_by_name["Peer"].full_name
+T = TypeVar("T")
 
 
 class OperatorError(Exception):
@@ -72,27 +72,18 @@ class OperatorClient:
         )
 
     def __post_init__(self) -> None:
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        # The peers' own channel cache and typed stub (peer/channels.py): one channel per peer.
+        self._pool = ChannelPool(lambda: self.roster, self.files)
         self._nonces: dict[str, dict[str, bytes]] = {}
 
-    def _channel(self, peer: str) -> grpc.aio.Channel:
-        if peer not in self._channels:
-            self._channels[peer] = peer_channel(self.roster, peer, self.files)
-        return self._channels[peer]
-
     async def close(self) -> None:
-        for channel in self._channels.values():
-            await channel.close(None)
-        self._channels.clear()
+        await self._pool.close()
 
-    async def _call(self, peer: str, method: str, request: object, response: type) -> object:
-        stub = self._channel(peer).unary_unary(
-            f"/{SERVICE}/{method}",
-            request_serializer=lambda m: m.SerializeToString(),
-            response_deserializer=response.FromString,  # type: ignore[attr-defined]
-        )
+    async def _call(self, peer: str, call: Callable[[PeerStub], Awaitable[T]]) -> T:
+        """``call`` on ``peer``'s stub, its gRPC error mapped to a TransportError."""
+        stub = self._pool.stub(peer)
         try:
-            return await stub(request, timeout=self.timeout)
+            return await call(stub)
         except grpc.RpcError as error:
             raise map_rpc_error(error, target=self.roster[peer].address or "", peer=peer) from None
 
@@ -103,7 +94,10 @@ class OperatorClient:
             document=proposal.document(), proposer=self.me, signature=signed.signature
         )
         answers = await asyncio.gather(
-            *(self._call(p, "Propose", request, pb.ProposalAnswer) for p in proposal.participants)
+            *(
+                self._call(p, lambda stub: stub.propose(request, self.timeout))
+                for p in proposal.participants
+            )
         )
         result = {
             p: a
@@ -120,7 +114,7 @@ class OperatorClient:
     ) -> dict[str, pb.StartAnswer]:
         """Send ``request`` to every participant; BeaconFailed names whoever did not answer."""
         answers = await asyncio.gather(
-            *(self._call(p, "Start", request, pb.StartAnswer) for p in participants),
+            *(self._call(p, lambda stub: stub.start(request, self.timeout)) for p in participants),
             return_exceptions=True,
         )
         failed = {
@@ -187,10 +181,7 @@ class OperatorClient:
         Raises:
             TransportError: the peer cannot be reached or refused the call.
         """
-        status = await self._call(
-            peer, "Records", pb.SessionRef(session_id=session_id), pb.SessionStatus
-        )
-        assert isinstance(status, pb.SessionStatus)
+        status = await self._call(peer, lambda stub: stub.records(session_id, self.timeout))
         return sorted(status.records, key=lambda r: r.round)
 
     async def status(
@@ -198,7 +189,7 @@ class OperatorClient:
     ) -> dict[str, pb.SessionStatus | Exception]:
         results = await asyncio.gather(
             *(
-                self._call(p, "Status", pb.SessionRef(session_id=session_id), pb.SessionStatus)
+                self._call(p, lambda stub: stub.status(session_id, self.timeout))
                 for p in participants
             ),
             return_exceptions=True,
