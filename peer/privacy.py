@@ -16,8 +16,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from .ledger import ChargedRelease, Ledger
-from .session import ProposalError
-from .training.accounting import GLOBAL_DELTA, PrivacyEvent, composed_epsilon, epsilon_increase
+from .training.accounting import (
+    GLOBAL_DELTA,
+    PrivacyBudgetError,
+    PrivacyEvent,
+    composed_epsilon,
+    epsilon_increase,
+)
 
 __all__ = [
     "PrivacyBudgetError",
@@ -26,12 +31,6 @@ __all__ = [
     "privacy_after",
     "privacy_statement",
 ]
-
-
-class PrivacyBudgetError(ProposalError):
-    """A session or round would take this institution over its privacy budget, or spend
-    privacy without the protection the policy demands; the peer refuses it (figures in the
-    text). The one budget error of every payload (training, statistics)."""
 
 
 @dataclass(frozen=True)

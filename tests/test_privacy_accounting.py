@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from peer.training import PrivacyBudget, PrivacyBudgetExceeded, calibrate_noise, epsilon
+from peer.training import PrivacyBudget, PrivacyBudgetError, calibrate_noise, epsilon
 
 # Abadi et al.'s MNIST setting: 60,000 examples, lot size 256, sigma 1.1, 60 epochs.
 Q, SIGMA, STEPS, DELTA = 256 / 60000, 1.1, 14040, 1e-5
@@ -49,7 +49,7 @@ def test_budget_refuses_a_round_that_would_exceed() -> None:
     assert 0 < first < second <= budget.epsilon_limit
     assert budget.spent() == pytest.approx(second)
     assert budget.would_exceed(q, sigma, 1)
-    with pytest.raises(PrivacyBudgetExceeded, match="would spend epsilon"):
+    with pytest.raises(PrivacyBudgetError, match="would spend epsilon"):
         budget.charge(q, sigma, per_round)
     assert len(budget.spends) == 2  # the refused round recorded nothing
     assert budget.spent("rdp") >= budget.spent("pld") - 0.01

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from .accounting import (
     PrivacyBudget,
-    PrivacyBudgetExceeded,
+    PrivacyBudgetError,
     TrainingSpend,
     calibrate_noise,
     epsilon,
@@ -38,7 +38,7 @@ __all__ = [
     "ModelSpec",
     "PeerData",
     "PrivacyBudget",
-    "PrivacyBudgetExceeded",
+    "PrivacyBudgetError",
     "TrainingSpend",
     "build_declared_model",
     "build_model",

@@ -14,10 +14,12 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
+from ..session import ProposalError
+
 __all__ = [
     "GLOBAL_DELTA",
     "PrivacyBudget",
-    "PrivacyBudgetExceeded",
+    "PrivacyBudgetError",
     "PrivacyEvent",
     "TrainingSpend",
     "calibrate_noise",
@@ -36,8 +38,11 @@ Accountant = Literal["pld", "rdp"]
 PLD_DISCRETIZATION = 1e-4
 
 
-class PrivacyBudgetExceeded(RuntimeError):
-    """Training would spend more privacy than the hospital's budget allows."""
+class PrivacyBudgetError(ProposalError):
+    """A session or round would take this institution over its privacy budget, or spend
+    privacy without the protection the policy demands; the peer refuses it (figures in the
+    text). The one budget error of every payload (training, statistics) and of
+    :class:`PrivacyBudget`; :mod:`peer.privacy` exports it."""
 
 
 def _event(q: float, sigma: float, steps: int) -> object:
@@ -179,11 +184,11 @@ class PrivacyBudget:
         """Record ``steps`` steps and return the new epsilon spent.
 
         Raises:
-            PrivacyBudgetExceeded: the steps would exceed the limit; nothing is recorded.
+            PrivacyBudgetError: the steps would exceed the limit; nothing is recorded.
         """
         after = self.epsilon_after(q, sigma, steps)
         if after > self.epsilon_limit:
-            raise PrivacyBudgetExceeded(
+            raise PrivacyBudgetError(
                 f"{steps} more steps (q={q:.4g}, sigma={sigma:.4g}) would spend epsilon "
                 f"{after:.4f} > limit {self.epsilon_limit:.4f} at delta={self.delta:g} "
                 f"(spent so far {self.spent():.4f})"
