@@ -538,10 +538,15 @@ class TrainingPayload:
                 "sigma": spec.noise_multiplier,
                 "steps": spec.local_steps,
             }
-        metrics: dict[str, Any] = _json_safe(
-            metrics_from_sums(evaluation_from_release(total[p:], spec))
-        )
+        evaluation = evaluation_from_release(total[p:], spec)
+        metrics: dict[str, Any] = _json_safe(metrics_from_sums(evaluation))
         metrics["n"] = round(metrics["n"] or 0)
+        # The score histograms are cells of the same noisy (charged) evaluation release, so
+        # publishing them is post-processing: readers get ROC and calibration from agreed
+        # numbers (dashboard, report) at no further privacy cost.
+        bins = spec.histogram_bins
+        cells = [round(float(c), 3) for c in evaluation[EVAL_HEAD : EVAL_HEAD + 2 * bins]]
+        metrics["score_histogram"] = {"positive": cells[:bins], "negative": cells[bins:]}
         dp["evaluation"] = {"mechanism": "gaussian", "sigma": spec.eval_noise}
         metrics.update(round_kind=kind.value, evaluated="model entering this round", dp=dp)
         return RoundResult(model=new.astype("<f4").tobytes(), metrics=metrics)

@@ -8,12 +8,14 @@ hospital's budget is refused.
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
+from dashboard.data import roc_points, score_histogram
 from peer.config import PeerConfig, Policy
 from peer.data import (
     breast_cancer_feature_names,
@@ -169,6 +171,18 @@ def test_training_round_averages_the_local_models(hospitals: list[TrainingPayloa
     metrics = hospitals[0].ledger.agreed_records("train")[-1].record.metrics
     assert metrics["round_kind"] == "evaluate"
     assert 0.0 <= float(str(metrics["accuracy"])) <= 1.0
+    # The (noisy, already charged) score histograms are published for ROC and calibration,
+    # in the layout the dashboard reads, and agree with the published AUC.
+    final_record = hospitals[0].ledger.agreed_records("train")[-1]
+    histogram = score_histogram(final_record)
+    assert histogram is not None
+    positive, negative = histogram
+    assert len(positive) == len(negative) == hospitals[0].spec.histogram_bins
+    assert sum(positive) > 0
+    assert sum(negative) > 0
+    points = roc_points(positive, negative)
+    area = sum((x1 - x0) * (y0 + y1) / 2 for (x0, y0), (x1, y1) in itertools.pairwise(points))
+    assert area == pytest.approx(float(str(metrics["auc"])), abs=1e-3)
 
 
 def test_a_round_over_the_budget_is_refused(hospitals: list[TrainingPayload]) -> None:
