@@ -61,14 +61,56 @@ def secure_generator(seed: bytes | None = None) -> tf.random.Generator:
 
 
 class PoissonTrainer:
-    """What every DP-SGD trainer shares: :meth:`run`, Poisson-sampled steps in one compiled
-    loop, with the argument checks the privacy accountant relies on. A trainer provides
-    ``_tensors`` (its input conversion) and ``_run`` (its compiled loop)."""
+    """What every DP-SGD trainer shares: the public steps (:meth:`dp_step`, :meth:`sgd_step`,
+    :meth:`per_example_norms`) and :meth:`run`, Poisson-sampled steps in one compiled loop,
+    with the argument checks the privacy accountant relies on. A trainer provides
+    ``_tensors`` (its input conversion) and its compiled graphs (``_dp_step``, ``_sgd_step``,
+    ``_norms``, ``_run``)."""
 
     _run: Callable[..., Any]
+    _dp_step: Callable[..., Any]
+    _sgd_step: Callable[..., Any]
+    _norms: Callable[..., Any]
 
     def _tensors(self, x: npt.ArrayLike, y: npt.ArrayLike) -> tuple[tf.Tensor, tf.Tensor]:
         raise NotImplementedError
+
+    def per_example_norms(self, x: npt.ArrayLike, y: npt.ArrayLike) -> npt.NDArray[np.float32]:
+        """The L2 norm of each example's full gradient (all layers), before clipping."""
+        return np.asarray(self._norms(*self._tensors(x, y)).numpy(), dtype=np.float32)
+
+    def dp_step(
+        self,
+        x: npt.ArrayLike,
+        y: npt.ArrayLike,
+        *,
+        lr: float,
+        clip_norm: float,
+        noise_multiplier: float,
+        expected_batch_size: float,
+        generator: tf.random.Generator,
+    ) -> None:
+        """One DP-SGD step on the given batch (already sampled by the caller).
+
+        ``w -= lr * (sum_i clip(grad_i, C) + N(0, (sigma C)^2 I)) / expected_batch_size``.
+        """
+        _check_dp(clip_norm, noise_multiplier, expected_batch_size)
+        self._dp_step(
+            *self._tensors(x, y),
+            _f32(lr),
+            _f32(clip_norm),
+            _f32(noise_multiplier * clip_norm),
+            _f32(expected_batch_size),
+            generator=generator,
+        )
+
+    def sgd_step(
+        self, x: npt.ArrayLike, y: npt.ArrayLike, *, lr: float, expected_batch_size: float
+    ) -> None:
+        """One plain (non-private) SGD step: ``w -= lr * sum_i grad_i / expected_batch_size``."""
+        if not expected_batch_size > 0:
+            raise ValueError(f"expected_batch_size must be positive, not {expected_batch_size}")
+        self._sgd_step(*self._tensors(x, y), _f32(lr), _f32(expected_batch_size))
 
     def run(
         self,
@@ -158,39 +200,6 @@ class DPSGD(PoissonTrainer):
 
     # ------------------------------------------------------------------ public steps
 
-    def dp_step(
-        self,
-        x: npt.ArrayLike,
-        y: npt.ArrayLike,
-        *,
-        lr: float,
-        clip_norm: float,
-        noise_multiplier: float,
-        expected_batch_size: float,
-        generator: tf.random.Generator,
-    ) -> None:
-        """One DP-SGD step on the given batch (already sampled by the caller).
-
-        ``w -= lr * (sum_i clip(grad_i, C) + N(0, (sigma C)^2 I)) / expected_batch_size``.
-        """
-        _check_dp(clip_norm, noise_multiplier, expected_batch_size)
-        self._dp_step(
-            *self._tensors(x, y),
-            _f32(lr),
-            _f32(clip_norm),
-            _f32(noise_multiplier * clip_norm),
-            _f32(expected_batch_size),
-            generator=generator,
-        )
-
-    def sgd_step(
-        self, x: npt.ArrayLike, y: npt.ArrayLike, *, lr: float, expected_batch_size: float
-    ) -> None:
-        """One plain (non-private) SGD step: ``w -= lr * sum_i grad_i / expected_batch_size``."""
-        if not expected_batch_size > 0:
-            raise ValueError(f"expected_batch_size must be positive, not {expected_batch_size}")
-        self._sgd_step(*self._tensors(x, y), _f32(lr), _f32(expected_batch_size))
-
     def clipped_sum(
         self, x: npt.ArrayLike, y: npt.ArrayLike, clip_norm: float
     ) -> npt.NDArray[np.float64]:
@@ -207,10 +216,6 @@ class DPSGD(PoissonTrainer):
             parts.append(tf.reshape(tf.matmul(a, clipped, transpose_a=True), [-1]))
             parts.append(tf.reduce_sum(clipped, axis=0))
         return np.concatenate([np.asarray(p.numpy(), dtype=np.float64) for p in parts])
-
-    def per_example_norms(self, x: npt.ArrayLike, y: npt.ArrayLike) -> npt.NDArray[np.float32]:
-        """The L2 norm of each example's full gradient (all layers), before clipping."""
-        return np.asarray(self._norms(*self._tensors(x, y)).numpy(), dtype=np.float32)
 
     # ------------------------------------------------------------------ graphs
 

@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from .dpsgd import PoissonTrainer, _check_dp, _f32
+from .dpsgd import PoissonTrainer, _f32
 
 if TYPE_CHECKING:
     import keras
@@ -138,46 +138,12 @@ class LayerwiseDPSGD(PoissonTrainer):
 
     # ------------------------------------------------------------------ public
 
-    def per_example_norms(self, x: npt.ArrayLike, y: npt.ArrayLike) -> npt.NDArray[np.float32]:
-        """The L2 norm of each example's full gradient (all layers), before clipping."""
-        return np.asarray(self._norms(*self._tensors(x, y)).numpy(), dtype=np.float32)
-
     def clipped_sum(
         self, x: npt.ArrayLike, y: npt.ArrayLike, clip_norm: float
     ) -> npt.NDArray[np.float64]:
         """``sum_i clip(grad_i, C)`` as one flat vector in :func:`get_flat_weights` order."""
         flat = self._clipped(*self._tensors(x, y), _f32(clip_norm))
         return np.asarray(flat.numpy(), dtype=np.float64)
-
-    def dp_step(
-        self,
-        x: npt.ArrayLike,
-        y: npt.ArrayLike,
-        *,
-        lr: float,
-        clip_norm: float,
-        noise_multiplier: float,
-        expected_batch_size: float,
-        generator: tf.random.Generator,
-    ) -> None:
-        """``w -= lr * (sum_i clip(grad_i, C) + N(0, (sigma C)^2 I)) / expected_batch_size``."""
-        _check_dp(clip_norm, noise_multiplier, expected_batch_size)
-        self._dp_step(
-            *self._tensors(x, y),
-            _f32(lr),
-            _f32(clip_norm),
-            _f32(noise_multiplier * clip_norm),
-            _f32(expected_batch_size),
-            generator=generator,
-        )
-
-    def sgd_step(
-        self, x: npt.ArrayLike, y: npt.ArrayLike, *, lr: float, expected_batch_size: float
-    ) -> None:
-        """One plain SGD step: ``w -= lr * sum_i grad_i / expected_batch_size``."""
-        if not expected_batch_size > 0:
-            raise ValueError(f"expected_batch_size must be positive, not {expected_batch_size}")
-        self._sgd_step(*self._tensors(x, y), _f32(lr), _f32(expected_batch_size))
 
     # ------------------------------------------------------------------ graphs
 
