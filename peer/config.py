@@ -38,6 +38,10 @@ Example (``hospital_a.toml``)::
     reads_burst = 40
     hello_seconds = 30.0            # a RoundStream without a hello by then is closed
     trust_poll_seconds = 2.0        # how often roster and CRL files are checked for changes
+
+    [metrics]                       # optional; absent = no endpoint (peer/metrics.py)
+    listen = "127.0.0.1:9464"       # Prometheus /metrics, plain HTTP
+    allow_remote = false            # true to listen on a non-loopback address
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ from typing import Any
 
 from .ratelimit import Limits
 
-__all__ = ["ConfigFileError", "PeerConfig", "Policy", "load_config"]
+__all__ = ["ConfigFileError", "MetricsConfig", "PeerConfig", "Policy", "load_config"]
 
 
 class ConfigFileError(ValueError):
@@ -89,6 +93,15 @@ class Policy:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """The optional ``[metrics]`` table: where the Prometheus endpoint listens."""
+
+    host: str = "127.0.0.1"
+    port: int = 9464
+    allow_remote: bool = False
+
+
+@dataclass(frozen=True)
 class PeerConfig:
     path: Path
     peer_id: str
@@ -105,6 +118,7 @@ class PeerConfig:
     dashboard_port: int = 8050
     payload_file: Path | None = None  # test hook: a .npy vector this peer contributes
     limits: Limits = field(default_factory=Limits)  # per-caller limits (peer/ratelimit.py)
+    metrics: MetricsConfig | None = None  # None: no metrics endpoint (peer/metrics.py)
 
     @property
     def directory(self) -> Path:
@@ -269,6 +283,23 @@ def load_config(path: str | Path) -> PeerConfig:
         dashboard_port=_get(document, "dashboard_port", int, where, 8050),
         payload_file=(base / payload).resolve() if isinstance(payload, str) else None,
         limits=_limits(table("limits"), f"{where} [limits]"),
+        metrics=_metrics(document, f"{where} [metrics]"),
+    )
+
+
+def _metrics(document: dict[str, Any], where: str) -> MetricsConfig | None:
+    """The optional ``[metrics]`` table; ``None`` when absent (no endpoint)."""
+    if "metrics" not in document:
+        return None
+    tbl = document["metrics"]
+    if not isinstance(tbl, dict):
+        raise ConfigFileError(f"{where}: [metrics] must be a table")
+    listen = _get(tbl, "listen", str, where, "127.0.0.1:9464")
+    host, _, port = listen.rpartition(":")
+    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigFileError(f"{where}: 'listen' must be host:port, not {listen!r}")
+    return MetricsConfig(
+        host=host, port=int(port), allow_remote=_get(tbl, "allow_remote", bool, where, False)
     )
 
 

@@ -71,6 +71,11 @@ ledger = "sqlite:///ledger.db"
 
 [timeouts]
 stage_seconds = {stage_seconds}
+
+# Prometheus metrics (peer/metrics.py), off unless this table is present:
+# [metrics]
+# listen = "127.0.0.1:9464"
+# allow_remote = false
 """,
         encoding="utf-8",
     )

@@ -30,6 +30,7 @@ from .channels import SERVICE, ChannelPool
 from .config import PeerConfig
 from .identity import load_signer
 from .ledger import Ledger
+from .metrics import PeerMetrics
 from .payloads import PayloadFactory, default_payload
 from .reload import TrustedKeys, TrustReloader
 from .round import NO_FAULTS, FaultHooks
@@ -77,6 +78,10 @@ class PeerNode:
         self._background: set[asyncio.Task[Any]] = set()
         self.pool = ChannelPool(lambda: self.roster, self.files)
         self.catch_up = CatchUp(self.me, self.ledger, self.verifiers, self.pool)
+        self.metrics = PeerMetrics(
+            self.me, self.ledger, max_epsilon=config.policy.max_epsilon, certificate=config.cert
+        )
+        self.metrics_port: int | None = None  # bound once serving, when [metrics] is set
         self.runner = SessionRunner(
             me=self.me,
             config=config,
@@ -89,6 +94,7 @@ class PeerNode:
             pool=self.pool,
             catch_up=self.catch_up,
             stopping=self._stopping,
+            metrics=self.metrics,
         )
         self.service = PeerService(
             me=self.me,
@@ -104,22 +110,36 @@ class PeerNode:
 
     async def serve(self, on_ready: Callable[[int], None] | None = None) -> None:
         """Serve until :meth:`stop`; resumes sessions that were running before a restart."""
-        async with create_server(
-            self.config.listen, self.files, self.authenticator, handlers=[self.service.handler()]
-        ) as (_, port):
-            self.port = port
-            reloader = asyncio.create_task(self.reloader.run(self._stopping))
-            self._background.add(reloader)
-            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-                # Only possible in the main thread of a Unix process (peer start); a peer
-                # run inside a test polls the files only.
-                asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.reloader.trigger)
-            self.runner.resume()
-            if on_ready is not None:
-                on_ready(port)
-            await self._stopping.wait()
-            self.runner.stop()
-            await self.pool.close()
+        if self.config.metrics is not None:
+            # Before the gRPC port opens: a refused address stops the peer at start-up.
+            wanted = self.config.metrics
+            self.metrics_port = self.metrics.serve(
+                wanted.host, wanted.port, allow_remote=wanted.allow_remote
+            )
+        try:
+            async with create_server(
+                self.config.listen,
+                self.files,
+                self.authenticator,
+                handlers=[self.service.handler()],
+            ) as (_, port):
+                self.port = port
+                reloader = asyncio.create_task(self.reloader.run(self._stopping))
+                self._background.add(reloader)
+                with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                    # Only possible in the main thread of a Unix process (peer start); a peer
+                    # run inside a test polls the files only.
+                    asyncio.get_running_loop().add_signal_handler(
+                        signal.SIGHUP, self.reloader.trigger
+                    )
+                self.runner.resume()
+                if on_ready is not None:
+                    on_ready(port)
+                await self._stopping.wait()
+                self.runner.stop()
+                await self.pool.close()
+        finally:
+            self.metrics.close()
 
     def stop(self) -> None:
         self._stopping.set()

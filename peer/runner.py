@@ -24,6 +24,7 @@ from .channels import ChannelPool
 from .config import PeerConfig
 from .ledger import Ledger, LedgerError, RoundStatus, SessionStatus
 from .logs import remote
+from .metrics import PeerMetrics
 from .payloads import Payload, PayloadFactory
 from .ratelimit import Backoff
 from .round import (
@@ -97,6 +98,7 @@ class SessionRunner:
         pool: ChannelPool,
         catch_up: CatchUp,
         stopping: asyncio.Event,
+        metrics: PeerMetrics | None = None,
     ) -> None:
         self.me = me
         self.config = config
@@ -109,6 +111,7 @@ class SessionRunner:
         self.pool = pool
         self.catch_up = catch_up
         self.stopping = stopping
+        self.metrics = metrics  # Prometheus counters (peer/metrics.py), when configured
         self.sessions: dict[str, Session] = {}
         # The rounds this peer aggregates now, by (session, round, attempt).
         self.rounds: dict[tuple[str, int, int], AggregatorRound] = {}
@@ -418,6 +421,8 @@ class SessionRunner:
                 )
         except LedgerError as error:
             logger.error("peer=%s cannot record the end of round %d: %s", self.me, round_, error)
+        if self.metrics is not None:
+            self.metrics.round_finished(outcome, time.monotonic() - started)
         logger.info(
             "peer=%s session=%s round=%d attempt=%d outcome=%s in %.2fs %s",
             self.me,
