@@ -631,10 +631,14 @@ class RelayRoute:
         if self.hub is not None and self.hub.connected(target):
             candidates.append(None)  # ourselves
         candidates += self.relays_for(target)
-        for relay in candidates:
+        for index, relay in enumerate(candidates):
             left = deadline - loop.time()
             if left <= 0:
                 break
+            if index + 1 < len(candidates):
+                # A relay that takes the call and never answers (it drops it) must not use
+                # up the whole deadline: half of what is left, the rest for the others.
+                left /= 2
             call = sign_call(
                 self.me,
                 target,

@@ -200,7 +200,8 @@ def test_build_roster_refuses_foreign_certificates_and_bad_entries(
         build_roster(fed.ca.directory, [(a, "h:1"), (a, "h:2")])
     # A peer without an address is an outbound-only site (peer/relay.py), not an error.
     (outbound,) = build_roster(fed.ca.directory, [(a, None)]).roster.entries
-    assert outbound.address is None and not outbound.inbound
+    assert outbound.address is None
+    assert not outbound.inbound
     with pytest.raises(RosterError, match="invalid peer address"):
         build_roster(fed.ca.directory, [(a, "no-port")])
     with pytest.raises(RosterError, match="operator, which runs no peer"):

@@ -25,7 +25,8 @@ def network(tmp_path: Path) -> Iterator[Network]:
 
 def test_an_outbound_only_peer_agrees_a_session_through_a_relay(network: Network) -> None:
     roster = network.kit.federation.roster
-    assert roster["hospital-c"].address is None and not roster["hospital-c"].inbound
+    assert roster["hospital-c"].address is None
+    assert not roster["hospital-c"].inbound
     proposal = network.proposal("s1", rounds=3)
     assert proposal.outbound_only == ("hospital-c",)
     beacon = fixed_beacon(proposal)
