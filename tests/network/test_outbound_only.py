@@ -51,3 +51,47 @@ def test_an_outbound_only_peer_agrees_a_session_through_a_relay(network: Network
         assert "hospital-c" in stored.signatures  # it took part and signed every round
     log = network.peers["hospital-c"].log_path.read_text("utf-8")
     assert "control stream open to relay" in log
+
+
+@pytest.mark.slow
+def test_the_relay_dies_mid_session_and_the_outbound_only_peer_fails_over(
+    tmp_path: Path,
+) -> None:
+    # 4 peers, t = 3; hospital-d is outbound-only and keeps its control stream to the
+    # victim first. The victim dies in round 1: the others finish without it, hospital-d
+    # reconnects to its second relay, and the operator reaches it through that one.
+    network = Network.create(tmp_path / "net", 4, outbound_only=["hospital-d"], start=False)
+    try:
+        proposal = network.proposal("s1", rounds=2)
+        aggregators = {network.aggregator(proposal, r) for r in (1, 2)}
+        victim = next(p for p in ("hospital-a", "hospital-b", "hospital-c") if p not in aggregators)
+        other = sorted(aggregators)[0]
+        config = network.kit.kits["hospital-d"].config
+        config.write_text(
+            config.read_text("utf-8") + f'\n[relay]\npeers = ["{victim}", "{other}"]\n', "utf-8"
+        )
+        for peer_id, process in network.peers.items():
+            process.start({"HOSPITAL_SECAGG_KILL_AT": "1:masked"} if peer_id == victim else None)
+        statuses = network.run_session(proposal)
+        survivors = [p for p in network.peers if p != victim]
+        assert not network.peers[victim].alive()
+        assert {p: states_of(statuses)[p] for p in survivors} == dict.fromkeys(
+            survivors, "finished"
+        ), network.logs()
+        reference = [r.record_hash for r in network.records(survivors[0], "s1")]
+        assert len(reference) == 2
+        for peer_id in survivors:
+            assert [r.record_hash for r in network.records(peer_id, "s1")] == reference
+            np.testing.assert_array_equal(
+                network.aggregate_of(peer_id, "s1", 2), network.plain_sum(survivors)
+            )
+        log = network.peers["hospital-d"].log_path.read_text("utf-8")
+        assert f"control stream open to relay {victim}" in log
+        assert f"control stream to relay {victim} ended" in log
+        assert f"control stream open to relay {other}" in log
+    finally:
+        network.stop()
+
+
+def states_of(statuses: dict[str, pb.SessionStatus | Exception]) -> dict[str, str]:
+    return {p: s.state if isinstance(s, pb.SessionStatus) else repr(s) for p, s in statuses.items()}
