@@ -3,14 +3,20 @@ a relay (peer/relay.py): real peer processes on 127.0.0.1 with mTLS."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 from network_harness import Network, fixed_beacon
 
+from peer.channels import ChannelPool
+from peer.identity import load_signer
+from peer.relay import RelayRoute
 from peer.session import aggregator_for
+from peer.tls import TLSFiles
 from peer.wire import peer_pb2 as pb
 
 pytestmark = pytest.mark.timeout(300)
@@ -51,6 +57,30 @@ def test_an_outbound_only_peer_agrees_a_session_through_a_relay(network: Network
         assert "hospital-c" in stored.signatures  # it took part and signed every round
     log = network.peers["hospital-c"].log_path.read_text("utf-8")
     assert "control stream open to relay" in log
+    # A member that is not the proposer asks, through its relay (hospital-a), to start the
+    # session at hospital-c: the call is signed by hospital-b, so hospital-c's own Start
+    # handler sees hospital-b as the caller and refuses it, exactly as a direct call.
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        asyncio.run(relayed_start_as(network, "hospital-b", "hospital-c", "s1"))
+    assert refused.value.code() is grpc.StatusCode.PERMISSION_DENIED
+    assert "may start it; not hospital-b" in (refused.value.details() or "")
+
+
+async def relayed_start_as(network: Network, me: str, target: str, session_id: str) -> None:
+    member = network.kit.federation.members[me]
+    roster = network.kit.federation.roster
+    pool = ChannelPool(lambda: roster, TLSFiles(member.cert, member.key, member.ca))
+    route = RelayRoute(
+        me=me,
+        signer=load_signer(member.key),
+        verifiers=roster.verifiers(),
+        roster=lambda: roster,
+        pool=pool,
+    )
+    try:
+        await route.stub(target).start(pb.StartRequest(session_id=session_id), timeout=10)
+    finally:
+        await pool.close()
 
 
 @pytest.mark.slow
