@@ -456,3 +456,23 @@ def test_kit_without_addresses_for_outbound_only_peers(tmp_path: Path) -> None:
     kit = LocalKit.create(tmp_path, [A, B, C], outbound_only=[C])
     roster = kit.federation.roster
     assert [e.peer_id for e in roster.peers if not e.inbound] == [C]
+
+
+def test_the_operator_lists_the_rosters_outbound_only_participants(
+    fed: LocalFederation, tmp_path: Path
+) -> None:
+    from peer.operator.federation import FederationFile, build_proposal
+
+    member = fed.members[OPS]
+    assert fed.roster_path is not None
+    federation = FederationFile(
+        tmp_path / "federation.toml",
+        member.cert,
+        member.key,
+        member.ca,
+        fed.roster_path,
+        {"rounds": 1, "payload": {"kind": "vector", "length": 4}},
+    )
+    built = build_proposal(federation, fed.roster, "s2")
+    assert built.outbound_only == (C,)
+    assert outbound_problem(built, fed.roster) is None
