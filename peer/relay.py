@@ -412,7 +412,11 @@ class ControlClient:
                 self.me, call, grpc.StatusCode.PERMISSION_DENIED, str(error), b"", self.signer
             )
         else:
-            code, details, response = await self.dispatch(call.method, call.request, identity)
+            try:
+                code, details, response = await self.dispatch(call.method, call.request, identity)
+            except Exception as error:  # a bug here: answered, so the caller does not wait
+                logger.exception("peer=%s relayed %s failed", self.me, call.method)
+                code, details, response = grpc.StatusCode.INTERNAL, str(error), b""
             answer = sign_answer(self.me, call, code, details, response, self.signer)
         async with writing:
             await stream.write(answer)

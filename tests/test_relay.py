@@ -476,3 +476,29 @@ def test_the_operator_lists_the_rosters_outbound_only_participants(
     built = build_proposal(federation, fed.roster, "s2")
     assert built.outbound_only == (C,)
     assert outbound_problem(built, fed.roster) is None
+
+
+def test_a_handler_that_fails_answers_internal_rather_than_leaving_the_caller_waiting(
+    keys: Keys,
+) -> None:
+    async def broken(
+        method: str, request: bytes, caller: PeerIdentity
+    ) -> tuple[grpc.StatusCode, str, bytes]:
+        raise RuntimeError("disk on fire")
+
+    pool = MemoryPool({A: MemoryStub(A, hub(keys, A))})
+
+    async def go() -> None:
+        stopping = asyncio.Event()
+        client = outbound_peer(keys, pool, [A])
+        client.dispatch = broken
+        task = asyncio.create_task(client.run(stopping))
+        await asyncio.wait_for(client.connected.wait(), 5)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await operator_route(keys, pool).stub(C).status("s1", timeout=5)
+        assert caught.value.code() is grpc.StatusCode.INTERNAL
+        assert caught.value.details() == "disk on fire"
+        stopping.set()
+        await task
+
+    asyncio.run(go())
