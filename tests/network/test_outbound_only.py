@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -14,8 +15,9 @@ from network_harness import Network, fixed_beacon
 
 from peer.channels import ChannelPool
 from peer.identity import load_signer
+from peer.operator import ProposalRefused
 from peer.relay import RelayRoute
-from peer.session import aggregator_for
+from peer.session import SessionProposal, aggregator_for
 from peer.tls import TLSFiles
 from peer.wire import peer_pb2 as pb
 
@@ -39,6 +41,16 @@ def test_an_outbound_only_peer_agrees_a_session_through_a_relay(network: Network
     for round_ in (1, 2, 3):
         for attempt in range(4):  # never the aggregator, whatever the attempt
             assert aggregator_for(proposal, round_, attempt, beacon) != "hospital-c"
+    # A proposer that narrows the rotation to an accomplice (hospital-a) by calling
+    # hospital-b outbound-only is refused by every peer, hospital-c included (through its
+    # relay), each naming the mismatch with its roster.
+    narrowed = replace(proposal, session_id="narrowed", outbound_only=("hospital-b", "hospital-c"))
+    with pytest.raises(ProposalRefused) as refused:
+        asyncio.run(propose(network, narrowed))
+    assert sorted(refused.value.answers) == sorted(network.peers)
+    for reason in refused.value.answers.values():
+        assert "outbound-only participants [hospital-b, hospital-c]" in reason
+        assert "says [hospital-c]" in reason
     # The operator proposes, starts and follows hospital-c only through a relay.
     statuses = network.run_session(proposal, expect_all=True)
     states = {
@@ -64,6 +76,14 @@ def test_an_outbound_only_peer_agrees_a_session_through_a_relay(network: Network
         asyncio.run(relayed_start_as(network, "hospital-b", "hospital-c", "s1"))
     assert refused.value.code() is grpc.StatusCode.PERMISSION_DENIED
     assert "may start it; not hospital-b" in (refused.value.details() or "")
+
+
+async def propose(network: Network, proposal: SessionProposal) -> None:
+    operator = network.operator()
+    try:
+        await operator.propose(proposal)
+    finally:
+        await operator.close()
 
 
 async def relayed_start_as(network: Network, me: str, target: str, session_id: str) -> None:
