@@ -45,10 +45,10 @@ def test_an_outbound_only_peer_agrees_a_session_through_a_relay(network: Network
     # hospital-b outbound-only is refused by every peer, hospital-c included (through its
     # relay), each naming the mismatch with its roster.
     narrowed = replace(proposal, session_id="narrowed", outbound_only=("hospital-b", "hospital-c"))
-    with pytest.raises(ProposalRefused) as refused:
+    with pytest.raises(ProposalRefused) as narrowing:
         asyncio.run(propose(network, narrowed))
-    assert sorted(refused.value.answers) == sorted(network.peers)
-    for reason in refused.value.answers.values():
+    assert sorted(narrowing.value.answers) == sorted(network.peers)
+    for reason in narrowing.value.answers.values():
         assert "outbound-only participants [hospital-b, hospital-c]" in reason
         assert "says [hospital-c]" in reason
     # The operator proposes, starts and follows hospital-c only through a relay.
