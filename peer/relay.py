@@ -257,7 +257,13 @@ class CallChecker:
     def check(self, call: pb.RelayedCall, relay: str) -> None:
         """Accept ``call`` (carried by ``relay``) once, or raise RelayError naming the relay."""
         verifier = self.verifiers.get(call.caller)
-        if verifier is None or not verifier.verify(call.signature, _call_bytes(call)):
+        if verifier is None:
+            raise RelayError(
+                f"{relay} relayed a call from {call.caller!r}, who has no trusted key here "
+                "(not in the roster, or revoked)",
+                relay,
+            )
+        if not verifier.verify(call.signature, _call_bytes(call)):
             raise RelayError(
                 f"a {call.method or '?'} call relayed by {relay} as from {call.caller!r} does "
                 f"not verify under {call.caller!r}'s roster key: {relay} forged or altered it",

@@ -502,3 +502,10 @@ def test_a_handler_that_fails_answers_internal_rather_than_leaving_the_caller_wa
         await task
 
     asyncio.run(go())
+
+
+def test_a_call_from_a_revoked_or_unknown_member_is_refused(keys: Keys) -> None:
+    trusted = {p: v for p, v in keys.verifiers.items() if p != OPS}  # ops revoked
+    checker = CallChecker(C, trusted, clock=lambda: 1000.0)
+    with pytest.raises(RelayError, match="'ops', who has no trusted key here"):
+        checker.check(status_call(keys), A)
