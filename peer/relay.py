@@ -41,14 +41,13 @@ import struct
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError, Message
 
 from secagg import Signer, Verifier
 
-from .channels import ChannelPool, RoundStreamCall
+from .channels import ChannelPool, ControlCall, RoundStreamCall
 from .identity import PeerIdentity, Role, Roster
 from .ratelimit import Backoff, RateLimiter
 from .wire import peer_pb2 as pb
@@ -376,9 +375,13 @@ class ControlClient:
         writing = asyncio.Lock()  # one write at a time on a grpc stream
         tasks: set[asyncio.Task[None]] = set()
         try:
-            # Announce ourselves (an empty answer): the relay registers the stream on it,
-            # and a relay that refuses us answers at once.
+            # Announce ourselves (an empty answer); the relay acknowledges with an empty call
+            # once it holds the stream, or refuses it (then read raises): only an
+            # acknowledged stream counts as open (a refusing relay is retried with back-off).
             await call.write(pb.RelayedAnswer(target=self.me))
+            ack = await call.read()
+            if not isinstance(ack, pb.RelayedCall) or ack.method:
+                raise ConnectionError(f"relay {relay} did not acknowledge the control stream")
             logger.info("peer=%s control stream open to relay %s", self.me, relay)
             self.connected_to = relay
             self.connected.set()
@@ -396,7 +399,7 @@ class ControlClient:
                 task.cancel()
 
     async def _answer(
-        self, relay: str, call: pb.RelayedCall, stream: Any, writing: asyncio.Lock
+        self, relay: str, call: pb.RelayedCall, stream: ControlCall, writing: asyncio.Lock
     ) -> None:
         try:
             self.checker.check(call, relay)
@@ -500,6 +503,7 @@ class RelayHub:
 
         reader = asyncio.create_task(read_answers())
         try:
+            yield pb.RelayedCall(target=peer_id)  # the acknowledgement (no method)
             while not reader.done():
                 get = asyncio.ensure_future(link.calls.get())
                 await asyncio.wait({get, reader}, return_when=asyncio.FIRST_COMPLETED)

@@ -31,6 +31,7 @@ from peer.relay import (
     RelayRefused,
     RelayRoute,
     check_answer,
+    rpc_error,
     sign_answer,
     sign_call,
 )
@@ -246,6 +247,7 @@ class MemoryStub:
     hub: RelayHub
     tamper_answer: Callable[[pb.RelayedAnswer], None] | None = None
     drop: bool = False
+    refuse_control: bool = False
 
     async def relay(
         self, request: pb.RelayedCall, timeout: float | None = None
@@ -262,7 +264,23 @@ class MemoryStub:
     def control(self) -> ControlCall:
         if self.drop:
             raise ConnectionError(f"{self.peer_id} is unreachable")
+        if self.refuse_control:
+            return RefusedControl()
         return MemoryControl(self.hub, C)
+
+
+class RefusedControl:
+    """A Control stream the relay refuses (as PeerService does for a peer it does not
+    consider outbound-only): the first read fails."""
+
+    async def write(self, request: pb.RelayedAnswer) -> None:
+        pass
+
+    async def read(self) -> object:
+        raise rpc_error(grpc.StatusCode.PERMISSION_DENIED, "not an outbound-only peer")
+
+    def cancel(self) -> bool:
+        return True
 
 
 @dataclass
@@ -509,3 +527,38 @@ def test_a_call_from_a_revoked_or_unknown_member_is_refused(keys: Keys) -> None:
     checker = CallChecker(C, trusted, clock=lambda: 1000.0)
     with pytest.raises(RelayError, match="'ops', who has no trusted key here"):
         checker.check(status_call(keys), A)
+
+
+def test_a_relay_that_refuses_the_control_stream_is_not_counted_as_connected(keys: Keys) -> None:
+    # Refused by its only relay, the peer is never "connected" and retries with back-off
+    # (a few tries a second at first, not a hot loop); given a second relay, it uses it.
+    refusing = MemoryStub(A, hub(keys, A), refuse_control=True)
+    opened: list[float] = []
+    original = refusing.control
+
+    def counting() -> ControlCall:
+        opened.append(0.0)
+        return original()
+
+    refusing.control = counting  # type: ignore[method-assign]
+
+    async def go() -> None:
+        stopping = asyncio.Event()
+        client = outbound_peer(keys, MemoryPool({A: refusing}), [A])
+        task = asyncio.create_task(client.run(stopping))
+        await asyncio.sleep(1.0)
+        assert not client.connected.is_set()
+        stopping.set()
+        await task
+
+    asyncio.run(go())
+    assert 2 <= len(opened) <= 20, len(opened)
+
+    pool = MemoryPool(
+        {A: MemoryStub(A, hub(keys, A), refuse_control=True), B: MemoryStub(B, hub(keys, B))}
+    )
+
+    async def body(client: ControlClient) -> None:
+        assert client.connected_to == B
+
+    asyncio.run(_with_outbound_peer(keys, [A, B], pool, body))
