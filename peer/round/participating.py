@@ -21,11 +21,11 @@ from secagg import RemoteProtocolError, SecAggError
 
 from ..channels import RoundStreamCall
 from ..codec import CodecError, Reassembler, fragments, record_to_proto
-from ..ledger import AgreedRecord, LedgerError
+from ..ledger import LedgerError
 from ..logs import remote
 from ..payloads import LocalContribution
 from ..wire import peer_pb2 as pb
-from .agreement import build_record, store_agreed
+from .agreement import MyRecord, build_record, mine_of, store_agreed, vote
 from .context import RoundContext, RoundOutcome, RoundStatusKind
 
 __all__ = [
@@ -154,19 +154,25 @@ async def participate(ctx: RoundContext, aggregator: RoundStreamDialer) -> Round
     waiting_for = "join"  # what the next read waits for (silence_limits)
     participant = ctx.backend.participant(ctx, contribution.vector)
     sent: list[object] = []  # what this peer sent: its own input must be in the transcript
-    my_record: tuple[AgreedRecord, bytes, bytes, tuple[str, ...]] | None = None
+    my_record: MyRecord | None = None
     transcript: object | None = None
     try:
-        await stream.send(
-            pb.RoundHello(
-                session_id=ctx.session_id,
-                round=ctx.round,
-                attempt=ctx.attempt,
-                peer_id=ctx.me,
-                epsilon=contribution.epsilon,
-                chain_head=ctx.ledger.session_head(ctx.session_id),
-            )
+        hello = pb.RoundHello(
+            session_id=ctx.session_id,
+            round=ctx.round,
+            attempt=ctx.attempt,
+            peer_id=ctx.me,
+            epsilon=contribution.epsilon,
+            chain_head=ctx.ledger.session_head(ctx.session_id),
         )
+        # A vote this peer kept from an earlier attempt goes to this attempt's aggregator,
+        # which completes the record if t such votes agree (peer/ledger/_votes.py).
+        kept = ctx.ledger.signed_vote(ctx.session_id, ctx.round)
+        if kept is not None:
+            hello.prior_vote.CopyFrom(
+                record_to_proto(kept.record, {ctx.me: kept.signature}, kept.aggregator)
+            )
+        await stream.send(hello)
         ctx.faults.point(ctx.round, ctx.backend.first_stage.value)
         first = await loop.run_in_executor(None, participant.start)  # e.g. key generation
         if first is not None:  # some roles speak only when spoken to
@@ -190,16 +196,33 @@ async def participate(ctx: RoundContext, aggregator: RoundStreamDialer) -> Round
                 my_record = await loop.run_in_executor(
                     None, build_record, ctx, transcript, message, sent, contribution
                 )
-                record = my_record[0]
-                outcome.survivors = my_record[3]
                 ctx.faults.point(ctx.round, "sign")
-                signature = ctx.signer.sign(record.payload())
+                # Kept in the ledger before the signature leaves (or the earlier vote again).
+                my_record, ballot = vote(ctx, my_record)
+                outcome.survivors = my_record[3]
                 stream.stage = "sign"
-                await stream.send(record_to_proto(record, {ctx.me: signature}, ctx.aggregator))
+                await stream.send(ballot)
                 waiting_for = "votes"
             elif isinstance(message, pb.AgreedRecord):
                 if my_record is None:
-                    raise RemoteProtocolError(ctx.aggregator, "agreed record before the transcript")
+                    # The aggregator completed the round with votes of an earlier attempt.
+                    kept = ctx.ledger.signed_vote(ctx.session_id, ctx.round)
+                    if (
+                        kept is None
+                        or not message.signatures
+                        or any(s.record_hash != kept.record_hash for s in message.signatures)
+                    ):
+                        # Not the record this peer signed: a claim, acted on only once the
+                        # record is fetched and its signatures verified (peer/runner.py).
+                        outcome.precondition = pb.PRECONDITION_ROUND_AGREED
+                        outcome.precondition_round = ctx.round
+                        outcome.reason = (
+                            f"aggregator {ctx.aggregator} completed the round with the votes "
+                            "of an earlier attempt"
+                        )
+                        return outcome
+                    my_record = mine_of(kept)
+                    outcome.survivors = my_record[3]
                 stored = store_agreed(ctx, message, my_record, contribution)
                 outcome.status = RoundStatusKind.AGREED
                 outcome.record = stored
