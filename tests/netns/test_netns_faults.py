@@ -392,5 +392,7 @@ def test_votes_of_a_cut_aggregator_are_collected_again_by_the_next_one(
     assert sorted(mine[0].signatures) == survivors
     assert fed.verify(victim) == []
     for peer_id in survivors:
-        np.testing.assert_array_equal(fed.aggregate_of(peer_id, sid, 1), fed.plain_sum(fed.peers))
+        np.testing.assert_array_equal(
+            fed.aggregate_of(peer_id, sid, 1), fed.plain_sum(list(fed.peers))
+        )
         np.testing.assert_array_equal(fed.aggregate_of(peer_id, sid, 2), fed.plain_sum(survivors))
