@@ -1,4 +1,5 @@
-"""A signed vote is kept before it leaves; a retry's aggregator collects it; no second record.
+"""Failover: a silent aggregator is abandoned within its stage's limit; a signed vote is kept
+before it leaves, a retry's aggregator collects it, and no peer signs a second record.
 
 The case (RELIABILITY.md, "agreed twice"): a round's aggregator collects every signed vote and
 vanishes while it hands out the agreed record. Some peer may hold that record; the others
@@ -15,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,7 @@ from peer.round import (
 )
 from peer.round.aggregating import Encoded
 from peer.round.agreement import prior_votes_agreed, vote
+from peer.round.participating import silence_limits
 from peer.session import SessionProposal
 from peer.training.accounting import pure_event
 from peer.wire import peer_pb2 as pb
@@ -403,3 +406,37 @@ def test_an_agreed_record_this_peer_never_signed_is_a_claim_not_stored(tmp_path:
         assert outcome.status is RoundStatusKind.AGGREGATOR_FAILED, (peer, outcome)
         assert outcome.precondition == pb.PRECONDITION_ROUND_AGREED
         assert consortium.ledgers[peer].agreed_records(SESSION) == []
+
+
+class SilentFromTheMaskedStage(AggregatorRound):
+    """Stops sending once the masked inputs are asked for (as if cut off): no RST, no EOF."""
+
+    def _send(self, peer: str, message: object) -> None:
+        if self.protocol.stage.value in ("masked", "consistency", "unmask") or isinstance(
+            message, pb.RecordDraft | Encoded | pb.AgreedRecord | pb.Abort
+        ):
+            self.went_silent = getattr(self, "went_silent", time.monotonic())
+            return
+        super()._send(peer, message)
+
+    def _finish(self, final: object | None) -> None:
+        self.finished.set()  # never closes the streams either
+
+
+@pytest.mark.timeout(60)  # without the limits the in-memory stream waits for ever
+def test_a_silent_aggregator_is_abandoned_within_its_stage_limit(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    consortium = Consortium(tmp_path)
+    caplog.set_level(logging.INFO, logger="peer.rounds")
+    started = time.monotonic()
+    outcomes = asyncio.run(consortium.attempt(0, "hospital-a", SilentFromTheMaskedStage))
+    elapsed = time.monotonic() - started
+    limit = silence_limits(STAGE, 0.5)["stage"]
+    for peer, outcome in outcomes.items():
+        assert outcome.status is RoundStatusKind.AGGREGATOR_FAILED, (peer, outcome)
+        assert outcome.reason == f"aggregator hospital-a silent for {limit:.1f}s in stage share"
+        assert not outcome.unreachable
+    assert "aggregator hospital-a silent for 2.0s in stage share" in caplog.text
+    # Keys (join), shares, then silence: well under the stream's overall deadline (11 s).
+    assert elapsed < silence_limits(STAGE, 0.5)["join"] + limit + 3, elapsed
