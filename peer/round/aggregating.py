@@ -25,9 +25,13 @@ from ..wire import peer_pb2 as pb
 from .agreement import current_votes, prior_votes_agreed, tally
 from .context import RoundContext
 
-__all__ = ["AggregatorRound", "Elsewhere", "Encoded", "serve_round_stream"]
+__all__ = ["HELLO_MAX_BYTES", "AggregatorRound", "Elsewhere", "Encoded", "serve_round_stream"]
 
 logger = logging.getLogger("peer.rounds")
+
+# The largest RoundHello an aggregator reads: room for a vote kept from an earlier attempt
+# (a record with its metrics, peer/ledger/_votes.py) besides the hello's own few fields.
+HELLO_MAX_BYTES = 1 << 20
 
 
 class Elsewhere(LookupError):
@@ -304,7 +308,7 @@ async def serve_round_stream(
     arrived within ``hello_seconds`` raises TimeoutError: an open stream that says nothing
     would otherwise hold the aggregator's resources for ever.
     """
-    hello_reader = Reassembler(64 * 1024)
+    hello_reader = Reassembler(HELLO_MAX_BYTES)
     first = await asyncio.wait_for(anext(requests, None), hello_seconds)
     if first is None:
         return

@@ -25,6 +25,7 @@ from ..ledger import LedgerError
 from ..logs import remote
 from ..payloads import LocalContribution
 from ..wire import peer_pb2 as pb
+from .aggregating import HELLO_MAX_BYTES
 from .agreement import MyRecord, build_record, mine_of, store_agreed, vote
 from .context import RoundContext, RoundOutcome, RoundStatusKind
 
@@ -172,6 +173,9 @@ async def participate(ctx: RoundContext, aggregator: RoundStreamDialer) -> Round
             hello.prior_vote.CopyFrom(
                 record_to_proto(kept.record, {ctx.me: kept.signature}, kept.aggregator)
             )
+            if hello.ByteSize() > HELLO_MAX_BYTES - 4096:  # still sent at the vote stage
+                logger.warning("%s kept vote too large for a hello; not announced", prefix)
+                hello.ClearField("prior_vote")
         await stream.send(hello)
         ctx.faults.point(ctx.round, ctx.backend.first_stage.value)
         first = await loop.run_in_executor(None, participant.start)  # e.g. key generation
