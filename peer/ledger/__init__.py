@@ -29,6 +29,7 @@ from peer.ledger._errors import (
     NotEnoughSignaturesError,
     RecordRejected,
     SessionError,
+    VoteConflictError,
 )
 from peer.ledger._exchange import EXPORT_FORMAT, LedgerExport, export_records, import_records
 from peer.ledger._ledger import Clock, Ledger, system_clock
@@ -67,6 +68,7 @@ from peer.ledger._verify import (
     RawSession,
     verify_ledger,
 )
+from peer.ledger._votes import SignedVote
 
 __all__ = [
     "EXPORT_FORMAT",
@@ -106,8 +108,10 @@ __all__ = [
     "SessionError",
     "SessionInfo",
     "SessionStatus",
+    "SignedVote",
     "StatisticsResult",
     "StoredRecord",
+    "VoteConflictError",
     "canonical_json",
     "export_records",
     "import_records",

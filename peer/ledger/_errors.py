@@ -91,3 +91,7 @@ class ImportRefusedError(RecordRejected):
         details = "".join(f"\n  - {problem}" for problem in problems)
         super().__init__(message + details)
         self.problems: tuple[LedgerProblem, ...] = tuple(problems)
+
+
+class VoteConflictError(RecordRejected):
+    """This peer already signed a different record for the round: it never signs two."""

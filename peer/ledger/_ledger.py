@@ -31,7 +31,8 @@ that maps database failures to ledger errors):
 - :mod:`peer.ledger._rounds`: round attempts;
 - :mod:`peer.ledger._chain`: agreed records, heads and checkpoints;
 - :mod:`peer.ledger._privacy`: privacy charges and statistics results;
-- :mod:`peer.ledger._beacon`: the session beacon and the refused-proposal log.
+- :mod:`peer.ledger._beacon`: the session beacon and the refused-proposal log;
+- :mod:`peer.ledger._votes`: the record this peer signed for each round (before sending it).
 """
 
 from __future__ import annotations
@@ -42,11 +43,12 @@ from peer.ledger._privacy import PrivacyMixin
 from peer.ledger._rounds import RoundsMixin
 from peer.ledger._sessions import SessionsMixin
 from peer.ledger._store import Clock, system_clock
+from peer.ledger._votes import VotesMixin
 
 __all__ = ["Clock", "Ledger", "system_clock"]
 
 
-class Ledger(SessionsMixin, RoundsMixin, ChainMixin, PrivacyMixin, BeaconMixin):
+class Ledger(SessionsMixin, RoundsMixin, ChainMixin, PrivacyMixin, BeaconMixin, VotesMixin):
     """A peer's local ledger in any SQLAlchemy database (SQLite file by default).
 
     Args:

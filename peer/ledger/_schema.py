@@ -279,3 +279,30 @@ class RefusedProposalRow(Base):
     size: Mapped[int] = mapped_column(Integer)
     reason: Mapped[str] = mapped_column(Text)
     received_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class SignedVoteRow(Base):
+    """The record this peer signed for a round, written *before* its signature left the peer
+    (peer/ledger/_votes.py): one per round, so that it never signs a second, different one,
+    and a retry's aggregator can collect the same signature again. ``model`` is the round's
+    result as this peer computed it, so that the record can be stored with its checkpoint
+    even if it is agreed only after a restart. Added in schema version 1 without a version
+    change (a new table: older ledgers get it empty on ``create``).
+    """
+
+    __tablename__ = "signed_votes"
+
+    session_id: Mapped[str] = mapped_column(ID, ForeignKey("sessions.session_id"), primary_key=True)
+    round: Mapped[int] = mapped_column(Integer, primary_key=True)
+    attempt: Mapped[int] = mapped_column(Integer)
+    aggregator: Mapped[str] = mapped_column(ID)
+    record_hash: Mapped[bytes] = mapped_column(LargeBinary(32))
+    aggregate_hash: Mapped[bytes] = mapped_column(LargeBinary(32))
+    model_hash: Mapped[bytes] = mapped_column(LargeBinary(32))
+    metrics_hash: Mapped[bytes] = mapped_column(LargeBinary(32))
+    metrics: Mapped[str] = mapped_column(Text)
+    epsilon: Mapped[str] = mapped_column(Text)
+    prev_hash: Mapped[bytes] = mapped_column(LargeBinary(32))
+    signature: Mapped[bytes] = mapped_column(LargeBinary(256))
+    model: Mapped[bytes] = mapped_column(LargeBinary)
+    recorded_at: Mapped[datetime] = mapped_column(UTCDateTime())

@@ -16,7 +16,11 @@ t peers signed the same record it sends it back with all its signatures and ever
 it. A peer that computed something else refuses to sign and says why.
 
 A dropout is a missed deadline or a closed stream. An aggregator that vanishes is noticed by
-the participants as a failed stream, and the round is retried with the next aggregator.
+the participants as a failed stream or as silence beyond its stage's deadline
+(``participating.silence_limits``), and the round is retried with the next aggregator. Each
+participant keeps its signed vote in its ledger before sending it and signs at most one record
+per round; it announces a kept vote in the next attempts' hellos, and an aggregator that
+collects t of them for one record completes that record (:mod:`.agreement`, ``vote``).
 
 Modules: :mod:`.context` (what a round needs, the backend and role Protocols, fault hooks),
 :mod:`.backends` (secagg, paillier, cleartext), :mod:`.aggregating`, :mod:`.participating`,

@@ -22,12 +22,16 @@ from secagg import AggregatorState, RemoteProtocolError, RoundAborted, SecAggErr
 from ..codec import CodecError, Reassembler, fragments
 from ..logs import remote
 from ..wire import peer_pb2 as pb
-from .agreement import tally
+from .agreement import current_votes, prior_votes_agreed, tally
 from .context import RoundContext
 
-__all__ = ["AggregatorRound", "Elsewhere", "Encoded", "serve_round_stream"]
+__all__ = ["HELLO_MAX_BYTES", "AggregatorRound", "Elsewhere", "Encoded", "serve_round_stream"]
 
 logger = logging.getLogger("peer.rounds")
+
+# The largest RoundHello an aggregator reads: room for a vote kept from an earlier attempt
+# (a record with its metrics, peer/ledger/_votes.py) besides the hello's own few fields.
+HELLO_MAX_BYTES = 1 << 20
 
 
 class Elsewhere(LookupError):
@@ -72,6 +76,8 @@ class AggregatorRound:
         self._gone: set[str] = set()
         self._wake = asyncio.Event()
         self._votes: dict[str, pb.AgreedRecord] = {}
+        # Votes the participants signed in an earlier attempt of this round, from their hellos.
+        self._prior_votes: dict[str, pb.AgreedRecord] = {}
         self._refusals: dict[str, str] = {}
         self._collecting_votes = False
         self.finished = asyncio.Event()
@@ -100,6 +106,8 @@ class AggregatorRound:
         queue: asyncio.Queue[object | None] = asyncio.Queue()
         self._outboxes[peer] = queue
         self._hellos[peer] = hello
+        if hello.HasField("prior_vote"):
+            self._prior_votes[peer] = hello.prior_vote
         self._info("participant=%s joined", peer)
         return queue
 
@@ -211,6 +219,20 @@ class AggregatorRound:
             if joining:
                 seconds += ctx.prepare_seconds  # everyone computes its contribution first
             await self._wait(functools.partial(self._stage_complete, joining), seconds)
+            if joining and self._prior_votes:
+                # An earlier attempt's aggregator vanished after collecting the votes: if t
+                # participants signed the same record then, it may be agreed somewhere, and
+                # it is the only record of this round that can be. Complete it again.
+                agreed = prior_votes_agreed(self._prior_votes, ctx, self._warn)
+                if agreed is not None:
+                    self._info(
+                        "agreed signatures=%d collected from an earlier attempt",
+                        len(agreed.signatures),
+                    )
+                    self.agreed = agreed
+                    self.result = "agreed in an earlier attempt"
+                    self._finish(agreed)
+                    return
             ctx.faults.point(ctx.round, f"aggregator:{stage.value}")
             self._closing = True
             try:
@@ -263,8 +285,11 @@ class AggregatorRound:
     def _tally(self) -> pb.AgreedRecord | None:
         """The agreed record of the votes (peer/round/agreement.py), or None (``result`` says
         why)."""
+        # A participant that left after announcing an earlier vote still counts with it;
+        # one that voted in this attempt counts with that vote (the same one, if it had one).
+        votes = {**current_votes(self._prior_votes, self.ctx, self._warn), **self._votes}
         agreed, self.result = tally(
-            self._votes, self.ctx.verifiers, self.ctx.config.threshold, self._warn
+            votes, self.ctx.verifiers, self.ctx.config.threshold, self._warn
         )
         return agreed
 
@@ -283,7 +308,7 @@ async def serve_round_stream(
     arrived within ``hello_seconds`` raises TimeoutError: an open stream that says nothing
     would otherwise hold the aggregator's resources for ever.
     """
-    hello_reader = Reassembler(64 * 1024)
+    hello_reader = Reassembler(HELLO_MAX_BYTES)
     first = await asyncio.wait_for(anext(requests, None), hello_seconds)
     if first is None:
         return

@@ -17,15 +17,29 @@ from secagg import RemoteProtocolError, Verifier
 from secagg.crypto import sha256
 from secagg.ring import WordArray
 
-from ..codec import CodecError, record_from_proto
-from ..ledger import AgreedRecord, PrivacyCharge, StoredRecord
+from ..codec import CodecError, record_from_proto, record_to_proto
+from ..ledger import AgreedRecord, PrivacyCharge, SignedVote, StoredRecord, VoteConflictError
 from ..payloads import LocalContribution
 from ..wire import peer_pb2 as pb
 from .context import RoundContext
 
-__all__ = ["aggregate_hash", "build_record", "store_agreed", "tally", "valid_signatures"]
+__all__ = [
+    "MyRecord",
+    "aggregate_hash",
+    "build_record",
+    "current_votes",
+    "mine_of",
+    "prior_votes_agreed",
+    "store_agreed",
+    "tally",
+    "valid_signatures",
+    "vote",
+]
 
 logger = logging.getLogger("peer.rounds")
+
+# The record this peer is willing to sign, the round's model, the record's hash, survivors.
+MyRecord = tuple[AgreedRecord, bytes, bytes, tuple[str, ...]]
 
 
 def tally(
@@ -74,6 +88,81 @@ def tally(
     return agreed, "agreed"
 
 
+def current_votes(
+    votes: Mapping[str, pb.AgreedRecord], ctx: RoundContext, warn: Callable[..., None]
+) -> dict[str, pb.AgreedRecord]:
+    """The votes of an earlier attempt (announced in hellos) that may count in this round:
+    for this session and round, continuing this aggregator's chain head. An old vote
+    replayed from another round must not complete this one."""
+    head = ctx.ledger.session_head(ctx.session_id)
+    current: dict[str, pb.AgreedRecord] = {}
+    for peer, prior in votes.items():
+        if prior.session_id != ctx.session_id or prior.round != ctx.round:
+            warn("participant=%s announced a vote of another round", peer)
+        elif prior.prev_hash != head:
+            warn("participant=%s announced a vote that does not continue my chain", peer)
+        else:
+            current[peer] = prior
+    return current
+
+
+def prior_votes_agreed(
+    votes: Mapping[str, pb.AgreedRecord], ctx: RoundContext, warn: Callable[..., None]
+) -> pb.AgreedRecord | None:
+    """The record that at least t peers signed in an earlier attempt of this round (as they
+    say in their hellos), with those signatures; None if no record has that many."""
+    current = current_votes(votes, ctx, warn)
+    if not current:
+        return None
+    agreed, _ = tally(current, ctx.verifiers, ctx.config.threshold, warn)
+    return agreed
+
+
+def mine_of(kept: SignedVote) -> MyRecord:
+    """What this peer computed for the record it kept a vote for (peer/ledger/_votes.py)."""
+    survivors = kept.record.metrics.get("survivors", [])
+    peers = tuple(str(p) for p in survivors) if isinstance(survivors, list) else ()
+    return kept.record, kept.model, kept.record_hash, peers
+
+
+def vote(ctx: RoundContext, built: MyRecord) -> tuple[MyRecord, pb.AgreedRecord]:
+    """Sign the record this peer built, keeping the vote in the ledger before it is sent.
+
+    A peer signs at most one record per round: if it already signed another one in an
+    earlier attempt (whose aggregator vanished before everyone had the agreed record), it
+    votes for that one again, with the signature it kept, and never signs this one. With
+    ``2t > n + c`` no two records of a round can then both reach t signatures.
+
+    Returns:
+        What this peer now stands for (the built record, or the one it kept) and the vote
+        to send. Raises LedgerError when the vote cannot be kept (then nothing is sent).
+    """
+    record, model, _, _ = built
+    signature = ctx.signer.sign(record.payload())
+    try:
+        kept = ctx.ledger.record_vote(
+            record, signature, attempt=ctx.attempt, aggregator=ctx.aggregator, model=model
+        )
+    except VoteConflictError:
+        earlier = ctx.ledger.signed_vote(ctx.session_id, ctx.round)
+        if earlier is None:  # the conflicting vote vanished: a broken ledger, refuse
+            raise
+        logger.warning(
+            "%s already signed record %s of this round in attempt %d (aggregator %s): "
+            "votes for it again and does not sign %s",
+            ctx.log_prefix,
+            earlier.record_hash.hex()[:16],
+            earlier.attempt,
+            earlier.aggregator,
+            record.record_hash().hex()[:16],
+        )
+        return mine_of(earlier), record_to_proto(
+            earlier.record, {ctx.me: earlier.signature}, ctx.aggregator
+        )
+    # The same record may have been kept before (same signature sent again).
+    return built, record_to_proto(record, {ctx.me: kept.signature}, ctx.aggregator)
+
+
 def aggregate_hash(aggregate: WordArray) -> bytes:
     """The hash of the released sum that the record carries (little-endian words)."""
     little = aggregate.astype(aggregate.dtype.newbyteorder("<"), copy=False)
@@ -86,7 +175,7 @@ def build_record(
     draft: pb.RecordDraft,
     sent: Sequence[object],
     contribution: LocalContribution,
-) -> tuple[AgreedRecord, bytes, bytes, tuple[str, ...]]:
+) -> MyRecord:
     """Verify the transcript and build the record this peer is willing to sign.
 
     Returns the record, the round's model, the record's hash and the survivors.
@@ -124,7 +213,7 @@ def build_record(
 def store_agreed(
     ctx: RoundContext,
     agreed: pb.AgreedRecord,
-    mine: tuple[AgreedRecord, bytes, bytes, tuple[str, ...]],
+    mine: MyRecord,
     contribution: LocalContribution,
 ) -> StoredRecord:
     """Check the agreed record is the one this peer computed, with >= t valid signatures."""

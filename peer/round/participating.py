@@ -11,7 +11,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import Protocol
+from collections.abc import Awaitable
+from typing import Protocol, TypeVar
 
 import grpc
 from google.protobuf.message import Message
@@ -20,16 +21,24 @@ from secagg import RemoteProtocolError, SecAggError
 
 from ..channels import RoundStreamCall
 from ..codec import CodecError, Reassembler, fragments, record_to_proto
-from ..ledger import AgreedRecord, LedgerError
+from ..ledger import LedgerError
 from ..logs import remote
 from ..payloads import LocalContribution
 from ..wire import peer_pb2 as pb
-from .agreement import build_record, store_agreed
+from .aggregating import HELLO_MAX_BYTES
+from .agreement import MyRecord, build_record, mine_of, store_agreed, vote
 from .context import RoundContext, RoundOutcome, RoundStatusKind
 
-__all__ = ["RoundStreamDialer", "charge_before_release", "participate"]
+__all__ = [
+    "AggregatorSilent",
+    "RoundStreamDialer",
+    "charge_before_release",
+    "participate",
+    "silence_limits",
+]
 
 logger = logging.getLogger("peer.rounds")
+T = TypeVar("T")
 
 
 class RoundStreamDialer(Protocol):
@@ -38,24 +47,72 @@ class RoundStreamDialer(Protocol):
     def round_stream(self, timeout: float | None = None) -> RoundStreamCall: ...
 
 
-class _Stream:
-    """A participant's end of a RoundStream: fragments out, whole messages in."""
+class AggregatorSilent(Exception):
+    """The aggregator sent nothing, or took nothing, for longer than the stage allows."""
 
-    def __init__(self, call: RoundStreamCall, max_bytes: int) -> None:
+    def __init__(self, seconds: float, stage: str) -> None:
+        super().__init__(f"silent for {seconds:.1f}s in stage {stage}")
+        self.seconds = seconds
+        self.stage = stage
+
+
+def silence_limits(stage_seconds: float, prepare_seconds: float) -> dict[str, float]:
+    """How long a participant waits on the aggregator's stream, by what it waits for.
+
+    A partitioned aggregator (its packets dropped, no RST) shows nothing on the stream: TCP
+    alone would notice only when a retransmission or keepalive ping times out. Every read and
+    write is therefore bounded by what the aggregator's own deadlines allow
+    (peer/round/aggregating.py), plus one stage of grace for the aggregator's work between
+    stages (closing a stage, encoding the transcript) and for scheduling:
+
+    * ``join``: the aggregator may wait ``prepare + stage`` for its round to start
+      (``SessionRunner.find_round``), then as long again for everyone's first message;
+    * ``stage``: each later stage closes within ``stage`` of the aggregator's last message;
+    * ``votes``: it collects the signed records for ``2 * stage``;
+    * ``send``: a message must be taken within a stage, or the aggregator drops us anyway.
+
+    A limit runs from the start of each read or write, so a large message that keeps flowing
+    (fragment after fragment) never times out; only silence does.
+    """
+    return {
+        "join": 2 * (prepare_seconds + stage_seconds),
+        "stage": 2 * stage_seconds,
+        "votes": 3 * stage_seconds,
+        "send": stage_seconds,
+    }
+
+
+class _Stream:
+    """A participant's end of a RoundStream: fragments out, whole messages in, each read and
+    write bounded by a silence limit (:func:`silence_limits`)."""
+
+    def __init__(self, call: RoundStreamCall, max_bytes: int, limits: dict[str, float]) -> None:
         self._call = call
         self._reassembler = Reassembler(max_bytes)
+        self._limits = limits
         self.sent = 0
         self.received = 0
+        self.stage = "hello"  # the stage this peer is in, for the silence message
+
+    async def _bounded(self, step: Awaitable[T], seconds: float) -> T:
+        try:
+            return await asyncio.wait_for(step, seconds)
+        except TimeoutError:
+            raise AggregatorSilent(seconds, self.stage) from None
 
     async def send(self, message: object) -> None:
         for fragment in fragments(message):
             self.sent += len(fragment.data)
-            await self._call.write(fragment)
+            await self._bounded(self._call.write(fragment), self._limits["send"])
 
-    async def receive(self) -> object | None:
-        """The next whole message, or None when the aggregator closed the stream."""
+    async def receive(self, waiting_for: str = "stage") -> object | None:
+        """The next whole message, or None when the aggregator closed the stream.
+
+        Raises:
+            AggregatorSilent: no fragment came within the ``waiting_for`` limit.
+        """
         while True:
-            fragment = await self._call.read()
+            fragment = await self._bounded(self._call.read(), self._limits[waiting_for])
             if fragment is grpc.aio.EOF:  # type: ignore[attr-defined]
                 return None
             assert isinstance(fragment, pb.Fragment)  # the call's deserializer made it
@@ -92,30 +149,44 @@ async def participate(ctx: RoundContext, aggregator: RoundStreamDialer) -> Round
     prefix = f"{ctx.log_prefix} role=participant aggregator={ctx.aggregator}"
     timeout = ctx.prepare_seconds + ctx.stage_seconds * 10
     call = aggregator.round_stream(timeout=timeout)
-    stream = _Stream(call, ctx.max_message_bytes())
+    stream = _Stream(
+        call, ctx.max_message_bytes(), silence_limits(ctx.stage_seconds, ctx.prepare_seconds)
+    )
+    waiting_for = "join"  # what the next read waits for (silence_limits)
     participant = ctx.backend.participant(ctx, contribution.vector)
     sent: list[object] = []  # what this peer sent: its own input must be in the transcript
-    my_record: tuple[AgreedRecord, bytes, bytes, tuple[str, ...]] | None = None
+    my_record: MyRecord | None = None
     transcript: object | None = None
     try:
-        await stream.send(
-            pb.RoundHello(
-                session_id=ctx.session_id,
-                round=ctx.round,
-                attempt=ctx.attempt,
-                peer_id=ctx.me,
-                epsilon=contribution.epsilon,
-                chain_head=ctx.ledger.session_head(ctx.session_id),
-            )
+        hello = pb.RoundHello(
+            session_id=ctx.session_id,
+            round=ctx.round,
+            attempt=ctx.attempt,
+            peer_id=ctx.me,
+            epsilon=contribution.epsilon,
+            chain_head=ctx.ledger.session_head(ctx.session_id),
         )
+        # A vote this peer kept from an earlier attempt goes to this attempt's aggregator,
+        # which completes the record if t such votes agree (peer/ledger/_votes.py).
+        kept = ctx.ledger.signed_vote(ctx.session_id, ctx.round)
+        if kept is not None:
+            hello.prior_vote.CopyFrom(
+                record_to_proto(kept.record, {ctx.me: kept.signature}, kept.aggregator)
+            )
+            if hello.ByteSize() > HELLO_MAX_BYTES - 4096:  # still sent at the vote stage
+                logger.warning("%s kept vote too large for a hello; not announced", prefix)
+                hello.ClearField("prior_vote")
+        await stream.send(hello)
         ctx.faults.point(ctx.round, ctx.backend.first_stage.value)
         first = await loop.run_in_executor(None, participant.start)  # e.g. key generation
         if first is not None:  # some roles speak only when spoken to
             sent.append(first)
             await stream.send(first)
         ctx.on_stage(ctx.backend.first_stage.value, "sent")
+        stream.stage = ctx.backend.first_stage.value
         while True:
-            message = await stream.receive()
+            message = await stream.receive(waiting_for)
+            waiting_for = "stage"
             if message is None:
                 outcome.reason = "the aggregator closed the stream before the round ended"
                 return outcome
@@ -125,17 +196,37 @@ async def participate(ctx: RoundContext, aggregator: RoundStreamDialer) -> Round
                 if transcript is None:
                     raise RemoteProtocolError(ctx.aggregator, "record draft before the transcript")
                 ctx.on_stage("verify", "checking the transcript")
+                stream.stage = "verify"
                 my_record = await loop.run_in_executor(
                     None, build_record, ctx, transcript, message, sent, contribution
                 )
-                record = my_record[0]
-                outcome.survivors = my_record[3]
                 ctx.faults.point(ctx.round, "sign")
-                signature = ctx.signer.sign(record.payload())
-                await stream.send(record_to_proto(record, {ctx.me: signature}, ctx.aggregator))
+                # Kept in the ledger before the signature leaves (or the earlier vote again).
+                my_record, ballot = vote(ctx, my_record)
+                outcome.survivors = my_record[3]
+                stream.stage = "sign"
+                await stream.send(ballot)
+                waiting_for = "votes"
             elif isinstance(message, pb.AgreedRecord):
                 if my_record is None:
-                    raise RemoteProtocolError(ctx.aggregator, "agreed record before the transcript")
+                    # The aggregator completed the round with votes of an earlier attempt.
+                    kept = ctx.ledger.signed_vote(ctx.session_id, ctx.round)
+                    if (
+                        kept is None
+                        or not message.signatures
+                        or any(s.record_hash != kept.record_hash for s in message.signatures)
+                    ):
+                        # Not the record this peer signed: a claim, acted on only once the
+                        # record is fetched and its signatures verified (peer/runner.py).
+                        outcome.precondition = pb.PRECONDITION_ROUND_AGREED
+                        outcome.precondition_round = ctx.round
+                        outcome.reason = (
+                            f"aggregator {ctx.aggregator} completed the round with the votes "
+                            "of an earlier attempt"
+                        )
+                        return outcome
+                    my_record = mine_of(kept)
+                    outcome.survivors = my_record[3]
                 stored = store_agreed(ctx, message, my_record, contribution)
                 outcome.status = RoundStatusKind.AGREED
                 outcome.record = stored
@@ -170,6 +261,7 @@ async def participate(ctx: RoundContext, aggregator: RoundStreamDialer) -> Round
                 sent.append(reply)
                 stage = ctx.backend.stage_reached(participant)
                 ctx.on_stage(stage, "")
+                stream.stage = stage
                 ctx.faults.point(ctx.round, stage)
                 await stream.send(reply)
     except (SecAggError, CodecError, LedgerError) as error:
@@ -177,8 +269,14 @@ async def participate(ctx: RoundContext, aggregator: RoundStreamDialer) -> Round
         outcome.reason = str(error)
         # Our own error text (one line: the log formatters escape control characters).
         logger.warning("%s refused: %s", prefix, error)
-        with contextlib.suppress(grpc.RpcError, asyncio.CancelledError):
+        with contextlib.suppress(grpc.RpcError, asyncio.CancelledError, AggregatorSilent):
             await stream.send(pb.Abort(reason=str(error), offender=getattr(error, "offender", "")))
+        return outcome
+    except AggregatorSilent as error:
+        # Not this peer's fault, nor proof of the aggregator's: the round is retried with the
+        # next aggregator (peer/runner.py) instead of waiting for TCP to give up.
+        outcome.reason = f"aggregator {ctx.aggregator} {error}"
+        logger.warning("%s %s", prefix, outcome.reason)
         return outcome
     except grpc.RpcError as error:
         code = error.code() if isinstance(error, grpc.aio.AioRpcError) else None

@@ -44,21 +44,25 @@ __all__ = [
 logger = logging.getLogger("peer.tls")
 
 # Keepalive: peers hold long bidirectional streams across hospital firewalls and NATs that
-# drop idle TCP connections, so both sides ping. The server must accept the client's ping
-# rate (min_ping_interval <= client keepalive_time), or it answers with GOAWAY
-# "too_many_pings".
+# drop idle TCP connections, so both sides ping. A ping also finds a dead link: a partitioned
+# peer drops packets without a RST, and an unanswered ping (keepalive_timeout, which gRPC also
+# sets as TCP_USER_TIMEOUT for unacknowledged data) fails the connection within
+# keepalive_time + keepalive_timeout = 10 s even while a stream only waits; the round's own
+# per-stage silence limits (peer/round/participating.py) usually notice sooner. The server
+# must accept the client's ping rate (min_ping_interval <= client keepalive_time, with room
+# for timer jitter), or it answers with GOAWAY "too_many_pings".
 SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
-    ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
     ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 4_000),
     # grpc sets SO_REUSEPORT by default: a second peer started on the same port would then
     # silently share it. Fail loudly instead.
     ("grpc.so_reuseport", 0),
 )
 CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
-    ("grpc.keepalive_time_ms", 20_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_time_ms", 5_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.initial_reconnect_backoff_ms", 500),

@@ -551,6 +551,7 @@ class RoundHello(_message.Message):
     PEER_ID_FIELD_NUMBER: _builtins.int
     EPSILON_FIELD_NUMBER: _builtins.int
     CHAIN_HEAD_FIELD_NUMBER: _builtins.int
+    PRIOR_VOTE_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     round: _builtins.int
     attempt: _builtins.int
@@ -559,6 +560,12 @@ class RoundHello(_message.Message):
     """privacy this peer spends on this round (public, goes in the record)"""
     chain_head: _builtins.bytes
     """hash of this peer's last agreed record of the session"""
+    @_builtins.property
+    def prior_vote(self) -> Global___AgreedRecord:
+        """The record this peer already signed for this round in an earlier attempt, with its
+        signature (peer/ledger/_votes.py): the aggregator collects such votes again.
+        """
+
     def __init__(
         self,
         *,
@@ -568,10 +575,11 @@ class RoundHello(_message.Message):
         peer_id: _builtins.str = ...,
         epsilon: _builtins.float = ...,
         chain_head: _builtins.bytes = ...,
+        prior_vote: Global___AgreedRecord | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["prior_vote", b"prior_vote"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "chain_head", b"chain_head", "epsilon", b"epsilon", "peer_id", b"peer_id", "round", b"round", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "chain_head", b"chain_head", "epsilon", b"epsilon", "peer_id", b"peer_id", "prior_vote", b"prior_vote", "round", b"round", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -36,6 +36,7 @@ from peer.round import (
     participate,
     serve_round_stream,
 )
+from peer.round.aggregating import Encoded
 from peer.session import SessionProposal
 from peer.training.accounting import composed_epsilon, pure_event
 from peer.wire import peer_pb2 as pb
@@ -85,13 +86,18 @@ class NoisyPayload:
 
 
 class AbortAfterUnmasking(AggregatorRound):
-    """A malicious aggregator: it unmasks (it holds the aggregate and every participant's
-    signed vote for it), then refuses to send the agreed record."""
+    """A malicious aggregator: it unmasks (it holds the aggregate), then aborts instead of
+    publishing the transcript. (Aborting after the votes no longer fails the round: each
+    participant keeps its signed vote and the next aggregator completes that record,
+    tests/round/test_round_votes.py.)"""
 
-    def _tally(self) -> pb.AgreedRecord | None:
-        assert self.protocol.result is not None  # the inputs' sum is unmasked
-        self.result = "aborted after unmasking"
-        return None
+    def _send(self, peer: str, message: object) -> None:
+        if isinstance(message, Encoded):  # the transcript: every input is unmasked by now
+            assert self.protocol.result is not None
+            self.result = "aborted after unmasking"
+            self._finish(pb.Abort(reason=self.result, offender=""))
+            return
+        super()._send(peer, message)
 
 
 class _Call:
