@@ -20,7 +20,7 @@ from .config import RoundConfig
 from .crypto import KeyPair, derive_mask_seed, sha256
 from .errors import RemoteProtocolError, RoundAborted
 from .messages import AdvertiseKeys, UnmaskShares
-from .prg import MaskExpander
+from .prg import Hasher, MaskExpander
 from .ring import WordArray
 from .shamir import Reconstructor, ShareError, decode_share
 
@@ -44,14 +44,21 @@ def mask_input(
     mask_keys: KeyPair,
     neighbour_mask_publics: Mapping[str, bytes],
     expander: MaskExpander | None = None,
+    hasher: Hasher | None = None,
 ) -> WordArray:
-    """y_u for ``me``; ``neighbour_mask_publics`` maps each v in M(u) to its mask public key."""
+    """y_u for ``me``; ``neighbour_mask_publics`` maps each v in M(u) to its mask public key.
+
+    With a ``hasher`` (:func:`secagg.messages.vector_hasher`), y_u's digest comes out of the
+    same pass: every mask is added chunk by chunk into a fresh y straight from x, so y is
+    written once and never read back (:meth:`MaskExpander.combine`).
+    """
     expander = expander or MaskExpander(config.vector_length, config.bits)
-    y = np.array(x, dtype=expander.dtype, copy=True)
-    expander.add_into(y, self_seed)
-    for v, public in neighbour_mask_publics.items():
-        seed = _pairwise_seed(config, mask_keys, me, v, public)
-        expander.add_into(y, seed, config.mask_sign(me, v))
+    terms = [(self_seed, 1)] + [
+        (_pairwise_seed(config, mask_keys, me, v, public), config.mask_sign(me, v))
+        for v, public in neighbour_mask_publics.items()
+    ]
+    y = np.empty(config.vector_length, dtype=expander.dtype)
+    expander.combine(y, np.asarray(x, dtype=expander.dtype), terms, hasher)
     return y
 
 

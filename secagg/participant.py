@@ -51,7 +51,9 @@ from .messages import (
     UnmaskRequest,
     UnmaskShares,
     consistency_payload,
+    masked_payload,
     share_payload,
+    vector_hasher,
 )
 from .shamir import SHARE_BYTES, decode_share, encode_share, split_secret
 
@@ -319,12 +321,19 @@ class Participant:
             self._self_seed,
             self._mask_keys,
             {v: self._adverts[v].mask_public for v in masked_with},
+            hasher=(hasher := vector_hasher()),
         )
-        unsigned = MaskedInput(
-            self.me, self.config.session_id, self.config.round, masked_with, y, b""
+        # The same payload as MaskedInput.signed_payload, with y's digest from the masking
+        # pass instead of a second read of y.
+        payload = masked_payload(self.config.digest, self.me, masked_with, hasher.digest())
+        self._masked = MaskedInput(
+            self.me,
+            self.config.session_id,
+            self.config.round,
+            masked_with,
+            y,
+            self._signer.sign(payload),
         )
-        signature = self._signer.sign(unsigned.signed_payload(self.config.digest))
-        self._masked = replace(unsigned, signature=signature)
         return self._masked, ParticipantState.MASKED
 
     def _on_survivor_set(

@@ -15,7 +15,7 @@ import numpy.typing as npt
 
 from .errors import ConfigError
 
-__all__ = ["WordArray", "from_le_bytes", "le_bytes", "word_dtype"]
+__all__ = ["WordArray", "from_le_bytes", "le_bytes", "le_view", "word_dtype"]
 
 WordArray = npt.NDArray[Any]
 """A vector of ring words (uint32 or uint64)."""
@@ -33,6 +33,12 @@ def word_dtype(bits: int) -> np.dtype[Any]:
 def le_bytes(vector: WordArray) -> bytes:
     """The words of ``vector`` as little-endian bytes (no copy on a little-endian machine)."""
     return vector.astype(vector.dtype.newbyteorder("<"), copy=False).tobytes()
+
+
+def le_view(vector: WordArray) -> WordArray:
+    """``vector`` itself when its words are already little-endian and contiguous (a buffer
+    to hash or write without a copy), else a little-endian copy: same bytes as le_bytes."""
+    return np.ascontiguousarray(vector, dtype=vector.dtype.newbyteorder("<"))
 
 
 def from_le_bytes(raw: bytes, bits: int) -> WordArray:
