@@ -65,7 +65,7 @@ def vector_hasher() -> hashlib._Hash:
 
 def vector_digest(vector: WordArray) -> bytes:
     hasher = vector_hasher()
-    hasher.update(memoryview(le_view(vector)))
+    hasher.update(le_view(vector))
     return hasher.digest()
 
 

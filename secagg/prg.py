@@ -125,7 +125,7 @@ class MaskExpander:
             if not streams:
                 np.copyto(dst, source)
             if hasher is not None:
-                hasher.update(memoryview(le_view(dst)))
+                hasher.update(le_view(dst))
 
 
 def expand_mask(seed: bytes, length: int, bits: int = 32) -> WordArray:

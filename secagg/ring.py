@@ -35,10 +35,10 @@ def le_bytes(vector: WordArray) -> bytes:
     return vector.astype(vector.dtype.newbyteorder("<"), copy=False).tobytes()
 
 
-def le_view(vector: WordArray) -> WordArray:
-    """``vector`` itself when its words are already little-endian and contiguous (a buffer
-    to hash or write without a copy), else a little-endian copy: same bytes as le_bytes."""
-    return np.ascontiguousarray(vector, dtype=vector.dtype.newbyteorder("<"))
+def le_view(vector: WordArray) -> memoryview:
+    """The bytes of :func:`le_bytes` as a buffer, without a copy when the words already are
+    little-endian and contiguous (to hash or write a vector without duplicating it)."""
+    return np.ascontiguousarray(vector, dtype=vector.dtype.newbyteorder("<")).data
 
 
 def from_le_bytes(raw: bytes, bits: int) -> WordArray:
