@@ -31,7 +31,7 @@ from secagg import (
     UnmaskRequest,
     UnmaskShares,
 )
-from secagg.cleartext import CleartextInput, CleartextTranscript
+from secagg.cleartext import CleartextInput, CleartextTranscript, PlainSum
 from secagg.messages import MaskedHeader
 from secagg.ring import word_dtype
 
@@ -239,6 +239,16 @@ def to_proto(message: object) -> Message:
         )
     if isinstance(message, CleartextInput):
         return _cleartext_pb(message)
+    if isinstance(message, PlainSum):
+        bits, raw = _vector_bytes(message.aggregate)
+        return pb.PlainSum(
+            session_id=message.session_id,
+            round=message.round,
+            aggregator=message.aggregator,
+            survivors=message.survivors,
+            bits=bits,
+            aggregate=raw,
+        )
     if isinstance(message, CleartextTranscript):
         bits, raw = _vector_bytes(message.aggregate)
         return pb.CleartextTranscript(
@@ -312,6 +322,10 @@ def _from_proto(p: Message) -> object:
         )
     if isinstance(p, pb.CleartextInput):
         return _cleartext(p)
+    if isinstance(p, pb.PlainSum):
+        return PlainSum(
+            p.session_id, p.round, p.aggregator, tuple(p.survivors), _vector(p.bits, p.aggregate)
+        )
     if isinstance(p, pb.CleartextTranscript):
         return CleartextTranscript(
             p.session_id,
@@ -349,6 +363,7 @@ _KINDS: dict[str, type[Message]] = {
         "Transcript",
         "CleartextInput",
         "CleartextTranscript",
+        "PlainSum",
         "RoundHello",
         "RecordDraft",
         "RecordSignature",

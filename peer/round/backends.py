@@ -10,6 +10,8 @@ sent as the round's transcript, and how a peer checks it.
   collude. Orders of magnitude slower (see BENCHMARKS.md); it exists to compare.
 * ``cleartext``: the insecure baseline used to measure what security costs; refused by every
   peer whose policy does not explicitly allow it.
+* ``plain``: minimal FedAvg, the honest baseline (issue 11): the same cleartext uploads, but
+  the aggregator returns only the sum, which peers take on trust. Refused like ``cleartext``.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ from secagg.cleartext import (
     CleartextAggregator,
     CleartextParticipant,
     CleartextTranscript,
+    PlainSum,
+    check_plain_sum,
     verify_cleartext_transcript,
 )
 from secagg.messages import SharesToYou
@@ -161,6 +165,24 @@ class CleartextBackend:
         return aggregate, transcript.survivors
 
 
+class PlainBackend(CleartextBackend):
+    name = "plain"
+
+    def is_transcript(self, message: object) -> bool:
+        return isinstance(message, PlainSum)
+
+    def transcripts(self, protocol: AggregatorRole, recipients: Sequence[str]) -> dict[str, object]:
+        assert isinstance(protocol, CleartextAggregator)  # made by this backend
+        return dict.fromkeys(recipients, protocol.plain_sum())
+
+    def verify(
+        self, transcript: object, ctx: RoundContext, sent: Sequence[object]
+    ) -> tuple[WordArray, tuple[str, ...]]:
+        if not isinstance(transcript, PlainSum):
+            raise _not_a_transcript(ctx, transcript)
+        return check_plain_sum(transcript, ctx.config, ctx.me), transcript.survivors
+
+
 class PaillierBackend:
     name = "paillier"
     first_stage = paillier.PaillierStage.KEY
@@ -240,6 +262,7 @@ BACKENDS: dict[str, RoundBackend] = {
     "secagg": SecAggBackend(),
     "paillier": PaillierBackend(),
     "cleartext": CleartextBackend(),
+    "plain": PlainBackend(),
 }
 
 
