@@ -42,6 +42,7 @@ from secagg.cleartext import (
 from secagg.messages import SharesToYou
 from secagg.ring import WordArray
 
+from ..spool import FileSpool
 from .context import AggregatorRole, ParticipantRole, RoundBackend, RoundContext
 
 __all__ = ["BACKENDS", "RoundBackend", "backend_for"]
@@ -72,6 +73,10 @@ def _no_one(protocol: AggregatorRole) -> Set[str]:
     return frozenset()
 
 
+def _nothing_held(protocol: AggregatorRole) -> None:
+    """Nothing to free: the role object holds nothing outside memory."""
+
+
 # The participant's state after each reply, named after the stage whose message it sent.
 _SECAGG_STAGE_REACHED = {
     ParticipantState.SHARED: "share",
@@ -86,7 +91,12 @@ class SecAggBackend:
     first_stage = Stage.ADVERTISE
 
     def aggregator(self, ctx: RoundContext) -> AggregatorRole:
-        return cast(AggregatorRole, Aggregator(ctx.config, ctx.verifiers, ctx.me))
+        # Masked inputs go to private temporary files as they are summed: O(m) memory.
+        return cast(AggregatorRole, Aggregator(ctx.config, ctx.verifiers, ctx.me, FileSpool()))
+
+    def release(self, protocol: AggregatorRole) -> None:
+        assert isinstance(protocol, Aggregator)  # made by this backend
+        protocol.close()
 
     def participant(self, ctx: RoundContext, x: WordArray) -> ParticipantRole:
         return cast(
@@ -152,6 +162,9 @@ class CleartextBackend:
 
     def misbehaving(self, protocol: AggregatorRole) -> Set[str]:
         return _no_one(protocol)
+
+    def release(self, protocol: AggregatorRole) -> None:
+        _nothing_held(protocol)
 
     def transcripts(self, protocol: AggregatorRole, recipients: Sequence[str]) -> dict[str, object]:
         return _same_for_everyone(protocol, CleartextAggregator, recipients)
@@ -233,6 +246,9 @@ class PaillierBackend:
 
     def misbehaving(self, protocol: AggregatorRole) -> Set[str]:
         return _no_one(protocol)
+
+    def release(self, protocol: AggregatorRole) -> None:
+        _nothing_held(protocol)
 
     def transcripts(self, protocol: AggregatorRole, recipients: Sequence[str]) -> dict[str, object]:
         assert isinstance(protocol, paillier.PaillierAggregator)  # made by this backend

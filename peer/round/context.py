@@ -124,6 +124,10 @@ class RoundBackend(Protocol):
         """The verified aggregate and the peers whose inputs are in it (raises otherwise)."""
         ...
 
+    def release(self, protocol: AggregatorRole) -> None:
+        """The round is over at the aggregator: free what its role object holds on disk."""
+        ...
+
 
 # ---------------------------------------------------------------- fault injection
 
