@@ -54,7 +54,7 @@ from secagg.prg import MaskExpander
 from secagg.simulate import Progress, SimulationResult, simulate
 from secagg.testing import peer_ids
 
-from . import bench_transport
+from . import bench_scale, bench_transport
 from .bench_machine import machine_info
 
 __all__ = ["BENCHMARKS", "Benchmark", "build_parser", "main"]
@@ -619,6 +619,7 @@ BENCHMARKS: dict[str, Benchmark] = {
         bench_transport.add_arguments,
         bench_transport.run,
     ),
+    "scale": Benchmark(bench_scale.BENCH_HELP, bench_scale.add_arguments, bench_scale.run),
     "training": _delegated(f"{__package__}.bench_training"),
     "paillier": _delegated(f"{__package__}.bench_paillier"),
 }

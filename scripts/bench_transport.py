@@ -231,7 +231,10 @@ class _Federation:
     @classmethod
     @contextlib.contextmanager
     def running(cls, directory: Path, n: int, stage_seconds: float) -> Iterator[_Federation]:
-        ids = [f"hospital-{chr(ord('a') + i)}" for i in range(n)]
+        # Letters while they last (the transport rows), numbers beyond (the scale rows).
+        ids = [
+            f"hospital-{chr(ord('a') + i)}" if n <= 26 else f"hospital-{i:02d}" for i in range(n)
+        ]
         # The insecure baseline must be allowed explicitly, by every peer's own policy.
         # Exact vector sums are what the benchmark measures: allowed explicitly too.
         policy: dict[str, object] = {"allow_cleartext": True, "allow_exact_payloads": True}
