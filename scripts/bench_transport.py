@@ -60,10 +60,11 @@ from typing import Any, TextIO
 import numpy as np
 
 from peer.cli import EXIT_FAILED, EXIT_OK, ArgumentParser, UsageError, run_command
+from peer.config import Policy
 from peer.kit import LocalKit, write_peer_config
 from peer.ledger import Checkpoint, Ledger, RoundAttempt, RoundStatus
-from peer.operator import OperatorClient
-from peer.session import SessionProposal
+from peer.operator import OperatorClient, ProposalRefused
+from peer.session import SessionProposal, required_colluders
 from peer.wire import peer_pb2 as pb
 from secagg import ConfigError
 
@@ -447,11 +448,15 @@ def _run_session(
     stage_seconds: float,
 ) -> dict[str, Any]:
     participants = tuple(federation.peers)
+    # The collusion bound every peer's default policy demands (10 %, at least 1): from
+    # n = 20 on it is more than the proposal's default of 1.
+    colluders = required_colluders(len(participants), Policy())
     proposal = SessionProposal(
         session_id,
         participants,
         rounds=rounds,
-        threshold=SessionProposal.default_threshold(len(participants)),
+        threshold=SessionProposal.default_threshold(len(participants), colluders),
+        colluders=colluders,
         payload={"kind": "vector", "length": length},
         aggregation=aggregation,
         stage_seconds=stage_seconds,
@@ -470,7 +475,7 @@ def _run_session(
     before, cpu_before = _loopback_bytes(), _cpu_seconds(pids)
     try:
         propose_s, run_s = asyncio.run(go())
-    except (TransportBenchError, TimeoutError) as error:
+    except (TransportBenchError, TimeoutError, ProposalRefused) as error:
         raise TransportBenchError(f"{error}\n{federation.logs_tail()}") from None
     after, cpu_after = _loopback_bytes(), _cpu_seconds(pids)
     loopback = after - before if after is not None and before is not None else None
