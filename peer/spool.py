@@ -21,9 +21,20 @@ from pathlib import Path
 
 from secagg.streaming import SpoolWriter
 
-__all__ = ["FileSpool"]
+__all__ = ["FileSpool", "spool_directory"]
 
 _PREFIX = "secagg-spool-"
+
+
+def spool_directory(parent: Path) -> Path:
+    """The peer's spool directory under its data directory, made private, and emptied of
+    spools a killed process left behind (masked vectors of rounds long over)."""
+    directory = parent / "spool"
+    directory.mkdir(mode=0o700, exist_ok=True)
+    directory.chmod(0o700)
+    for stale in directory.glob(_PREFIX + "*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    return directory
 
 
 class _FileEntry:

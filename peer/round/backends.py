@@ -92,7 +92,8 @@ class SecAggBackend:
 
     def aggregator(self, ctx: RoundContext) -> AggregatorRole:
         # Masked inputs go to private temporary files as they are summed: O(m) memory.
-        return cast(AggregatorRole, Aggregator(ctx.config, ctx.verifiers, ctx.me, FileSpool()))
+        spool = FileSpool(ctx.spool_dir)
+        return cast(AggregatorRole, Aggregator(ctx.config, ctx.verifiers, ctx.me, spool))
 
     def release(self, protocol: AggregatorRole) -> None:
         assert isinstance(protocol, Aggregator)  # made by this backend

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from enum import StrEnum
+from pathlib import Path
 from typing import Protocol
 
 from secagg import AggregatorState, RandomSource, RoundConfig, Signer, Verifier
@@ -234,6 +235,8 @@ class RoundContext:
     paillier_key_bits: int = 2048
     on_stage: Callable[[str, str], None] = lambda stage, detail: None
     faults: FaultHooks = NO_FAULTS
+    # Where the aggregator spools masked inputs (peer/spool.py); None: the system temp dir.
+    spool_dir: Path | None = None
 
     @property
     def log_prefix(self) -> str:

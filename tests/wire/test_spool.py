@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from peer.spool import FileSpool
+from peer.spool import FileSpool, spool_directory
 from secagg.streaming import MaskedSum
 
 
@@ -45,3 +45,17 @@ def test_a_spool_never_closed_is_removed_when_collected(tmp_path: Path) -> None:
     directory = spool.directory
     del spool
     assert not directory.exists()
+
+
+def test_the_peer_spool_directory_is_private_and_forgets_a_crashed_rounds_spool(
+    tmp_path: Path,
+) -> None:
+    directory = spool_directory(tmp_path)
+    left = FileSpool(directory)
+    left.create("a").write(memoryview(b"masked words"))
+    left._cleanup.detach()  # as if the process had been killed: nothing cleans up
+    assert any(directory.iterdir())
+    again = spool_directory(tmp_path)  # the next start of the peer
+    assert again == directory
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+    assert list(directory.iterdir()) == []
