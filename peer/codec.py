@@ -13,8 +13,9 @@ And the wire form of an agreed ledger record (:func:`record_to_proto`,
 from __future__ import annotations
 
 import json
+import tempfile
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 from google.protobuf.message import DecodeError, Message
@@ -31,7 +32,7 @@ from secagg import (
     UnmaskRequest,
     UnmaskShares,
 )
-from secagg.cleartext import CleartextInput, CleartextTranscript
+from secagg.cleartext import CleartextInput, CleartextTranscript, PlainSum
 from secagg.messages import MaskedHeader
 from secagg.ring import word_dtype
 
@@ -239,6 +240,16 @@ def to_proto(message: object) -> Message:
         )
     if isinstance(message, CleartextInput):
         return _cleartext_pb(message)
+    if isinstance(message, PlainSum):
+        bits, raw = _vector_bytes(message.aggregate)
+        return pb.PlainSum(
+            session_id=message.session_id,
+            round=message.round,
+            aggregator=message.aggregator,
+            survivors=message.survivors,
+            bits=bits,
+            aggregate=raw,
+        )
     if isinstance(message, CleartextTranscript):
         bits, raw = _vector_bytes(message.aggregate)
         return pb.CleartextTranscript(
@@ -312,6 +323,10 @@ def _from_proto(p: Message) -> object:
         )
     if isinstance(p, pb.CleartextInput):
         return _cleartext(p)
+    if isinstance(p, pb.PlainSum):
+        return PlainSum(
+            p.session_id, p.round, p.aggregator, tuple(p.survivors), _vector(p.bits, p.aggregate)
+        )
     if isinstance(p, pb.CleartextTranscript):
         return CleartextTranscript(
             p.session_id,
@@ -349,6 +364,7 @@ _KINDS: dict[str, type[Message]] = {
         "Transcript",
         "CleartextInput",
         "CleartextTranscript",
+        "PlainSum",
         "RoundHello",
         "RecordDraft",
         "RecordSignature",
@@ -405,6 +421,11 @@ def fragments(message: object) -> Iterator[pb.Fragment]:
 class Reassembler:
     """Collects fragments into whole messages, within a size limit.
 
+    A message of more than one fragment waits in an anonymous temporary file (mode 0600,
+    unlinked at once) rather than in memory: an aggregator with n streams whose masked
+    inputs arrive at the same time then holds no n partial vectors, only the one message it
+    decodes at a time (issue 11: aggregator memory O(m)).
+
     Args:
         max_message_bytes: the largest message this stream may carry; a fragment header
             claiming more, or fragments adding up to more, is refused.
@@ -415,6 +436,8 @@ class Reassembler:
         self._kind: str | None = None
         self._total = 0
         self._buffer = bytearray()
+        self._spill: IO[bytes] | None = None
+        self._size = 0
 
     def push(self, fragment: pb.Fragment) -> object | None:
         """Add a fragment; return the decoded message when it is complete, else None.
@@ -429,18 +452,35 @@ class Reassembler:
                     f"limit of {self.max_message_bytes} bytes"
                 )
             self._kind, self._total = fragment.kind, fragment.total_size
+            if self._total > FRAGMENT_BYTES:
+                self._spill = tempfile.TemporaryFile()  # noqa: SIM115 -- closed in _take
         elif fragment.kind != self._kind or fragment.total_size != self._total:
             raise CodecError("fragment of another message arrived before the last one ended")
-        self._buffer += fragment.data
-        if len(self._buffer) > self._total:
+        self._size += len(fragment.data)
+        if self._size > self._total:
+            self._take()
             raise CodecError(f"fragments exceed the announced size of {self._total} bytes")
+        if self._spill is not None:
+            self._spill.write(fragment.data)
+        else:
+            self._buffer += fragment.data
         if not fragment.last:
             return None
-        if len(self._buffer) != self._total:
-            raise CodecError(f"message ended at {len(self._buffer)} of {self._total} bytes")
-        kind, data = self._kind, bytes(self._buffer)
-        self._kind, self._total, self._buffer = None, 0, bytearray()
+        size, kind, data = self._size, self._kind, self._take()
+        if size != self._total:
+            raise CodecError(f"message ended at {size} of {self._total} bytes")
         return decode(kind, data)
+
+    def _take(self) -> bytes:
+        """The bytes collected so far; the reassembler is empty again."""
+        if self._spill is not None:
+            self._spill.seek(0)
+            data = self._spill.read()
+            self._spill.close()
+        else:
+            data = bytes(self._buffer)
+        self._kind, self._size, self._buffer, self._spill = None, 0, bytearray(), None
+        return data
 
 
 # ---------------------------------------------------------------- agreed records

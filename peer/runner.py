@@ -40,6 +40,7 @@ from .round import (
 )
 from .session import ProposalError, SessionProposal, aggregator_for
 from .session_state import SessionState
+from .spool import spool_directory
 from .wire import peer_pb2 as pb
 
 __all__ = [
@@ -112,6 +113,8 @@ class SessionRunner:
         self.catch_up = catch_up
         self.stopping = stopping
         self.metrics = metrics  # Prometheus counters (peer/metrics.py), when configured
+        # The aggregator's spool of masked inputs: on the peer's disk, not in a RAM-backed /tmp.
+        self.spool_dir = spool_directory(config.directory)
         self.sessions: dict[str, Session] = {}
         # The rounds this peer aggregates now, by (session, round, attempt).
         self.rounds: dict[tuple[str, int, int], AggregatorRound] = {}
@@ -369,6 +372,7 @@ class SessionRunner:
             paillier_key_bits=proposal.paillier_key_bits,
             on_stage=on_stage,
             faults=self.faults,
+            spool_dir=self.spool_dir,
         )
         # A peer that cannot record the round takes no part in it, in neither role: it finds
         # out before it aggregates or sends anything.

@@ -40,7 +40,7 @@ __all__ = [
     "required_colluders",
 ]
 
-AGGREGATIONS = ("secagg", "paillier", "cleartext")
+AGGREGATIONS = ("secagg", "paillier", "cleartext", "plain")
 # Payloads whose sum is released exactly (no DP noise): from any such sum the n-1 other
 # participants learn the last one's input, so a site joins only if its policy opts in.
 EXACT_PAYLOADS = ("vector",)
@@ -270,8 +270,11 @@ def check_policy(
         return f"operator {proposer} is not allowed to propose sessions here"
     if me not in proposal.participants:
         return f"{me} is not a participant of session {proposal.session_id}"
-    if proposal.aggregation == "cleartext" and not policy.allow_cleartext:
-        return "cleartext aggregation reveals every input; this institution does not allow it"
+    if proposal.aggregation in ("cleartext", "plain") and not policy.allow_cleartext:
+        return (
+            f"{proposal.aggregation} aggregation reveals every input; "
+            "this institution does not allow it"
+        )
     if (
         proposal.aggregation == "paillier"
         and proposal.paillier_key_bits < policy.min_paillier_key_bits

@@ -286,6 +286,11 @@ class StagedAggregator(Generic[StageT, InT, OutT]):
         """Close ``stage`` over the messages that ``arrived``; the next stage's messages."""
         raise NotImplementedError
 
+    def _kept(self, message: InT) -> InT:
+        """What is kept of an accepted message until its stage closes: by default all of it
+        (an aggregator that streams large parts elsewhere keeps less)."""
+        return message
+
     def _dropped_at_close(
         self, arrived: Mapping[str, InT], outgoing: Mapping[str, OutT]
     ) -> tuple[str, ...]:
@@ -329,7 +334,7 @@ class StagedAggregator(Generic[StageT, InT, OutT]):
         except RemoteProtocolError:
             self._excluded.add(sender)
             raise
-        self._received[sender] = typed
+        self._received[sender] = self._kept(typed)
 
     # ------------------------------------------------------------------ closing stages
 

@@ -15,23 +15,30 @@ one misbehaving participant is named and left out instead of spoiling the round:
 
 The caller owns clocks and deadlines: a peer whose message has not arrived when the caller
 closes the stage has dropped out at that stage.
+
+Memory: masked inputs are not kept. Each one is added into a running sum as it is received
+and spooled (:class:`secagg.streaming.MaskedSum`, with the spool the caller injects), so
+the aggregator holds O(m) words whatever n; :meth:`Aggregator.masked_sum` and
+:meth:`Aggregator.masked_vector` / :meth:`Aggregator.masked_chunks` give the running sum and
+a sender's input read back from the spool. :meth:`Aggregator.close` forgets the spool.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 from ._roles import AggregatorState, StagedAggregator
 from .config import RoundConfig, Stage
 from .crypto import Verifier, is_valid_x25519_public
 from .errors import InvalidSignatureError, LocalProtocolError, RemoteProtocolError, RoundAborted
-from .masking import reconstruct_secrets, unmask_sum
+from .masking import reconstruct_secrets, remove_masks
 from .messages import (
     AdvertisedKeys,
     AdvertiseKeys,
     AggregatorMessage,
     ConsistencySignature,
+    MaskedHeader,
     MaskedInput,
     ParticipantMessage,
     ShareKeys,
@@ -40,10 +47,12 @@ from .messages import (
     UnmaskRequest,
     UnmaskShares,
     consistency_payload,
+    masked_payload,
     share_payload,
 )
-from .ring import WordArray, word_dtype
+from .ring import WordArray, le_view, word_dtype
 from .shamir import ShareError, decode_share
+from .streaming import MaskedSum, VectorSpool, VectorStream
 from .transcript import Transcript
 
 __all__ = ["AggregateResult", "Aggregator", "AggregatorState"]
@@ -73,22 +82,37 @@ class AggregateResult:
     dropped: Mapping[Stage, tuple[str, ...]]  # peers that missed (or were excluded at) a stage
 
 
-class Aggregator(StagedAggregator[Stage, ParticipantMessage, AggregatorMessage]):
-    """The aggregator's side of one round (see the module docstring)."""
+# What the aggregator keeps of each accepted message until its stage closes: the message,
+# except a masked input, of which only the header stays (its vector is in the running sum).
+_Kept = ParticipantMessage | MaskedHeader
+
+
+class Aggregator(StagedAggregator[Stage, _Kept, AggregatorMessage]):
+    """The aggregator's side of one round (see the module docstring).
+
+    Args:
+        spool: where accepted masked inputs wait until the round ends (default: in memory;
+            a peer passes private temporary files, so that memory stays O(m)).
+    """
 
     STAGE_MESSAGE = _STAGE_MESSAGE
     NEXT_STAGE = _NEXT_STAGE
 
     def __init__(
-        self, config: RoundConfig, verifiers: Mapping[str, Verifier], me: str = "aggregator"
+        self,
+        config: RoundConfig,
+        verifiers: Mapping[str, Verifier],
+        me: str = "aggregator",
+        spool: VectorSpool | None = None,
     ) -> None:
         super().__init__(me, config.peers, verifiers, Stage.ADVERTISE, frozenset(config.peers))
         self.config = config
+        self._sum = MaskedSum(config.vector_length, config.bits, spool)
         # What the transcript needs, kept as the stages close.
         self._adverts: dict[str, AdvertiseKeys] = {}
         self._shares: dict[str, ShareKeys] = {}
         self._relayed_to: dict[str, frozenset[str]] = {}  # recipient -> its view of U2
-        self._masked: dict[str, MaskedInput] = {}
+        self._masked: dict[str, MaskedHeader] = {}
         self._survivors: frozenset[str] = frozenset()
         self._signatures: dict[str, ConsistencySignature] = {}
         self._unmask: dict[str, UnmaskShares] = {}
@@ -96,7 +120,9 @@ class Aggregator(StagedAggregator[Stage, ParticipantMessage, AggregatorMessage])
 
     # ------------------------------------------------------------------ receiving
 
-    def _check_round(self, message: ParticipantMessage) -> None:
+    def _check_round(self, message: _Kept) -> None:
+        if isinstance(message, MaskedHeader):  # never received: only kept (see _kept)
+            raise LocalProtocolError("a masked input header cannot be received")
         if (message.session_id, message.round) != (self.config.session_id, self.config.round):
             raise RemoteProtocolError(
                 message.sender,
@@ -108,7 +134,11 @@ class Aggregator(StagedAggregator[Stage, ParticipantMessage, AggregatorMessage])
         if not self._verifiers[sender].verify(signature, payload):
             raise InvalidSignatureError(sender, f"invalid signature on its {what}")
 
-    def _validate(self, message: ParticipantMessage) -> None:
+    def _kept(self, message: _Kept) -> _Kept:
+        # The vector is in the running sum and the spool by now (see _validate).
+        return message.header() if isinstance(message, MaskedInput) else message
+
+    def _validate(self, message: _Kept) -> None:
         config, sender = self.config, message.sender
         if isinstance(message, AdvertiseKeys):
             self._verify(sender, message.signature, message.signed_payload(config.digest), "advert")
@@ -154,13 +184,13 @@ class Aggregator(StagedAggregator[Stage, ParticipantMessage, AggregatorMessage])
                 expected_masks
             ):
                 raise RemoteProtocolError(sender, "masked with peers other than those it was sent")
-            self._verify(
-                sender, message.signature, message.signed_payload(config.digest), "masked input"
-            )
+            stream = self._sum.stream(sender)
+            stream.feed(le_view(message.vector))
+            self._accept_masked(stream, message.masked_with, message.signature)
         elif isinstance(message, ConsistencySignature):
             payload = consistency_payload(config.digest, tuple(self._survivors))
             self._verify(sender, message.signature, payload, "consistency check")
-        else:
+        elif isinstance(message, UnmaskShares):
             holds = self._shared_with(sender)
             owners = [u for u, _ in message.self_mask_shares]
             dropped = [v for v, _ in message.mask_key_shares]
@@ -174,6 +204,46 @@ class Aggregator(StagedAggregator[Stage, ParticipantMessage, AggregatorMessage])
             except ShareError as error:
                 raise RemoteProtocolError(sender, f"revealed a malformed share: {error}") from None
             self._verify(sender, message.signature, message.signed_payload(config.digest), "shares")
+        else:
+            raise LocalProtocolError(f"no check for a {type(message).__name__}")
+
+    def _accept_masked(
+        self, stream: VectorStream, masked_with: tuple[str, ...], signature: bytes
+    ) -> None:
+        """Keep a streamed masked input in the sum if its sender signed what arrived.
+
+        The digest is of the words that went into the sum and the spool, so an input whose
+        words differ from what its sender signed is refused naming the sender, and its words
+        leave the sum again.
+        """
+        digest = stream.digest()
+        payload = masked_payload(self.config.digest, stream.sender, masked_with, digest)
+        try:
+            self._verify(stream.sender, signature, payload, "masked input")
+        except RemoteProtocolError:
+            stream.abort()
+            raise
+        stream.commit()
+
+    # ------------------------------------------------------------------ the running sum
+
+    def masked_sum(self) -> WordArray:
+        """The running sum of the masked inputs accepted so far (after the masked stage
+        closes: of exactly the survivors'). A copy."""
+        return self._sum.total.copy()
+
+    def masked_vector(self, sender: str) -> WordArray:
+        """The accepted masked input y_u of ``sender``, read back from the spool."""
+        return self._sum.vector(sender)
+
+    def masked_chunks(self, sender: str) -> Iterator[WordArray]:
+        """y_u of ``sender`` piece by piece, in order (a linear functional of it, e.g.
+        <r, y_u>, needs no more memory than one piece)."""
+        return self._sum.chunks(sender)
+
+    def close(self) -> None:
+        """Forget every spooled masked input (when the round is over, published or not)."""
+        self._sum.close()
 
     def _shared_with(self, recipient: str) -> set[str]:
         """Peers whose share ciphertexts were relayed to ``recipient`` (its view of U2)."""
@@ -186,7 +256,7 @@ class Aggregator(StagedAggregator[Stage, ParticipantMessage, AggregatorMessage])
 
     def _dropped_at_close(
         self,
-        arrived: Mapping[str, ParticipantMessage],
+        arrived: Mapping[str, _Kept],
         outgoing: Mapping[str, AggregatorMessage],
     ) -> tuple[str, ...]:
         # Peers left out because too few of their neighbours remain have dropped too.
@@ -209,9 +279,7 @@ class Aggregator(StagedAggregator[Stage, ParticipantMessage, AggregatorMessage])
             )
         return frozenset(alive)
 
-    def _close(
-        self, stage: Stage, arrived: Mapping[str, ParticipantMessage]
-    ) -> dict[str, AggregatorMessage]:
+    def _close(self, stage: Stage, arrived: Mapping[str, _Kept]) -> dict[str, AggregatorMessage]:
         config = self.config
         sid, rnd = config.session_id, config.round
         if stage is Stage.ADVERTISE:
@@ -261,9 +329,12 @@ class Aggregator(StagedAggregator[Stage, ParticipantMessage, AggregatorMessage])
         if stage is Stage.MASKED:
             u3 = self._viable(arrived, stage)
             self._masked = {
-                u: m for u, m in arrived.items() if u in u3 and isinstance(m, MaskedInput)
+                u: m for u, m in arrived.items() if u in u3 and isinstance(m, MaskedHeader)
             }
             self._survivors = frozenset(self._masked)
+            # Inputs accepted from peers that cannot continue leave the running sum.
+            for u in self._sum.senders - self._survivors:
+                self._sum.remove(u)
             if len(self._survivors) < config.quorum:
                 raise RoundAborted(
                     f"only {len(self._survivors)} survivors, {config.quorum} consistency "
@@ -287,7 +358,7 @@ class Aggregator(StagedAggregator[Stage, ParticipantMessage, AggregatorMessage])
                 : config.quorum
             ]
             survivors = tuple(sorted(self._survivors))
-            headers = {u: m.header() for u, m in self._masked.items()}
+            headers = self._masked
             return {
                 u: UnmaskRequest(
                     sid,
@@ -310,9 +381,10 @@ class Aggregator(StagedAggregator[Stage, ParticipantMessage, AggregatorMessage])
         self_seeds, dropped_keys = reconstruct_secrets(
             config, self._adverts, self._survivors, dropped, self._unmask, self.misbehaving
         )
-        aggregate = unmask_sum(
+        aggregate = remove_masks(
             config,
-            {u: (m.masked_with, m.vector) for u, m in self._masked.items()},
+            self.masked_sum(),
+            {u: m.masked_with for u, m in self._masked.items()},
             {u: a.mask_public for u, a in self._adverts.items()},
             self_seeds,
             dropped_keys,
@@ -334,7 +406,19 @@ class Aggregator(StagedAggregator[Stage, ParticipantMessage, AggregatorMessage])
             round=self.config.round,
             aggregator=self.me,
             adverts=tuple(self._adverts[u] for u in self.config.peers if u in self._adverts),
-            masked_inputs=tuple(self._masked[u] for u in self.config.peers if u in self._masked),
+            # Read back from the spool: published in full until verification needs less.
+            masked_inputs=tuple(
+                MaskedInput(
+                    h.sender,
+                    self.config.session_id,
+                    self.config.round,
+                    h.masked_with,
+                    self._sum.vector(u),
+                    h.signature,
+                )
+                for u in self.config.peers
+                if (h := self._masked.get(u)) is not None
+            ),
             consistency=tuple(self._signatures[u] for u in sorted(self._signatures)),
             unmask=tuple(self._unmask[u] for u in sorted(self._unmask)),
             aggregate=self.result.aggregate,

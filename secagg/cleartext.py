@@ -6,6 +6,12 @@ explicitly allows it (``allow_cleartext``); it exists for benchmarks ("secure ro
 plain round on the same peers") and debugging. Same shape as the secure roles: a
 participant with ``start``/``receive``, an aggregator with ``receive``/``pending``/
 ``close_stage``/``result``/``transcript``, and :func:`verify_cleartext_transcript`.
+
+Two baselines share these roles. ``cleartext`` publishes every input with the sum, and each
+peer recomputes it (the cost of verification by download). ``plain`` is minimal FedAvg:
+the aggregator returns only the sum (:class:`PlainSum`), and peers take it on trust
+(:func:`check_plain_sum` checks only its form): the least a round over the same streams can
+move, 2 x 4m bytes per site, which is what secure aggregation's cost is compared with.
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ __all__ = [
     "CleartextInput",
     "CleartextParticipant",
     "CleartextTranscript",
+    "PlainSum",
+    "check_plain_sum",
     "verify_cleartext_transcript",
 ]
 
@@ -57,6 +65,17 @@ class CleartextTranscript:
     @property
     def survivors(self) -> tuple[str, ...]:
         return tuple(i.sender for i in self.inputs)
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class PlainSum:
+    """Minimal FedAvg's reply: the sum and whose inputs are in it, nothing to check it by."""
+
+    session_id: str
+    round: int
+    aggregator: str
+    survivors: tuple[str, ...]
+    aggregate: WordArray
 
 
 class _ParticipantState(StrEnum):
@@ -157,6 +176,18 @@ class CleartextAggregator(StagedAggregator[Stage, CleartextInput, object]):
             self.config.session_id, self.config.round, self.me, inputs, self.result.aggregate
         )
 
+    def plain_sum(self) -> PlainSum:
+        """The sum alone (after DONE), for minimal-FedAvg rounds."""
+        if self.result is None:
+            raise LocalProtocolError("the round has no result to publish")
+        return PlainSum(
+            self.config.session_id,
+            self.config.round,
+            self.me,
+            self.result.survivors,
+            self.result.aggregate,
+        )
+
 
 def _sum(inputs: object, config: RoundConfig) -> WordArray:
     total = np.zeros(config.vector_length, dtype=word_dtype(config.bits))
@@ -181,3 +212,24 @@ def verify_cleartext_transcript(
     if not np.array_equal(total, transcript.aggregate):
         raise RemoteProtocolError(agg, "published aggregate differs from the recomputed one")
     return total
+
+
+def check_plain_sum(plain: PlainSum, config: RoundConfig, me: str) -> WordArray:
+    """The form of a minimal-FedAvg reply: this round, roster members, my input counted, a
+    vector of the round's shape. The sum itself is taken on trust (that is the baseline)."""
+    agg = plain.aggregator
+    if (plain.session_id, plain.round) != (config.session_id, config.round):
+        raise RemoteProtocolError(agg, "sum of another session or round")
+    if len(set(plain.survivors)) != len(plain.survivors) or not all(
+        config.is_member(u) for u in plain.survivors
+    ):
+        raise RemoteProtocolError(agg, "sum over peers that are not in the roster")
+    if me not in plain.survivors:
+        raise RemoteProtocolError(agg, f"sum leaves out the input of {me}")
+    if len(plain.survivors) < config.threshold:
+        raise RemoteProtocolError(agg, "sum over fewer peers than the threshold")
+    if plain.aggregate.shape != (config.vector_length,) or plain.aggregate.dtype != word_dtype(
+        config.bits
+    ):
+        raise RemoteProtocolError(agg, "sum of the wrong shape or type")
+    return plain.aggregate

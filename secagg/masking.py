@@ -20,11 +20,17 @@ from .config import RoundConfig
 from .crypto import KeyPair, derive_mask_seed, sha256
 from .errors import RemoteProtocolError, RoundAborted
 from .messages import AdvertiseKeys, UnmaskShares
-from .prg import MaskExpander
-from .ring import WordArray
+from .prg import Hasher, MaskExpander
+from .ring import WordArray, word_dtype
 from .shamir import Reconstructor, ShareError, decode_share
 
-__all__ = ["mask_input", "reconstruct_secrets", "self_mask_commitment", "unmask_sum"]
+__all__ = [
+    "mask_input",
+    "reconstruct_secrets",
+    "remove_masks",
+    "self_mask_commitment",
+    "unmask_sum",
+]
 
 
 def self_mask_commitment(seed: bytes) -> bytes:
@@ -44,14 +50,21 @@ def mask_input(
     mask_keys: KeyPair,
     neighbour_mask_publics: Mapping[str, bytes],
     expander: MaskExpander | None = None,
+    hasher: Hasher | None = None,
 ) -> WordArray:
-    """y_u for ``me``; ``neighbour_mask_publics`` maps each v in M(u) to its mask public key."""
+    """y_u for ``me``; ``neighbour_mask_publics`` maps each v in M(u) to its mask public key.
+
+    With a ``hasher`` (:func:`secagg.messages.vector_hasher`), y_u's digest comes out of the
+    same pass: every mask is added chunk by chunk into a fresh y straight from x, so y is
+    written once and never read back (:meth:`MaskExpander.combine`).
+    """
     expander = expander or MaskExpander(config.vector_length, config.bits)
-    y = np.array(x, dtype=expander.dtype, copy=True)
-    expander.add_into(y, self_seed)
-    for v, public in neighbour_mask_publics.items():
-        seed = _pairwise_seed(config, mask_keys, me, v, public)
-        expander.add_into(y, seed, config.mask_sign(me, v))
+    terms = [(self_seed, 1)] + [
+        (_pairwise_seed(config, mask_keys, me, v, public), config.mask_sign(me, v))
+        for v, public in neighbour_mask_publics.items()
+    ]
+    y = np.empty(config.vector_length, dtype=expander.dtype)
+    expander.combine(y, np.asarray(x, dtype=expander.dtype), terms, hasher)
     return y
 
 
@@ -72,18 +85,41 @@ def unmask_sum(
         dropped_mask_keys: the reconstructed mask key pair of every peer that is in some
             survivor's M(u) but not a survivor itself.
     """
-    expander = expander or MaskExpander(config.vector_length, config.bits)
-    total = np.zeros(config.vector_length, dtype=expander.dtype)
+    total = np.zeros(config.vector_length, dtype=word_dtype(config.bits))
     for _, vector in masked.values():
         np.add(total, vector, out=total)
-    for u in masked:
-        expander.add_into(total, self_seeds[u], -1)
-    for u, (masked_with, _) in masked.items():
-        for v in masked_with:
-            if v in masked:
+    masked_with = {u: partners for u, (partners, _) in masked.items()}
+    return remove_masks(
+        config, total, masked_with, mask_publics, self_seeds, dropped_mask_keys, expander
+    )
+
+
+def remove_masks(
+    config: RoundConfig,
+    total: WordArray,
+    masked_with: Mapping[str, tuple[str, ...]],
+    mask_publics: Mapping[str, bytes],
+    self_seeds: Mapping[str, bytes],
+    dropped_mask_keys: Mapping[str, KeyPair],
+    expander: MaskExpander | None = None,
+) -> WordArray:
+    """The sum of the survivors' inputs from the sum of their masked inputs, in place.
+
+    Args:
+        total: the sum of y_u over the survivors u (overwritten, and returned).
+        masked_with: for each survivor u in U3, M(u).
+        (the others as in :func:`unmask_sum`)
+    """
+    expander = expander or MaskExpander(config.vector_length, config.bits)
+    terms = [(self_seeds[u], -1) for u in masked_with]
+    for u, partners in masked_with.items():
+        for v in partners:
+            if v in masked_with:
                 continue  # cancels against v's own mask
             seed = _pairwise_seed(config, dropped_mask_keys[v], v, u, mask_publics[u])
-            expander.add_into(total, seed, -config.mask_sign(u, v))
+            terms.append((seed, -config.mask_sign(u, v)))
+    # Every mask in one chunked pass over the sum (MaskExpander.combine).
+    expander.combine(total, total, terms)
     return total
 
 

@@ -12,10 +12,11 @@ shape on construction (types and sizes); protocol rules are checked by the state
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 from .crypto import canonical, sha256
-from .ring import WordArray, le_bytes
+from .ring import WordArray, le_view
 from .shamir import SHARE_BYTES
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "message_size",
     "share_payload",
     "vector_digest",
+    "vector_hasher",
 ]
 
 KEY_BYTES = 32
@@ -55,8 +57,16 @@ def _require_share_signatures(
     _require(all(isinstance(s, bytes) for s in signatures), "share signatures must be bytes")
 
 
+def vector_hasher() -> hashlib._Hash:
+    """A SHA-256 primed for :func:`vector_digest`: feed it the vector's little-endian words
+    (in pieces, as they are computed or arrive) and its digest is the vector's digest."""
+    return hashlib.sha256(b"secagg/vector/v1")
+
+
 def vector_digest(vector: WordArray) -> bytes:
-    return sha256(b"secagg/vector/v1", le_bytes(vector))
+    hasher = vector_hasher()
+    hasher.update(le_view(vector))
+    return hasher.digest()
 
 
 def consistency_payload(digest: bytes, survivors: tuple[str, ...]) -> bytes:

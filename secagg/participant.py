@@ -51,7 +51,9 @@ from .messages import (
     UnmaskRequest,
     UnmaskShares,
     consistency_payload,
+    masked_payload,
     share_payload,
+    vector_hasher,
 )
 from .shamir import SHARE_BYTES, decode_share, encode_share, split_secret
 
@@ -112,6 +114,9 @@ class Participant:
         self._neighbourhood = config.neighbourhood(me)
         # Filled in as the round advances.
         self._channel_keys: KeyPair | None = None
+        # AES-GCM key with each neighbour, derived once: the same (symmetric in the pair)
+        # encrypts my shares to v and decrypts v's shares to me. Dropped after masking.
+        self._channel_key_with: dict[str, bytes] = {}
         self._mask_keys: KeyPair | None = None
         self._self_seed = b""
         self._advert: AdvertiseKeys | None = None
@@ -238,7 +243,7 @@ class Participant:
         ciphertexts = []
         signatures = []
         for v, x in zip(recipients, xs, strict=True):
-            key = derive_channel_key(
+            key = self._channel_key_with[v] = derive_channel_key(
                 self._channel_keys.exchange(adverts[v].channel_public),
                 self.config.session_id,
                 self.config.round,
@@ -264,7 +269,6 @@ class Participant:
     def _on_shares_to_you(self, message: SharesToYou) -> tuple[MaskedInput, ParticipantState]:
         if message.recipient != self.me:
             raise self._fail(f"shares addressed to {message.recipient!r} were sent to me")
-        assert self._channel_keys is not None
         assert self._mask_keys is not None
         held: dict[str, tuple[int, int]] = {}
         for (sender, ciphertext), signature in zip(
@@ -285,13 +289,8 @@ class Participant:
                     f"relayed a share ciphertext of {sender} that {sender} did not sign "
                     "(altered or forged on the way)",
                 )
-            key = derive_channel_key(
-                self._channel_keys.exchange(self._adverts[sender].channel_public),
-                self.config.session_id,
-                self.config.round,
-                sender,
-                self.me,
-            )
+            # Every advertised sender got my shares, under the same key it used for its own.
+            key = self._channel_key_with[sender]
             ad = share_associated_data(self.config.digest, sender, self.me)
             try:
                 plaintext = aead_decrypt(key, ciphertext, ad)
@@ -310,6 +309,7 @@ class Participant:
         self._check_threshold(set(held), "share")
         self._held_shares = held
         self._u2 = frozenset(held)
+        self._channel_key_with.clear()  # no more shares to decrypt in this round
 
         masked_with = tuple(sorted((v for v in held if v != self.me), key=self.config.index))
         y = mask_input(
@@ -319,12 +319,19 @@ class Participant:
             self._self_seed,
             self._mask_keys,
             {v: self._adverts[v].mask_public for v in masked_with},
+            hasher=(hasher := vector_hasher()),
         )
-        unsigned = MaskedInput(
-            self.me, self.config.session_id, self.config.round, masked_with, y, b""
+        # The same payload as MaskedInput.signed_payload, with y's digest from the masking
+        # pass instead of a second read of y.
+        payload = masked_payload(self.config.digest, self.me, masked_with, hasher.digest())
+        self._masked = MaskedInput(
+            self.me,
+            self.config.session_id,
+            self.config.round,
+            masked_with,
+            y,
+            self._signer.sign(payload),
         )
-        signature = self._signer.sign(unsigned.signed_payload(self.config.digest))
-        self._masked = replace(unsigned, signature=signature)
         return self._masked, ParticipantState.MASKED
 
     def _on_survivor_set(

@@ -15,7 +15,7 @@ import numpy.typing as npt
 
 from .errors import ConfigError
 
-__all__ = ["WordArray", "from_le_bytes", "le_bytes", "word_dtype"]
+__all__ = ["WordArray", "from_le_bytes", "le_bytes", "le_view", "word_dtype"]
 
 WordArray = npt.NDArray[Any]
 """A vector of ring words (uint32 or uint64)."""
@@ -33,6 +33,12 @@ def word_dtype(bits: int) -> np.dtype[Any]:
 def le_bytes(vector: WordArray) -> bytes:
     """The words of ``vector`` as little-endian bytes (no copy on a little-endian machine)."""
     return vector.astype(vector.dtype.newbyteorder("<"), copy=False).tobytes()
+
+
+def le_view(vector: WordArray) -> memoryview:
+    """The bytes of :func:`le_bytes` as a buffer, without a copy when the words already are
+    little-endian and contiguous (to hash or write a vector without duplicating it)."""
+    return np.ascontiguousarray(vector, dtype=vector.dtype.newbyteorder("<")).data
 
 
 def from_le_bytes(raw: bytes, bits: int) -> WordArray:

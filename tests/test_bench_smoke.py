@@ -24,6 +24,11 @@ def test_quick_secagg_bench_writes_results(
     assert masking["floor_s"] > 0
     assert masking["mask_input_s"] > 0
     assert masking["ratio"] == pytest.approx(masking["mask_input_s"] / masking["floor_s"])
+    # The participant's whole masked stage against the same floor (issue 11).
+    assert masking["masked_stage_ratio"] == pytest.approx(
+        masking["masked_stage_s"] / masking["floor_s"]
+    )
+    assert masking["masked_stage_cpu_ratio"] > 0
     assert [row["dropouts"] for row in report["unmask"]] == [0, 1]
     assert all(row["aggregator_unmask_s"] > 0 for row in report["unmask"])
     # The masked vector dominates what a peer sends: a little above 4 bytes per word.

@@ -54,7 +54,9 @@ def test_quick_transport_bench_runs_real_peers(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     output = tmp_path / "results" / "transport.json"
-    code = bench.main(["transport", "--quick", "--quiet", "--output", str(output)])
+    code = bench.main(
+        ["transport", "--quick", "--quiet", "--with-cleartext", "--output", str(output)]
+    )
     assert code == 0, capsys.readouterr().err
     report = json.loads(output.read_text())
     assert report["benchmark"] == "transport"
@@ -64,21 +66,31 @@ def test_quick_transport_bench_runs_real_peers(
     n, m = row["n"], row["m"]
     assert (n, m) == (3, 1000)
     kinds = sorted(s["aggregation"] for s in row["sessions"])
-    assert kinds == ["cleartext", "secagg"]
+    assert kinds == ["cleartext", "plain", "secagg"]
     for session in row["sessions"]:
         assert session["sum_verified"] is True
         assert len(session["round_s"]) == session["rounds"] == 1
         assert len(session["aggregators"]) == 1
-        # A participant sends at least its vector and receives the transcript, which
-        # holds every input and the sum: (n + 1) vectors of 4-byte words.
         assert session["bytes_sent_per_peer_median"] >= 4 * m
-        assert session["bytes_received_per_peer_median"] >= (n + 1) * 4 * m
+        if session["aggregation"] == "plain":
+            # Minimal FedAvg: the sum comes back, and nobody else's input.
+            assert 4 * m <= session["bytes_received_per_peer_median"] < 2 * 4 * m
+        else:
+            # The transcript holds every input and the sum: (n + 1) vectors of 4-byte words.
+            assert session["bytes_received_per_peer_median"] >= (n + 1) * 4 * m
     plain, secure = row["plain"], row["secure"]
     assert plain["round_median_s"] > 0
     assert secure["round_median_s"] > 0
     assert row["ratio"] == pytest.approx(secure["round_median_s"] / plain["round_median_s"])
     # Keys, encrypted shares and unmasking shares ride on top of the masked vector.
     assert secure["bytes_sent_per_peer"] > plain["bytes_sent_per_peer"]
+    assert row["bytes_ratio"] == pytest.approx(
+        (secure["bytes_sent_per_peer"] + secure["bytes_received_per_peer"])
+        / (plain["bytes_sent_per_peer"] + plain["bytes_received_per_peer"])
+    )
+    full = row["cleartext_full_transcript"]
+    assert full is not None
+    assert full["bytes_received_per_peer"] > plain["bytes_received_per_peer"]
     assert report["targets"] == []  # the target is stated for n=10, m=1,000,000 only
     out = capsys.readouterr().out
     assert str(output) in out

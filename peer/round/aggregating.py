@@ -203,6 +203,8 @@ class AggregatorRound:
             self.log.exception("%s role=aggregator failed", self.ctx.log_prefix)
             self.result = f"aggregator error: {error}"
             self._finish(pb.Abort(reason=self.result, offender=self.ctx.me))
+        finally:
+            self.ctx.backend.release(self.protocol)  # e.g. the spooled masked inputs
 
     def _finish(self, final: object | None) -> None:
         for peer in list(self._outboxes):

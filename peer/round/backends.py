@@ -10,6 +10,8 @@ sent as the round's transcript, and how a peer checks it.
   collude. Orders of magnitude slower (see BENCHMARKS.md); it exists to compare.
 * ``cleartext``: the insecure baseline used to measure what security costs; refused by every
   peer whose policy does not explicitly allow it.
+* ``plain``: minimal FedAvg, the honest baseline (issue 11): the same cleartext uploads, but
+  the aggregator returns only the sum, which peers take on trust. Refused like ``cleartext``.
 """
 
 from __future__ import annotations
@@ -33,11 +35,14 @@ from secagg.cleartext import (
     CleartextAggregator,
     CleartextParticipant,
     CleartextTranscript,
+    PlainSum,
+    check_plain_sum,
     verify_cleartext_transcript,
 )
 from secagg.messages import SharesToYou
 from secagg.ring import WordArray
 
+from ..spool import FileSpool
 from .context import AggregatorRole, ParticipantRole, RoundBackend, RoundContext
 
 __all__ = ["BACKENDS", "RoundBackend", "backend_for"]
@@ -68,6 +73,10 @@ def _no_one(protocol: AggregatorRole) -> Set[str]:
     return frozenset()
 
 
+def _nothing_held(protocol: AggregatorRole) -> None:
+    """Nothing to free: the role object holds nothing outside memory."""
+
+
 # The participant's state after each reply, named after the stage whose message it sent.
 _SECAGG_STAGE_REACHED = {
     ParticipantState.SHARED: "share",
@@ -82,7 +91,13 @@ class SecAggBackend:
     first_stage = Stage.ADVERTISE
 
     def aggregator(self, ctx: RoundContext) -> AggregatorRole:
-        return cast(AggregatorRole, Aggregator(ctx.config, ctx.verifiers, ctx.me))
+        # Masked inputs go to private temporary files as they are summed: O(m) memory.
+        spool = FileSpool(ctx.spool_dir)
+        return cast(AggregatorRole, Aggregator(ctx.config, ctx.verifiers, ctx.me, spool))
+
+    def release(self, protocol: AggregatorRole) -> None:
+        assert isinstance(protocol, Aggregator)  # made by this backend
+        protocol.close()
 
     def participant(self, ctx: RoundContext, x: WordArray) -> ParticipantRole:
         return cast(
@@ -149,6 +164,9 @@ class CleartextBackend:
     def misbehaving(self, protocol: AggregatorRole) -> Set[str]:
         return _no_one(protocol)
 
+    def release(self, protocol: AggregatorRole) -> None:
+        _nothing_held(protocol)
+
     def transcripts(self, protocol: AggregatorRole, recipients: Sequence[str]) -> dict[str, object]:
         return _same_for_everyone(protocol, CleartextAggregator, recipients)
 
@@ -159,6 +177,24 @@ class CleartextBackend:
             raise _not_a_transcript(ctx, transcript)
         aggregate = verify_cleartext_transcript(transcript, ctx.config, ctx.verifiers)
         return aggregate, transcript.survivors
+
+
+class PlainBackend(CleartextBackend):
+    name = "plain"
+
+    def is_transcript(self, message: object) -> bool:
+        return isinstance(message, PlainSum)
+
+    def transcripts(self, protocol: AggregatorRole, recipients: Sequence[str]) -> dict[str, object]:
+        assert isinstance(protocol, CleartextAggregator)  # made by this backend
+        return dict.fromkeys(recipients, protocol.plain_sum())
+
+    def verify(
+        self, transcript: object, ctx: RoundContext, sent: Sequence[object]
+    ) -> tuple[WordArray, tuple[str, ...]]:
+        if not isinstance(transcript, PlainSum):
+            raise _not_a_transcript(ctx, transcript)
+        return check_plain_sum(transcript, ctx.config, ctx.me), transcript.survivors
 
 
 class PaillierBackend:
@@ -212,6 +248,9 @@ class PaillierBackend:
     def misbehaving(self, protocol: AggregatorRole) -> Set[str]:
         return _no_one(protocol)
 
+    def release(self, protocol: AggregatorRole) -> None:
+        _nothing_held(protocol)
+
     def transcripts(self, protocol: AggregatorRole, recipients: Sequence[str]) -> dict[str, object]:
         assert isinstance(protocol, paillier.PaillierAggregator)  # made by this backend
         # The key holder must never see individual ciphertexts: it gets a redacted one.
@@ -240,6 +279,7 @@ BACKENDS: dict[str, RoundBackend] = {
     "secagg": SecAggBackend(),
     "paillier": PaillierBackend(),
     "cleartext": CleartextBackend(),
+    "plain": PlainBackend(),
 }
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from enum import StrEnum
+from pathlib import Path
 from typing import Protocol
 
 from secagg import AggregatorState, RandomSource, RoundConfig, Signer, Verifier
@@ -124,6 +125,10 @@ class RoundBackend(Protocol):
         """The verified aggregate and the peers whose inputs are in it (raises otherwise)."""
         ...
 
+    def release(self, protocol: AggregatorRole) -> None:
+        """The round is over at the aggregator: free what its role object holds on disk."""
+        ...
+
 
 # ---------------------------------------------------------------- fault injection
 
@@ -230,6 +235,8 @@ class RoundContext:
     paillier_key_bits: int = 2048
     on_stage: Callable[[str, str], None] = lambda stage, detail: None
     faults: FaultHooks = NO_FAULTS
+    # Where the aggregator spools masked inputs (peer/spool.py); None: the system temp dir.
+    spool_dir: Path | None = None
 
     @property
     def log_prefix(self) -> str:

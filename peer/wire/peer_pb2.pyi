@@ -537,6 +537,45 @@ class CleartextTranscript(_message.Message):
 Global___CleartextTranscript: _TypeAlias = CleartextTranscript  # noqa: Y015
 
 @_typing.final
+class PlainSum(_message.Message):
+    """Minimal plain FedAvg (benchmarks only; refused unless a peer's policy allows cleartext):
+    the aggregator returns the sum alone.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    ROUND_FIELD_NUMBER: _builtins.int
+    AGGREGATOR_FIELD_NUMBER: _builtins.int
+    SURVIVORS_FIELD_NUMBER: _builtins.int
+    BITS_FIELD_NUMBER: _builtins.int
+    AGGREGATE_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    round: _builtins.int
+    aggregator: _builtins.str
+    bits: _builtins.int
+    aggregate: _builtins.bytes
+    @_builtins.property
+    def survivors(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        round: _builtins.int = ...,
+        aggregator: _builtins.str = ...,
+        survivors: _abc.Iterable[_builtins.str] | None = ...,
+        bits: _builtins.int = ...,
+        aggregate: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregate", b"aggregate", "aggregator", b"aggregator", "bits", b"bits", "round", b"round", "session_id", b"session_id", "survivors", b"survivors"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PlainSum: _TypeAlias = PlainSum  # noqa: Y015
+
+@_typing.final
 class RoundHello(_message.Message):
     """---------------------------------------------------------------- rounds on a stream
 

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from peer.codec import _KINDS, CodecError, Reassembler, decode, encode, fragments
 from peer.wire import peer_pb2 as pb
-from secagg.cleartext import CleartextInput, CleartextTranscript
+from secagg.cleartext import CleartextInput, CleartextTranscript, PlainSum
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "secagg"))
 from secagg_testlib import make_round  # type: ignore[import-not-found, unused-ignore]
@@ -51,6 +51,7 @@ def samples() -> dict[str, bytes]:
     vector = np.arange(8, dtype=np.uint32)
     cleartext = CleartextInput("hospital-a", "s", 1, vector, b"\x01" * 64)
     messages += [cleartext, CleartextTranscript("s", 1, "hospital-b", (cleartext,), vector)]
+    messages.append(PlainSum("s", 1, "hospital-b", ("hospital-a",), vector))
     signature = pb.RecordSignature(peer_id="hospital-a", record_hash=b"h" * 32, signature=b"s" * 64)
     messages += [
         pb.RoundHello(session_id="s", round=1, peer_id="hospital-a", epsilon=0.5, chain_head=b"x"),

@@ -355,7 +355,13 @@ def test_a_victim_whose_cut_partners_survive_can_still_be_unmasked_only_in_its_g
     victim = r.peers[0]
     adversary = Adversary(r, victim, frozenset())
     adversary.outcome.responses = {u: m for u, m in replies.items() if isinstance(m, UnmaskShares)}
-    adversary.outcome.masked = dict(r.aggregator._masked)
+    agg = r.aggregator
+    adversary.outcome.masked = {
+        u: MaskedInput(
+            u, agg.config.session_id, agg.config.round, h.masked_with, agg.masked_vector(u), b""
+        )
+        for u, h in agg._masked.items()
+    }
     adversary.adverts = dict(r.aggregator._adverts)
     assert adversary.recover_victim() is None  # no sk_w of a survivor is ever revealed
 
