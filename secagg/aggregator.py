@@ -20,22 +20,28 @@ closes the stage has dropped out at that stage.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+
+import numpy as np
 
 from ._roles import AggregatorState, StagedAggregator
 from .config import RoundConfig, Stage
-from .crypto import Verifier, is_valid_x25519_public
+from .crypto import Signer, Verifier, is_valid_x25519_public
 from .errors import InvalidSignatureError, LocalProtocolError, RemoteProtocolError, RoundAborted
-from .masking import reconstruct_secrets, unmask_sum
+from .linear_check import challenge_key, linear_answers, sum_answers
+from .masking import mask_correction, reconstruct_secrets
 from .messages import (
     AdvertisedKeys,
     AdvertiseKeys,
     AggregatorMessage,
     ConsistencySignature,
+    LinearAnswers,
     MaskedInput,
     ParticipantMessage,
+    ProofRequest,
     ShareKeys,
     SharesToYou,
+    Statement,
     SurvivorSet,
     UnmaskRequest,
     UnmaskShares,
@@ -44,6 +50,7 @@ from .messages import (
 )
 from .ring import WordArray, word_dtype
 from .shamir import ShareError, decode_share
+from .succinct import ProofAnswers, SuccinctTranscript, check_answers_form
 from .transcript import Transcript
 
 __all__ = ["AggregateResult", "Aggregator", "AggregatorState"]
@@ -54,13 +61,15 @@ _STAGE_MESSAGE: dict[Stage, type] = {
     Stage.MASKED: MaskedInput,
     Stage.CONSISTENCY: ConsistencySignature,
     Stage.UNMASK: UnmaskShares,
+    Stage.PROVE: LinearAnswers,
 }
 _NEXT_STAGE: dict[Stage, Stage | None] = {
     Stage.ADVERTISE: Stage.SHARE,
     Stage.SHARE: Stage.MASKED,
     Stage.MASKED: Stage.CONSISTENCY,
     Stage.CONSISTENCY: Stage.UNMASK,
-    Stage.UNMASK: None,
+    Stage.UNMASK: Stage.PROVE,
+    Stage.PROVE: None,
 }
 
 
@@ -80,7 +89,11 @@ class Aggregator(StagedAggregator[Stage, ParticipantMessage, AggregatorMessage])
     NEXT_STAGE = _NEXT_STAGE
 
     def __init__(
-        self, config: RoundConfig, verifiers: Mapping[str, Verifier], me: str = "aggregator"
+        self,
+        config: RoundConfig,
+        verifiers: Mapping[str, Verifier],
+        me: str = "aggregator",
+        signer: Signer | None = None,
     ) -> None:
         super().__init__(me, config.peers, verifiers, Stage.ADVERTISE, frozenset(config.peers))
         self.config = config
@@ -92,6 +105,13 @@ class Aggregator(StagedAggregator[Stage, ParticipantMessage, AggregatorMessage])
         self._survivors: frozenset[str] = frozenset()
         self._signatures: dict[str, ConsistencySignature] = {}
         self._unmask: dict[str, UnmaskShares] = {}
+        self._signer = signer  # signs the statement; None when the aggregator has no identity
+        self._statement: Statement | None = None
+        self._statement_sha256 = b""
+        self._correction: WordArray | None = None  # C: aggregate = Σ y_u + C
+        self._answers: dict[str, LinearAnswers] = {}
+        self._fallback: tuple[str, ...] = ()  # survivors published with their vector
+        self.wrong_answers: set[str] = set()  # signed answers that contradict their input
         self.result: AggregateResult | None = None
 
     # ------------------------------------------------------------------ receiving
@@ -160,6 +180,18 @@ class Aggregator(StagedAggregator[Stage, ParticipantMessage, AggregatorMessage])
         elif isinstance(message, ConsistencySignature):
             payload = consistency_payload(config.digest, tuple(self._survivors))
             self._verify(sender, message.signature, payload, "consistency check")
+        elif isinstance(message, LinearAnswers):
+            # Form and signature here (cheap); the values against the sum when the stage
+            # closes, where one evaluation checks them all.
+            problem = check_answers_form(
+                message,
+                config,
+                self._verifiers[sender],
+                self._statement_sha256,
+                self._masked[sender].header().vector_sha256,
+            )
+            if problem is not None:
+                raise RemoteProtocolError(sender, problem)
         else:
             holds = self._shared_with(sender)
             owners = [u for u, _ in message.self_mask_shares]
@@ -303,6 +335,14 @@ class Aggregator(StagedAggregator[Stage, ParticipantMessage, AggregatorMessage])
                 )
                 for u in sorted(self._signatures, key=config.index)
             }
+        if stage is Stage.UNMASK:
+            return self._close_unmask(arrived)
+        return self._close_prove(arrived)
+
+    def _close_unmask(
+        self, arrived: Mapping[str, ParticipantMessage]
+    ) -> dict[str, AggregatorMessage]:
+        config = self.config
         self._unmask = {u: m for u, m in arrived.items() if isinstance(m, UnmaskShares)}
         dropped = (
             frozenset(v for m in self._masked.values() for v in m.masked_with) - self._survivors
@@ -310,17 +350,83 @@ class Aggregator(StagedAggregator[Stage, ParticipantMessage, AggregatorMessage])
         self_seeds, dropped_keys = reconstruct_secrets(
             config, self._adverts, self._survivors, dropped, self._unmask, self.misbehaving
         )
-        aggregate = unmask_sum(
+        self._correction = mask_correction(
             config,
-            {u: (m.masked_with, m.vector) for u, m in self._masked.items()},
+            {u: m.masked_with for u, m in self._masked.items()},
             {u: a.mask_public for u, a in self._adverts.items()},
             self_seeds,
             dropped_keys,
         )
+        aggregate = self._masked_sum() + self._correction
+        statement = Statement(
+            config.session_id,
+            config.round,
+            self.me,
+            tuple(self._adverts[u] for u in config.peers if u in self._adverts),
+            tuple(self._masked[u].header() for u in config.peers if u in self._masked),
+            tuple(self._signatures[u] for u in sorted(self._signatures)),
+            tuple(self._unmask[u] for u in sorted(self._unmask)),
+            aggregate,
+        )
+        if self._signer is not None:
+            statement = replace(
+                statement, signature=self._signer.sign(statement.signed_payload(config.digest))
+            )
+        self._statement = statement
+        self._statement_sha256 = statement.sha256(config.digest)
+        # Survivors that just revealed shares are alive: they answer the challenge. A
+        # survivor that did not will be published with its vector instead.
+        request = ProofRequest(config.session_id, config.round, statement)
+        return {u: request for u in config.peers if u in self._unmask and u in self._survivors}
+
+    def _close_prove(
+        self, arrived: Mapping[str, ParticipantMessage]
+    ) -> dict[str, AggregatorMessage]:
+        config = self.config
+        assert self._statement is not None
+        assert self._correction is not None
+        answers = {u: m for u, m in arrived.items() if isinstance(m, LinearAnswers)}
+        key = challenge_key(config.digest, self._statement_sha256)
+
+        def holds(answered: Mapping[str, LinearAnswers]) -> bool:
+            # Σ over the answered survivors of y_u = Σ y_u − Σ over the others.
+            partial = self._masked_sum()
+            for u in self._survivors - set(answered):
+                np.subtract(partial, self._masked_vector(u), out=partial)
+            claimed = sum_answers([a.answers for a in answered.values()], config.bits)
+            return linear_answers(key, partial) == claimed
+
+        if not holds(answers):
+            # Somebody signed answers that are not over its signed input: find and name it
+            # (its vector is published instead, so the round still verifies).
+            for u in sorted(answers, key=config.index):
+                if linear_answers(key, self._masked_vector(u)) != answers[u].answers:
+                    self.wrong_answers.add(u)
+                    self.misbehaving.add(u)
+            answers = {u: a for u, a in answers.items() if u not in self.wrong_answers}
+            if not holds(answers):  # cannot happen: every remaining answer was checked
+                raise RoundAborted("the linear check fails on the aggregator's own inputs")
+        self._answers = answers
+        self._fallback = tuple(u for u in config.peers if u in self._survivors and u not in answers)
         self.result = AggregateResult(
-            aggregate, tuple(u for u in config.peers if u in self._survivors), dict(self.dropped)
+            self._statement.aggregate,
+            tuple(u for u in config.peers if u in self._survivors),
+            dict(self.dropped),
         )
         return {}
+
+    # ------------------------------------------------------------------ the inputs held
+
+    def _masked_vector(self, u: str) -> WordArray:
+        """The masked input vector of survivor ``u`` (the one seam to where inputs are kept)."""
+        return self._masked[u].vector
+
+    def _masked_sum(self) -> WordArray:
+        """Σ_u y_u over the survivors (a fresh array)."""
+        total = np.zeros(self.config.vector_length, dtype=word_dtype(self.config.bits))
+        for u in self._masked:
+            np.add(total, self._masked_vector(u), out=total)
+        return total
 
     # ------------------------------------------------------------------ publishing
 
@@ -334,8 +440,40 @@ class Aggregator(StagedAggregator[Stage, ParticipantMessage, AggregatorMessage])
             round=self.config.round,
             aggregator=self.me,
             adverts=tuple(self._adverts[u] for u in self.config.peers if u in self._adverts),
-            masked_inputs=tuple(self._masked[u] for u in self.config.peers if u in self._masked),
+            masked_inputs=tuple(
+                self._masked_input(u) for u in self.config.peers if u in self._masked
+            ),
             consistency=tuple(self._signatures[u] for u in sorted(self._signatures)),
             unmask=tuple(self._unmask[u] for u in sorted(self._unmask)),
             aggregate=self.result.aggregate,
         )
+
+    def _masked_input(self, u: str) -> MaskedInput:
+        return self._masked[u]
+
+    def succinct_transcript(self) -> SuccinctTranscript:
+        """The round without any answered survivor's vector (after DONE): the statement,
+        every survivor's answers, and the vectors of the survivors without valid answers."""
+        if self.result is None or self._statement is None:
+            raise LocalProtocolError("the round has no result to publish")
+        return SuccinctTranscript(
+            self._statement,
+            tuple(self._answers[u] for u in self.config.peers if u in self._answers),
+            tuple(self._masked_input(u) for u in self._fallback),
+        )
+
+    def proof_answers(self) -> ProofAnswers:
+        """What a survivor that was sent the statement still needs (after DONE)."""
+        full = self.succinct_transcript()
+        return ProofAnswers(
+            self.config.session_id,
+            self.config.round,
+            self._statement_sha256,
+            full.answers,
+            full.inputs,
+        )
+
+    @property
+    def asked_to_prove(self) -> frozenset[str]:
+        """The survivors that were sent the statement (they hold it already)."""
+        return frozenset(self._unmask) & self._survivors

@@ -14,13 +14,18 @@ __all__ = ["RoundConfig", "Stage"]
 
 
 class Stage(StrEnum):
-    """The five stages of a round, named as on the command line (``--drop masked:3``)."""
+    """The six stages of a round, named as on the command line (``--drop masked:3``).
+
+    PROVE is the survivors' answers to the linear check of the aggregate
+    (:mod:`secagg.succinct`); a survivor that misses it is verified from its vector instead.
+    """
 
     ADVERTISE = "advertise"
     SHARE = "share"
     MASKED = "masked"
     CONSISTENCY = "consistency"
     UNMASK = "unmask"
+    PROVE = "prove"
 
 
 _MAX_ID = 128

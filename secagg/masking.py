@@ -24,7 +24,13 @@ from .prg import MaskExpander
 from .ring import WordArray
 from .shamir import Reconstructor, ShareError, decode_share
 
-__all__ = ["mask_input", "reconstruct_secrets", "self_mask_commitment", "unmask_sum"]
+__all__ = [
+    "mask_correction",
+    "mask_input",
+    "reconstruct_secrets",
+    "self_mask_commitment",
+    "unmask_sum",
+]
 
 
 def self_mask_commitment(seed: bytes) -> bytes:
@@ -72,15 +78,42 @@ def unmask_sum(
         dropped_mask_keys: the reconstructed mask key pair of every peer that is in some
             survivor's M(u) but not a survivor itself.
     """
-    expander = expander or MaskExpander(config.vector_length, config.bits)
-    total = np.zeros(config.vector_length, dtype=expander.dtype)
+    total = mask_correction(
+        config,
+        {u: masked_with for u, (masked_with, _) in masked.items()},
+        mask_publics,
+        self_seeds,
+        dropped_mask_keys,
+        expander,
+    )
     for _, vector in masked.values():
         np.add(total, vector, out=total)
-    for u in masked:
+    return total
+
+
+def mask_correction(
+    config: RoundConfig,
+    masked_with: Mapping[str, tuple[str, ...]],
+    mask_publics: Mapping[str, bytes],
+    self_seeds: Mapping[str, bytes],
+    dropped_mask_keys: Mapping[str, KeyPair],
+    expander: MaskExpander | None = None,
+) -> WordArray:
+    """C such that the sum of the survivors' inputs is Σ_u y_u + C (mod 2^bits).
+
+    C = −Σ_u PRG(b_u) − Σ_u Σ_{v ∈ M(u) dropped} sign(u, v)·PRG(s_uv): the masks that do not
+    cancel between survivors. It needs only the survivors' mask partners (``masked_with``:
+    u in U3 -> M(u)) and the revealed secrets, never a y_u: the aggregator adds it to the sum
+    of the vectors it holds, and every verifier uses it in the linear check
+    (:mod:`secagg.succinct`) without seeing any y_u.
+    """
+    expander = expander or MaskExpander(config.vector_length, config.bits)
+    total = np.zeros(config.vector_length, dtype=expander.dtype)
+    for u in masked_with:
         expander.add_into(total, self_seeds[u], -1)
-    for u, (masked_with, _) in masked.items():
-        for v in masked_with:
-            if v in masked:
+    for u, partners in masked_with.items():
+        for v in partners:
+            if v in masked_with:
                 continue  # cancels against v's own mask
             seed = _pairwise_seed(config, dropped_mask_keys[v], v, u, mask_publics[u])
             expander.add_into(total, seed, -config.mask_sign(u, v))

@@ -320,7 +320,7 @@ def simulate(
             progress(Progress(stage, len(todo), len(todo), True, clock() - began))
         if attack is not None:
             outgoing = _tamper(attack, stage, outgoing, config, split_signatures, seed)
-        if not outgoing and stage is not Stage.UNMASK:
+        if not outgoing and stage is not STAGES[-1]:
             aborted = f"no participant left after stage {stage.value}"
             break
 
