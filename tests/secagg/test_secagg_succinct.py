@@ -80,8 +80,8 @@ def signed_round(n: int = 5, **kwargs: Any) -> SignedRound:
             sent[u].append(reply)
             return reply
 
-        participant.start = logged_start  # type: ignore[method-assign]
-        participant.receive = logged  # type: ignore[method-assign]
+        participant.start = logged_start  # type: ignore[method-assign,assignment]
+        participant.receive = logged  # type: ignore[method-assign,assignment]
     return SignedRound(r, signers[AGGREGATOR], received, sent)
 
 
@@ -185,7 +185,9 @@ def test_survivor_signing_wrong_answers_is_named_and_the_round_still_verifies() 
     for u in (A, B):
         assert np.array_equal(s.verify(u, transcript), s.r.expected_sum(s.r.peers))
     # Published anyway, C's signed wrong answers would make every peer refuse the round.
-    lying = replace(transcript, answers=(*transcript.answers, replies[C]), inputs=())
+    lie = replies[C]
+    assert isinstance(lie, LinearAnswers)
+    lying = replace(transcript, answers=(*transcript.answers, lie), inputs=())
     refused_by_everyone(s, lying, "linear checks fail", (A, B))
 
 
@@ -333,8 +335,10 @@ def test_linear_answers_are_the_inner_products_mod_the_ring(
     answers = linear_answers(key, y)
     assert list(answers) == reference_answers(key, y, bits)
     # Linear over the ring: what the sum check relies on.
-    both = linear_answers(key, y + w)
-    assert list(both) == [(a + b) % (1 << bits) for a, b in zip(answers, linear_answers(key, w))]
+    both = linear_answers(key, np.add(y, w))
+    assert list(both) == [
+        (a + b) % (1 << bits) for a, b in zip(answers, linear_answers(key, w), strict=True)
+    ]
 
 
 @pytest.mark.parametrize("bits", [32, 64])
@@ -347,7 +351,8 @@ def test_half_ring_error_is_seen_exactly_by_the_functionals_that_touch_its_coord
     error = np.zeros(1000, dtype=np.uint32 if bits == 32 else np.uint64)
     error[700] = error.dtype.type(1 << (bits - 1))
     column = challenge_bits(key, error.size)[:, 700]
-    assert len(column) == LAMBDA and column.any()
+    assert len(column) == LAMBDA
+    assert column.any()
     assert list(linear_answers(key, error)) == [int(b) << (bits - 1) for b in column]
 
 
