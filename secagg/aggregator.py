@@ -19,7 +19,7 @@ closes the stage has dropped out at that stage.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -73,6 +73,10 @@ _NEXT_STAGE: dict[Stage, Stage | None] = {
 }
 
 
+def _as_computed(aggregate: WordArray) -> WordArray:
+    return aggregate
+
+
 @dataclass(frozen=True, slots=True, eq=False)
 class AggregateResult:
     """The round's outcome: the sum over ``survivors`` of their inputs, mod 2^bits."""
@@ -94,6 +98,7 @@ class Aggregator(StagedAggregator[Stage, ParticipantMessage, AggregatorMessage])
         verifiers: Mapping[str, Verifier],
         me: str = "aggregator",
         signer: Signer | None = None,
+        publish: Callable[[WordArray], WordArray] | None = None,
     ) -> None:
         super().__init__(me, config.peers, verifiers, Stage.ADVERTISE, frozenset(config.peers))
         self.config = config
@@ -106,6 +111,8 @@ class Aggregator(StagedAggregator[Stage, ParticipantMessage, AggregatorMessage])
         self._signatures: dict[str, ConsistencySignature] = {}
         self._unmask: dict[str, UnmaskShares] = {}
         self._signer = signer  # signs the statement; None when the aggregator has no identity
+        # What it states as the sum: the sum itself, unless a test plays a lying aggregator.
+        self._publish = publish or _as_computed
         self._statement: Statement | None = None
         self._statement_sha256 = b""
         self._correction: WordArray | None = None  # C: aggregate = Σ y_u + C
@@ -366,7 +373,7 @@ class Aggregator(StagedAggregator[Stage, ParticipantMessage, AggregatorMessage])
             tuple(self._masked[u].header() for u in config.peers if u in self._masked),
             tuple(self._signatures[u] for u in sorted(self._signatures)),
             tuple(self._unmask[u] for u in sorted(self._unmask)),
-            aggregate,
+            self._publish(aggregate),
         )
         if self._signer is not None:
             statement = replace(

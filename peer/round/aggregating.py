@@ -226,7 +226,9 @@ class AggregatorRound:
             dropped = self.protocol.dropped.get(stage, ())
             self._info("stage=%s closed dropped=%s", stage.value, ",".join(dropped) or "-")
             for liar in sorted(ctx.backend.misbehaving(self.protocol)):
-                self._warn("participant=%s revealed wrong shares; rebuilt without them", liar)
+                self._warn(
+                    "participant=%s revealed wrong shares or answers; went on without them", liar
+                )
             for peer, message in outgoing.items():
                 self._send(peer, message)
 

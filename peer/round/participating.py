@@ -120,7 +120,7 @@ async def participate(ctx: RoundContext, aggregator: RoundStreamDialer) -> Round
                 outcome.reason = "the aggregator closed the stream before the round ended"
                 return outcome
             if ctx.backend.is_transcript(message):
-                transcript = message
+                transcript = ctx.backend.completed(message, participant)
             elif isinstance(message, pb.RecordDraft):
                 if transcript is None:
                     raise RemoteProtocolError(ctx.aggregator, "record draft before the transcript")
