@@ -32,6 +32,7 @@ from peer.ledger._errors import (
 )
 from peer.ledger._exchange import EXPORT_FORMAT, LedgerExport, export_records, import_records
 from peer.ledger._ledger import Clock, Ledger, system_clock
+from peer.ledger._proofs import StoredProof
 from peer.ledger._records import (
     HASH_BYTES,
     RECORD_DOMAIN,
@@ -107,6 +108,7 @@ __all__ = [
     "SessionInfo",
     "SessionStatus",
     "StatisticsResult",
+    "StoredProof",
     "StoredRecord",
     "canonical_json",
     "export_records",

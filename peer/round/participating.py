@@ -24,7 +24,7 @@ from ..ledger import AgreedRecord, LedgerError
 from ..logs import remote
 from ..payloads import LocalContribution
 from ..wire import peer_pb2 as pb
-from .agreement import build_record, store_agreed
+from .agreement import build_record, store_agreed, store_round_proof
 from .context import RoundContext, RoundOutcome, RoundStatusKind
 
 __all__ = ["RoundStreamDialer", "charge_before_release", "participate"]
@@ -137,6 +137,7 @@ async def participate(ctx: RoundContext, aggregator: RoundStreamDialer) -> Round
                 if my_record is None:
                     raise RemoteProtocolError(ctx.aggregator, "agreed record before the transcript")
                 stored = store_agreed(ctx, message, my_record, contribution)
+                store_round_proof(ctx, transcript, prefix)  # for verify-ledger
                 outcome.status = RoundStatusKind.AGREED
                 outcome.record = stored
                 outcome.reason = f"agreed with {len(message.signatures)} signatures"
