@@ -2,8 +2,12 @@
 
 The aggregator is *untrusted*: it only ever holds masked vectors and the shares that the
 participants chose to reveal, and everything it publishes is re-checked by every peer
-(:func:`secagg.transcript.verify_transcript`). It still validates what it receives, so that
-one misbehaving participant is named and left out instead of spoiling the round:
+(:func:`secagg.succinct.verify_succinct`, without the other peers' vectors; the full
+:func:`secagg.transcript.verify_transcript` remains for the simulator and tests). After
+unmasking it signs the statement (the aggregate and the transcript without vectors) and
+collects the survivors' answers to its linear check (stage PROVE). It still validates what
+it receives, so that one misbehaving participant is named and left out instead of spoiling
+the round:
 
     agg = Aggregator(config, verifiers)
     for each stage:
@@ -11,7 +15,7 @@ one misbehaving participant is named and left out instead of spoiling the round:
             try: agg.receive(message)
             except RemoteProtocolError as e: log e (e.offender is excluded from the round)
         outgoing = agg.close_stage()       # {peer id: message}, or raises RoundAborted
-    agg.result, agg.transcript()
+    agg.result, agg.succinct_transcript(), agg.proof_answers()
 
 The caller owns clocks and deadlines: a peer whose message has not arrived when the caller
 closes the stage has dropped out at that stage.
