@@ -280,17 +280,25 @@ def test_statement_not_signed_by_the_aggregator_is_caught() -> None:
     refused_by_everyone(s, unsigned, "aggregator's valid signature")
 
 
-def test_my_answers_left_out_are_caught() -> None:
+def test_my_answers_altered_are_caught_and_replaced_by_my_vector_accepted() -> None:
     s = signed_round(5, length=20)
     s.r.advance(len(Stage))
     transcript = s.r.aggregator.succinct_transcript()
-    without_b = replace(
+    mine = next(a for a in transcript.answers if a.sender == B)
+    other_answers = tuple(a for a in transcript.answers if a.sender != B)
+    # B's answers altered on the way: caught by everyone, B included.
+    altered = replace(mine, answers=(mine.answers[0] ^ 1, *mine.answers[1:]))
+    refused_by_everyone(
+        s, replace(transcript, answers=(*other_answers, altered)), "answers of hospital-b"
+    )
+    # My answers arrived late, so my signed vector is published instead: accepted (what
+    # every peer received before succinct verification).
+    late = replace(
         transcript,
-        answers=tuple(a for a in transcript.answers if a.sender != B),
+        answers=other_answers,
         inputs=(next(m for m in s.sent[B] if isinstance(m, MaskedInput)),),
     )
-    with pytest.raises(TranscriptError, match="my linear-check answers"):
-        s.verify(B, without_b)
+    assert np.array_equal(s.verify(B, late), s.r.expected_sum(s.r.peers))
 
 
 def test_participant_refuses_to_answer_a_statement_that_alters_its_input() -> None:
