@@ -40,6 +40,7 @@ from .messages import (
     AggregatorMessage,
     ConsistencySignature,
     LinearAnswers,
+    MaskedHeader,
     MaskedInput,
     ParticipantMessage,
     ProofRequest,
@@ -111,6 +112,7 @@ class Aggregator(StagedAggregator[Stage, ParticipantMessage, AggregatorMessage])
         self._shares: dict[str, ShareKeys] = {}
         self._relayed_to: dict[str, frozenset[str]] = {}  # recipient -> its view of U2
         self._masked: dict[str, MaskedInput] = {}
+        self._headers: dict[str, MaskedHeader] = {}
         self._survivors: frozenset[str] = frozenset()
         self._signatures: dict[str, ConsistencySignature] = {}
         self._unmask: dict[str, UnmaskShares] = {}
@@ -199,7 +201,7 @@ class Aggregator(StagedAggregator[Stage, ParticipantMessage, AggregatorMessage])
                 config,
                 self._verifiers[sender],
                 self._statement_sha256,
-                self._masked[sender].header().vector_sha256,
+                self._header(sender).vector_sha256,
             )
             if problem is not None:
                 raise RemoteProtocolError(sender, problem)
@@ -330,7 +332,7 @@ class Aggregator(StagedAggregator[Stage, ParticipantMessage, AggregatorMessage])
                 : config.quorum
             ]
             survivors = tuple(sorted(self._survivors))
-            headers = {u: m.header() for u, m in self._masked.items()}
+            headers = {u: self._header(u) for u in self._masked}
             return {
                 u: UnmaskRequest(
                     sid,
@@ -374,7 +376,7 @@ class Aggregator(StagedAggregator[Stage, ParticipantMessage, AggregatorMessage])
             config.round,
             self.me,
             tuple(self._adverts[u] for u in config.peers if u in self._adverts),
-            tuple(self._masked[u].header() for u in config.peers if u in self._masked),
+            tuple(self._header(u) for u in config.peers if u in self._masked),
             tuple(self._signatures[u] for u in sorted(self._signatures)),
             tuple(self._unmask[u] for u in sorted(self._unmask)),
             self._publish(aggregate),
@@ -431,6 +433,12 @@ class Aggregator(StagedAggregator[Stage, ParticipantMessage, AggregatorMessage])
     def _masked_vector(self, u: str) -> WordArray:
         """The masked input vector of survivor ``u`` (the one seam to where inputs are kept)."""
         return self._masked[u].vector
+
+    def _header(self, u: str) -> MaskedHeader:
+        """Survivor ``u``'s signed masked-input header (its vector hashed once per round)."""
+        if u not in self._headers:
+            self._headers[u] = self._masked[u].header()
+        return self._headers[u]
 
     def _masked_sum(self) -> WordArray:
         """Σ_u y_u over the survivors (a fresh array)."""

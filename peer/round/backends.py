@@ -72,7 +72,7 @@ def _no_one(protocol: AggregatorRole) -> Set[str]:
     return frozenset()
 
 
-def _as_sent(message: object, participant: ParticipantRole) -> object:
+def _unchanged(message: object, participant: ParticipantRole) -> object:
     return message
 
 
@@ -196,7 +196,7 @@ class CleartextBackend:
         return False
 
     def completed(self, transcript: object, participant: ParticipantRole) -> object:
-        return _as_sent(transcript, participant)
+        return _unchanged(transcript, participant)
 
     def stage_reached(self, participant: ParticipantRole) -> str:
         return Stage.MASKED.value
@@ -257,7 +257,7 @@ class PaillierBackend:
         )
 
     def completed(self, transcript: object, participant: ParticipantRole) -> object:
-        return _as_sent(transcript, participant)
+        return _unchanged(transcript, participant)
 
     def stage_reached(self, participant: ParticipantRole) -> str:
         state = participant.state
