@@ -378,7 +378,8 @@ class Aggregator(StagedAggregator[Stage, ParticipantMessage, AggregatorMessage])
             tuple(self._adverts[u] for u in config.peers if u in self._adverts),
             tuple(self._header(u) for u in config.peers if u in self._masked),
             tuple(self._signatures[u] for u in sorted(self._signatures)),
-            tuple(self._unmask[u] for u in sorted(self._unmask)),
+            tuple((u, self_seeds[u]) for u in config.peers if u in self_seeds),
+            tuple((v, dropped_keys[v].private_bytes()) for v in config.peers if v in dropped_keys),
             self._publish(aggregate),
         )
         if self._signer is not None:

@@ -320,7 +320,10 @@ class UnmaskRequest:
 @dataclass(frozen=True, slots=True, eq=False)
 class Statement:
     """What the aggregator publishes once it has the aggregate: the transcript without any
-    masked vector (the survivors' signed headers carry their digests) and the aggregate z.
+    masked vector (the survivors' signed headers carry their digests), the secrets it
+    reconstructed (each survivor's self-mask seed b_u, each dropped partner's mask private
+    key: every one checkable against its owner's signed advert, so the n² shares they were
+    rebuilt from need not travel) and the aggregate z.
 
     Fixed before any challenge exists: the challenge is derived from :meth:`sha256`
     (Fiat–Shamir, :mod:`secagg.linear_check`). ``signature`` is the aggregator's over
@@ -334,7 +337,8 @@ class Statement:
     adverts: tuple[AdvertiseKeys, ...]
     masked: tuple[MaskedHeader, ...]
     consistency: tuple[ConsistencySignature, ...]
-    unmask: tuple[UnmaskShares, ...]
+    seeds: tuple[tuple[str, bytes], ...]  # (survivor, its self-mask seed b_u)
+    mask_keys: tuple[tuple[str, bytes], ...]  # (dropped partner, its mask private key)
     aggregate: WordArray
     signature: bytes = b""
 
@@ -353,8 +357,10 @@ class Statement:
         parts += [canonical(h.signed_payload(digest), h.signature) for h in self.masked]
         parts.append(b"consistency")
         parts += [canonical(c.sender, c.signature) for c in self.consistency]
-        parts.append(b"unmask")
-        parts += [canonical(u.signed_payload(digest), u.signature) for u in self.unmask]
+        parts.append(b"seeds")
+        parts += [canonical(owner, seed) for owner, seed in self.seeds]
+        parts.append(b"mask-keys")
+        parts += [canonical(owner, key) for owner, key in self.mask_keys]
         parts.append(vector_digest(self.aggregate))
         return sha256(canonical(*parts))
 
@@ -417,7 +423,7 @@ def statement_size(statement: Statement) -> int:
         sum(message_size(a) for a in statement.adverts)
         + headers
         + sum(message_size(c) for c in statement.consistency)
-        + sum(message_size(u) for u in statement.unmask)
+        + sum(len(o) + len(k) for o, k in (*statement.seeds, *statement.mask_keys))
         + statement.aggregate.nbytes
         + len(statement.signature)
     )

@@ -8,8 +8,10 @@ masked input: O(n·m) per peer, O(n²·m) out of the aggregator. Instead:
 1. Once the aggregator has unmasked the sum z it fixes the *statement*
    (:class:`~secagg.messages.Statement`): adverts, the survivors' signed masked-input
    headers (each carries the SHA-256 of the survivor's vector), consistency signatures,
-   unmask responses, and z; it signs it with its roster key and sends it to every survivor
-   that revealed shares (:class:`~secagg.messages.ProofRequest`).
+   the secrets it reconstructed (self-mask seeds of survivors, mask keys of dropped
+   partners, each checkable against its owner's signed advert), and z; it signs it with its
+   roster key and sends it to every survivor that revealed shares
+   (:class:`~secagg.messages.ProofRequest`).
 2. A challenge is derived from the statement's digest (Fiat–Shamir,
    :func:`secagg.linear_check.challenge_key`): λ = 128 pseudo-random 0/1 functionals r_j.
    Each survivor checks the statement shows its own input unaltered and the survivor set it
@@ -166,7 +168,7 @@ def verify_succinct(
         adverts=statement.adverts,
         masked=statement.masked,
         consistency=statement.consistency,
-        unmask=statement.unmask,
+        secrets=(statement.seeds, statement.mask_keys),
         own=own.header() if own is not None else None,
         signed=signed,
     )

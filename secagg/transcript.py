@@ -9,7 +9,7 @@ altered masked input or a forged share is detected, and the round is not agreed.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -18,7 +18,7 @@ import numpy as np
 from .config import RoundConfig
 from .crypto import KeyPair, Verifier, is_valid_x25519_public
 from .errors import RemoteProtocolError, RoundAborted
-from .masking import mask_correction, reconstruct_secrets
+from .masking import mask_correction, reconstruct_secrets, self_mask_commitment
 from .messages import (
     AdvertiseKeys,
     ConsistencySignature,
@@ -127,7 +127,8 @@ def check_published(
     adverts: tuple[AdvertiseKeys, ...],
     masked: tuple[MaskedHeader, ...],
     consistency: tuple[ConsistencySignature, ...],
-    unmask: tuple[UnmaskShares, ...],
+    unmask: tuple[UnmaskShares, ...] = (),
+    secrets: RevealedSecrets | None = None,
     own: MaskedHeader | None = None,
     signed: ConsistencySignature | None = None,
     fail: type[TranscriptError] = TranscriptError,
@@ -136,7 +137,10 @@ def check_published(
 
     Shared by the full transcript (:func:`verify_transcript`) and the succinct one
     (:func:`secagg.succinct.verify_succinct`): the survivors are those whose signed masked
-    input headers are listed; their vectors are not needed here.
+    input headers are listed; their vectors are not needed here. The secrets that unmask the
+    sum come either as the signed ``unmask`` responses (shares, reconstructed here) or, in
+    the succinct statement, as ``secrets`` already reconstructed by the aggregator (each
+    checked against its owner's signed advert).
 
     Raises:
         TranscriptError: naming the aggregator and exactly what is wrong.
@@ -218,6 +222,10 @@ def check_published(
             f"{config.quorum} needed"
         )
 
+    dropped = frozenset(v for h in headers.values() for v in h.masked_with) - survivors
+    if secrets is not None:
+        self_seeds, dropped_keys = _check_secrets(secrets, by_sender, survivors, dropped, error)
+        return CheckedRound(by_sender, headers, self_seeds, dropped_keys, frozenset())
     responses = _unique_by_sender(unmask, "unmask responses", fail, agg)
     for u, response in responses.items():
         if u not in signatures:
@@ -230,7 +238,6 @@ def check_published(
         if revealed_both:
             raise error(f"{u} revealed both shares of {sorted(revealed_both)}")
 
-    dropped = frozenset(v for h in headers.values() for v in h.masked_with) - survivors
     misbehaving: set[str] = set()
     try:
         self_seeds, dropped_keys = reconstruct_secrets(  # tolerates one wrong share holder
@@ -239,6 +246,36 @@ def check_published(
     except (RoundAborted, RemoteProtocolError, ShareError) as problem:
         raise error(f"the revealed shares do not unmask the sum: {problem}") from None
     return CheckedRound(by_sender, headers, self_seeds, dropped_keys, frozenset(misbehaving))
+
+
+RevealedSecrets = tuple[tuple[tuple[str, bytes], ...], tuple[tuple[str, bytes], ...]]
+"""(survivor, self-mask seed) pairs and (dropped partner, mask private key) pairs."""
+
+
+def _check_secrets(
+    secrets: RevealedSecrets,
+    adverts: Mapping[str, AdvertiseKeys],
+    survivors: frozenset[str],
+    dropped: frozenset[str],
+    error: Callable[[str], TranscriptError],
+) -> tuple[dict[str, bytes], dict[str, KeyPair]]:
+    """The reconstructed secrets, each the one its owner committed to in its signed advert:
+    exactly the survivors' self-mask seeds and the dropped partners' mask keys."""
+    seeds, keys = dict(secrets[0]), dict(secrets[1])
+    if len(seeds) != len(secrets[0]) or set(seeds) != survivors:
+        raise error("the statement does not reveal exactly the survivors' self-mask seeds")
+    if len(keys) != len(secrets[1]) or set(keys) != dropped:
+        raise error("the statement does not reveal exactly the dropped partners' mask keys")
+    for u, seed in seeds.items():
+        if len(seed) != 32 or self_mask_commitment(seed) != adverts[u].self_mask_commitment:
+            raise error(f"the self-mask seed of {u} is not the one {u} committed to")
+    pairs: dict[str, KeyPair] = {}
+    for v, key in keys.items():
+        pair = KeyPair.from_private_bytes(key) if len(key) == 32 else None
+        if pair is None or pair.public != adverts[v].mask_public:
+            raise error(f"the mask key of {v} is not the one {v} advertised")
+        pairs[v] = pair
+    return seeds, pairs
 
 
 def verify_transcript(

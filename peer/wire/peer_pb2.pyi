@@ -468,7 +468,8 @@ Global___Transcript: _TypeAlias = Transcript  # noqa: Y015
 @_typing.final
 class Statement(_message.Message):
     """Succinct verification (secagg/succinct.py): the aggregate is checked without any other
-    peer's masked vector. The aggregator's statement: the transcript without vectors, and z.
+    peer's masked vector. The aggregator's statement: the transcript without vectors (and the
+    reconstructed secrets instead of the shares), and z.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -479,10 +480,11 @@ class Statement(_message.Message):
     ADVERTS_FIELD_NUMBER: _builtins.int
     MASKED_FIELD_NUMBER: _builtins.int
     CONSISTENCY_FIELD_NUMBER: _builtins.int
-    UNMASK_FIELD_NUMBER: _builtins.int
+    SEEDS_FIELD_NUMBER: _builtins.int
     BITS_FIELD_NUMBER: _builtins.int
     AGGREGATE_FIELD_NUMBER: _builtins.int
     SIGNATURE_FIELD_NUMBER: _builtins.int
+    MASK_KEYS_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     round: _builtins.int
     aggregator: _builtins.str
@@ -498,7 +500,13 @@ class Statement(_message.Message):
     @_builtins.property
     def consistency(self) -> _containers.RepeatedCompositeFieldContainer[Global___ConsistencySignature]: ...
     @_builtins.property
-    def unmask(self) -> _containers.RepeatedCompositeFieldContainer[Global___UnmaskShares]: ...
+    def seeds(self) -> _containers.RepeatedCompositeFieldContainer[Global___Addressed]:
+        """(survivor, its self-mask seed), reconstructed"""
+
+    @_builtins.property
+    def mask_keys(self) -> _containers.RepeatedCompositeFieldContainer[Global___Addressed]:
+        """(dropped partner, its mask private key), reconstructed"""
+
     def __init__(
         self,
         *,
@@ -508,14 +516,15 @@ class Statement(_message.Message):
         adverts: _abc.Iterable[Global___AdvertiseKeys] | None = ...,
         masked: _abc.Iterable[Global___MaskedHeader] | None = ...,
         consistency: _abc.Iterable[Global___ConsistencySignature] | None = ...,
-        unmask: _abc.Iterable[Global___UnmaskShares] | None = ...,
+        seeds: _abc.Iterable[Global___Addressed] | None = ...,
         bits: _builtins.int = ...,
         aggregate: _builtins.bytes = ...,
         signature: _builtins.bytes = ...,
+        mask_keys: _abc.Iterable[Global___Addressed] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adverts", b"adverts", "aggregate", b"aggregate", "aggregator", b"aggregator", "bits", b"bits", "consistency", b"consistency", "masked", b"masked", "round", b"round", "session_id", b"session_id", "signature", b"signature", "unmask", b"unmask"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adverts", b"adverts", "aggregate", b"aggregate", "aggregator", b"aggregator", "bits", b"bits", "consistency", b"consistency", "mask_keys", b"mask_keys", "masked", b"masked", "round", b"round", "seeds", b"seeds", "session_id", b"session_id", "signature", b"signature"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

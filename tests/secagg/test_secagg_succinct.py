@@ -229,6 +229,29 @@ def test_swapped_masked_input_from_another_round_is_caught() -> None:
     refused_by_everyone(s, SuccinctTranscript(forged, ()), "hospital-b has an invalid signature")
 
 
+def test_a_revealed_secret_other_than_the_committed_one_is_caught() -> None:
+    """The statement carries the reconstructed secrets, not the n² shares: each must be the
+    one its owner committed to in its signed advert."""
+    s = signed_round(5, length=20)
+    outgoing = s.r.advance(list(Stage).index(Stage.PROVE), drop={2: [C]})  # C drops: masked
+    statement = next(iter(outgoing.values())).statement
+    assert [v for v, _ in statement.mask_keys] == [C]
+    seeds = tuple((u, bytes(32) if u == A else seed) for u, seed in statement.seeds)
+    forged = resign(s, replace(statement, seeds=seeds))
+    peers = tuple(u for u in s.r.peers if u != C)
+    refused_by_everyone(
+        s, SuccinctTranscript(forged, ()), "self-mask seed of hospital-a is not the one", peers
+    )
+    keys = ((C, bytes(31) + b"\x01"),)
+    forged = resign(s, replace(statement, mask_keys=keys))
+    refused_by_everyone(s, SuccinctTranscript(forged, ()), "mask key of hospital-c", peers)
+    # A dropped peer's key offered for a survivor (asking for "both" secrets): refused.
+    forged = resign(
+        s, replace(statement, mask_keys=((C, statement.mask_keys[0][1]), (A, bytes(32))))
+    )
+    refused_by_everyone(s, SuccinctTranscript(forged, ()), "exactly the dropped", peers)
+
+
 def test_swapped_vector_in_the_published_fallback_is_caught() -> None:
     s = signed_round(5, length=20)
     outgoing = run_to_proof(s)
