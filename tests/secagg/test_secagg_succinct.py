@@ -234,7 +234,9 @@ def test_a_revealed_secret_other_than_the_committed_one_is_caught() -> None:
     one its owner committed to in its signed advert."""
     s = signed_round(5, length=20)
     outgoing = s.r.advance(list(Stage).index(Stage.PROVE), drop={2: [C]})  # C drops: masked
-    statement = next(iter(outgoing.values())).statement
+    request = outgoing[A]
+    assert isinstance(request, ProofRequest)
+    statement = request.statement
     assert [v for v, _ in statement.mask_keys] == [C]
     seeds = tuple((u, bytes(32) if u == A else seed) for u, seed in statement.seeds)
     forged = resign(s, replace(statement, seeds=seeds))
