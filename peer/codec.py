@@ -24,9 +24,14 @@ from secagg import (
     AdvertisedKeys,
     AdvertiseKeys,
     ConsistencySignature,
+    LinearAnswers,
     MaskedInput,
+    ProofAnswers,
+    ProofRequest,
     ShareKeys,
     SharesToYou,
+    Statement,
+    SuccinctTranscript,
     SurvivorSet,
     Transcript,
     UnmaskRequest,
@@ -167,6 +172,68 @@ def _unmask(p: pb.UnmaskShares) -> UnmaskShares:
     )
 
 
+def _header_pb(h: MaskedHeader) -> pb.MaskedHeader:
+    return pb.MaskedHeader(
+        sender=h.sender,
+        masked_with=list(h.masked_with),
+        vector_sha256=h.vector_sha256,
+        signature=h.signature,
+    )
+
+
+def _header(p: pb.MaskedHeader) -> MaskedHeader:
+    return MaskedHeader(p.sender, tuple(p.masked_with), p.vector_sha256, p.signature)
+
+
+def _statement_pb(m: Statement) -> pb.Statement:
+    bits, raw = _vector_bytes(m.aggregate)
+    return pb.Statement(
+        session_id=m.session_id,
+        round=m.round,
+        aggregator=m.aggregator,
+        adverts=[_advert_pb(a) for a in m.adverts],
+        masked=[_header_pb(h) for h in m.masked],
+        consistency=[_consistency_pb(c) for c in m.consistency],
+        seeds=_addressed(m.seeds),
+        mask_keys=_addressed(m.mask_keys),
+        bits=bits,
+        aggregate=raw,
+        signature=m.signature,
+    )
+
+
+def _statement(p: pb.Statement) -> Statement:
+    return Statement(
+        p.session_id,
+        p.round,
+        p.aggregator,
+        tuple(_advert(a) for a in p.adverts),
+        tuple(_header(h) for h in p.masked),
+        tuple(_consistency(c) for c in p.consistency),
+        _pairs(p.seeds),
+        _pairs(p.mask_keys),
+        _vector(p.bits, p.aggregate),
+        p.signature,
+    )
+
+
+def _answers_pb(m: LinearAnswers) -> pb.LinearAnswers:
+    return pb.LinearAnswers(
+        sender=m.sender,
+        session_id=m.session_id,
+        round=m.round,
+        statement_sha256=m.statement_sha256,
+        answers=list(m.answers),
+        signature=m.signature,
+    )
+
+
+def _answers(p: pb.LinearAnswers) -> LinearAnswers:
+    return LinearAnswers(
+        p.sender, p.session_id, p.round, p.statement_sha256, tuple(p.answers), p.signature
+    )
+
+
 def _cleartext_pb(m: CleartextInput) -> pb.CleartextInput:
     bits, raw = _vector_bytes(m.vector)
     return pb.CleartextInput(
@@ -228,15 +295,29 @@ def to_proto(message: object) -> Message:
             survivors=list(message.survivors),
             dropped=list(message.dropped),
             signatures=[_consistency_pb(s) for s in message.signatures],
-            masked=[
-                pb.MaskedHeader(
-                    sender=h.sender,
-                    masked_with=list(h.masked_with),
-                    vector_sha256=h.vector_sha256,
-                    signature=h.signature,
-                )
-                for h in message.masked
-            ],
+            masked=[_header_pb(h) for h in message.masked],
+        )
+    if isinstance(message, LinearAnswers):
+        return _answers_pb(message)
+    if isinstance(message, ProofRequest):
+        return pb.ProofRequest(
+            session_id=message.session_id,
+            round=message.round,
+            statement=_statement_pb(message.statement),
+        )
+    if isinstance(message, ProofAnswers):
+        return pb.ProofAnswers(
+            session_id=message.session_id,
+            round=message.round,
+            statement_sha256=message.statement_sha256,
+            answers=[_answers_pb(a) for a in message.answers],
+            inputs=[_masked_pb(m) for m in message.inputs],
+        )
+    if isinstance(message, SuccinctTranscript):
+        return pb.SuccinctTranscript(
+            statement=_statement_pb(message.statement),
+            answers=[_answers_pb(a) for a in message.answers],
+            inputs=[_masked_pb(m) for m in message.inputs],
         )
     if isinstance(message, CleartextInput):
         return _cleartext_pb(message)
@@ -316,10 +397,25 @@ def _from_proto(p: Message) -> object:
             tuple(p.survivors),
             tuple(p.dropped),
             tuple(_consistency(s) for s in p.signatures),
-            tuple(
-                MaskedHeader(h.sender, tuple(h.masked_with), h.vector_sha256, h.signature)
-                for h in p.masked
-            ),
+            tuple(_header(h) for h in p.masked),
+        )
+    if isinstance(p, pb.LinearAnswers):
+        return _answers(p)
+    if isinstance(p, pb.ProofRequest):
+        return ProofRequest(p.session_id, p.round, _statement(p.statement))
+    if isinstance(p, pb.ProofAnswers):
+        return ProofAnswers(
+            p.session_id,
+            p.round,
+            p.statement_sha256,
+            tuple(_answers(a) for a in p.answers),
+            tuple(_masked(m) for m in p.inputs),
+        )
+    if isinstance(p, pb.SuccinctTranscript):
+        return SuccinctTranscript(
+            _statement(p.statement),
+            tuple(_answers(a) for a in p.answers),
+            tuple(_masked(m) for m in p.inputs),
         )
     if isinstance(p, pb.CleartextInput):
         return _cleartext(p)
@@ -362,6 +458,10 @@ _KINDS: dict[str, type[Message]] = {
         "SurvivorSet",
         "UnmaskRequest",
         "Transcript",
+        "LinearAnswers",
+        "ProofRequest",
+        "ProofAnswers",
+        "SuccinctTranscript",
         "CleartextInput",
         "CleartextTranscript",
         "PlainSum",

@@ -219,6 +219,15 @@ class EnvironmentFaults:
             return transcripts
         return {p: _wrong_aggregate(t) for p, t in transcripts.items()}
 
+    def published_aggregate(self, round_: int, aggregate: np.ndarray[Any, Any]) -> Any:
+        # The secagg aggregator states (and signs) its sum before the linear check: that is
+        # where a malicious one lies.
+        if not tamper_transcript_aggregate(round_):
+            return aggregate
+        wrong = aggregate.copy()
+        wrong[0] += 1
+        return wrong
+
 
 def from_environment() -> FaultHooks:
     """The hooks a test asked for through the environment; no-op hooks when none is set."""

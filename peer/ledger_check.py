@@ -10,16 +10,20 @@ ledger cannot be read.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .cli import EXIT_FAILED, EXIT_OK, UsageError, user_errors
 
 if TYPE_CHECKING:
-    from .ledger import LedgerReport
+    from secagg import Verifier
 
-__all__ = ["add_arguments", "check_ledger", "command"]
+    from .ledger import Ledger, LedgerProblem, LedgerReport
+
+__all__ = ["add_arguments", "check_ledger", "command", "round_proof_problems"]
 
 _SQLITE = "sqlite:///"
 
@@ -61,9 +65,73 @@ def check_ledger(config_path: Path, min_signatures: int | None = None) -> Ledger
             raise UsageError(f"{config_path}: no ledger at {database} (has this peer run?)")
     try:
         with Ledger(config.ledger_url) as ledger:
-            return verify_ledger(ledger, roster.verifiers(), min_signatures=min_signatures)
+            verifiers = roster.verifiers()
+            report = verify_ledger(ledger, verifiers, min_signatures=min_signatures)
+            proofs = round_proof_problems(ledger, verifiers)
+            return dataclasses.replace(report, problems=(*report.problems, *proofs))
     except LedgerError as error:
         raise UsageError(f"{config_path}: cannot read the ledger: {error}") from None
+
+
+def round_proof_problems(ledger: Ledger, verifiers: Mapping[str, Verifier]) -> list[LedgerProblem]:
+    """Re-run the succinct check (secagg/succinct.py) of every stored round's evidence
+    (peer/ledger/_proofs.py) and check it is the evidence of the agreed record's aggregate.
+
+    An edited transcript, answer, signature, aggregate or parameter fails the check (every
+    item is signed over the round's parameters, and the answers over the statement); an
+    evidence row without its agreed record, or of another aggregate, is reported too.
+    """
+    from secagg import (
+        RoundConfig,
+        SecAggError,
+        SuccinctTranscript,
+        TranscriptError,
+        verify_succinct,
+    )
+
+    from .codec import CodecError, decode
+    from .ledger import LedgerProblem, ProblemKind
+    from .round.agreement import aggregate_hash
+
+    agreed = {(r.record.session_id, r.record.round): r for r in ledger.agreed_records()}
+    problems: list[LedgerProblem] = []
+    for proof in ledger.round_proofs():
+
+        def problem(message: str, peers: tuple[str, ...] = ()) -> None:
+            problems.append(
+                LedgerProblem(
+                    ProblemKind.ROUND_PROOF,
+                    message,
+                    session_id=proof.session_id,  # noqa: B023 (called in this iteration)
+                    round=proof.round,  # noqa: B023
+                    peers=peers,
+                )
+            )
+
+        stored = agreed.get((proof.session_id, proof.round))
+        if stored is None:
+            problem("evidence of a round that has no agreed record")
+            continue
+        try:
+            config = RoundConfig.from_dict(json.loads(proof.config_json))
+            transcript = decode("SuccinctTranscript", proof.transcript)
+        except (ValueError, TypeError, KeyError, CodecError, SecAggError) as error:
+            problem(f"the stored evidence cannot be read: {error}")
+            continue
+        if not isinstance(transcript, SuccinctTranscript) or (
+            config.session_id,
+            config.round,
+        ) != (proof.session_id, proof.round):
+            problem("the stored evidence is of another round")
+            continue
+        try:
+            verified = verify_succinct(transcript, config, verifiers, aggregator=proof.aggregator)
+        except TranscriptError as error:
+            problem(f"the round's succinct check fails: {error}", (error.offender,))
+            continue
+        if aggregate_hash(verified.aggregate) != stored.record.aggregate_hash:
+            problem("the verified aggregate is not the one the agreed record holds")
+    return problems
 
 
 def command(args: argparse.Namespace) -> int:

@@ -184,7 +184,9 @@ def aggregator_memory(n: int, m: int, spool_parent: Path | None = None) -> dict[
     meter = _Meter()
     tracemalloc.start()
     try:
-        aggregator: Aggregator = meter.call(lambda: Aggregator(config, verifiers, "agg", spool))
+        aggregator: Aggregator = meter.call(
+            lambda: Aggregator(config, verifiers, "agg", spool=spool)
+        )
         replies: dict[str, Any] = {u: p.start() for u, p in participants.items()}
         per_stage: dict[str, int] = {}
         while True:

@@ -33,17 +33,21 @@ from .messages import (
     AdvertiseKeys,
     AggregatorMessage,
     ConsistencySignature,
+    LinearAnswers,
     MaskedHeader,
     MaskedInput,
     ParticipantMessage,
+    ProofRequest,
     ShareKeys,
     SharesToYou,
+    Statement,
     SurvivorSet,
     UnmaskRequest,
     UnmaskShares,
 )
 from .participant import Participant, ParticipantState
 from .quantize import QuantizedVector, Quantizer
+from .succinct import ProofAnswers, SuccinctTranscript, verify_succinct
 from .transcript import Transcript, TranscriptError, VerifiedAggregate, verify_transcript
 
 __all__ = [
@@ -60,6 +64,7 @@ __all__ = [
     "GraphKind",
     "InvalidSignatureError",
     "KeyPair",
+    "LinearAnswers",
     "LocalProtocolError",
     "MaskedHeader",
     "MaskedInput",
@@ -68,6 +73,8 @@ __all__ = [
     "ParticipantMessage",
     "ParticipantRole",
     "ParticipantState",
+    "ProofAnswers",
+    "ProofRequest",
     "QuantizedVector",
     "Quantizer",
     "RandomSource",
@@ -80,6 +87,8 @@ __all__ = [
     "SharesToYou",
     "Signer",
     "Stage",
+    "Statement",
+    "SuccinctTranscript",
     "SurvivorSet",
     "SystemRandom",
     "Transcript",
@@ -92,5 +101,6 @@ __all__ = [
     "recommend_parameters",
     "signer_from_private_key",
     "verifier_from_public_key",
+    "verify_succinct",
     "verify_transcript",
 ]

@@ -2,8 +2,12 @@
 
 The aggregator is *untrusted*: it only ever holds masked vectors and the shares that the
 participants chose to reveal, and everything it publishes is re-checked by every peer
-(:func:`secagg.transcript.verify_transcript`). It still validates what it receives, so that
-one misbehaving participant is named and left out instead of spoiling the round:
+(:func:`secagg.succinct.verify_succinct`, without the other peers' vectors; the full
+:func:`secagg.transcript.verify_transcript` remains for the simulator and tests). After
+unmasking it signs the statement (the aggregate and the transcript without vectors) and
+collects the survivors' answers to its linear check (stage PROVE). It still validates what
+it receives, so that one misbehaving participant is named and left out instead of spoiling
+the round:
 
     agg = Aggregator(config, verifiers)
     for each stage:
@@ -11,7 +15,7 @@ one misbehaving participant is named and left out instead of spoiling the round:
             try: agg.receive(message)
             except RemoteProtocolError as e: log e (e.offender is excluded from the round)
         outgoing = agg.close_stage()       # {peer id: message}, or raises RoundAborted
-    agg.result, agg.transcript()
+    agg.result, agg.succinct_transcript(), agg.proof_answers()
 
 The caller owns clocks and deadlines: a peer whose message has not arrived when the caller
 closes the stage has dropped out at that stage.
@@ -25,24 +29,30 @@ a sender's input read back from the spool. :meth:`Aggregator.close` forgets the 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, replace
+
+import numpy as np
 
 from ._roles import AggregatorState, StagedAggregator
 from .config import RoundConfig, Stage
-from .crypto import Verifier, is_valid_x25519_public
+from .crypto import Signer, Verifier, is_valid_x25519_public
 from .errors import InvalidSignatureError, LocalProtocolError, RemoteProtocolError, RoundAborted
-from .masking import reconstruct_secrets, remove_masks
+from .linear_check import challenge_key, linear_answers, sum_answers
+from .masking import mask_correction, reconstruct_secrets
 from .messages import (
     AdvertisedKeys,
     AdvertiseKeys,
     AggregatorMessage,
     ConsistencySignature,
+    LinearAnswers,
     MaskedHeader,
     MaskedInput,
     ParticipantMessage,
+    ProofRequest,
     ShareKeys,
     SharesToYou,
+    Statement,
     SurvivorSet,
     UnmaskRequest,
     UnmaskShares,
@@ -53,6 +63,7 @@ from .messages import (
 from .ring import WordArray, le_view, word_dtype
 from .shamir import ShareError, decode_share
 from .streaming import MaskedSum, VectorSpool, VectorStream
+from .succinct import ProofAnswers, SuccinctTranscript, check_answers_form
 from .transcript import Transcript
 
 __all__ = ["AggregateResult", "Aggregator", "AggregatorState"]
@@ -63,14 +74,20 @@ _STAGE_MESSAGE: dict[Stage, type] = {
     Stage.MASKED: MaskedInput,
     Stage.CONSISTENCY: ConsistencySignature,
     Stage.UNMASK: UnmaskShares,
+    Stage.PROVE: LinearAnswers,
 }
 _NEXT_STAGE: dict[Stage, Stage | None] = {
     Stage.ADVERTISE: Stage.SHARE,
     Stage.SHARE: Stage.MASKED,
     Stage.MASKED: Stage.CONSISTENCY,
     Stage.CONSISTENCY: Stage.UNMASK,
-    Stage.UNMASK: None,
+    Stage.UNMASK: Stage.PROVE,
+    Stage.PROVE: None,
 }
+
+
+def _as_computed(aggregate: WordArray) -> WordArray:
+    return aggregate
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -103,6 +120,8 @@ class Aggregator(StagedAggregator[Stage, _Kept, AggregatorMessage]):
         config: RoundConfig,
         verifiers: Mapping[str, Verifier],
         me: str = "aggregator",
+        signer: Signer | None = None,
+        publish: Callable[[WordArray], WordArray] | None = None,
         spool: VectorSpool | None = None,
     ) -> None:
         super().__init__(me, config.peers, verifiers, Stage.ADVERTISE, frozenset(config.peers))
@@ -116,6 +135,14 @@ class Aggregator(StagedAggregator[Stage, _Kept, AggregatorMessage]):
         self._survivors: frozenset[str] = frozenset()
         self._signatures: dict[str, ConsistencySignature] = {}
         self._unmask: dict[str, UnmaskShares] = {}
+        self._signer = signer  # signs the statement; None when the aggregator has no identity
+        # What it states as the sum: the sum itself, unless a test plays a lying aggregator.
+        self._publish = publish or _as_computed
+        self._statement: Statement | None = None
+        self._statement_sha256 = b""
+        self._answers: dict[str, LinearAnswers] = {}
+        self._fallback: tuple[str, ...] = ()  # survivors published with their vector
+        self.wrong_answers: set[str] = set()  # signed answers that contradict their input
         self.result: AggregateResult | None = None
 
     # ------------------------------------------------------------------ receiving
@@ -190,6 +217,18 @@ class Aggregator(StagedAggregator[Stage, _Kept, AggregatorMessage]):
         elif isinstance(message, ConsistencySignature):
             payload = consistency_payload(config.digest, tuple(self._survivors))
             self._verify(sender, message.signature, payload, "consistency check")
+        elif isinstance(message, LinearAnswers):
+            # Form and signature here (cheap); the values against the sum when the stage
+            # closes, where one evaluation checks them all.
+            problem = check_answers_form(
+                message,
+                config,
+                self._verifiers[sender],
+                self._statement_sha256,
+                self._header(sender).vector_sha256,
+            )
+            if problem is not None:
+                raise RemoteProtocolError(sender, problem)
         elif isinstance(message, UnmaskShares):
             holds = self._shared_with(sender)
             owners = [u for u, _ in message.self_mask_shares]
@@ -204,6 +243,7 @@ class Aggregator(StagedAggregator[Stage, _Kept, AggregatorMessage]):
             except ShareError as error:
                 raise RemoteProtocolError(sender, f"revealed a malformed share: {error}") from None
             self._verify(sender, message.signature, message.signed_payload(config.digest), "shares")
+
         else:
             raise LocalProtocolError(f"no check for a {type(message).__name__}")
 
@@ -358,7 +398,7 @@ class Aggregator(StagedAggregator[Stage, _Kept, AggregatorMessage]):
                 : config.quorum
             ]
             survivors = tuple(sorted(self._survivors))
-            headers = self._masked
+            headers = {u: self._header(u) for u in self._masked}
             return {
                 u: UnmaskRequest(
                     sid,
@@ -374,6 +414,12 @@ class Aggregator(StagedAggregator[Stage, _Kept, AggregatorMessage]):
                 )
                 for u in sorted(self._signatures, key=config.index)
             }
+        if stage is Stage.UNMASK:
+            return self._close_unmask(arrived)
+        return self._close_prove(arrived)
+
+    def _close_unmask(self, arrived: Mapping[str, _Kept]) -> dict[str, AggregatorMessage]:
+        config = self.config
         self._unmask = {u: m for u, m in arrived.items() if isinstance(m, UnmaskShares)}
         dropped = (
             frozenset(v for m in self._masked.values() for v in m.masked_with) - self._survivors
@@ -381,18 +427,85 @@ class Aggregator(StagedAggregator[Stage, _Kept, AggregatorMessage]):
         self_seeds, dropped_keys = reconstruct_secrets(
             config, self._adverts, self._survivors, dropped, self._unmask, self.misbehaving
         )
-        aggregate = remove_masks(
+        aggregate = mask_correction(
             config,
-            self.masked_sum(),
             {u: m.masked_with for u, m in self._masked.items()},
             {u: a.mask_public for u, a in self._adverts.items()},
             self_seeds,
             dropped_keys,
         )
+        # Σ y_u + C, added into C in place (verifiers rebuild C themselves): O(m) memory.
+        np.add(aggregate, self._sum.total, out=aggregate)
+        statement = Statement(
+            config.session_id,
+            config.round,
+            self.me,
+            tuple(self._adverts[u] for u in config.peers if u in self._adverts),
+            tuple(self._header(u) for u in config.peers if u in self._masked),
+            tuple(self._signatures[u] for u in sorted(self._signatures)),
+            tuple((u, self_seeds[u]) for u in config.peers if u in self_seeds),
+            tuple((v, dropped_keys[v].private_bytes()) for v in config.peers if v in dropped_keys),
+            self._publish(aggregate),
+        )
+        if self._signer is not None:
+            statement = replace(
+                statement, signature=self._signer.sign(statement.signed_payload(config.digest))
+            )
+        self._statement = statement
+        self._statement_sha256 = statement.sha256(config.digest)
+        # Survivors that just revealed shares are alive: they answer the challenge. A
+        # survivor that did not will be published with its vector instead.
+        request = ProofRequest(config.session_id, config.round, statement)
+        return {u: request for u in config.peers if u in self._unmask and u in self._survivors}
+
+    def _close_prove(self, arrived: Mapping[str, _Kept]) -> dict[str, AggregatorMessage]:
+        config = self.config
+        assert self._statement is not None
+        answers = {u: m for u, m in arrived.items() if isinstance(m, LinearAnswers)}
+        key = challenge_key(config.digest, self._statement_sha256)
+
+        def holds(answered: Mapping[str, LinearAnswers]) -> bool:
+            # Σ over the answered survivors of y_u = Σ y_u − Σ over the others.
+            missing = self._survivors - set(answered)
+            # The running sum itself when everyone answered (no copy: memory stays O(m)).
+            partial = self._masked_sum() if missing else self._sum.total
+            for u in missing:
+                np.subtract(partial, self._masked_vector(u), out=partial)
+            claimed = sum_answers([a.answers for a in answered.values()], config.bits)
+            return linear_answers(key, partial) == claimed
+
+        if not holds(answers):
+            # Somebody signed answers that are not over its signed input: find and name it
+            # (its vector is published instead, so the round still verifies).
+            for u in sorted(answers, key=config.index):
+                if linear_answers(key, self._masked_vector(u)) != answers[u].answers:
+                    self.wrong_answers.add(u)
+                    self.misbehaving.add(u)
+            answers = {u: a for u, a in answers.items() if u not in self.wrong_answers}
+            if not holds(answers):  # cannot happen: every remaining answer was checked
+                raise RoundAborted("the linear check fails on the aggregator's own inputs")
+        self._answers = answers
+        self._fallback = tuple(u for u in config.peers if u in self._survivors and u not in answers)
         self.result = AggregateResult(
-            aggregate, tuple(u for u in config.peers if u in self._survivors), dict(self.dropped)
+            self._statement.aggregate,
+            tuple(u for u in config.peers if u in self._survivors),
+            dict(self.dropped),
         )
         return {}
+
+    # ------------------------------------------------------------------ the inputs held
+
+    def _masked_vector(self, u: str) -> WordArray:
+        """The masked input vector of survivor ``u``, read back from the spool."""
+        return self._sum.vector(u)
+
+    def _header(self, u: str) -> MaskedHeader:
+        """Survivor ``u``'s signed masked-input header (hashed as its vector streamed in)."""
+        return self._masked[u]
+
+    def _masked_sum(self) -> WordArray:
+        """Σ_u y_u over the survivors (a fresh array: the running sum, copied)."""
+        return self.masked_sum()
 
     # ------------------------------------------------------------------ publishing
 
@@ -406,20 +519,49 @@ class Aggregator(StagedAggregator[Stage, _Kept, AggregatorMessage]):
             round=self.config.round,
             aggregator=self.me,
             adverts=tuple(self._adverts[u] for u in self.config.peers if u in self._adverts),
-            # Read back from the spool: published in full until verification needs less.
             masked_inputs=tuple(
-                MaskedInput(
-                    h.sender,
-                    self.config.session_id,
-                    self.config.round,
-                    h.masked_with,
-                    self._sum.vector(u),
-                    h.signature,
-                )
-                for u in self.config.peers
-                if (h := self._masked.get(u)) is not None
+                self._masked_input(u) for u in self.config.peers if u in self._masked
             ),
             consistency=tuple(self._signatures[u] for u in sorted(self._signatures)),
             unmask=tuple(self._unmask[u] for u in sorted(self._unmask)),
             aggregate=self.result.aggregate,
         )
+
+    def _masked_input(self, u: str) -> MaskedInput:
+        """Survivor ``u``'s signed masked input, its vector read back from the spool."""
+        h = self._masked[u]
+        return MaskedInput(
+            h.sender,
+            self.config.session_id,
+            self.config.round,
+            h.masked_with,
+            self._sum.vector(u),
+            h.signature,
+        )
+
+    def succinct_transcript(self) -> SuccinctTranscript:
+        """The round without any answered survivor's vector (after DONE): the statement,
+        every survivor's answers, and the vectors of the survivors without valid answers."""
+        if self.result is None or self._statement is None:
+            raise LocalProtocolError("the round has no result to publish")
+        return SuccinctTranscript(
+            self._statement,
+            tuple(self._answers[u] for u in self.config.peers if u in self._answers),
+            tuple(self._masked_input(u) for u in self._fallback),
+        )
+
+    def proof_answers(self) -> ProofAnswers:
+        """What a survivor that was sent the statement still needs (after DONE)."""
+        full = self.succinct_transcript()
+        return ProofAnswers(
+            self.config.session_id,
+            self.config.round,
+            self._statement_sha256,
+            full.answers,
+            full.inputs,
+        )
+
+    @property
+    def asked_to_prove(self) -> frozenset[str]:
+        """The survivors that were sent the statement (they hold it already)."""
+        return frozenset(self._unmask) & self._survivors

@@ -14,13 +14,18 @@ __all__ = ["RoundConfig", "Stage"]
 
 
 class Stage(StrEnum):
-    """The five stages of a round, named as on the command line (``--drop masked:3``)."""
+    """The six stages of a round, named as on the command line (``--drop masked:3``).
+
+    PROVE is the survivors' answers to the linear check of the aggregate
+    (:mod:`secagg.succinct`); a survivor that misses it is verified from its vector instead.
+    """
 
     ADVERTISE = "advertise"
     SHARE = "share"
     MASKED = "masked"
     CONSISTENCY = "consistency"
     UNMASK = "unmask"
+    PROVE = "prove"
 
 
 _MAX_ID = 128
@@ -116,6 +121,42 @@ class RoundConfig:
                     self.degree if self.degree is not None else -1,
                 )
             ),
+        )
+
+    def as_dict(self) -> dict[str, object]:
+        """Every parameter, JSON-ready (the beacon in hex): what a stored round needs to be
+        re-checked later (:meth:`from_dict` is the inverse)."""
+        return {
+            "session_id": self.session_id,
+            "round": self.round,
+            "peers": list(self.peers),
+            "threshold": self.threshold,
+            "vector_length": self.vector_length,
+            "bits": self.bits,
+            "graph_kind": self.graph_kind.value,
+            "degree": self.degree,
+            "colluders": self.colluders,
+            "attempt": self.attempt,
+            "beacon": self.beacon.hex(),
+        }
+
+    @classmethod
+    def from_dict(cls, fields: dict[str, object]) -> RoundConfig:
+        """The config of :meth:`as_dict`. Raises ConfigError (or TypeError, KeyError and
+        ValueError for a malformed mapping)."""
+        degree = fields["degree"]
+        return cls(
+            str(fields["session_id"]),
+            int(str(fields["round"])),
+            tuple(str(p) for p in fields["peers"]),  # type: ignore[attr-defined]
+            int(str(fields["threshold"])),
+            int(str(fields["vector_length"])),
+            int(str(fields["bits"])),
+            GraphKind(str(fields["graph_kind"])),
+            None if degree is None else int(str(degree)),
+            colluders=int(str(fields["colluders"])),
+            attempt=int(str(fields["attempt"])),
+            beacon=bytes.fromhex(str(fields["beacon"])),
         )
 
     @property

@@ -21,13 +21,13 @@ from .crypto import KeyPair, derive_mask_seed, sha256
 from .errors import RemoteProtocolError, RoundAborted
 from .messages import AdvertiseKeys, UnmaskShares
 from .prg import Hasher, MaskExpander
-from .ring import WordArray, word_dtype
+from .ring import WordArray
 from .shamir import Reconstructor, ShareError, decode_share
 
 __all__ = [
+    "mask_correction",
     "mask_input",
     "reconstruct_secrets",
-    "remove_masks",
     "self_mask_commitment",
     "unmask_sum",
 ]
@@ -85,32 +85,37 @@ def unmask_sum(
         dropped_mask_keys: the reconstructed mask key pair of every peer that is in some
             survivor's M(u) but not a survivor itself.
     """
-    total = np.zeros(config.vector_length, dtype=word_dtype(config.bits))
+    total = mask_correction(
+        config,
+        {u: masked_with for u, (masked_with, _) in masked.items()},
+        mask_publics,
+        self_seeds,
+        dropped_mask_keys,
+        expander,
+    )
     for _, vector in masked.values():
         np.add(total, vector, out=total)
-    masked_with = {u: partners for u, (partners, _) in masked.items()}
-    return remove_masks(
-        config, total, masked_with, mask_publics, self_seeds, dropped_mask_keys, expander
-    )
+    return total
 
 
-def remove_masks(
+def mask_correction(
     config: RoundConfig,
-    total: WordArray,
     masked_with: Mapping[str, tuple[str, ...]],
     mask_publics: Mapping[str, bytes],
     self_seeds: Mapping[str, bytes],
     dropped_mask_keys: Mapping[str, KeyPair],
     expander: MaskExpander | None = None,
 ) -> WordArray:
-    """The sum of the survivors' inputs from the sum of their masked inputs, in place.
+    """C such that the sum of the survivors' inputs is Σ_u y_u + C (mod 2^bits).
 
-    Args:
-        total: the sum of y_u over the survivors u (overwritten, and returned).
-        masked_with: for each survivor u in U3, M(u).
-        (the others as in :func:`unmask_sum`)
+    C = −Σ_u PRG(b_u) − Σ_u Σ_{v ∈ M(u) dropped} sign(u, v)·PRG(s_uv): the masks that do not
+    cancel between survivors. It needs only the survivors' mask partners (``masked_with``:
+    u in U3 -> M(u)) and the revealed secrets, never a y_u: the aggregator adds it to the sum
+    of the vectors it holds, and every verifier uses it in the linear check
+    (:mod:`secagg.succinct`) without seeing any y_u.
     """
     expander = expander or MaskExpander(config.vector_length, config.bits)
+    total = np.zeros(config.vector_length, dtype=expander.dtype)
     terms = [(self_seeds[u], -1) for u in masked_with]
     for u, partners in masked_with.items():
         for v in partners:

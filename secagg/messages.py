@@ -1,8 +1,9 @@
 """The protocol's messages: frozen, slotted dataclasses, one per (stage, direction).
 
 Participant -> aggregator:  AdvertiseKeys, ShareKeys, MaskedInput, ConsistencySignature,
-                            UnmaskShares
-Aggregator -> participant:  AdvertisedKeys, SharesToYou, SurvivorSet, UnmaskRequest
+                            UnmaskShares, LinearAnswers
+Aggregator -> participant:  AdvertisedKeys, SharesToYou, SurvivorSet, UnmaskRequest,
+                            ProofRequest
 
 Every message carries ``session_id`` and ``round``. Every message a participant signs is
 signed over :meth:`signed_payload`, which also binds the round configuration's digest, so
@@ -16,7 +17,7 @@ import hashlib
 from dataclasses import dataclass
 
 from .crypto import canonical, sha256
-from .ring import WordArray, le_view
+from .ring import WordArray, le_view, word_dtype
 from .shamir import SHARE_BYTES
 
 __all__ = [
@@ -24,18 +25,23 @@ __all__ = [
     "AdvertisedKeys",
     "AggregatorMessage",
     "ConsistencySignature",
+    "LinearAnswers",
     "MaskedHeader",
     "MaskedInput",
     "ParticipantMessage",
+    "ProofRequest",
     "ShareKeys",
     "SharesToYou",
+    "Statement",
     "SurvivorSet",
     "UnmaskRequest",
     "UnmaskShares",
+    "answers_payload",
     "consistency_payload",
     "masked_payload",
     "message_size",
     "share_payload",
+    "statement_size",
     "vector_digest",
     "vector_hasher",
 ]
@@ -89,6 +95,21 @@ def masked_payload(
 ) -> bytes:
     """What a peer signs for its masked input: the vector's digest and its mask partners."""
     return canonical("secagg/masked/v1", digest, sender, tuple(sorted(masked_with)), vector_sha256)
+
+
+def answers_payload(
+    digest: bytes,
+    sender: str,
+    statement_sha256: bytes,
+    vector_sha256: bytes,
+    answers: tuple[int, ...],
+) -> bytes:
+    """What a survivor signs with its linear-check answers: the statement they answer (hence
+    the challenge) and the digest of the masked input they are computed over."""
+    packed = b"".join(a.to_bytes(8, "little") for a in answers)
+    return canonical(
+        "secagg/linear-answers/v1", digest, sender, statement_sha256, vector_sha256, packed
+    )
 
 
 # ----------------------------------------------------------------- participant -> aggregator
@@ -221,7 +242,35 @@ class UnmaskShares:
         )
 
 
-ParticipantMessage = AdvertiseKeys | ShareKeys | MaskedInput | ConsistencySignature | UnmaskShares
+@dataclass(frozen=True, slots=True)
+class LinearAnswers:
+    """Stage 5: a survivor's answers ⟨r_j, y⟩ mod 2^bits to the challenge of a statement
+    (:mod:`secagg.linear_check`), over its own masked input y, signed
+    (:func:`answers_payload`)."""
+
+    sender: str
+    session_id: str
+    round: int
+    statement_sha256: bytes
+    answers: tuple[int, ...]
+    signature: bytes
+
+    def __post_init__(self) -> None:
+        _require(len(self.statement_sha256) == 32, "statement digest must be 32 bytes")
+        _require(
+            all(isinstance(a, int) and 0 <= a < 1 << 64 for a in self.answers),
+            "answers must be ring words",
+        )
+
+    def signed_payload(self, digest: bytes, vector_sha256: bytes) -> bytes:
+        return answers_payload(
+            digest, self.sender, self.statement_sha256, vector_sha256, self.answers
+        )
+
+
+ParticipantMessage = (
+    AdvertiseKeys | ShareKeys | MaskedInput | ConsistencySignature | UnmaskShares | LinearAnswers
+)
 
 
 # ----------------------------------------------------------------- aggregator -> participant
@@ -278,7 +327,72 @@ class UnmaskRequest:
     masked: tuple[MaskedHeader, ...] = ()
 
 
-AggregatorMessage = AdvertisedKeys | SharesToYou | SurvivorSet | UnmaskRequest
+@dataclass(frozen=True, slots=True, eq=False)
+class Statement:
+    """What the aggregator publishes once it has the aggregate: the transcript without any
+    masked vector (the survivors' signed headers carry their digests), the secrets it
+    reconstructed (each survivor's self-mask seed b_u, each dropped partner's mask private
+    key: every one checkable against its owner's signed advert, so the n² shares they were
+    rebuilt from need not travel) and the aggregate z.
+
+    Fixed before any challenge exists: the challenge is derived from :meth:`sha256`
+    (Fiat–Shamir, :mod:`secagg.linear_check`). ``signature`` is the aggregator's over
+    :meth:`signed_payload` when it has a roster key (the peer), empty otherwise (the
+    simulator's aggregator has no identity).
+    """
+
+    session_id: str
+    round: int
+    aggregator: str
+    adverts: tuple[AdvertiseKeys, ...]
+    masked: tuple[MaskedHeader, ...]
+    consistency: tuple[ConsistencySignature, ...]
+    seeds: tuple[tuple[str, bytes], ...]  # (survivor, its self-mask seed b_u)
+    mask_keys: tuple[tuple[str, bytes], ...]  # (dropped partner, its mask private key)
+    aggregate: WordArray
+    signature: bytes = b""
+
+    def __post_init__(self) -> None:
+        _require(self.aggregate.ndim == 1, "aggregate must be one-dimensional")
+        word_dtype(self.aggregate.dtype.itemsize * 8)
+
+    def sha256(self, digest: bytes) -> bytes:
+        """The digest every challenge and every answer is bound to (the signature is not
+        part of it: it signs this)."""
+        parts = [
+            canonical("secagg/statement/v1", digest, self.session_id, self.round, self.aggregator)
+        ]
+        parts += [canonical(a.signed_payload(digest), a.signature) for a in self.adverts]
+        parts.append(b"masked")
+        parts += [canonical(h.signed_payload(digest), h.signature) for h in self.masked]
+        parts.append(b"consistency")
+        parts += [canonical(c.sender, c.signature) for c in self.consistency]
+        parts.append(b"seeds")
+        parts += [canonical(owner, seed) for owner, seed in self.seeds]
+        parts.append(b"mask-keys")
+        parts += [canonical(owner, key) for owner, key in self.mask_keys]
+        parts.append(vector_digest(self.aggregate))
+        return sha256(canonical(*parts))
+
+    def signed_payload(self, digest: bytes) -> bytes:
+        return canonical("secagg/statement-signature/v1", digest, self.sha256(digest))
+
+    @property
+    def survivors(self) -> tuple[str, ...]:
+        return tuple(h.sender for h in self.masked)
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class ProofRequest:
+    """Stage 4 reply, to each survivor that revealed its shares: the signed statement,
+    whose challenge the survivor answers over its own masked input."""
+
+    session_id: str
+    round: int
+    statement: Statement
+
+
+AggregatorMessage = AdvertisedKeys | SharesToYou | SurvivorSet | UnmaskRequest | ProofRequest
 
 
 def message_size(message: ParticipantMessage | AggregatorMessage) -> int:
@@ -295,6 +409,10 @@ def message_size(message: ParticipantMessage | AggregatorMessage) -> int:
     if isinstance(message, UnmaskShares):
         pairs = (*message.self_mask_shares, *message.mask_key_shares)
         return len(message.sender) + sum(len(o) + len(s) for o, s in pairs) + len(message.signature)
+    if isinstance(message, LinearAnswers):
+        return len(message.sender) + 32 + 8 * len(message.answers) + len(message.signature)
+    if isinstance(message, ProofRequest):
+        return statement_size(message.statement)
     if isinstance(message, AdvertisedKeys):
         return sum(message_size(a) for a in message.adverts)
     if isinstance(message, SharesToYou):
@@ -303,3 +421,19 @@ def message_size(message: ParticipantMessage | AggregatorMessage) -> int:
         return sum(len(u) for u in message.survivors)
     ids = sum(len(u) for u in (*message.survivors, *message.dropped))
     return ids + sum(message_size(s) for s in message.signatures)
+
+
+def statement_size(statement: Statement) -> int:
+    """Bytes of payload a statement carries: headers, signatures, shares and the aggregate."""
+    headers = sum(
+        len(h.sender) + sum(len(v) for v in h.masked_with) + 32 + len(h.signature)
+        for h in statement.masked
+    )
+    return (
+        sum(message_size(a) for a in statement.adverts)
+        + headers
+        + sum(message_size(c) for c in statement.consistency)
+        + sum(len(o) + len(k) for o, k in (*statement.seeds, *statement.mask_keys))
+        + statement.aggregate.nbytes
+        + len(statement.signature)
+    )

@@ -5,7 +5,8 @@
     send(p.receive(advertised_keys))     # ShareKeys
     send(p.receive(shares_to_you))       # MaskedInput
     send(p.receive(survivor_set))        # ConsistencySignature
-    send(p.receive(unmask_request))      # UnmaskShares; p.state is DONE
+    send(p.receive(unmask_request))      # UnmaskShares
+    send(p.receive(proof_request))       # LinearAnswers; p.state is DONE
 
 The aggregator is not trusted. Before answering, the participant checks everything it can
 (see ``_on_*``); any violation raises :class:`RemoteProtocolError` naming the offender and
@@ -42,20 +43,25 @@ from .messages import (
     AdvertiseKeys,
     AggregatorMessage,
     ConsistencySignature,
+    LinearAnswers,
     MaskedHeader,
     MaskedInput,
     ParticipantMessage,
+    ProofRequest,
     ShareKeys,
     SharesToYou,
+    Statement,
     SurvivorSet,
     UnmaskRequest,
     UnmaskShares,
+    answers_payload,
     consistency_payload,
     masked_payload,
     share_payload,
     vector_hasher,
 )
 from .shamir import SHARE_BYTES, decode_share, encode_share, split_secret
+from .succinct import expected_answers
 
 __all__ = ["Participant", "ParticipantState"]
 
@@ -68,6 +74,7 @@ class ParticipantState(StrEnum):
     SHARED = "shared"  # sent ShareKeys, waits for SharesToYou
     MASKED = "masked"  # sent MaskedInput, waits for SurvivorSet
     SIGNED = "signed"  # sent ConsistencySignature, waits for UnmaskRequest
+    UNMASKED = "unmasked"  # sent UnmaskShares, waits for ProofRequest
     DONE = "done"
     FAILED = "failed"
 
@@ -125,6 +132,7 @@ class Participant:
         self._u2: frozenset[str] = frozenset()
         self._u3: tuple[str, ...] = ()
         self._masked: MaskedInput | None = None
+        self._statement: Statement | None = None
 
     @property
     def signed_survivors(self) -> tuple[str, ...] | None:
@@ -134,6 +142,16 @@ class Participant:
         show this same set (:class:`peer.backends.SecAggBackend` compares them).
         """
         return self._u3 if self._u3 else None
+
+    @property
+    def statement(self) -> Statement | None:
+        """The statement whose challenge this participant answered, or None."""
+        return self._statement
+
+    @property
+    def masked_input(self) -> MaskedInput | None:
+        """The masked input this participant sent (what verification binds it to)."""
+        return self._masked
 
     # ------------------------------------------------------------------ driving
 
@@ -408,7 +426,47 @@ class Participant:
             b"",
         )
         signature = self._signer.sign(unsigned.signed_payload(self.config.digest))
-        return replace(unsigned, signature=signature), ParticipantState.DONE
+        return replace(unsigned, signature=signature), ParticipantState.UNMASKED
+
+    def _on_proof_request(self, message: ProofRequest) -> tuple[LinearAnswers, ParticipantState]:
+        """Answer the linear check of the statement over my own masked input.
+
+        The answers are linear functions of y, which the aggregator holds anyway: signing
+        them reveals nothing to it. They are checked to be over the statement that shows my
+        input unaltered and the survivor set I signed, so that they can never vouch for a
+        sum in which my input was swapped, nor for a second view.
+        """
+        statement = message.statement
+        digest = self.config.digest
+        assert self._masked is not None
+        if (statement.session_id, statement.round) != (self.config.session_id, self.config.round):
+            raise self._fail(
+                f"statement of session {statement.session_id!r} round {statement.round}"
+            )
+        if statement.aggregator != self.aggregator:
+            raise self._fail(f"statement in the name of {statement.aggregator!r}")
+        verifier = self._verifiers.get(self.aggregator)
+        if verifier is not None and not verifier.verify(
+            statement.signature, statement.signed_payload(digest)
+        ):
+            raise InvalidSignatureError(self.aggregator, "statement without its valid signature")
+        if tuple(sorted(statement.survivors)) != self._u3:
+            raise self._fail("the statement names a survivor set other than the one I signed")
+        mine = [h for h in statement.masked if h.sender == self.me]
+        if mine != [self._masked.header()]:
+            raise self._fail("the statement shows my masked input altered or missing")
+        if statement.aggregate.shape != (self.config.vector_length,):
+            raise self._fail("the statement's aggregate has the wrong length")
+        answers = expected_answers(self.config, statement, self._masked.vector)
+        statement_sha256 = statement.sha256(digest)
+        signature = self._signer.sign(
+            answers_payload(digest, self.me, statement_sha256, mine[0].vector_sha256, answers)
+        )
+        self._statement = statement
+        reply = LinearAnswers(
+            self.me, self.config.session_id, self.config.round, statement_sha256, answers, signature
+        )
+        return reply, ParticipantState.DONE
 
     def _check_quorum(self, message: UnmaskRequest) -> None:
         payload = consistency_payload(self.config.digest, self._u3)
@@ -475,4 +533,5 @@ _TRANSITIONS: dict[tuple[ParticipantState, type], _Handler] = {
     (ParticipantState.SHARED, SharesToYou): cast(_Handler, Participant._on_shares_to_you),
     (ParticipantState.MASKED, SurvivorSet): cast(_Handler, Participant._on_survivor_set),
     (ParticipantState.SIGNED, UnmaskRequest): cast(_Handler, Participant._on_unmask_request),
+    (ParticipantState.UNMASKED, ProofRequest): cast(_Handler, Participant._on_proof_request),
 }

@@ -58,6 +58,7 @@ from .messages import (
 )
 from .participant import Participant, ParticipantState
 from .ring import WordArray, word_dtype
+from .succinct import SuccinctTranscript, verify_succinct
 from .testing import peer_ids, test_identities
 from .transcript import Transcript, TranscriptError, verify_transcript
 
@@ -139,6 +140,7 @@ class SimulationResult:
     timed: tuple[int, ...] = ()  # 0-based indices of the participants whose times are reported
     transcript: Transcript | None = None
     transcript_error: str | None = None
+    succinct: SuccinctTranscript | None = None  # the same round as the peers verify it
 
 
 def simulate(
@@ -320,7 +322,7 @@ def simulate(
             progress(Progress(stage, len(todo), len(todo), True, clock() - began))
         if attack is not None:
             outgoing = _tamper(attack, stage, outgoing, config, split_signatures, seed)
-        if not outgoing and stage is not Stage.UNMASK:
+        if not outgoing and stage is not STAGES[-1]:
             aborted = f"no participant left after stage {stage.value}"
             break
 
@@ -338,9 +340,17 @@ def simulate(
         wrong = transcript.aggregate.copy()
         wrong[0] += 1
         transcript = replace(transcript, aggregate=wrong)
-    if transcript is not None and verify:
+    succinct = aggregator.succinct_transcript() if result else None
+    if succinct is not None and attack is Attack.WRONG_SUM:
+        wrong = succinct.statement.aggregate.copy()
+        wrong[0] += 1
+        succinct = replace(succinct, statement=replace(succinct.statement, aggregate=wrong))
+    if transcript is not None and succinct is not None and verify:
+        # Both checks: the full transcript's recomputation and the succinct linear check
+        # (what the peers run) must agree.
         try:
             verify_transcript(transcript, config, verifiers)
+            verify_succinct(succinct, config, verifiers)
         except TranscriptError as error:
             transcript_error = str(error)
 
@@ -393,6 +403,7 @@ def simulate(
         refusals=refusals,
         transcript=transcript,
         transcript_error=transcript_error,
+        succinct=succinct,
         timed=tuple(sorted(index[u] for u in timed)),
     )
 

@@ -15,7 +15,7 @@ import pytest
 from scripts.ceremony import main
 
 ROOT = Path(__file__).resolve().parent.parent
-STAGES = ["advertise", "share", "masked", "consistency", "unmask"]
+STAGES = ["advertise", "share", "masked", "consistency", "unmask", "prove"]
 
 
 def run_json(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, dict[str, Any]]:

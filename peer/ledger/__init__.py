@@ -33,6 +33,7 @@ from peer.ledger._errors import (
 )
 from peer.ledger._exchange import EXPORT_FORMAT, LedgerExport, export_records, import_records
 from peer.ledger._ledger import Clock, Ledger, system_clock
+from peer.ledger._proofs import StoredProof
 from peer.ledger._records import (
     HASH_BYTES,
     RECORD_DOMAIN,
@@ -110,6 +111,7 @@ __all__ = [
     "SessionStatus",
     "SignedVote",
     "StatisticsResult",
+    "StoredProof",
     "StoredRecord",
     "VoteConflictError",
     "canonical_json",

@@ -32,7 +32,8 @@ that maps database failures to ledger errors):
 - :mod:`peer.ledger._chain`: agreed records, heads and checkpoints;
 - :mod:`peer.ledger._privacy`: privacy charges and statistics results;
 - :mod:`peer.ledger._beacon`: the session beacon and the refused-proposal log;
-- :mod:`peer.ledger._votes`: the record this peer signed for each round (before sending it).
+- :mod:`peer.ledger._votes`: the record this peer signed for each round (before sending it);
+- :mod:`peer.ledger._proofs`: each agreed secagg round's evidence, for ``verify-ledger``.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from __future__ import annotations
 from peer.ledger._beacon import BeaconMixin
 from peer.ledger._chain import ChainMixin
 from peer.ledger._privacy import PrivacyMixin
+from peer.ledger._proofs import ProofsMixin
 from peer.ledger._rounds import RoundsMixin
 from peer.ledger._sessions import SessionsMixin
 from peer.ledger._store import Clock, system_clock
@@ -48,7 +50,9 @@ from peer.ledger._votes import VotesMixin
 __all__ = ["Clock", "Ledger", "system_clock"]
 
 
-class Ledger(SessionsMixin, RoundsMixin, ChainMixin, PrivacyMixin, BeaconMixin, VotesMixin):
+class Ledger(
+    SessionsMixin, RoundsMixin, ChainMixin, PrivacyMixin, BeaconMixin, VotesMixin, ProofsMixin
+):
     """A peer's local ledger in any SQLAlchemy database (SQLite file by default).
 
     Args:

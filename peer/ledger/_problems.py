@@ -41,6 +41,9 @@ class ProblemKind(enum.StrEnum):
     """A checkpoint's SHA-256 is not its record's ``model_hash``."""
     PROPOSAL_HASH = "proposal-hash"
     """A session's proposal document does not hash to its ``proposal_hash``."""
+    ROUND_PROOF = "round-proof"
+    """A stored round's evidence does not verify (the succinct check of secagg/succinct.py
+    fails, or it is not the evidence of the agreed record's aggregate)."""
 
 
 @dataclass(frozen=True, slots=True)

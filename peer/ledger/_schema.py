@@ -191,6 +191,21 @@ class CheckpointRow(Base):
     )
 
 
+class ProofRow(Base):
+    """The evidence of an agreed secagg round (peer/ledger/_proofs.py): the round's
+    parameters and its succinct transcript, re-checked by ``verify-ledger``."""
+
+    __tablename__ = "round_proofs"
+
+    session_id: Mapped[str] = mapped_column(ID, ForeignKey("sessions.session_id"), primary_key=True)
+    round: Mapped[int] = mapped_column(Integer, primary_key=True)
+    attempt: Mapped[int] = mapped_column(Integer)
+    aggregator: Mapped[str] = mapped_column(ID)
+    config: Mapped[str] = mapped_column(Text)
+    transcript: Mapped[bytes] = mapped_column(LargeBinary)
+    recorded_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
 class PrivacyRow(Base):
     __tablename__ = "privacy_spent"
 

@@ -42,7 +42,7 @@ __all__ = [
 
 POLL_SECONDS = 0.5
 # Stages a round goes through, as the peers report them (peer/round/), for progress bars.
-STAGES = ("starting", "advertise", "share", "masked", "consistency", "unmask", "verify")
+STAGES = ("starting", "advertise", "share", "masked", "consistency", "unmask", "prove", "verify")
 
 
 class SessionWatcher(Protocol):

@@ -250,9 +250,19 @@ class AggregatorRound:
             dropped = self.protocol.dropped.get(stage, ())
             self._info("stage=%s closed dropped=%s", stage.value, ",".join(dropped) or "-")
             for liar in sorted(ctx.backend.misbehaving(self.protocol)):
-                self._warn("participant=%s revealed wrong shares; rebuilt without them", liar)
+                self._warn(
+                    "participant=%s revealed wrong shares or answers; went on without them", liar
+                )
+            # A message sent to many (secagg's statement, with the aggregate) is encoded
+            # once, off the event loop, instead of once per stream.
+            shared: dict[int, object] = {}
+            for message in outgoing.values():
+                if id(message) in shared:
+                    shared[id(message)] = await loop.run_in_executor(None, Encoded.of, message)
+                else:
+                    shared[id(message)] = message
             for peer, message in outgoing.items():
-                self._send(peer, message)
+                self._send(peer, shared[id(message)])
 
         recipients = [p for p in self._outboxes if p not in self._gone]
         transcripts = await loop.run_in_executor(

@@ -13,12 +13,20 @@ import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
 
-from secagg import RemoteProtocolError, Verifier
+from secagg import RemoteProtocolError, SuccinctTranscript, Verifier
 from secagg.crypto import sha256
 from secagg.ring import WordArray
 
-from ..codec import CodecError, record_from_proto, record_to_proto
-from ..ledger import AgreedRecord, PrivacyCharge, SignedVote, StoredRecord, VoteConflictError
+from ..codec import CodecError, encode, record_from_proto, record_to_proto
+from ..ledger import (
+    AgreedRecord,
+    LedgerError,
+    PrivacyCharge,
+    SignedVote,
+    StoredProof,
+    StoredRecord,
+    VoteConflictError,
+)
 from ..payloads import LocalContribution
 from ..wire import peer_pb2 as pb
 from .context import RoundContext
@@ -31,6 +39,7 @@ __all__ = [
     "mine_of",
     "prior_votes_agreed",
     "store_agreed",
+    "store_round_proof",
     "tally",
     "valid_signatures",
     "vote",
@@ -268,3 +277,32 @@ def valid_signatures(
         else:
             invalid.append(peer)
     return valid, sorted(invalid)
+
+
+def store_round_proof(ctx: RoundContext, transcript: object, log_prefix: str = "") -> None:
+    """Keep what the succinct check of an agreed secagg round needs, for ``verify-ledger``
+    (peer/ledger/_proofs.py); other protocols' rounds keep nothing more.
+
+    The record is stored already: a ledger that cannot take the evidence too is logged (the
+    round stays agreed; ``verify-ledger`` then has no evidence of it to re-check).
+    """
+    if not isinstance(transcript, SuccinctTranscript):
+        return
+    _, raw = encode(transcript)
+    try:
+        _store_proof(ctx, raw)
+    except LedgerError as error:
+        logger.warning("%s cannot store the round's evidence: %s", log_prefix, error)
+
+
+def _store_proof(ctx: RoundContext, raw: bytes) -> None:
+    ctx.ledger.store_round_proof(
+        StoredProof(
+            ctx.session_id,
+            ctx.round,
+            ctx.attempt,
+            ctx.aggregator,
+            json.dumps(ctx.config.as_dict(), sort_keys=True),
+            raw,
+        )
+    )

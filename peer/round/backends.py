@@ -16,20 +16,24 @@ sent as the round's transcript, and how a peer checks it.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence, Set
 from typing import cast
 
 from secagg import (
     Aggregator,
     ConsistencySignature,
+    LinearAnswers,
     MaskedInput,
     Participant,
     ParticipantState,
+    ProofAnswers,
+    ProofRequest,
     RemoteProtocolError,
     Stage,
-    Transcript,
+    SuccinctTranscript,
     paillier,
-    verify_transcript,
+    verify_succinct,
 )
 from secagg.cleartext import (
     CleartextAggregator,
@@ -77,23 +81,42 @@ def _nothing_held(protocol: AggregatorRole) -> None:
     """Nothing to free: the role object holds nothing outside memory."""
 
 
+def _unchanged(message: object, participant: ParticipantRole) -> object:
+    return message
+
+
 # The participant's state after each reply, named after the stage whose message it sent.
 _SECAGG_STAGE_REACHED = {
     ParticipantState.SHARED: "share",
     ParticipantState.MASKED: "masked",
     ParticipantState.SIGNED: "consistency",
-    ParticipantState.DONE: "unmask",
+    ParticipantState.UNMASKED: "unmask",
+    ParticipantState.DONE: "prove",
 }
 
 
 class SecAggBackend:
+    """SecAgg/SecAgg+, verified succinctly (secagg/succinct.py): a peer receives the
+    aggregator's signed statement (the aggregate and the transcript without vectors), answers
+    its linear check over its own masked input, and gets everyone's answers; no peer receives
+    another's masked vector unless that survivor did not answer."""
+
     name = "secagg"
     first_stage = Stage.ADVERTISE
 
     def aggregator(self, ctx: RoundContext) -> AggregatorRole:
-        # Masked inputs go to private temporary files as they are summed: O(m) memory.
-        spool = FileSpool(ctx.spool_dir)
-        return cast(AggregatorRole, Aggregator(ctx.config, ctx.verifiers, ctx.me, spool))
+        return cast(
+            AggregatorRole,
+            Aggregator(
+                ctx.config,
+                ctx.verifiers,
+                ctx.me,
+                ctx.signer,
+                publish=functools.partial(ctx.faults.published_aggregate, ctx.round),
+                # Masked inputs go to private temporary files as they are summed: O(m) memory.
+                spool=FileSpool(ctx.spool_dir),
+            ),
+        )
 
     def release(self, protocol: AggregatorRole) -> None:
         assert isinstance(protocol, Aggregator)  # made by this backend
@@ -106,10 +129,20 @@ class SecAggBackend:
         )
 
     def is_transcript(self, message: object) -> bool:
-        return isinstance(message, Transcript)
+        return isinstance(message, SuccinctTranscript | ProofAnswers)
 
     def is_heavy(self, message: object) -> bool:
-        return isinstance(message, SharesToYou)  # expands every mask
+        # Expanding every mask; evaluating the linear check over the own vector.
+        return isinstance(message, SharesToYou | ProofRequest)
+
+    def completed(self, transcript: object, participant: ParticipantRole) -> object:
+        """A survivor that answered holds the statement already: it is sent only the
+        answers, and completes the transcript with the statement it answered."""
+        if isinstance(transcript, ProofAnswers) and isinstance(participant, Participant):
+            statement = participant.statement
+            if statement is not None:
+                return SuccinctTranscript.completed(statement, transcript)
+        return transcript
 
     def stage_reached(self, participant: ParticipantRole) -> str:
         state = participant.state
@@ -122,23 +155,42 @@ class SecAggBackend:
         return protocol.misbehaving
 
     def transcripts(self, protocol: AggregatorRole, recipients: Sequence[str]) -> dict[str, object]:
-        return _same_for_everyone(protocol, Aggregator, recipients)
+        assert isinstance(protocol, Aggregator)  # made by this backend
+        # The vectors travel only for survivors without valid answers (late or lying).
+        holders = protocol.asked_to_prove
+        answers = protocol.proof_answers() if holders & set(recipients) else None
+        full = protocol.succinct_transcript() if set(recipients) - holders else None
+        return {r: answers if r in holders else full for r in recipients}
 
     def verify(
         self, transcript: object, ctx: RoundContext, sent: Sequence[object]
     ) -> tuple[WordArray, tuple[str, ...]]:
-        if not isinstance(transcript, Transcript):
+        if isinstance(transcript, ProofAnswers):
+            raise RemoteProtocolError(
+                ctx.aggregator, "sent the answers of a statement this peer never answered"
+            )
+        if not isinstance(transcript, SuccinctTranscript):
             raise _not_a_transcript(ctx, transcript)
-        # What this peer sent binds the transcript: its masked input must be in it, and the
-        # survivor set must be the one it signed (else the aggregator showed two views).
+        # What this peer sent binds the transcript: its masked input must be in it, the
+        # survivor set must be the one it signed (else the aggregator showed two views), and
+        # its answers must be counted as sent.
         own = next((m for m in sent if isinstance(m, MaskedInput)), None)
         signed = next((m for m in sent if isinstance(m, ConsistencySignature)), None)
+        answers = next((m for m in sent if isinstance(m, LinearAnswers)), None)
         if own is not None and signed is None and own.sender not in transcript.survivors:
             # My input reached the aggregator too late (or it says so) and I signed no
             # survivor set: left out like a dropout. Harmless: honest peers reveal self-mask
             # shares only of the one signed survivor set, so my input was never unmasked.
             own = None
-        verified = verify_transcript(transcript, ctx.config, ctx.verifiers, own=own, signed=signed)
+        verified = verify_succinct(
+            transcript,
+            ctx.config,
+            ctx.verifiers,
+            aggregator=ctx.aggregator,
+            own=own,
+            signed=signed,
+            own_answers=answers,
+        )
         return verified.aggregate, verified.survivors
 
 
@@ -157,6 +209,9 @@ class CleartextBackend:
 
     def is_heavy(self, message: object) -> bool:
         return False
+
+    def completed(self, transcript: object, participant: ParticipantRole) -> object:
+        return _unchanged(transcript, participant)
 
     def stage_reached(self, participant: ParticipantRole) -> str:
         return Stage.MASKED.value
@@ -236,6 +291,9 @@ class PaillierBackend:
         return isinstance(
             message, paillier.KeyAnnouncement | paillier.InputsToCheck | paillier.DecryptionRequest
         )
+
+    def completed(self, transcript: object, participant: ParticipantRole) -> object:
+        return _unchanged(transcript, participant)
 
     def stage_reached(self, participant: ParticipantRole) -> str:
         state = participant.state

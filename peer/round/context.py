@@ -109,6 +109,11 @@ class RoundBackend(Protocol):
         """Handling ``message`` takes long enough to belong in a worker thread."""
         ...
 
+    def completed(self, transcript: object, participant: ParticipantRole) -> object:
+        """The whole transcript, from what the aggregator sent as the transcript and what
+        ``participant`` already received (the secagg statement it answered)."""
+        ...
+
     def stage_reached(self, participant: ParticipantRole) -> str: ...
 
     def misbehaving(self, protocol: AggregatorRole) -> Set[str]:
@@ -152,6 +157,11 @@ class FaultHooks(Protocol):
         """The transcripts the aggregator publishes instead of ``transcripts``."""
         ...
 
+    def published_aggregate(self, round_: int, aggregate: WordArray) -> WordArray:
+        """The sum the (secagg) aggregator states, signs and publishes instead of
+        ``aggregate``."""
+        ...
+
 
 class NoFaults:
     """Every hook leaves everything as it is."""
@@ -167,6 +177,9 @@ class NoFaults:
 
     def transcripts(self, round_: int, transcripts: dict[str, object]) -> dict[str, object]:
         return transcripts
+
+    def published_aggregate(self, round_: int, aggregate: WordArray) -> WordArray:
+        return aggregate
 
 
 NO_FAULTS: FaultHooks = NoFaults()

@@ -26,7 +26,7 @@ from ..logs import remote
 from ..payloads import LocalContribution
 from ..wire import peer_pb2 as pb
 from .aggregating import HELLO_MAX_BYTES
-from .agreement import MyRecord, build_record, mine_of, store_agreed, vote
+from .agreement import MyRecord, build_record, mine_of, store_agreed, store_round_proof, vote
 from .context import RoundContext, RoundOutcome, RoundStatusKind
 
 __all__ = [
@@ -191,7 +191,7 @@ async def participate(ctx: RoundContext, aggregator: RoundStreamDialer) -> Round
                 outcome.reason = "the aggregator closed the stream before the round ended"
                 return outcome
             if ctx.backend.is_transcript(message):
-                transcript = message
+                transcript = ctx.backend.completed(message, participant)
             elif isinstance(message, pb.RecordDraft):
                 if transcript is None:
                     raise RemoteProtocolError(ctx.aggregator, "record draft before the transcript")
@@ -228,6 +228,7 @@ async def participate(ctx: RoundContext, aggregator: RoundStreamDialer) -> Round
                     my_record = mine_of(kept)
                     outcome.survivors = my_record[3]
                 stored = store_agreed(ctx, message, my_record, contribution)
+                store_round_proof(ctx, transcript, prefix)  # for verify-ledger
                 outcome.status = RoundStatusKind.AGREED
                 outcome.record = stored
                 outcome.reason = f"agreed with {len(message.signatures)} signatures"

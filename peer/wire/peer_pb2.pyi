@@ -466,6 +466,203 @@ class Transcript(_message.Message):
 Global___Transcript: _TypeAlias = Transcript  # noqa: Y015
 
 @_typing.final
+class Statement(_message.Message):
+    """Succinct verification (secagg/succinct.py): the aggregate is checked without any other
+    peer's masked vector. The aggregator's statement: the transcript without vectors (and the
+    reconstructed secrets instead of the shares), and z.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    ROUND_FIELD_NUMBER: _builtins.int
+    AGGREGATOR_FIELD_NUMBER: _builtins.int
+    ADVERTS_FIELD_NUMBER: _builtins.int
+    MASKED_FIELD_NUMBER: _builtins.int
+    CONSISTENCY_FIELD_NUMBER: _builtins.int
+    SEEDS_FIELD_NUMBER: _builtins.int
+    BITS_FIELD_NUMBER: _builtins.int
+    AGGREGATE_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    MASK_KEYS_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    round: _builtins.int
+    aggregator: _builtins.str
+    bits: _builtins.int
+    aggregate: _builtins.bytes
+    """little-endian words"""
+    signature: _builtins.bytes
+    """the aggregator's, over the statement's digest"""
+    @_builtins.property
+    def adverts(self) -> _containers.RepeatedCompositeFieldContainer[Global___AdvertiseKeys]: ...
+    @_builtins.property
+    def masked(self) -> _containers.RepeatedCompositeFieldContainer[Global___MaskedHeader]: ...
+    @_builtins.property
+    def consistency(self) -> _containers.RepeatedCompositeFieldContainer[Global___ConsistencySignature]: ...
+    @_builtins.property
+    def seeds(self) -> _containers.RepeatedCompositeFieldContainer[Global___Addressed]:
+        """(survivor, its self-mask seed), reconstructed"""
+
+    @_builtins.property
+    def mask_keys(self) -> _containers.RepeatedCompositeFieldContainer[Global___Addressed]:
+        """(dropped partner, its mask private key), reconstructed"""
+
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        round: _builtins.int = ...,
+        aggregator: _builtins.str = ...,
+        adverts: _abc.Iterable[Global___AdvertiseKeys] | None = ...,
+        masked: _abc.Iterable[Global___MaskedHeader] | None = ...,
+        consistency: _abc.Iterable[Global___ConsistencySignature] | None = ...,
+        seeds: _abc.Iterable[Global___Addressed] | None = ...,
+        bits: _builtins.int = ...,
+        aggregate: _builtins.bytes = ...,
+        signature: _builtins.bytes = ...,
+        mask_keys: _abc.Iterable[Global___Addressed] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adverts", b"adverts", "aggregate", b"aggregate", "aggregator", b"aggregator", "bits", b"bits", "consistency", b"consistency", "mask_keys", b"mask_keys", "masked", b"masked", "round", b"round", "seeds", b"seeds", "session_id", b"session_id", "signature", b"signature"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Statement: _TypeAlias = Statement  # noqa: Y015
+
+@_typing.final
+class ProofRequest(_message.Message):
+    """Aggregator -> each survivor that revealed shares: answer the statement's challenge."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    ROUND_FIELD_NUMBER: _builtins.int
+    STATEMENT_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    round: _builtins.int
+    @_builtins.property
+    def statement(self) -> Global___Statement: ...
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        round: _builtins.int = ...,
+        statement: Global___Statement | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["statement", b"statement"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["round", b"round", "session_id", b"session_id", "statement", b"statement"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProofRequest: _TypeAlias = ProofRequest  # noqa: Y015
+
+@_typing.final
+class LinearAnswers(_message.Message):
+    """Survivor -> aggregator: <r_j, y> mod 2^bits for the challenge's 128 functionals."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SENDER_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    ROUND_FIELD_NUMBER: _builtins.int
+    STATEMENT_SHA256_FIELD_NUMBER: _builtins.int
+    ANSWERS_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    sender: _builtins.str
+    session_id: _builtins.str
+    round: _builtins.int
+    statement_sha256: _builtins.bytes
+    signature: _builtins.bytes
+    @_builtins.property
+    def answers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    def __init__(
+        self,
+        *,
+        sender: _builtins.str = ...,
+        session_id: _builtins.str = ...,
+        round: _builtins.int = ...,
+        statement_sha256: _builtins.bytes = ...,
+        answers: _abc.Iterable[_builtins.int] | None = ...,
+        signature: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answers", b"answers", "round", b"round", "sender", b"sender", "session_id", b"session_id", "signature", b"signature", "statement_sha256", b"statement_sha256"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LinearAnswers: _TypeAlias = LinearAnswers  # noqa: Y015
+
+@_typing.final
+class ProofAnswers(_message.Message):
+    """Aggregator -> a survivor that holds the statement: every answer, and the masked vectors
+    of the survivors without valid answers.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    ROUND_FIELD_NUMBER: _builtins.int
+    STATEMENT_SHA256_FIELD_NUMBER: _builtins.int
+    ANSWERS_FIELD_NUMBER: _builtins.int
+    INPUTS_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    round: _builtins.int
+    statement_sha256: _builtins.bytes
+    @_builtins.property
+    def answers(self) -> _containers.RepeatedCompositeFieldContainer[Global___LinearAnswers]: ...
+    @_builtins.property
+    def inputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___MaskedInput]: ...
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        round: _builtins.int = ...,
+        statement_sha256: _builtins.bytes = ...,
+        answers: _abc.Iterable[Global___LinearAnswers] | None = ...,
+        inputs: _abc.Iterable[Global___MaskedInput] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answers", b"answers", "inputs", b"inputs", "round", b"round", "session_id", b"session_id", "statement_sha256", b"statement_sha256"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProofAnswers: _TypeAlias = ProofAnswers  # noqa: Y015
+
+@_typing.final
+class SuccinctTranscript(_message.Message):
+    """The whole succinct transcript (to peers without the statement, and into the ledger)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATEMENT_FIELD_NUMBER: _builtins.int
+    ANSWERS_FIELD_NUMBER: _builtins.int
+    INPUTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def statement(self) -> Global___Statement: ...
+    @_builtins.property
+    def answers(self) -> _containers.RepeatedCompositeFieldContainer[Global___LinearAnswers]: ...
+    @_builtins.property
+    def inputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___MaskedInput]: ...
+    def __init__(
+        self,
+        *,
+        statement: Global___Statement | None = ...,
+        answers: _abc.Iterable[Global___LinearAnswers] | None = ...,
+        inputs: _abc.Iterable[Global___MaskedInput] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["statement", b"statement"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answers", b"answers", "inputs", b"inputs", "statement", b"statement"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SuccinctTranscript: _TypeAlias = SuccinctTranscript  # noqa: Y015
+
+@_typing.final
 class CleartextInput(_message.Message):
     """Cleartext baseline (benchmarks only; refused unless a peer's policy allows it)."""
 

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from peer.codec import _KINDS, CodecError, Reassembler, decode, encode, fragments
 from peer.wire import peer_pb2 as pb
+from secagg import Stage
 from secagg.cleartext import CleartextInput, CleartextTranscript, PlainSum
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "secagg"))
@@ -41,13 +42,14 @@ def samples() -> dict[str, bytes]:
     r = make_round(4, threshold=3, length=8)
     messages: list[object] = []
     replies: dict[str, Any] = r.start()
-    for index in range(5):
+    for index in range(len(Stage)):
         messages += replies.values()
         outgoing = r.collect(replies)
         messages += outgoing.values()
-        if index < 4:
+        if index < len(Stage) - 1:
             replies = r.respond(outgoing)
     messages.append(r.aggregator.transcript())
+    messages += [r.aggregator.succinct_transcript(), r.aggregator.proof_answers()]
     vector = np.arange(8, dtype=np.uint32)
     cleartext = CleartextInput("hospital-a", "s", 1, vector, b"\x01" * 64)
     messages += [cleartext, CleartextTranscript("s", 1, "hospital-b", (cleartext,), vector)]

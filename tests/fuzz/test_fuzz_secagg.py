@@ -38,6 +38,7 @@ from secagg import (
     RemoteProtocolError,
     RoundAborted,
     SecAggError,
+    Stage,
     UnmaskShares,
 )
 
@@ -57,7 +58,7 @@ FUZZ = settings(
     database=None,
 )
 PARTICIPANT_EXAMPLES = 350  # per stage and kind of mutation: 4 stages x 2 = 2,800
-AGGREGATOR_EXAMPLES = 300  # per stage: 5 stages = 1,500
+AGGREGATOR_EXAMPLES = 300  # per stage: 6 stages = 1,800
 
 
 # ------------------------------------------------------------------ templates
@@ -65,7 +66,7 @@ AGGREGATOR_EXAMPLES = 300  # per stage: 5 stages = 1,500
 
 @dataclass
 class Template:
-    """A round stopped at stage i (0..4), seen from both sides."""
+    """A round stopped at stage i (0..5), seen from both sides."""
 
     round: Round  # the live round (config, inputs, signers); its objects have moved on
     aggregator: Aggregator  # waits for the stage-i messages ...
@@ -78,12 +79,12 @@ def _honest_run(session: str, round_: int) -> list[Template]:
     r = make_round(len(PEERS), threshold=3, length=4, round_=round_, session=session, peers=PEERS)
     templates: list[Template] = []
     replies: dict[str, ParticipantMessage] = r.start()
-    for index in range(5):
+    for index in range(len(Stage)):
         aggregator = _fork_aggregator(r.aggregator)
         outgoing = r.collect(replies)
         participants = {u: _fork_participant(p) for u, p in r.participants.items()}
         templates.append(Template(r, aggregator, dict(replies), participants, dict(outgoing)))
-        if index < 4:
+        if index < len(Stage) - 1:
             replies = r.respond(outgoing)
     return templates
 
@@ -369,10 +370,10 @@ def test_participant_refuses_anything_in_the_wrong_state(message: Any) -> None:
 
 def test_honest_templates_are_the_honest_round() -> None:
     # The fuzzing starts from working rounds: replaying the honest messages completes them.
-    for t in templates()[:4]:
+    for t in templates()[:-1]:
         reply = _fork_participant(t.participants[ME]).receive(t.to_participants[ME])
         assert reply.sender == ME
-    last = templates()[4]
+    last = templates()[-1]
     aggregator = _fork_aggregator(last.aggregator)
     for message in last.from_participants.values():
         aggregator.receive(message)
@@ -383,7 +384,7 @@ def test_honest_templates_are_the_honest_round() -> None:
 
 # ------------------------------------------------------------------ aggregator
 
-AGGREGATOR_STAGES = list(range(5))
+AGGREGATOR_STAGES = list(range(len(Stage)))
 
 
 @st.composite
@@ -461,7 +462,7 @@ def test_aggregator_refuses_mutated_participant_messages(stage: int, data: st.Da
 @settings(FUZZ, max_examples=200)
 @given(message=st.sampled_from(all_messages()))
 def test_aggregator_after_the_round_refuses_as_a_local_error(message: Any) -> None:
-    last = templates()[4]
+    last = templates()[-1]
     aggregator = _fork_aggregator(last.aggregator)
     for honest in last.from_participants.values():
         aggregator.receive(honest)

@@ -202,7 +202,7 @@ def test_tampered_transcript_is_not_agreed(make_network: Callable[..., Network])
         assert records[0].record.metrics["aggregator"] != liar
     honest = next(p for p in network.peers if p != liar)
     log = network.peers[honest].log_path.read_text(encoding="utf-8")
-    assert "published aggregate differs from the recomputed one" in log
+    assert "the aggregate is not the sum of the signed masked inputs" in log
 
 
 def test_cleartext_sessions_are_refused_unless_policy_allows(

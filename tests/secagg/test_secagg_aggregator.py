@@ -304,7 +304,7 @@ def test_too_many_malicious_participants_abort_the_round() -> None:
 
 def test_done_aggregator_refuses_everything() -> None:
     r = make_round()
-    r.advance(5)
+    r.advance(len(Stage))
     assert r.aggregator.state is AggregatorState.DONE
     with pytest.raises(LocalProtocolError):
         r.aggregator.close_stage()
@@ -363,7 +363,7 @@ def test_viability_pruning_is_reported_as_dropped() -> None:
     """SecAgg+ (k = 2, t = 2): when both neighbours of A drop, A is left out and reported."""
     r = make_round(8, graph=GraphKind.SECAGG_PLUS, degree=2)
     a_neighbours = sorted(r.config.neighbourhood(A) - {A})
-    r.advance(5, drop={0: a_neighbours})
+    r.advance(len(Stage), drop={0: a_neighbours})
     result = r.aggregator.result
     assert result is not None
     assert A not in result.survivors

@@ -24,12 +24,14 @@ from secagg import (
     GraphKind,
     InvalidSignatureError,
     KeyPair,
+    LinearAnswers,
     LocalProtocolError,
     MaskedInput,
     Participant,
     ParticipantState,
     RemoteProtocolError,
     SharesToYou,
+    Stage,
     SurvivorSet,
     UnmaskRequest,
     UnmaskShares,
@@ -86,7 +88,7 @@ def swap(message: AdvertisedKeys, peer: str, new: AdvertiseKeys) -> AdvertisedKe
 )
 def test_honest_round_driven_by_hand(graph: GraphKind, degree: int | None, n: int) -> None:
     r = make_round(n, graph=graph, degree=degree)
-    assert r.advance(5) == {}
+    assert r.advance(len(Stage)) == {}
     result = r.aggregator.result
     assert result is not None
     assert result.survivors == r.peers
@@ -595,13 +597,21 @@ def test_copy_of_another_peers_key_with_bit_255_set_is_refused() -> None:
 # ------------------------------------------------------------------------------ state table
 
 STATES = list(ParticipantState)
-INPUTS = ["start", "AdvertisedKeys", "SharesToYou", "SurvivorSet", "UnmaskRequest"]
+INPUTS = [
+    "start",
+    "AdvertisedKeys",
+    "SharesToYou",
+    "SurvivorSet",
+    "UnmaskRequest",
+    "ProofRequest",
+]
 LEGAL: dict[tuple[ParticipantState, str], tuple[type, ParticipantState]] = {
     (ParticipantState.NEW, "start"): (AdvertiseKeys, ParticipantState.ADVERTISED),
     (ParticipantState.ADVERTISED, "AdvertisedKeys"): (object, ParticipantState.SHARED),
     (ParticipantState.SHARED, "SharesToYou"): (MaskedInput, ParticipantState.MASKED),
     (ParticipantState.MASKED, "SurvivorSet"): (ConsistencySignature, ParticipantState.SIGNED),
-    (ParticipantState.SIGNED, "UnmaskRequest"): (UnmaskShares, ParticipantState.DONE),
+    (ParticipantState.SIGNED, "UnmaskRequest"): (UnmaskShares, ParticipantState.UNMASKED),
+    (ParticipantState.UNMASKED, "ProofRequest"): (LinearAnswers, ParticipantState.DONE),
 }
 
 
@@ -610,7 +620,7 @@ def honest_messages(peer: str = A) -> dict[str, AggregatorMessage]:
     r = make_round(4)
     received: dict[str, AggregatorMessage] = {}
     outgoing = r.collect(r.start())
-    for _ in range(4):
+    for _ in range(5):
         received[type(outgoing[peer]).__name__] = outgoing[peer]
         outgoing = r.collect(r.respond(outgoing))
     return received
@@ -625,7 +635,8 @@ def participant_in(state: ParticipantState, peer: str = A) -> Participant:
         ParticipantState.SHARED: 2,
         ParticipantState.MASKED: 3,
         ParticipantState.SIGNED: 4,
-        ParticipantState.DONE: 5,
+        ParticipantState.UNMASKED: 5,
+        ParticipantState.DONE: 6,
         ParticipantState.FAILED: 1,
     }[state]
     r.advance(steps)

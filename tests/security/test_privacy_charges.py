@@ -40,6 +40,7 @@ from peer.round.aggregating import Encoded
 from peer.session import SessionProposal
 from peer.training.accounting import composed_epsilon, pure_event
 from peer.wire import peer_pb2 as pb
+from secagg import Stage
 from secagg.crypto import SystemRandom, signer_from_private_key, verifier_from_public_key
 from secagg.ring import WordArray
 
@@ -87,13 +88,15 @@ class NoisyPayload:
 
 class AbortAfterUnmasking(AggregatorRound):
     """A malicious aggregator: it unmasks (it holds the aggregate), then aborts instead of
-    publishing the transcript. (Aborting after the votes no longer fails the round: each
-    participant keeps its signed vote and the next aggregator completes that record,
-    tests/round/test_round_votes.py.)"""
+    sending the signed statement of the linear check (or anything later). (Aborting after
+    the votes no longer fails the round: each participant keeps its signed vote and the next
+    aggregator completes that record, tests/round/test_round_failover.py.)"""
 
     def _send(self, peer: str, message: object) -> None:
-        if isinstance(message, Encoded):  # the transcript: every input is unmasked by now
-            assert self.protocol.result is not None
+        # The statement (stage PROVE) or the transcript: the aggregate is unmasked by now.
+        if isinstance(message, Encoded) and (
+            self.protocol.stage is Stage.PROVE or self.protocol.result is not None
+        ):
             self.result = "aborted after unmasking"
             self._finish(pb.Abort(reason=self.result, offender=""))
             return

@@ -110,14 +110,15 @@ def test_a_secagg_plus_round_needs_the_beacon() -> None:
 def test_the_peer_refuses_a_transcript_over_another_survivor_set_than_it_signed() -> None:
     """``SecAggBackend.verify``: the stealth two-view attack seen from the victim's peer."""
     result = simulate(7, 3, seed=5)
-    transcript = result.transcript
+    transcript = result.succinct
     assert transcript is not None
+    assert result.transcript is not None
     signers, verifiers = testing.test_identities(result.peers, 5)
     config = RoundConfig("simulation", 0, result.peers, 4, 3)
-    ctx = SimpleNamespace(config=config, verifiers=verifiers)
+    ctx = SimpleNamespace(config=config, verifiers=verifiers, aggregator=transcript.aggregator)
     backend = SecAggBackend()
-    mine = transcript.masked_inputs[0]
-    signed = next(s for s in transcript.consistency if s.sender == mine.sender)
+    mine = result.transcript.masked_inputs[0]
+    signed = next(s for s in transcript.statement.consistency if s.sender == mine.sender)
     backend.verify(transcript, ctx, [mine, signed])  # type: ignore[arg-type]
     # I signed a set without peer-006; the published transcript includes it.
     other = tuple(u for u in transcript.survivors if u != result.peers[-1])
@@ -130,9 +131,12 @@ def test_the_peer_refuses_a_transcript_over_another_survivor_set_than_it_signed(
     with pytest.raises(TranscriptError, match=r"not the one .* signed"):
         backend.verify(transcript, ctx, [mine, my_view])  # type: ignore[arg-type]
     # My input left out although I signed a survivor set (with me in it): refused.
+    statement = transcript.statement
     without_me = replace(
         transcript,
-        masked_inputs=tuple(m for m in transcript.masked_inputs if m.sender != mine.sender),
+        statement=replace(
+            statement, masked=tuple(h for h in statement.masked if h.sender != mine.sender)
+        ),
     )
     with pytest.raises(TranscriptError):
         backend.verify(without_me, ctx, [mine, signed])  # type: ignore[arg-type]
