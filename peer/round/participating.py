@@ -132,6 +132,7 @@ async def participate(ctx: RoundContext, aggregator: RoundStreamDialer) -> Round
                 outcome.survivors = my_record[3]
                 ctx.faults.point(ctx.round, "sign")
                 signature = ctx.signer.sign(record.payload())
+                ctx.on_stage("agree", "signed the record, waiting for the others")
                 await stream.send(record_to_proto(record, {ctx.me: signature}, ctx.aggregator))
             elif isinstance(message, pb.AgreedRecord):
                 if my_record is None:
