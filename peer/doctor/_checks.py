@@ -11,6 +11,7 @@ from datetime import datetime, timedelta
 from cryptography import x509
 
 from peer.config import PeerConfig
+from peer.doctor._clock import check_skew
 from peer.doctor._environment import Environment
 from peer.doctor._network import check_network
 from peer.doctor._report import Finding, Status
@@ -418,13 +419,14 @@ class SiteChecks:
                 "CRL are checked against it",
                 "enable time synchronisation (timedatectl set-ntp true, or chrony)",
             )
-        yield Finding(
-            "clock skew",
-            Status.WARN,
-            "not measured: the peer service carries no server time in its answers, so skew "
-            "against other peers cannot be measured without a server change",
-            "make sure every site synchronises its clock with NTP",
-        )
+        if self.roster_ is None or not self.key_ok:
+            yield Finding(
+                "clock skew",
+                Status.WARN,
+                "not measured: the roster or this site's key/certificate is unusable",
+            )
+            return
+        yield from check_skew(self.config, self.roster_, self.env.clock, self.env.peer_timeout)
 
     # ----------------------------------------------------------------- network
 
