@@ -10,7 +10,8 @@ together and runs them:
 * :mod:`peer.channels`: one channel per other peer, with one typed stub.
 
 It also reloads the roster and CRL while it runs (peer/reload.py): a revoked member's key
-stops counting at once and its open round streams are closed.
+stops counting at once and its open round streams are closed; and its own certificate and
+key after a renewal, without a restart.
 """
 
 from __future__ import annotations
@@ -28,11 +29,10 @@ from secagg import RandomSource, SystemRandom
 from .catchup import CatchUp
 from .channels import SERVICE, ChannelPool
 from .config import PeerConfig
-from .identity import load_signer
 from .ledger import Ledger
 from .metrics import PeerMetrics
 from .payloads import PayloadFactory, default_payload
-from .reload import TrustedKeys, TrustReloader
+from .reload import OwnIdentity, TrustedKeys, TrustReloader
 from .round import NO_FAULTS, FaultHooks
 from .runner import CANNOT_RECORD, SessionRunner
 from .service import PeerService
@@ -41,6 +41,10 @@ from .tls import Authenticator, TLSFiles, create_server
 __all__ = ["CANNOT_RECORD", "SERVICE", "PeerNode", "default_payload"]
 
 logger = logging.getLogger("peer.node")
+
+# How long a channel set up with the old certificate may finish its calls after a renewal
+# (a round stream lasts at most prepare + 10 stages; longer calls are cut, and retried).
+RENEWAL_GRACE_SECONDS = 900.0
 
 
 class PeerNode:
@@ -60,7 +64,10 @@ class PeerNode:
         self.me = config.peer_id
         self.authenticator = Authenticator.from_files(config.ca, config.roster, config.crl)
         self.files = TLSFiles.of(config.cert, config.key, config.ca)
-        self.signer = load_signer(config.key)
+        # Our certificate and key, replaced live on renewal (peer/reload.py): the server's
+        # TLS pair and the one signer every part of the peer signs with.
+        self.identity = OwnIdentity(self.me, config.cert, config.key, config.ca)
+        self.signer = self.identity.signer
         self.roster = self.authenticator.roster
         # Live: members whose certificate the CRL revokes have no key here (peer/reload.py).
         self.verifiers = TrustedKeys(self.roster, self.authenticator.crl)
@@ -70,6 +77,8 @@ class PeerNode:
             config.crl,
             on_change=self._trust_changed,
             interval=config.limits.trust_poll_seconds,
+            identity=self.identity,
+            on_identity=self._identity_changed,
         )
         self.ledger = Ledger(config.ledger_url)
         self.ledger.create()
@@ -122,6 +131,7 @@ class PeerNode:
                 self.files,
                 self.authenticator,
                 handlers=[self.service.handler()],
+                credentials=self.identity.server.credentials(),
             ) as (_, port):
                 self.port = port
                 reloader = asyncio.create_task(self.reloader.run(self._stopping))
@@ -144,6 +154,17 @@ class PeerNode:
     def stop(self) -> None:
         self._stopping.set()
 
+    def _identity_changed(self) -> None:
+        """A renewed certificate is in use: new outbound connections present it.
+
+        The server presents it from the next handshake on (peer/tls/_rotation.py). Channels
+        to other peers were set up with the old one: each is replaced by a new channel, and
+        the old one closes once its calls are done (a round stream in flight finishes on the
+        connection it started on, which stays valid during the renewal's overlap).
+        """
+        for peer_id in self.pool.dialled():
+            self.pool.forget(peer_id, grace=RENEWAL_GRACE_SECONDS)
+
     def _trust_changed(self) -> None:
         """A new roster or CRL is in force: use its keys, close streams it no longer allows."""
         old, self.roster = self.roster, self.authenticator.roster
@@ -158,7 +179,7 @@ class PeerNode:
             if (
                 caller.serial_number in revoked
                 or entry is None
-                or entry.cert_fingerprint_sha256 != caller.fingerprint
+                or caller.fingerprint not in entry.fingerprints
             ):
                 logger.warning(
                     "peer=%s closing the round stream of %s: its certificate is no longer "

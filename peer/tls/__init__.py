@@ -74,6 +74,7 @@ from peer.tls._errors import (
     TransportError,
     map_rpc_error,
 )
+from peer.tls._rotation import ServerIdentity
 
 __all__ = [
     "CHANNEL_OPTIONS",
@@ -86,6 +87,7 @@ __all__ = [
     "PeerRejectedError",
     "PeerTimeoutError",
     "PeerUnreachableError",
+    "ServerIdentity",
     "TLSFiles",
     "TransportError",
     "caller_identity",

@@ -149,6 +149,7 @@ async def create_server(
     options: Sequence[tuple[str, Any]] = (),
     grace: float = 2.0,
     wall_clock: WallClock = system_now,
+    credentials: grpc.ServerCredentials | None = None,
 ) -> AsyncIterator[tuple[grpc.aio.Server, int]]:
     """Run an mTLS ``grpc.aio`` server; yields ``(server, port)``.
 
@@ -169,6 +170,8 @@ async def create_server(
         options: extra server options, appended to :data:`SERVER_OPTIONS`.
         wall_clock: the time the ``Clock`` service answers (peer/tls/_clock.py; tests
             inject a skewed one).
+        credentials: what the server presents, e.g. a :class:`peer.tls.ServerIdentity`'s
+            credentials that follow a renewal live; by default ``files`` are read once.
 
     Raises:
         CertificateRejectedError: this server's own certificate fails the check.
@@ -182,7 +185,8 @@ async def create_server(
             f"{own.peer_id} holds an {own.role.value} certificate, which may propose sessions "
             "but cannot run a peer server"
         )
-    credentials = server_credentials(files.cert, files.key, files.ca)
+    if credentials is None:
+        credentials = server_credentials(files.cert, files.key, files.ca)
     server = grpc.aio.server(
         interceptors=[AuthInterceptor(authenticator), *interceptors],
         options=[*SERVER_OPTIONS, *options],
