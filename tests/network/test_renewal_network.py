@@ -1,0 +1,165 @@
+"""Renewing one hospital's certificate in the middle of a multi-round session.
+
+Real peer processes: hospital-b gets a new key and certificate (``request --renew``, signed
+by the CA) while a 10-round session runs. The CA publishes a roster listing the new
+certificate (the old one stays listed as previous); the other peers pick it up by polling
+their files, hospital-b installs its new pair and is sent SIGHUP. Nobody restarts. The
+session completes, b's later rounds are signed with its new key, every ledger verifies
+(records signed with the old key included), and once the old certificate is revoked a
+caller presenting it is refused while the new one is served.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from network_harness import Network
+
+from peer.channels import method_path
+from peer.identity import load_certificate, verifier_for
+from peer.tls import TLSFiles, peer_channel
+from peer.wire import peer_pb2 as pb
+
+pytestmark = [pytest.mark.timeout(400), pytest.mark.slow]
+
+B = "hospital-b"
+ROUNDS = 10
+
+
+def _set_limits(network: Network, peer: str, **limits: float) -> None:
+    config = network.kit.kits[peer].config
+    lines = "".join(f"{key} = {value}\n" for key, value in limits.items())
+    config.write_text(config.read_text("utf-8") + f"\n[limits]\n{lines}", encoding="utf-8")
+
+
+def _wait_for(condition: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+async def _status_as(network: Network, files: TLSFiles, at: str) -> tuple[grpc.StatusCode, str]:
+    channel = peer_channel(network.kit.federation.roster, at, files)
+    call = channel.unary_unary(
+        method_path("Status"),
+        request_serializer=pb.SessionRef.SerializeToString,
+        response_deserializer=pb.SessionStatus.FromString,
+    )
+    try:
+        await call(pb.SessionRef(session_id="none"), timeout=10)
+    except grpc.aio.AioRpcError as error:
+        return error.code(), error.details() or ""
+    finally:
+        await channel.close(None)
+    return grpc.StatusCode.OK, ""
+
+
+def test_a_hospital_renews_its_certificate_mid_session(tmp_path: Path) -> None:
+    network = Network.create(tmp_path / "net", 3, length=4000, start=False)
+    for peer in network.peers:
+        # b takes its new certificate on SIGHUP; a and c notice the new roster by polling.
+        _set_limits(network, peer, trust_poll_seconds=3600 if peer == B else 0.5)
+        network.peers[peer].start()
+    fed = network.kit.federation
+    site = network.kit.kits[B].directory
+    old_dir = tmp_path / "old"
+    old_dir.mkdir()
+    old_cert = Path(shutil.copy(site / f"{B}.pem", old_dir / f"{B}.pem"))
+    old_key = Path(shutil.copy(site / f"{B}.key", old_dir / f"{B}.key"))
+    old_key.chmod(0o600)
+
+    proposal = network.proposal("s1", rounds=ROUNDS)
+    result: dict[str, Any] = {}
+    session = threading.Thread(
+        target=lambda: result.update(network.run_session(proposal, timeout=300)), daemon=True
+    )
+    try:
+        session.start()
+        with network.ledger(B) as ledger:
+            _wait_for(lambda: ledger.last_agreed_round("s1") >= 1, 120, "round 1 agreed")
+        # The renewal: a new key and certificate for b, a roster listing it for everyone.
+        new = fed.renew(B)
+        new_cert = load_certificate(new.cert)
+        addresses = {p: network.kit.kits[p].address for p in network.peers}
+        fed.publish_roster(addresses)
+        assert fed.roster_path is not None
+        for peer in network.peers:
+            kit = network.kit.kits[peer].directory
+            for name in ("roster.json", "roster.json.sig"):
+                shutil.copy(fed.roster_path.with_name(name), kit / f".{name}.new")
+                (kit / f".{name}.new").replace(kit / name)  # atomic, as a site would
+        # b installs the pair by rename (key first; a half-installed pair is refused).
+        new.key.replace(site / f"{B}.key")
+        new.cert.replace(site / f"{B}.pem")
+        renewed_at = time.monotonic()
+        process = network.peers[B].process
+        assert process is not None
+        process.send_signal(signal.SIGHUP)
+        session.join(300)
+        assert not session.is_alive(), network.logs()
+        states = {getattr(s, "state", repr(s)) for s in result.values()}
+        assert states == {"finished"}, network.logs()
+
+        # Every round agreed everywhere; b signed the first rounds with its old key and,
+        # from some round on, every round with its new key.
+        old_verifier = verifier_for(load_certificate(old_cert))
+        new_verifier = verifier_for(new_cert)
+        keys = []
+        for stored in network.records("hospital-a", "s1"):
+            payload, signature = stored.record.payload(), stored.signatures[B]
+            keys.append(
+                "new"
+                if new_verifier.verify(signature, payload)
+                else "old"
+                if old_verifier.verify(signature, payload)
+                else "?"
+            )
+        assert len(keys) == ROUNDS
+        assert "?" not in keys
+        switch = keys.index("new")  # raises if b never signed with its new key
+        assert keys == ["old"] * switch + ["new"] * (ROUNDS - switch), keys
+        assert switch >= 1
+        print(f"b signed rounds 1-{switch} with the old key, {switch + 1}-{ROUNDS} with the new")
+        for peer in network.peers:
+            assert [r.record.round for r in network.records(peer, "s1")] == list(
+                range(1, ROUNDS + 1)
+            )
+            assert network.verify(peer) == [], (peer, network.verify(peer))
+        log = network.peers[B].log_path.read_text("utf-8")
+        assert "installed certificate" in log
+        assert time.monotonic() - renewed_at < 300
+
+        # The old certificate is revoked: presenting it is refused, the new one is served.
+        crl = fed.revoke_certificate(old_cert)
+        for peer in network.peers:
+            kit = network.kit.kits[peer].directory
+            (kit / ".crl.new").write_bytes(crl.pem())
+            (kit / ".crl.new").replace(kit / "crl.pem")
+        time.sleep(2.0)  # a's poll interval is 0.5 s
+        ca = network.kit.kits["hospital-a"].directory / "ca.pem"
+        code, details = asyncio.run(
+            _status_as(network, TLSFiles(old_cert, old_key, ca), "hospital-a")
+        )
+        assert code is grpc.StatusCode.UNAUTHENTICATED, details
+        assert "revoked" in details
+        code, _ = asyncio.run(
+            _status_as(network, TLSFiles(site / f"{B}.pem", site / f"{B}.key", ca), "hospital-a")
+        )
+        assert code is grpc.StatusCode.NOT_FOUND  # served: there is no session "none"
+        # And the federation goes on with the renewed hospital, nobody restarted.
+        statuses = network.run_session(network.proposal("s2", rounds=1), expect_all=True)
+        assert {getattr(s, "state", repr(s)) for s in statuses.values()} == {"finished"}
+        [record] = network.records("hospital-c", "s2")
+        assert new_verifier.verify(record.signatures[B], record.record.payload())
+    finally:
+        network.stop()
