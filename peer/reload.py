@@ -1,5 +1,11 @@
-"""Revocation that takes effect while the peer runs: the roster and CRL are reloaded when
-their files change (polled) or on SIGHUP, and the signing keys in use follow them.
+"""Revocation and renewal that take effect while the peer runs: the roster and CRL, and this
+peer's own certificate and key, are reloaded when their files change (polled) or on SIGHUP,
+and the signing keys in use follow them.
+
+Renewal (``ceremony request --renew``): the roster lists a member's new certificate and keeps
+the old one as previous. :class:`TrustedKeys` accepts either key of a member while the old
+certificate is valid and not revoked; :class:`OwnIdentity` switches this peer's TLS pair and
+its :class:`RotatingSigner` to the renewed files once they check out (see SECURITY.md).
 
 Theory of operation
 -------------------

@@ -518,3 +518,17 @@ def test_port_taken_by_something_else_fails_inbound(kit: LocalKit) -> None:
         report = run_doctor(config_of(kit), fake_env(peer_timeout=2.0))
     assert statuses(report)["inbound"] == {Status.FAIL}
     assert "does not answer as this peer" in only(report, "inbound")
+
+
+def test_a_renewed_certificate_not_yet_installed_warns(kit: LocalKit) -> None:
+    fed = kit.federation
+    fed.renew(ME)
+    fed.publish_roster({p: kit.kits[p].address for p in PEERS})
+    assert fed.roster_path is not None
+    site = kit.kits[ME].directory
+    for name in ("roster.json", "roster.json.sig"):
+        (site / name).write_bytes(fed.roster_path.with_name(name).read_bytes())
+    report = run_doctor(config_of(kit), fake_env(peer_timeout=1.0))
+    assert statuses(report)["roster entry"] == {Status.WARN}, report.to_text()
+    assert "renewed certificate" in only(report, "roster entry")
+    assert "SIGHUP" in only(report, "roster entry")

@@ -309,6 +309,19 @@ class SiteChecks:
                 ask,
             )
             return
+        if self.cert is not None and fingerprint(self.cert) in entry.fingerprints - {
+            entry.cert_fingerprint_sha256
+        }:
+            yield Finding(
+                "roster entry",
+                Status.WARN,
+                f"the roster lists a renewed certificate {entry.cert_fingerprint_sha256} for "
+                f"{config.peer_id!r}; {config.cert} is the previous one, accepted only until "
+                f"it expires ({self.cert.not_valid_after_utc:%Y-%m-%d}) or is revoked",
+                "install the renewed certificate and its key (ceremony request --renew made "
+                f"{config.peer_id}.next.key), then send the peer SIGHUP",
+            )
+            return
         if self.cert is not None and entry.cert_fingerprint_sha256 != fingerprint(self.cert):
             yield Finding(
                 "roster entry",
