@@ -5,7 +5,8 @@ by the CA) while a 10-round session runs. The CA publishes a roster listing the 
 certificate (the old one stays listed as previous); the other peers pick it up by polling
 their files, hospital-b installs its new pair and is sent SIGHUP. Nobody restarts. The
 session completes, b's later rounds are signed with its new key, every ledger verifies
-(records signed with the old key included), and once the old certificate is revoked a
+(records signed with the old key included) and holds every site's signed acceptance of
+each session (issue 14), and once the old certificate is revoked a
 caller presenting it is refused while the new one is served.
 """
 
@@ -23,6 +24,7 @@ import grpc
 import pytest
 from network_harness import Network
 
+from dashboard.data import ACCEPTED, acceptance_table
 from peer.channels import method_path
 from peer.identity import load_certificate, verifier_for
 from peer.tls import TLSFiles, peer_channel
@@ -161,5 +163,16 @@ def test_a_hospital_renews_its_certificate_mid_session(tmp_path: Path) -> None:
         assert {getattr(s, "state", repr(s)) for s in statuses.values()} == {"finished"}
         [record] = network.records("hospital-c", "s2")
         assert new_verifier.verify(record.signatures[B], record.record.payload())
+        # Every ledger holds every site's signed acceptance of both sessions, and they
+        # verify with the roster's keys: b accepted s1 with its old key, s2 with its new one.
+        verifiers = fed.roster.verifiers()
+        for peer in network.peers:
+            with network.ledger(peer) as ledger:
+                for sid in ("s1", "s2"):
+                    info, state = ledger.session(sid), ledger.beacon_state(sid)
+                    assert info is not None
+                    assert state is not None
+                    table = acceptance_table(info, state.commitments, verifiers)
+                    assert table.column("status") == [ACCEPTED] * 3, (peer, sid, table)
     finally:
         network.stop()
