@@ -287,3 +287,59 @@ def test_ceremony_request_renew_sign_and_roster(
     [member] = roster["members"]
     assert member["fingerprint"] == signed["fingerprint"]
     assert member["previous_fingerprints"] == [fingerprint(old)]
+
+
+def _presented_certificate(address: str, member: Any) -> bytes:
+    """The certificate a TLS server at ``address`` presents (DER), seen with plain ssl."""
+    import socket
+    import ssl
+
+    context = ssl.create_default_context(cafile=str(member.ca))
+    context.load_cert_chain(str(member.cert), str(member.key))
+    context.check_hostname = False
+    context.set_alpn_protocols(["h2"])
+    host, _, port = address.rpartition(":")
+    with (
+        socket.create_connection((host, int(port)), timeout=10) as raw,
+        context.wrap_socket(raw) as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return der
+
+
+def test_the_server_presents_the_renewed_certificate_from_the_next_handshake(
+    tmp_path: Path,
+) -> None:
+    import asyncio
+
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from peer.kit import LocalKit
+    from peer.tls import ServerIdentity, TLSFiles, create_server
+
+    kit = LocalKit.create(tmp_path / "kit", ("hospital-a", B))
+    fed = kit.federation
+    old = fed.members[B]
+    new = fed.renew(B)
+    fed.publish_roster({p: kit.kits[p].address for p in ("hospital-a", B)})
+    assert fed.roster_path is not None
+    auth = Authenticator.from_files(fed.ca.cert_path, fed.roster_path, fed.ca.crl_path)
+    identity = ServerIdentity(old.cert, old.key, old.ca)
+    client = fed.members["hospital-a"]
+    address = kit.kits[B].address
+
+    async def scenario() -> tuple[bytes, bytes]:
+        files = TLSFiles(old.cert, old.key, old.ca)
+        async with create_server(
+            address, files, auth, credentials=identity.credentials(), grace=0.1
+        ):
+            loop = asyncio.get_running_loop()
+            before = await loop.run_in_executor(None, _presented_certificate, address, client)
+            identity.replace(new.cert, new.key)
+            after = await loop.run_in_executor(None, _presented_certificate, address, client)
+            return before, after
+
+    before, after = asyncio.run(scenario())
+    assert before == old.certificate().public_bytes(Encoding.DER)
+    assert after == new.certificate().public_bytes(Encoding.DER)
