@@ -71,6 +71,9 @@ class PeerNode:
         self.roster = self.authenticator.roster
         # Live: members whose certificate the CRL revokes have no key here (peer/reload.py).
         self.verifiers = TrustedKeys(self.roster, self.authenticator.crl)
+        # The same, for agreed records of the past that catch-up fetches: a renewed member's
+        # old key still counts after its certificate expired (not after a revocation).
+        self.record_verifiers = TrustedKeys(self.roster, self.authenticator.crl, for_records=True)
         self.reloader = TrustReloader(
             self.authenticator,
             config.roster,
@@ -86,7 +89,7 @@ class PeerNode:
         self._stopping = asyncio.Event()
         self._background: set[asyncio.Task[Any]] = set()
         self.pool = ChannelPool(lambda: self.roster, self.files)
-        self.catch_up = CatchUp(self.me, self.ledger, self.verifiers, self.pool)
+        self.catch_up = CatchUp(self.me, self.ledger, self.record_verifiers, self.pool)
         self.metrics = PeerMetrics(
             self.me, self.ledger, max_epsilon=config.policy.max_epsilon, certificate=config.cert
         )
@@ -169,6 +172,7 @@ class PeerNode:
         """A new roster or CRL is in force: use its keys, close streams it no longer allows."""
         old, self.roster = self.roster, self.authenticator.roster
         self.verifiers.refresh(self.roster, self.authenticator.crl)
+        self.record_verifiers.refresh(self.roster, self.authenticator.crl)
         for peer_id in self.pool.dialled():
             before, after = old.get(peer_id), self.roster.get(peer_id)
             if after is None or before is None or before.address != after.address:

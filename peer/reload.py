@@ -87,13 +87,14 @@ class _LiveKeys:
     current: Verifier
     previous: tuple[tuple[x509.Certificate, Verifier], ...]
     clock: Clock
+    expired_ok: bool
 
     def verify(self, signature: bytes, data: bytes) -> bool:
         if self.current.verify(signature, data):
             return True
         now = self.clock()
         return any(
-            cert.not_valid_before_utc <= now <= cert.not_valid_after_utc
+            (self.expired_ok or cert.not_valid_before_utc <= now <= cert.not_valid_after_utc)
             and verifier.verify(signature, data)
             for cert, verifier in self.previous
         )
@@ -107,11 +108,23 @@ class TrustedKeys(Mapping[str, Verifier]):
     previous certificate counts too until that certificate expires (checked at each
     signature, on ``clock``) or is revoked (at refresh), so that a peer which has not yet
     switched to its new key is not dropped from a round.
+
+    With ``for_records``, the keys check agreed records of the past (catch-up): a previous
+    certificate's key still counts after the certificate expired (it signed those records
+    while it was valid; a record carries no trusted time), never once it is revoked.
     """
 
-    def __init__(self, roster: Roster, crl: RevocationList, clock: Clock = system_clock) -> None:
+    def __init__(
+        self,
+        roster: Roster,
+        crl: RevocationList,
+        clock: Clock = system_clock,
+        *,
+        for_records: bool = False,
+    ) -> None:
         self._keys: dict[str, Verifier] = {}
         self._clock = clock
+        self._for_records = for_records
         self.refresh(roster, crl)
 
     def refresh(self, roster: Roster, crl: RevocationList) -> None:
@@ -122,6 +135,7 @@ class TrustedKeys(Mapping[str, Verifier]):
                 verifier_for(e.certificate),
                 tuple((c, verifier_for(c)) for c in e.previous if c.serial_number not in serials),
                 self._clock,
+                self._for_records,
             )
             for e in roster.entries
             if e.peer_id not in revoked

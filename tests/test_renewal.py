@@ -343,3 +343,23 @@ def test_the_server_presents_the_renewed_certificate_from_the_next_handshake(
     before, after = asyncio.run(scenario())
     assert before == old.certificate().public_bytes(Encoding.DER)
     assert after == new.certificate().public_bytes(Encoding.DER)
+
+
+def test_records_of_the_past_still_verify_after_the_old_certificate_expired(
+    tmp_path: Path,
+) -> None:
+    fed = LocalFederation.create(tmp_path / "fed")
+    fed.add_member(B, validity_days=10, subdirectory="short")
+    fed.publish_roster({})
+    old = fed.members[B]
+    fed.renew(B)
+    fed.publish_roster({})
+    later = datetime.now(UTC) + timedelta(days=20)
+    signature = load_signer(old.key).sign(b"record")
+    live = TrustedKeys(fed.roster, fed.crl, clock=lambda: later)
+    past = TrustedKeys(fed.roster, fed.crl, clock=lambda: later, for_records=True)
+    assert not live[B].verify(signature, b"record")  # no longer in a round
+    assert past[B].verify(signature, b"record")  # a record it signed then, caught up now
+    revoked = fed.revoke_certificate(old.cert)
+    past.refresh(fed.roster, revoked)
+    assert not past[B].verify(signature, b"record")  # never once revoked
