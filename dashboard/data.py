@@ -23,6 +23,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from peer.beacon import commitment_signed_bytes
 from peer.ledger import (
     ChargedRelease,
     LedgerProblem,
@@ -34,14 +35,21 @@ from peer.ledger import (
     StatisticsResult,
     StoredRecord,
 )
+from peer.session import ProposalError, SessionProposal
+from secagg import Verifier
 
 __all__ = [
+    "ACCEPTED",
+    "ACCEPTED_UNCHECKED",
+    "BAD_ACCEPTANCE",
     "KNOWN_METRICS",
     "NOT_AGREED",
+    "NO_ACCEPTANCE",
     "Cell",
     "Column",
     "Table",
     "Verdict",
+    "acceptance_table",
     "banner",
     "budgets_from_proposal",
     "calibration_points",
@@ -58,6 +66,7 @@ __all__ = [
     "metrics_table",
     "participation_table",
     "privacy_table",
+    "proposal_digest",
     "roc_points",
     "score_histogram",
     "session_label",
@@ -875,3 +884,66 @@ def statistics_table(results: Sequence[StatisticsResult]) -> Table:
         for result in results
     )
     return Table(columns, rows)
+
+
+# --------------------------------------------------------------------------- acceptances
+
+ACCEPTED = "accepted: signature verified"
+ACCEPTED_UNCHECKED = "accepted: signed (not verified: no roster)"
+BAD_ACCEPTANCE = "signature does NOT verify"
+NO_ACCEPTANCE = "no acceptance recorded"
+
+
+def proposal_digest(session: SessionInfo) -> bytes:
+    """The digest participants sign when they accept the proposal (peer/beacon.py)."""
+    try:
+        return SessionProposal.from_document(session.proposal).digest
+    except ProposalError:
+        return session.proposal_hash  # a document of another version: its plain SHA-256
+
+
+def acceptance_table(
+    session: SessionInfo,
+    commitments: Mapping[str, tuple[bytes, bytes]] | None,
+    verifiers: Mapping[str, Verifier] | None,
+) -> Table:
+    """Each participant's signed acceptance of the proposal, as this ledger holds it.
+
+    A peer accepts a proposal by answering a beacon commitment signed with its certificate
+    key over (proposal digest, peer, commitment) (peer/beacon.py); the proposer hands every
+    participant the whole set at ``Start``, and each peer checks and stores it before the
+    session runs. So every ledger holds every participant's signed acceptance, and anyone
+    with the roster can verify it (with the key the member held, renewals included).
+
+    Args:
+        commitments: ``{peer: (commitment, signature)}`` from the ledger, or None when this
+            ledger has none (the session never started here).
+        verifiers: roster keys, or None to show the signatures unverified.
+    """
+    digest = proposal_digest(session)
+    rows: list[dict[str, Cell]] = []
+    for peer in session.participants:
+        found = (commitments or {}).get(peer)
+        if found is None:
+            status = NO_ACCEPTANCE
+        elif verifiers is None:
+            status = ACCEPTED_UNCHECKED
+        else:
+            commitment, signature = found
+            verifier = verifiers.get(peer)
+            signed = commitment_signed_bytes(digest, peer, commitment)
+            ok = verifier is not None and verifier.verify(signature, signed)
+            status = ACCEPTED if ok else BAD_ACCEPTANCE
+        rows.append(
+            {
+                "peer": peer,
+                "status": status,
+                "commitment": found[0].hex()[:16] + "…" if found else None,
+            }
+        )
+    columns = (
+        Column("peer", "Hospital"),
+        Column("status", "Acceptance of the proposal"),
+        Column("commitment", "Signed commitment (beginning)"),
+    )
+    return Table(columns, tuple(rows))

@@ -257,6 +257,17 @@ class LedgerSource:
             self._checked = (key, now, report, error)
             return report, error
 
+    def acceptances(self, session_id: str) -> dict[str, tuple[bytes, bytes]] | None:
+        """The participants' signed acceptances of ``session_id`` (their beacon commitments:
+        ``{peer: (commitment, signature)}``), or None when this ledger holds none.
+
+        Raises:
+            LedgerReadError: the ledger cannot be read.
+        """
+        with self._reading():
+            state = self._ledger.beacon_state(session_id)
+        return None if state is None or state.commitments is None else dict(state.commitments)
+
     def sessions(self) -> tuple[SessionInfo, ...]:
         """Every session of the ledger (a cheap read, to choose one before a snapshot).
 

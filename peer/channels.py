@@ -191,11 +191,14 @@ class ChannelPool:
         """The peers this pool holds a channel to."""
         return list(self._stubs)
 
-    def forget(self, peer_id: str) -> None:
-        """Close ``peer_id``'s channel (in the background); the next use dials again."""
+    def forget(self, peer_id: str, grace: float | None = None) -> None:
+        """Close ``peer_id``'s channel (in the background); the next use dials again.
+
+        ``grace``: seconds its calls in flight may still take (None: cancel them now).
+        """
         stub = self._stubs.pop(peer_id, None)
         if stub is not None:
-            closing = asyncio.ensure_future(stub.channel.close(None))
+            closing = asyncio.ensure_future(stub.channel.close(grace))
             self._closing.add(closing)
             closing.add_done_callback(self._closing.discard)
 

@@ -1,4 +1,5 @@
-"""A peer's Prometheus metrics: rounds, dropouts, bytes, round durations, ε, certificate expiry.
+"""A peer's Prometheus metrics: rounds, dropouts, bytes, round and stage durations, ε,
+certificate expiry.
 
 Enabled by an optional ``[metrics]`` table in the peer's configuration (peer/config.py)::
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -28,7 +30,7 @@ from prometheus_client.registry import Collector
 from .ledger import Ledger, LedgerError
 from .round.context import RoundOutcome
 
-__all__ = ["MetricsAddressError", "PeerMetrics", "is_loopback"]
+__all__ = ["MetricsAddressError", "PeerMetrics", "StageTimer", "is_loopback"]
 
 logger = logging.getLogger("peer.metrics")
 
@@ -126,8 +128,22 @@ class PeerMetrics:
             buckets=(0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600),
             registry=self.registry,
         )
+        self.stage_seconds = Histogram(
+            "peer_stage_seconds",
+            "Time this peer spent in one stage of a round attempt, as a participant sees it: "
+            "from reaching the stage until reaching the next one (see StageTimer)",
+            ["stage"],
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120),
+            registry=self.registry,
+        )
         self.registry.register(_ScrapeTimeGauges(self))
         self._server: Any = None
+
+    def stage_timer(self, clock: Callable[[], float] = time.monotonic) -> StageTimer:
+        """A timer for one round attempt's stages, observed into ``peer_stage_seconds``."""
+        return StageTimer(
+            lambda stage, seconds: self.stage_seconds.labels(stage).observe(seconds), clock
+        )
 
     def round_finished(self, outcome: RoundOutcome, seconds: float) -> None:
         """Count one finished round attempt (called where the runner records it)."""
@@ -170,3 +186,40 @@ class PeerMetrics:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+
+
+class StageTimer:
+    """The durations of one round attempt's stages, from the participant's stage reports.
+
+    The participant reports each stage it reaches (``RoundContext.on_stage``: advertise,
+    share, masked, consistency, unmask, then verify and agree for SecAgg; the other
+    backends' own stage names). A stage lasts from its report until the next report, the
+    last one until :meth:`finish` (the round's outcome). So ``share`` covers waiting for the
+    aggregator to close the advertise stage plus this peer's share computation: what a site
+    sees, which is what its monitoring wants to locate a slow stage or a slow aggregator.
+    """
+
+    def __init__(
+        self, observe: Callable[[str, float], None], clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._observe = observe
+        self._clock = clock
+        self._current: tuple[str, float] | None = None
+
+    def enter(self, stage: str) -> None:
+        """This peer reached ``stage``; the previous stage (if any) ends now."""
+        now = self._clock()
+        if self._current is not None and self._current[0] == stage:
+            return  # the same stage reported again (a detail changed): still in it
+        self._close(now)
+        self._current = (stage, now)
+
+    def finish(self) -> None:
+        """The round attempt ended: the stage in progress ends now."""
+        self._close(self._clock())
+        self._current = None
+
+    def _close(self, now: float) -> None:
+        if self._current is not None:
+            stage, since = self._current
+            self._observe(stage, now - since)

@@ -12,7 +12,8 @@ together and runs them:
   (no address in the roster), its Control stream to a relay.
 
 It also reloads the roster and CRL while it runs (peer/reload.py): a revoked member's key
-stops counting at once and its open round streams are closed.
+stops counting at once and its open round streams are closed; and its own certificate and
+key after a renewal, without a restart.
 """
 
 from __future__ import annotations
@@ -30,12 +31,11 @@ from secagg import RandomSource, SystemRandom
 from .catchup import CatchUp
 from .channels import SERVICE, ChannelPool
 from .config import PeerConfig
-from .identity import load_signer
 from .ledger import Ledger
 from .metrics import PeerMetrics
 from .payloads import PayloadFactory, default_payload
 from .relay import CallChecker, ControlClient, RelayRoute
-from .reload import TrustedKeys, TrustReloader
+from .reload import OwnIdentity, TrustedKeys, TrustReloader
 from .round import NO_FAULTS, FaultHooks
 from .runner import CANNOT_RECORD, SessionRunner
 from .service import PeerService
@@ -44,6 +44,10 @@ from .tls import Authenticator, TLSFiles, create_server
 __all__ = ["CANNOT_RECORD", "SERVICE", "PeerNode", "default_payload"]
 
 logger = logging.getLogger("peer.node")
+
+# How long a channel set up with the old certificate may finish its calls after a renewal
+# (a round stream lasts at most prepare + 10 stages; longer calls are cut, and retried).
+RENEWAL_GRACE_SECONDS = 900.0
 
 
 class PeerNode:
@@ -63,16 +67,24 @@ class PeerNode:
         self.me = config.peer_id
         self.authenticator = Authenticator.from_files(config.ca, config.roster, config.crl)
         self.files = TLSFiles.of(config.cert, config.key, config.ca)
-        self.signer = load_signer(config.key)
+        # Our certificate and key, replaced live on renewal (peer/reload.py): the server's
+        # TLS pair and the one signer every part of the peer signs with.
+        self.identity = OwnIdentity(self.me, config.cert, config.key, config.ca)
+        self.signer = self.identity.signer
         self.roster = self.authenticator.roster
         # Live: members whose certificate the CRL revokes have no key here (peer/reload.py).
         self.verifiers = TrustedKeys(self.roster, self.authenticator.crl)
+        # The same, for agreed records of the past that catch-up fetches: a renewed member's
+        # old key still counts after its certificate expired (not after a revocation).
+        self.record_verifiers = TrustedKeys(self.roster, self.authenticator.crl, for_records=True)
         self.reloader = TrustReloader(
             self.authenticator,
             config.roster,
             config.crl,
             on_change=self._trust_changed,
             interval=config.limits.trust_poll_seconds,
+            identity=self.identity,
+            on_identity=self._identity_changed,
         )
         self.ledger = Ledger(config.ledger_url)
         self.ledger.create()
@@ -80,7 +92,7 @@ class PeerNode:
         self._stopping = asyncio.Event()
         self._background: set[asyncio.Task[Any]] = set()
         self.pool = ChannelPool(lambda: self.roster, self.files)
-        self.catch_up = CatchUp(self.me, self.ledger, self.verifiers, self.pool)
+        self.catch_up = CatchUp(self.me, self.ledger, self.record_verifiers, self.pool)
         self.metrics = PeerMetrics(
             self.me, self.ledger, max_epsilon=config.policy.max_epsilon, certificate=config.cert
         )
@@ -158,6 +170,7 @@ class PeerNode:
                 self.files,
                 self.authenticator,
                 handlers=[self.service.handler()],
+                credentials=self.identity.server.credentials(),
             ) as (_, port):
                 self.port = port
                 reloader = asyncio.create_task(self.reloader.run(self._stopping))
@@ -182,10 +195,22 @@ class PeerNode:
     def stop(self) -> None:
         self._stopping.set()
 
+    def _identity_changed(self) -> None:
+        """A renewed certificate is in use: new outbound connections present it.
+
+        The server presents it from the next handshake on (peer/tls/_rotation.py). Channels
+        to other peers were set up with the old one: each is replaced by a new channel, and
+        the old one closes once its calls are done (a round stream in flight finishes on the
+        connection it started on, which stays valid during the renewal's overlap).
+        """
+        for peer_id in self.pool.dialled():
+            self.pool.forget(peer_id, grace=RENEWAL_GRACE_SECONDS)
+
     def _trust_changed(self) -> None:
         """A new roster or CRL is in force: use its keys, close streams it no longer allows."""
         old, self.roster = self.roster, self.authenticator.roster
         self.verifiers.refresh(self.roster, self.authenticator.crl)
+        self.record_verifiers.refresh(self.roster, self.authenticator.crl)
         for peer_id in self.pool.dialled():
             before, after = old.get(peer_id), self.roster.get(peer_id)
             if after is None or before is None or before.address != after.address:
@@ -196,7 +221,7 @@ class PeerNode:
             if (
                 caller.serial_number in revoked
                 or entry is None
-                or entry.cert_fingerprint_sha256 != caller.fingerprint
+                or caller.fingerprint not in entry.fingerprints
             ):
                 logger.warning(
                     "peer=%s closing the round stream of %s: its certificate is no longer "

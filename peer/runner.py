@@ -349,8 +349,12 @@ class SessionRunner:
         proposal = session.proposal
         progress = session.progress
 
+        stages = self.metrics.stage_timer() if self.metrics is not None else None
+
         def on_stage(stage: str, detail: str) -> None:
             progress.stage, progress.detail = stage, detail
+            if stages is not None:
+                stages.enter(stage)
 
         ctx = RoundContext(
             me=self.me,
@@ -427,6 +431,8 @@ class SessionRunner:
             logger.error("peer=%s cannot record the end of round %d: %s", self.me, round_, error)
         if self.metrics is not None:
             self.metrics.round_finished(outcome, time.monotonic() - started)
+        if stages is not None:
+            stages.finish()
         logger.info(
             "peer=%s session=%s round=%d attempt=%d outcome=%s in %.2fs %s",
             self.me,

@@ -21,6 +21,8 @@ Subcommands:
   (:mod:`scripts.ceremony_privacy`).
 * ``report`` — a printable audit report (HTML or PDF) of one session from a peer's ledger
   (:mod:`scripts.ceremony_report`).
+* ``export`` — the agreed metrics of a ledger as TensorBoard or MLflow runs
+  (:mod:`scripts.ceremony_export`).
 * ``split``, ``baseline`` — split a data set across simulated hospitals; non-private
   reference accuracies (:mod:`scripts.ceremony_data`).
 """
@@ -51,6 +53,7 @@ from secagg.simulate import Attack, Progress, SimulationResult, simulate, too_ma
 from . import (
     ceremony_data,
     ceremony_demo,
+    ceremony_export,
     ceremony_identity,
     ceremony_privacy,
     ceremony_report,
@@ -409,6 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     ceremony_privacy.add_parsers(subparsers)
     ceremony_data.add_parsers(subparsers)
     ceremony_report.add_parsers(subparsers)
+    ceremony_export.add_parsers(subparsers)
     _add_simulate(subparsers)
     _add_bench(subparsers)
     return parser

@@ -45,6 +45,7 @@ from peer.identity import (
     current_crl,
     fingerprint,
     init_ca,
+    issued_certificates,
     load_certificate,
     load_private_key,
     load_roster,
@@ -201,6 +202,14 @@ def _add_request(subparsers: Any) -> None:
         action="store_true",
         help="an operator certificate (proposes sessions, runs no peer)",
     )
+    parser.add_argument(
+        "--renew",
+        action="store_true",
+        help=(
+            "renew the identity whose key is in DIR: a new key and CSR as ID.next.key and "
+            "ID.next.csr; the current key stays in use until the new certificate is installed"
+        ),
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(handler=_cmd_request)
 
@@ -215,6 +224,7 @@ def _cmd_request(args: argparse.Namespace) -> int:
             args.host,
             args.ip,
             role=_role(args.operator),
+            renew=args.renew,
         )
         csr = _read_csr(paths.csr)
     assert csr is not None  # we just wrote it
@@ -230,11 +240,21 @@ def _cmd_request(args: argparse.Namespace) -> int:
         "csr_fingerprint": csr_fingerprint(csr),
         "dns": dns,
         "ip": ips,
+        "renew": args.renew,
     }
+    renewal = []
+    if args.renew:
+        renewal = [
+            f"Renewal: the current key {args.peer_id}.key stays in use. Once the CA has signed "
+            f"this request and published a roster listing the new certificate, install both "
+            f"files: mv {args.peer_id}.next.key {args.peer_id}.key; mv <the certificate> "
+            f"{args.peer_id}.pem (the running peer picks them up, or send it SIGHUP)."
+        ]
     _emit(
         args,
         report,
         [
+            *renewal,
             f"private key: {paths.key} (mode {mode}): keep it here, it never leaves this site",
             f"request:     {paths.csr}",
             f"names:       DNS: {', '.join(dns) or '-'}; IP: {', '.join(ips) or '-'}",
@@ -316,6 +336,7 @@ def _cmd_sign(args: argparse.Namespace) -> int:
             return EXIT_FAILED
     with user_errors():
         cert = sign_request(args.ca, args.csr, args.out, role=_role(args.operator))
+        renews = _still_valid_predecessors(args.ca, cert)
     report = {
         **preview,
         "certificate": str(args.out),
@@ -323,16 +344,38 @@ def _cmd_sign(args: argparse.Namespace) -> int:
         "fingerprint": fingerprint(cert),
         "not_after": cert.not_valid_after_utc.isoformat(),
         "ca_fingerprint": info.fingerprint,
-    }
-    _emit(
-        args,
-        report,
-        [
-            f"issued {args.out}: serial {report['serial']}, valid until {report['not_after']}",
-            f"  certificate fingerprint: {report['fingerprint']}",
+        "renews": [
+            {"serial": f"{old.serial_number:X}", "not_after": old.not_valid_after_utc.isoformat()}
+            for old in renews
         ],
-    )
+    }
+    lines = [
+        f"issued {args.out}: serial {report['serial']}, valid until {report['not_after']}",
+        f"  certificate fingerprint: {report['fingerprint']}",
+    ]
+    for old in renews:
+        lines.append(
+            f"  renews serial {old.serial_number:X}, which stays valid until "
+            f"{old.not_valid_after_utc.isoformat()} (or until revoked): publish a new roster "
+            "(ceremony roster) so that peers accept the new certificate, then the site "
+            "installs it; revoke the old one (ceremony revoke) if its key may be exposed"
+        )
+    _emit(args, report, lines)
     return EXIT_OK
+
+
+def _still_valid_predecessors(ca_dir: Path, new: x509.Certificate) -> list[x509.Certificate]:
+    """Earlier certificates of the same member that have not expired nor been revoked."""
+    peer_id = read_identity(new).peer_id
+    revoked = current_crl(ca_dir).serial_numbers
+    return [
+        old
+        for old in issued_certificates(ca_dir)
+        if old.serial_number != new.serial_number
+        and old.serial_number not in revoked
+        and old.not_valid_after_utc > new.not_valid_before_utc
+        and read_identity(old).peer_id == peer_id
+    ]
 
 
 # --------------------------------------------------------------------------- roster
@@ -388,6 +431,7 @@ def _entry_report(entry: RosterEntry) -> dict[str, Any]:
         "role": entry.role.value,
         "address": entry.address,
         "fingerprint": entry.cert_fingerprint_sha256,
+        "previous_fingerprints": [fingerprint(c) for c in entry.previous],
     }
 
 
@@ -417,6 +461,7 @@ def _cmd_roster(args: argparse.Namespace) -> int:
     lines = [f"roster v{roster.version} of {roster.federation!r}: {roster_path} + {sig_path}"]
     lines += [
         f"  {e.role.value:<8} {e.peer_id:<24} {e.address or '-':<28} {e.cert_fingerprint_sha256}"
+        + (f" (renewed; {len(e.previous)} earlier certificate(s) kept)" if e.previous else "")
         for e in roster.entries
     ]
     _emit(args, report, lines)

@@ -70,6 +70,8 @@ class ReportData:
         members: the roster's members (the session's participants without a roster).
         budgets: ε budget per peer (command line over proposal), possibly empty.
         generated_at: when the report was made.
+        acceptances: each participant's signed acceptance of the proposal
+            (:func:`dashboard.data.acceptance_table`).
     """
 
     snapshot: Any  # dashboard.source.Snapshot; Any keeps the import lazy for `ceremony`.
@@ -79,6 +81,7 @@ class ReportData:
     members: tuple[Institution, ...]
     budgets: Mapping[str, float]
     generated_at: datetime
+    acceptances: Any = None  # dashboard.data.Table (lazy import, as for snapshot)
 
 
 def load_report_data(
@@ -95,7 +98,7 @@ def load_report_data(
     Raises:
         UsageError: the ledger, the roster or the session cannot be used.
     """
-    from dashboard.data import budgets_from_proposal
+    from dashboard.data import acceptance_table, budgets_from_proposal
     from dashboard.source import LedgerSource, LedgerSourceError
     from peer.identity import IdentityError, load_certificate, load_roster
     from peer.ledger import LedgerError
@@ -116,6 +119,7 @@ def load_report_data(
         raise UsageError(f"cannot open the ledger: {exc}") from None
     try:
         snapshot = source.snapshot(session_id)
+        acceptances = source.acceptances(session_id) if snapshot.session else None
     except LedgerError as exc:
         raise UsageError(str(exc).splitlines()[0]) from None
     finally:
@@ -141,6 +145,9 @@ def load_report_data(
         members=members,
         budgets=known_budgets,
         generated_at=now or datetime.now(UTC),
+        acceptances=acceptance_table(
+            session, acceptances, roster.verifiers() if roster is not None else None
+        ),
     )
 
 
@@ -514,11 +521,25 @@ def render_report(data: ReportData) -> str:
         )
     )
     out.append(
-        "<p>Acceptance: the ledger records this peer's own decision on the proposal; the other "
-        "sites' decisions are not kept in it. A site that signed the session's agreed records "
-        "(table above) took part in the session under this proposal, whose hash every signed "
-        "record chains from.</p>"
+        "<p>Acceptance: a hospital accepts a proposal by signing, with its certificate key, a "
+        "commitment bound to this very proposal (the first step of the session beacon); "
+        "the proposer hands every participant the whole set before the session runs, and "
+        "each hospital checks and stores it. So this ledger holds every participant's own "
+        "signed acceptance"
+        + (
+            ", verified below against the roster's keys.</p>"
+            if data.federation
+            else "; without a roster (--roster and --ca) the signatures are shown but not "
+            "verified.</p>"
+        )
     )
+    if data.acceptances is not None:
+        table = data.acceptances
+        out.append(
+            _table([c.label for c in table.columns], table.formatted(), set()).replace(
+                "<td>signature does NOT verify", "<td class='bad'>signature does NOT verify"
+            )
+        )
 
     # -- rounds
     out.append("<h2>Rounds</h2>")

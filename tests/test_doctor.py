@@ -10,10 +10,11 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import sqlite3
 import sys
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -23,16 +24,24 @@ import pytest
 from peer.__main__ import main
 from peer.doctor import (
     CERT_WARN_DAYS,
+    SKEW_WARN_SECONDS,
     DiskUsage,
     Environment,
     Report,
     Status,
     run_doctor,
 )
-from peer.identity import load_certificate, load_crl, refresh_crl
+from peer.identity import load_certificate, load_crl, load_roster, refresh_crl
 from peer.kit import LocalKit
 from peer.ledger import Ledger
-from peer.tls import Authenticator, TLSFiles, create_server
+from peer.tls import (
+    Authenticator,
+    ClockReading,
+    TLSFiles,
+    create_server,
+    measure_skew,
+    peer_channel,
+)
 
 PEERS = ("hospital-a", "hospital-b", "hospital-c")
 ME = "hospital-a"
@@ -64,8 +73,10 @@ def serving(
     kit: LocalKit,
     peer_ids: Sequence[str],
     authenticators: Mapping[str, Authenticator] | None = None,
+    clocks: Mapping[str, Callable[[], datetime]] | None = None,
 ) -> Iterator[None]:
-    """Run the peers' mTLS servers (health service only) at their roster addresses."""
+    """Run the peers' mTLS servers (health and clock services only) at their roster
+    addresses; ``clocks`` gives a peer a wall clock of its own (default: the real one)."""
     loop = asyncio.new_event_loop()
     started = threading.Event()
     stop: list[asyncio.Event] = []
@@ -81,8 +92,11 @@ def serving(
                     directory / "ca.pem", directory / "roster.json", directory / "crl.pem"
                 )
                 files = TLSFiles(member.cert, member.key, member.ca)
+                wall_clock = (clocks or {}).get(peer_id, lambda: datetime.now(UTC))
                 await stack.enter_async_context(
-                    create_server(kit.kits[peer_id].address, files, auth, grace=0.1)
+                    create_server(
+                        kit.kits[peer_id].address, files, auth, grace=0.1, wall_clock=wall_clock
+                    )
                 )
             started.set()
             await stop[0].wait()
@@ -124,17 +138,17 @@ def only(report: Report, check: str) -> str:
 # --------------------------------------------------------------------------- healthy
 
 
-def test_healthy_site_passes_and_says_what_it_could_not_measure(kit: LocalKit) -> None:
+def test_healthy_site_passes(kit: LocalKit) -> None:
     with serving(kit, PEERS):
         report = run_doctor(config_of(kit), fake_env())
     assert report.ok, report.to_text()
     assert report.exit_code == 0
     warnings = {f.check for f in report.findings if f.status is Status.WARN}
-    # Skew is honestly reported as not measured; everything else is OK.
-    assert warnings == {"clock skew"}, report.to_text()
-    assert "not measured" in only(report, "clock skew")
+    assert warnings == set(), report.to_text()
+    assert re.search(r"hospital-b [-+]0\.\d+ s ±", only(report, "clock skew"))
     checks = statuses(report)
     for check in (
+        "clock skew",
         "config",
         "private key",
         "CA certificate",
@@ -416,6 +430,56 @@ def test_unsynchronised_clock_warns(kit: LocalKit) -> None:
     assert statuses(report)["clock"] == {Status.WARN}
 
 
+def _skewed(seconds: float) -> Callable[[], datetime]:
+    return lambda: datetime.now(UTC) + timedelta(seconds=seconds)
+
+
+@pytest.mark.parametrize(
+    ("b_skew", "expected"),
+    [(2.0, Status.OK), (30.0, Status.WARN), (-30.0, Status.WARN), (600.0, Status.FAIL)],
+)
+def test_clock_skew_against_peers(kit: LocalKit, b_skew: float, expected: Status) -> None:
+    # hospital-b's clock is off; hospital-c's is right. The worst peer decides and is named.
+    with serving(kit, [ME, "hospital-b", "hospital-c"], clocks={"hospital-b": _skewed(b_skew)}):
+        report = run_doctor(config_of(kit), fake_env())
+    assert statuses(report)["clock skew"] == {expected}, report.to_text()
+    text = only(report, "clock skew")
+    measured = float(re.search(r"hospital-b ([-+][0-9.]+) s ±", text).group(1))  # type: ignore[union-attr]
+    assert abs(measured - b_skew) < 1.0, text
+    if expected is not Status.OK:
+        assert text.startswith(f"hospital-b's clock differs from ours by {b_skew:+.0f}"), text
+        assert "timedatectl" in text
+    assert report.ok is (expected is not Status.FAIL)
+
+
+def test_clock_skew_allows_for_the_round_trip(kit: LocalKit) -> None:
+    # Our clock reads base before the call and base + 20 s after it (a 20 s round trip as
+    # we see it): a peer answering base + 18 is 8 s ahead of the midpoint, ± 10 s.
+    base = datetime.now(UTC)
+    ours = iter([base, base + timedelta(seconds=20)])
+    answer = base + timedelta(seconds=18)
+    member = kit.federation.members[ME]
+    files = TLSFiles(member.cert, member.key, member.ca)
+    roster = load_roster(kit.kits[ME].directory / "roster.json", load_certificate(member.ca))
+
+    async def read() -> ClockReading:
+        async with peer_channel(roster, "hospital-b", files) as channel:
+            return await measure_skew(channel, clock=lambda: next(ours), timeout=5.0)
+
+    with serving(kit, ["hospital-b"], clocks={"hospital-b": lambda: answer}):
+        reading = asyncio.run(read())
+    assert reading == ClockReading(skew=8.0, uncertainty=10.0)
+    # Within ± 10 s the skew may be anywhere from -2 to 18 s: over 5 s is not certain.
+    assert not reading.exceeds(SKEW_WARN_SECONDS)
+    assert ClockReading(skew=-16.0, uncertainty=10.0).exceeds(SKEW_WARN_SECONDS)
+
+
+def test_clock_skew_not_measured_when_no_peer_answers(kit: LocalKit) -> None:
+    report = run_doctor(config_of(kit), fake_env(peer_timeout=1.0))
+    assert statuses(report)["clock skew"] == {Status.WARN}
+    assert "not measured: no roster peer answered" in only(report, "clock skew")
+
+
 # --------------------------------------------------------------------------- network
 
 
@@ -487,3 +551,17 @@ def test_an_outbound_only_peer_is_not_dialled_by_the_others(outbound_kit: LocalK
     assert statuses(report)[f"peer {ME}"] == {Status.OK}
     assert "reached through a relay" in only(report, f"peer {ME}")
     assert statuses(report)["inbound"] == {Status.OK}, report.to_text()
+
+
+def test_a_renewed_certificate_not_yet_installed_warns(kit: LocalKit) -> None:
+    fed = kit.federation
+    fed.renew(ME)
+    fed.publish_roster({p: kit.kits[p].address for p in PEERS})
+    assert fed.roster_path is not None
+    site = kit.kits[ME].directory
+    for name in ("roster.json", "roster.json.sig"):
+        (site / name).write_bytes(fed.roster_path.with_name(name).read_bytes())
+    report = run_doctor(config_of(kit), fake_env(peer_timeout=1.0))
+    assert statuses(report)["roster entry"] == {Status.WARN}, report.to_text()
+    assert "renewed certificate" in only(report, "roster entry")
+    assert "SIGHUP" in only(report, "roster entry")

@@ -133,3 +133,21 @@ def test_metrics_table_parsing() -> None:
         _metrics({"metrics": {"allow_remote": "yes"}}, "x")
     with pytest.raises(ConfigFileError, match=r"\[metrics\] must be a table"):
         _metrics({"metrics": 3}, "x")
+
+
+def test_stage_timer_observes_each_stage_until_the_next(metrics: PeerMetrics) -> None:
+    clock = iter([0.0, 1.0, 1.5, 4.0, 4.0, 10.0, 11.0]).__next__
+    timer = metrics.stage_timer(clock)
+    timer.enter("advertise")  # 0.0
+    timer.enter("share")  # 1.0: advertise lasted 1 s
+    timer.enter("share")  # 1.5: a detail changed, still sharing
+    timer.enter("verify")  # 4.0: share lasted 3 s
+    timer.enter("agree")  # 4.0: verify took no time at all
+    timer.finish()  # 10.0: agree lasted 6 s
+    assert _value(metrics, "peer_stage_seconds_sum", stage="advertise") == 1.0
+    assert _value(metrics, "peer_stage_seconds_count", stage="share") == 1
+    assert _value(metrics, "peer_stage_seconds_sum", stage="share") == 3.0
+    assert _value(metrics, "peer_stage_seconds_sum", stage="verify") == 0.0
+    assert _value(metrics, "peer_stage_seconds_sum", stage="agree") == 6.0
+    timer.finish()  # a second finish observes nothing more
+    assert _value(metrics, "peer_stage_seconds_count", stage="agree") == 1

@@ -23,9 +23,9 @@ What is checked, in order (a check that needs an earlier one's result is skipped
   is rolled back (nothing is changed);
 - free disk space against the ledger's expected growth (see :func:`expected_growth`);
 - TensorFlow importable, in a subprocess with a timeout (a broken install cannot hang us);
-- the clock: whether the kernel reports it NTP-synchronised. Skew against the other peers
-  is **not measured**: the peer service carries no server time in its answers (always a
-  WARN, saying so);
+- the clock: whether the kernel reports it NTP-synchronised, and its skew against every
+  reachable roster peer (their ``Clock`` service; WARN over 5 s, FAIL over 60 s, allowing
+  for the round trip; see ``_clock``);
 - every other roster peer answers an mTLS health check from here; our own roster address
   answers one too (inbound, seen from this machine: the path through the site's firewall is
   checked by the *other* sites' doctor, whose outbound check is our inbound one).
@@ -34,7 +34,8 @@ Everything outside the process (clock, disk, subprocess, uid, timeouts) comes in
 :class:`Environment`, so tests fix it.
 
 Modules: ``_report`` (findings and the report), ``_environment`` (the injected edges),
-``_checks`` (the checks, in order), ``_storage`` (databases, disk) and ``_network`` (peers).
+``_checks`` (the checks, in order), ``_storage`` (databases, disk), ``_network`` (peers) and
+``_clock`` (skew).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from pathlib import Path
 
 from peer.config import ConfigFileError, load_config
 from peer.doctor._checks import CERT_WARN_DAYS, CRL_WARN_DAYS, SiteChecks
+from peer.doctor._clock import SKEW_FAIL_SECONDS, SKEW_WARN_SECONDS
 from peer.doctor._environment import DiskUsage, Environment, kernel_ntp_synchronized
 from peer.doctor._report import Finding, Report, Status
 from peer.doctor._storage import (
@@ -59,6 +61,8 @@ __all__ = [
     "CRL_WARN_DAYS",
     "GROWTH_HORIZON_DAYS",
     "MIN_FREE_BYTES",
+    "SKEW_FAIL_SECONDS",
+    "SKEW_WARN_SECONDS",
     "DiskUsage",
     "Environment",
     "Finding",

@@ -11,6 +11,7 @@ from datetime import datetime, timedelta
 from cryptography import x509
 
 from peer.config import PeerConfig
+from peer.doctor._clock import check_skew
 from peer.doctor._environment import Environment
 from peer.doctor._network import check_network
 from peer.doctor._report import Finding, Status
@@ -308,6 +309,19 @@ class SiteChecks:
                 ask,
             )
             return
+        if self.cert is not None and fingerprint(self.cert) in entry.fingerprints - {
+            entry.cert_fingerprint_sha256
+        }:
+            yield Finding(
+                "roster entry",
+                Status.WARN,
+                f"the roster lists a renewed certificate {entry.cert_fingerprint_sha256} for "
+                f"{config.peer_id!r}; {config.cert} is the previous one, accepted only until "
+                f"it expires ({self.cert.not_valid_after_utc:%Y-%m-%d}) or is revoked",
+                "install the renewed certificate and its key (ceremony request --renew made "
+                f"{config.peer_id}.next.key), then send the peer SIGHUP",
+            )
+            return
         if self.cert is not None and entry.cert_fingerprint_sha256 != fingerprint(self.cert):
             yield Finding(
                 "roster entry",
@@ -426,13 +440,14 @@ class SiteChecks:
                 "CRL are checked against it",
                 "enable time synchronisation (timedatectl set-ntp true, or chrony)",
             )
-        yield Finding(
-            "clock skew",
-            Status.WARN,
-            "not measured: the peer service carries no server time in its answers, so skew "
-            "against other peers cannot be measured without a server change",
-            "make sure every site synchronises its clock with NTP",
-        )
+        if self.roster_ is None or not self.key_ok:
+            yield Finding(
+                "clock skew",
+                Status.WARN,
+                "not measured: the roster or this site's key/certificate is unusable",
+            )
+            return
+        yield from check_skew(self.config, self.roster_, self.env.clock, self.env.peer_timeout)
 
     # ----------------------------------------------------------------- network
 

@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from peer.identity._errors import CAError, CSRError, InvalidNameError
+from peer.identity._errors import CAError, CSRError, InvalidNameError, KeyFileError
 from peer.identity._files import (
     StrPath,
     certificate_pem,
@@ -148,8 +148,17 @@ def create_request(
     hostnames: Iterable[str] = (),
     ips: Iterable[str | ipaddress.IPv4Address | ipaddress.IPv6Address] = (),
     role: Role = Role.PEER,
+    *,
+    renew: bool = False,
 ) -> RequestPaths:
     """Generate this institution's key on site and a CSR for the consortium CA.
+
+    With ``renew``, the request renews the identity whose key ``<peer_id>.key`` is already
+    in ``directory``: a **new** key is generated, as ``<peer_id>.next.key`` (with
+    ``<peer_id>.next.csr``), and the current key stays in use until the renewed certificate
+    is installed (see SECURITY.md, "Certificate renewal"). A new key rather than the same
+    one: whatever may have exposed the old key over its lifetime (backups, a copied kit)
+    does not carry over, and the old key can be revoked without touching the new one.
 
     Writes ``<directory>/<peer_id>.key`` (ECDSA P-256, created with mode 0600 and never
     overwritten) and ``<directory>/<peer_id>.csr`` with CN=peer_id, O=institution and SANs:
@@ -158,7 +167,7 @@ def create_request(
 
     Raises:
         InvalidNameError: an invalid peer id, institution, federation, hostname or IP.
-        KeyFileError: the key file already exists.
+        KeyFileError: the key file already exists; with ``renew``, there is no current key.
     """
     validate_peer_id(peer_id)
     validate_institution(institution)
@@ -169,8 +178,16 @@ def create_request(
     addresses += [validate_ip(ip) for ip in ips]
     dns, addresses = list(dict.fromkeys(dns)), list(dict.fromkeys(addresses))
     root = make_private_dir(directory)
-    key_path = root / f"{peer_id}.key"
-    csr_path = root / f"{peer_id}.csr"
+    stem = peer_id
+    if renew:
+        if not (root / f"{peer_id}.key").exists():
+            raise KeyFileError(
+                f"nothing to renew: {root / f'{peer_id}.key'} does not exist (a first "
+                "request is made without --renew)"
+            )
+        stem = f"{peer_id}.next"
+    key_path = root / f"{stem}.key"
+    csr_path = root / f"{stem}.csr"
     key = generate_key()
     write_private_key(key_path, key)
     names: list[x509.GeneralName] = [x509.DNSName(h) for h in dns]

@@ -149,7 +149,9 @@ def check_peer_certificate(
             f"{who} is not in roster version {roster.version} of federation {federation!r}",
             **rejected,
         )
-    if entry.cert_fingerprint_sha256 != print_:
+    # The current certificate, or one it renewed that has neither expired nor been revoked
+    # (both checked above): the overlap during which a site rolls out its new certificate.
+    if print_ not in entry.fingerprints:
         raise FingerprintMismatchError(
             f"certificate of {who} has fingerprint {print_}, but roster version "
             f"{roster.version} lists {entry.cert_fingerprint_sha256} for it (re-issued "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import json
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -60,6 +61,10 @@ class RosterEntry:
             connection: it takes part over outbound streams only, see :attr:`inbound`).
         certificate: its certificate, so that any peer can verify its protocol signatures
             even without ever connecting to it.
+        previous: certificates this member held before a renewal, newest first (carried
+            over by :func:`build_roster`). A previous certificate is still accepted for TLS
+            until it expires or is revoked (the overlap that lets a site renew without
+            downtime), and its key still verifies what the member signed with it.
     """
 
     peer_id: str
@@ -68,16 +73,43 @@ class RosterEntry:
     address: str | None
     cert_fingerprint_sha256: str
     certificate: x509.Certificate
+    previous: tuple[x509.Certificate, ...] = ()
+
+    @property
+    def certificates(self) -> tuple[x509.Certificate, ...]:
+        """The current certificate, then the previous ones."""
+        return (self.certificate, *self.previous)
+
+    @property
+    def fingerprints(self) -> frozenset[str]:
+        """The fingerprints of :attr:`certificates`."""
+        return frozenset(fingerprint(cert) for cert in self.certificates)
 
     def verifier(self) -> Verifier:
-        """A verifier of this member's protocol signatures (its certificate key)."""
-        return verifier_from_public_key(self.certificate.public_key())
+        """A verifier of this member's signatures made with any key it was listed with.
+
+        For records already signed (ledger checks, catch-up): a record carries no trusted
+        time, so "the key valid when it was signed" cannot be told apart from "a key the
+        member held"; the live protocol uses :class:`peer.reload.TrustedKeys`, which drops
+        the keys of expired and revoked certificates.
+        """
+        return KeyRing(tuple(verifier_from_public_key(c.public_key()) for c in self.certificates))
 
     @property
     def inbound(self) -> bool:
         """Whether others can dial this member: a peer with an address. A peer without one
         is outbound-only (peer/relay.py): never an aggregator, reached through a relay."""
         return self.role is Role.PEER and self.address is not None
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRing:
+    """A :class:`Verifier` that accepts a signature by any of ``verifiers``."""
+
+    verifiers: tuple[Verifier, ...]
+
+    def verify(self, signature: bytes, data: bytes) -> bool:
+        return any(verifier.verify(signature, data) for verifier in self.verifiers)
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,6 +225,53 @@ def _entry_from_certificate(
     )
 
 
+def _carry_over(member: RosterEntry, before: RosterEntry | None) -> RosterEntry:
+    """``member`` with the certificates ``before`` listed for it that it no longer presents.
+
+    A renewal (``ceremony request --renew``) gives a member a new certificate; the old one
+    stays listed as previous so that the member's peer, and the records it signed, keep
+    being accepted while the new certificate is rolled out (see :class:`RosterEntry`).
+    """
+    if before is None or before.role is not member.role:
+        return member
+    current = fingerprint(member.certificate)
+    kept = [c for c in before.certificates if fingerprint(c) != current]
+    return dataclasses.replace(member, previous=tuple(kept))
+
+
+def _previous_certificates(
+    raw: Mapping[str, Any], entry: RosterEntry, ca_cert: x509.Certificate, where: str
+) -> tuple[x509.Certificate, ...]:
+    """The ``previous_certificates`` of a roster member, each checked to be the same
+    member's, from the same CA, and not its current certificate."""
+    listed = raw.get("previous_certificates", [])
+    if not isinstance(listed, list):
+        raise RosterError(f"{where}: previous_certificates is not a list")
+    certs: list[x509.Certificate] = []
+    seen = {entry.cert_fingerprint_sha256}
+    for number, pem in enumerate(listed, 1):
+        label = f"{where} previous certificate #{number}"
+        if not isinstance(pem, str):
+            raise RosterError(f"{label}: not a PEM string")
+        try:
+            cert = parse_certificate(pem.encode("ascii"))
+            identity = read_identity(cert)
+        except ValueError as exc:
+            raise RosterError(f"{label}: bad certificate ({exc})") from None
+        if not is_issued_by(cert, ca_cert):
+            raise RosterError(f"{label}: certificate was not issued by this federation's CA")
+        if (identity.peer_id, identity.role) != (entry.peer_id, entry.role):
+            raise RosterError(
+                f"{label}: certificate of {identity.peer_id!r} ({identity.role.value}) listed "
+                f"under {entry.peer_id!r} ({entry.role.value})"
+            )
+        if fingerprint(cert) in seen:
+            raise RosterError(f"{label}: listed twice (or is the current certificate)")
+        seen.add(fingerprint(cert))
+        certs.append(cert)
+    return tuple(certs)
+
+
 def _check_unique(entries: Iterable[RosterEntry], source: str) -> None:
     seen: set[str] = set()
     for entry in entries:
@@ -216,6 +295,16 @@ def _encode(roster: Roster) -> bytes:
                 "address": entry.address,
                 "cert_fingerprint_sha256": entry.cert_fingerprint_sha256,
                 "certificate": certificate_pem(entry.certificate).decode("ascii"),
+                # Only when there are some: a roster without renewals reads as before.
+                **(
+                    {
+                        "previous_certificates": [
+                            certificate_pem(c).decode("ascii") for c in entry.previous
+                        ]
+                    }
+                    if entry.previous
+                    else {}
+                ),
             }
             for entry in roster.entries
         ],
@@ -269,7 +358,9 @@ def build_roster(
     _check_unique(members, "roster")
     previous = 0
     if info.roster_path.exists():
-        previous = load_roster(info.roster_path, info.certificate).version
+        last = load_roster(info.roster_path, info.certificate)
+        previous = last.version
+        members = [_carry_over(member, last.get(member.peer_id)) for member in members]
     roster = Roster(
         federation=info.federation,
         version=previous + 1,
@@ -370,7 +461,8 @@ def parse_roster(
                 raise RosterError(
                     f"{where}: {key} {raw.get(key)!r} does not match its certificate ({actual!r})"
                 )
-        members.append(entry)
+        previous = _previous_certificates(raw, entry, ca_cert, where)
+        members.append(dataclasses.replace(entry, previous=previous))
     _check_unique(members, source)
     return Roster(
         federation=federation,

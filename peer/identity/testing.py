@@ -99,6 +99,37 @@ class LocalFederation:
         self.members[peer_id] = member
         return member
 
+    def renew(
+        self,
+        peer_id: str,
+        *,
+        validity_days: int = DEFAULT_CERT_DAYS,
+        clock: Clock = system_clock,
+    ) -> Member:
+        """Renew ``peer_id`` as a site would (``ceremony request --renew``, then ``sign``):
+        a new key and certificate as ``<peer_id>.next.key``/``.next.pem`` beside the
+        current ones, which stay in use. Returns the new member (also in ``members``); the
+        roster is not republished (call :meth:`publish_roster`)."""
+        old = self.members[peer_id]
+        site = old.cert.parent
+        request = create_request(
+            site,
+            peer_id,
+            old.institution,
+            self.ca.federation,
+            ("localhost",),
+            ("127.0.0.1",),
+            role=old.role,
+            renew=True,
+        )
+        cert_path = site / f"{peer_id}.next.pem"
+        sign_request(
+            self.ca.directory, request.csr, cert_path, validity_days, clock=clock, role=old.role
+        )
+        member = Member(peer_id, old.institution, old.role, cert_path, request.key, old.ca)
+        self.members[peer_id] = member
+        return member
+
     def publish_roster(
         self,
         addresses: Mapping[str, str],
@@ -136,7 +167,13 @@ class LocalFederation:
         self, peer_id: str, reason: str = "key_compromise", clock: Clock = system_clock
     ) -> RevocationList:
         """Revoke ``peer_id``'s current certificate."""
-        return revoke(self.ca.directory, self.members[peer_id].cert, reason, clock)
+        return self.revoke_certificate(self.members[peer_id].cert, reason, clock)
+
+    def revoke_certificate(
+        self, cert: StrPath, reason: str = "superseded", clock: Clock = system_clock
+    ) -> RevocationList:
+        """Revoke the certificate at ``cert`` (e.g. the one a renewal replaced)."""
+        return revoke(self.ca.directory, cert, reason, clock)
 
 
 def _default_address(member: Member) -> str | None:

@@ -205,6 +205,7 @@ async def participate(ctx: RoundContext, aggregator: RoundStreamDialer) -> Round
                 my_record, ballot = vote(ctx, my_record)
                 outcome.survivors = my_record[3]
                 stream.stage = "sign"
+                ctx.on_stage("agree", "signed the record, waiting for the others")
                 await stream.send(ballot)
                 waiting_for = "votes"
             elif isinstance(message, pb.AgreedRecord):

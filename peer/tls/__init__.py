@@ -48,7 +48,8 @@ against the roster anyway.
 Where each job lives: :mod:`peer.tls._channel` (options, credentials, the server, client
 channels, the health check), :mod:`peer.tls._auth` (the :class:`Authenticator` and the
 :class:`AuthInterceptor`), :mod:`peer.tls._errors` (the :class:`TransportError` tree and
-:func:`map_rpc_error`). Import everything from ``peer.tls``.
+:func:`map_rpc_error`), :mod:`peer.tls._clock` (the ``Clock`` service every server answers, and
+:func:`measure_skew` for ``peer doctor``). Import everything from ``peer.tls``.
 """
 
 from peer.tls._auth import (
@@ -69,6 +70,7 @@ from peer.tls._channel import (
     secure_channel,
     server_credentials,
 )
+from peer.tls._clock import ClockReading, measure_skew
 from peer.tls._errors import (
     HandshakeError,
     PeerNotServingError,
@@ -78,17 +80,20 @@ from peer.tls._errors import (
     TransportError,
     map_rpc_error,
 )
+from peer.tls._rotation import ServerIdentity
 
 __all__ = [
     "CHANNEL_OPTIONS",
     "SERVER_OPTIONS",
     "AuthInterceptor",
     "Authenticator",
+    "ClockReading",
     "HandshakeError",
     "PeerNotServingError",
     "PeerRejectedError",
     "PeerTimeoutError",
     "PeerUnreachableError",
+    "ServerIdentity",
     "TLSFiles",
     "TransportError",
     "acting_as",
@@ -97,6 +102,7 @@ __all__ = [
     "check_peer",
     "create_server",
     "map_rpc_error",
+    "measure_skew",
     "peer_channel",
     "secure_channel",
     "server_credentials",

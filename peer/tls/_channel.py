@@ -26,6 +26,7 @@ from peer.identity import (
 )
 from peer.identity._files import StrPath
 from peer.tls._auth import Authenticator, AuthInterceptor
+from peer.tls._clock import WallClock, clock_handler, system_now
 from peer.tls._errors import PeerNotServingError, map_rpc_error
 
 __all__ = [
@@ -151,6 +152,8 @@ async def create_server(
     health_servicer: Any = None,
     options: Sequence[tuple[str, Any]] = (),
     grace: float = 2.0,
+    wall_clock: WallClock = system_now,
+    credentials: grpc.ServerCredentials | None = None,
 ) -> AsyncIterator[tuple[grpc.aio.Server, int]]:
     """Run an mTLS ``grpc.aio`` server; yields ``(server, port)``.
 
@@ -169,6 +172,10 @@ async def create_server(
         health_servicer: a ``grpc_health.v1.health.aio.HealthServicer`` to control the
             status yourself; by default one reporting SERVING is created.
         options: extra server options, appended to :data:`SERVER_OPTIONS`.
+        wall_clock: the time the ``Clock`` service answers (peer/tls/_clock.py; tests
+            inject a skewed one).
+        credentials: what the server presents, e.g. a :class:`peer.tls.ServerIdentity`'s
+            credentials that follow a renewal live; by default ``files`` are read once.
 
     Raises:
         CertificateRejectedError: this server's own certificate fails the check.
@@ -182,7 +189,8 @@ async def create_server(
             f"{own.peer_id} holds an {own.role.value} certificate, which may propose sessions "
             "but cannot run a peer server"
         )
-    credentials = server_credentials(files.cert, files.key, files.ca)
+    if credentials is None:
+        credentials = server_credentials(files.cert, files.key, files.ca)
     server = grpc.aio.server(
         interceptors=[AuthInterceptor(authenticator), *interceptors],
         options=[*SERVER_OPTIONS, *options],
@@ -190,8 +198,7 @@ async def create_server(
     if health_servicer is None:
         health_servicer = await _new_health_servicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    if handlers:
-        server.add_generic_rpc_handlers(tuple(handlers))
+    server.add_generic_rpc_handlers((clock_handler(wall_clock), *handlers))
     try:
         try:
             port = server.add_secure_port(bind, credentials)

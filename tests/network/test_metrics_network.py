@@ -39,5 +39,8 @@ def test_peer_process_serves_round_metrics(tmp_path: Path) -> None:
     assert sent
     assert float(sent[0].split()[1]) > 0
     assert 'peer_round_seconds_count{outcome="agreed"} 2.0' in text
+    # Every SecAgg stage this peer went through, once per round (both rounds agreed first try).
+    for stage in ("advertise", "share", "masked", "consistency", "unmask", "verify", "agree"):
+        assert f'peer_stage_seconds_count{{stage="{stage}"}} 2.0' in text, (stage, text)
     assert "peer_certificate_days_to_expiry " in text
     assert 'peer_epsilon_remaining{budget="max_epsilon"}' in text
