@@ -11,7 +11,7 @@
     [session]
     id = "study-1"                  # optional: default session-<UTC time>-<random>
     participants = ["hospital-a", "hospital-b", "hospital-c"]   # default: every roster peer
-    rounds = 3
+    rounds = 3                      # training: default training_rounds + 2
     threshold = 3                   # default: the lowest safe one (SECURITY.md)
     colluders = 1                   # participants that may collude, the aggregator included
     graph = "complete"              # or "secagg+" (then optionally degree = K)
@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from ..identity import Role, Roster, fingerprint, load_certificate
+from ..payloads import ring_bits_for, session_rounds_for
 from ..session import SessionProposal
 from .client import OperatorClient, OperatorError
 
@@ -130,7 +131,7 @@ def load_federation(path: Path, *, payload_required: bool = True) -> FederationF
     payload = session.get("payload")
     if payload_required and (payload is None or not isinstance(payload.get("kind"), str)):
         raise OperatorError(f"{path} [session.payload]: missing 'kind' (e.g. kind = \"vector\")")
-    if payload_required and "rounds" not in session:
+    if payload_required and "rounds" not in session and session_rounds_for(payload or {}) is None:
         raise OperatorError(f"{path} [session]: missing required key 'rounds'")
     return FederationFile(
         path=path,
@@ -172,7 +173,7 @@ def build_proposal(
         return SessionProposal(
             session_id=sid,
             participants=tuple(participants),
-            rounds=int(table["rounds"]),
+            rounds=int(table.get("rounds", session_rounds_for(table.get("payload", {})) or 0)),
             threshold=int(
                 table.get(
                     "threshold",
@@ -187,7 +188,9 @@ def build_proposal(
             payload=dict(table["payload"]),
             graph=graph,
             degree=None if degree is None else int(degree),
-            bits=int(table.get("bits", 32)),
+            # The ring follows from the payload unless the file says otherwise (then a
+            # peer refuses a wrong one, saying what to write).
+            bits=int(table.get("bits", ring_bits_for(table.get("payload", {})))),
             aggregation=str(table.get("aggregation", "secagg")),
             privacy=dict(table.get("privacy", {})),
             stage_seconds=float(table.get("stage_seconds", 30.0)),
