@@ -21,10 +21,13 @@
     [session.payload]
     kind = "vector"
     length = 1000
+
+Training sessions (tabular and imaging): :mod:`peer.operator.session_examples`.
 """
 
 from __future__ import annotations
 
+import json
 import secrets
 import tomllib
 from collections.abc import Mapping
@@ -166,6 +169,7 @@ def build_proposal(
             f"{where}: participants {', '.join(strangers)} are not peers in the roster "
             f"{federation.roster} (its peers: {', '.join(peers)})"
         )
+    payload = _read_model_file(dict(table.get("payload", {})), federation.path)
     graph = str(table.get("graph", "complete"))
     degree = table.get("degree")
     sid = session_id or str(table.get("id") or default_session_id(datetime.now(UTC)))
@@ -185,7 +189,7 @@ def build_proposal(
                     ),
                 )
             ),
-            payload=dict(table["payload"]),
+            payload=payload,
             graph=graph,
             degree=None if degree is None else int(degree),
             # The ring follows from the payload unless the file says otherwise (then a
@@ -200,6 +204,25 @@ def build_proposal(
         )
     except ValueError as error:  # ProposalError, or an unknown graph kind
         raise OperatorError(f"{where}: {error}") from None
+
+
+def _read_model_file(payload: dict[str, Any], path: Path) -> dict[str, Any]:
+    """``model_file = "model.json"`` (relative to the federation file): the operator reads it
+    and the proposal carries its JSON as ``model_json`` (every site checks it)."""
+    name = payload.pop("model_file", None)
+    if name is None:
+        return payload
+    where = f"{path} [session.payload]"
+    if not isinstance(name, str):
+        raise OperatorError(f"{where}: 'model_file' must be a path (string)")
+    try:
+        text = (path.parent / name).read_text(encoding="utf-8")
+        json.loads(text)
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise OperatorError(f"{where}: model_file {name!r}: {error}") from None
+    payload["model_json"] = text
+    payload.setdefault("model", "declared")
+    return payload
 
 
 def operator_client(federation: FederationFile) -> OperatorClient:

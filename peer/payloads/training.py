@@ -90,6 +90,7 @@ __all__ = [
     "RoundKind",
     "TrainingPayload",
     "TrainingSpec",
+    "check_training_proposal",
     "noisy_standardizer",
     "training_payload",
 ]
@@ -240,21 +241,9 @@ class TrainingPayload:
 
     def round_events(self, round_: int) -> list[PrivacyEvent]:
         """The DP mechanisms whose output this hospital releases in ``round_``."""
-        from ..training.accounting import gaussian_event, poisson_gaussian_event
-
-        kind = self.spec.kind_of(round_)
-        if kind is RoundKind.STANDARDIZE:
-            return [gaussian_event(self.spec.standardize_noise)]
-        events = [gaussian_event(self.spec.eval_noise)]
-        if kind is RoundKind.TRAIN:
-            if self.spec.noise_multiplier == 0:
-                raise PrivacyBudgetError(f"{self.me} refuses to train without DP noise")
-            events.append(
-                poisson_gaussian_event(
-                    self.sampling_rate(), self.spec.noise_multiplier, self.spec.local_steps
-                )
-            )
-        return events
+        if self.spec.kind_of(round_) is RoundKind.TRAIN and self.spec.noise_multiplier == 0:
+            raise PrivacyBudgetError(f"{self.me} refuses to train without DP noise")
+        return self.spec.round_events(round_, self.sampling_rate())
 
     def finish(self, ledger: Ledger, proposal: SessionProposal) -> None:
         return None  # every round's model is already in the ledger (its checkpoint)
@@ -417,9 +406,13 @@ def noisy_standardizer(total: Vector, bounds: Vector) -> tuple[Vector, Vector]:
     return mean * bounds, np.sqrt(var) * bounds
 
 
-def training_payload(
-    proposal: SessionProposal, config: PeerConfig, ledger: Ledger
-) -> TrainingPayload:
+def check_training_proposal(proposal: SessionProposal) -> TrainingSpec:
+    """What every site checks of a training proposal before its own policy and data (also
+    what ``ceremony run --dry-run`` checks).
+
+    Raises:
+        ProposalError: the reason, saying what to write instead where it can.
+    """
     spec = TrainingSpec.from_payload(proposal.payload)
     if proposal.rounds != spec.rounds:
         raise ProposalError(
@@ -441,6 +434,13 @@ def training_payload(
             "training payload: 'weights' must name every participant and no one else "
             f"(missing: {', '.join(missing) or '-'}; not participants: {', '.join(extra) or '-'})"
         )
+    return spec
+
+
+def training_payload(
+    proposal: SessionProposal, config: PeerConfig, ledger: Ledger
+) -> TrainingPayload:
+    spec = check_training_proposal(proposal)
     # The site's model policy first: a refused model costs no data access.
     check_model(spec.declared_json, config.policy.models, config.peer_id)
     source = data_source(config.data, config.directory, config.data_url)

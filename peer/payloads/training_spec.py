@@ -19,6 +19,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ..session import ProposalError
+from ..training.accounting import PrivacyEvent
 from .training_inputs import (
     MODELS,
     SITE_ONLY_KEYS,
@@ -178,6 +179,32 @@ class TrainingSpec:
     def rounds(self) -> int:
         """Session rounds: standardization, the training rounds, a final evaluation."""
         return self.training_rounds + 2
+
+    def round_events(self, round_: int, sampling_rate: float) -> list[PrivacyEvent]:
+        """The DP mechanisms a site releases in ``round_``, with its Poisson sampling rate
+        ``batch_size / its training records``."""
+        from ..training.accounting import gaussian_event, poisson_gaussian_event
+
+        kind = self.kind_of(round_)
+        if kind is RoundKind.STANDARDIZE:
+            return [gaussian_event(self.standardize_noise)]
+        events = [gaussian_event(self.eval_noise)]
+        if kind is RoundKind.TRAIN:
+            events.append(
+                poisson_gaussian_event(sampling_rate, self.noise_multiplier, self.local_steps)
+            )
+        return events
+
+    def session_epsilon(self, n_train: int) -> float:
+        """The epsilon (PLD, at the global delta) this session alone costs a site with
+        ``n_train`` training records: what ``ceremony run --dry-run`` shows."""
+        from ..training.accounting import GLOBAL_DELTA, composed_epsilon
+
+        if self.noise_multiplier == 0:
+            return math.inf
+        q = min(1.0, self.batch_size / max(1, n_train))
+        events = [e for r in range(1, self.rounds + 1) for e in self.round_events(r, q)]
+        return composed_epsilon(events, GLOBAL_DELTA)
 
     def kind_of(self, round_: int) -> RoundKind:
         if round_ == 1:

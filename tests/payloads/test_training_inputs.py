@@ -168,7 +168,9 @@ def test_a_site_refuses_a_model_its_policy_forbids_with_the_reason(
     # The site has no data at all: the model is refused before any data is read.
     config = site(tmp_path, "hospital-a", site_policy, data=None)
     # BatchNormalization is refused by every site (it is no model this project trains).
-    with pytest.raises(ProposalError, match=f"(hospital-a's model policy|training payload): .*{reason}"):
+    with pytest.raises(
+        ProposalError, match=f"(hospital-a's model policy|training payload): .*{reason}"
+    ):
         default_payload(proposal, config, Ledger(config.ledger_url))
 
 
