@@ -6,6 +6,7 @@ must load, pass every check a peer makes of a proposal, and be the same in the R
 
 from __future__ import annotations
 
+import contextlib
 import re
 from pathlib import Path
 
@@ -51,9 +52,11 @@ def test_dry_run_of_the_tabular_example_shows_model_data_and_epsilon(
     out = capsys.readouterr().out
     assert code == 0, out
     # the ring and the rounds followed from the payload
-    assert "5 rounds, 3 participants" in out and "ring 64 bits" in out
+    assert "5 rounds, 3 participants" in out
+    assert "ring 64 bits" in out
     assert "model: mlp, 513 parameters" in out  # 30*16 + 16 + 16 + 1
-    assert "task: binary" in out and "data: 30 features per record" in out
+    assert "task: binary" in out
+    assert "data: 30 features per record" in out
     eps = re.search(r"hospital-a\s+450 training records\s+epsilon ([0-9.]+)", out)
     assert eps is not None, out
     assert 0 < float(eps.group(1)) < 50
@@ -110,10 +113,8 @@ def test_a_declared_model_file_is_read_by_the_operator(
 def test_help_and_readme_show_the_same_complete_training_sessions(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    try:
+    with contextlib.suppress(SystemExit):  # argparse exits after printing the help
         main(["run", "--help"])
-    except SystemExit:
-        pass
     shown = capsys.readouterr().out
     for line in TRAINING_HELP.splitlines():
         assert line.strip() in shown

@@ -198,7 +198,8 @@ def test_the_policy_comes_from_the_sites_configuration(tmp_path: Path) -> None:
     assert policy.max_epsilon == 5.0
     # Without the table: the secure default (BatchNormalization and Lambda never allowed).
     default = Policy().models
-    assert "Conv2D" in default.allowed_layers and "BatchNormalization" not in default.allowed_layers
+    assert "Conv2D" in default.allowed_layers
+    assert "BatchNormalization" not in default.allowed_layers
 
 
 def test_the_presets_are_declared_models_under_the_same_policy(tmp_path: Path) -> None:
@@ -235,7 +236,8 @@ def test_an_imaging_session_is_refused_by_a_site_with_tabular_data(tmp_path: Pat
 
 def test_the_ring_and_rounds_follow_from_the_payload(tmp_path: Path) -> None:
     payload = training()
-    assert ring_bits_for(payload) == 64 and ring_bits_for({"kind": "vector"}) == 32
+    assert ring_bits_for(payload) == 64
+    assert ring_bits_for({"kind": "vector"}) == 32
     assert session_rounds_for(payload) == 4
     config = site(tmp_path, "hospital-a")
     with pytest.raises(ProposalError, match="write bits = 64 in \\[session\\], or leave bits out"):
