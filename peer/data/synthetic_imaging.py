@@ -68,8 +68,9 @@ def _texture(rng: np.random.Generator, size: int, scale: float) -> npt.NDArray[n
     angle = rng.uniform(0, np.pi)
     yy, xx = np.mgrid[0:size, 0:size]
     stripes = 0.5 * np.sin((np.cos(angle) * xx + np.sin(angle) * yy) * 2 * np.pi / (size / 3))
-    field = smooth / (smooth.std() + 1e-12) + stripes
-    return (field - field.mean()) / (field.std() + 1e-12)
+    field: npt.NDArray[np.float64] = smooth / (smooth.std() + 1e-12) + stripes
+    normalized: npt.NDArray[np.float64] = (field - field.mean()) / (field.std() + 1e-12)
+    return normalized
 
 
 def synthetic_image(

@@ -56,8 +56,8 @@ def dry_run_lines(proposal: SessionProposal, records: Mapping[str, int]) -> list
     unknown = [p for p in proposal.participants if p not in records]
     for peer in proposal.participants:
         if peer in records:
-            eps = spec.session_epsilon(records[peer])
-            lines.append(f"  {peer:<20} {records[peer]:>8} training records  epsilon {eps:.3g}")
+            cost = spec.session_epsilon(records[peer])
+            lines.append(f"  {peer:<20} {records[peer]:>8} training records  epsilon {cost:.3g}")
     if unknown:
         sizes = "  ".join(f"{size:>7}" for size in TYPICAL_RECORDS)
         eps = "  ".join(f"{spec.session_epsilon(size):>7.3g}" for size in TYPICAL_RECORDS)

@@ -273,8 +273,9 @@ def test_a_session_over_each_sites_sql_database_trains_a_declared_model(tmp_path
     ]
     # the SQL databases were read, not written
     for peer in PEERS:
-        with sqlite3.connect(tmp_path / f"{peer}-ehr.db") as db:
-            assert db.execute("SELECT count(*) FROM visits").fetchone() == (300,)
-    before, after = float(records[1].metrics["loss"]), float(records[3].metrics["loss"])
+        with sqlite3.connect(tmp_path / f"{peer}-ehr.db") as connection:
+            assert connection.execute("SELECT count(*) FROM visits").fetchone() == (300,)
+    before = float(str(records[1].metrics["loss"]))
+    after = float(str(records[3].metrics["loss"]))
     assert after < before, (before, after)
-    assert float(records[3].metrics["accuracy"]) > 0.7, records[3].metrics
+    assert float(str(records[3].metrics["accuracy"])) > 0.7, records[3].metrics
