@@ -445,7 +445,7 @@ def training_payload(
     check_model(spec.declared_json, config.policy.models, config.peer_id)
     source = data_source(config.data, config.directory, config.data_url)
     site = SiteData(source, config.peer_id, spec.input_shape, spec.image, spec.max_records)
-    return TrainingPayload(
+    payload = TrainingPayload(
         proposal,
         spec,
         config.peer_id,
@@ -454,6 +454,8 @@ def training_payload(
         max_epsilon=config.policy.max_epsilon,
         model_policy=config.policy.models,
     )
+    payload._keras_model()  # Keras loads it (safe mode) and its output fits the task, now
+    return payload
 
 
 def _default_model_policy() -> Any:

@@ -94,7 +94,12 @@ class TrainingSpec:
                 values["image"] = ImageInput.from_payload(values["image"])
             if values.get("model") == "declared" and "image" not in values:
                 shape = declared_input_shape(str(values.get("model_json")))
-                values.setdefault("input_dim", shape[0] if len(shape) == 1 else -1)
+                if len(shape) != 1:
+                    raise ProposalError(
+                        f"training payload: model_json takes inputs of shape {shape}: declare "
+                        "image = { size = [h, w], channels = c } for an imaging session"
+                    )
+                values.setdefault("input_dim", shape[0])
             if isinstance(values.get("feature_bound"), list | tuple):
                 values["feature_bound"] = tuple(float(b) for b in values["feature_bound"])
             if "weights" in values:

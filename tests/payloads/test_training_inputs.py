@@ -247,6 +247,7 @@ def test_the_ring_and_rounds_follow_from_the_payload(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- an SQL session
 
 
+@pytest.mark.slow
 def test_a_session_over_each_sites_sql_database_trains_a_declared_model(tmp_path: Path) -> None:
     proposal = proposal_of(training())
     payloads = []
@@ -279,3 +280,20 @@ def test_a_session_over_each_sites_sql_database_trains_a_declared_model(tmp_path
     after = float(str(records[3].metrics["loss"]))
     assert after < before, (before, after)
     assert float(str(records[3].metrics["accuracy"])) > 0.7, records[3].metrics
+
+
+def test_a_model_whose_output_does_not_fit_the_task_is_refused_on_arrival(
+    tmp_path: Path,
+) -> None:
+    import keras
+
+    two_outputs = keras.Sequential(
+        [keras.Input(shape=(len(FEATURES),)), keras.layers.Dense(2)]
+    ).to_json()
+    db = tmp_path / "ehr.db"
+    write_ehr(db, 60, np.random.default_rng(0), 0.0)
+    config = site(tmp_path, "hospital-a", data=sql_table(db))
+    with pytest.raises(ProposalError, match="a binary task needs one logit"):
+        training_payload(
+            proposal_of(training(model_json=two_outputs)), config, Ledger(config.ledger_url)
+        )
