@@ -107,6 +107,8 @@ class TrainingSpec:
                     raise TypeError("'weights' must map each participant to its weight")
                 values["weights"] = {str(k): float(v) for k, v in values["weights"].items()}
             spec = cls(**values)
+        except ProposalError:
+            raise  # already says what is wrong
         except (TypeError, ValueError) as error:
             raise ProposalError(f"training payload: {error}") from None
         spec.validate()
