@@ -23,7 +23,7 @@ from peer.ledger import Ledger
 from peer.payloads import default_payload, ring_bits_for, session_rounds_for
 from peer.payloads.training import training_payload
 from peer.session import ProposalError, SessionProposal
-from peer.training import ModelPolicy
+from peer.training import ModelPolicy, secure_generator
 
 FEATURES = ("age", "creatinine", "hba1c", "bmi")
 
@@ -256,7 +256,11 @@ def test_a_session_over_each_sites_sql_database_trains_a_declared_model(tmp_path
         write_ehr(db, 300, np.random.default_rng(index), shift=5.0 * index)
         config = site(tmp_path, peer, data=sql_table(db))
         payload = training_payload(proposal, config, ledger_for(config, proposal))
+        # Fixed randomness (quantization, released noise, DP-SGD sampling and noise): the
+        # outcome of this test does not depend on the draw.
         payload.rng = np.random.default_rng(index)
+        payload.noise = lambda i=index: np.random.default_rng(100 + i)  # type: ignore[misc]
+        payload._noise = secure_generator(f"sql-session-{index}".encode())
         payloads.append(payload)
     # A declared model is trained with the per-layer DP-SGD trainer.
     from peer.training import LayerwiseDPSGD
