@@ -48,6 +48,7 @@ from peer.operator import (
     propose_and_start,
 )
 
+from .ceremony_demo_imaging import imaging_payload, prepare_imaging
 from .ceremony_run import ProgressView, print_rounds
 
 if TYPE_CHECKING:
@@ -72,11 +73,6 @@ PREPARE_SECONDS = 120.0
 DIRICHLET_ALPHA = 0.5
 PAYLOAD_KINDS = ("training", "vector")
 TASKS = ("tabular", "imaging")
-# The imaging task (peer/data/synthetic_imaging.py): DICOM files per hospital, small enough
-# for two cores. With 250 images (about 200 for training) each hospital spends about
-# epsilon 9.2 of its 10 on the imaging session below (PLD, delta 1e-5).
-IMAGING_IMAGES = 250
-IMAGING_SIZE = 32
 READY_SECONDS = 90.0
 STOP_SECONDS = 10.0
 
@@ -90,27 +86,6 @@ def bundled_feature_bounds() -> list[float]:
 
     largest = abs(load_breast_cancer().data).max(axis=0) * 1.5
     return [float(f"{value:.2g}") for value in largest]
-
-
-def imaging_payload(rounds: int) -> dict[str, Any]:
-    """The demo's imaging session: the cnn preset (two Conv2D layers, a Dense head) on each
-    hospital's DICOM folder, decoded as declared here."""
-    return {
-        "kind": "training",
-        "model": "cnn",
-        "filters": [8, 16],
-        "hidden": [16],
-        "image": {"size": [IMAGING_SIZE, IMAGING_SIZE], "channels": 1},
-        "training_rounds": rounds,
-        "local_steps": 15,
-        "batch_size": 32,
-        "lr": 1.0,
-        "clip_norm": 1.0,
-        "noise_multiplier": 1.0,
-        "max_records": 10000,
-        "loss_bound": 5.0,
-        "eval_noise": 2.0,
-    }
 
 
 def demo_proposal(
@@ -327,39 +302,6 @@ def _workdir(args: argparse.Namespace) -> Path:
     return workdir
 
 
-def _prepare_imaging(args: argparse.Namespace, workdir: Path, kit: LocalKit) -> None:
-    """Each hospital's DICOM folder and a [data] table naming it in its configuration."""
-    import csv
-
-    from peer.data.synthetic_imaging import write_imaging_task
-    from peer.kit import write_peer_config
-
-    folders = write_imaging_task(
-        workdir / "imaging", HOSPITALS, IMAGING_IMAGES, size=IMAGING_SIZE, seed=args.seed
-    )
-    for peer_id, folder in folders.items():
-        with (folder / "labels.csv").open(encoding="utf-8") as handle:
-            labels = [int(row["label"]) for row in csv.DictReader(handle)]
-        _say(
-            args,
-            f"  {peer_id}: {len(labels)} DICOM images ({sum(labels) / len(labels):.0%} with a "
-            f"lesion) in {folder}",
-        )
-        site = kit.kits[peer_id]
-        data = (
-            f'[data]\nsource = "images"\nfolder = "{folder}"\n'
-            f'labels = "{folder / "labels.csv"}"\nimage_size = [{IMAGING_SIZE}, {IMAGING_SIZE}]\n'
-        )
-        write_peer_config(
-            site.config,
-            peer_id,
-            site.address,
-            stage_seconds=STAGE_SECONDS,
-            policy=_policy(kit.operator),
-            extra=data,
-        )
-
-
 def _prepare(args: argparse.Namespace, workdir: Path) -> LocalKit:
     import numpy as np
 
@@ -384,7 +326,14 @@ def _prepare(args: argparse.Namespace, workdir: Path) -> LocalKit:
         f"CA and {len(HOSPITALS)} hospital kits: root fingerprint {kit.federation.ca.fingerprint}",
     )
     if args.task == "imaging":
-        _prepare_imaging(args, workdir, kit)
+        prepare_imaging(
+            workdir,
+            kit,
+            seed=args.seed,
+            stage_seconds=STAGE_SECONDS,
+            policy=_policy(kit.operator),
+            say=lambda text: _say(args, text),
+        )
         return kit
     rng = np.random.default_rng(args.seed)
     records = breast_cancer_records(rng)
