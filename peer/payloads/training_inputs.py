@@ -58,7 +58,7 @@ LOG = logging.getLogger(__name__)
 PRESETS = ("logreg", "mlp", "cnn")
 MODELS = (*PRESETS, "declared")
 # Keys that would make a proposal choose what a site reads: refused, with the reason.
-SITE_ONLY_KEYS = ("data", "query", "sql", "url", "source", "folder", "labels")
+SITE_ONLY_KEYS = ("data", "query", "sql", "url", "folder")
 _EVAL_BATCH = 256
 
 
