@@ -30,6 +30,14 @@ Example (``hospital_a.toml``)::
                                       # colluding participants (and the aggregator); weaker
                                       # graphs, degrees or thresholds are refused (SECURITY.md)
 
+    [policy.models]                 # optional: which declared models this site trains
+    allowed_layers = ["InputLayer", "Dense", "Conv2D", "MaxPooling2D", "Flatten"]
+    max_parameters = 500000         # default: the layers of peer.training.declared, 2,000,000
+                                    # (BatchNormalization and Lambda are always refused)
+
+    [data]                          # optional: where the training records are read from;
+    source = "sql"                  # default: [storage] data (see peer/data/sources.py)
+
     [timeouts]
     stage_seconds = 30.0
 
@@ -52,9 +60,12 @@ from __future__ import annotations
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .ratelimit import Limits
+
+if TYPE_CHECKING:
+    from .training.declared import ModelPolicy
 
 __all__ = ["ConfigFileError", "MetricsConfig", "PeerConfig", "Policy", "load_config"]
 
@@ -71,7 +82,8 @@ class Policy:
     max_epsilon: float = 8.0
     # With 2 participants the other one learns this site's input from any sum.
     min_participants: int = 3
-    allowed_models: tuple[str, ...] = ("logreg", "mlp", "vector", "statistics")
+    # "cnn" and "declared" models are further checked by ``models`` (layers, parameters).
+    allowed_models: tuple[str, ...] = ("logreg", "mlp", "cnn", "declared", "vector", "statistics")
     # Who may propose: roster operators named here, and roster peers named in
     # ``allowed_peer_proposers`` (none by default: a hospital proposing a session it takes
     # part in chooses who its input is summed with).
@@ -93,6 +105,25 @@ class Policy:
     # with a malicious aggregator (never fewer than the aggregator itself). Proposals whose
     # graph, degree or threshold do not hold against that many are refused.
     assumed_colluders_fraction: float = 0.1
+    # Declared models this site trains (``[policy.models]``): layer types and a parameter
+    # budget; checked when a proposal arrives, before anything is built or read.
+    models: ModelPolicy = field(default_factory=lambda: _model_policy({}, ""))
+
+
+def _model_policy(table: dict[str, Any], where: str) -> ModelPolicy:
+    from .training.declared import ModelPolicy  # lazy: the CLI need not import peer.training
+
+    unknown = sorted(set(table) - {"allowed_layers", "max_parameters"})
+    if unknown:
+        raise ConfigFileError(f"{where}: unknown key(s) {', '.join(unknown)}")
+    default = ModelPolicy()
+    layers = _get(table, "allowed_layers", list, where, sorted(default.allowed_layers))
+    if not all(isinstance(layer, str) for layer in layers):
+        raise ConfigFileError(f"{where}: 'allowed_layers' must be a list of layer class names")
+    limit = _get(table, "max_parameters", int, where, default.max_parameters)
+    if limit < 1:
+        raise ConfigFileError(f"{where}: 'max_parameters' must be positive")
+    return ModelPolicy(frozenset(layers), limit)
 
 
 @dataclass(frozen=True)
@@ -126,6 +157,9 @@ class PeerConfig:
     # peers to keep its Control stream open to, in order of preference (peer/relay.py);
     # empty: every reachable roster peer, in roster order.
     relays: tuple[str, ...] = ()
+    # The [data] table: where training records come from (peer/data/sources.py); None: the
+    # patient store at data_url.
+    data: dict[str, Any] | None = None
 
     @property
     def directory(self) -> Path:
@@ -199,7 +233,10 @@ def load_config(path: str | Path) -> PeerConfig:
         raise ConfigFileError(f"{where}: 'listen' must be host:port, not {listen!r}")
     tls = table("tls")
     storage = table("storage")
-    policy_table = table("policy")
+    policy_table = dict(table("policy"))
+    models_table = policy_table.pop("models", {})
+    if not isinstance(models_table, dict):
+        raise ConfigFileError(f"{where}: [policy.models] must be a table")
     timeouts = table("timeouts")
     ppath = f"{where} [policy]"
     policy = Policy(
@@ -245,6 +282,7 @@ def load_config(path: str | Path) -> PeerConfig:
                 Policy.assumed_colluders_fraction,
             )
         ),
+        models=_model_policy(models_table, f"{where} [policy.models]"),
     )
     if not 0 <= policy.assumed_colluders_fraction < 0.5:
         raise ConfigFileError(f"{ppath}: 'assumed_colluders_fraction' must be in [0, 0.5)")
@@ -270,6 +308,17 @@ def load_config(path: str | Path) -> PeerConfig:
     if stage_seconds <= 0:
         raise ConfigFileError(f"{where} [timeouts]: 'stage_seconds' must be positive")
     payload = document.get("payload_file")
+    data_url = _sqlite_relative(
+        _get(storage, "data", str, f"{where} [storage]", "sqlite:///data.db"), base
+    )
+    data = table("data") if "data" in document else None
+    if data is not None:
+        from .data import DataError, data_source
+
+        try:  # checks the keys now (a typo stops the peer at start, not at a session)
+            data_source(data, base, data_url)
+        except DataError as error:
+            raise ConfigFileError(f"{where}: {error}") from None
     return PeerConfig(
         path=path.resolve(),
         peer_id=peer_id,
@@ -279,9 +328,7 @@ def load_config(path: str | Path) -> PeerConfig:
         ca=file(tls, "ca", "tls"),
         roster=file(tls, "roster", "tls"),
         crl=file(tls, "crl", "tls"),
-        data_url=_sqlite_relative(
-            _get(storage, "data", str, f"{where} [storage]", "sqlite:///data.db"), base
-        ),
+        data_url=data_url,
         ledger_url=_sqlite_relative(
             _get(storage, "ledger", str, f"{where} [storage]", "sqlite:///ledger.db"), base
         ),
@@ -292,6 +339,7 @@ def load_config(path: str | Path) -> PeerConfig:
         limits=_limits(table("limits"), f"{where} [limits]"),
         metrics=_metrics(document, f"{where} [metrics]"),
         relays=tuple(str(p) for p in _get(table("relay"), "peers", list, f"{where} [relay]", [])),
+        data=data,
     )
 
 

@@ -48,6 +48,7 @@ from peer.operator import (
     propose_and_start,
 )
 
+from .ceremony_demo_imaging import imaging_payload, prepare_imaging
 from .ceremony_run import ProgressView, print_rounds
 
 if TYPE_CHECKING:
@@ -71,6 +72,7 @@ STAGE_SECONDS = 20.0
 PREPARE_SECONDS = 120.0
 DIRICHLET_ALPHA = 0.5
 PAYLOAD_KINDS = ("training", "vector")
+TASKS = ("tabular", "imaging")
 READY_SECONDS = 90.0
 STOP_SECONDS = 10.0
 
@@ -86,7 +88,9 @@ def bundled_feature_bounds() -> list[float]:
     return [float(f"{value:.2g}") for value in largest]
 
 
-def demo_proposal(kind: str, rounds: int, session_id: str = "demo") -> SessionProposal:
+def demo_proposal(
+    kind: str, rounds: int, session_id: str = "demo", task: str = "tabular"
+) -> SessionProposal:
     """The demo's session: the one place that decides what the peers compute.
 
     ``training`` is federated DP-SGD (peer/payloads/training.py): ``rounds`` training rounds plus a
@@ -103,6 +107,9 @@ def demo_proposal(kind: str, rounds: int, session_id: str = "demo") -> SessionPr
         "prepare_seconds": PREPARE_SECONDS,
         "privacy": {"max_epsilon": MAX_EPSILON},
     }
+    if kind == "training" and task == "imaging":
+        payload = imaging_payload(rounds)
+        return SessionProposal(session_id, rounds=rounds + 2, payload=payload, bits=64, **common)
     if kind == "training":
         payload = {
             "kind": "training",
@@ -318,6 +325,16 @@ def _prepare(args: argparse.Namespace, workdir: Path) -> LocalKit:
         args,
         f"CA and {len(HOSPITALS)} hospital kits: root fingerprint {kit.federation.ca.fingerprint}",
     )
+    if args.task == "imaging":
+        prepare_imaging(
+            workdir,
+            kit,
+            seed=args.seed,
+            stage_seconds=STAGE_SECONDS,
+            policy=_policy(kit.operator),
+            say=lambda text: _say(args, text),
+        )
+        return kit
     rng = np.random.default_rng(args.seed)
     records = breast_cancer_records(rng)
     parts = split_dataset(records, len(HOSPITALS), "dirichlet", alpha=DIRICHLET_ALPHA, rng=rng)
@@ -442,6 +459,8 @@ def _report(
 def _cmd_demo(args: argparse.Namespace) -> int:
     if args.rounds < 1:
         raise UsageError(f"--rounds must be at least 1, not {args.rounds}")
+    if args.task == "imaging" and args.payload != "training":
+        raise UsageError("--task imaging trains a model: it goes with --payload training")
     if not 1 <= args.port <= 65535:
         raise UsageError(f"--port must be between 1 and 65535, not {args.port}")
     if not args.no_dashboard and not _port_free(args.port):
@@ -459,10 +478,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                 args,
                 f"peers running: {', '.join(f'{p} (pid {children.pids[p]})' for p in HOSPITALS)}",
             )
-            proposal = demo_proposal(args.payload, args.rounds)
+            proposal = demo_proposal(args.payload, args.rounds, task=args.task)
             outcome = _run_session(args, kit, proposal)
             problems = _verify_ledgers(kit)
             report = _report(workdir, outcome, problems, children, args.payload)
+            report["task"] = args.task
             if not (outcome.ok and report["ledger_verified"]):
                 code = EXIT_FAILED
             dashboard = (
@@ -539,6 +559,13 @@ def add_parsers(subparsers: Any) -> None:
         choices=PAYLOAD_KINDS,
         default="training",
         help="training (DP-SGD, default) or vector (a secure sum of label counts, fast)",
+    )
+    parser.add_argument(
+        "--task",
+        choices=TASKS,
+        default="tabular",
+        help="tabular (the bundled breast-cancer data, default) or imaging (a small CNN on "
+        "synthetic DICOM scans: lesion vs no lesion, non-IID over the 3 hospitals)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the data split (default 0)")
     parser.add_argument("--json", action="store_true", help="print one JSON object (stdout)")

@@ -37,6 +37,7 @@ from peer.operator import (
     start_if_accepted,
 )
 from peer.operator.federation import __doc__ as federation_doc
+from peer.operator.session_examples import TRAINING_HELP
 from peer.session import SessionProposal
 from peer.session_state import SessionState
 from peer.wire import peer_pb2 as pb
@@ -204,9 +205,14 @@ class ProgressView:
 
 
 # The example in peer.operator.federation's docstring, shown under `ceremony run --help`.
-_FILE_EXAMPLE = "federation.toml" + (federation_doc or "").split("``federation.toml``", 1)[
-    -1
-].replace("::", ":", 1)
+_FILE_EXAMPLE = (
+    "federation.toml"
+    + (federation_doc or "")
+    .split("``federation.toml``", 1)[-1]
+    .split("Training sessions (", 1)[0]
+    .replace("::", ":", 1)
+    + TRAINING_HELP
+)
 
 
 def _add_run(subparsers: Any) -> None:
@@ -243,7 +249,54 @@ def _add_run(subparsers: Any) -> None:
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object at the end")
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check the file and print the model, data shape and the epsilon each site would "
+        "spend; propose nothing",
+    )
+    parser.add_argument(
+        "--records",
+        action="append",
+        default=[],
+        metavar="PEER=N",
+        help="with --dry-run: a site's number of training records (repeatable)",
+    )
     parser.set_defaults(handler=_cmd_run)
+
+
+def _records(values: Sequence[str]) -> dict[str, int]:
+    records: dict[str, int] = {}
+    for value in values:
+        peer, _, count = value.partition("=")
+        if not peer or not count.isdigit() or int(count) < 1:
+            raise UsageError(f"--records {value!r}: expected PEER=N with N a positive integer")
+        records[peer] = int(count)
+    return records
+
+
+def _dry_run(args: argparse.Namespace, federation: FederationFile) -> int:
+    """Check and describe the session without contacting any peer."""
+    from peer.identity import load_certificate, load_roster
+    from peer.operator.dry_run import dry_run_lines
+    from peer.session import ProposalError
+
+    records = _records(args.records)
+    with user_errors():
+        # The signed roster (for the participants), checked against the CA; no peer is
+        # contacted.
+        roster = load_roster(federation.roster, load_certificate(federation.ca))
+        proposal = build_proposal(federation, roster, session_id=args.attach)
+    strangers = sorted(set(records) - set(proposal.participants))
+    if strangers:
+        raise UsageError(f"--records names non-participants: {', '.join(strangers)}")
+    try:
+        lines = dry_run_lines(proposal, records)
+    except ProposalError as error:
+        print(f"every peer would refuse this session: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    print("\n".join(lines))
+    return EXIT_OK
 
 
 def _print_outcome(outcome: SessionOutcome, federation: Path, out: TextIO) -> None:
@@ -332,6 +385,10 @@ def connect(federation: FederationFile) -> OperatorClient:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     federation = load_federation(args.federation)
+    if args.dry_run:
+        return _dry_run(args, federation)
+    if args.records:
+        raise UsageError("--records goes with --dry-run")
     client = connect(federation)
     proposal = build_proposal(federation, client.roster, session_id=args.attach)
     sid = proposal.session_id

@@ -60,7 +60,9 @@ def assert_gone(pids: dict[str, int]) -> None:
     assert not alive, f"still running: {alive}"
 
 
-def check_common(report: dict[str, Any], workdir: Path, rounds: int) -> None:
+def check_common(
+    report: dict[str, Any], workdir: Path, rounds: int, store: str = "data.db"
+) -> None:
     assert report["workdir"] == str(workdir)
     assert report["ledger_verified"] is True, report["ledger_problems"]
     assert [r["round"] for r in report["rounds"]] == list(range(1, rounds + 1))
@@ -73,7 +75,7 @@ def check_common(report: dict[str, Any], workdir: Path, rounds: int) -> None:
     # Everything is kept: kits, patient databases, ledgers, logs.
     for peer_id in HOSPITALS:
         site = workdir / "federation" / "identities" / peer_id
-        for name in (f"{peer_id}.toml", "data.db", "ledger.db", "peer.log"):
+        for name in (f"{peer_id}.toml", store, "ledger.db", "peer.log"):
             assert (site / name).is_file(), site / name
 
 
@@ -109,6 +111,34 @@ def test_demo_trains_and_reports_agreed_metrics(tmp_path: Path) -> None:
     # (less than a training round, which also releases the DP-SGD update).
     for peer, eps in final["epsilon"].items():
         assert 0 < eps < training["epsilon"][peer]
+    assert_gone(report["pids"])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_demo_imaging_trains_a_cnn_on_dicom_scans(tmp_path: Path) -> None:
+    workdir = tmp_path / "demo"
+    code, report, err = demo(
+        "--task", "imaging", "--rounds", "2", "--no-dashboard", "--workdir", str(workdir),
+        timeout=540,
+    )  # fmt: skip
+    assert code == 0, err
+    # no patient store: the scans are read where they are
+    check_common(report, workdir, 4, store="peer.log")
+    assert report["task"] == "imaging"
+    kinds = [row["metrics"]["round_kind"] for row in report["rounds"]]
+    assert kinds == ["standardize", "train", "train", "evaluate"]
+    # each hospital's scans are DICOM files it reads through its own [data] table
+    for peer_id in HOSPITALS:
+        scans = list((workdir / "imaging" / peer_id).glob("*.dcm"))
+        assert len(scans) == 250
+        assert (
+            "[data]"
+            in (workdir / "federation" / "identities" / peer_id / f"{peer_id}.toml").read_text()
+        )
+    final = report["rounds"][-1]
+    assert 0.0 <= final["accuracy"] <= 1.0
+    assert all(eps > 0 for eps in report["rounds"][1]["epsilon"].values())
     assert_gone(report["pids"])
 
 

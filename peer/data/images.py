@@ -357,13 +357,20 @@ class ImageFolderSource:
             notes=tuple(self._notes),
         )
 
-    def tf_dataset(self, split: Split) -> tf.data.Dataset:
-        """Streams the split's images from disk, decoded, normalized and resized."""
+    def tf_dataset(self, split: Split, indices: npt.ArrayLike | None = None) -> tf.data.Dataset:
+        """Streams the split's images from disk, decoded, normalized and resized.
+
+        Args:
+            indices: only these images of the split, in this order (a DP-SGD step's Poisson
+                sample): the others are not read at all.
+        """
         import tensorflow as tf
 
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
         entries = [e for e in self._scan() if e.split == split]
+        if indices is not None:
+            entries = [entries[int(i)] for i in np.asarray(indices, dtype=np.int64)]
         paths = tf.constant([str(e.path) for e in entries], dtype=tf.string)
         is_dicom = tf.constant([e.format == "dicom" for e in entries], dtype=tf.bool)
         labels = tf.constant([e.label for e in entries], dtype=tf.int64)

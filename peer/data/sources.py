@@ -21,8 +21,8 @@ Without a ``[data]`` table (or with ``source = "store"``) the peer reads its pat
     source = "images"
     folder = "scans"
     labels = "scans/labels.csv"     # columns: file, label (names settable, see below)
-    image_size = [64, 64]
-    channels = 1
+    image_size = [64, 64]           # a training session's image table overrides these
+    channels = 1                    # three (every site decodes as the session declares)
     normalization = "max_value"     # or "min_max"
     format = "auto"                 # or "dicom", "png", "jpeg"
     split = { test_fraction = 0.2, salt = "" }

@@ -11,7 +11,7 @@
     [session]
     id = "study-1"                  # optional: default session-<UTC time>-<random>
     participants = ["hospital-a", "hospital-b", "hospital-c"]   # default: every roster peer
-    rounds = 3
+    rounds = 3                      # training: default training_rounds + 2
     threshold = 3                   # default: the lowest safe one (SECURITY.md)
     colluders = 1                   # participants that may collude, the aggregator included
     graph = "complete"              # or "secagg+" (then optionally degree = K)
@@ -21,10 +21,13 @@
     [session.payload]
     kind = "vector"
     length = 1000
+
+Training sessions (tabular and imaging): :mod:`peer.operator.session_examples`.
 """
 
 from __future__ import annotations
 
+import json
 import secrets
 import tomllib
 from collections.abc import Mapping
@@ -34,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from ..identity import Role, Roster, fingerprint, load_certificate
+from ..payloads import ring_bits_for, session_rounds_for
 from ..session import SessionProposal
 from .client import OperatorClient, OperatorError
 
@@ -130,7 +134,7 @@ def load_federation(path: Path, *, payload_required: bool = True) -> FederationF
     payload = session.get("payload")
     if payload_required and (payload is None or not isinstance(payload.get("kind"), str)):
         raise OperatorError(f"{path} [session.payload]: missing 'kind' (e.g. kind = \"vector\")")
-    if payload_required and "rounds" not in session:
+    if payload_required and "rounds" not in session and session_rounds_for(payload or {}) is None:
         raise OperatorError(f"{path} [session]: missing required key 'rounds'")
     return FederationFile(
         path=path,
@@ -165,6 +169,7 @@ def build_proposal(
             f"{where}: participants {', '.join(strangers)} are not peers in the roster "
             f"{federation.roster} (its peers: {', '.join(peers)})"
         )
+    payload = _read_model_file(dict(table.get("payload", {})), federation.path)
     graph = str(table.get("graph", "complete"))
     degree = table.get("degree")
     sid = session_id or str(table.get("id") or default_session_id(datetime.now(UTC)))
@@ -172,7 +177,7 @@ def build_proposal(
         return SessionProposal(
             session_id=sid,
             participants=tuple(participants),
-            rounds=int(table["rounds"]),
+            rounds=int(table.get("rounds", session_rounds_for(table.get("payload", {})) or 0)),
             threshold=int(
                 table.get(
                     "threshold",
@@ -184,10 +189,12 @@ def build_proposal(
                     ),
                 )
             ),
-            payload=dict(table["payload"]),
+            payload=payload,
             graph=graph,
             degree=None if degree is None else int(degree),
-            bits=int(table.get("bits", 32)),
+            # The ring follows from the payload unless the file says otherwise (then a
+            # peer refuses a wrong one, saying what to write).
+            bits=int(table.get("bits", ring_bits_for(table.get("payload", {})))),
             aggregation=str(table.get("aggregation", "secagg")),
             privacy=dict(table.get("privacy", {})),
             stage_seconds=float(table.get("stage_seconds", 30.0)),
@@ -199,6 +206,25 @@ def build_proposal(
         )
     except ValueError as error:  # ProposalError, or an unknown graph kind
         raise OperatorError(f"{where}: {error}") from None
+
+
+def _read_model_file(payload: dict[str, Any], path: Path) -> dict[str, Any]:
+    """``model_file = "model.json"`` (relative to the federation file): the operator reads it
+    and the proposal carries its JSON as ``model_json`` (every site checks it)."""
+    name = payload.pop("model_file", None)
+    if name is None:
+        return payload
+    where = f"{path} [session.payload]"
+    if not isinstance(name, str):
+        raise OperatorError(f"{where}: 'model_file' must be a path (string)")
+    try:
+        text = (path.parent / name).read_text(encoding="utf-8")
+        json.loads(text)
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise OperatorError(f"{where}: model_file {name!r}: {error}") from None
+    payload["model_json"] = text
+    payload.setdefault("model", "declared")
+    return payload
 
 
 def operator_client(federation: FederationFile) -> OperatorClient:

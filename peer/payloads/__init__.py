@@ -9,7 +9,8 @@ round loop asks it for its contribution, its result, the privacy the session cos
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from ..config import PeerConfig
 from ..ledger import Ledger
@@ -26,6 +27,8 @@ __all__ = [
     "default_payload",
     "epsilon_needed",
     "payload_for",
+    "ring_bits_for",
+    "session_rounds_for",
 ]
 
 PayloadFactory = Callable[[SessionProposal, PeerConfig, Ledger], Payload]
@@ -55,6 +58,21 @@ _KINDS: dict[str, PayloadFactory] = {
     "training": _training,
     "statistics": _statistics,
 }
+
+
+def ring_bits_for(payload: Mapping[str, Any]) -> int:
+    """The ring a payload aggregates in: training updates and their noisy evaluation sums
+    need the 64-bit ring's headroom; the other payloads fit in 32 bits (the default)."""
+    return 64 if payload.get("kind") == "training" else 32
+
+
+def session_rounds_for(payload: Mapping[str, Any]) -> int | None:
+    """The number of session rounds a payload implies (training: standardization, its
+    training rounds, a final evaluation), or None when the proposal must say."""
+    rounds = payload.get("training_rounds")
+    if payload.get("kind") == "training" and isinstance(rounds, int) and rounds >= 1:
+        return rounds + 2
+    return None
 
 
 def payload_for(kind: str) -> PayloadFactory:

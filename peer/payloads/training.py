@@ -43,12 +43,18 @@ deterministic.
 
 Proposal payload keys (all public, all in the signed proposal)::
 
-    {"kind": "training", "model": "logreg" | "mlp", "hidden": [64, 32], "input_dim": 30,
+    {"kind": "training", "model": "logreg" | "mlp" | "cnn" | "declared", "hidden": [64, 32],
+     "input_dim": 30, "filters": [8, 16] (cnn), "model_json": "{...}" (declared),
+     "image": {"size": [64, 64], "channels": 1, "normalization": "max_value"} (images),
      "training_rounds": 3, "local_steps": 50, "batch_size": 64, "lr": 0.5, "clip_norm": 1.0,
      "noise_multiplier": 1.0, "delta": 1e-5, "max_records": 100000,
      "feature_bound": 1e4 (or one bound per feature), "loss_bound": 50.0,
      "histogram_bins": 20, "standardize_noise": 8.0, "eval_noise": 5.0,
      "weights": {"hospital-a": 1.0, ...} (optional)}
+
+The model and the data (:mod:`.training_inputs`): every model is a declared Keras model
+checked by each site's policy; each site reads its own ``[data]`` source. An imaging session
+has no features to standardize: its round 1 releases the noisy record count only.
 """
 
 from __future__ import annotations
@@ -57,7 +63,6 @@ import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -66,12 +71,14 @@ import numpy.typing as npt
 from secagg import Quantizer
 from secagg.ring import WordArray
 
-from ..data import PatientStore, local_feature_stats, standardize
+from ..data import data_source, local_feature_stats, standardize
 from ..ledger import Ledger
 from ..privacy import PrivacyBudgetError, privacy_after
 from ..session import ProposalError, SessionProposal
 from ..training.accounting import GLOBAL_DELTA, PrivacyEvent
 from .base import LocalContribution, RoundResult
+from .training_inputs import SiteData, check_model, train_declared
+from .training_spec import EVAL_HEAD, TRAINING_BITS, RoundKind, TrainingSpec, Vector
 
 if TYPE_CHECKING:
     import keras
@@ -83,18 +90,14 @@ __all__ = [
     "RoundKind",
     "TrainingPayload",
     "TrainingSpec",
+    "check_training_proposal",
     "noisy_standardizer",
     "training_payload",
 ]
 
 
-Vector = npt.NDArray[np.float64]
-EVAL_HEAD = 7  # loss_sum, correct, TP, FP, TN, FN, n (peer.training.EVAL_HEADER)
 # Evaluation coordinates that are not released: derived from the confusion cells instead.
 _EVAL_DERIVED = (1, 6)  # correct = TP + TN, n = TP + FP + TN + FN
-# L2 sensitivity of one test record's evaluation contribution (normalized loss, one
-# confusion cell, one histogram cell).
-EVAL_SENSITIVITY = math.sqrt(3.0)
 # Quantization headroom for Gaussian noise, in standard deviations (P ~ 1e-33 per value;
 # clipping beyond it would be post-processing anyway).
 NOISE_TAIL = 12.0
@@ -106,150 +109,6 @@ MIN_STD_FRACTION = 1e-3
 def _noise_generator() -> np.random.Generator:
     """A generator for DP noise, seeded per use with 256 bits from the OS CSPRNG."""
     return np.random.default_rng(int.from_bytes(os.urandom(32), "big"))
-
-
-class RoundKind(StrEnum):
-    STANDARDIZE = "standardize"
-    TRAIN = "train"
-    EVALUATE = "evaluate"
-
-
-@dataclass(frozen=True)
-class TrainingSpec:
-    """The training parameters of a session (see the module docstring)."""
-
-    model: str
-    input_dim: int
-    training_rounds: int
-    hidden: tuple[int, ...] = (64, 32)
-    local_steps: int = 50
-    batch_size: int = 64
-    lr: float = 0.5
-    clip_norm: float = 1.0
-    noise_multiplier: float = 1.0
-    delta: float = 1e-5
-    max_records: int = 100_000
-    feature_bound: float | tuple[float, ...] = 1e4
-    loss_bound: float = 50.0
-    histogram_bins: int = 20
-    standardize_noise: float = 8.0
-    eval_noise: float = 5.0
-    weights: Mapping[str, float] | None = None
-
-    @classmethod
-    def from_payload(cls, payload: Mapping[str, Any]) -> TrainingSpec:
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = sorted(set(payload) - known - {"kind"})
-        if unknown:
-            raise ProposalError(f"unknown training payload keys: {', '.join(unknown)}")
-        try:
-            values = {k: v for k, v in payload.items() if k in known}
-            if "hidden" in values:
-                values["hidden"] = tuple(int(w) for w in values["hidden"])
-            if isinstance(values.get("feature_bound"), list | tuple):
-                values["feature_bound"] = tuple(float(b) for b in values["feature_bound"])
-            if "weights" in values:
-                if not isinstance(values["weights"], Mapping):
-                    raise TypeError("'weights' must map each participant to its weight")
-                values["weights"] = {str(k): float(v) for k, v in values["weights"].items()}
-            spec = cls(**values)
-        except (TypeError, ValueError) as error:
-            raise ProposalError(f"training payload: {error}") from None
-        spec.validate()
-        return spec
-
-    def validate(self) -> None:
-        if self.model not in ("logreg", "mlp"):
-            raise ProposalError(f"model must be 'logreg' or 'mlp', not {self.model!r}")
-        bounds = self.feature_bounds() if self.input_dim >= 1 else np.ones(1)
-        weights = list((self.weights or {}).values())
-        checks = {
-            "input_dim": self.input_dim >= 1,
-            "training_rounds": self.training_rounds >= 1,
-            "local_steps": self.local_steps >= 1,
-            "batch_size": self.batch_size >= 1,
-            "lr": self.lr > 0,
-            "clip_norm": self.clip_norm > 0,
-            "noise_multiplier": self.noise_multiplier >= 0,
-            "delta": 0 < self.delta < 1,
-            "max_records": self.max_records >= 1,
-            "feature_bound": bool(np.all(np.isfinite(bounds) & (bounds > 0))),
-            "loss_bound": self.loss_bound > 0,
-            "histogram_bins": self.histogram_bins >= 2,
-            "standardize_noise": self.standardize_noise > 0,
-            "eval_noise": self.eval_noise > 0,
-            "weights (each in (0, 1])": all(0 < w <= 1 for w in weights),
-        }
-        bad = [name for name, ok in checks.items() if not ok]
-        if bad:
-            raise ProposalError(f"training payload: invalid {', '.join(bad)}")
-
-    def feature_bounds(self) -> Vector:
-        """The public bound ``B_j`` of each feature (|x_j| is clipped to it)."""
-        if isinstance(self.feature_bound, tuple):
-            if len(self.feature_bound) != self.input_dim:
-                raise ProposalError(
-                    f"training payload: feature_bound has {len(self.feature_bound)} values "
-                    f"for {self.input_dim} features"
-                )
-            return np.asarray(self.feature_bound, dtype=np.float64)
-        return np.full(self.input_dim, float(self.feature_bound))
-
-    def weight(self, peer: str) -> float:
-        """The public weight of ``peer``'s update (1 when the proposal names none)."""
-        return 1.0 if self.weights is None else float(self.weights[peer])
-
-    @property
-    def rounds(self) -> int:
-        """Session rounds: standardization, the training rounds, a final evaluation."""
-        return self.training_rounds + 2
-
-    def kind_of(self, round_: int) -> RoundKind:
-        if round_ == 1:
-            return RoundKind.STANDARDIZE
-        if round_ <= self.training_rounds + 1:
-            return RoundKind.TRAIN
-        return RoundKind.EVALUATE
-
-    def model_spec(self) -> Any:
-        from ..training import ModelSpec
-
-        return ModelSpec(self.model, self.input_dim, self.hidden)  # type: ignore[arg-type]
-
-    def n_parameters(self) -> int:
-        return int(self.model_spec().n_parameters())
-
-    def eval_length(self) -> int:
-        return EVAL_HEAD + 2 * self.histogram_bins
-
-    def standardize_std(self) -> float:
-        """Noise standard deviation on each normalized standardization sum."""
-        return self.standardize_noise * math.sqrt(1 + 2 * self.input_dim)
-
-    def eval_std(self) -> float:
-        """Noise standard deviation on each released evaluation sum."""
-        return self.eval_noise * EVAL_SENSITIVITY
-
-    def update_bound(self) -> float:
-        """Per-coordinate bound of a local model change, the same at every hospital.
-
-        With Poisson sampling at q = batch_size / N the expected batch q N is batch_size for
-        every N, so the bound of peer.training.update_bound does not depend on the local N.
-        """
-        from ..training import update_bound
-
-        q = min(1.0, self.batch_size / self.max_records)
-        return float(
-            update_bound(
-                self.clip_norm,
-                self.noise_multiplier,
-                self.lr,
-                self.local_steps,
-                n_examples=self.max_records,
-                sampling_rate=q,
-                n_coordinates=self.n_parameters(),
-            )
-        )
 
 
 def _json_safe(values: Mapping[str, float]) -> dict[str, float | None]:
@@ -291,9 +150,10 @@ class TrainingPayload:
     proposal: SessionProposal
     spec: TrainingSpec
     me: str
-    store: PatientStore
+    site: SiteData  # this site's data, checked against the proposal
     ledger: Ledger
     max_epsilon: float = math.inf  # this institution's total budget (its local policy)
+    model_policy: Any = None  # this site's ModelPolicy (None: the built-in default)
     rng: np.random.Generator = field(
         default_factory=lambda: np.random.default_rng(int.from_bytes(os.urandom(16), "big"))
     )
@@ -302,15 +162,7 @@ class TrainingPayload:
     noise: Callable[[], np.random.Generator] = _noise_generator
     _model: Any = None
     _noise: Any = None
-    _data: (
-        tuple[
-            npt.NDArray[np.float32],
-            npt.NDArray[np.int64],
-            npt.NDArray[np.float32],
-            npt.NDArray[np.int64],
-        ]
-        | None
-    ) = None
+    _trainer: Any = None  # LayerwiseDPSGD of a declared (non-Dense-preset) model
     # The contribution of each round, per ledger head it was computed at: a retried
     # attempt sends the same value (nothing new is released, nothing new charged).
     _prepared: dict[tuple[int, bytes], LocalContribution] = field(default_factory=dict)
@@ -319,14 +171,16 @@ class TrainingPayload:
 
     def vector_length(self, round_: int) -> int:
         if self.spec.kind_of(round_) is RoundKind.STANDARDIZE:
-            return 1 + 2 * self.spec.input_dim
+            return 1 + 2 * self.spec.standardized_dim
         return self.spec.n_parameters() + self.spec.eval_length()
 
     def quantizer(self, round_: int) -> Quantizer:
         spec, cap = self.spec, float(self.spec.max_records)
         if spec.kind_of(round_) is RoundKind.STANDARDIZE:
             # Every normalized sum is within [-cap, cap]; the noise needs its tail on top.
-            bounds = np.full(1 + 2 * spec.input_dim, cap + NOISE_TAIL * spec.standardize_std())
+            bounds = np.full(
+                1 + 2 * spec.standardized_dim, cap + NOISE_TAIL * spec.standardize_std()
+            )
         else:
             eval_bounds = np.full(spec.eval_length(), cap + NOISE_TAIL * spec.eval_std())
             bounds = np.concatenate(
@@ -335,23 +189,6 @@ class TrainingPayload:
         return Quantizer(bounds, len(self.proposal.participants), self.proposal.bits)
 
     # ---------------------------------------------------------------- local state
-
-    def _local_data(self) -> tuple[Any, Any, Any, Any]:
-        if self._data is None:
-            x_train, y_train = self.store.load("train")
-            x_test, y_test = self.store.load("test")
-            if x_train.shape[1] != self.spec.input_dim:
-                raise ValueError(
-                    f"{self.me}'s data has {x_train.shape[1]} features; the session's model "
-                    f"expects {self.spec.input_dim}"
-                )
-            if len(y_train) > self.spec.max_records:
-                raise ValueError(
-                    f"{self.me} has {len(y_train)} training records, more than the session's "
-                    f"max_records {self.spec.max_records}"
-                )
-            self._data = (x_train, y_train, x_test, y_test)
-        return self._data
 
     def _standardizer(self) -> tuple[Vector, Vector]:
         for stored in self.ledger.agreed_records(self.proposal.session_id):
@@ -375,39 +212,38 @@ class TrainingPayload:
             if checkpoint is None:
                 raise ValueError(f"the agreed model of round {latest} is missing from the ledger")
             return np.frombuffer(checkpoint.weights, dtype="<f4").astype(np.float32)
-        from ..training import build_model, get_flat_weights
+        from ..training import build_declared_model, get_flat_weights
 
-        return get_flat_weights(build_model(self.spec.model_spec(), self.proposal.seed))
+        # A fresh model from the session seed: bit-identical on every peer.
+        policy = self.model_policy or _default_model_policy()
+        return get_flat_weights(
+            build_declared_model(self.spec.declared_json, self.proposal.seed, policy)
+        )
 
     def _keras_model(self) -> keras.Model:
         if self._model is None:
-            from ..training import build_model, secure_generator
+            from ..training import LayerwiseDPSGD, build_declared_model, secure_generator
 
-            self._model = build_model(self.spec.model_spec(), self.proposal.seed)
-            self._noise = secure_generator()
+            policy = self.model_policy or _default_model_policy()
+            model = build_declared_model(self.spec.declared_json, self.proposal.seed, policy)
+            if tuple(model.output_shape[1:]) != (1,):
+                raise ProposalError(
+                    f"the model's output has shape {model.output_shape[1:]}; a binary task "
+                    "needs one logit (a last Dense layer of 1 unit, no activation)"
+                )
+            if self.spec.model not in ("logreg", "mlp"):
+                self._trainer = LayerwiseDPSGD(model)
+            self._model, self._noise = model, secure_generator()
         return self._model
 
     def sampling_rate(self) -> float:
-        x_train = self._local_data()[0]
-        return min(1.0, self.spec.batch_size / max(1, len(x_train)))
+        return min(1.0, self.spec.batch_size / max(1, self.site.n_train))
 
     def round_events(self, round_: int) -> list[PrivacyEvent]:
         """The DP mechanisms whose output this hospital releases in ``round_``."""
-        from ..training.accounting import gaussian_event, poisson_gaussian_event
-
-        kind = self.spec.kind_of(round_)
-        if kind is RoundKind.STANDARDIZE:
-            return [gaussian_event(self.spec.standardize_noise)]
-        events = [gaussian_event(self.spec.eval_noise)]
-        if kind is RoundKind.TRAIN:
-            if self.spec.noise_multiplier == 0:
-                raise PrivacyBudgetError(f"{self.me} refuses to train without DP noise")
-            events.append(
-                poisson_gaussian_event(
-                    self.sampling_rate(), self.spec.noise_multiplier, self.spec.local_steps
-                )
-            )
-        return events
+        if self.spec.kind_of(round_) is RoundKind.TRAIN and self.spec.noise_multiplier == 0:
+            raise PrivacyBudgetError(f"{self.me} refuses to train without DP noise")
+        return self.spec.round_events(round_, self.sampling_rate())
 
     def finish(self, ledger: Ledger, proposal: SessionProposal) -> None:
         return None  # every round's model is already in the ledger (its checkpoint)
@@ -440,39 +276,44 @@ class TrainingPayload:
 
         spec = self.spec
         kind = spec.kind_of(round_)
-        x_train, y_train, x_test, y_test = self._local_data()
         events = self.round_events(round_)
         epsilon_spent = self._check_budget(round_, events)
         noise = self.noise()
         if kind is RoundKind.STANDARDIZE:
             bounds = spec.feature_bounds()
+            x_train = self.site.features_for_standardization()
             normalized = np.clip(np.asarray(x_train, dtype=np.float64) / bounds, -1.0, 1.0)
             vector = local_feature_stats(normalized)
             vector = vector + noise.normal(0.0, spec.standardize_std(), vector.shape)
         else:
             mean, std = self._standardizer()
+
+            def prepare(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+                return x if spec.image is not None else standardize(x, mean, std)
+
             model = self._keras_model()
             set_flat_weights(model, self.global_weights(round_))
-            evaluation = evaluate_sums(
-                model,
-                standardize(x_test, mean, std),
-                y_test,
-                spec.histogram_bins,
-                loss_bound=spec.loss_bound,
+            evaluation = self.site.sum_over_test(
+                lambda x, y: evaluate_sums(
+                    model, prepare(x), y, spec.histogram_bins, loss_bound=spec.loss_bound
+                )
             )
             update = np.zeros(spec.n_parameters())
             if kind is RoundKind.TRAIN:
-                change, _, _ = local_train(
-                    model,
-                    standardize(x_train, mean, std),
-                    y_train,
-                    steps=spec.local_steps,
-                    sampling_rate=self.sampling_rate(),
-                    lr=spec.lr,
-                    clip_norm=spec.clip_norm,
-                    noise_multiplier=spec.noise_multiplier,
-                    rng=self._noise,
-                )
+                q, sigma = self.sampling_rate(), spec.noise_multiplier
+                if self._trainer is not None:  # a declared model: per-layer DP-SGD
+                    change = train_declared(
+                        model, self._trainer, self.site, prepare, steps=spec.local_steps,
+                        sampling_rate=q, lr=spec.lr, clip_norm=spec.clip_norm,
+                        noise_multiplier=sigma, generator=self._noise,
+                    )  # fmt: skip
+                else:  # the Dense presets: the fused Dense-only trainer
+                    x_train, y_train = self.site.arrays("train")
+                    change, _, _ = local_train(
+                        model, prepare(x_train), y_train, steps=spec.local_steps,
+                        sampling_rate=q, lr=spec.lr, clip_norm=spec.clip_norm,
+                        noise_multiplier=sigma, rng=self._noise,
+                    )  # fmt: skip
                 # Clipping to the public bound is post-processing of the DP update; the
                 # weight is public: no local count enters the vector.
                 bound = spec.update_bound()
@@ -565,9 +406,13 @@ def noisy_standardizer(total: Vector, bounds: Vector) -> tuple[Vector, Vector]:
     return mean * bounds, np.sqrt(var) * bounds
 
 
-def training_payload(
-    proposal: SessionProposal, config: PeerConfig, ledger: Ledger
-) -> TrainingPayload:
+def check_training_proposal(proposal: SessionProposal) -> TrainingSpec:
+    """What every site checks of a training proposal before its own policy and data (also
+    what ``ceremony run --dry-run`` checks).
+
+    Raises:
+        ProposalError: the reason, saying what to write instead where it can.
+    """
     spec = TrainingSpec.from_payload(proposal.payload)
     if proposal.rounds != spec.rounds:
         raise ProposalError(
@@ -575,8 +420,12 @@ def training_payload(
             f"{spec.rounds} rounds (standardization, training, final evaluation), "
             f"not {proposal.rounds}"
         )
-    if proposal.bits != 64:
-        raise ProposalError("training sessions aggregate in the 64-bit ring (bits = 64)")
+    if proposal.bits != TRAINING_BITS:
+        raise ProposalError(
+            f"training sessions aggregate in the {TRAINING_BITS}-bit ring: write "
+            f"bits = {TRAINING_BITS} in [session], or leave bits out (ceremony run then "
+            "picks it from the payload)"
+        )
     spec.feature_bounds()  # its length must match the features
     if spec.weights is not None and set(spec.weights) != set(proposal.participants):
         missing = sorted(set(proposal.participants) - set(spec.weights))
@@ -585,11 +434,31 @@ def training_payload(
             "training payload: 'weights' must name every participant and no one else "
             f"(missing: {', '.join(missing) or '-'}; not participants: {', '.join(extra) or '-'})"
         )
-    return TrainingPayload(
+    return spec
+
+
+def training_payload(
+    proposal: SessionProposal, config: PeerConfig, ledger: Ledger
+) -> TrainingPayload:
+    spec = check_training_proposal(proposal)
+    # The site's model policy first: a refused model costs no data access.
+    check_model(spec.declared_json, config.policy.models, config.peer_id)
+    source = data_source(config.data, config.directory, config.data_url)
+    site = SiteData(source, config.peer_id, spec.input_shape, spec.image, spec.max_records)
+    payload = TrainingPayload(
         proposal,
         spec,
         config.peer_id,
-        PatientStore(config.data_url),
+        site,
         ledger,
         max_epsilon=config.policy.max_epsilon,
+        model_policy=config.policy.models,
     )
+    payload._keras_model()  # Keras loads it (safe mode) and its output fits the task, now
+    return payload
+
+
+def _default_model_policy() -> Any:
+    from ..training import ModelPolicy
+
+    return ModelPolicy()

@@ -138,7 +138,7 @@ def test_standardization_round_gives_the_pooled_statistics(
 ) -> None:
     models = run_round(hospitals, 1)
     assert len(set(models)) == 1, "every hospital must conclude the same bytes"
-    union = np.concatenate([p.store.load("train")[0] for p in hospitals]).astype(np.float64)
+    union = np.concatenate([p.site.arrays("train")[0] for p in hospitals]).astype(np.float64)
     mean, std = np.split(np.frombuffer(models[0], dtype="<f8"), 2)
     # The sums are released with Gaussian noise of standardize_noise * sqrt(1 + 2d) on each
     # normalized sum (per hospital), so the pooled statistics come back within the noise:
@@ -272,6 +272,9 @@ def test_a_participant_cannot_inflate_its_weight(hospitals: list[TrainingPayload
 
 def test_weights_are_public_and_bounded(tmp_path: Path) -> None:
     config = config_for(tmp_path, "hospital-a")
+    # The site's data is checked against the proposal when it arrives: it must exist.
+    records = breast_cancer_records(np.random.default_rng(0))[:100]
+    write_hospital_stores([records], [config.data_url], feature_names=breast_cancer_feature_names())
     ledger = Ledger(config.ledger_url)
     with pytest.raises(ProposalError, match="missing: hospital-c"):
         training_payload(
