@@ -204,7 +204,9 @@ class PoissonTrainer:
 
         n = tf.shape(x)[0]
         total = tf.constant(0, tf.int64)
-        anchors = [v.read_value() for v in self._variables] if proximal else []
+        anchors = (
+            [tf.identity(tf.convert_to_tensor(v)) for v in self._variables] if proximal else []
+        )
         for _ in tf.range(steps):
             chosen = tf.where(generator.uniform([n], dtype=tf.float32) < rate)[:, 0]
             xb, yb = tf.gather(x, chosen), tf.gather(y, chosen)
@@ -242,7 +244,9 @@ class DPSGD(PoissonTrainer):
         layers = dense_layers(model)
         self._kernels = [layer.kernel.value for layer in layers]
         self._biases = [layer.bias.value for layer in layers]
-        self._variables = [v for pair in zip(self._kernels, self._biases, strict=True) for v in pair]
+        self._variables = [
+            v for pair in zip(self._kernels, self._biases, strict=True) for v in pair
+        ]
         self._activations: list[Callable[[Any], Any]] = [layer.activation for layer in layers]
         if layers[-1].units != 1:
             raise TypeError("the last Dense layer must have a single unit (a logit)")

@@ -109,8 +109,7 @@ class ServerOptimizer:
         moments = sorted(set(values) & {"beta1", "beta2", "tau"})
         if kind is OptimizerKind.FEDAVG and moments:
             raise ValueError(
-                f"{', '.join(moments)} only apply to optimizer 'fedadam' or 'fedyogi', "
-                "not 'fedavg'"
+                f"{', '.join(moments)} only apply to optimizer 'fedadam' or 'fedyogi', not 'fedavg'"
             )
         optimizer = cls(kind, **values)
         optimizer.validate()
