@@ -4,9 +4,12 @@ FedProx in the DP-SGD loop (peer.training.dpsgd): mu = 0 is DP-SGD, the noise do
 
 from __future__ import annotations
 
+import functools
 import math
+from typing import Literal
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -85,15 +88,19 @@ def test_state_round_trips_and_is_checked() -> None:
 
 
 def _train(
-    model_kind: str, prox_mu: float | None, steps: int, clip: float | None = 1.0
-) -> np.ndarray:
-    spec = ModelSpec(model_kind, 6, (8,))  # type: ignore[arg-type]
+    model_kind: Literal["logreg", "mlp"],
+    prox_mu: float | None,
+    steps: int,
+    clip: float | None = 1.0,
+) -> npt.NDArray[np.float32]:
+    spec = ModelSpec(model_kind, 6, (8,))
     model = build_model(spec, seed=1)
     rng = np.random.default_rng(2)
     x = rng.normal(size=(200, 6)).astype(np.float32)
     y = (x[:, 0] + 0.3 * rng.normal(size=200) > 0).astype(np.int64)
-    extra = {} if prox_mu is None else {"prox_mu": prox_mu}
-    local_train(
+    # prox_mu None: the call without the argument at all (DP-SGD as it was).
+    run = functools.partial(
+        local_train,
         model,
         x,
         y,
@@ -103,13 +110,13 @@ def _train(
         clip_norm=clip,
         noise_multiplier=1.0,
         rng=secure_generator(b"fedprox-test"),
-        **extra,
     )
+    run() if prox_mu is None else run(prox_mu=prox_mu)
     return get_flat_weights(model)
 
 
 @pytest.mark.parametrize("model_kind", ["logreg", "mlp"])
-def test_fedprox_with_mu_zero_is_dp_sgd_exactly(model_kind: str) -> None:
+def test_fedprox_with_mu_zero_is_dp_sgd_exactly(model_kind: Literal["logreg", "mlp"]) -> None:
     assert np.array_equal(_train(model_kind, 0.0, 5), _train(model_kind, None, 5))
 
 
@@ -119,7 +126,7 @@ def test_fedprox_adds_the_pull_and_leaves_the_noise_alone() -> None:
     pull is zero: it starts at the anchor). Any change of noise would show as a difference
     of the noise's size (sigma C lr / (q N) = 0.0125 per coordinate), not of float rounding."""
     mu, lr = 0.5, 0.5
-    spec = ModelSpec("logreg", 6, ())  # type: ignore[arg-type]
+    spec = ModelSpec("logreg", 6, ())
     w0 = get_flat_weights(build_model(spec, seed=1)).astype(np.float64)
     w1 = _train("logreg", None, 1).astype(np.float64)
     plain = _train("logreg", None, 2).astype(np.float64)
@@ -130,7 +137,7 @@ def test_fedprox_adds_the_pull_and_leaves_the_noise_alone() -> None:
 
 
 def test_fedprox_pulls_towards_the_global_model() -> None:
-    spec = ModelSpec("logreg", 6, ())  # type: ignore[arg-type]
+    spec = ModelSpec("logreg", 6, ())
     w0 = get_flat_weights(build_model(spec, seed=1))
     far = np.linalg.norm(_train("logreg", 0.0, 40, clip=None) - w0)
     near = np.linalg.norm(_train("logreg", 1.0, 40, clip=None) - w0)
@@ -138,7 +145,7 @@ def test_fedprox_pulls_towards_the_global_model() -> None:
 
 
 def test_fedprox_mu_is_checked() -> None:
-    model = build_model(ModelSpec("logreg", 2, ()), seed=0)  # type: ignore[arg-type]
+    model = build_model(ModelSpec("logreg", 2, ()), seed=0)
     set_flat_weights(model, np.zeros(3, np.float32))
     with pytest.raises(ValueError, match="prox_mu must be finite and >= 0"):
         local_train(
@@ -163,9 +170,9 @@ def test_fedprox_in_the_layerwise_trainer() -> None:
     y = (x[:, 0] > 0).astype(np.float32)
     results = []
     for mu in (None, 0.0, 2.0):
-        model = build_model(ModelSpec("mlp", 4, (5,)), seed=4)  # type: ignore[arg-type]
-        extra = {} if mu is None else {"prox_mu": mu}
-        LayerwiseDPSGD(model).run(
+        model = build_model(ModelSpec("mlp", 4, (5,)), seed=4)
+        run = functools.partial(
+            LayerwiseDPSGD(model).run,
             x,
             y,
             steps=3,
@@ -174,8 +181,8 @@ def test_fedprox_in_the_layerwise_trainer() -> None:
             clip_norm=1.0,
             noise_multiplier=1.0,
             generator=secure_generator(b"layerwise-prox"),
-            **extra,
         )
+        run() if mu is None else run(prox_mu=mu)
         results.append(get_flat_weights(model))
     assert np.array_equal(results[0], results[1])
     assert not np.allclose(results[0], results[2])
