@@ -92,12 +92,12 @@ class Settings:
     epochs: float = 20.0  # centralized and alone: expected passes over the local data
     batch: int = 128  # expected batch of centralized training
     hospital_batch: int = 32  # expected batch at a hospital (alone and federated)
-    lr: float = 1.0
-    clip: float = 1.0
-    rounds: int = 20
-    local_steps: int = 40
-    server_lr_adam: float = 0.05
-    seeds: int = 5
+    lr: float = 2.0
+    clip: float = 0.5
+    rounds: int = 40
+    local_steps: int = 20
+    server_lr_adam: float = 0.1
+    seeds: int = 3
     bootstrap: int = 1000
 
 
