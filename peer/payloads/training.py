@@ -171,6 +171,9 @@ class TrainingSpec:
                 if not isinstance(values["weights"], Mapping):
                     raise TypeError("'weights' must map each participant to its weight")
                 values["weights"] = {str(k): float(v) for k, v in values["weights"].items()}
+            mu = values.get("prox_mu", 0.0)
+            if isinstance(mu, bool) or not isinstance(mu, int | float):
+                raise TypeError(f"prox_mu must be a number, not {mu!r}")
             spec = cls(**values)
         except (TypeError, ValueError) as error:
             raise ProposalError(f"training payload: {error}") from None

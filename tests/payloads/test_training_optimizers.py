@@ -146,6 +146,7 @@ def test_an_adaptive_step_is_bounded_whatever_the_contributions(tmp_path: Path) 
         ({"beta1": 0.9}, "beta1 only apply to optimizer 'fedadam' or 'fedyogi'"),
         ({"prox_mu": -0.5}, r"invalid prox_mu \(>= 0, finite\)"),
         ({"prox_mu": float("inf")}, r"invalid prox_mu"),
+        ({"prox_mu": "0.1"}, "prox_mu must be a number, not '0.1'"),
     ],
 )
 def test_optimizer_parameters_are_validated(
