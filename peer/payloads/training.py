@@ -50,11 +50,22 @@ Proposal payload keys (all public, all in the signed proposal)::
      "noise_multiplier": 1.0, "delta": 1e-5, "max_records": 100000,
      "feature_bound": 1e4 (or one bound per feature), "loss_bound": 50.0,
      "histogram_bins": 20, "standardize_noise": 8.0, "eval_noise": 5.0,
-     "weights": {"hospital-a": 1.0, ...} (optional)}
+     "weights": {"hospital-a": 1.0, ...} (optional),
+     "optimizer": "fedavg" | "fedadam" | "fedyogi", "server_lr": 1.0, "beta1": 0.9,
+     "beta2": 0.99, "tau": 1e-3 (adaptive only), "prox_mu": 0.0 (FedProx)}
 
 The model and the data (:mod:`.training_inputs`): every model is a declared Keras model
 checked by each site's policy; each site reads its own ``[data]`` source. An imaging session
 has no features to standardize: its round 1 releases the noisy record count only.
+
+Server optimizer (:mod:`peer.training.server_optim`): the clamped average update is the
+pseudo-gradient of FedAvg, FedAdam or FedYogi, computed identically by every peer. The
+adaptive moments live in the ledger, not in memory: a training round's checkpoint is the new
+weights followed by the optimizer state (float32 ``m ‖ v``; nothing for FedAvg), so a
+restarted or catching-up peer reads the same state as everyone else. The final evaluation
+round's checkpoint is the weights alone. FedProx (``prox_mu``) adds ``mu (w - w_global)`` to
+each local step after clipping and noising (:mod:`peer.training.dpsgd`): it is not
+data-dependent, so the privacy accounting is unchanged.
 """
 
 from __future__ import annotations
@@ -76,6 +87,7 @@ from ..ledger import Ledger
 from ..privacy import PrivacyBudgetError, privacy_after
 from ..session import ProposalError, SessionProposal
 from ..training.accounting import GLOBAL_DELTA, PrivacyEvent
+from ..training.server_optim import ServerState
 from .base import LocalContribution, RoundResult
 from .training_inputs import SiteData, check_model, train_declared
 from .training_spec import EVAL_HEAD, TRAINING_BITS, RoundKind, TrainingSpec, Vector
@@ -201,17 +213,33 @@ class TrainingPayload:
             "the standardization round (round 1) was not agreed; training cannot start"
         )
 
-    def global_weights(self, before_round: int) -> npt.NDArray[np.float32]:
-        """The agreed global model entering ``before_round`` (initial weights if none)."""
+    def _agreed_checkpoint(self, before_round: int) -> npt.NDArray[np.float32] | None:
+        """The checkpoint of the last agreed model round before ``before_round`` (None if none):
+        the weights, then the server optimizer's state (module docstring)."""
         latest = None
         for stored in self.ledger.agreed_records(self.proposal.session_id):
             if 2 <= stored.record.round < before_round:
                 latest = stored.record.round
-        if latest is not None:
-            checkpoint = self.ledger.get_checkpoint(self.proposal.session_id, latest)
-            if checkpoint is None:
-                raise ValueError(f"the agreed model of round {latest} is missing from the ledger")
-            return np.frombuffer(checkpoint.weights, dtype="<f4").astype(np.float32)
+        if latest is None:
+            return None
+        checkpoint = self.ledger.get_checkpoint(self.proposal.session_id, latest)
+        if checkpoint is None:
+            raise ValueError(f"the agreed model of round {latest} is missing from the ledger")
+        return np.frombuffer(checkpoint.weights, dtype="<f4").astype(np.float32)
+
+    def server_state(self, before_round: int) -> ServerState:
+        """The server optimizer's agreed state entering ``before_round`` (read from the ledger)."""
+        optimizer, p = self.spec.server_optimizer(), self.spec.n_parameters()
+        stored = self._agreed_checkpoint(before_round)
+        if stored is None:
+            return optimizer.initial_state(p)
+        return optimizer.decode_state(stored[p:], p)
+
+    def global_weights(self, before_round: int) -> npt.NDArray[np.float32]:
+        """The agreed global model entering ``before_round`` (initial weights if none)."""
+        stored = self._agreed_checkpoint(before_round)
+        if stored is not None:
+            return stored[: self.spec.n_parameters()]
         from ..training import build_declared_model, get_flat_weights
 
         # A fresh model from the session seed: bit-identical on every peer.
@@ -305,14 +333,14 @@ class TrainingPayload:
                     change = train_declared(
                         model, self._trainer, self.site, prepare, steps=spec.local_steps,
                         sampling_rate=q, lr=spec.lr, clip_norm=spec.clip_norm,
-                        noise_multiplier=sigma, generator=self._noise,
+                        noise_multiplier=sigma, generator=self._noise, prox_mu=spec.prox_mu,
                     )  # fmt: skip
                 else:  # the Dense presets: the fused Dense-only trainer
                     x_train, y_train = self.site.arrays("train")
                     change, _, _ = local_train(
                         model, prepare(x_train), y_train, steps=spec.local_steps,
                         sampling_rate=q, lr=spec.lr, clip_norm=spec.clip_norm,
-                        noise_multiplier=sigma, rng=self._noise,
+                        noise_multiplier=sigma, rng=self._noise, prox_mu=spec.prox_mu,
                     )  # fmt: skip
                 # Clipping to the public bound is post-processing of the DP update; the
                 # weight is public: no local count enters the vector.
@@ -363,7 +391,7 @@ class TrainingPayload:
                 },
             )
         from ..training import metrics_from_sums
-        from ..training.federated import fedavg_step
+        from ..training.federated import mean_update
 
         p = spec.n_parameters()
         base = self.global_weights(round_).astype(np.float64)
@@ -373,7 +401,11 @@ class TrainingPayload:
             bound = spec.update_bound()
             # The survivors' weights are public: nobody can inflate the divisor. The clamp
             # bounds what any contribution, however malformed, does to a coordinate.
-            new = fedavg_step(base, total[:p], weight, bound)
+            optimizer = spec.server_optimizer()
+            new, state = optimizer.step(
+                base, self.server_state(round_), mean_update(total[:p], weight, bound)
+            )
+            state_tail = optimizer.encode_state(state)
             dp["update"] = {
                 "mechanism": "poisson-gaussian",
                 "sigma": spec.noise_multiplier,
@@ -390,6 +422,9 @@ class TrainingPayload:
         metrics["score_histogram"] = {"positive": cells[:bins], "negative": cells[bins:]}
         dp["evaluation"] = {"mechanism": "gaussian", "sigma": spec.eval_noise}
         metrics.update(round_kind=kind.value, evaluated="model entering this round", dp=dp)
+        if kind is RoundKind.TRAIN:  # the optimizer state goes into the signed checkpoint
+            weights = np.concatenate((new.astype("<f4"), state_tail.astype("<f4")))
+            return RoundResult(model=weights.tobytes(), metrics=metrics)
         return RoundResult(model=new.astype("<f4").tobytes(), metrics=metrics)
 
 

@@ -367,8 +367,12 @@ def train_declared(
     clip_norm: float,
     noise_multiplier: float,
     generator: tf.random.Generator,
+    prox_mu: float = 0.0,
 ) -> npt.NDArray[np.float32]:
     """Local DP-SGD of a declared model with :class:`~peer.training.LayerwiseDPSGD`.
+
+    ``prox_mu > 0`` adds FedProx's pull towards the starting (global) weights after each
+    step's clipping and noising, as :meth:`peer.training.PoissonTrainer.run` does.
 
     Tabular data runs in one compiled loop over the in-memory split; images are streamed:
     each step draws its Poisson sample (from ``generator``, as the accountant assumes) and
@@ -390,6 +394,7 @@ def train_declared(
             clip_norm=clip_norm,
             noise_multiplier=noise_multiplier,
             generator=generator,
+            prox_mu=prox_mu,
         )
     else:
         n = data.n_train
@@ -397,7 +402,12 @@ def train_declared(
         # the accountant assumes); then only the sampled files are read, in step order.
         masks = np.asarray(generator.uniform([steps, n], dtype=tf.float32) < sampling_rate)
         samples = [np.flatnonzero(row).astype(np.int64) for row in masks]
+        anchors = [tf.identity(v) for v in model.trainable_variables] if prox_mu > 0 else []
         for xb, yb in data.train_batches(samples):
+            # FedProx's pull at the step's starting point, applied after the DP step.
+            pulls = [
+                prox_mu * (v - a) for v, a in zip(model.trainable_variables, anchors, strict=True)
+            ]
             trainer.dp_step(
                 xb,
                 yb,
@@ -407,4 +417,6 @@ def train_declared(
                 expected_batch_size=sampling_rate * n,
                 generator=generator,
             )
+            for variable, pull in zip(model.trainable_variables, pulls, strict=False):
+                variable.assign_sub(lr * pull)
     return get_flat_weights(model) - before

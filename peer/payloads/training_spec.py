@@ -20,6 +20,7 @@ import numpy.typing as npt
 
 from ..session import ProposalError
 from ..training.accounting import PrivacyEvent
+from ..training.server_optim import OPTIMIZER_KEYS, ServerOptimizer
 from .training_inputs import (
     MODELS,
     SITE_ONLY_KEYS,
@@ -70,6 +71,13 @@ class TrainingSpec:
     standardize_noise: float = 8.0
     eval_noise: float = 5.0
     weights: Mapping[str, float] | None = None
+    # Server optimizer (peer.training.server_optim; None: its default) and FedProx.
+    optimizer: str = "fedavg"
+    server_lr: float | None = None
+    beta1: float | None = None
+    beta2: float | None = None
+    tau: float | None = None
+    prox_mu: float = 0.0
 
     @classmethod
     def from_payload(cls, payload: Mapping[str, Any]) -> TrainingSpec:
@@ -106,6 +114,9 @@ class TrainingSpec:
                 if not isinstance(values["weights"], Mapping):
                     raise TypeError("'weights' must map each participant to its weight")
                 values["weights"] = {str(k): float(v) for k, v in values["weights"].items()}
+            mu = values.get("prox_mu", 0.0)
+            if isinstance(mu, bool) or not isinstance(mu, int | float):
+                raise TypeError(f"prox_mu must be a number, not {mu!r}")
             spec = cls(**values)
         except ProposalError:
             raise  # already says what is wrong
@@ -138,9 +149,11 @@ class TrainingSpec:
             "eval_noise": self.eval_noise > 0,
             "weights (each in (0, 1])": all(0 < w <= 1 for w in weights),
         }
+        checks["prox_mu (>= 0, finite)"] = math.isfinite(self.prox_mu) and self.prox_mu >= 0
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
             raise ProposalError(f"training payload: invalid {', '.join(bad)}")
+        self.server_optimizer()
         if self.model == "declared":
             declared = declared_input_shape(self.declared_json)
             if declared != self.input_shape:
@@ -149,6 +162,18 @@ class TrainingSpec:
                     f"session's data has shape {self.input_shape} (input_dim or image)"
                 )
         self.n_parameters()  # the model must be one this project can train
+
+    def server_optimizer(self) -> ServerOptimizer:
+        """The declared server optimizer (FedAvg by default).
+
+        Raises:
+            ProposalError: an unknown optimizer or a parameter out of range, named.
+        """
+        declared = {k: getattr(self, k) for k in OPTIMIZER_KEYS if getattr(self, k) is not None}
+        try:
+            return ServerOptimizer.from_payload(declared)
+        except ValueError as error:
+            raise ProposalError(f"training payload: {error}") from None
 
     @property
     def input_shape(self) -> tuple[int, ...]:

@@ -27,6 +27,7 @@ is Dense; :func:`peer.training.model.dense_layers` enforces that.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import weakref
 from collections.abc import Callable
@@ -71,6 +72,15 @@ class PoissonTrainer:
     _dp_step: Callable[..., Any]
     _sgd_step: Callable[..., Any]
     _norms: Callable[..., Any]
+    _variables: list[Any]  # the trainable variables, in get_flat_weights order
+
+    def _dp_step_graph(
+        self, x: Any, y: Any, lr: Any, clip: Any, noise_std: Any, denom: Any, generator: Any
+    ) -> None:
+        raise NotImplementedError
+
+    def _sgd_step_graph(self, x: Any, y: Any, lr: Any, denom: Any) -> None:
+        raise NotImplementedError
 
     def _tensors(self, x: npt.ArrayLike, y: npt.ArrayLike) -> tuple[tf.Tensor, tf.Tensor]:
         raise NotImplementedError
@@ -123,12 +133,22 @@ class PoissonTrainer:
         clip_norm: float | None,
         noise_multiplier: float,
         generator: tf.random.Generator,
+        prox_mu: float = 0.0,
     ) -> int:
         """``steps`` Poisson-sampled steps over ``(x, y)`` in one compiled loop.
 
         Each example joins each batch independently with probability ``sampling_rate``
         (the sampling that the privacy accountant assumes). ``clip_norm=None`` runs plain SGD
         with the same sampling and normalization.
+
+        ``prox_mu > 0`` is FedProx: each step also moves the weights by
+        ``-lr * prox_mu * (w_t - w_0)``, the gradient of ``prox_mu/2 ||w - w_0||^2`` at the
+        step's starting point, ``w_0`` being the weights this run started from (the global
+        model). It is added *after* clipping and noising and is not clipped: it depends on no
+        record, only on ``w_t`` (itself a function of earlier noisy steps) and the public
+        ``w_0``, so each step is still the Gaussian mechanism on the same clipped sum followed
+        by post-processing; the noise, the sensitivity ``C`` and the privacy accounting are
+        exactly those of DP-SGD without it. ``prox_mu = 0`` runs DP-SGD unchanged.
 
         Returns:
             the total number of examples in all sampled batches.
@@ -145,6 +165,8 @@ class PoissonTrainer:
         clip = clip_norm if clip_norm is not None else 1.0
         if private:
             _check_dp(clip, noise_multiplier, sampling_rate * n)
+        if not (math.isfinite(prox_mu) and prox_mu >= 0):
+            raise ValueError(f"prox_mu must be finite and >= 0, not {prox_mu}")
         import tensorflow as tf
 
         total = self._run(
@@ -157,9 +179,51 @@ class PoissonTrainer:
             _f32(noise_multiplier * clip if private else 0.0),
             _f32(sampling_rate * n),
             private,
+            _f32(prox_mu),
+            prox_mu > 0,
             generator=generator,
         )
         return int(total.numpy())
+
+    def _run_graph(
+        self,
+        x: Any,
+        y: Any,
+        steps: Any,
+        rate: Any,
+        lr: Any,
+        clip: Any,
+        noise_std: Any,
+        denom: Any,
+        private: bool,
+        prox_mu: Any,
+        proximal: bool,
+        generator: Any,
+    ) -> Any:
+        import tensorflow as tf
+
+        n = tf.shape(x)[0]
+        total = tf.constant(0, tf.int64)
+        anchors = (
+            [tf.identity(tf.convert_to_tensor(v)) for v in self._variables] if proximal else []
+        )
+        for _ in tf.range(steps):
+            chosen = tf.where(generator.uniform([n], dtype=tf.float32) < rate)[:, 0]
+            xb, yb = tf.gather(x, chosen), tf.gather(y, chosen)
+            # FedProx's pull is taken at the step's starting point (read before the step).
+            pulls = (
+                [prox_mu * (v - a) for v, a in zip(self._variables, anchors, strict=True)]
+                if proximal
+                else []
+            )
+            if private:
+                self._dp_step_graph(xb, yb, lr, clip, noise_std, denom, generator)
+            else:
+                self._sgd_step_graph(xb, yb, lr, denom)
+            for variable, pull in zip(self._variables, pulls, strict=False):
+                variable.assign_sub(lr * pull)
+            total += tf.size(chosen, out_type=tf.int64)
+        return total
 
 
 class DPSGD(PoissonTrainer):
@@ -180,6 +244,9 @@ class DPSGD(PoissonTrainer):
         layers = dense_layers(model)
         self._kernels = [layer.kernel.value for layer in layers]
         self._biases = [layer.bias.value for layer in layers]
+        self._variables = [
+            v for pair in zip(self._kernels, self._biases, strict=True) for v in pair
+        ]
         self._activations: list[Callable[[Any], Any]] = [layer.activation for layer in layers]
         if layers[-1].units != 1:
             raise TypeError("the last Dense layer must have a single unit (a logit)")
@@ -325,34 +392,6 @@ class DPSGD(PoissonTrainer):
 
     def _sgd_step_graph(self, x: Any, y: Any, lr: Any, denom: Any) -> None:
         self._apply_sgd(x, y, lr, denom)
-
-    def _run_graph(
-        self,
-        x: Any,
-        y: Any,
-        steps: Any,
-        rate: Any,
-        lr: Any,
-        clip: Any,
-        noise_std: Any,
-        denom: Any,
-        private: bool,
-        generator: Any,
-    ) -> Any:
-        import tensorflow as tf
-
-        n = tf.shape(x)[0]
-        total = tf.constant(0, tf.int64)
-        for _ in tf.range(steps):
-            chosen = tf.where(generator.uniform([n], dtype=tf.float32) < rate)[:, 0]
-            xb = tf.gather(x, chosen)
-            yb = tf.gather(y, chosen)
-            if private:
-                self._apply_dp(xb, yb, lr, clip, noise_std, denom, generator)
-            else:
-                self._apply_sgd(xb, yb, lr, denom)
-            total += tf.size(chosen, out_type=tf.int64)
-        return total
 
 
 _TRAINERS: weakref.WeakKeyDictionary[Any, DPSGD] = weakref.WeakKeyDictionary()

@@ -28,6 +28,7 @@ __all__ = [
     "PeerData",
     "fedavg_round",
     "fedavg_step",
+    "mean_update",
     "numpy_sum",
 ]
 
@@ -71,19 +72,25 @@ def numpy_sum(vectors: Sequence[Vector]) -> Vector:
     return total
 
 
-def fedavg_step(
-    base: npt.ArrayLike, weighted_sum: npt.ArrayLike, weight: float, bound: float | None = None
-) -> Vector:
-    """The FedAvg rule: ``base + sum(w_h delta_h) / sum(w_h)``, in float64.
+def mean_update(weighted_sum: npt.ArrayLike, weight: float, bound: float | None = None) -> Vector:
+    """The average update ``sum(w_h delta_h) / sum(w_h)`` in float64, the pseudo-gradient
+    every server optimizer starts from (:mod:`peer.training.server_optim`).
 
     ``weighted_sum`` is the sum of every survivor's update times its weight and ``weight``
-    the sum of the weights. With ``bound``, the step is clamped to ``[-bound, bound]`` per
+    the sum of the weights. With ``bound``, the update is clamped to ``[-bound, bound]`` per
     coordinate, so that no contribution, however malformed, moves a weight further.
     """
     step = np.asarray(weighted_sum, dtype=np.float64) / weight
     if bound is not None:
         step = np.clip(step, -bound, bound)
-    new: Vector = np.asarray(base, dtype=np.float64) + step
+    return step
+
+
+def fedavg_step(
+    base: npt.ArrayLike, weighted_sum: npt.ArrayLike, weight: float, bound: float | None = None
+) -> Vector:
+    """The FedAvg rule: ``base + mean_update(weighted_sum, weight, bound)``, in float64."""
+    new: Vector = np.asarray(base, dtype=np.float64) + mean_update(weighted_sum, weight, bound)
     return new
 
 

@@ -147,33 +147,6 @@ class LayerwiseDPSGD(PoissonTrainer):
 
     # ------------------------------------------------------------------ graphs
 
-    def _run_graph(
-        self,
-        x: Any,
-        y: Any,
-        steps: Any,
-        rate: Any,
-        lr: Any,
-        clip: Any,
-        noise_std: Any,
-        denom: Any,
-        private: bool,
-        generator: Any,
-    ) -> Any:
-        import tensorflow as tf
-
-        n = tf.shape(x)[0]
-        total = tf.constant(0, tf.int64)
-        for _ in tf.range(steps):
-            chosen = tf.where(generator.uniform([n], dtype=tf.float32) < rate)[:, 0]
-            xb, yb = tf.gather(x, chosen), tf.gather(y, chosen)
-            if private:
-                self._dp_step_graph(xb, yb, lr, clip, noise_std, denom, generator)
-            else:
-                self._sgd_step_graph(xb, yb, lr, denom)
-            total += tf.size(chosen, out_type=tf.int64)
-        return total
-
     def _tensors(self, x: npt.ArrayLike, y: npt.ArrayLike) -> tuple[tf.Tensor, tf.Tensor]:
         import tensorflow as tf
 

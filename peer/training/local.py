@@ -53,6 +53,7 @@ def local_train(
     clip_norm: float | None,
     noise_multiplier: float,
     rng: tf.random.Generator | None = None,
+    prox_mu: float = 0.0,
 ) -> tuple[npt.NDArray[np.float32], int, int]:
     """Train ``model`` in place on local data and return the change of its weights.
 
@@ -67,6 +68,9 @@ def local_train(
         rng: the noise and sampling generator. None draws a fresh one from ``os.urandom``
             (a real peer should keep one generator per session instead, which also avoids
             re-tracing the TensorFlow graph).
+        prox_mu: FedProx's proximal coefficient (0: plain DP-SGD); the pull towards the
+            starting (global) weights is added after clipping and noising, see
+            :meth:`peer.training.dpsgd.PoissonTrainer.run`.
 
     Returns:
         ``(delta, n_examples, steps_taken)``: the float32 weight change (new - old), the
@@ -94,6 +98,7 @@ def local_train(
         clip_norm=clip_norm,
         noise_multiplier=noise_multiplier,
         generator=generator,
+        prox_mu=prox_mu,
     )
     return get_flat_weights(model) - before, n, n_steps
 
