@@ -20,11 +20,16 @@ leaves (:func:`peer.round.charge_before_release`):
 - the standardization sums carry Gaussian noise of ``standardize_noise`` times their L2
   sensitivity ``sqrt(1 + 2d)`` (one record adds 1 to the count and at most 1 to each of the
   2d normalized sums);
-- the evaluation sums carry Gaussian noise of ``eval_noise`` times their sensitivity
-  ``sqrt(3)``: one test record adds at most 1 to the normalized loss sum (losses clipped to
-  ``loss_bound``), 1 to one confusion cell and 1 to one histogram cell. The number of
-  correct predictions and the example count are not released: they are derived from the
-  noisy confusion cells.
+- the evaluation sums carry Gaussian noise of ``eval_noise`` times their sensitivity, which
+  depends on the task (:mod:`peer.payloads.evaluation`). Binary: ``sqrt(3)``: one test
+  record adds at most 1 to the normalized loss sum (losses clipped to ``loss_bound``), 1 to
+  one confusion cell and 1 to one histogram cell. The number of correct predictions and the
+  example count are not released: they are derived from the noisy confusion cells.
+
+Tasks (``task``): ``"binary"`` (default; one logit), ``"multiclass"`` (``classes = K``
+logits, softmax; labels are class indices) and ``"regression"`` (one output; the stored
+``target`` column, clipped to the public ``target_bound``, residuals to ``residual_bound``).
+Every agreed metric is computed from the secure sum of the evaluation releases only.
 
 A retried attempt of a round sends the *same* contribution (cached per round and ledger
 head), so it releases nothing new and is not charged again; if the ledger moved (the peer
@@ -48,7 +53,9 @@ Proposal payload keys (all public, all in the signed proposal)::
      "noise_multiplier": 1.0, "delta": 1e-5, "max_records": 100000,
      "feature_bound": 1e4 (or one bound per feature), "loss_bound": 50.0,
      "histogram_bins": 20, "standardize_noise": 8.0, "eval_noise": 5.0,
-     "weights": {"hospital-a": 1.0, ...} (optional)}
+     "weights": {"hospital-a": 1.0, ...} (optional),
+     "task": "binary" | "multiclass" | "regression", "classes": 3 (multiclass),
+     "target_bound": 400.0, "residual_bound": 800.0 (regression; default 2 * target_bound)}
 """
 
 from __future__ import annotations
@@ -72,6 +79,7 @@ from ..privacy import PrivacyBudgetError, privacy_after
 from ..session import ProposalError, SessionProposal
 from ..training.accounting import GLOBAL_DELTA, PrivacyEvent
 from .base import LocalContribution, RoundResult
+from .evaluation import Task, TaskEvaluation, task_evaluation
 
 if TYPE_CHECKING:
     import keras
@@ -89,12 +97,6 @@ __all__ = [
 
 
 Vector = npt.NDArray[np.float64]
-EVAL_HEAD = 7  # loss_sum, correct, TP, FP, TN, FN, n (peer.training.EVAL_HEADER)
-# Evaluation coordinates that are not released: derived from the confusion cells instead.
-_EVAL_DERIVED = (1, 6)  # correct = TP + TN, n = TP + FP + TN + FN
-# L2 sensitivity of one test record's evaluation contribution (normalized loss, one
-# confusion cell, one histogram cell).
-EVAL_SENSITIVITY = math.sqrt(3.0)
 # Quantization headroom for Gaussian noise, in standard deviations (P ~ 1e-33 per value;
 # clipping beyond it would be post-processing anyway).
 NOISE_TAIL = 12.0
@@ -135,6 +137,10 @@ class TrainingSpec:
     standardize_noise: float = 8.0
     eval_noise: float = 5.0
     weights: Mapping[str, float] | None = None
+    task: str = "binary"
+    classes: int = 2
+    target_bound: float | None = None
+    residual_bound: float | None = None
 
     @classmethod
     def from_payload(cls, payload: Mapping[str, Any]) -> TrainingSpec:
@@ -179,6 +185,12 @@ class TrainingSpec:
             "standardize_noise": self.standardize_noise > 0,
             "eval_noise": self.eval_noise > 0,
             "weights (each in (0, 1])": all(0 < w <= 1 for w in weights),
+            "task": self.task in tuple(Task),
+            "classes": self.classes >= 2 and (self.task == Task.MULTICLASS or self.classes == 2),
+            "target_bound": (self.target_bound is not None and 0 < self.target_bound < math.inf)
+            == (self.task == Task.REGRESSION),
+            "residual_bound": self.residual_bound is None
+            or (self.task == Task.REGRESSION and 0 < self.residual_bound < math.inf),
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
@@ -214,13 +226,29 @@ class TrainingSpec:
     def model_spec(self) -> Any:
         from ..training import ModelSpec
 
-        return ModelSpec(self.model, self.input_dim, self.hidden)  # type: ignore[arg-type]
+        return ModelSpec(
+            self.model,  # type: ignore[arg-type]
+            self.input_dim,
+            self.hidden,
+            outputs=self.evaluation().outputs,
+        )
 
     def n_parameters(self) -> int:
         return int(self.model_spec().n_parameters())
 
+    def evaluation(self) -> TaskEvaluation:
+        """How this session's task is evaluated and released (peer.payloads.evaluation)."""
+        return task_evaluation(
+            self.task,
+            histogram_bins=self.histogram_bins,
+            loss_bound=self.loss_bound,
+            classes=self.classes,
+            target_bound=self.target_bound,
+            residual_bound=self.residual_bound,
+        )
+
     def eval_length(self) -> int:
-        return EVAL_HEAD + 2 * self.histogram_bins
+        return self.evaluation().length()
 
     def standardize_std(self) -> float:
         """Noise standard deviation on each normalized standardization sum."""
@@ -228,7 +256,7 @@ class TrainingSpec:
 
     def eval_std(self) -> float:
         """Noise standard deviation on each released evaluation sum."""
-        return self.eval_noise * EVAL_SENSITIVITY
+        return self.eval_noise * self.evaluation().sensitivity
 
     def update_bound(self) -> float:
         """Per-coordinate bound of a local model change, the same at every hospital.
@@ -252,36 +280,23 @@ class TrainingSpec:
         )
 
 
-def _json_safe(values: Mapping[str, float]) -> dict[str, float | None]:
-    """Undefined metrics (NaN) are stored as null: the ledger's canonical JSON has no NaN."""
-    return {
-        k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in values.items()
-    }
-
-
 def released_evaluation(sums: Vector, spec: TrainingSpec, noise: np.random.Generator) -> Vector:
-    """The evaluation sums as released: loss normalized by ``loss_bound``, derived counts
-    withheld, Gaussian noise of ``spec.eval_std()`` on every released coordinate."""
-    out = np.array(sums, dtype=np.float64)
-    out[0] /= spec.loss_bound
+    """The evaluation sums as released, for every task: each coordinate divided by what one
+    record can add to it (so the sensitivity is the task's), derived coordinates withheld,
+    Gaussian noise of ``spec.eval_std()`` on every released coordinate."""
+    evaluation = spec.evaluation()
+    out = np.array(sums, dtype=np.float64) / evaluation.scale()
     released = np.ones(out.shape, dtype=bool)
-    released[list(_EVAL_DERIVED)] = False
+    released[list(evaluation.withheld())] = False
     out[~released] = 0.0
     out[released] += noise.normal(0.0, spec.eval_std(), int(released.sum()))
     return out
 
 
 def evaluation_from_release(total: Vector, spec: TrainingSpec) -> Vector:
-    """Evaluation sums (the layout of peer.training.EVAL_HEADER) from a sum of releases.
-
-    Post-processing only: noisy cells are clamped at 0, and the withheld coordinates are
-    derived from the confusion cells."""
-    out = np.maximum(np.array(total, dtype=np.float64), 0.0)
-    tp, fp, tn, fn = out[2:6]
-    out[1] = tp + tn
-    out[6] = tp + fp + tn + fn
-    out[0] = min(out[0] * spec.loss_bound, out[6] * spec.loss_bound)
-    return out
+    """The task's evaluation statistics from a sum of releases (post-processing only: noisy
+    counts clamped, withheld coordinates derived; see peer.payloads.evaluation)."""
+    return spec.evaluation().from_release(total)
 
 
 @dataclass
@@ -305,9 +320,9 @@ class TrainingPayload:
     _data: (
         tuple[
             npt.NDArray[np.float32],
-            npt.NDArray[np.int64],
+            npt.NDArray[Any],
             npt.NDArray[np.float32],
-            npt.NDArray[np.int64],
+            npt.NDArray[Any],
         ]
         | None
     ) = None
@@ -338,8 +353,15 @@ class TrainingPayload:
 
     def _local_data(self) -> tuple[Any, Any, Any, Any]:
         if self._data is None:
-            x_train, y_train = self.store.load("train")
-            x_test, y_test = self.store.load("test")
+            x_train, train_labels = self.store.load("train")
+            x_test, test_labels = self.store.load("test")
+            y_train: npt.NDArray[Any] = train_labels
+            y_test: npt.NDArray[Any] = test_labels
+            evaluation = self.spec.evaluation()
+            if evaluation.task is Task.REGRESSION:
+                y_train, y_test = self.store.targets("train"), self.store.targets("test")
+            for labels in (y_train, y_test):
+                evaluation.check_labels(labels, self.me)
             if x_train.shape[1] != self.spec.input_dim:
                 raise ValueError(
                     f"{self.me}'s data has {x_train.shape[1]} features; the session's model "
@@ -436,7 +458,7 @@ class TrainingPayload:
         return contribution
 
     def _prepare(self, round_: int) -> LocalContribution:
-        from ..training import evaluate_sums, local_train, set_flat_weights
+        from ..training import local_train, set_flat_weights
 
         spec = self.spec
         kind = spec.kind_of(round_)
@@ -453,25 +475,21 @@ class TrainingPayload:
             mean, std = self._standardizer()
             model = self._keras_model()
             set_flat_weights(model, self.global_weights(round_))
-            evaluation = evaluate_sums(
-                model,
-                standardize(x_test, mean, std),
-                y_test,
-                spec.histogram_bins,
-                loss_bound=spec.loss_bound,
-            )
+            task = spec.evaluation()
+            evaluation = task.local_sums(model, standardize(x_test, mean, std), y_test)
             update = np.zeros(spec.n_parameters())
             if kind is RoundKind.TRAIN:
                 change, _, _ = local_train(
                     model,
                     standardize(x_train, mean, std),
-                    y_train,
+                    task.training_targets(y_train),
                     steps=spec.local_steps,
                     sampling_rate=self.sampling_rate(),
                     lr=spec.lr,
                     clip_norm=spec.clip_norm,
                     noise_multiplier=spec.noise_multiplier,
                     rng=self._noise,
+                    loss=task.loss,
                 )
                 # Clipping to the public bound is post-processing of the DP update; the
                 # weight is public: no local count enters the vector.
@@ -521,7 +539,6 @@ class TrainingPayload:
                     "dp": dp,
                 },
             )
-        from ..training import metrics_from_sums
         from ..training.federated import fedavg_step
 
         p = spec.n_parameters()
@@ -538,15 +555,8 @@ class TrainingPayload:
                 "sigma": spec.noise_multiplier,
                 "steps": spec.local_steps,
             }
-        evaluation = evaluation_from_release(total[p:], spec)
-        metrics: dict[str, Any] = _json_safe(metrics_from_sums(evaluation))
-        metrics["n"] = round(metrics["n"] or 0)
-        # The score histograms are cells of the same noisy (charged) evaluation release, so
-        # publishing them is post-processing: readers get ROC and calibration from agreed
-        # numbers (dashboard, report) at no further privacy cost.
-        bins = spec.histogram_bins
-        cells = [round(float(c), 3) for c in evaluation[EVAL_HEAD : EVAL_HEAD + 2 * bins]]
-        metrics["score_histogram"] = {"positive": cells[:bins], "negative": cells[bins:]}
+        # Every agreed metric comes from the secure sum of the (noisy, charged) releases only.
+        metrics = spec.evaluation().agreed_metrics(evaluation_from_release(total[p:], spec))
         dp["evaluation"] = {"mechanism": "gaussian", "sigma": spec.eval_noise}
         metrics.update(round_kind=kind.value, evaluated="model entering this round", dp=dp)
         return RoundResult(model=new.astype("<f4").tobytes(), metrics=metrics)
