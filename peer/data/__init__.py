@@ -12,6 +12,8 @@ from .datasets import (
     BUNDLED_DATASET_NAME,
     breast_cancer_feature_names,
     breast_cancer_records,
+    diabetes_feature_names,
+    diabetes_records,
     synthetic_records,
 )
 from .errors import (
@@ -62,6 +64,8 @@ __all__ = [
     "SplitError",
     "breast_cancer_feature_names",
     "breast_cancer_records",
+    "diabetes_feature_names",
+    "diabetes_records",
     "check_select_only",
     "data_source",
     "global_standardizer",
