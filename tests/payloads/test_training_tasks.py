@@ -51,6 +51,7 @@ BASE = {
     "max_records": 1000,
     # scikit-learn ships the diabetes measurements centred and scaled to within about +-0.2.
     "feature_bound": 0.2,
+    "standardize_noise": 1.0,
 }
 MULTICLASS = {**BASE, "task": "multiclass", "classes": 3}
 REGRESSION = {**BASE, "task": "regression", "target_bound": 400.0, "residual_bound": 300.0}
