@@ -195,9 +195,7 @@ def test_duplicate_ids_in_file_and_in_database(tmp_path: Path, store: PatientSto
     _assert_unchanged(store, 5)
 
 
-def test_class_indices_are_imported_and_bad_ones_named(
-    tmp_path: Path, store: PatientStore
-) -> None:
+def test_class_indices_are_imported_and_bad_ones_named(tmp_path: Path, store: PatientStore) -> None:
     bad = _write(tmp_path / "bad.csv", "f,stage\n1,0\n2,3\n3,1.5\n4,severe\n5,2\n")
     with pytest.raises(CSVImportError) as info:
         import_csv(store, bad, label="stage", classes=3, rng=np.random.default_rng(0))

@@ -25,9 +25,11 @@ Layouts (``B`` = ``histogram_bins``):
   predicted), then for each class c: the histogram of p_c over the records of class c (B) and
   over the others (B)]``; one record moves the loss, one confusion cell and one cell of each of
   the K one-vs-rest histograms: sensitivity ``sqrt(K + 2)``.
-- **regression** (targets clipped to ``[-Y, Y]``, residuals ``prediction - target`` clipped
-  to ``[-R, R]``, ``Y = target_bound`` and ``R = residual_bound`` public in the proposal):
-  ``[sum y, sum y^2, sum r^2, sum |r|, n, residual histogram over [-R, R] (B)]``, scaled by
+- **regression** (targets centred on the public ``target_center`` ``c`` and clipped to
+  ``[-Y, Y]`` around it, residuals ``prediction - target`` clipped to ``[-R, R]``,
+  ``Y = target_bound`` and ``R = residual_bound`` public in the proposal), with ``y`` the
+  centred target: ``[sum y, sum y^2, sum r^2, sum |r|, n, residual histogram over [-R, R]
+  (B)]``, scaled by
   ``[Y, Y^2, R^2, R, 1, 1...]``; ``n`` withheld (the histogram's total); one record moves four
   scaled sums by at most 1 each and one histogram cell: sensitivity ``sqrt(5)``.
 
@@ -326,8 +328,9 @@ def regression_sums(
     target_bound: float,
     residual_bound: float,
 ) -> Vector:
-    """Regression statistics (layout in the module docstring), targets and residuals clipped
-    to their public bounds (what makes one record's contribution bounded)."""
+    """Regression statistics (layout in the module docstring) of *centred* predictions and
+    targets, targets and residuals clipped to their public bounds (what makes one record's
+    contribution bounded)."""
     y = np.clip(np.asarray(targets, dtype=np.float64).reshape(-1), -target_bound, target_bound)
     r = np.asarray(predictions, dtype=np.float64).reshape(-1) - y
     r = np.clip(r, -residual_bound, residual_bound)
@@ -345,6 +348,7 @@ _REGRESSION_N = 4  # index of n in the regression layout (withheld: the histogra
 class RegressionEvaluation(TaskEvaluation):
     target_bound: float = 1.0
     residual_bound: float = 2.0
+    target_center: float = 0.0
     task: Task = Task.REGRESSION
 
     @property
@@ -377,16 +381,20 @@ class RegressionEvaluation(TaskEvaluation):
             )
 
     def training_targets(self, labels: npt.NDArray[Any]) -> npt.NDArray[np.float32]:
-        # The model learns y / Y (within [-1, 1]): the same scale for every session whatever
-        # the target's unit, so the DP-SGD clip norm and learning rate mean the same thing.
+        # The model learns (y - c) / Y (within [-1, 1]): the same scale for every session
+        # whatever the target's unit, so the DP-SGD clip norm and learning rate mean the same.
         bound = self.target_bound
-        scaled = np.clip(np.asarray(labels, dtype=np.float64), -bound, bound) / bound
+        centred = np.asarray(labels, dtype=np.float64) - self.target_center
+        scaled = np.clip(centred, -bound, bound) / bound
         return scaled.astype(np.float32)
 
     def local_sums(self, model: keras.Model, x: npt.ArrayLike, y: npt.ArrayLike) -> Vector:
+        # Centred on c, so sum y^2 measures the spread around c rather than the target's
+        # magnitude: its noise (scaled by Y^2) stays small against the variance R^2 needs.
         predictions = model_outputs(model, x).reshape(-1) * self.target_bound
+        centred = np.asarray(y, dtype=np.float64).reshape(-1) - self.target_center
         return regression_sums(
-            predictions, y, self.histogram_bins, self.target_bound, self.residual_bound
+            predictions, centred, self.histogram_bins, self.target_bound, self.residual_bound
         )
 
     def from_release(self, total: Vector) -> Vector:
@@ -426,6 +434,7 @@ def task_evaluation(
     classes: int = 2,
     target_bound: float | None = None,
     residual_bound: float | None = None,
+    target_center: float | None = None,
 ) -> TaskEvaluation:
     """The evaluation of a session's ``task`` with its public parameters.
 
@@ -443,5 +452,6 @@ def task_evaluation(
             loss_bound,
             target_bound=target_bound,
             residual_bound=residual_bound if residual_bound is not None else 2.0 * target_bound,
+            target_center=target_center or 0.0,
         )
     return BinaryEvaluation(histogram_bins, loss_bound)

@@ -28,7 +28,8 @@ leaves (:func:`peer.round.charge_before_release`):
 
 Tasks (``task``): ``"binary"`` (default; one logit), ``"multiclass"`` (``classes = K``
 logits, softmax; labels are class indices) and ``"regression"`` (one output; the stored
-``target`` column, clipped to the public ``target_bound``, residuals to ``residual_bound``).
+``target`` column, centred on the public ``target_center`` and clipped to ``target_bound``
+around it, residuals to ``residual_bound``).
 Every agreed metric is computed from the secure sum of the evaluation releases only.
 
 A retried attempt of a round sends the *same* contribution (cached per round and ledger
@@ -55,7 +56,8 @@ Proposal payload keys (all public, all in the signed proposal)::
      "histogram_bins": 20, "standardize_noise": 8.0, "eval_noise": 5.0,
      "weights": {"hospital-a": 1.0, ...} (optional),
      "task": "binary" | "multiclass" | "regression", "classes": 3 (multiclass),
-     "target_bound": 400.0, "residual_bound": 800.0 (regression; default 2 * target_bound)}
+     "target_bound": 200.0, "target_center": 180.0 (default 0),
+     "residual_bound": 400.0 (regression; default 2 * target_bound)}
 """
 
 from __future__ import annotations
@@ -141,6 +143,7 @@ class TrainingSpec:
     classes: int = 2
     target_bound: float | None = None
     residual_bound: float | None = None
+    target_center: float | None = None
 
     @classmethod
     def from_payload(cls, payload: Mapping[str, Any]) -> TrainingSpec:
@@ -191,6 +194,8 @@ class TrainingSpec:
             == (self.task == Task.REGRESSION),
             "residual_bound": self.residual_bound is None
             or (self.task == Task.REGRESSION and 0 < self.residual_bound < math.inf),
+            "target_center": self.target_center is None
+            or (self.task == Task.REGRESSION and math.isfinite(self.target_center)),
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
@@ -245,6 +250,7 @@ class TrainingSpec:
             classes=self.classes,
             target_bound=self.target_bound,
             residual_bound=self.residual_bound,
+            target_center=self.target_center,
         )
 
     def eval_length(self) -> int:

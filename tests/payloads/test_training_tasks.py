@@ -54,7 +54,14 @@ BASE = {
     "standardize_noise": 1.0,
 }
 MULTICLASS = {**BASE, "task": "multiclass", "classes": 3}
-REGRESSION = {**BASE, "task": "regression", "target_bound": 400.0, "residual_bound": 300.0}
+# Disease progression runs from 25 to 346: centred on 180, within +-200 of it.
+REGRESSION = {
+    **BASE,
+    "task": "regression",
+    "target_bound": 200.0,
+    "target_center": 180.0,
+    "residual_bound": 300.0,
+}
 
 
 class ZeroNoise:
@@ -158,7 +165,7 @@ def test_regression_metrics_are_those_of_the_summed_statistics(tmp_path: Path) -
     for hospital in hospitals:
         outputs, _ = outputs_of(hospital, 4)
         y = hospital.store.targets("test")
-        r = np.clip(outputs.reshape(-1) * 400.0 - y, -300.0, 300.0)
+        r = np.clip(outputs.reshape(-1) * 200.0 + 180.0 - y, -300.0, 300.0)
         residuals.append(r)
         targets.append(y)
         site_mae.append(np.abs(r).mean())
@@ -265,6 +272,7 @@ def test_a_regression_session_needs_every_target(tmp_path: Path) -> None:
         ({"task": "multiclass", "classes": 1}, "classes"),
         ({"task": "ranking"}, "task"),
         ({"task": "regression", "target_bound": 5.0, "residual_bound": -1.0}, "residual_bound"),
+        ({"task": "binary", "target_center": 1.0}, "target_center"),
     ],
 )
 def test_task_parameters_are_checked(tmp_path: Path, changes: dict[str, Any], bad: str) -> None:
