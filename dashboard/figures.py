@@ -429,20 +429,30 @@ def _peers(privacy: Table) -> list[str]:
     return sorted({str(peer) for peer in privacy.column("peer")})
 
 
+def _rows_by_peer(privacy: Table) -> dict[str, list[Mapping[str, Cell]]]:
+    """Each hospital's rows in one pass (not one scan of every row per hospital: a ledger of
+    1,000 rounds and 20 hospitals has 20,000 rows)."""
+    grouped: dict[str, list[Mapping[str, Cell]]] = {peer: [] for peer in _peers(privacy)}
+    for row in privacy.rows:
+        grouped[str(row.get("peer"))].append(row)
+    return grouped
+
+
 def privacy_round_figure(privacy: Table) -> go.Figure | None:
     """ε each hospital spent in each round, as grouped bars (None without records)."""
     if not privacy:
         return None
     rounds = _rounds(privacy)
     figure = go.Figure(layout=_layout("ε spent per round, by hospital", "ε (this round)", rounds))
-    for index, peer in enumerate(_peers(privacy)):
-        rows = [row for row in privacy.rows if row.get("peer") == peer]
+    for index, (peer, rows) in enumerate(_rows_by_peer(privacy).items()):
+        # Grouped bars while they fit; a stepped line per hospital beyond BARS_UP_TO rounds
+        # (20 hospitals x 1,000 rounds would be 20,000 bars for the browser to draw).
         figure.add_trace(
-            go.Bar(
-                x=[row.get("round") for row in rows],
-                y=[row.get("epsilon") for row in rows],
+            _bars(
+                [int(row.get("round") or 0) for row in rows],
+                [row.get("epsilon") for row in rows],
                 name=peer,
-                marker={"color": PALETTE[index % len(PALETTE)]},
+                color=PALETTE[index % len(PALETTE)],
                 hovertemplate=f"{peer}: ε %{{y:.3f}}<extra></extra>",
             )
         )
@@ -467,10 +477,13 @@ def privacy_cumulative_figure(privacy: Table) -> go.Figure | None:
     # Half a round past each end, so that a budget line shows even after a single round.
     span = [min(rounds) - 0.5, max(rounds) + 0.5]
     budgets: dict[str, float] = {}
-    for index, peer in enumerate(_peers(privacy)):
-        rows = [row for row in privacy.rows if row.get("peer") == peer]
+    for index, (peer, rows) in enumerate(_rows_by_peer(privacy).items()):
         x = [row.get("round") for row in rows]
-        figure.add_trace(_line(x, [row.get("cumulative") for row in rows], peer, index, ".3f"))
+        line = _line(x, [row.get("cumulative") for row in rows], peer, index, ".3f")
+        if len(x) > BARS_UP_TO:
+            # One path per hospital instead of a marker per round and hospital.
+            line.mode = "lines"
+        figure.add_trace(line)
         budget = rows[-1].get("budget")
         if isinstance(budget, int | float):
             budgets[peer] = float(budget)
