@@ -682,6 +682,12 @@ _RELEASED_AS = {
     "update": "global model update",
     "evaluation": "evaluation metrics (accuracy, AUC, loss, confusion counts, n)",
 }
+# The evaluation of the other tasks, recognized by a metric only that task agrees on.
+_EVALUATION_OF_TASK = {
+    "macro_f1": "evaluation metrics (accuracy, macro-F1, one-vs-rest AUC, confusion matrix, "
+    "loss, n)",
+    "rmse": "evaluation metrics (MAE, RMSE, R², residual histogram, n)",
+}
 
 
 def dp_release_table(records: Sequence[StoredRecord]) -> Table:
@@ -709,7 +715,14 @@ def dp_release_table(records: Sequence[StoredRecord]) -> Table:
                     rows.append(
                         {
                             "round": stored.record.round,
-                            "published": _RELEASED_AS.get(part, part),
+                            "published": next(
+                                (
+                                    text
+                                    for key, text in _EVALUATION_OF_TASK.items()
+                                    if part == "evaluation" and key in metrics
+                                ),
+                                _RELEASED_AS.get(part, part),
+                            ),
                             "mechanism": str(info.get("mechanism", "")),
                             "sigma": _number(info.get("sigma")),
                             "epsilon": None,

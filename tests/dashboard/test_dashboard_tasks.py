@@ -150,3 +150,15 @@ def test_regression_page_shows_its_metrics_and_charts() -> None:
 def test_binary_headline_is_unchanged() -> None:
     records = (stored(1, {"accuracy": 0.8, "auc": 0.85, "loss": 0.4}),)
     assert headline_keys(metrics_table(records)) == ["accuracy", "auc"]
+
+
+def test_dp_release_table_names_the_task_metrics() -> None:
+    from dashboard.data import dp_release_table
+
+    dp: dict[str, Any] = {"evaluation": {"mechanism": "gaussian", "sigma": 5.0}}
+    regression = stored(3, {"rmse": 50.0, "dp": dp})
+    multiclass = stored(3, {"macro_f1": 0.5, "dp": dp})
+    binary = stored(3, {"accuracy": 0.5, "dp": dp})
+    assert "RMSE" in str(dp_release_table([regression]).rows[0]["published"])
+    assert "macro-F1" in str(dp_release_table([multiclass]).rows[0]["published"])
+    assert "AUC, loss" in str(dp_release_table([binary]).rows[0]["published"])
