@@ -130,6 +130,7 @@ def outputs_of(hospital: TrainingPayload, round_: int) -> tuple[Any, Any]:
     return model_outputs(model, standardize(x_test, mean, std)), y_test
 
 
+@pytest.mark.slow  # four rounds of DP-SGD at three hospitals
 def test_multiclass_metrics_are_those_of_the_summed_statistics(tmp_path: Path) -> None:
     hospitals = make_hospitals(tmp_path, MULTICLASS, exact=True)
     for round_ in range(1, 5):
@@ -156,6 +157,7 @@ def test_multiclass_metrics_are_those_of_the_summed_statistics(tmp_path: Path) -
     assert all(final_metrics([h]) == metrics for h in hospitals)
 
 
+@pytest.mark.slow  # four rounds of DP-SGD at three hospitals
 def test_regression_metrics_are_those_of_the_summed_statistics(tmp_path: Path) -> None:
     hospitals = make_hospitals(tmp_path, REGRESSION, exact=True)
     for round_ in range(1, 5):
@@ -184,6 +186,7 @@ def test_regression_metrics_are_those_of_the_summed_statistics(tmp_path: Path) -
     assert np.allclose(histogram["counts"], counts, atol=1e-3)
 
 
+@pytest.mark.slow  # four rounds of DP-SGD at three hospitals
 def test_training_lowers_the_regression_error_under_real_noise(tmp_path: Path) -> None:
     payload = {**REGRESSION, "eval_noise": 1.0}
     hospitals = make_hospitals(tmp_path, payload)
