@@ -34,16 +34,19 @@ from dashboard.data import (
     banner,
     budgets_from_proposal,
     compare_table,
+    confusion_matrix,
     contributors_table,
     default_session,
     dp_release_table,
     first_unagreed_round,
     format_time,
+    headline_keys,
     headline_row,
     hospital_privacy_table,
     metrics_table,
     participation_table,
     privacy_table,
+    residual_histogram,
     score_histogram,
     session_options,
     statistics_table,
@@ -198,14 +201,15 @@ def _summary(snapshot: Snapshot, metrics: Table, check: Verdict) -> list[Any]:
         which = "final model" if final else "latest model"
         after = f"{which}, after round {head.get('after')}"
         agreed = head.get("status") != NOT_AGREED
-        for column in [c for c in metrics.columns if c.kind == "float"][:2]:
-            value = head.get(column.key)
+        labels = {c.key: c.label for c in metrics.columns}
+        for key in headline_keys(metrics):
+            value = head.get(key)
             if isinstance(value, int | float):
                 cards.append(
                     _card(
-                        f"{column.label}, {after}",
+                        f"{labels[key]}, {after}",
                         f"{float(value):.4g}" if agreed else "NOT AGREED",
-                        f"card-{column.key}",
+                        f"card-{key}",
                         "" if agreed else "bad",
                     )
                 )
@@ -236,6 +240,15 @@ def _model_charts(snapshot: Snapshot, metrics: Table) -> list[Any]:
     if head is None:
         return []
     stored = next((r for r in snapshot.records if r.record.round == head.get("round")), None)
+    label = f"model after round {head.get('after')}"
+    agreed = head.get("status") != NOT_AGREED
+    # Multi-class and regression evaluations: the chart that fits the task.
+    matrix = confusion_matrix(stored) if stored is not None else None
+    if matrix is not None:
+        return [_graph(figures.confusion_figure(matrix, label, agreed), "confusion-chart")]
+    residuals = residual_histogram(stored) if stored is not None else None
+    if residuals is not None:
+        return [_graph(figures.residual_figure(*residuals, label, agreed), "residual-chart")]
     histogram = score_histogram(stored) if stored is not None else None
     if histogram is None:
         return [
@@ -245,8 +258,6 @@ def _model_charts(snapshot: Snapshot, metrics: Table) -> list[Any]:
                 "computed from the histograms before they are summarised."
             )
         ]
-    label = f"model after round {head.get('after')}"
-    agreed = head.get("status") != NOT_AGREED
     parts = [
         _graph(figure, graph_id)
         for graph_id, figure in (
@@ -265,6 +276,8 @@ def _metrics_section(snapshot: Snapshot, metrics: Table) -> list[Any]:
         _graph(figure, graph_id)
         for graph_id, figure in (
             ("quality-chart", figures.quality_figure(metrics)),
+            ("error-chart", figures.error_figure(metrics)),
+            ("r2-chart", figures.r2_figure(metrics)),
             ("loss-chart", figures.loss_figure(metrics)),
         )
         if figure is not None

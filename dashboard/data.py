@@ -17,6 +17,7 @@ Where the figures come from, so that a privacy officer can tell what is signed:
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
@@ -42,9 +43,11 @@ __all__ = [
     "ACCEPTED",
     "ACCEPTED_UNCHECKED",
     "BAD_ACCEPTANCE",
+    "ERROR_METRICS",
     "KNOWN_METRICS",
     "NOT_AGREED",
     "NO_ACCEPTANCE",
+    "SCORE_METRICS",
     "Cell",
     "Column",
     "Table",
@@ -54,6 +57,7 @@ __all__ = [
     "budgets_from_proposal",
     "calibration_points",
     "compare_table",
+    "confusion_matrix",
     "contributors_table",
     "default_session",
     "dp_release_table",
@@ -61,12 +65,14 @@ __all__ = [
     "first_unagreed_round",
     "format_cell",
     "format_time",
+    "headline_keys",
     "headline_row",
     "hospital_privacy_table",
     "metrics_table",
     "participation_table",
     "privacy_table",
     "proposal_digest",
+    "residual_histogram",
     "roc_points",
     "score_histogram",
     "session_label",
@@ -84,9 +90,28 @@ KNOWN_METRICS: tuple[tuple[str, str], ...] = (
     ("auc", "AUC"),
     ("sensitivity", "Sensitivity"),
     ("specificity", "Specificity"),
+    # multi-class (peer.payloads.evaluation)
+    ("macro_f1", "Macro-F1"),
+    ("auc_ovr", "AUC (one-vs-rest, macro)"),
+    # regression
+    ("rmse", "RMSE"),
+    ("mae", "MAE"),
+    ("r2", "R²"),
     ("loss", "Loss"),
 )
 """Model-quality metrics shown first and charted, with their display names, when present."""
+
+SCORE_METRICS = ("accuracy", "auc", "sensitivity", "specificity", "macro_f1", "auc_ovr")
+"""The metrics on a 0–1 scale (charted together)."""
+
+ERROR_METRICS = ("rmse", "mae")
+"""Regression errors, in the target's unit (charted together; R² has its own chart)."""
+
+# What the headline shows per task, recognized by a metric only that task agrees on.
+_TASK_HEADLINES = (
+    ("macro_f1", ("accuracy", "macro_f1", "auc_ovr")),
+    ("rmse", ("rmse", "mae", "r2")),
+)
 
 # Keys of the agreed metrics that describe the round rather than the model.
 _ROUND_KEYS = frozenset({"survivors", "aggregator"})
@@ -339,6 +364,16 @@ def headline_row(metrics: Table) -> Mapping[str, Cell] | None:
     return None
 
 
+def headline_keys(metrics: Table) -> list[str]:
+    """The metrics the headline shows: the task's (multi-class: accuracy, macro-F1 and
+    one-vs-rest AUC; regression: RMSE, MAE and R²), else the first two numeric columns."""
+    keys = metrics.column_keys()
+    for marker, task_keys in _TASK_HEADLINES:
+        if marker in keys:
+            return [key for key in task_keys if key in keys]
+    return [column.key for column in metrics.columns if column.kind == "float"][:2]
+
+
 # --------------------------------------------------------------------------- ledger check
 
 
@@ -425,6 +460,44 @@ def score_histogram(stored: StoredRecord) -> tuple[list[float], list[float]] | N
     if len(pos) < 2 or any(c is None or c < 0 for c in [*counts_pos, *counts_neg]):
         return None
     return [float(c or 0) for c in counts_pos], [float(c or 0) for c in counts_neg]
+
+
+def confusion_matrix(stored: StoredRecord) -> list[list[float]] | None:
+    """The agreed confusion matrix of a multi-class evaluation (rows = true class, columns =
+    predicted, released noisy counts), or None when the record has no well-formed one."""
+    value = stored.record.metrics.get("confusion_matrix")
+    if not isinstance(value, list) or len(value) < 2:
+        return None
+    rows = []
+    for row in value:
+        if not isinstance(row, list) or len(row) != len(value):
+            return None
+        cells = [_number(c) for c in row]
+        if any(c is None or c < 0 for c in cells):
+            return None
+        rows.append([float(c or 0) for c in cells])
+    return rows
+
+
+def residual_histogram(stored: StoredRecord) -> tuple[list[float], list[float]] | None:
+    """The agreed residual histogram of a regression evaluation as ``(edges, counts)``
+    (``len(edges) == len(counts) + 1``, ascending edges), or None when absent or malformed."""
+    value = stored.record.metrics.get("residual_histogram")
+    if not isinstance(value, dict):
+        return None
+    edges, counts = value.get("edges"), value.get("counts")
+    if not isinstance(edges, list) or not isinstance(counts, list) or len(counts) < 1:
+        return None
+    if len(edges) != len(counts) + 1:
+        return None
+    e = [_number(x) for x in edges]
+    c = [_number(x) for x in counts]
+    if any(x is None for x in e) or any(x is None or x < 0 for x in c):
+        return None
+    edge_values = [float(x or 0) for x in e]
+    if any(b <= a for a, b in itertools.pairwise(edge_values)):
+        return None
+    return edge_values, [float(x or 0) for x in c]
 
 
 def roc_points(positive: Sequence[float], negative: Sequence[float]) -> list[tuple[float, float]]:
@@ -618,6 +691,12 @@ _RELEASED_AS = {
     "update": "global model update",
     "evaluation": "evaluation metrics (accuracy, AUC, loss, confusion counts, n)",
 }
+# The evaluation of the other tasks, recognized by a metric only that task agrees on.
+_EVALUATION_OF_TASK = {
+    "macro_f1": "evaluation metrics (accuracy, macro-F1, one-vs-rest AUC, confusion matrix, "
+    "loss, n)",
+    "rmse": "evaluation metrics (MAE, RMSE, R², residual histogram, n)",
+}
 
 
 def dp_release_table(records: Sequence[StoredRecord]) -> Table:
@@ -645,7 +724,14 @@ def dp_release_table(records: Sequence[StoredRecord]) -> Table:
                     rows.append(
                         {
                             "round": stored.record.round,
-                            "published": _RELEASED_AS.get(part, part),
+                            "published": next(
+                                (
+                                    text
+                                    for key, text in _EVALUATION_OF_TASK.items()
+                                    if part == "evaluation" and key in metrics
+                                ),
+                                _RELEASED_AS.get(part, part),
+                            ),
                             "mechanism": str(info.get("mechanism", "")),
                             "sigma": _number(info.get("sigma")),
                             "epsilon": None,

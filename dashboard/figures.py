@@ -7,14 +7,17 @@ common forms of colour blindness; lines also carry markers so they differ by mor
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import plotly.graph_objects as go
 
 from dashboard.data import (
+    ERROR_METRICS,
     KNOWN_METRICS,
     NOT_AGREED,
+    SCORE_METRICS,
     Cell,
     Table,
     calibration_points,
@@ -26,12 +29,16 @@ __all__ = [
     "PALETTE",
     "calibration_figure",
     "compare_figure",
+    "confusion_figure",
     "contributors_figure",
     "duration_figure",
+    "error_figure",
     "loss_figure",
     "privacy_cumulative_figure",
     "privacy_round_figure",
     "quality_figure",
+    "r2_figure",
+    "residual_figure",
     "roc_figure",
 ]
 
@@ -43,7 +50,10 @@ SYMBOLS = ("circle", "square", "diamond", "triangle-up", "x", "star", "cross")
 # Points of records that failed the ledger check: grey crosses, never the metric's colour.
 NOT_AGREED_COLOR = "#999999"
 
-_SCORES = ("accuracy", "auc", "sensitivity", "specificity")
+_SCORES = SCORE_METRICS
+# A sequential scale from white to the palette's blue: ordered by lightness, so it reads the
+# same with every colour vision (and in greyscale print).
+_HEATMAP_SCALE = [[0.0, "#FFFFFF"], [1.0, PALETTE[0]]]
 _LABELS = dict(KNOWN_METRICS)
 
 # White background and light grid, spelled out: naming a template ("plotly_white") makes
@@ -164,6 +174,113 @@ def loss_figure(metrics: Table) -> go.Figure | None:
         layout=_layout("Global loss", "Loss (cross-entropy, lower is better)", after, AFTER_ROUND)
     )
     _model_lines(figure, metrics, ["loss"], ".4f", first_index=1)
+    return figure
+
+
+def error_figure(metrics: Table) -> go.Figure | None:
+    """RMSE and MAE of each agreed regression model, in the target's unit (None if the
+    records carry neither)."""
+    keys = [key for key in ERROR_METRICS if key in metrics.column_keys()]
+    rows = _evaluated(metrics)
+    if not keys or not rows:
+        return None
+    after = [int(row.get("after") or 0) for row in rows]
+    figure = go.Figure(
+        layout=_layout(
+            "Global prediction error", "Error (target's unit, lower is better)", after, AFTER_ROUND
+        )
+    )
+    _model_lines(figure, metrics, keys, ".4g")
+    figure.update_yaxes(rangemode="tozero")
+    return figure
+
+
+def r2_figure(metrics: Table) -> go.Figure | None:
+    """R² of each agreed regression model (None if the records carry none). 1 is perfect,
+    0 is no better than predicting the mean; it can be negative."""
+    rows = _evaluated(metrics)
+    if "r2" not in metrics.column_keys() or not rows:
+        return None
+    after = [int(row.get("after") or 0) for row in rows]
+    figure = go.Figure(
+        layout=_layout(
+            "Variance explained", "R² (1 is perfect, higher is better)", after, AFTER_ROUND
+        )
+    )
+    _model_lines(figure, metrics, ["r2"], ".4f", first_index=2)
+    return figure
+
+
+def confusion_figure(
+    matrix: Sequence[Sequence[float]], label: str, agreed: bool = True
+) -> go.Figure:
+    """The agreed confusion matrix of one multi-class evaluation as a heatmap, each cell
+    labelled with its (released, noisy) count; grey when it failed the ledger check."""
+    k = len(matrix)
+    classes = [str(c) for c in range(k)]
+    counts = [[float(c) for c in row] for row in matrix]
+    scale = _HEATMAP_SCALE if agreed else [[0.0, "#FFFFFF"], [1.0, NOT_AGREED_COLOR]]
+    title = f"Confusion matrix, {label}" + ("" if agreed else " (NOT agreed)")
+    figure = go.Figure(
+        data=go.Heatmap(
+            z=counts,
+            x=classes,
+            y=classes,
+            colorscale=scale,
+            zmin=0,
+            text=[[f"{c:.0f}" for c in row] for row in counts],
+            texttemplate="%{text}",
+            textfont={"size": 14},
+            colorbar={"title": {"text": "Patients"}},
+            hovertemplate="true class %{y}, predicted %{x}: %{z:.1f}<extra></extra>",
+        ),
+        layout={
+            "title": {"text": title, "x": 0, "xanchor": "left"},
+            "xaxis": {"title": {"text": "Predicted class"}, "type": "category", "side": "bottom"},
+            # True class 0 at the top, as confusion matrices are printed.
+            "yaxis": {"title": {"text": "True class"}, "type": "category", "autorange": "reversed"},
+            **_STYLE,
+            "font": {"size": 14},
+            "margin": {"l": 70, "r": 20, "t": 60, "b": 60},
+            "uirevision": "confusion",
+        },
+    )
+    return figure
+
+
+def residual_figure(
+    edges: Sequence[float], counts: Sequence[float], label: str, agreed: bool = True
+) -> go.Figure:
+    """The agreed histogram of residuals (prediction − target) of one regression evaluation;
+    the outer bins also hold the residuals clipped to the session's public bound."""
+    centres = [(a + b) / 2 for a, b in itertools.pairwise(edges)]
+    widths = [b - a for a, b in itertools.pairwise(edges)]
+    figure = go.Figure(
+        layout={
+            "title": {
+                "text": f"Residuals, {label}" + ("" if agreed else " (NOT agreed)"),
+                "x": 0,
+                "xanchor": "left",
+            },
+            "xaxis": {"title": {"text": "Prediction − target (target's unit)"}, **_GRID},
+            "yaxis": {"title": {"text": "Patients (released counts)"}, **_GRID},
+            **_STYLE,
+            "font": {"size": 14},
+            "margin": {"l": 70, "r": 20, "t": 60, "b": 60},
+            "bargap": 0.05,
+            "uirevision": "residuals",
+        }
+    )
+    figure.add_trace(
+        go.Bar(
+            x=centres,
+            y=list(counts),
+            width=widths,
+            name=label,
+            marker={"color": PALETTE[2] if agreed else NOT_AGREED_COLOR},
+            hovertemplate="residual %{x:.3g}: %{y:.1f} patients<extra></extra>",
+        )
+    )
     return figure
 
 
@@ -312,20 +429,30 @@ def _peers(privacy: Table) -> list[str]:
     return sorted({str(peer) for peer in privacy.column("peer")})
 
 
+def _rows_by_peer(privacy: Table) -> dict[str, list[Mapping[str, Cell]]]:
+    """Each hospital's rows in one pass (not one scan of every row per hospital: a ledger of
+    1,000 rounds and 20 hospitals has 20,000 rows)."""
+    grouped: dict[str, list[Mapping[str, Cell]]] = {peer: [] for peer in _peers(privacy)}
+    for row in privacy.rows:
+        grouped[str(row.get("peer"))].append(row)
+    return grouped
+
+
 def privacy_round_figure(privacy: Table) -> go.Figure | None:
     """ε each hospital spent in each round, as grouped bars (None without records)."""
     if not privacy:
         return None
     rounds = _rounds(privacy)
     figure = go.Figure(layout=_layout("ε spent per round, by hospital", "ε (this round)", rounds))
-    for index, peer in enumerate(_peers(privacy)):
-        rows = [row for row in privacy.rows if row.get("peer") == peer]
+    for index, (peer, rows) in enumerate(_rows_by_peer(privacy).items()):
+        # Grouped bars while they fit; a stepped line per hospital beyond BARS_UP_TO rounds
+        # (20 hospitals x 1,000 rounds would be 20,000 bars for the browser to draw).
         figure.add_trace(
-            go.Bar(
-                x=[row.get("round") for row in rows],
-                y=[row.get("epsilon") for row in rows],
+            _bars(
+                [int(row.get("round") or 0) for row in rows],
+                [row.get("epsilon") for row in rows],
                 name=peer,
-                marker={"color": PALETTE[index % len(PALETTE)]},
+                color=PALETTE[index % len(PALETTE)],
                 hovertemplate=f"{peer}: ε %{{y:.3f}}<extra></extra>",
             )
         )
@@ -350,10 +477,13 @@ def privacy_cumulative_figure(privacy: Table) -> go.Figure | None:
     # Half a round past each end, so that a budget line shows even after a single round.
     span = [min(rounds) - 0.5, max(rounds) + 0.5]
     budgets: dict[str, float] = {}
-    for index, peer in enumerate(_peers(privacy)):
-        rows = [row for row in privacy.rows if row.get("peer") == peer]
+    for index, (peer, rows) in enumerate(_rows_by_peer(privacy).items()):
         x = [row.get("round") for row in rows]
-        figure.add_trace(_line(x, [row.get("cumulative") for row in rows], peer, index, ".3f"))
+        line = _line(x, [row.get("cumulative") for row in rows], peer, index, ".3f")
+        if len(x) > BARS_UP_TO:
+            # One path per hospital instead of a marker per round and hospital.
+            line.mode = "lines"
+        figure.add_trace(line)
         budget = rows[-1].get("budget")
         if isinstance(budget, int | float):
             budgets[peer] = float(budget)

@@ -103,7 +103,11 @@ def _doctor(args: argparse.Namespace) -> int:
 
 
 # The importer's messages name its Python arguments; here the user typed options.
-_OPTION_OF = {"feature_cols": "--features", "positive_label": "--positive-label"}
+_OPTION_OF = {
+    "feature_cols": "--features",
+    "positive_label": "--positive-label",
+    "target_col": "--target",
+}
 
 
 def _as_options(message: str) -> str:
@@ -138,6 +142,8 @@ def _data_import(args: argparse.Namespace) -> int:
 
     if not 0.0 <= args.test_fraction < 1.0:
         raise UsageError(f"--test-fraction must be in [0, 1), not {args.test_fraction}")
+    if args.label is None and args.target is None:
+        raise UsageError("give --label COL (the outcome class), --target COL (regression), or both")
     config = _load_config(args.config)
     features = None
     if args.features is not None:
@@ -155,6 +161,8 @@ def _data_import(args: argparse.Namespace) -> int:
             # The train/test assignment is not secret; --seed makes it reproducible.
             rng=np.random.default_rng(args.seed),
             positive_label=args.positive_label,
+            classes=args.classes,
+            target_col=args.target,
         )
     except CSVImportError as error:
         return _import_failure(error, args.json)
@@ -306,12 +314,22 @@ def _add_data(commands: Any) -> None:
             "non-numeric columns, a label that is not binary, duplicate ids), and then "
             "nothing is imported. Numeric labels must be 0/1; text labels need exactly two "
             "values (M/B, malignant/benign, positive/negative, yes/no... are recognized; "
-            "otherwise name the positive one with --positive-label)."
+            "otherwise name the positive one with --positive-label). With --classes K the "
+            "labels are class indices 0..K-1; --target COL stores a numeric regression "
+            "outcome."
         ),
     )
     importer.add_argument("--config", required=True, help="the peer's TOML configuration")
     importer.add_argument("--csv", required=True, metavar="FILE", help="the CSV file")
-    importer.add_argument("--label", required=True, metavar="COL", help="the binary label column")
+    importer.add_argument(
+        "--label", metavar="COL", help="the label column (binary, or class indices with --classes)"
+    )
+    importer.add_argument(
+        "--classes", type=int, metavar="K", help="labels are class indices 0..K-1 (multi-class)"
+    )
+    importer.add_argument(
+        "--target", metavar="COL", help="a numeric regression outcome column (stored as target)"
+    )
     importer.add_argument(
         "--id", metavar="COL", help="the patient id column (default: file name and line)"
     )

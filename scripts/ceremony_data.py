@@ -58,7 +58,11 @@ __all__ = [
 ]
 
 _ISSUES_SHOWN = 5
-_OPTION_OF = {"feature_cols": "--features", "positive_label": "--positive-label"}
+_OPTION_OF = {
+    "feature_cols": "--features",
+    "positive_label": "--positive-label",
+    "target_col": "--target",
+}
 
 
 # --------------------------------------------------------------------------- split
@@ -105,6 +109,8 @@ def source_records(
         "--features": args.features,
         "--diagnosis": args.diagnosis,
         "--positive-label": args.positive_label,
+        "--classes": args.classes,
+        "--target": args.target,
     }
     if args.csv is None:
         given = [name for name, value in csv_options.items() if value is not None]
@@ -112,8 +118,11 @@ def source_records(
             raise UsageError(f"{', '.join(given)} only apply with --csv FILE")
         records = breast_cancer_records(rng, test_fraction=args.test_fraction)
         return records, breast_cancer_feature_names(), BUNDLED_DATASET_NAME
-    if args.label is None:
-        raise UsageError("--csv needs --label COLUMN (the binary outcome)")
+    if args.label is None and args.target is None:
+        raise UsageError(
+            "--csv needs --label COLUMN (the outcome class) or --target COLUMN (a "
+            "regression outcome)"
+        )
     store = PatientStore("sqlite://")  # in memory: the one connection lives with the engine
     try:
         import_csv(
@@ -126,6 +135,8 @@ def source_records(
             test_fraction=args.test_fraction,
             rng=rng,
             positive_label=args.positive_label,
+            classes=args.classes,
+            target_col=args.target,
         )
         return store.records(), store.feature_names(), store.dataset_name() or args.csv.stem
     except DataError as error:
@@ -281,7 +292,15 @@ def _add_split(subparsers: Any) -> None:
     parser.add_argument("--min-test", type=int, default=5, metavar="K", help="default 5")
     source = parser.add_argument_group("CSV source (default: the bundled data set)")
     source.add_argument("--csv", type=Path, metavar="FILE")
-    source.add_argument("--label", metavar="COL", help="the binary label column")
+    source.add_argument(
+        "--label", metavar="COL", help="the label column (binary, or class indices with --classes)"
+    )
+    source.add_argument(
+        "--classes", type=int, metavar="K", help="labels are class indices 0..K-1 (multi-class)"
+    )
+    source.add_argument(
+        "--target", metavar="COL", help="a numeric regression outcome column (stored as target)"
+    )
     source.add_argument("--id", metavar="COL", help="the patient id column")
     source.add_argument(
         "--features",

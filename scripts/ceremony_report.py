@@ -37,7 +37,15 @@ from typing import Any
 
 from peer.cli import EXIT_FAILED, EXIT_OK, UsageError
 
-__all__ = ["ReportData", "add_parsers", "load_report_data", "render_report", "svg_chart"]
+__all__ = [
+    "ReportData",
+    "add_parsers",
+    "load_report_data",
+    "render_report",
+    "svg_bars",
+    "svg_chart",
+    "svg_heatmap",
+]
 
 # Okabe–Ito, as on the dashboard: distinguishable with the common colour blindnesses.
 PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9")
@@ -260,6 +268,111 @@ def svg_chart(
             + f'<text x="{legend_x + 10}" y="{legend_y}" font-size="12">{esc(s.name)}</text>'
         )
     parts.append("</svg>")
+    return "".join(parts)
+
+
+def svg_heatmap(title: str, matrix: Sequence[Sequence[float]], color: str = PALETTE[0]) -> str:
+    """A confusion matrix as inline SVG: rows = true class (0 at the top), columns =
+    predicted; each cell's shade runs from white to ``color`` with its count written in it
+    (lightness alone carries the value, so it reads with any colour vision and in grey)."""
+    k = len(matrix)
+    cell = min(60, 360 // max(k, 1))
+    left, top = 110, 50
+    width, height = left + k * cell + 30, top + k * cell + 60
+    peak = max((v for row in matrix for v in row), default=0.0) or 1.0
+    red, green, blue = (int(color[i : i + 2], 16) for i in (1, 3, 5))
+    esc = html.escape
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" '
+        f'width="{width}" height="{height}" role="img" aria-label="{esc(title)}" class="chart">',
+        f'<text x="10" y="22" font-size="16" font-weight="600">{esc(title)}</text>',
+    ]
+    for i, row in enumerate(matrix):
+        for j, value in enumerate(row):
+            share = max(0.0, min(1.0, value / peak))
+            fill = "#" + "".join(
+                f"{round(255 + (c - 255) * share):02x}" for c in (red, green, blue)
+            )
+            ink = "#ffffff" if share > 0.6 else "#1a1a1a"
+            x, y = left + j * cell, top + i * cell
+            parts.append(
+                f'<rect x="{x}" y="{y}" width="{cell}" height="{cell}" fill="{fill}" '
+                f'stroke="#888"/><text x="{x + cell / 2}" y="{y + cell / 2 + 5}" '
+                f'font-size="13" text-anchor="middle" fill="{ink}">{value:.0f}</text>'
+            )
+        parts.append(
+            f'<text x="{left - 8}" y="{top + i * cell + cell / 2 + 5}" font-size="12" '
+            f'text-anchor="end">{i}</text>'
+        )
+    for j in range(k):
+        parts.append(
+            f'<text x="{left + j * cell + cell / 2}" y="{top + k * cell + 18}" font-size="12" '
+            f'text-anchor="middle">{j}</text>'
+        )
+    parts.append(
+        f'<text x="{left + k * cell / 2}" y="{top + k * cell + 40}" font-size="13" '
+        'text-anchor="middle">Predicted class</text>'
+        f'<text transform="translate(60 {top + k * cell / 2}) rotate(-90)" font-size="13" '
+        'text-anchor="middle">True class</text></svg>'
+    )
+    return "".join(parts)
+
+
+def svg_bars(
+    title: str,
+    x_title: str,
+    y_title: str,
+    edges: Sequence[float],
+    counts: Sequence[float],
+    color: str = PALETTE[2],
+) -> str:
+    """A histogram (bins between ``edges``, one count each) as inline SVG."""
+    width, height = 640, 320
+    left, right, top, bottom = 70, 20, 40, 70
+    if len(edges) != len(counts) + 1 or not counts:
+        return ""
+    x0, x1 = edges[0], edges[-1]
+    y1 = max(max(counts), 1e-9) * 1.05
+    plot_w, plot_h = width - left - right, height - top - bottom
+
+    def px(x: float) -> float:
+        return left + (x - x0) / (x1 - x0) * plot_w
+
+    def py(y: float) -> float:
+        return top + plot_h - y / y1 * plot_h
+
+    esc = html.escape
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" '
+        f'width="{width}" height="{height}" role="img" aria-label="{esc(title)}" class="chart">',
+        f'<text x="{left}" y="22" font-size="16" font-weight="600">{esc(title)}</text>',
+        f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="none" '
+        'stroke="#888"/>',
+    ]
+    for y in _ticks(0.0, y1):
+        parts.append(
+            f'<line x1="{left}" x2="{left + plot_w}" y1="{py(y):.1f}" y2="{py(y):.1f}" '
+            'stroke="#e5e5e5"/>'
+            f'<text x="{left - 6}" y="{py(y) + 4:.1f}" font-size="12" text-anchor="end">'
+            f"{y:.3g}</text>"
+        )
+    for x in _ticks(x0, x1):
+        parts.append(
+            f'<text x="{px(x):.1f}" y="{top + plot_h + 18}" font-size="12" '
+            f'text-anchor="middle">{x:.3g}</text>'
+        )
+    for low, high, count in zip(edges, edges[1:], counts, strict=False):
+        parts.append(
+            f'<rect x="{px(low) + 0.5:.1f}" y="{py(count):.1f}" '
+            f'width="{max(px(high) - px(low) - 1, 0.5):.1f}" '
+            f'height="{top + plot_h - py(count):.1f}" fill="{color}"/>'
+        )
+    parts.append(
+        f'<text x="{left + plot_w / 2}" y="{top + plot_h + 40}" font-size="13" '
+        f'text-anchor="middle">{esc(x_title)}</text>'
+        f'<text transform="translate(16 {top + plot_h / 2}) rotate(-90)" font-size="13" '
+        f'text-anchor="middle">{esc(y_title)}</text></svg>'
+    )
     return "".join(parts)
 
 
@@ -608,6 +721,7 @@ def render_report(data: ReportData) -> str:
     out.append("<h2>Agreed metrics</h2>")
     out.append(_final_model(metrics, session.rounds_planned, len(records), NOT_AGREED))
     out.append(_metrics_html(metrics, NOT_AGREED))
+    out.append(_task_charts(records, first_bad))
     head = next(
         (
             r
@@ -622,6 +736,35 @@ def render_report(data: ReportData) -> str:
         out.append(_roc_svg(histogram, head))
     out.append("</body></html>")
     return "".join(out)
+
+
+def _task_charts(records: Sequence[Any], first_bad: int | None) -> str:
+    """The confusion matrix (multi-class) or residual histogram (regression) of the latest
+    evaluation that passed the ledger check; empty for other sessions."""
+    from dashboard.data import confusion_matrix, evaluated_after, residual_histogram
+
+    for stored in reversed(records):
+        if first_bad is not None and stored.record.round >= first_bad:
+            continue
+        label = f"model after round {evaluated_after(stored)}"
+        matrix = confusion_matrix(stored)
+        if matrix is not None:
+            return svg_heatmap(f"Confusion matrix, {label}", matrix) + (
+                "<p class='muted'>Rows are the true class, columns the predicted class; "
+                "each cell is the released (noisy) count summed over the hospitals.</p>"
+            )
+        residuals = residual_histogram(stored)
+        if residuals is not None:
+            return svg_bars(
+                f"Residuals, {label}",
+                "Prediction − target (target's unit)",
+                "Patients (released counts)",
+                *residuals,
+            ) + (
+                "<p class='muted'>Residuals beyond the session's public bound are counted "
+                "in the outer bins.</p>"
+            )
+    return ""
 
 
 def _final_model(metrics: Any, planned: int, agreed: int, not_agreed: str) -> str:
@@ -649,7 +792,7 @@ def _final_model(metrics: Any, planned: int, agreed: int, not_agreed: str) -> st
 
 
 def _metrics_html(metrics: Any, not_agreed: str) -> str:
-    from dashboard.data import KNOWN_METRICS, format_cell
+    from dashboard.data import ERROR_METRICS, KNOWN_METRICS, SCORE_METRICS, format_cell
 
     columns = metrics.columns
     rows = [[format_cell(row.get(c.key), c) for c in columns] for row in metrics.rows]
@@ -665,8 +808,9 @@ def _metrics_html(metrics: Any, not_agreed: str) -> str:
             [r.get(key) if ok else None for r, ok in zip(evaluated, agreed, strict=True)],
             PALETTE[i],
         )
-        for i, (key, label) in enumerate(KNOWN_METRICS)
-        if key != "loss" and key in metrics.column_keys()
+        for i, (key, label) in enumerate(
+            (k, v) for k, v in KNOWN_METRICS if k in SCORE_METRICS and k in metrics.column_keys()
+        )
     ]
     if scores and x:
         parts.append(
@@ -676,6 +820,35 @@ def _metrics_html(metrics: Any, not_agreed: str) -> str:
                 "Score (0–1)",
                 scores,
                 y_range=(0.0, 1.0),
+            )
+        )
+    labels = dict(KNOWN_METRICS)
+
+    def series(key: str, color: str) -> Series:
+        values = [r.get(key) if ok else None for r, ok in zip(evaluated, agreed, strict=True)]
+        return Series(labels[key], x, values, color)
+
+    errors = [
+        series(key, PALETTE[i])
+        for i, key in enumerate(ERROR_METRICS)
+        if key in metrics.column_keys()
+    ]
+    if errors and x:
+        parts.append(
+            svg_chart(
+                "Global prediction error",
+                "Model after round k",
+                "Error (target's unit, lower is better)",
+                errors,
+            )
+        )
+    if "r2" in metrics.column_keys() and x:
+        parts.append(
+            svg_chart(
+                "Variance explained",
+                "Model after round k",
+                "R² (1 is perfect)",
+                [series("r2", PALETTE[2])],
             )
         )
     if "loss" in metrics.column_keys() and x:

@@ -296,3 +296,48 @@ def test_a_session_without_acceptances_says_so(
     argv = ["report", "--ledger", builder.url, "--session", "study-1", "--out", str(out)]
     assert main([*argv, *_roster_args(builder)]) == 0
     assert out.read_text().count("no acceptance recorded") == len(PEERS)
+
+
+@pytest.mark.parametrize("task", ["multiclass", "regression"])
+def test_report_shows_the_charts_of_the_task(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], task: str
+) -> None:
+    builder = LedgerBuilder.create(tmp_path)
+    builder.add_session("study-2", rounds=3)
+    builder.agree_round("study-2", 1, {"round_kind": "standardize"})
+    final: dict[str, object]
+    if task == "multiclass":
+        untrained: dict[str, object] = {"accuracy": 0.31, "macro_f1": 0.2, "auc_ovr": 0.5}
+        final = {
+            "accuracy": 0.77,
+            "macro_f1": 0.74,
+            "auc_ovr": 0.88,
+            "confusion_matrix": [[20.0, 3.0, 1.0], [4.0, 18.0, 2.5], [0.0, 2.0, 25.0]],
+        }
+    else:
+        untrained = {"mae": 150.0, "rmse": 170.0, "r2": -3.2}
+        final = {
+            "mae": 44.5,
+            "rmse": 56.0,
+            "r2": 0.47,
+            "residual_histogram": {"edges": [-30.0, -10.0, 10.0, 30.0], "counts": [9, 60, 8]},
+        }
+    for round_, kind, metrics in ((2, "train", untrained), (3, "evaluate", final)):
+        builder.agree_round("study-2", round_, {"round_kind": kind, **metrics})  # type: ignore[dict-item]
+    out = tmp_path / "report.html"
+    code = main(["report", "--ledger", builder.url, "--session", "study-2", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    page = out.read_text()
+    if task == "multiclass":
+        assert "Confusion matrix, model after round 2" in page
+        assert "Predicted class" in page
+        assert ">25</text>" in page  # a cell's released count, written in the cell
+        assert "Macro-F1 0.74" in page
+        assert page.count("<svg") == 2  # quality (0-1 scores), confusion matrix
+    else:
+        assert "Residuals, model after round 2" in page
+        assert "Global prediction error" in page
+        assert "Variance explained" in page
+        assert "RMSE 56, MAE 44.5, R² 0.47" in page
+        assert page.count("<svg") == 3  # errors, R², residuals
+    assert "ROC curve" not in page

@@ -193,3 +193,36 @@ def test_duplicate_ids_in_file_and_in_database(tmp_path: Path, store: PatientSto
             rng=np.random.default_rng(0),
         )
     _assert_unchanged(store, 5)
+
+
+def test_class_indices_are_imported_and_bad_ones_named(tmp_path: Path, store: PatientStore) -> None:
+    bad = _write(tmp_path / "bad.csv", "f,stage\n1,0\n2,3\n3,1.5\n4,severe\n5,2\n")
+    with pytest.raises(CSVImportError) as info:
+        import_csv(store, bad, label="stage", classes=3, rng=np.random.default_rng(0))
+    message = str(info.value)
+    assert "line 3, column 'stage': class label must be an integer 0..2: '3'" in message
+    assert "line 4, column 'stage': class label must be an integer 0..2: '1.5'" in message
+    assert "line 5, column 'stage': class label must be an integer 0..2: 'severe'" in message
+    _assert_unchanged(store, 0)
+    good = _write(tmp_path / "good.csv", "f,stage\n1,0\n2,2\n3,1\n4,2\n5,0\n6,1\n")
+    import_csv(store, good, label="stage", classes=3, rng=np.random.default_rng(0))
+    assert sorted(r.label for r in store.records()) == [0, 0, 1, 1, 2, 2]
+
+
+def test_regression_targets_are_imported_and_bad_ones_named(
+    tmp_path: Path, store: PatientStore
+) -> None:
+    bad = _write(tmp_path / "bad.csv", "f,los\n1,3.5\n2,\n3,abc\n4,inf\n")
+    with pytest.raises(CSVImportError) as info:
+        import_csv(store, bad, label=None, target_col="los", rng=np.random.default_rng(0))
+    message = str(info.value)
+    assert "line 3, column 'los': missing target: ''" in message
+    assert "line 4, column 'los': target must be a number: 'abc'" in message
+    assert "line 5, column 'los': target must be a number: 'inf'" in message
+    _assert_unchanged(store, 0)
+    good = _write(tmp_path / "good.csv", "f,los\n1,3.5\n2,10\n3,0.25\n4,7\n5,1\n")
+    import_csv(store, good, label=None, target_col="los", rng=np.random.default_rng(0))
+    records = store.records()
+    assert sorted(r.target for r in records if r.target is not None) == [0.25, 1, 3.5, 7, 10]
+    assert store.feature_names() == ["f"]  # the target is not a feature
+    assert {r.diagnosis for r in records} == {"unlabelled"}

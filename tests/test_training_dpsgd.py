@@ -189,3 +189,44 @@ def test_local_training_stays_within_update_bound() -> None:
     assert 0 < np.abs(delta).max() <= bound
     # Noise alone has sd lr*sigma*C*sqrt(T)/(qN) per coordinate; the bound must exceed it.
     assert bound > 5 * lr * sigma * clip * np.sqrt(steps) / (q * n)
+
+
+@pytest.mark.parametrize("task", ["multiclass", "regression"])
+def test_task_losses_per_example_norms_and_step_equal_the_reference(task: str) -> None:
+    """Softmax (3 logits) and squared-error DP-SGD: the per-example norms and the clipped
+    step equal one GradientTape per example."""
+    from peer.training import DPSGD, softmax_loss, squared_loss
+
+    rng = np.random.default_rng(4)
+    x = (rng.normal(size=(8, 4)) * 3).astype(np.float32)
+    if task == "multiclass":
+        spec, loss = ModelSpec("mlp", 4, hidden=(3,), activation="tanh", outputs=3), softmax_loss
+        y = rng.integers(0, 3, 8).astype(np.float32)
+    else:
+        spec, loss = TINY, squared_loss
+        y = rng.normal(size=8).astype(np.float32)
+    model = build_model(spec, 5)
+    rows = []
+    for i in range(8):
+        with tf.GradientTape() as tape:
+            value = tf.reduce_sum(loss(y[i : i + 1], model(x[i : i + 1], training=False)))
+        grads = tape.gradient(value, model.trainable_variables)
+        rows.append(np.concatenate([g.numpy().ravel() for g in grads]))
+    reference = np.stack(rows).astype(np.float64)
+    trainer = DPSGD(model, loss)
+    norms = np.linalg.norm(reference, axis=1)
+    np.testing.assert_allclose(trainer.per_example_norms(x, y), norms, rtol=1e-5)
+    clip, lr, denom = 0.5, 0.1, 6.0
+    start = get_flat_weights(model).astype(np.float64)
+    clipped = reference * np.minimum(1.0, clip / norms)[:, None]
+    trainer.dp_step(
+        x,
+        y,
+        lr=lr,
+        clip_norm=clip,
+        noise_multiplier=0.0,
+        expected_batch_size=denom,
+        generator=tf.random.Generator.from_seed(0),
+    )
+    expected = start - lr * clipped.sum(axis=0) / denom
+    np.testing.assert_allclose(get_flat_weights(model), expected, rtol=0, atol=1e-6)

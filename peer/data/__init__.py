@@ -12,6 +12,8 @@ from .datasets import (
     BUNDLED_DATASET_NAME,
     breast_cancer_feature_names,
     breast_cancer_records,
+    diabetes_feature_names,
+    diabetes_records,
     synthetic_records,
 )
 from .errors import (
@@ -64,6 +66,8 @@ __all__ = [
     "breast_cancer_records",
     "check_select_only",
     "data_source",
+    "diabetes_feature_names",
+    "diabetes_records",
     "global_standardizer",
     "hash_split",
     "import_csv",

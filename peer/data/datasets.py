@@ -17,6 +17,8 @@ __all__ = [
     "BUNDLED_DATASET_NAME",
     "breast_cancer_feature_names",
     "breast_cancer_records",
+    "diabetes_feature_names",
+    "diabetes_records",
     "synthetic_records",
 ]
 
@@ -54,6 +56,48 @@ def breast_cancer_feature_names() -> list[str]:
     from sklearn.datasets import load_breast_cancer
 
     return [str(name) for name in load_breast_cancer().feature_names]
+
+
+def diabetes_records(
+    rng: np.random.Generator, classes: int = 3, test_fraction: float = 0.2
+) -> list[PatientRecord]:
+    """scikit-learn's diabetes data set (442 patients, 10 baseline measurements: age, sex,
+    BMI, blood pressure, six serum measurements, each centred and scaled as scikit-learn ships
+    them, within about +-0.2) as records for the multi-class and regression tasks.
+
+    ``target`` is the disease progression one year after baseline (25-346); ``label`` is its
+    quantile class out of ``classes`` (0 = slowest progression), so one set of records serves
+    a regression session (the target) and a multi-class one (the label). Patient ids are
+    ``diab-0000`` ... ``diab-0441``; the split is stratified by class.
+    """
+    from sklearn.datasets import load_diabetes
+
+    if classes < 2:
+        raise ValueError(f"classes must be at least 2, not {classes}")
+    bunch = load_diabetes()
+    features = np.asarray(bunch.data, dtype=np.float64)
+    progression = np.asarray(bunch.target, dtype=np.float64)
+    cuts = np.quantile(progression, np.arange(1, classes) / classes)
+    labels = np.searchsorted(cuts, progression, side="right").astype(np.int64)
+    splits = stratified_split(labels, test_fraction, rng)
+    return [
+        PatientRecord(
+            patient_id=f"diab-{i:04d}",
+            diagnosis=f"progression class {labels[i]}",
+            features=features[i],
+            label=int(labels[i]),
+            split=splits[i],
+            target=float(progression[i]),
+        )
+        for i in range(len(labels))
+    ]
+
+
+def diabetes_feature_names() -> list[str]:
+    """The 10 feature names of the diabetes data set (age, sex, bmi, bp, s1-s6)."""
+    from sklearn.datasets import load_diabetes
+
+    return [str(name) for name in load_diabetes().feature_names]
 
 
 def synthetic_records(

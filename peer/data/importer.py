@@ -13,6 +13,13 @@ Label policy (``label`` column):
   Any other pair is an error asking for ``positive_label``: guessing which class is the
   disease would silently invert sensitivity and specificity.
 
+Multi-class labels (``classes = K``): the label column must hold the class indices
+``0..K-1`` as numbers; anything else (text, another number) is an error on its line.
+
+Regression targets (``target_col``): a numeric column, stored as each record's ``target``;
+a missing or non-numeric value is an error on its line. A regression data set needs no label
+column (``label=None``): every record then has class 0.
+
 The diagnosis stored with each record is the ``diagnosis_col`` value if given, else the text
 label itself (e.g. ``"M"``), else ``"positive"``/``"negative"`` for numeric labels.
 """
@@ -71,7 +78,7 @@ class ImportReport:
 def import_csv(
     store: PatientStore,
     path: str | Path,
-    label: str,
+    label: str | None,
     id_col: str | None = None,
     feature_cols: Sequence[str] | None = None,
     diagnosis_col: str | None = None,
@@ -79,6 +86,8 @@ def import_csv(
     rng: np.random.Generator | None = None,
     *,
     positive_label: str | None = None,
+    classes: int | None = None,
+    target_col: str | None = None,
     dataset_name: str | None = None,
     delimiter: str = ",",
 ) -> ImportReport:
@@ -87,7 +96,8 @@ def import_csv(
     Args:
         store: the destination (its tables are created if needed).
         path: the CSV file (UTF-8, with a header row).
-        label: the name of the binary label column.
+        label: the name of the label column (binary, or class indices with ``classes``);
+            None only with ``target_col`` (a regression data set).
         id_col: the patient id column; if None, ids ``<file stem>-<line>`` are generated.
         feature_cols: the feature columns in order; default every column except the label,
             id and diagnosis columns.
@@ -95,6 +105,8 @@ def import_csv(
         test_fraction: fraction of records assigned to the test split, stratified by label.
         rng: generator for the train/test assignment (default: fresh OS entropy).
         positive_label: for text labels, the value meaning label 1.
+        classes: the labels are class indices ``0..classes-1`` (a multi-class data set).
+        target_col: a numeric column stored as each record's regression target.
         dataset_name: stored in the metadata (default: the file stem).
         delimiter: the field separator.
 
@@ -110,6 +122,10 @@ def import_csv(
     """
     if not 0.0 <= test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in [0, 1), not {test_fraction}")
+    if label is None and target_col is None:
+        raise ValueError("give a label column, a target column, or both")
+    if classes is not None and classes < 2:
+        raise ValueError(f"classes must be at least 2, not {classes}")
     path = Path(path)
     source = str(path)
     issues: list[ImportIssue] = []
@@ -128,7 +144,9 @@ def import_csv(
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise CSVImportError(source, [ImportIssue(None, None, f"cannot read file: {exc}")]) from exc
 
-    columns = _resolve_columns(header, label, id_col, feature_cols, diagnosis_col, issues)
+    columns = _resolve_columns(
+        header, label, id_col, feature_cols, diagnosis_col, issues, target_col
+    )
     if issues:
         raise CSVImportError(source, issues)
     if not lines:
@@ -144,7 +162,19 @@ def import_csv(
         raise CSVImportError(source, issues)
 
     features = _parse_features(lines, index, columns.features, issues)
-    labels, mapping, text_labels = _parse_labels(lines, index[label], label, positive_label, issues)
+    mapping: dict[str, int] = {}
+    text_labels = False
+    if label is None:
+        labels = [0] * len(lines)
+    elif classes is not None:
+        labels = _parse_classes(lines, index[label], label, classes, issues)
+    else:
+        labels, mapping, text_labels = _parse_labels(
+            lines, index[label], label, positive_label, issues
+        )
+    targets: list[float | None] = [None] * len(lines)
+    if target_col is not None:
+        targets = [*_parse_targets(lines, index[target_col], target_col, issues)]
     ids = _parse_ids(lines, index, id_col, path.stem, issues)
     if diagnosis_col is not None:
         diagnoses = [row[index[diagnosis_col]] for _, row in lines]
@@ -154,15 +184,19 @@ def import_csv(
     if issues:
         raise CSVImportError(source, issues)
     if diagnosis_col is None:
-        if text_labels:
+        if text_labels and label is not None:
             diagnoses = [row[index[label]] for _, row in lines]
+        elif label is None:
+            diagnoses = ["unlabelled"] * len(lines)
+        elif classes is not None:
+            diagnoses = [f"class {y}" for y in labels]
         else:
             diagnoses = ["positive" if y == 1 else "negative" for y in labels]
 
     rng = rng if rng is not None else np.random.default_rng()
     splits = stratified_split(np.asarray(labels), test_fraction, rng)
     records = [
-        PatientRecord(pid, diag, features[i], int(labels[i]), splits[i])
+        PatientRecord(pid, diag, features[i], int(labels[i]), splits[i], target=targets[i])
         for i, (pid, diag) in enumerate(zip(ids, diagnoses, strict=True))
     ]
     store.create()
@@ -201,11 +235,12 @@ class _Columns:
 
 def _resolve_columns(
     header: list[str],
-    label: str,
+    label: str | None,
     id_col: str | None,
     feature_cols: Sequence[str] | None,
     diagnosis_col: str | None,
     issues: list[ImportIssue],
+    target_col: str | None = None,
 ) -> _Columns:
     seen: set[str] = set()
     for name in header:
@@ -213,12 +248,17 @@ def _resolve_columns(
             issues.append(ImportIssue(1, name, "the header names this column twice"))
         seen.add(name)
     available = ", ".join(repr(h) for h in header)
-    for role, wanted in (("label", label), ("id", id_col), ("diagnosis", diagnosis_col)):
+    for role, wanted in (
+        ("label", label),
+        ("id", id_col),
+        ("diagnosis", diagnosis_col),
+        ("target", target_col),
+    ):
         if wanted is not None and wanted not in seen:
             issues.append(
                 ImportIssue(1, wanted, f"{role} column not found in header (columns: {available})")
             )
-    reserved = {label, id_col, diagnosis_col} - {None}
+    reserved = {label, id_col, diagnosis_col, target_col} - {None}
     if feature_cols is None:
         features = [name for name in header if name not in reserved]
     else:
@@ -228,7 +268,9 @@ def _resolve_columns(
                 issues.append(ImportIssue(1, name, "feature column not found in header"))
             elif name in reserved:
                 issues.append(
-                    ImportIssue(1, name, "is the label, id or diagnosis column, not a feature")
+                    ImportIssue(
+                        1, name, "is the label, id, diagnosis or target column, not a feature"
+                    )
                 )
     if not features:
         issues.append(ImportIssue(None, None, "no feature columns"))
@@ -329,6 +371,54 @@ def _parse_labels(
         return [], {}, True
     mapping = {value: int(value == positive) for value in distinct}
     return [mapping[value] for value in raw], mapping, True
+
+
+def _parse_classes(
+    lines: list[tuple[int, list[str]]],
+    col: int,
+    name: str,
+    classes: int,
+    issues: list[ImportIssue],
+) -> list[int]:
+    labels, bad = [], []
+    for line, row in lines:
+        number = _as_number(row[col])
+        if (
+            number is None
+            or not math.isfinite(number)
+            or number != int(number)
+            or not 0 <= number < classes
+        ):
+            bad.append((line, row[col]))
+            continue
+        labels.append(int(number))
+    for line, value in bad[:_MAX_ISSUES_PER_COLUMN]:
+        issues.append(
+            ImportIssue(line, name, f"class label must be an integer 0..{classes - 1}: {value!r}")
+        )
+    if len(bad) > _MAX_ISSUES_PER_COLUMN:
+        hidden = len(bad) - _MAX_ISSUES_PER_COLUMN
+        issues.append(ImportIssue(None, name, f"{hidden} more bad values not listed"))
+    return labels
+
+
+def _parse_targets(
+    lines: list[tuple[int, list[str]]], col: int, name: str, issues: list[ImportIssue]
+) -> list[float]:
+    targets, bad = [], []
+    for line, row in lines:
+        number = _as_number(row[col])
+        if number is None or not math.isfinite(number):
+            bad.append((line, row[col]))
+            continue
+        targets.append(number)
+    for line, value in bad[:_MAX_ISSUES_PER_COLUMN]:
+        message = "missing target" if value.lower() in _MISSING else "target must be a number"
+        issues.append(ImportIssue(line, name, f"{message}: {value!r}"))
+    if len(bad) > _MAX_ISSUES_PER_COLUMN:
+        hidden = len(bad) - _MAX_ISSUES_PER_COLUMN
+        issues.append(ImportIssue(None, name, f"{hidden} more bad values not listed"))
+    return targets
 
 
 def _positive_value(distinct: list[str], positive_label: str | None) -> str | None:

@@ -7,6 +7,12 @@ single ``numpy.frombuffer`` over the concatenated blobs instead of parsing 30 nu
 in Python: that is what makes 100,000-record hospitals practical. ``LargeBinary`` maps to
 BLOB on SQLite and BYTEA on PostgreSQL, so no backend-specific SQL is needed. The vector length
 is recorded once in :class:`DatasetMeta` and checked on every write and read.
+
+Labels: ``label`` is a class index (0/1 for the binary task, ``0..K-1`` for a K-class one).
+A real-valued outcome for regression sessions is the optional ``target``, kept in its own
+table (:class:`PatientTarget`) so that databases created before it existed keep working: the
+table is simply created next to them, and a record without a target is reported by name when
+a regression session needs one.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
-from sqlalchemy import JSON, CheckConstraint, Integer, LargeBinary, String
+from sqlalchemy import JSON, CheckConstraint, Float, ForeignKey, Integer, LargeBinary, String
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 __all__ = [
@@ -25,6 +31,7 @@ __all__ = [
     "DatasetMeta",
     "PatientRecord",
     "PatientRow",
+    "PatientTarget",
     "Split",
 ]
 
@@ -43,8 +50,10 @@ class PatientRecord:
         patient_id: the hospital's identifier, unique within one database.
         diagnosis: human-readable diagnosis (e.g. ``"malignant"``).
         features: the numeric feature vector (stored as float64).
-        label: the binary training target, 1 for the positive class (the disease).
+        label: the class index: 1 for the positive class (the disease) of a binary task,
+            ``0..K-1`` for a K-class one.
         split: ``"train"`` or ``"test"``.
+        target: the real-valued outcome for regression sessions (e.g. a lab value), if any.
     """
 
     patient_id: str
@@ -52,12 +61,24 @@ class PatientRecord:
     features: npt.NDArray[np.float64] = field(repr=False)
     label: int
     split: Split
+    target: float | None = None
 
     def __post_init__(self) -> None:
         if not self.patient_id:
             raise ValueError("patient_id must be a non-empty string")
-        if self.label not in (0, 1):
-            raise ValueError(f"patient {self.patient_id}: label must be 0 or 1, not {self.label!r}")
+        if (
+            isinstance(self.label, bool)
+            or not isinstance(self.label, int | np.integer)
+            or self.label < 0
+        ):
+            raise ValueError(
+                f"patient {self.patient_id}: label must be a class index 0, 1, ..., "
+                f"not {self.label!r}"
+            )
+        if self.target is not None and not np.isfinite(self.target):
+            raise ValueError(
+                f"patient {self.patient_id}: target must be a finite number, not {self.target!r}"
+            )
         if self.split not in SPLITS:
             raise ValueError(
                 f"patient {self.patient_id}: split must be 'train' or 'test', not {self.split!r}"
@@ -89,7 +110,9 @@ class PatientRow(Base):
 
     __tablename__ = "patients"
     __table_args__ = (
-        CheckConstraint("label IN (0, 1)", name="ck_patients_label_binary"),
+        # Class indices. Databases created before multi-class sessions keep their original
+        # constraint (label IN (0, 1)) and accept binary labels only.
+        CheckConstraint("label >= 0", name="ck_patients_label_class"),
         CheckConstraint("split IN ('train', 'test')", name="ck_patients_split"),
     )
 
@@ -99,6 +122,17 @@ class PatientRow(Base):
     features: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
     label: Mapped[int] = mapped_column(Integer, nullable=False)
     split: Mapped[str] = mapped_column(String(5), nullable=False, index=True)
+
+
+class PatientTarget(Base):
+    """The real-valued outcome of a patient, for regression sessions."""
+
+    __tablename__ = "patient_targets"
+
+    patient_id: Mapped[str] = mapped_column(
+        String(128), ForeignKey("patients.patient_id"), primary_key=True
+    )
+    target: Mapped[float] = mapped_column(Float, nullable=False)
 
 
 class DatasetMeta(Base):

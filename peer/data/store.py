@@ -17,7 +17,16 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from .errors import DataError, SchemaMismatchError
-from .records import FEATURE_DTYPE, SPLITS, Base, DatasetMeta, PatientRecord, PatientRow, Split
+from .records import (
+    FEATURE_DTYPE,
+    SPLITS,
+    Base,
+    DatasetMeta,
+    PatientRecord,
+    PatientRow,
+    PatientTarget,
+    Split,
+)
 from .source import DataSetInfo, arrays_dataset, column_summaries
 
 if TYPE_CHECKING:
@@ -80,6 +89,7 @@ class PatientStore:
             DataError: a patient id is duplicated (in ``records`` or already stored).
         """
         rows = []
+        targets = []
         n_features: int | None = None
         for record in records:
             if n_features is None:
@@ -90,6 +100,8 @@ class PatientStore:
                     f"the others have {n_features}"
                 )
             rows.append(record.to_row())
+            if record.target is not None:
+                targets.append({"patient_id": record.patient_id, "target": float(record.target)})
         if n_features is None:
             return 0
         with Session(self.engine) as session, session.begin():
@@ -126,6 +138,9 @@ class PatientStore:
                 statement = insert(Base.metadata.tables[PatientRow.__tablename__])
                 for start in range(0, len(rows), _INSERT_CHUNK):
                     session.execute(statement, rows[start : start + _INSERT_CHUNK])
+                targets_table = insert(Base.metadata.tables[PatientTarget.__tablename__])
+                for start in range(0, len(targets), _INSERT_CHUNK):
+                    session.execute(targets_table, targets[start : start + _INSERT_CHUNK])
                 session.flush()
             except IntegrityError as exc:
                 raise DataError(
@@ -169,9 +184,37 @@ class PatientStore:
         labels = np.fromiter((row[1] for row in rows), dtype=np.int64, count=len(rows))
         return features.astype(np.float32), labels
 
+    def targets(self, split: Split) -> npt.NDArray[np.float64]:
+        """The real-valued targets (regression) of one split, in the order of :meth:`load`.
+
+        Raises:
+            DataError: a record of the split has no target (the message names the column
+                and the first patients concerned).
+        """
+        query = (
+            select(PatientRow.patient_id, PatientTarget.target)
+            .outerjoin(PatientTarget, PatientTarget.patient_id == PatientRow.patient_id)
+            .where(PatientRow.split == _check_split(split))
+            .order_by(PatientRow.id)
+        )
+        with Session(self.engine) as session:
+            rows = session.execute(query).all()
+        missing = [patient for patient, target in rows if target is None]
+        if missing:
+            shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
+            raise DataError(
+                f"{self.url}: column 'target' is missing for {len(missing)} {split} record(s) "
+                f"(patients {shown}); a regression session needs a target for every record"
+            )
+        return np.fromiter((row[1] for row in rows), dtype=np.float64, count=len(rows))
+
     def records(self, split: Split | None = None) -> list[PatientRecord]:
         """Every stored record (optionally of one split) as :class:`PatientRecord` objects."""
-        query = select(PatientRow).order_by(PatientRow.id)
+        query = (
+            select(PatientRow, PatientTarget.target)
+            .outerjoin(PatientTarget, PatientTarget.patient_id == PatientRow.patient_id)
+            .order_by(PatientRow.id)
+        )
         if split is not None:
             query = query.where(PatientRow.split == _check_split(split))
         with Session(self.engine) as session:
@@ -182,8 +225,9 @@ class PatientStore:
                     features=np.frombuffer(row.features, dtype=FEATURE_DTYPE).astype(np.float64),
                     label=row.label,
                     split=_check_split(row.split),
+                    target=target,
                 )
-                for row in session.scalars(query)
+                for row, target in session.execute(query).all()
             ]
 
     def feature_names(self) -> list[str]:
@@ -215,8 +259,11 @@ class PatientStore:
             name=self.dataset_name() or "unnamed",
             location=self.url,
             label_counts=counts,
-            # The store holds binary labels only (PatientRecord checks it).
-            label_names=("0", "1"),
+            # Class indices 0..K-1 (PatientRecord checks them); binary data sets are 0/1.
+            label_names=tuple(
+                str(c)
+                for c in range(max([1, *(k for split in counts.values() for k in split)]) + 1)
+            ),
             feature_names=tuple(names),
             columns=column_summaries(names, features, ["float"] * len(names)),
         )

@@ -20,11 +20,17 @@ leaves (:func:`peer.round.charge_before_release`):
 - the standardization sums carry Gaussian noise of ``standardize_noise`` times their L2
   sensitivity ``sqrt(1 + 2d)`` (one record adds 1 to the count and at most 1 to each of the
   2d normalized sums);
-- the evaluation sums carry Gaussian noise of ``eval_noise`` times their sensitivity
-  ``sqrt(3)``: one test record adds at most 1 to the normalized loss sum (losses clipped to
-  ``loss_bound``), 1 to one confusion cell and 1 to one histogram cell. The number of
-  correct predictions and the example count are not released: they are derived from the
-  noisy confusion cells.
+- the evaluation sums carry Gaussian noise of ``eval_noise`` times their sensitivity, which
+  depends on the task (:mod:`peer.payloads.evaluation`). Binary: ``sqrt(3)``: one test
+  record adds at most 1 to the normalized loss sum (losses clipped to ``loss_bound``), 1 to
+  one confusion cell and 1 to one histogram cell. The number of correct predictions and the
+  example count are not released: they are derived from the noisy confusion cells.
+
+Tasks (``task``): ``"binary"`` (default; one logit), ``"multiclass"`` (``classes = K``
+logits, softmax; labels are class indices) and ``"regression"`` (one output; the stored
+``target`` column, centred on the public ``target_center`` and clipped to ``target_bound``
+around it, residuals to ``residual_bound``).
+Every agreed metric is computed from the secure sum of the evaluation releases only.
 
 A retried attempt of a round sends the *same* contribution (cached per round and ledger
 head), so it releases nothing new and is not charged again; if the ledger moved (the peer
@@ -52,7 +58,11 @@ Proposal payload keys (all public, all in the signed proposal)::
      "histogram_bins": 20, "standardize_noise": 8.0, "eval_noise": 5.0,
      "weights": {"hospital-a": 1.0, ...} (optional),
      "optimizer": "fedavg" | "fedadam" | "fedyogi", "server_lr": 1.0, "beta1": 0.9,
-     "beta2": 0.99, "tau": 1e-3 (adaptive only), "prox_mu": 0.0 (FedProx)}
+     "beta2": 0.99, "tau": 1e-3 (adaptive only), "prox_mu": 0.0 (FedProx),
+     "task": "binary" | "multiclass" | "regression", "classes": 3 (multiclass),
+     "target_bound": 200.0, "target_center": 180.0 (default 0),
+     "residual_bound": 400.0 (regression; default 2 * target_bound)}
+
 
 The model and the data (:mod:`.training_inputs`): every model is a declared Keras model
 checked by each site's policy; each site reads its own ``[data]`` source. An imaging session
@@ -89,8 +99,9 @@ from ..session import ProposalError, SessionProposal
 from ..training.accounting import GLOBAL_DELTA, PrivacyEvent
 from ..training.server_optim import ServerState
 from .base import LocalContribution, RoundResult
+from .evaluation import Task
 from .training_inputs import SiteData, check_model, train_declared
-from .training_spec import EVAL_HEAD, TRAINING_BITS, RoundKind, TrainingSpec, Vector
+from .training_spec import TRAINING_BITS, RoundKind, TrainingSpec, Vector
 
 if TYPE_CHECKING:
     import keras
@@ -108,8 +119,6 @@ __all__ = [
 ]
 
 
-# Evaluation coordinates that are not released: derived from the confusion cells instead.
-_EVAL_DERIVED = (1, 6)  # correct = TP + TN, n = TP + FP + TN + FN
 # Quantization headroom for Gaussian noise, in standard deviations (P ~ 1e-33 per value;
 # clipping beyond it would be post-processing anyway).
 NOISE_TAIL = 12.0
@@ -123,36 +132,23 @@ def _noise_generator() -> np.random.Generator:
     return np.random.default_rng(int.from_bytes(os.urandom(32), "big"))
 
 
-def _json_safe(values: Mapping[str, float]) -> dict[str, float | None]:
-    """Undefined metrics (NaN) are stored as null: the ledger's canonical JSON has no NaN."""
-    return {
-        k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in values.items()
-    }
-
-
 def released_evaluation(sums: Vector, spec: TrainingSpec, noise: np.random.Generator) -> Vector:
-    """The evaluation sums as released: loss normalized by ``loss_bound``, derived counts
-    withheld, Gaussian noise of ``spec.eval_std()`` on every released coordinate."""
-    out = np.array(sums, dtype=np.float64)
-    out[0] /= spec.loss_bound
+    """The evaluation sums as released, for every task: each coordinate divided by what one
+    record can add to it (so the sensitivity is the task's), derived coordinates withheld,
+    Gaussian noise of ``spec.eval_std()`` on every released coordinate."""
+    evaluation = spec.evaluation()
+    out = np.array(sums, dtype=np.float64) / evaluation.scale()
     released = np.ones(out.shape, dtype=bool)
-    released[list(_EVAL_DERIVED)] = False
+    released[list(evaluation.withheld())] = False
     out[~released] = 0.0
     out[released] += noise.normal(0.0, spec.eval_std(), int(released.sum()))
     return out
 
 
 def evaluation_from_release(total: Vector, spec: TrainingSpec) -> Vector:
-    """Evaluation sums (the layout of peer.training.EVAL_HEADER) from a sum of releases.
-
-    Post-processing only: noisy cells are clamped at 0, and the withheld coordinates are
-    derived from the confusion cells."""
-    out = np.maximum(np.array(total, dtype=np.float64), 0.0)
-    tp, fp, tn, fn = out[2:6]
-    out[1] = tp + tn
-    out[6] = tp + fp + tn + fn
-    out[0] = min(out[0] * spec.loss_bound, out[6] * spec.loss_bound)
-    return out
+    """The task's evaluation statistics from a sum of releases (post-processing only: noisy
+    counts clamped, withheld coordinates derived; see peer.payloads.evaluation)."""
+    return spec.evaluation().from_release(total)
 
 
 @dataclass
@@ -254,13 +250,15 @@ class TrainingPayload:
 
             policy = self.model_policy or _default_model_policy()
             model = build_declared_model(self.spec.declared_json, self.proposal.seed, policy)
-            if tuple(model.output_shape[1:]) != (1,):
+            task = self.spec.evaluation()
+            if tuple(model.output_shape[1:]) != (task.outputs,):
                 raise ProposalError(
-                    f"the model's output has shape {model.output_shape[1:]}; a binary task "
-                    "needs one logit (a last Dense layer of 1 unit, no activation)"
+                    f"the model's output has shape {model.output_shape[1:]}; a {task.task} "
+                    f"task needs {task.outputs} output(s) (a last Dense layer of "
+                    f"{task.outputs} unit(s), no activation)"
                 )
             if self.spec.model not in ("logreg", "mlp"):
-                self._trainer = LayerwiseDPSGD(model)
+                self._trainer = LayerwiseDPSGD(model, loss=task.loss)
             self._model, self._noise = model, secure_generator()
         return self._model
 
@@ -300,7 +298,7 @@ class TrainingPayload:
         return contribution
 
     def _prepare(self, round_: int) -> LocalContribution:
-        from ..training import evaluate_sums, local_train, set_flat_weights
+        from ..training import local_train, set_flat_weights
 
         spec = self.spec
         kind = spec.kind_of(round_)
@@ -321,11 +319,8 @@ class TrainingPayload:
 
             model = self._keras_model()
             set_flat_weights(model, self.global_weights(round_))
-            evaluation = self.site.sum_over_test(
-                lambda x, y: evaluate_sums(
-                    model, prepare(x), y, spec.histogram_bins, loss_bound=spec.loss_bound
-                )
-            )
+            task = spec.evaluation()
+            evaluation = self.site.sum_over_test(lambda x, y: task.local_sums(model, prepare(x), y))
             update = np.zeros(spec.n_parameters())
             if kind is RoundKind.TRAIN:
                 q, sigma = self.sampling_rate(), spec.noise_multiplier
@@ -334,13 +329,15 @@ class TrainingPayload:
                         model, self._trainer, self.site, prepare, steps=spec.local_steps,
                         sampling_rate=q, lr=spec.lr, clip_norm=spec.clip_norm,
                         noise_multiplier=sigma, generator=self._noise, prox_mu=spec.prox_mu,
+                        targets=task.training_targets,
                     )  # fmt: skip
                 else:  # the Dense presets: the fused Dense-only trainer
                     x_train, y_train = self.site.arrays("train")
                     change, _, _ = local_train(
-                        model, prepare(x_train), y_train, steps=spec.local_steps,
-                        sampling_rate=q, lr=spec.lr, clip_norm=spec.clip_norm,
-                        noise_multiplier=sigma, rng=self._noise, prox_mu=spec.prox_mu,
+                        model, prepare(x_train), task.training_targets(y_train),
+                        steps=spec.local_steps, sampling_rate=q, lr=spec.lr,
+                        clip_norm=spec.clip_norm, noise_multiplier=sigma, rng=self._noise,
+                        prox_mu=spec.prox_mu, loss=task.loss,
                     )  # fmt: skip
                 # Clipping to the public bound is post-processing of the DP update; the
                 # weight is public: no local count enters the vector.
@@ -390,7 +387,6 @@ class TrainingPayload:
                     "dp": dp,
                 },
             )
-        from ..training import metrics_from_sums
         from ..training.federated import mean_update
 
         p = spec.n_parameters()
@@ -411,15 +407,8 @@ class TrainingPayload:
                 "sigma": spec.noise_multiplier,
                 "steps": spec.local_steps,
             }
-        evaluation = evaluation_from_release(total[p:], spec)
-        metrics: dict[str, Any] = _json_safe(metrics_from_sums(evaluation))
-        metrics["n"] = round(metrics["n"] or 0)
-        # The score histograms are cells of the same noisy (charged) evaluation release, so
-        # publishing them is post-processing: readers get ROC and calibration from agreed
-        # numbers (dashboard, report) at no further privacy cost.
-        bins = spec.histogram_bins
-        cells = [round(float(c), 3) for c in evaluation[EVAL_HEAD : EVAL_HEAD + 2 * bins]]
-        metrics["score_histogram"] = {"positive": cells[:bins], "negative": cells[bins:]}
+        # Every agreed metric comes from the secure sum of the (noisy, charged) releases only.
+        metrics = spec.evaluation().agreed_metrics(evaluation_from_release(total[p:], spec))
         dp["evaluation"] = {"mechanism": "gaussian", "sigma": spec.eval_noise}
         metrics.update(round_kind=kind.value, evaluated="model entering this round", dp=dp)
         if kind is RoundKind.TRAIN:  # the optimizer state goes into the signed checkpoint
@@ -479,7 +468,19 @@ def training_payload(
     # The site's model policy first: a refused model costs no data access.
     check_model(spec.declared_json, config.policy.models, config.peer_id)
     source = data_source(config.data, config.directory, config.data_url)
-    site = SiteData(source, config.peer_id, spec.input_shape, spec.image, spec.max_records)
+    task = spec.evaluation()
+    site = SiteData(
+        source,
+        config.peer_id,
+        spec.input_shape,
+        spec.image,
+        spec.max_records,
+        n_classes=spec.classes,
+        regression=task.task is Task.REGRESSION,
+    )
+    if spec.image is None:  # labels (or targets) the task cannot use, named per column
+        for split in ("train", "test"):
+            task.check_labels(site.arrays(split)[1], config.peer_id)
     payload = TrainingPayload(
         proposal,
         spec,

@@ -131,11 +131,13 @@ def model_json_of(
     hidden: tuple[int, ...],
     filters: tuple[int, ...],
     declared: str | None,
+    outputs: int = 1,
 ) -> str:
     """The declared-model JSON of a session: ``declared`` itself, or a preset's.
 
     ``cnn``: per entry of ``filters`` a 3x3 ``Conv2D`` (ReLU) and a 2x2 max pooling, then
-    a global max pooling, a ReLU ``Dense`` layer per entry of ``hidden`` and one logit.
+    a global max pooling, a ReLU ``Dense`` layer per entry of ``hidden`` and ``outputs``
+    logits (one, or the classes of a multi-class task).
     """
     if model == "declared":
         if declared is None:
@@ -149,14 +151,17 @@ def model_json_of(
                 f"training payload: model {model!r} takes feature vectors, "
                 "not images (use model = 'cnn' or a declared model)"
             )
-        return ModelSpec(model, input_shape[0], hidden).to_json()  # type: ignore[arg-type]
+        return ModelSpec(model, input_shape[0], hidden, outputs=outputs).to_json()  # type: ignore[arg-type]
     if model == "cnn":
-        return _cnn_json(input_shape, filters, hidden)
+        return _cnn_json(input_shape, filters, hidden, outputs)
     raise ProposalError(f"model must be one of {', '.join(MODELS)}, not {model!r}")
 
 
 def _cnn_json(
-    input_shape: tuple[int, ...], filters: tuple[int, ...], hidden: tuple[int, ...]
+    input_shape: tuple[int, ...],
+    filters: tuple[int, ...],
+    hidden: tuple[int, ...],
+    outputs: int = 1,
 ) -> str:
     import keras
 
@@ -174,7 +179,7 @@ def _cnn_json(
     layers.append(keras.layers.GlobalMaxPooling2D(name="global_max"))
     for i, width in enumerate(hidden):
         layers.append(keras.layers.Dense(width, activation="relu", name=f"dense_{i}"))
-    layers.append(keras.layers.Dense(1, name="logit"))
+    layers.append(keras.layers.Dense(outputs, name="logit"))
     try:
         return str(keras.Sequential(layers, name="cnn").to_json())
     except ValueError as error:  # e.g. an image too small for its convolutions
@@ -237,6 +242,8 @@ class SiteData:
         image: the proposal's image preprocessing, or None for tabular data.
         max_records: the proposal's bound on a site's training records.
         n_classes: labels must be class indices below this (2: binary).
+        regression: the training targets are the real-valued ``target`` column (stored by
+            ``peer data import --target``; only the patient store has one), not the labels.
 
     Raises:
         ValueError: the data does not fit the proposal (its kind, shape, size or labels).
@@ -251,6 +258,7 @@ class SiteData:
         image: ImageInput | None,
         max_records: int,
         n_classes: int = 2,
+        regression: bool = False,
     ) -> None:
         if image is not None:
             if not isinstance(source, ImageFolderSource):
@@ -273,7 +281,12 @@ class SiteData:
                 f"{me} has image data: the session trains on feature vectors (declare "
                 "image = {{ size = [h, w] }} in the payload for an imaging session)"
             )
-        self.source, self.me, self.image = source, me, image
+        if regression and (image is not None or not hasattr(source, "targets")):
+            raise ValueError(
+                f"{me}'s [data] source has no regression targets: a regression session reads "
+                "the target column of the patient store (peer data import --target COL)"
+            )
+        self.source, self.me, self.image, self.regression = source, me, image, regression
         self.info: DataSetInfo = source.describe()
         if tuple(self.info.input_shape) != tuple(input_shape):
             raise ValueError(
@@ -289,18 +302,22 @@ class SiteData:
                 f"max_records {max_records}"
             )
         labels = {label for counts in self.info.label_counts.values() for label in counts}
-        if labels and max(labels) >= n_classes:
+        if labels and max(labels) >= n_classes and not regression:
             raise ValueError(
                 f"{me}'s labels go up to {max(labels)}; the session's task has {n_classes} classes"
             )
-        self._arrays: dict[str, tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]] = {}
+        self._arrays: dict[str, tuple[npt.NDArray[np.float32], npt.NDArray[Any]]] = {}
 
-    def arrays(self, split: str) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
-        """A tabular split in memory (a few MB even for 100k patients)."""
+    def arrays(self, split: str) -> tuple[npt.NDArray[np.float32], npt.NDArray[Any]]:
+        """A tabular split in memory (a few MB even for 100k patients): the features and
+        the labels, or the real-valued targets of a regression session."""
         if self.image is not None:
             raise TypeError("image data is streamed, not loaded whole")
         if split not in self._arrays:
-            self._arrays[split] = self.source.load(split)  # type: ignore[arg-type]
+            x, y = self.source.load(split)  # type: ignore[arg-type]
+            if self.regression:
+                y = self.source.targets(split)  # type: ignore[attr-defined]
+            self._arrays[split] = (x, y)
         return self._arrays[split]
 
     def features_for_standardization(self) -> npt.NDArray[np.float32]:
@@ -368,11 +385,14 @@ def train_declared(
     noise_multiplier: float,
     generator: tf.random.Generator,
     prox_mu: float = 0.0,
+    targets: Callable[[npt.NDArray[Any]], npt.NDArray[np.float32]] | None = None,
 ) -> npt.NDArray[np.float32]:
     """Local DP-SGD of a declared model with :class:`~peer.training.LayerwiseDPSGD`.
 
-    ``prox_mu > 0`` adds FedProx's pull towards the starting (global) weights after each
-    step's clipping and noising, as :meth:`peer.training.PoissonTrainer.run` does.
+    ``targets`` turns labels into what the task's loss takes (e.g. regression targets
+    centred and clipped); None keeps them. ``prox_mu > 0`` adds FedProx's pull towards the
+    starting (global) weights after each step's clipping and noising, as
+    :meth:`peer.training.PoissonTrainer.run` does.
 
     Tabular data runs in one compiled loop over the in-memory split; images are streamed:
     each step draws its Poisson sample (from ``generator``, as the accountant assumes) and
@@ -387,7 +407,7 @@ def train_declared(
         x, y = data.arrays("train")
         trainer.run(
             prepare(x),
-            y,
+            y if targets is None else targets(y),
             steps=steps,
             sampling_rate=sampling_rate,
             lr=lr,
@@ -410,7 +430,7 @@ def train_declared(
             ]
             trainer.dp_step(
                 xb,
-                yb,
+                yb if targets is None else targets(yb),
                 lr=lr,
                 clip_norm=clip_norm,
                 noise_multiplier=noise_multiplier,

@@ -21,6 +21,7 @@ import numpy.typing as npt
 from ..session import ProposalError
 from ..training.accounting import PrivacyEvent
 from ..training.server_optim import OPTIMIZER_KEYS, ServerOptimizer
+from .evaluation import Task, TaskEvaluation, task_evaluation
 from .training_inputs import (
     MODELS,
     SITE_ONLY_KEYS,
@@ -78,6 +79,12 @@ class TrainingSpec:
     beta2: float | None = None
     tau: float | None = None
     prox_mu: float = 0.0
+    # The task (peer.payloads.evaluation): binary, multiclass (classes) or regression.
+    task: str = "binary"
+    classes: int = 2
+    target_bound: float | None = None
+    residual_bound: float | None = None
+    target_center: float | None = None
 
     @classmethod
     def from_payload(cls, payload: Mapping[str, Any]) -> TrainingSpec:
@@ -148,6 +155,14 @@ class TrainingSpec:
             "standardize_noise": self.standardize_noise > 0,
             "eval_noise": self.eval_noise > 0,
             "weights (each in (0, 1])": all(0 < w <= 1 for w in weights),
+            "task": self.task in tuple(Task),
+            "classes": self.classes >= 2 and (self.task == Task.MULTICLASS or self.classes == 2),
+            "target_bound": (self.target_bound is not None and 0 < self.target_bound < math.inf)
+            == (self.task == Task.REGRESSION),
+            "residual_bound": self.residual_bound is None
+            or (self.task == Task.REGRESSION and 0 < self.residual_bound < math.inf),
+            "target_center": self.target_center is None
+            or (self.task == Task.REGRESSION and math.isfinite(self.target_center)),
         }
         checks["prox_mu (>= 0, finite)"] = math.isfinite(self.prox_mu) and self.prox_mu >= 0
         bad = [name for name, ok in checks.items() if not ok]
@@ -189,7 +204,12 @@ class TrainingSpec:
     def declared_json(self) -> str:
         """The session's model as declared-model JSON (a preset's is generated)."""
         return model_json_of(
-            self.model, self.input_shape, self.hidden, self.filters, self.model_json
+            self.model,
+            self.input_shape,
+            self.hidden,
+            self.filters,
+            self.model_json,
+            outputs=self.evaluation().outputs,
         )
 
     def feature_bounds(self) -> Vector:
@@ -253,11 +273,28 @@ class TrainingSpec:
         if self.model in ("logreg", "mlp") and self.image is None:
             from ..training import ModelSpec  # no Keras needed for the Dense presets
 
-            return ModelSpec(self.model, self.input_dim, self.hidden).n_parameters()  # type: ignore[arg-type]
+            return ModelSpec(
+                self.model,  # type: ignore[arg-type]
+                self.input_dim,
+                self.hidden,
+                outputs=self.evaluation().outputs,
+            ).n_parameters()
         return count_parameters(self.declared_json)
 
+    def evaluation(self) -> TaskEvaluation:
+        """How this session's task is evaluated and released (peer.payloads.evaluation)."""
+        return task_evaluation(
+            self.task,
+            histogram_bins=self.histogram_bins,
+            loss_bound=self.loss_bound,
+            classes=self.classes,
+            target_bound=self.target_bound,
+            residual_bound=self.residual_bound,
+            target_center=self.target_center,
+        )
+
     def eval_length(self) -> int:
-        return EVAL_HEAD + 2 * self.histogram_bins
+        return self.evaluation().length()
 
     def standardize_std(self) -> float:
         """Noise standard deviation on each normalized standardization sum."""
@@ -265,7 +302,7 @@ class TrainingSpec:
 
     def eval_std(self) -> float:
         """Noise standard deviation on each released evaluation sum."""
-        return self.eval_noise * EVAL_SENSITIVITY
+        return self.eval_noise * self.evaluation().sensitivity
 
     def update_bound(self) -> float:
         """Per-coordinate bound of a local model change, the same at every hospital.

@@ -20,11 +20,14 @@ from .layerwise import LayerwiseDPSGD
 from .local import (
     EVAL_HEADER,
     evaluate_sums,
+    histogram_auc,
     local_train,
     metrics_from_sums,
+    model_outputs,
     predict_proba,
     update_bound,
 )
+from .losses import Loss, binary_logit_loss, softmax_loss, squared_loss
 from .model import ModelSpec, build_model, dense_layers, get_flat_weights, set_flat_weights
 
 __all__ = [
@@ -33,6 +36,7 @@ __all__ = [
     "FedAvgResult",
     "LayerwiseDPSGD",
     "LocalTrainConfig",
+    "Loss",
     "ModelPolicy",
     "ModelRefused",
     "ModelSpec",
@@ -40,6 +44,7 @@ __all__ = [
     "PrivacyBudget",
     "PrivacyBudgetError",
     "TrainingSpend",
+    "binary_logit_loss",
     "build_declared_model",
     "build_model",
     "calibrate_noise",
@@ -48,13 +53,17 @@ __all__ = [
     "evaluate_sums",
     "fedavg_round",
     "get_flat_weights",
+    "histogram_auc",
     "local_train",
     "metrics_from_sums",
+    "model_outputs",
     "numpy_sum",
     "predict_proba",
     "preset_json",
     "secure_generator",
     "set_flat_weights",
+    "softmax_loss",
+    "squared_loss",
     "trainer_for",
     "update_bound",
 ]

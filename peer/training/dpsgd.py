@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
+from .losses import Loss, binary_logit_loss
 from .model import dense_layers
 
 if TYPE_CHECKING:
@@ -234,13 +235,16 @@ class DPSGD(PoissonTrainer):
 
     Args:
         model: a model built by :func:`peer.training.model.build_model` (or any model whose
-            weighted layers are biased Dense layers, the last one producing one logit).
+            weighted layers are biased Dense layers).
+        loss: per-example loss of ``(labels, last layer's output)``
+            (:mod:`peer.training.losses`); binary logit by default.
     """
 
-    def __init__(self, model: keras.Model) -> None:
+    def __init__(self, model: keras.Model, loss: Loss = binary_logit_loss) -> None:
         import tensorflow as tf
 
         self.model = model
+        self._loss = loss
         layers = dense_layers(model)
         self._kernels = [layer.kernel.value for layer in layers]
         self._biases = [layer.bias.value for layer in layers]
@@ -248,8 +252,6 @@ class DPSGD(PoissonTrainer):
             v for pair in zip(self._kernels, self._biases, strict=True) for v in pair
         ]
         self._activations: list[Callable[[Any], Any]] = [layer.activation for layer in layers]
-        if layers[-1].units != 1:
-            raise TypeError("the last Dense layer must have a single unit (a logit)")
         self._n_features = int(self._kernels[0].shape[0])
         self._n_params = sum(int(np.prod(v.shape)) for v in self._kernels + self._biases)
         x_spec = tf.TensorSpec([None, self._n_features], tf.float32)
@@ -313,7 +315,7 @@ class DPSGD(PoissonTrainer):
                 z = tf.matmul(a, kernel) + bias
                 outputs.append(z)
                 a = z if i == last else act(z)
-            losses = tf.nn.sigmoid_cross_entropy_with_logits(labels=y, logits=a[:, 0])
+            losses = self._loss(y, a)
             total = tf.reduce_sum(losses)
         # The summed loss's gradient at z has row i equal to dloss_i/dz_i, because no
         # layer mixes examples.
@@ -373,7 +375,7 @@ class DPSGD(PoissonTrainer):
             ):
                 z = tf.matmul(a, kernel) + bias
                 a = z if i == last else act(z)
-            total = tf.reduce_sum(tf.nn.sigmoid_cross_entropy_with_logits(labels=y, logits=a[:, 0]))
+            total = tf.reduce_sum(self._loss(y, a))
         scale = lr / denom
         for variable, grad in zip(variables, tape.gradient(total, variables), strict=True):
             variable.assign_sub(scale * grad)
@@ -397,11 +399,11 @@ class DPSGD(PoissonTrainer):
 _TRAINERS: weakref.WeakKeyDictionary[Any, DPSGD] = weakref.WeakKeyDictionary()
 
 
-def trainer_for(model: keras.Model) -> DPSGD:
-    """The (cached) :class:`DPSGD` of ``model``, so its graphs are traced only once."""
+def trainer_for(model: keras.Model, loss: Loss = binary_logit_loss) -> DPSGD:
+    """The (cached) :class:`DPSGD` of ``model`` and ``loss``, so its graphs are traced once."""
     trainer = _TRAINERS.get(model)
-    if trainer is None:
-        trainer = DPSGD(model)
+    if trainer is None or trainer._loss is not loss:
+        trainer = DPSGD(model, loss)
         _TRAINERS[model] = trainer
     return trainer
 

@@ -44,6 +44,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .dpsgd import PoissonTrainer, _f32
+from .losses import binary_logit_loss
 
 if TYPE_CHECKING:
     import keras
@@ -54,13 +55,6 @@ __all__ = ["LayerwiseDPSGD", "binary_logit_loss"]
 LOG = logging.getLogger(__name__)
 
 _TINY = 1e-12
-
-
-def binary_logit_loss(y: Any, output: Any) -> Any:
-    """Per-example binary cross-entropy of a one-logit output (the built-in task)."""
-    import tensorflow as tf
-
-    return tf.nn.sigmoid_cross_entropy_with_logits(labels=y, logits=tf.reshape(output, [-1]))
 
 
 @dataclass

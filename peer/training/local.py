@@ -21,6 +21,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .dpsgd import secure_generator, trainer_for
+from .losses import Loss, binary_logit_loss
 from .model import get_flat_weights
 
 if TYPE_CHECKING:
@@ -30,8 +31,10 @@ if TYPE_CHECKING:
 __all__ = [
     "EVAL_HEADER",
     "evaluate_sums",
+    "histogram_auc",
     "local_train",
     "metrics_from_sums",
+    "model_outputs",
     "predict_proba",
     "update_bound",
 ]
@@ -54,6 +57,7 @@ def local_train(
     noise_multiplier: float,
     rng: tf.random.Generator | None = None,
     prox_mu: float = 0.0,
+    loss: Loss = binary_logit_loss,
 ) -> tuple[npt.NDArray[np.float32], int, int]:
     """Train ``model`` in place on local data and return the change of its weights.
 
@@ -71,6 +75,7 @@ def local_train(
         prox_mu: FedProx's proximal coefficient (0: plain DP-SGD); the pull towards the
             starting (global) weights is added after clipping and noising, see
             :meth:`peer.training.dpsgd.PoissonTrainer.run`.
+        loss: the task's per-example loss (:mod:`peer.training.losses`); binary by default.
 
     Returns:
         ``(delta, n_examples, steps_taken)``: the float32 weight change (new - old), the
@@ -89,7 +94,7 @@ def local_train(
     n_steps = steps if steps is not None else math.ceil(float(epochs or 0) / q)
     generator = rng if rng is not None else secure_generator()
     before = get_flat_weights(model)
-    trainer_for(model).run(
+    trainer_for(model, loss).run(
         features,
         labels,
         steps=n_steps,
@@ -103,17 +108,23 @@ def local_train(
     return get_flat_weights(model) - before, n, n_steps
 
 
+def model_outputs(model: keras.Model, x: npt.ArrayLike) -> npt.NDArray[np.float64]:
+    """The model's last-layer outputs for every row of ``x``, shape ``(n, outputs)``,
+    computed in bounded batches (a large test split does not become one giant tensor)."""
+    features = np.asarray(x, dtype=np.float32)
+    n = features.shape[0]
+    # An empty split still runs one (empty) batch, so the result has the model's width.
+    parts = [
+        np.asarray(model(features[i : i + _EVAL_BATCH], training=False), dtype=np.float64)
+        for i in range(0, max(n, 1), _EVAL_BATCH)
+    ]
+    outputs = np.concatenate(parts)
+    return outputs.reshape(n, outputs.shape[-1] if outputs.ndim > 1 else 1)
+
+
 def predict_proba(model: keras.Model, x: npt.ArrayLike) -> npt.NDArray[np.float64]:
     """Predicted probability of the positive class for each row of ``x``."""
-    features = np.asarray(x, dtype=np.float32)
-    if features.shape[0] == 0:
-        return np.zeros(0)
-    logits = np.concatenate(
-        [
-            np.asarray(model(features[i : i + _EVAL_BATCH], training=False)).reshape(-1)
-            for i in range(0, features.shape[0], _EVAL_BATCH)
-        ]
-    ).astype(np.float64)
+    logits = model_outputs(model, x).reshape(-1)
     return 1.0 / (1.0 + np.exp(-logits))
 
 
@@ -135,12 +146,7 @@ def evaluate_sums(
     features = np.asarray(x, dtype=np.float32)
     if features.shape[0] == 0:
         return np.zeros(len(EVAL_HEADER) + 2 * n_bins)
-    logits = np.concatenate(
-        [
-            np.asarray(model(features[i : i + _EVAL_BATCH], training=False)).reshape(-1)
-            for i in range(0, features.shape[0], _EVAL_BATCH)
-        ]
-    ).astype(np.float64)
+    logits = model_outputs(model, features).reshape(-1)
     # Numerically stable binary cross-entropy from logits.
     losses = np.maximum(logits, 0) - logits * labels + np.log1p(np.exp(-np.abs(logits)))
     losses = np.minimum(losses, loss_bound)
@@ -175,20 +181,30 @@ def metrics_from_sums(vector: npt.ArrayLike) -> dict[str, float]:
     n_bins = (v.shape[0] - head) // 2
     pos = v[head : head + n_bins]
     neg = v[head + n_bins :]
-    n_pos, n_neg = pos.sum(), neg.sum()
-    if n_pos > 0 and n_neg > 0:
-        negatives_below = np.concatenate(([0.0], np.cumsum(neg)[:-1]))
-        auc = float(np.sum(pos * (negatives_below + 0.5 * neg)) / (n_pos * n_neg))
-    else:
-        auc = math.nan
     return {
         "n": n,
         "accuracy": correct / n if n else math.nan,
         "loss": loss_sum / n if n else math.nan,
-        "auc": auc,
+        "auc": histogram_auc(pos, neg),
         "sensitivity": tp / (tp + fn) if tp + fn else math.nan,
         "specificity": tn / (tn + fp) if tn + fp else math.nan,
     }
+
+
+def histogram_auc(positive: npt.ArrayLike, negative: npt.ArrayLike) -> float:
+    """The AUC from score histograms of the positives and negatives (equal bins, ascending).
+
+    The probability that a random positive scores in a higher bin than a random negative,
+    plus one half of the probability that they share a bin; NaN without positives or
+    negatives.
+    """
+    pos = np.asarray(positive, dtype=np.float64)
+    neg = np.asarray(negative, dtype=np.float64)
+    n_pos, n_neg = pos.sum(), neg.sum()
+    if not (n_pos > 0 and n_neg > 0):
+        return math.nan
+    negatives_below = np.concatenate(([0.0], np.cumsum(neg)[:-1]))
+    return float(np.sum(pos * (negatives_below + 0.5 * neg)) / (n_pos * n_neg))
 
 
 def update_bound(

@@ -6,7 +6,9 @@ no global or unseeded random state is involved. Only Dense layers are used: no B
 (it mixes examples, which breaks per-example clipping and leaks batch statistics) and no
 dropout (randomness outside the DP accounting).
 
-The last layer outputs a *logit*; the probability of the positive class is its sigmoid.
+The last layer outputs ``outputs`` values: one *logit* for a binary task (the probability of
+the positive class is its sigmoid), ``K`` logits for a K-class task (softmax), one value for
+regression.
 """
 
 from __future__ import annotations
@@ -34,12 +36,14 @@ class ModelSpec:
         input_dim: number of features.
         hidden: widths of the hidden layers (``"mlp"`` only).
         activation: hidden-layer activation.
+        outputs: width of the last layer (1, or the number of classes of a multi-class task).
     """
 
     kind: Literal["mlp", "logreg"]
     input_dim: int
     hidden: tuple[int, ...] = (64, 32)
     activation: str = "relu"
+    outputs: int = 1
 
     def __post_init__(self) -> None:
         if self.kind not in ("mlp", "logreg"):
@@ -48,13 +52,15 @@ class ModelSpec:
             raise ValueError(f"input_dim must be positive, not {self.input_dim}")
         if self.kind == "mlp" and (not self.hidden or any(w < 1 for w in self.hidden)):
             raise ValueError(f"an mlp needs positive hidden widths, not {self.hidden}")
+        if self.outputs < 1:
+            raise ValueError(f"outputs must be positive, not {self.outputs}")
         if self.activation not in _ACTIVATIONS:
             raise ValueError(f"activation must be one of {_ACTIVATIONS}, not {self.activation!r}")
 
     @property
     def widths(self) -> tuple[int, ...]:
-        """Output widths of every Dense layer, the last (1, a logit) included."""
-        return (*self.hidden, 1) if self.kind == "mlp" else (1,)
+        """Output widths of every Dense layer, the last (``outputs`` logits) included."""
+        return (*self.hidden, self.outputs) if self.kind == "mlp" else (self.outputs,)
 
     def n_parameters(self) -> int:
         """Number of trainable parameters (kernels and biases)."""

@@ -297,7 +297,7 @@ def test_a_model_whose_output_does_not_fit_the_task_is_refused_on_arrival(
     db = tmp_path / "ehr.db"
     write_ehr(db, 60, np.random.default_rng(0), 0.0)
     config = site(tmp_path, "hospital-a", data=sql_table(db))
-    with pytest.raises(ProposalError, match="a binary task needs one logit"):
+    with pytest.raises(ProposalError, match="a binary task needs 1 output"):
         training_payload(
             proposal_of(training(model_json=two_outputs)), config, Ledger(config.ledger_url)
         )

@@ -1,0 +1,310 @@
+"""Multi-class and regression sessions in process: three hospitals, rounds summed in the ring.
+
+What these show: the agreed metrics are exactly those of the *summed* statistics (computed
+here independently from the union of the hospitals' test sets with the agreed model) and not
+any single hospital's; every release is noisy and one record moves it by at most the
+sensitivity the noise is calibrated to; labels that do not fit the task are refused with an
+error naming the hospital and the column.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+from test_training import PEERS, config_for, run_round
+
+from peer.data import (
+    DataError,
+    PatientRecord,
+    PatientStore,
+    diabetes_feature_names,
+    diabetes_records,
+    split_dataset,
+    standardize,
+    write_hospital_stores,
+)
+from peer.ledger import Ledger
+from peer.payloads.evaluation import (
+    MulticlassEvaluation,
+    RegressionEvaluation,
+    multiclass_sums,
+    regression_sums,
+)
+from peer.payloads.training import TrainingPayload, released_evaluation, training_payload
+from peer.session import ProposalError, SessionProposal
+
+BASE = {
+    "kind": "training",
+    "model": "logreg",
+    "input_dim": 10,
+    "training_rounds": 2,
+    "local_steps": 30,
+    "batch_size": 16,
+    "lr": 0.5,
+    "clip_norm": 1.0,
+    "noise_multiplier": 1.0,
+    "max_records": 1000,
+    # scikit-learn ships the diabetes measurements centred and scaled to within about +-0.2.
+    "feature_bound": 0.2,
+    "standardize_noise": 1.0,
+}
+MULTICLASS = {**BASE, "task": "multiclass", "classes": 3}
+# Disease progression runs from 25 to 346: centred on 180, within +-200 of it.
+REGRESSION = {
+    **BASE,
+    "task": "regression",
+    "target_bound": 200.0,
+    "target_center": 180.0,
+    "residual_bound": 300.0,
+}
+
+
+class ZeroNoise:
+    """A noise generator that draws zeros: lets a test compare the agreed metrics with the
+    exact ones (the real generator is injected the same way, per release)."""
+
+    def normal(self, loc: float, scale: float, size: Any) -> npt.NDArray[np.float64]:
+        return np.zeros(size)
+
+
+def make_hospitals(
+    tmp_path: Path,
+    payload: dict[str, Any],
+    records: list[PatientRecord] | None = None,
+    exact: bool = False,
+) -> list[TrainingPayload]:
+    if records is None:
+        records = diabetes_records(np.random.default_rng(0))
+    parts = split_dataset(records, 3, "dirichlet", alpha=1.0, rng=np.random.default_rng(1))
+    configs = [config_for(tmp_path, peer) for peer in PEERS]
+    write_hospital_stores(
+        parts, [c.data_url for c in configs], feature_names=diabetes_feature_names()
+    )
+    proposal = SessionProposal(
+        session_id="train",
+        participants=PEERS,
+        rounds=payload["training_rounds"] + 2,
+        threshold=3,
+        payload=payload,
+        bits=64,
+        seed=3,
+    )
+    payloads = []
+    for config in configs:
+        ledger = Ledger(config.ledger_url)
+        ledger.create()
+        ledger.record_proposal(
+            "train",
+            proposal.document(),
+            proposer="op",
+            participants=PEERS,
+            threshold=2,
+            rounds_planned=proposal.rounds,
+        )
+        ledger.decide_session("train", accept=True)
+        hospital = training_payload(proposal, config, ledger)
+        hospital.rng = np.random.default_rng(7)
+        if exact:
+            hospital.noise = ZeroNoise  # type: ignore[assignment]
+        payloads.append(hospital)
+    return payloads
+
+
+def final_metrics(hospitals: list[TrainingPayload]) -> dict[str, Any]:
+    return dict(hospitals[0].ledger.agreed_records("train")[-1].record.metrics)
+
+
+def outputs_of(hospital: TrainingPayload, round_: int) -> tuple[Any, Any]:
+    """The agreed model entering ``round_`` on this hospital's standardized test split."""
+    from peer.training import model_outputs, set_flat_weights
+
+    model = hospital._keras_model()
+    set_flat_weights(model, hospital.global_weights(round_))
+    mean, std = hospital._standardizer()
+    x_test, y_test = hospital.site.arrays("test")
+    return model_outputs(model, standardize(x_test, mean, std)), y_test
+
+
+@pytest.mark.slow  # four rounds of DP-SGD at three hospitals
+def test_multiclass_metrics_are_those_of_the_summed_statistics(tmp_path: Path) -> None:
+    hospitals = make_hospitals(tmp_path, MULTICLASS, exact=True)
+    for round_ in range(1, 5):
+        run_round(hospitals, round_)
+    metrics = final_metrics(hospitals)
+    assert metrics["round_kind"] == "evaluate"
+    # Independently: the confusion matrix of the final model over the union of test sets.
+    per_site = []
+    for hospital in hospitals:
+        logits, labels = outputs_of(hospital, 4)
+        confusion = np.zeros((3, 3))
+        np.add.at(confusion, (labels, np.argmax(logits, axis=1)), 1)
+        per_site.append(confusion)
+    union: npt.NDArray[np.float64] = np.sum(per_site, axis=0)
+    assert np.allclose(metrics["confusion_matrix"], union, atol=1e-3)
+    assert metrics["n"] == union.sum()
+    assert metrics["accuracy"] == pytest.approx(np.trace(union) / union.sum(), abs=1e-6)
+    f1 = [2 * union[c, c] / (union[:, c].sum() + union[c, :].sum()) for c in range(3)]
+    assert metrics["macro_f1"] == pytest.approx(np.mean(f1), abs=1e-6)
+    for site in per_site:
+        assert not np.allclose(site, union)
+    assert 0.0 <= metrics["auc_ovr"] <= 1.0
+    # every peer concluded the same
+    assert all(final_metrics([h]) == metrics for h in hospitals)
+
+
+@pytest.mark.slow  # four rounds of DP-SGD at three hospitals
+def test_regression_metrics_are_those_of_the_summed_statistics(tmp_path: Path) -> None:
+    hospitals = make_hospitals(tmp_path, REGRESSION, exact=True)
+    for round_ in range(1, 5):
+        run_round(hospitals, round_)
+    metrics = final_metrics(hospitals)
+    residuals, targets, site_mae = [], [], []
+    for hospital in hospitals:
+        outputs, _ = outputs_of(hospital, 4)
+        y = hospital.site.arrays("test")[1]
+        r = np.clip(outputs.reshape(-1) * 200.0 + 180.0 - y, -300.0, 300.0)
+        residuals.append(r)
+        targets.append(y)
+        site_mae.append(np.abs(r).mean())
+    r, y = np.concatenate(residuals), np.concatenate(targets)
+    assert metrics["n"] == len(y)
+    assert metrics["mae"] == pytest.approx(np.abs(r).mean(), rel=1e-6)
+    assert metrics["rmse"] == pytest.approx(math.sqrt(np.square(r).mean()), rel=1e-6)
+    r2 = 1 - np.square(r).sum() / np.square(y - y.mean()).sum()
+    assert metrics["r2"] == pytest.approx(r2, abs=1e-6)
+    assert all(abs(mae - metrics["mae"]) > 1e-3 for mae in site_mae)
+    histogram = metrics["residual_histogram"]
+    assert histogram["edges"][0] == -300.0
+    assert histogram["edges"][-1] == 300.0
+    assert sum(histogram["counts"]) == pytest.approx(len(y), abs=1e-3)
+    counts, _ = np.histogram(r, bins=np.asarray(histogram["edges"]))
+    assert np.allclose(histogram["counts"], counts, atol=1e-3)
+
+
+@pytest.mark.slow  # four rounds of DP-SGD at three hospitals
+def test_training_lowers_the_regression_error_under_real_noise(tmp_path: Path) -> None:
+    payload = {**REGRESSION, "eval_noise": 1.0}
+    hospitals = make_hospitals(tmp_path, payload)
+    for round_ in range(1, 5):
+        run_round(hospitals, round_)
+    records: list[dict[str, Any]] = [
+        dict(s.record.metrics) for s in hospitals[0].ledger.agreed_records("train")
+    ]
+    assert records[-1]["rmse"] < records[1]["rmse"], records
+    assert records[-1]["r2"] > records[1]["r2"]
+
+
+@pytest.mark.parametrize(
+    "evaluation",
+    [
+        MulticlassEvaluation(20, 50.0, classes=4),
+        RegressionEvaluation(20, 50.0, target_bound=10.0, residual_bound=5.0),
+    ],
+)
+def test_one_record_moves_the_release_by_at_most_its_sensitivity(evaluation: Any) -> None:
+    """The attack: a hospital's test set holds one patient with extreme values (a huge loss,
+    target, residual). Adding or removing that patient must not move the scaled release by
+    more than the sensitivity the Gaussian noise is calibrated to."""
+    rng = np.random.default_rng(0)
+    released = np.ones(evaluation.length(), dtype=bool)
+    released[list(evaluation.withheld())] = False
+    for _ in range(200):
+        n = int(rng.integers(1, 20))
+        outputs: npt.NDArray[Any]
+        labels: npt.NDArray[Any]
+        if isinstance(evaluation, MulticlassEvaluation):
+            outputs = rng.normal(0, 50, (n, 4))
+            labels = rng.integers(0, 4, n)
+
+            def sums(o: Any, y: Any) -> Any:
+                return multiclass_sums(o, y, 20, 50.0)
+        else:
+            outputs = rng.normal(0, 1e3, n)
+            labels = rng.normal(0, 1e3, n)
+
+            def sums(o: Any, y: Any) -> Any:
+                return regression_sums(o, y, 20, 10.0, 5.0)
+
+        change = (sums(outputs, labels) - sums(outputs[1:], labels[1:])) / evaluation.scale()
+        assert np.linalg.norm(change[released]) <= evaluation.sensitivity + 1e-9
+
+
+def test_every_released_coordinate_is_noisy_and_withheld_ones_are_zero(tmp_path: Path) -> None:
+    hospitals = make_hospitals(tmp_path, REGRESSION)
+    spec = hospitals[0].spec
+    sums = np.arange(spec.eval_length(), dtype=np.float64)
+    out = released_evaluation(sums, spec, np.random.default_rng(1))
+    withheld = list(spec.evaluation().withheld())
+    assert withheld
+    assert np.all(out[withheld] == 0)
+    noise = np.delete(out - sums / spec.evaluation().scale(), withheld)
+    assert np.all(noise != 0)
+    assert spec.eval_std() == pytest.approx(spec.eval_noise * math.sqrt(5))
+
+
+def test_labels_outside_the_classes_are_refused_naming_the_hospital(tmp_path: Path) -> None:
+    records = diabetes_records(np.random.default_rng(0), classes=4)  # labels 0..3
+    # Refused when the (3-class) proposal arrives, before anything is trained or released.
+    with pytest.raises(ValueError, match=r"hospital-a's labels go up to 3; .* 3 classes"):
+        make_hospitals(tmp_path, MULTICLASS, records=records)
+
+
+def test_a_regression_session_needs_every_target(tmp_path: Path) -> None:
+    records = [
+        PatientRecord(r.patient_id, r.diagnosis, r.features, r.label, r.split, target=None)
+        if i % 50 == 0
+        else r
+        for i, r in enumerate(diabetes_records(np.random.default_rng(0)))
+    ]
+    # Refused when the proposal arrives, before anything is trained or released.
+    with pytest.raises(DataError, match=r"column 'target' is missing for .*patients diab-"):
+        make_hospitals(tmp_path, REGRESSION, records=records)
+
+
+@pytest.mark.parametrize(
+    ("changes", "bad"),
+    [
+        ({"task": "regression"}, "target_bound"),
+        ({"task": "binary", "target_bound": 5.0}, "target_bound"),
+        ({"task": "binary", "classes": 3}, "classes"),
+        ({"task": "multiclass", "classes": 1}, "classes"),
+        ({"task": "ranking"}, "task"),
+        ({"task": "regression", "target_bound": 5.0, "residual_bound": -1.0}, "residual_bound"),
+        ({"task": "binary", "target_center": 1.0}, "target_center"),
+    ],
+)
+def test_task_parameters_are_checked(tmp_path: Path, changes: dict[str, Any], bad: str) -> None:
+    proposal = SessionProposal(
+        session_id="train",
+        participants=PEERS,
+        rounds=4,
+        threshold=3,
+        payload={**BASE, **changes},
+        bits=64,
+        seed=3,
+    )
+    config = config_for(tmp_path, "hospital-a")
+    with pytest.raises(ProposalError, match=rf"invalid .*{bad}"):
+        training_payload(proposal, config, Ledger(config.ledger_url))
+
+
+def test_the_store_keeps_class_indices_and_targets(tmp_path: Path) -> None:
+    store = PatientStore(f"sqlite:///{tmp_path / 'data.db'}")
+    store.create()
+    records = diabetes_records(np.random.default_rng(0), classes=5)[:40]
+    store.add_records(records)
+    assert set(store.load("train")[1].tolist()) <= set(range(5))
+    stored = store.records()
+    assert [(r.label, r.target) for r in stored] == [(r.label, r.target) for r in records]
+    train = [r.target for r in records if r.split == "train"]
+    assert store.targets("train").tolist() == train
+    assert store.describe().label_names == tuple(str(c) for c in range(5))
+    with pytest.raises(ValueError, match="class index"):
+        PatientRecord("p", "d", np.zeros(3), -1, "train")
+    with pytest.raises(ValueError, match="target must be a finite number"):
+        PatientRecord("p", "d", np.zeros(3), 0, "train", target=math.nan)
