@@ -20,7 +20,15 @@ from .identity import Roster
 from .tls import TLSFiles, peer_channel
 from .wire import peer_pb2 as pb
 
-__all__ = ["SERVICE", "ChannelPool", "PeerStub", "RoundStreamCall", "method_path"]
+__all__ = [
+    "SERVICE",
+    "ChannelPool",
+    "ControlCall",
+    "PeerCalls",
+    "PeerStub",
+    "RoundStreamCall",
+    "method_path",
+]
 
 SERVICE = "hospital_secagg.v1.Peer"
 
@@ -38,6 +46,35 @@ class RoundStreamCall(Protocol):
     async def read(self) -> object: ...
 
     def cancel(self) -> bool: ...
+
+
+class ControlCall(Protocol):
+    """The client end of a Control stream (an outbound-only peer's, peer/relay.py)."""
+
+    async def write(self, request: pb.RelayedAnswer) -> None: ...
+
+    async def read(self) -> object: ...
+
+    def cancel(self) -> bool: ...
+
+
+class PeerCalls(Protocol):
+    """What a caller asks of another peer: a :class:`PeerStub` for a peer it can dial, a
+    relayed stub (peer/relay.py) for an outbound-only one."""
+
+    async def propose(
+        self, request: pb.SessionProposal, timeout: float | None = None
+    ) -> pb.ProposalAnswer: ...
+
+    async def start(
+        self, request: pb.StartRequest, timeout: float | None = None
+    ) -> pb.StartAnswer: ...
+
+    async def status(self, session_id: str, timeout: float | None = None) -> pb.SessionStatus: ...
+
+    async def records(self, session_id: str, timeout: float | None = None) -> pb.SessionStatus: ...
+
+    def round_stream(self, timeout: float | None = None) -> RoundStreamCall: ...
 
 
 def _unary(
@@ -63,6 +100,12 @@ class PeerStub:
             method_path("RoundStream"),
             request_serializer=pb.Fragment.SerializeToString,
             response_deserializer=pb.Fragment.FromString,
+        )
+        self._relay = _unary(channel, "Relay", pb.RelayedCall, pb.RelayedAnswer)
+        self._control = channel.stream_stream(
+            method_path("Control"),
+            request_serializer=pb.RelayedAnswer.SerializeToString,
+            response_deserializer=pb.RelayedCall.FromString,
         )
 
     async def propose(
@@ -91,12 +134,24 @@ class PeerStub:
         call: RoundStreamCall = self._round_stream(timeout=timeout)  # type: ignore[call-arg]  # stubs predate grpc.aio
         return call
 
+    async def relay(
+        self, request: pb.RelayedCall, timeout: float | None = None
+    ) -> pb.RelayedAnswer:
+        answer: pb.RelayedAnswer = await self._relay(request, timeout=timeout)
+        return answer
+
+    def control(self) -> ControlCall:
+        call: ControlCall = self._control()  # type: ignore[call-arg]  # stubs predate grpc.aio
+        return call
+
 
 class ChannelPool:
     """At most one channel per peer, dialled on first use.
 
     ``roster()`` is read at each dial, so a reloaded roster is used from then on;
     :meth:`forget` closes a peer's channel (its address changed or it left the roster).
+    A peer without an address (outbound-only) is reached through ``relayed`` (set with
+    :meth:`relay_outbound_only`; peer/relay.py), never dialled.
     """
 
     def __init__(self, roster: Callable[[], Roster], files: TLSFiles) -> None:
@@ -104,9 +159,25 @@ class ChannelPool:
         self._files = files
         self._stubs: dict[str, PeerStub] = {}
         self._closing: set[asyncio.Future[None]] = set()
+        self._relayed: Callable[[str], PeerCalls] | None = None
 
-    def stub(self, peer_id: str) -> PeerStub:
-        """The stub of ``peer_id`` (KeyError: not in the roster, or runs no server)."""
+    def relay_outbound_only(self, relayed: Callable[[str], PeerCalls]) -> None:
+        """Reach outbound-only peers with ``relayed(peer_id)`` (peer/relay.py)."""
+        self._relayed = relayed
+
+    def stub(self, peer_id: str) -> PeerCalls:
+        """How to call ``peer_id``: its stub, or its relayed stub when it is outbound-only
+        (KeyError: not in the roster, or runs no server)."""
+        stub = self._stubs.get(peer_id)
+        if stub is not None:
+            return stub
+        entry = self._roster().get(peer_id)
+        if entry is not None and not entry.inbound and self._relayed is not None:
+            return self._relayed(peer_id)
+        return self.dial(peer_id)
+
+    def dial(self, peer_id: str) -> PeerStub:
+        """The direct stub of ``peer_id`` (KeyError: not in the roster, or has no address)."""
         stub = self._stubs.get(peer_id)
         if stub is None:
             channel = peer_channel(self._roster(), peer_id, self._files)
@@ -114,7 +185,7 @@ class ChannelPool:
         return stub
 
     def channel(self, peer_id: str) -> grpc.aio.Channel:
-        return self.stub(peer_id).channel
+        return self.dial(peer_id).channel
 
     def dialled(self) -> list[str]:
         """The peers this pool holds a channel to."""

@@ -39,6 +39,9 @@ Example (``hospital_a.toml``)::
     hello_seconds = 30.0            # a RoundStream without a hello by then is closed
     trust_poll_seconds = 2.0        # how often roster and CRL files are checked for changes
 
+    [relay]                         # optional; outbound-only sites (peer/relay.py)
+    peers = ["hospital-a", "hospital-b"]   # relays to keep a Control stream to, in order
+
     [metrics]                       # optional; absent = no endpoint (peer/metrics.py)
     listen = "127.0.0.1:9464"       # Prometheus /metrics, plain HTTP
     allow_remote = false            # true to listen on a non-loopback address
@@ -119,6 +122,10 @@ class PeerConfig:
     payload_file: Path | None = None  # test hook: a .npy vector this peer contributes
     limits: Limits = field(default_factory=Limits)  # per-caller limits (peer/ratelimit.py)
     metrics: MetricsConfig | None = None  # None: no metrics endpoint (peer/metrics.py)
+    # [relay] peers: for an outbound-only peer (no address in the roster), the reachable
+    # peers to keep its Control stream open to, in order of preference (peer/relay.py);
+    # empty: every reachable roster peer, in roster order.
+    relays: tuple[str, ...] = ()
 
     @property
     def directory(self) -> Path:
@@ -284,6 +291,7 @@ def load_config(path: str | Path) -> PeerConfig:
         payload_file=(base / payload).resolve() if isinstance(payload, str) else None,
         limits=_limits(table("limits"), f"{where} [limits]"),
         metrics=_metrics(document, f"{where} [metrics]"),
+        relays=tuple(str(p) for p in _get(table("relay"), "peers", list, f"{where} [relay]", [])),
     )
 
 

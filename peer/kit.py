@@ -110,7 +110,12 @@ class LocalKit:
         host: str = "127.0.0.1",
         stage_seconds: float = 30.0,
         policy: Mapping[str, object] | None = None,
+        outbound_only: Sequence[str] = (),
     ) -> LocalKit:
+        """Args:
+        outbound_only: peers whose roster entry has no address (peer/relay.py); they
+            still listen locally, but nobody dials them.
+        """
         directory.mkdir(parents=True, exist_ok=True)
         addresses = {p: f"{host}:{free_port(host)}" for p in peers}
         fed = LocalFederation.create(
@@ -119,6 +124,7 @@ class LocalKit:
             peers=peers,
             operators=[operator],
             addresses=addresses,
+            outbound_only=outbound_only,
         )
         policy = {"allowed_operators": [operator], **(policy or {})}
         kits: dict[str, Kit] = {}

@@ -7,7 +7,9 @@ together and runs them:
   the aggregator's end of a round);
 * :mod:`peer.runner`: the session runner (the round loop, retries, back-off, settling);
 * :mod:`peer.catchup`: where the others are, and the agreed records this peer lacks;
-* :mod:`peer.channels`: one channel per other peer, with one typed stub.
+* :mod:`peer.channels`: one channel per other peer, with one typed stub;
+* :mod:`peer.relay`: calls to outbound-only peers through a relay; when this peer is one
+  (no address in the roster), its Control stream to a relay.
 
 It also reloads the roster and CRL while it runs (peer/reload.py): a revoked member's key
 stops counting at once and its open round streams are closed.
@@ -32,6 +34,7 @@ from .identity import load_signer
 from .ledger import Ledger
 from .metrics import PeerMetrics
 from .payloads import PayloadFactory, default_payload
+from .relay import CallChecker, ControlClient, RelayRoute
 from .reload import TrustedKeys, TrustReloader
 from .round import NO_FAULTS, FaultHooks
 from .runner import CANNOT_RECORD, SessionRunner
@@ -106,7 +109,40 @@ class PeerNode:
             payload_factory=payload_factory,
             nonce_rng=nonce_rng or SystemRandom(),
             clock=clock,
+            roster=lambda: self.roster,
         )
+        # Outbound-only peers (no address in the roster) are called through a relay, this
+        # peer's own hub first (peer/relay.py).
+        self.relay_route = RelayRoute(
+            me=self.me,
+            signer=self.signer,
+            verifiers=self.verifiers,
+            roster=lambda: self.roster,
+            pool=self.pool,
+            hub=self.service.hub,
+        )
+        self.pool.relay_outbound_only(self.relay_route.stub)
+        self.control: ControlClient | None = None
+        own = self.roster.get(self.me)
+        if own is not None and not own.inbound:
+            self.control = ControlClient(
+                me=self.me,
+                relays=self._relays,
+                pool=self.pool,
+                checker=CallChecker(self.me, self.verifiers),
+                identify=lambda peer: self.authenticator.authenticate(
+                    self.roster[peer].certificate
+                ),
+                dispatch=self.service.relayed,
+                signer=self.signer,
+            )
+
+    def _relays(self) -> list[str]:
+        """The relays an outbound-only peer connects to: ``[relay] peers``, else every
+        reachable roster peer."""
+        reachable = [e.peer_id for e in self.roster.peers if e.inbound and e.peer_id != self.me]
+        chosen = list(self.config.relays) or reachable
+        return [p for p in chosen if p in reachable]
 
     async def serve(self, on_ready: Callable[[int], None] | None = None) -> None:
         """Serve until :meth:`stop`; resumes sessions that were running before a restart."""
@@ -126,6 +162,8 @@ class PeerNode:
                 self.port = port
                 reloader = asyncio.create_task(self.reloader.run(self._stopping))
                 self._background.add(reloader)
+                if self.control is not None:
+                    self._background.add(asyncio.create_task(self.control.run(self._stopping)))
                 with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                     # Only possible in the main thread of a Unix process (peer start); a peer
                     # run inside a test polls the files only.

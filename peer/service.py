@@ -3,7 +3,9 @@
 ``Propose`` checks a proposal against this peer's policy and commits to a beacon nonce;
 ``Start`` fixes the session beacon with its proposer and hands the session to the runner
 (:mod:`peer.runner`); ``Status`` / ``Records`` answer a session's participants and proposer;
-``RoundStream`` is the aggregator's end of a round (:func:`peer.round.serve_round_stream`).
+``RoundStream`` is the aggregator's end of a round (:func:`peer.round.serve_round_stream`);
+``Control`` / ``Relay`` carry calls to outbound-only peers (:mod:`peer.relay`), which run
+them through :meth:`PeerService.relayed`: the same handlers, for the call's signed author.
 Authentication is the TLS layer's (:func:`peer.tls.caller_identity`); authorization and rate
 limits are here, before any work.
 """
@@ -16,7 +18,7 @@ import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from typing import Any
+from typing import Any, NoReturn, Protocol
 
 import grpc
 from google.protobuf.message import DecodeError, Message
@@ -36,15 +38,22 @@ from .beacon import (
 from .channels import SERVICE
 from .codec import CodecError, fragments, record_to_proto
 from .config import PeerConfig
-from .identity import PeerIdentity, Role
+from .identity import PeerIdentity, Role, Roster
 from .ledger import BeaconState, Ledger, LedgerError, RecordRejected, SessionError, SessionStatus
 from .logs import remote
 from .payloads import PayloadFactory, epsilon_needed
 from .ratelimit import RateLimiter
+from .relay import RELAYED_METHODS, RelayHub, RelayRefused
 from .round import Elsewhere, backend_for, serve_round_stream
 from .runner import SessionRunner
-from .session import ProposalError, SessionProposal, SignedProposal, check_policy
-from .tls import caller_identity
+from .session import (
+    ProposalError,
+    SessionProposal,
+    SignedProposal,
+    check_policy,
+    outbound_problem,
+)
+from .tls import acting_as, caller_identity
 from .wire import peer_pb2 as pb
 
 __all__ = ["CATCH_UP_CHECKPOINT_BYTES", "PeerService"]
@@ -91,6 +100,27 @@ async def _until(stop: asyncio.Event, source: AsyncIterator[Any]) -> AsyncIterat
                 await aclose()
 
 
+class CallContext(Protocol):
+    """What the unary handlers use of their call: a gRPC ServicerContext, or a relayed
+    call's (:class:`_RelayedContext`)."""
+
+    async def abort(self, code: grpc.StatusCode, details: str) -> NoReturn: ...
+
+
+class _Aborted(Exception):
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code, self.details = code, details
+
+
+class _RelayedContext:
+    """A relayed call's context: ``abort`` ends the handler with the code and details that
+    go back, signed, to the caller."""
+
+    async def abort(self, code: grpc.StatusCode, details: str) -> NoReturn:
+        raise _Aborted(code, details)
+
+
 class PeerService:
     """The handlers of the Peer service (see the module docstring)."""
 
@@ -106,8 +136,10 @@ class PeerService:
         payload_factory: PayloadFactory,
         nonce_rng: RandomSource,
         clock: Callable[[], float],
+        roster: Callable[[], Roster],
     ) -> None:
         self.me = me
+        self.roster = roster
         self.config = config
         self.ledger = ledger
         self.signer = signer
@@ -128,6 +160,11 @@ class PeerService:
         self._rate_limited: set[str] = set()  # callers whose last proposal was rate limited
         # Open RoundStreams and who holds them, to close them when a CRL revokes the caller.
         self.open_streams: dict[asyncio.Event, PeerIdentity] = {}
+        # Outbound-only peers whose Control stream is open here (peer/relay.py); relayed
+        # calls count against the same per-caller rate as Status/Records.
+        self.hub = RelayHub(
+            me, roster, RateLimiter(self.limits.reads_per_second, self.limits.reads_burst)
+        )
 
     def handler(self) -> grpc.GenericRpcHandler:  # type: ignore[type-arg]
         """The service's methods, for :func:`peer.tls.create_server`."""
@@ -153,6 +190,15 @@ class PeerService:
                 "RoundStream": grpc.stream_stream_rpc_method_handler(
                     self._round_stream,  # parses its own fragments (_parsed_fragments)
                     response_serializer=pb.Fragment.SerializeToString,
+                ),
+                "Relay": grpc.unary_unary_rpc_method_handler(
+                    self._parsing(self._relay, pb.RelayedCall),
+                    response_serializer=pb.RelayedAnswer.SerializeToString,
+                ),
+                "Control": grpc.stream_stream_rpc_method_handler(
+                    self._control,
+                    request_deserializer=pb.RelayedAnswer.FromString,
+                    response_serializer=pb.RelayedCall.SerializeToString,
                 ),
             },
         )
@@ -186,7 +232,7 @@ class PeerService:
         return call
 
     async def _propose(
-        self, request: pb.SessionProposal, context: grpc.aio.ServicerContext[Any, Any]
+        self, request: pb.SessionProposal, context: CallContext
     ) -> pb.ProposalAnswer:
         """Check a proposal; on accepting, commit to a beacon nonce (peer/beacon.py).
 
@@ -232,6 +278,9 @@ class PeerService:
         except ProposalError as error:
             return self._refuse(request, caller.peer_id, "", str(error))
         proposal = signed.proposal
+        problem = outbound_problem(proposal, self.roster())
+        if problem is not None:  # it decides who may aggregate: it must match our roster
+            return self._refuse(request, caller.peer_id, proposal.session_id, problem)
         existing = self.ledger.session(proposal.session_id)
         if existing is not None:
             if existing.proposal != proposal.document() or existing.proposer != request.proposer:
@@ -334,9 +383,7 @@ class PeerService:
             logger.warning("peer=%s cannot log a refused proposal: %s", self.me, error)
         return pb.ProposalAnswer(peer_id=self.me, accepted=False, reason=reason)
 
-    async def _start(
-        self, request: pb.StartRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> pb.StartAnswer:
+    async def _start(self, request: pb.StartRequest, context: CallContext) -> pb.StartAnswer:
         """Fix the session beacon with its proposer, then run the session (peer/beacon.py).
 
         With the participants' signed commitments: check and store them, answer this peer's
@@ -439,7 +486,7 @@ class PeerService:
         return beacon
 
     async def _authorize_read(
-        self, request: pb.SessionRef, context: grpc.aio.ServicerContext[Any, Any], what: str
+        self, request: pb.SessionRef, context: CallContext, what: str
     ) -> None:
         """Deny by default: a session's state, records and results are answered to its
         participants and to the operator who proposed it, at a bounded rate per caller."""
@@ -481,15 +528,11 @@ class PeerService:
                 f"{request.session_id!r}: its {what} are not answered to {caller}",
             )
 
-    async def _status(
-        self, request: pb.SessionRef, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> pb.SessionStatus:
+    async def _status(self, request: pb.SessionRef, context: CallContext) -> pb.SessionStatus:
         await self._authorize_read(request, context, "status")
         return self.runner.status_of(request.session_id)
 
-    async def _records(
-        self, request: pb.SessionRef, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> pb.SessionStatus:
+    async def _records(self, request: pb.SessionRef, context: CallContext) -> pb.SessionStatus:
         await self._authorize_read(request, context, "records")
         status = self.runner.status_of(request.session_id)
         for stored in self.ledger.agreed_records(request.session_id):
@@ -557,3 +600,53 @@ class PeerService:
             raise
         finally:
             self.open_streams.pop(closing, None)
+
+    # ------------------------------------------------------------------ outbound-only peers
+
+    async def relayed(
+        self, method: str, request: bytes, caller: PeerIdentity
+    ) -> tuple[grpc.StatusCode, str, bytes]:
+        """Handle a call relayed to this (outbound-only) peer with the handler a direct call
+        runs, for ``caller`` (authenticated by its signature on the call, peer/relay.py);
+        returns (code, details, serialised response)."""
+        handlers: dict[str, Callable[[Any, CallContext], Awaitable[Message]]] = {
+            "Propose": self._propose,
+            "Start": self._start,
+            "Status": self._status,
+            "Records": self._records,
+        }
+        try:
+            parsed = RELAYED_METHODS[method].FromString(request)
+        except DecodeError as error:
+            return grpc.StatusCode.INVALID_ARGUMENT, f"not a valid {method} request: {error}", b""
+        with acting_as(caller):
+            try:
+                response = await handlers[method](parsed, _RelayedContext())
+            except _Aborted as aborted:
+                return aborted.code, aborted.details, b""
+        return grpc.StatusCode.OK, "", response.SerializeToString()
+
+    async def _relay(
+        self, request: pb.RelayedCall, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.RelayedAnswer:
+        """Carry a signed call to an outbound-only peer connected here (peer/relay.py)."""
+        caller = caller_identity().peer_id
+        try:
+            return await self.hub.forward(caller, request, context.time_remaining() or 60.0)
+        except RelayRefused as refused:
+            logger.info("peer=%s did not relay for %s: %s", self.me, caller, refused)
+            await context.abort(refused.code, str(refused))
+
+    async def _control(
+        self, requests: AsyncIterator[pb.RelayedAnswer], context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.RelayedCall]:
+        """An outbound-only peer's long-lived stream: the calls for it go down, its signed
+        answers come back (peer/relay.py)."""
+        identity = caller_identity()
+        try:
+            self.hub.admit(identity)
+        except RelayRefused as refused:
+            logger.warning("peer=%s refused a control stream: %s", self.me, refused)
+            await context.abort(refused.code, str(refused))
+        async for call in self.hub.control(identity.peer_id, requests):
+            yield call

@@ -28,6 +28,7 @@ from secagg.graph import (
 )
 
 from .config import Policy
+from .identity import Roster
 
 __all__ = [
     "ProposalError",
@@ -35,6 +36,7 @@ __all__ = [
     "SignedProposal",
     "aggregator_for",
     "check_policy",
+    "outbound_problem",
     "required_colluders",
 ]
 
@@ -77,12 +79,26 @@ class SessionProposal:
     # Paillier sessions only: the key holder's modulus size (peers refuse below their policy).
     paillier_key_bits: int = 2048
     colluders: int = 1
+    # Participants whose roster entry has no address (outbound-only sites, peer/relay.py):
+    # never the aggregator. Each peer checks the list against its roster before accepting,
+    # so a proposer cannot narrow the rotation to its friends (:func:`outbound_problem`).
+    outbound_only: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not _SESSION_ID.match(self.session_id):
             raise ProposalError(f"session id {self.session_id!r} must match {_SESSION_ID.pattern}")
         if len(set(self.participants)) != len(self.participants) or len(self.participants) < 2:
             raise ProposalError("a session needs at least 2 distinct participants")
+        strangers = sorted(set(self.outbound_only) - set(self.participants))
+        if strangers:
+            raise ProposalError(
+                f"outbound_only names {', '.join(strangers)}, who are not participants"
+            )
+        if not self.aggregators:
+            raise ProposalError(
+                "every participant is outbound-only: no one can be the aggregator (at least "
+                "one participant must accept inbound connections)"
+            )
         if not 1 <= self.rounds <= 100_000:
             raise ProposalError(f"rounds must be between 1 and 100000, not {self.rounds}")
         if self.aggregation not in AGGREGATIONS:
@@ -110,6 +126,12 @@ class SessionProposal:
             self.round_config(1, vector_length=max(1, self.vector_length), beacon=bytes(32))
         except (ConfigError, ValueError) as error:
             raise ProposalError(str(error)) from None
+
+    @property
+    def aggregators(self) -> tuple[str, ...]:
+        """The participants that may aggregate (those that accept inbound connections),
+        sorted: the rotation of :func:`aggregator_for`."""
+        return tuple(sorted(set(self.participants) - set(self.outbound_only)))
 
     @property
     def payload_kind(self) -> str:
@@ -159,6 +181,12 @@ class SessionProposal:
         """The canonical JSON text that is signed."""
         data = asdict(self)
         data["participants"] = sorted(self.participants)
+        if self.outbound_only:
+            data["outbound_only"] = sorted(self.outbound_only)
+        else:
+            # Absent when empty: the documents (and digests) of sessions without
+            # outbound-only sites stay what they were before the field existed.
+            del data["outbound_only"]
         return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
     @property
@@ -170,6 +198,7 @@ class SessionProposal:
         try:
             data = json.loads(document)
             data["participants"] = tuple(data["participants"])
+            data["outbound_only"] = tuple(data.get("outbound_only", ()))
             return cls(**data)
         except ProposalError:
             raise
@@ -311,18 +340,40 @@ def _secagg_parameter_refusal(proposal: SessionProposal, policy: Policy) -> str 
 
 
 def aggregator_for(proposal: SessionProposal, round_: int, attempt: int, beacon: bytes) -> str:
-    """The aggregator of (round, attempt): a rotation over the sorted participants.
+    """The aggregator of (round, attempt): a rotation over the sorted participants that
+    accept inbound connections (:attr:`SessionProposal.aggregators`).
 
     The starting point is a hash of (beacon, round): the beacon is fixed only after every
     peer accepted (:mod:`peer.beacon`), so neither the proposer (through the session id) nor
     any peer can choose who aggregates. Each retry of a round (its aggregator died) moves to
-    the next participant.
+    the next participant. Every peer computes the same choice: it depends only on the signed
+    proposal and the beacon, never on this peer's own roster or connectivity.
     """
     if not beacon:
         raise ValueError(f"session {proposal.session_id} has no beacon yet: it was not started")
-    peers: Sequence[str] = sorted(proposal.participants)
+    peers: Sequence[str] = proposal.aggregators
     seed = hashlib.sha256(
         b"hospital-secagg/aggregator/v2\x00" + beacon + round_.to_bytes(8, "big")
     ).digest()
     start = int.from_bytes(seed[:8], "big")
     return peers[(start + attempt) % len(peers)]
+
+
+def outbound_problem(proposal: SessionProposal, roster: Roster) -> str | None:
+    """Why ``proposal``'s outbound-only list does not match ``roster``, or None.
+
+    The list decides who may aggregate; it must name exactly the participants whose roster
+    entry has no address. Naming an inbound peer would let a proposer narrow the rotation
+    (to an accomplice); leaving out an outbound-only one would make it the aggregator of
+    rounds nobody can join.
+    """
+    expected = {
+        p for p in proposal.participants if (e := roster.get(p)) is not None and not e.inbound
+    }
+    if expected != set(proposal.outbound_only):
+        return (
+            f"the proposal lists outbound-only participants "
+            f"[{', '.join(sorted(proposal.outbound_only))}], but the roster version "
+            f"{roster.version} says [{', '.join(sorted(expected))}]"
+        )
+    return None

@@ -358,6 +358,17 @@ def _add_roster(subparsers: Any) -> None:
         help="a peer's certificate and its address",
     )
     parser.add_argument(
+        "--outbound-only",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="CERT",
+        help=(
+            "a peer that accepts no inbound connection (no address): it takes part over "
+            "outbound streams through a relay and is never an aggregator"
+        ),
+    )
+    parser.add_argument(
         "--operator",
         action="extend",
         nargs="+",
@@ -382,13 +393,14 @@ def _entry_report(entry: RosterEntry) -> dict[str, Any]:
 
 def _cmd_roster(args: argparse.Namespace) -> int:
     if not args.peer:
-        raise UsageError("a roster needs at least one --peer CERT=HOST:PORT")
+        raise UsageError("a roster needs at least one --peer CERT=HOST:PORT (a reachable peer)")
     entries: list[tuple[str | Path, str | None]] = []
     for spec in args.peer:
         cert, sep, address = spec.partition("=")
         if not sep or not cert or not address:
             raise UsageError(f"--peer {spec}: expected CERT=HOST:PORT, e.g. a.pem=a.org:7443")
         entries.append((Path(cert), address))
+    entries += [(Path(cert), None) for cert in args.outbound_only]
     entries += [(Path(cert), None) for cert in args.operator]
     with user_errors():
         signed = build_roster(args.ca, entries)

@@ -319,3 +319,30 @@ def test_the_console_entry_point_gives_one_line_errors(tmp_path: Path) -> None:
 def test_every_command_has_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main([command, "--help"]) == 0
     assert f"usage: ceremony {command}" in capsys.readouterr().out
+
+
+def test_roster_lists_an_outbound_only_peer_without_an_address(
+    tmp_path: Path, ca: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    made = {p: request(capsys, tmp_path / p, p) for p in ("hospital-a", "hospital-b")}
+    for peer_id, paths in made.items():
+        sign(capsys, ca, paths["csr"], tmp_path / peer_id / f"{peer_id}.pem")
+    roster = ceremony_json(
+        capsys,
+        "roster",
+        "--ca",
+        str(ca),
+        "--peer",
+        f"{tmp_path}/hospital-a/hospital-a.pem=127.0.0.1:7001",
+        "--outbound-only",
+        f"{tmp_path}/hospital-b/hospital-b.pem",
+        "--out",
+        str(tmp_path / "roster.json"),
+    )
+    assert {m["peer_id"]: m["address"] for m in roster["members"]} == {
+        "hospital-a": "127.0.0.1:7001",
+        "hospital-b": None,
+    }
+    loaded = load_roster(tmp_path / "roster.json", load_certificate(ca / "ca.pem"))
+    assert loaded["hospital-a"].inbound
+    assert not loaded["hospital-b"].inbound

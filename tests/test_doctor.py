@@ -454,3 +454,36 @@ def test_port_taken_by_something_else_fails_inbound(kit: LocalKit) -> None:
         report = run_doctor(config_of(kit), fake_env(peer_timeout=2.0))
     assert statuses(report)["inbound"] == {Status.FAIL}
     assert "does not answer as this peer" in only(report, "inbound")
+
+
+# --------------------------------------------------------------------------- outbound-only
+
+
+@pytest.fixture
+def outbound_kit(tmp_path: Path) -> LocalKit:
+    return LocalKit.create(tmp_path / "fed", PEERS, outbound_only=[ME])
+
+
+def test_outbound_only_site_skips_inbound_and_checks_its_relay(outbound_kit: LocalKit) -> None:
+    with serving(outbound_kit, ["hospital-b", "hospital-c"]):
+        report = run_doctor(config_of(outbound_kit), fake_env(peer_timeout=3.0))
+    assert statuses(report)["inbound"] == {Status.OK}, report.to_text()
+    assert "outbound-only: inbound check skipped; relay reachable" in only(report, "inbound")
+    assert statuses(report)["roster entry"] == {Status.OK}
+    assert "outbound-only" in only(report, "roster entry")
+    assert report.exit_code == 0, report.to_text()
+
+
+def test_outbound_only_site_without_a_reachable_relay_fails(outbound_kit: LocalKit) -> None:
+    report = run_doctor(config_of(outbound_kit), fake_env(peer_timeout=2.0))
+    assert statuses(report)["inbound"] == {Status.FAIL}
+    assert "no relay reachable" in only(report, "inbound")
+    assert report.exit_code == 1
+
+
+def test_an_outbound_only_peer_is_not_dialled_by_the_others(outbound_kit: LocalKit) -> None:
+    with serving(outbound_kit, ["hospital-b", "hospital-c"]):
+        report = run_doctor(config_of(outbound_kit, "hospital-b"), fake_env(peer_timeout=3.0))
+    assert statuses(report)[f"peer {ME}"] == {Status.OK}
+    assert "reached through a relay" in only(report, f"peer {ME}")
+    assert statuses(report)["inbound"] == {Status.OK}, report.to_text()

@@ -198,8 +198,10 @@ def test_build_roster_refuses_foreign_certificates_and_bad_entries(
     a = fed.members["hospital-a"].cert
     with pytest.raises(RosterError, match="appears twice"):
         build_roster(fed.ca.directory, [(a, "h:1"), (a, "h:2")])
-    with pytest.raises(RosterError, match="needs an address"):
-        build_roster(fed.ca.directory, [(a, None)])
+    # A peer without an address is an outbound-only site (peer/relay.py), not an error.
+    (outbound,) = build_roster(fed.ca.directory, [(a, None)]).roster.entries
+    assert outbound.address is None
+    assert not outbound.inbound
     with pytest.raises(RosterError, match="invalid peer address"):
         build_roster(fed.ca.directory, [(a, "no-port")])
     with pytest.raises(RosterError, match="operator, which runs no peer"):

@@ -300,11 +300,11 @@ class SiteChecks:
                 ask,
             )
             return
-        if entry.role is not Role.PEER or entry.address is None:
+        if entry.role is not Role.PEER:
             yield Finding(
                 "roster entry",
                 Status.FAIL,
-                f"the roster lists {config.peer_id!r} as {entry.role.value} without an address",
+                f"the roster lists {config.peer_id!r} as {entry.role.value}, not as a peer",
                 ask,
             )
             return
@@ -316,6 +316,14 @@ class SiteChecks:
                 f"but {config.cert} has {fingerprint(self.cert)}",
                 "install the certificate the roster lists, or ask the CA for a roster with "
                 "this certificate",
+            )
+            return
+        if entry.address is None:
+            yield Finding(
+                "roster entry",
+                Status.OK,
+                f"{config.peer_id} is outbound-only (no address: others reach it through a "
+                "relay, and it never aggregates); fingerprint matches the certificate",
             )
             return
         listen_port = config.listen.rpartition(":")[2]

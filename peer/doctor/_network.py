@@ -8,7 +8,7 @@ from collections.abc import Iterator, Sequence
 
 from peer.config import PeerConfig
 from peer.doctor._report import Finding, Status
-from peer.identity import Roster
+from peer.identity import Role, Roster
 from peer.tls import (
     HandshakeError,
     PeerRejectedError,
@@ -22,9 +22,19 @@ from peer.tls import (
 def check_network(config: PeerConfig, roster: Roster, timeout: float) -> Iterator[Finding]:
     """One finding per other roster peer, one if none answers, and one for inbound."""
     others = [e for e in roster.peers if e.peer_id != config.peer_id]
-    results = asyncio.run(_dial_all(config, roster, [e.peer_id for e in others], timeout))
+    dialled = [e for e in others if e.inbound]
+    results = asyncio.run(_dial_all(config, roster, [e.peer_id for e in dialled], timeout))
     reachable = 0
     for entry in others:
+        if not entry.inbound:
+            # Nobody can dial it (its firewall accepts no inbound connection): it keeps a
+            # control stream to a relay, and is reached through it (peer/relay.py).
+            yield Finding(
+                f"peer {entry.peer_id}",
+                Status.OK,
+                "outbound-only: not dialled (reached through a relay)",
+            )
+            continue
         error = results[entry.peer_id]
         if error is None:
             reachable += 1
@@ -43,7 +53,7 @@ def check_network(config: PeerConfig, roster: Roster, timeout: float) -> Iterato
             f"none of the {len(others)} other peers answers: this site cannot take part",
             "check this site's outbound firewall to the roster addresses",
         )
-    yield from _inbound(config, roster, timeout)
+    yield from _inbound(config, roster, timeout, results)
 
 
 async def _dial_all(
@@ -67,10 +77,18 @@ async def _dial(
     return None
 
 
-def _inbound(config: PeerConfig, roster: Roster, timeout: float) -> Iterator[Finding]:
+def _inbound(
+    config: PeerConfig,
+    roster: Roster,
+    timeout: float,
+    dialled: dict[str, TransportError | None],
+) -> Iterator[Finding]:
     entry = roster.get(config.peer_id)
-    if entry is None or entry.address is None:
+    if entry is None or entry.role is not Role.PEER:
         return  # reported by the roster entry check
+    if entry.address is None:
+        yield _relay_finding(config, dialled)
+        return
     error = asyncio.run(_dial(config, roster, config.peer_id, timeout))
     if error is None:
         yield Finding(
@@ -96,6 +114,28 @@ def _inbound(config: PeerConfig, roster: Roster, timeout: float) -> Iterator[Fin
         f"does not answer as this peer: {error}",
         "check that the roster address resolves to this machine and that the process on "
         "the port is this peer",
+    )
+
+
+def _relay_finding(config: PeerConfig, dialled: dict[str, TransportError | None]) -> Finding:
+    """An outbound-only site: no inbound check; one of its relays must answer."""
+    relays = [p for p in (config.relays or dialled) if p in dialled]
+    answering = [p for p in relays if dialled[p] is None]
+    if answering:
+        return Finding(
+            "inbound",
+            Status.OK,
+            f"outbound-only: inbound check skipped; relay reachable ({', '.join(answering)} "
+            "answers; the peer keeps its control stream there)",
+        )
+    named = ", ".join(config.relays) or "every reachable roster peer"
+    return Finding(
+        "inbound",
+        Status.FAIL,
+        f"outbound-only: inbound check skipped; no relay reachable (tried {named}): nobody "
+        "can reach this site's peer",
+        "open the outbound firewall to a relay's roster address, or name reachable peers in "
+        "[relay] peers",
     )
 
 

@@ -55,7 +55,9 @@ class RosterEntry:
     """One member of the federation.
 
     Attributes:
-        address: ``host:port`` of its peer server; ``None`` for operators, who run no peer.
+        address: ``host:port`` of its peer server; ``None`` for operators, who run no peer,
+            and for outbound-only peers (a site whose firewall accepts no inbound
+            connection: it takes part over outbound streams only, see :attr:`inbound`).
         certificate: its certificate, so that any peer can verify its protocol signatures
             even without ever connecting to it.
     """
@@ -70,6 +72,12 @@ class RosterEntry:
     def verifier(self) -> Verifier:
         """A verifier of this member's protocol signatures (its certificate key)."""
         return verifier_from_public_key(self.certificate.public_key())
+
+    @property
+    def inbound(self) -> bool:
+        """Whether others can dial this member: a peer with an address. A peer without one
+        is outbound-only (peer/relay.py): never an aggregator, reached through a relay."""
+        return self.role is Role.PEER and self.address is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,7 +165,15 @@ def _entry_from_certificate(
         )
     if identity.role is Role.PEER:
         if address is None:
-            raise RosterError(f"{source}: peer {identity.peer_id!r} needs an address host:port")
+            # An outbound-only site (its firewall accepts no inbound connection).
+            return RosterEntry(
+                peer_id=identity.peer_id,
+                institution=identity.institution,
+                role=identity.role,
+                address=None,
+                cert_fingerprint_sha256=fingerprint(cert),
+                certificate=cert,
+            )
         try:
             validate_address(address)
         except IdentityError as exc:
@@ -230,14 +246,14 @@ def build_roster(
 
     Args:
         entries: ``(certificate or its path, "host:port")`` per member; the address is
-            ``None`` for operators.
+            ``None`` for operators and for outbound-only peers.
 
     Returns:
         The signed roster; call ``.write(path)`` to produce the files to distribute.
 
     Raises:
-        RosterError: a certificate from another CA/federation, a duplicate peer id, a peer
-            without an address or an operator with one.
+        RosterError: a certificate from another CA/federation, a duplicate peer id, or an
+            operator with an address.
     """
     ca = open_ca(ca_dir)
     info = ca.info

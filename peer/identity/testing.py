@@ -58,11 +58,12 @@ class LocalFederation:
         operators: Iterable[str] = (),
         clock: Clock = system_clock,
         addresses: Mapping[str, str] | None = None,
+        outbound_only: Iterable[str] = (),
     ) -> LocalFederation:
         """Create a CA and members, and publish a roster of all of them.
 
         Peers get address ``addresses[peer_id]`` (default ``127.0.0.1:1``, a placeholder for
-        tests that dial ports chosen at run time).
+        tests that dial ports chosen at run time); those in ``outbound_only`` get none.
         """
         root = Path(directory)
         ca = init_ca(root / "ca", federation, f"{federation} root CA", clock=clock)
@@ -71,7 +72,7 @@ class LocalFederation:
             fed.add_member(peer_id, clock=clock)
         for operator_id in operators:
             fed.add_member(operator_id, role=Role.OPERATOR, clock=clock)
-        fed.publish_roster(addresses or {}, clock=clock)
+        fed.publish_roster(addresses or {}, clock=clock, outbound_only=outbound_only)
         return fed
 
     def add_member(
@@ -104,12 +105,18 @@ class LocalFederation:
         *,
         include: Iterable[str] | None = None,
         clock: Clock = system_clock,
+        outbound_only: Iterable[str] = (),
     ) -> Roster:
-        """Sign a roster of ``include`` (default: every member) and write ``roster.json``."""
+        """Sign a roster of ``include`` (default: every member) and write ``roster.json``;
+        the peers in ``outbound_only`` get no address (peer/relay.py)."""
         chosen = list(include) if include is not None else list(self.members)
+        no_address = set(outbound_only)
         entries: list[tuple[StrPath | x509.Certificate, str | None]] = []
         for peer_id in chosen:
             member = self.members[peer_id]
+            if peer_id in no_address:
+                entries.append((member.cert, None))
+                continue
             address = None if member.role is Role.OPERATOR else addresses.get(peer_id)
             entries.append((member.cert, address or _default_address(member)))
         signed = build_roster(self.ca.directory, entries, clock=clock)

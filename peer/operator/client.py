@@ -17,8 +17,9 @@ import grpc
 
 from secagg import Signer
 
-from ..channels import ChannelPool, PeerStub
+from ..channels import ChannelPool, PeerCalls
 from ..identity import Roster, load_certificate, load_roster, load_signer
+from ..relay import RelayRoute
 from ..session import SessionProposal, SignedProposal
 from ..session_state import FINAL_STATES
 from ..tls import TLSFiles, map_rpc_error
@@ -74,12 +75,22 @@ class OperatorClient:
     def __post_init__(self) -> None:
         # The peers' own channel cache and typed stub (peer/channels.py): one channel per peer.
         self._pool = ChannelPool(lambda: self.roster, self.files)
+        # An outbound-only peer is called through a relay, with calls this operator signs
+        # (peer/relay.py): the relay can drop them, not forge or alter them.
+        route = RelayRoute(
+            me=self.me,
+            signer=self.signer,
+            verifiers=self.roster.verifiers(),
+            roster=lambda: self.roster,
+            pool=self._pool,
+        )
+        self._pool.relay_outbound_only(route.stub)
         self._nonces: dict[str, dict[str, bytes]] = {}
 
     async def close(self) -> None:
         await self._pool.close()
 
-    async def _call(self, peer: str, call: Callable[[PeerStub], Awaitable[T]]) -> T:
+    async def _call(self, peer: str, call: Callable[[PeerCalls], Awaitable[T]]) -> T:
         """``call`` on ``peer``'s stub, its gRPC error mapped to a TransportError."""
         stub = self._pool.stub(peer)
         try:

@@ -194,6 +194,8 @@ def build_proposal(
             prepare_seconds=float(table.get("prepare_seconds", 120.0)),
             seed=int(table.get("seed", 0)),
             colluders=int(table.get("colluders", 1)),
+            # Never aggregators; every peer checks this against its roster (peer/session.py).
+            outbound_only=tuple(p for p in participants if not roster[p].inbound),
         )
     except ValueError as error:  # ProposalError, or an unknown graph kind
         raise OperatorError(f"{where}: {error}") from None

@@ -51,7 +51,13 @@ channels, the health check), :mod:`peer.tls._auth` (the :class:`Authenticator` a
 :func:`map_rpc_error`). Import everything from ``peer.tls``.
 """
 
-from peer.tls._auth import Authenticator, AuthInterceptor, caller_identity, status_for
+from peer.tls._auth import (
+    Authenticator,
+    AuthInterceptor,
+    acting_as,
+    caller_identity,
+    status_for,
+)
 from peer.tls._channel import (
     CHANNEL_OPTIONS,
     SERVER_OPTIONS,
@@ -85,6 +91,7 @@ __all__ = [
     "PeerUnreachableError",
     "TLSFiles",
     "TransportError",
+    "acting_as",
     "caller_identity",
     "channel_credentials",
     "check_peer",

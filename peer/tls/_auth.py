@@ -4,10 +4,11 @@ how and why)."""
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import inspect
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, cast
 
 import grpc
@@ -34,7 +35,7 @@ from peer.identity import (
 )
 from peer.identity._files import StrPath
 
-__all__ = ["AuthInterceptor", "Authenticator", "caller_identity", "status_for"]
+__all__ = ["AuthInterceptor", "Authenticator", "acting_as", "caller_identity", "status_for"]
 
 # The transport logs under one name, as before it was cut into modules.
 logger = logging.getLogger("peer.tls")
@@ -146,6 +147,18 @@ def caller_identity() -> PeerIdentity:
         raise RuntimeError(
             "caller_identity() called outside an RPC authenticated by AuthInterceptor"
         ) from None
+
+
+@contextlib.contextmanager
+def acting_as(identity: PeerIdentity) -> Iterator[None]:
+    """Handle a call on behalf of ``identity`` without a TLS connection from it: a call an
+    outbound-only peer receives through a relay (peer/relay.py), whose author signed it and
+    was authenticated against the roster and CRL by that signature."""
+    token = _caller.set(identity)
+    try:
+        yield
+    finally:
+        _caller.reset(token)
 
 
 Behaviour = Callable[..., Any]

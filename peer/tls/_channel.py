@@ -250,6 +250,11 @@ def peer_channel(
     """
     entry = roster[peer_id]
     if entry.address is None:
+        if entry.role is Role.PEER:
+            raise KeyError(
+                f"{peer_id!r} is an outbound-only peer (no address in the roster): it is "
+                "reached through a relay (peer/relay.py), never dialled"
+            )
         raise KeyError(f"{peer_id!r} is an {entry.role.value} and runs no peer server")
     return secure_channel(
         entry.address,

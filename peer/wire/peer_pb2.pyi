@@ -994,3 +994,91 @@ class SessionStatus(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SessionStatus: _TypeAlias = SessionStatus  # noqa: Y015
+
+@_typing.final
+class RelayedCall(_message.Message):
+    """---------------------------------------------------------------- outbound-only sites
+
+    A call to a peer that accepts no inbound connections (its roster entry has no address),
+    carried by a relay: signed by its caller, so the relay can drop it but not forge or alter
+    it (peer/relay.py). ``method`` is one of Propose, Start, Status, Records; ``request`` the
+    serialised request of that method.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CALLER_FIELD_NUMBER: _builtins.int
+    TARGET_FIELD_NUMBER: _builtins.int
+    METHOD_FIELD_NUMBER: _builtins.int
+    REQUEST_FIELD_NUMBER: _builtins.int
+    ISSUED_AT_FIELD_NUMBER: _builtins.int
+    NONCE_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    caller: _builtins.str
+    target: _builtins.str
+    method: _builtins.str
+    request: _builtins.bytes
+    issued_at: _builtins.float
+    """the caller's UNIX time: the target refuses stale calls"""
+    nonce: _builtins.bytes
+    """random: the target refuses a call it has seen (replay)"""
+    signature: _builtins.bytes
+    """the caller's certificate key over all of the above"""
+    def __init__(
+        self,
+        *,
+        caller: _builtins.str = ...,
+        target: _builtins.str = ...,
+        method: _builtins.str = ...,
+        request: _builtins.bytes = ...,
+        issued_at: _builtins.float = ...,
+        nonce: _builtins.bytes = ...,
+        signature: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["caller", b"caller", "issued_at", b"issued_at", "method", b"method", "nonce", b"nonce", "request", b"request", "signature", b"signature", "target", b"target"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RelayedCall: _TypeAlias = RelayedCall  # noqa: Y015
+
+@_typing.final
+class RelayedAnswer(_message.Message):
+    """The target's answer to a RelayedCall, signed by the target and bound to the call."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TARGET_FIELD_NUMBER: _builtins.int
+    CALL_DIGEST_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
+    DETAILS_FIELD_NUMBER: _builtins.int
+    RESPONSE_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    target: _builtins.str
+    call_digest: _builtins.bytes
+    """SHA-256 of the call's signed bytes"""
+    code: _builtins.int
+    """grpc.StatusCode value; 0 = OK"""
+    details: _builtins.str
+    response: _builtins.bytes
+    """the serialised response when code = 0"""
+    signature: _builtins.bytes
+    """the target's certificate key over all of the above"""
+    def __init__(
+        self,
+        *,
+        target: _builtins.str = ...,
+        call_digest: _builtins.bytes = ...,
+        code: _builtins.int = ...,
+        details: _builtins.str = ...,
+        response: _builtins.bytes = ...,
+        signature: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call_digest", b"call_digest", "code", b"code", "details", b"details", "response", b"response", "signature", b"signature", "target", b"target"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RelayedAnswer: _TypeAlias = RelayedAnswer  # noqa: Y015

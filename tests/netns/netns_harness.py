@@ -201,6 +201,9 @@ class _Port:
     address: bytes
     conditions: LinkConditions = field(default_factory=LinkConditions)
     cut: bool = False
+    # A site firewall that accepts no inbound connection: TCP SYNs to this host are dropped
+    # (its own outbound connections, and their replies, pass).
+    inbound_blocked: bool = False
 
 
 @dataclass
@@ -208,6 +211,7 @@ class LinkStats:
     forwarded: int = 0
     lost: int = 0  # random loss
     cut: int = 0  # dropped because a link was cut
+    firewalled: int = 0  # connection attempts to a host that accepts no inbound connection
     other: int = 0  # not IPv4, unknown destination, full queue
 
 
@@ -250,6 +254,10 @@ class LinkEmulator:
     def heal(self, name: str) -> None:
         self._ports[name].cut = False
         self._poke()
+
+    def block_inbound(self, name: str) -> None:
+        """Drop every new TCP connection to ``name`` (SYN without ACK), as its firewall would."""
+        self._ports[name].inbound_blocked = True
 
     def is_cut(self, name: str) -> bool:
         return self._ports[name].cut
@@ -297,6 +305,8 @@ class LinkEmulator:
                 self.stats.other += 1
             elif source.cut or target.cut:
                 self.stats.cut += 1
+            elif target.inbound_blocked and _opens_tcp_connection(packet):
+                self.stats.firewalled += 1
             elif self._rng.random() < source.conditions.loss:
                 self.stats.lost += 1
             else:
@@ -315,6 +325,15 @@ class LinkEmulator:
                 self.stats.forwarded += 1
             except (BlockingIOError, OSError):
                 self.stats.other += 1
+
+
+def _opens_tcp_connection(packet: bytes) -> bool:
+    """Whether an IPv4 packet is a TCP SYN without ACK (the first packet of a connection)."""
+    header = (packet[0] & 0x0F) * 4
+    if packet[9] != 6 or len(packet) < header + 14:  # not TCP, or truncated
+        return False
+    flags = packet[header + 13]
+    return bool(flags & 0x02) and not flags & 0x10
 
 
 # ====================================================================== processes
@@ -509,8 +528,13 @@ class NetnsFederation:
         conditions: LinkConditions = LinkConditions(),
         seed: int = 0,
         start: bool = True,
+        outbound_only: Sequence[str] = (),
     ) -> NetnsFederation:
-        """Namespaces, links, kits with namespace addresses, vectors; peers started."""
+        """Namespaces, links, kits with namespace addresses, vectors; peers started.
+
+        The hosts in ``outbound_only`` have no address in the roster and their link drops
+        every inbound connection (:meth:`LinkEmulator.block_inbound`).
+        """
         sweep_stale()
         prefix = f"{NAME_PREFIX}{os.getpid()}-{next(_run_counter)}"
         ids = [f"hospital-{chr(ord('a') + i)}" for i in range(n)]
@@ -534,9 +558,14 @@ class NetnsFederation:
                 links.attach(name, fd, address)
                 if name != "operator":
                     links.set_conditions(name, conditions)
+                if name in outbound_only:
+                    links.block_inbound(name)
             links.start()
             kit = _write_kit(
-                directory, {p: f"{addresses[p]}:{PEER_PORT}" for p in ids}, stage_seconds
+                directory,
+                {p: f"{addresses[p]}:{PEER_PORT}" for p in ids},
+                stage_seconds,
+                outbound_only,
             )
             rng = np.random.default_rng(seed)
             vectors: dict[str, np.ndarray[Any, Any]] = {}
@@ -644,6 +673,7 @@ class NetnsFederation:
             if threshold is not None
             else SessionProposal.default_threshold(len(ids)),
             payload={"kind": "vector", "length": len(next(iter(self.vectors.values())))},
+            outbound_only=tuple(p for p in ids if not self.kit.federation.roster[p].inbound),
             stage_seconds=stage_seconds,
             prepare_seconds=prepare_seconds,
         )
@@ -727,8 +757,14 @@ class NetnsFederation:
         ]
 
 
-def _write_kit(directory: Path, addresses: Mapping[str, str], stage_seconds: float) -> LocalKit:
-    """What :meth:`LocalKit.create` writes, with the given (namespace) addresses."""
+def _write_kit(
+    directory: Path,
+    addresses: Mapping[str, str],
+    stage_seconds: float,
+    outbound_only: Sequence[str] = (),
+) -> LocalKit:
+    """What :meth:`LocalKit.create` writes, with the given (namespace) addresses; the peers
+    in ``outbound_only`` still listen there, but the roster gives them no address."""
     directory.mkdir(parents=True, exist_ok=True)
     operator = "ceremony-operator"
     peers = list(addresses)
@@ -738,6 +774,7 @@ def _write_kit(directory: Path, addresses: Mapping[str, str], stage_seconds: flo
         peers=peers,
         operators=[operator],
         addresses=addresses,
+        outbound_only=outbound_only,
     )
     kits: dict[str, Kit] = {}
     for peer_id in peers:

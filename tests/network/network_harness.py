@@ -135,11 +135,14 @@ class Network:
         env: Mapping[str, Mapping[str, str]] | None = None,
         start: bool = True,
         policy: Mapping[str, object] | None = None,
+        outbound_only: Sequence[str] = (),
     ) -> Network:
         ids = [f"hospital-{chr(ord('a') + i)}" for i in range(n)]
         # The tests sum exact vectors: every kit opts in (a real site refuses by default).
         policy = {"allow_exact_payloads": True, **(policy or {})}
-        kit = LocalKit.create(directory, ids, stage_seconds=stage_seconds, policy=policy)
+        kit = LocalKit.create(
+            directory, ids, stage_seconds=stage_seconds, policy=policy, outbound_only=outbound_only
+        )
         rng = np.random.default_rng(seed)
         vectors: dict[str, np.ndarray[Any, Any]] = {}
         peers: dict[str, PeerProcess] = {}
@@ -201,6 +204,8 @@ class Network:
             rounds=rounds,
             threshold=threshold if threshold is not None else _default_threshold(ids, kwargs),
             payload={"kind": "vector", "length": length},
+            # As build_proposal does: the roster's outbound-only peers never aggregate.
+            outbound_only=tuple(p for p in ids if not self.kit.federation.roster[p].inbound),
             stage_seconds=float(kwargs.pop("stage_seconds", 4.0)),
             prepare_seconds=float(kwargs.pop("prepare_seconds", 4.0)),
             **kwargs,
