@@ -8,9 +8,11 @@ common forms of colour blindness; lines also carry markers so they differ by mor
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import plotly.graph_objects as go
 
 from dashboard.data import (
@@ -105,6 +107,21 @@ MARKERS_SHOWN = 40
 lines apart by shape (the line and its hover labels keep every point)."""
 
 
+def _series(values: Sequence[Any]) -> Any:
+    """The values of one trace: a list, or beyond :data:`BARS_UP_TO` points a float array.
+
+    Plotly checks a list element by element in Python and sends it as JSON text, while it
+    sends an array as base64 bytes that the browser reads as they are: half the time of
+    drawing a 1,000-round page went to checking lists. A missing value (None: a point not
+    agreed, or no value) becomes NaN, which Plotly draws as a gap, as it does None.
+    """
+    if len(values) <= BARS_UP_TO:
+        return list(values)
+    if all(isinstance(v, int) for v in values):  # rounds: 4 bytes each, not 8
+        return np.array(values, dtype=np.int32)
+    return np.array([math.nan if v is None else v for v in values], dtype=np.float64)
+
+
 def _line(
     x: Sequence[Any], y: Sequence[Any], name: str, index: int, fmt: str, shape: str = "linear"
 ) -> go.Scatter:
@@ -114,8 +131,8 @@ def _line(
     if len(x) > BARS_UP_TO:
         marker["maxdisplayed"] = MARKERS_SHOWN
     return go.Scatter(
-        x=list(x),
-        y=list(y),
+        x=_series(x),
+        y=_series(y),
         name=name,
         mode="lines+markers",
         line={"color": PALETTE[index % len(PALETTE)], "width": 2.5, "shape": shape},
@@ -379,8 +396,8 @@ def _bars(x: Sequence[int], y: Sequence[Any], *, name: str, color: str, **kwargs
     if len(x) <= BARS_UP_TO:
         return go.Bar(x=list(x), y=list(y), name=name, marker={"color": color}, **kwargs)
     return go.Scatter(
-        x=list(x),
-        y=list(y),
+        x=_series(x),
+        y=_series(y),
         name=name,
         mode="lines",
         line={"color": color, "width": 1.5, "shape": "hvh"},

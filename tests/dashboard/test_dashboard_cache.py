@@ -68,7 +68,11 @@ def test_page_in_the_layout_follows_an_appended_round_and_an_edit(tmp_path: Path
     _edit_metric(builder.path, 2, "accuracy", 0.999)
     edited = client.get("/_dash-layout").get_json()
     assert "round 2" in str(_by_id(edited, "check-banner")["props"]["children"])
-    assert 0.999 not in _agreed_accuracy(edited)  # shown only as "not agreed"
+    assert 0.999 not in _agreed_accuracy(edited)
+    # The edited value itself is read again (not kept from before) and shown as not agreed.
+    figure = _by_id(edited, "quality-chart")["props"]["figure"]
+    grey = next(t for t in figure["data"] if t["name"].startswith("Not agreed"))
+    assert 0.999 in grey["y"]
     assert _by_id(edited, "verdict")["props"]["className"] == "verdict bad"
 
 
