@@ -523,13 +523,15 @@ def _layout(source_url: str, interval_s: float, page: Sequence[Any] | None = Non
     """The page, with the content of ``page`` (a :func:`_refresh` answer) already in place.
 
     Serving the drawn page in the layout saves the browser a round trip (layout, then the
-    refresh callback, then the charts' script): the refresh that Dash still fires at load
-    finds the same digest and changes nothing.
+    refresh callback, then the charts' script); the refresh callback runs at the ticks and
+    when a session is picked, not at load.
     """
-    if page is None or any(part is dash.no_update for part in page):
-        # Nothing drawn yet (the app is being built, or the ledger cannot be read): the
-        # refresh callback fills the page, and reports any error, as before.
-        page = [[], None, [], *([None] * len(_SECTIONS)), None, None, None]
+    blank: list[Any] = [[], None, [], *([None] * len(_SECTIONS)), None, None, None]
+    if page is None:
+        page = blank  # the static layout Dash checks callback ids against
+    # The ledger could not be read: the error and the time, nothing else (the next tick
+    # tries again).
+    page = [b if part is dash.no_update else part for part, b in zip(page, blank, strict=True)]
     options, value, others, *rest = page
     sections = dict(zip(_SECTIONS, rest, strict=False))
     error, updated, digest = rest[len(_SECTIONS) :]
@@ -770,6 +772,9 @@ def _register(
         dash.Input("session", "value"),
         dash.Input("compare", "value"),
         dash.State("digest", "data"),
+        # The layout already holds the page of the ledger as it is: nothing to do at load
+        # (a request, and the server's read of the whole ledger, saved for every reader).
+        prevent_initial_call=True,
     )
     def refresh(
         _tick: int | None, selected: str | None, compared: str | None, shown: str | None
