@@ -787,20 +787,34 @@ class PageCache:
 
     Drawing a page of a long session takes seconds (thousands of chart points and table
     cells); every browser that opens the page, or switches back to a session, would pay it
-    again. Equal digests draw the same page, so it is drawn once per ledger state.
+    again. Equal digests draw the same page, so it is drawn once per ledger state, also
+    when several browsers ask for a new state at the same moment (after a new round every
+    open page's refresh does): the first draws, the others wait for its page.
     """
 
     def __init__(self, size: int = 8) -> None:
         self._size = size
         self._pages: dict[str, list[Any]] = {}
+        self._drawing: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
 
     def get(self, digest: str, draw: Callable[[], list[Any]]) -> list[Any]:
         """The page of ``digest``, drawn by ``draw`` if it is not kept."""
         with self._lock:
             page = self._pages.get(digest)
-        if page is None:
-            page = draw()
+            if page is not None:
+                return page
+            drawing = self._drawing.setdefault(digest, threading.Lock())
+        with drawing:
+            with self._lock:
+                page = self._pages.get(digest)
+            if page is not None:
+                return page  # drawn by the request this one waited for
+            try:
+                page = draw()
+            finally:
+                with self._lock:
+                    self._drawing.pop(digest, None)
             with self._lock:
                 self._pages[digest] = page
                 while len(self._pages) > self._size:

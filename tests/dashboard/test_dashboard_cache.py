@@ -10,7 +10,9 @@ the same hospital) must not pass because that signature was verified before.
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -133,3 +135,19 @@ def test_a_genuine_signature_moved_to_another_record_is_still_refused(tmp_path: 
         (1, ProblemKind.BAD_SIGNATURE),
         (4, ProblemKind.BAD_SIGNATURE),
     ]
+
+
+def test_a_page_asked_for_by_several_browsers_at_once_is_drawn_once() -> None:
+    cache = PageCache()
+    drawn: list[int] = []
+
+    def draw() -> list[Any]:
+        drawn.append(1)
+        time.sleep(0.5)  # long enough for every other request to arrive meanwhile
+        return ["page"]
+
+    with ThreadPoolExecutor(4) as pool:
+        pages = list(pool.map(lambda _: cache.get("digest", draw), range(4)))
+    assert pages == [["page"]] * 4
+    assert len(drawn) == 1
+    assert cache.get("other", lambda: ["other page"]) == ["other page"]
