@@ -23,7 +23,9 @@ from typing import Any
 from urllib.parse import quote
 
 import dash
+import plotly.graph_objects as go
 from dash import dcc, html
+from dash.development.base_component import Component
 
 from dashboard import figures
 from dashboard.data import (
@@ -511,11 +513,28 @@ def render(
 # --------------------------------------------------------------------------- the app
 
 
-def _section(title: str, section_id: str, intro: str) -> html.Section:
-    return html.Section([html.H2(title), html.P(intro, className="intro"), html.Div(id=section_id)])
+def _section(title: str, section_id: str, intro: str, children: Any = None) -> html.Section:
+    return html.Section(
+        [html.H2(title), html.P(intro, className="intro"), html.Div(children, id=section_id)]
+    )
 
 
-def _layout(source_url: str, interval_s: float) -> html.Div:
+def _layout(source_url: str, interval_s: float, page: Sequence[Any] | None = None) -> html.Div:
+    """The page, with the content of ``page`` (a :func:`_refresh` answer) already in place.
+
+    Serving the drawn page in the layout saves the browser a round trip (layout, then the
+    refresh callback, then the charts' script); the refresh callback runs at the ticks and
+    when a session is picked, not at load.
+    """
+    blank: list[Any] = [[], None, [], *([None] * len(_SECTIONS)), None, None, None]
+    if page is None:
+        page = blank  # the static layout Dash checks callback ids against
+    # The ledger could not be read: the error and the time, nothing else (the next tick
+    # tries again).
+    page = [b if part is dash.no_update else part for part, b in zip(page, blank, strict=True)]
+    options, value, others, *rest = page
+    sections = dict(zip(_SECTIONS, rest, strict=False))
+    error, updated, digest = rest[len(_SECTIONS) :]
     return html.Div(
         [
             html.Header(
@@ -525,20 +544,26 @@ def _layout(source_url: str, interval_s: float) -> html.Div:
                         f"Ledger {source_url} — read-only, refreshed every {interval_s:g} s",
                         id="source",
                     ),
-                    html.P(id="updated"),
+                    html.P(updated, id="updated"),
                 ]
             ),
-            html.Div(id="error", role="alert"),
-            html.Div(id="banner"),
+            html.Div(error, id="error", role="alert"),
+            html.Div(sections["banner"], id="banner"),
             html.Section(
                 [
                     html.Label("Session", htmlFor="session", className="session-label"),
-                    dcc.Dropdown(id="session", clearable=False, searchable=False),
-                    html.Div(id="session-facts"),
+                    dcc.Dropdown(
+                        id="session",
+                        options=options,
+                        value=value,
+                        clearable=False,
+                        searchable=False,
+                    ),
+                    html.Div(sections["session-facts"], id="session-facts"),
                 ],
                 className="session-bar",
             ),
-            html.Div(id="summary"),
+            html.Div(sections["summary"], id="summary"),
             html.Main(
                 [
                     _section(
@@ -546,30 +571,35 @@ def _layout(source_url: str, interval_s: float) -> html.Div:
                         "metrics",
                         "What the hospitals agreed on after each round, computed under secure "
                         "aggregation: no hospital's own figures are visible to the others.",
+                        sections["metrics"],
                     ),
                     _section(
                         "Privacy",
                         "privacy",
                         "Differential privacy (ε) each hospital spent on its patients' data. "
                         "Lower ε means stronger privacy; totals must stay within the budget.",
+                        sections["privacy"],
                     ),
                     _section(
                         "Participation",
                         "participation",
                         "Which hospitals contributed to each round, who dropped out, and which "
                         "peer relayed the masked updates (the aggregator, trusted for nothing).",
+                        sections["participation"],
                     ),
                     _section(
                         "Trust",
                         "trust",
                         "Every agreed record is signed by the hospitals and chained to the "
                         "previous one, so a changed or deleted round is detected.",
+                        sections["trust"],
                     ),
                     _section(
                         "Federated statistics",
                         "stats",
                         "Cohort counts, histograms and means computed with differential "
                         "privacy and summed securely.",
+                        sections["stats"],
                     ),
                     html.Section(
                         [
@@ -582,14 +612,16 @@ def _layout(source_url: str, interval_s: float) -> html.Div:
                             html.Label(
                                 "Compare with", htmlFor="compare", className="session-label"
                             ),
-                            dcc.Dropdown(id="compare", clearable=True, searchable=False),
-                            html.Div(id="compare-body"),
+                            dcc.Dropdown(
+                                id="compare", options=others, clearable=True, searchable=False
+                            ),
+                            html.Div(sections["compare-body"], id="compare-body"),
                         ]
                     ),
                 ]
             ),
             dcc.Interval(id="tick", interval=int(interval_s * 1000), n_intervals=0),
-            dcc.Store(id="digest"),
+            dcc.Store(id="digest", data=digest),
         ],
         className="page",
     )
@@ -634,9 +666,32 @@ def create_app(
         external_scripts=[],
         meta_tags=[{"name": "viewport", "content": "width=device-width, initial-scale=1"}],
     )
-    app.layout = _layout(source.url, interval_s)
-    _register(app, source, dict(budgets or {}), clock)
+    known = dict(budgets or {})
+    cache = PageCache()
+    # Plotly's script (4.8 MB) is otherwise fetched only once the first chart is mounted,
+    # after the layout arrived; deferred, it loads and compiles while the server answers.
+    app.config.external_scripts.append({"src": _plotly_script_url(app), "defer": "defer"})
+    # Dash checks callback ids against a static layout, so it need not draw a page for it.
+    app.validation_layout = _layout(source.url, interval_s)  # type: ignore[assignment]
+    app.layout = lambda: _layout(
+        source.url, interval_s, _refresh(source, known, clock, None, None, None, cache)
+    )
+    _register(app, source, known, clock, cache)
     return app
+
+
+def _plotly_script_url(app: dash.Dash) -> str:
+    """The URL of the plotly.js bundle that Dash serves for its charts, fingerprinted as
+    Dash does its own scripts so that browsers keep it without asking again."""
+    import plotly
+    from dash.fingerprint import build_fingerprint
+
+    bundle = Path(plotly.__file__).resolve().parent / "package_data" / "plotly.min.js"
+    path: str = build_fingerprint(  # type: ignore[no-untyped-call]
+        "package_data/plotly.min.js", plotly.__version__, int(bundle.stat().st_mtime)
+    )
+    prefix: str = app.config.requests_pathname_prefix
+    return f"{prefix}_dash-component-suites/plotly/{path}"
 
 
 def export_table(snapshot: Snapshot, name: str, budgets: Mapping[str, float]) -> Table:
@@ -692,7 +747,11 @@ def _register_exports(app: dash.Dash, source: LedgerSource, budgets: dict[str, f
 
 
 def _register(
-    app: dash.Dash, source: LedgerSource, budgets: dict[str, float], clock: Clock
+    app: dash.Dash,
+    source: LedgerSource,
+    budgets: dict[str, float],
+    clock: Clock,
+    cache: PageCache,
 ) -> None:
     _register_exports(app, source, budgets)
     outputs = [
@@ -713,13 +772,14 @@ def _register(
         dash.Input("session", "value"),
         dash.Input("compare", "value"),
         dash.State("digest", "data"),
+        # The layout already holds the page of the ledger as it is: nothing to do at load
+        # (a request, and the server's read of the whole ledger, saved for every reader).
+        prevent_initial_call=True,
     )
     def refresh(
         _tick: int | None, selected: str | None, compared: str | None, shown: str | None
     ) -> list[Any]:
         return _refresh(source, budgets, clock, selected, shown, compared, cache)
-
-    cache = PageCache()
 
 
 class PageCache:
@@ -727,25 +787,57 @@ class PageCache:
 
     Drawing a page of a long session takes seconds (thousands of chart points and table
     cells); every browser that opens the page, or switches back to a session, would pay it
-    again. Equal digests draw the same page, so it is drawn once per ledger state.
+    again. Equal digests draw the same page, so it is drawn once per ledger state, also
+    when several browsers ask for a new state at the same moment (after a new round every
+    open page's refresh does): the first draws, the others wait for its page.
     """
 
     def __init__(self, size: int = 8) -> None:
         self._size = size
         self._pages: dict[str, list[Any]] = {}
+        self._drawing: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
 
     def get(self, digest: str, draw: Callable[[], list[Any]]) -> list[Any]:
         """The page of ``digest``, drawn by ``draw`` if it is not kept."""
         with self._lock:
             page = self._pages.get(digest)
-        if page is None:
-            page = draw()
+            if page is not None:
+                return page
+            drawing = self._drawing.setdefault(digest, threading.Lock())
+        with drawing:
+            with self._lock:
+                page = self._pages.get(digest)
+            if page is not None:
+                return page  # drawn by the request this one waited for
+            try:
+                page = draw()
+            finally:
+                with self._lock:
+                    self._drawing.pop(digest, None)
             with self._lock:
                 self._pages[digest] = page
                 while len(self._pages) > self._size:
                     del self._pages[next(iter(self._pages))]
         return page
+
+
+def _plain(component: Any) -> Any:
+    """``component`` with each chart's figure as plain dicts and lists, in place.
+
+    Dash serialises a Plotly figure object through a deep copy at every request; a drawn
+    page is sent many times (every browser, every session switch), so the copy is made once.
+    """
+    if isinstance(component, list):
+        for part in component:
+            _plain(part)
+    elif isinstance(component, dcc.Graph):
+        figure = getattr(component, "figure", None)
+        if isinstance(figure, go.Figure):
+            component.figure = figure.to_plotly_json()  # type: ignore[attr-defined]
+    elif isinstance(component, Component):
+        _plain(getattr(component, "children", None))
+    return component
 
 
 def _refresh(
@@ -784,7 +876,7 @@ def _refresh(
         options: Sequence[dict[str, str]] = session_options(snapshot.sessions, snapshot.all_records)
         value = snapshot.session.session_id if snapshot.session else None
         others = [option for option in options if option["value"] != value]
-        return [options, value, others, *render(snapshot, budgets, other)]
+        return [options, value, others, *_plain(render(snapshot, budgets, other))]
 
     page = cache.get(digest, draw) if cache is not None else draw()
     return [*page, None, checked, digest]

@@ -8,9 +8,11 @@ common forms of colour blindness; lines also carry markers so they differ by mor
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import plotly.graph_objects as go
 
 from dashboard.data import (
@@ -66,6 +68,10 @@ _STYLE: dict[str, Any] = {
     "plot_bgcolor": "#FFFFFF",
 }
 
+BARS_UP_TO = 200
+"""Per-round charts draw bars up to this many rounds, a stepped line beyond: a browser
+draws a thousand bars several times slower than one line through the same values."""
+
 # The x axis of charts of the model: which agreed model a value belongs to.
 AFTER_ROUND = "Model after round k (k = rounds agreed)"
 
@@ -95,16 +101,42 @@ def _rounds(table: Table) -> list[int]:
     return [int(value) for value in table.column("round") if isinstance(value, int | float)]
 
 
-def _line(x: Sequence[Any], y: Sequence[Any], name: str, index: int, fmt: str) -> go.Scatter:
+MARKERS_SHOWN = 40
+"""Markers drawn per line of a long series: each marker is an SVG element of its own, and
+20 hospitals × 1,000 rounds of them took the browser seconds; a few dozen still tell the
+lines apart by shape (the line and its hover labels keep every point)."""
+
+
+def _series(values: Sequence[Any]) -> Any:
+    """The values of one trace: a list, or beyond :data:`BARS_UP_TO` points a float array.
+
+    Plotly checks a list element by element in Python and sends it as JSON text, while it
+    sends an array as base64 bytes that the browser reads as they are: half the time of
+    drawing a 1,000-round page went to checking lists. A missing value (None: a point not
+    agreed, or no value) becomes NaN, which Plotly draws as a gap, as it does None.
+    """
+    if len(values) <= BARS_UP_TO:
+        return list(values)
+    if all(isinstance(v, int) for v in values):  # rounds: 4 bytes each, not 8
+        return np.array(values, dtype=np.int32)
+    return np.array([math.nan if v is None else v for v in values], dtype=np.float64)
+
+
+def _line(
+    x: Sequence[Any], y: Sequence[Any], name: str, index: int, fmt: str, shape: str = "linear"
+) -> go.Scatter:
     # Each later trace gets a smaller marker, so equal values show as nested shapes.
     size = max(13 - 3 * index, 6)
+    marker: dict[str, Any] = {"size": size, "symbol": SYMBOLS[index % len(SYMBOLS)]}
+    if len(x) > BARS_UP_TO:
+        marker["maxdisplayed"] = MARKERS_SHOWN
     return go.Scatter(
-        x=list(x),
-        y=list(y),
+        x=_series(x),
+        y=_series(y),
         name=name,
         mode="lines+markers",
-        line={"color": PALETTE[index % len(PALETTE)], "width": 2.5},
-        marker={"size": size, "symbol": SYMBOLS[index % len(SYMBOLS)]},
+        line={"color": PALETTE[index % len(PALETTE)], "width": 2.5, "shape": shape},
+        marker=marker,
         connectgaps=False,
         hovertemplate=f"{name}: %{{y:{fmt}}}<extra></extra>",
     )
@@ -360,17 +392,12 @@ def calibration_figure(
     return figure
 
 
-BARS_UP_TO = 200
-"""Per-round charts draw bars up to this many rounds, a stepped line beyond: a browser
-draws a thousand bars several times slower than one line through the same values."""
-
-
 def _bars(x: Sequence[int], y: Sequence[Any], *, name: str, color: str, **kwargs: Any) -> Any:
     if len(x) <= BARS_UP_TO:
         return go.Bar(x=list(x), y=list(y), name=name, marker={"color": color}, **kwargs)
     return go.Scatter(
-        x=list(x),
-        y=list(y),
+        x=_series(x),
+        y=_series(y),
         name=name,
         mode="lines",
         line={"color": color, "width": 1.5, "shape": "hvh"},
@@ -429,30 +456,35 @@ def _peers(privacy: Table) -> list[str]:
     return sorted({str(peer) for peer in privacy.column("peer")})
 
 
-def _rows_by_peer(privacy: Table) -> dict[str, list[Mapping[str, Cell]]]:
-    """Each hospital's rows in one pass (not one scan of every row per hospital: a ledger of
-    1,000 rounds and 20 hospitals has 20,000 rows)."""
-    grouped: dict[str, list[Mapping[str, Cell]]] = {peer: [] for peer in _peers(privacy)}
+def _by_peer(privacy: Table) -> dict[str, list[Mapping[str, Cell]]]:
+    """The rows of each hospital, hospitals in name order (one pass over the rows)."""
+    groups: dict[str, list[Mapping[str, Cell]]] = {peer: [] for peer in _peers(privacy)}
     for row in privacy.rows:
-        grouped[str(row.get("peer"))].append(row)
-    return grouped
+        groups[str(row.get("peer"))].append(row)
+    return groups
 
 
 def privacy_round_figure(privacy: Table) -> go.Figure | None:
-    """ε each hospital spent in each round, as grouped bars (None without records)."""
+    """ε each hospital spent in each round, as grouped bars, or beyond :data:`BARS_UP_TO`
+    rounds as one stepped line per hospital (None without records)."""
     if not privacy:
         return None
     rounds = _rounds(privacy)
     figure = go.Figure(layout=_layout("ε spent per round, by hospital", "ε (this round)", rounds))
-    for index, (peer, rows) in enumerate(_rows_by_peer(privacy).items()):
-        # Grouped bars while they fit; a stepped line per hospital beyond BARS_UP_TO rounds
-        # (20 hospitals x 1,000 rounds would be 20,000 bars for the browser to draw).
+    # 20 hospitals × 1,000 rounds are 20,000 bars: most of a reader's wait in the browser.
+    stepped = len(set(rounds)) > BARS_UP_TO
+    for index, (peer, rows) in enumerate(_by_peer(privacy).items()):
+        x = [row.get("round") for row in rows]
+        y = [row.get("epsilon") for row in rows]
+        if stepped:
+            figure.add_trace(_line(x, y, peer, index, ".3f", shape="hvh"))
+            continue
         figure.add_trace(
-            _bars(
-                [int(row.get("round") or 0) for row in rows],
-                [row.get("epsilon") for row in rows],
+            go.Bar(
+                x=x,
+                y=y,
                 name=peer,
-                color=PALETTE[index % len(PALETTE)],
+                marker={"color": PALETTE[index % len(PALETTE)]},
                 hovertemplate=f"{peer}: ε %{{y:.3f}}<extra></extra>",
             )
         )
@@ -477,13 +509,9 @@ def privacy_cumulative_figure(privacy: Table) -> go.Figure | None:
     # Half a round past each end, so that a budget line shows even after a single round.
     span = [min(rounds) - 0.5, max(rounds) + 0.5]
     budgets: dict[str, float] = {}
-    for index, (peer, rows) in enumerate(_rows_by_peer(privacy).items()):
+    for index, (peer, rows) in enumerate(_by_peer(privacy).items()):
         x = [row.get("round") for row in rows]
-        line = _line(x, [row.get("cumulative") for row in rows], peer, index, ".3f")
-        if len(x) > BARS_UP_TO:
-            # One path per hospital instead of a marker per round and hospital.
-            line.mode = "lines"
-        figure.add_trace(line)
+        figure.add_trace(_line(x, [row.get("cumulative") for row in rows], peer, index, ".3f"))
         budget = rows[-1].get("budget")
         if isinstance(budget, int | float):
             budgets[peer] = float(budget)

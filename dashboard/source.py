@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +41,7 @@ from peer.ledger import (
     StoredRecord,
     verify_ledger,
 )
-from peer.ledger._verify import read_records
+from peer.ledger._verify import RawRecord, read_records
 from secagg.crypto import Verifier
 
 __all__ = ["LedgerSource", "LedgerSourceError", "Snapshot", "read_only_url"]
@@ -158,6 +158,30 @@ class Snapshot:
         return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
 
 
+class _RememberingVerifier:
+    """A roster key that remembers the signatures it found genuine.
+
+    The whole ledger is verified again at every new round (and at every edit), but its
+    old records' signatures were already verified: 20,000 ECDSA verifications took 2.2 s
+    for 1,000 rounds of 20 hospitals. An exact (signature, signed bytes) pair this key
+    accepted before is accepted without the arithmetic; anything else, a new record or an
+    edited one (its signed bytes differ), is verified in full. Failures are not remembered.
+    """
+
+    def __init__(self, key: Verifier) -> None:
+        self._key = key
+        self._genuine: set[tuple[bytes, bytes]] = set()
+
+    def verify(self, signature: bytes, data: bytes) -> bool:
+        pair = (bytes(signature), bytes(data))
+        if pair in self._genuine:
+            return True
+        if not self._key.verify(signature, data):
+            return False
+        self._genuine.add(pair)
+        return True
+
+
 class LedgerSource:
     """A read-only view of one ledger, with the verification cached per ledger content.
 
@@ -197,12 +221,19 @@ class LedgerSource:
             raise LedgerSourceError(
                 f"cannot use {self.url}: its database driver is not installed ({exc})"
             ) from None
-        self._verifiers = dict(verifiers) if verifiers is not None else None
+        self._verifiers: dict[str, Verifier] | None = (
+            {peer: _RememberingVerifier(key) for peer, key in verifiers.items()}
+            if verifiers is not None
+            else None
+        )
         self._recheck_s = recheck_s
         self._monotonic = monotonic
         self._lock = threading.Lock()
         self._checked: tuple[str, float, LedgerReport | None, str | None] | None = None
-        self._records_cache: tuple[str, tuple[StoredRecord, ...]] | None = None
+        # (key, the stored records as read plainly, the records as objects)
+        self._records_cache: tuple[str, tuple[RawRecord, ...], tuple[StoredRecord, ...]] | None = (
+            None
+        )
 
     @property
     def signatures_checked(self) -> bool:
@@ -277,17 +308,24 @@ class LedgerSource:
         with self._reading():
             return tuple(self._ledger.sessions())
 
-    def _records(self, key: str) -> tuple[StoredRecord, ...]:
+    def _records(self, key: str, raw: Sequence[RawRecord]) -> tuple[StoredRecord, ...]:
         # The ledger's agreed_records builds an object per record and per signature: about
         # ten times slower than the plain SELECTs of read_records (3 s against 0.3 s for
         # 1,000 rounds of 20 hospitals). So the plain read decides whether anything
-        # changed, and the objects are rebuilt only when it did.
+        # changed, and objects are built only for what did: the new records when the
+        # stored ones are exactly as before (a round appended), else all of them.
         with self._lock:
-            if self._records_cache is not None and self._records_cache[0] == key:
-                return self._records_cache[1]
-        records = tuple(self._ledger.agreed_records())
+            cached = self._records_cache
+        if cached is not None and cached[0] == key:
+            return cached[2]
+        before = cached[1] if cached is not None else ()
+        if cached is not None and cached[2] and tuple(raw[: len(before)]) == before:
+            kept = cached[2]
+            records = kept + tuple(self._ledger.agreed_records(after_seq=kept[-1].seq))
+        else:
+            records = tuple(self._ledger.agreed_records())
         with self._lock:
-            self._records_cache = (key, records)
+            self._records_cache = (key, tuple(raw), records)
         return records
 
     def snapshot(self, session_id: str | None) -> Snapshot:
@@ -305,10 +343,9 @@ class LedgerSource:
             sessions = tuple(self._ledger.sessions())
             # Every value stored, not just the head: a metric edited in place in an old
             # record leaves the head unchanged but must be re-checked at once.
-            key = hashlib.sha256(
-                repr((sessions, read_records(self._ledger))).encode("utf-8")
-            ).hexdigest()
-            all_records = self._records(key)
+            raw = read_records(self._ledger)
+            key = hashlib.sha256(repr((sessions, raw)).encode("utf-8")).hexdigest()
+            all_records = self._records(key, raw)
             session = next((s for s in sessions if s.session_id == session_id), None)
             if session is not None:
                 wanted = session.session_id

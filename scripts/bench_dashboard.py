@@ -14,11 +14,16 @@ measures, each best of ``--repeat``:
 - ``page_again``: the server's work when another browser opens the page in that state (read,
   compare, send the page drawn before);
 - ``tick_unchanged``: a browser's periodic refresh when nothing changed;
-- ``browser_first``/``browser_again`` (``--browser``): headless Chromium from navigation until
-  the verdict and the charts are on screen, for the first load after the server started and
-  for later loads (what a reader waits for).
+- ``after_append``: the server's work for the first page after a peer appended a round
+  while the dashboard runs (check again, read, draw; signatures verified before are
+  remembered);
+- ``browser_first``/``browser_again``/``browser_after_append`` (``--browser``): headless
+  Chromium from navigation until the verdict is shown and every chart has drawn its traces,
+  for the first load after the server started, for later loads of an unchanged ledger (what
+  a reader waits for) and for the first load after one more round was appended.
 
-The ledger is written afresh under ``--dir``.
+The ledger is written afresh under ``--dir`` (``--reuse``: the one of an earlier run, to
+which each run appends two rounds).
 """
 
 from __future__ import annotations
@@ -35,33 +40,70 @@ from typing import Any
 __all__ = ["main"]
 
 
-def _build(directory: Path, rounds: int, hospitals: int) -> Any:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "dashboard"))
-    from dashboard_testlib import LedgerBuilder  # the tests' ledger writer, real signatures
+# Rounds planned beyond those written, so that runs can append rounds as a peer would.
+SPARE_ROUNDS = 100
 
-    peers = [f"hospital-{i:02d}" for i in range(1, hospitals + 1)]
+
+def _peers(hospitals: int) -> list[str]:
+    return [f"hospital-{i:02d}" for i in range(1, hospitals + 1)]
+
+
+def _agree(builder: Any, round_: int, rounds: int, peers: list[str]) -> None:
+    progress = min(round_ / rounds, 1.0)
+    builder.agree_round(
+        "big",
+        round_,
+        {"accuracy": 0.5 + 0.4 * progress, "auc": 0.6 + 0.3 * progress, "loss": 1 - progress / 2},
+        epsilon=dict.fromkeys(peers, 0.01),
+    )
+
+
+def _testlib() -> Any:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "dashboard"))
+    import dashboard_testlib  # the tests' ledger writer, real signatures
+
+    return dashboard_testlib
+
+
+def _build(directory: Path, rounds: int, hospitals: int) -> Any:
+    peers = _peers(hospitals)
     if directory.exists():
         shutil.rmtree(directory)
     directory.mkdir(parents=True)
-    builder = LedgerBuilder.create(directory, peers=peers)
-    builder.add_session("big", rounds=rounds, threshold=hospitals // 2 + 1)
+    builder = _testlib().LedgerBuilder.create(directory, peers=peers)
+    builder.add_session("big", rounds=rounds + SPARE_ROUNDS, threshold=hospitals // 2 + 1)
     started = time.perf_counter()
     for round_ in range(1, rounds + 1):
-        progress = round_ / rounds
-        builder.agree_round(
-            "big",
-            round_,
-            {
-                "accuracy": 0.5 + 0.4 * progress,
-                "auc": 0.6 + 0.3 * progress,
-                "loss": 1 - progress / 2,
-            },
-            epsilon=dict.fromkeys(peers, 0.01),
-        )
+        _agree(builder, round_, rounds, peers)
         if round_ % 100 == 0:
             elapsed = time.perf_counter() - started
             print(f"  {round_} rounds written ({elapsed:.0f} s)", file=sys.stderr)
     return builder
+
+
+def _reopen(directory: Path, hospitals: int) -> Any:
+    """The writer of a ledger built by an earlier run (its keys are under ``federation/``)."""
+    from types import SimpleNamespace
+
+    from peer.identity import load_certificate, load_roster
+
+    federation = directory / "federation"
+    ca = load_certificate(federation / "ca" / "ca.pem")
+    peers = _peers(hospitals)
+    files = SimpleNamespace(
+        members={p: SimpleNamespace(key=federation / p / f"{p}.key") for p in peers},
+        roster=load_roster(federation / "roster.json", ca),
+    )
+    return _testlib().LedgerBuilder(directory / "ledger.db", files, peers=tuple(peers))
+
+
+def _append(builder: Any, rounds: int, hospitals: int) -> None:
+    """One more agreed round, signed by every hospital: a new ledger state."""
+    import sqlite3
+
+    with sqlite3.connect(builder.path) as db:
+        (last,) = db.execute("SELECT MAX(round) FROM agreed_records").fetchone()
+    _agree(builder, int(last) + 1, rounds, _peers(hospitals))
 
 
 def _best(function: Callable[[], Any], repeat: int) -> float:
@@ -94,8 +136,10 @@ def main(argv: list[str] | None = None) -> int:
 
     directory = args.dir / f"{args.rounds}x{args.hospitals}"
     ledger_path = directory / "ledger.db"
-    if not (args.reuse and ledger_path.is_file()):
-        _build(directory, args.rounds, args.hospitals)
+    if args.reuse and ledger_path.is_file():
+        builder = _reopen(directory, args.hospitals)
+    else:
+        builder = _build(directory, args.rounds, args.hospitals)
     ledger_url = f"sqlite:///{ledger_path}"
     verifiers = None
     if args.roster:
@@ -130,25 +174,48 @@ def main(argv: list[str] | None = None) -> int:
     results["page_again_s"] = _best(lambda: refresh(source, cache), args.repeat)
     # A browser's periodic refresh when nothing changed.
     results["tick_unchanged_s"] = _best(lambda: refresh(source, cache, digest), args.repeat)
+    # A peer agrees one more round while the dashboard runs: the first page of the new state
+    # (check again, read, draw), with what this source kept from the state before.
+    _append(builder, args.rounds, args.hospitals)
+    started = time.perf_counter()
+    page = refresh(source, cache, digest)
+    results["after_append_s"] = time.perf_counter() - started
     source.close()
     results["page_json_bytes"] = float(len(json.dumps(page, cls=PlotlyJSONEncoder)))
     if args.browser:
-        first, again = _browser_page(ledger_url, verifiers, args.repeat)
+        first, again, appended = _browser_page(
+            ledger_url,
+            verifiers,
+            args.repeat,
+            lambda: _append(builder, args.rounds, args.hospitals),
+        )
         results["browser_first_s"] = first
         results["browser_again_s"] = again
+        results["browser_after_append_s"] = appended
     print(json.dumps({"rounds": args.rounds, "hospitals": args.hospitals, **results}, indent=2))
     return 0
 
 
-def _browser_page(url: str, verifiers: Any, repeat: int) -> tuple[float, float]:
+# The verdict is on screen and every chart of the page has drawn its traces.
+_DRAWN = """
+const verdict = document.getElementById("verdict");
+const graphs = [...document.querySelectorAll(".dash-graph")];
+return Boolean(verdict && verdict.textContent) && graphs.length > 0
+    && graphs.every(g => g.querySelector(".main-svg .trace"));
+"""
+
+
+def _browser_page(
+    url: str, verifiers: Any, repeat: int, append: Callable[[], None]
+) -> tuple[float, float, float]:
     """Seconds until the verdict and the charts show: the first load after the server
-    started (nothing drawn yet), and the best of ``repeat`` later loads."""
+    started (nothing drawn yet), the best of ``repeat`` later loads, and the first load
+    after ``append`` added a round."""
     import tempfile
     import threading
 
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
     from werkzeug.serving import make_server
 
     from dashboard.app import create_app
@@ -175,14 +242,14 @@ def _browser_page(url: str, verifiers: Any, repeat: int) -> tuple[float, float]:
     page = f"http://127.0.0.1:{server.server_port}/"
     times = []
     try:
-        for _ in range(repeat + 1):
+        for load in range(repeat + 2):
+            if load == repeat + 1:
+                append()
             driver.get("about:blank")
             started = time.perf_counter()
             driver.get(page)
             while True:
-                verdict = driver.find_elements(By.ID, "verdict")
-                charts = driver.find_elements(By.CSS_SELECTOR, "#quality-chart .main-svg")
-                if verdict and verdict[0].text and charts:
+                if driver.execute_script(_DRAWN):
                     break
                 if time.perf_counter() - started > 120:
                     raise TimeoutError("the page did not show its verdict and charts in 120 s")
@@ -192,7 +259,7 @@ def _browser_page(url: str, verifiers: Any, repeat: int) -> tuple[float, float]:
         driver.quit()
         server.shutdown()
         shutil.rmtree(profile, ignore_errors=True)
-    return times[0], min(times[1:])
+    return times[0], min(times[1:-1]), times[-1]
 
 
 if __name__ == "__main__":
