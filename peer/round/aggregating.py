@@ -339,6 +339,10 @@ async def serve_round_stream(
                 message = reassembler.push(fragment)
                 if message is not None:
                     round_.deliver(caller, message)
+                    # Not kept while this stream waits for its next message, a stage later:
+                    # n streams each holding their last masked input would make the
+                    # aggregator's memory O(n·m) again (issue 11).
+                    del message
         except CodecError as error:
             round_.reject(caller, str(error))
         finally:
