@@ -7,9 +7,10 @@ roster, CRL), so a peer can be started again by hand with ``peer start --config 
 
 from __future__ import annotations
 
+import secrets
 import shutil
 import socket
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,12 +22,44 @@ from .ledger import Ledger, verify_ledger
 __all__ = ["Kit", "LocalKit", "free_port", "write_peer_config"]
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free right now (the OS may hand it out again later)."""
+_EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+_LOWEST_PORT = 10_000
+
+
+def free_port(host: str = "127.0.0.1", *, taken: Collection[int] = ()) -> int:
+    """A TCP port that is free right now, not in ``taken``, below the OS's ephemeral range.
+
+    A port the OS hands out for binding port 0 comes from the ephemeral range, which every
+    outgoing connection also draws from: by the time the peer given that port starts, a
+    connection between peers already running may hold it (seen starting 50 peers in
+    ``bench scale``). Ports below the range are taken only by listeners.
+    """
+    try:
+        ephemeral_low = int(_EPHEMERAL_RANGE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_low = 32_768  # Linux's default; elsewhere, port 0 below
+    for _ in range(200):
+        if ephemeral_low <= _LOWEST_PORT:
+            break
+        # Not secret: any unpredictable-enough spread over the range will do.
+        port = _LOWEST_PORT + secrets.randbelow(ephemeral_low - _LOWEST_PORT)
+        if port not in taken and _bindable(host, port):
+            return port
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind((host, 0))
+            chosen: int = sock.getsockname()[1]
+        if chosen not in taken:
+            return chosen
+
+
+def _bindable(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -117,7 +150,10 @@ class LocalKit:
             still listen locally, but nobody dials them.
         """
         directory.mkdir(parents=True, exist_ok=True)
-        addresses = {p: f"{host}:{free_port(host)}" for p in peers}
+        ports: list[int] = []
+        for _ in peers:
+            ports.append(free_port(host, taken=ports))
+        addresses = {p: f"{host}:{port}" for p, port in zip(peers, ports, strict=True)}
         fed = LocalFederation.create(
             directory / "identities",
             federation=federation,

@@ -65,6 +65,7 @@ from peer.kit import LocalKit, write_peer_config
 from peer.ledger import Checkpoint, Ledger, RoundAttempt, RoundStatus
 from peer.operator import OperatorClient, ProposalRefused
 from peer.session import SessionProposal, required_colluders
+from peer.tls import PeerUnreachableError
 from peer.wire import peer_pb2 as pb
 from secagg import ConfigError
 
@@ -475,7 +476,9 @@ def _run_session(
     before, cpu_before = _loopback_bytes(), _cpu_seconds(pids)
     try:
         propose_s, run_s = asyncio.run(go())
-    except (TransportBenchError, TimeoutError, ProposalRefused) as error:
+    # A peer that cannot be reached (e.g. its TLS handshake timed out while 50 peers start
+    # on 2 cores) fails the row with the peers' logs, like any other failed session.
+    except (TransportBenchError, TimeoutError, ProposalRefused, PeerUnreachableError) as error:
         raise TransportBenchError(f"{error}\n{federation.logs_tail()}") from None
     after, cpu_after = _loopback_bytes(), _cpu_seconds(pids)
     loopback = after - before if after is not None and before is not None else None

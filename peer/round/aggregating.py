@@ -337,8 +337,13 @@ async def serve_round_stream(
         try:
             async for fragment in requests:
                 message = reassembler.push(fragment)
+                # Neither the fragment (up to 1 MiB) nor the message is kept while this
+                # stream waits for its next message, a stage later: n streams each holding
+                # their last masked input made the aggregator's memory O(n·m) (issue 11).
+                del fragment
                 if message is not None:
                     round_.deliver(caller, message)
+                    del message
         except CodecError as error:
             round_.reject(caller, str(error))
         finally:
