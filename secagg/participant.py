@@ -260,8 +260,11 @@ class Participant:
         self_mask_shares = split_secret(self._self_seed, xs, t, self._rng)
         ciphertexts = []
         signatures = []
+        # Built aside and bound once: handlers rebind state, never mutate what they hold, so
+        # a copied participant (tests fork them per stage) stays independent.
+        channel_keys: dict[str, bytes] = {}
         for v, x in zip(recipients, xs, strict=True):
-            key = self._channel_key_with[v] = derive_channel_key(
+            key = channel_keys[v] = derive_channel_key(
                 self._channel_keys.exchange(adverts[v].channel_public),
                 self.config.session_id,
                 self.config.round,
@@ -275,6 +278,7 @@ class Participant:
             signatures.append(
                 self._signer.sign(share_payload(self.config.digest, self.me, v, ciphertext))
             )
+        self._channel_key_with = channel_keys
         reply = ShareKeys(
             self.me,
             self.config.session_id,
@@ -327,7 +331,7 @@ class Participant:
         self._check_threshold(set(held), "share")
         self._held_shares = held
         self._u2 = frozenset(held)
-        self._channel_key_with.clear()  # no more shares to decrypt in this round
+        self._channel_key_with = {}  # no more shares to decrypt in this round
 
         masked_with = tuple(sorted((v for v in held if v != self.me), key=self.config.index))
         y = mask_input(

@@ -35,6 +35,7 @@ from secagg import (
     Participant,
     ParticipantMessage,
     ParticipantState,
+    ProofRequest,
     RemoteProtocolError,
     RoundAborted,
     SecAggError,
@@ -450,10 +451,19 @@ def test_aggregator_refuses_mutated_participant_messages(stage: int, data: st.Da
         event("unmask refused")
         return
     if stage == 4:
-        assert aggregator.result is not None
-        survivors = aggregator.result.survivors
+        # Unmasked: the signed statement sent to the survivors states the right sum.
+        statements = [m.statement for m in outgoing.values() if isinstance(m, ProofRequest)]
+        assert statements
+        assert len(statements) == len(outgoing)
+        survivors = tuple(h.sender for h in statements[0].masked)
         np.testing.assert_array_equal(
-            aggregator.result.aggregate, template.round.expected_sum(survivors)
+            statements[0].aggregate, template.round.expected_sum(survivors)
+        )
+    elif stage == 5:
+        assert aggregator.result is not None
+        np.testing.assert_array_equal(
+            aggregator.result.aggregate,
+            template.round.expected_sum(aggregator.result.survivors),
         )
     else:
         assert set(outgoing) <= set(PEERS)
