@@ -425,9 +425,11 @@ def train_declared(
         anchors = [tf.identity(v) for v in model.trainable_variables] if prox_mu > 0 else []
         for xb, yb in data.train_batches(samples):
             # FedProx's pull at the step's starting point, applied after the DP step.
-            pulls = [
-                prox_mu * (v - a) for v, a in zip(model.trainable_variables, anchors, strict=True)
-            ]
+            pulls = (
+                [prox_mu * (v - a) for v, a in zip(model.trainable_variables, anchors, strict=True)]
+                if anchors
+                else []
+            )
             trainer.dp_step(
                 xb,
                 yb if targets is None else targets(yb),
