@@ -160,10 +160,19 @@ class PeerConfig:
     # The [data] table: where training records come from (peer/data/sources.py); None: the
     # patient store at data_url.
     data: dict[str, Any] | None = None
+    # Where the peer may write its own files (the aggregator's spool): the folder the config
+    # was named in, not resolved. deploy/peer-site links a read-only kit's config into a
+    # writable state folder, so the resolved path (``directory``) is the read-only kit.
+    state_directory: Path | None = None
 
     @property
     def directory(self) -> Path:
         return self.path.parent
+
+    @property
+    def writable_directory(self) -> Path:
+        """Where this peer writes its own files (see ``state_directory``)."""
+        return self.state_directory or self.directory
 
 
 def _get(
@@ -321,6 +330,7 @@ def load_config(path: str | Path) -> PeerConfig:
             raise ConfigFileError(f"{where}: {error}") from None
     return PeerConfig(
         path=path.resolve(),
+        state_directory=base.absolute(),
         peer_id=peer_id,
         listen=listen,
         cert=file(tls, "cert", "tls"),

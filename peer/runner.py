@@ -114,7 +114,7 @@ class SessionRunner:
         self.stopping = stopping
         self.metrics = metrics  # Prometheus counters (peer/metrics.py), when configured
         # The aggregator's spool of masked inputs: on the peer's disk, not in a RAM-backed /tmp.
-        self.spool_dir = spool_directory(config.directory)
+        self.spool_dir = spool_directory(config.writable_directory)
         self.sessions: dict[str, Session] = {}
         # The rounds this peer aggregates now, by (session, round, attempt).
         self.rounds: dict[tuple[str, int, int], AggregatorRound] = {}

@@ -26,7 +26,10 @@ BASE: dict[str, Any] = {
     "batch_size": 16,
     "lr": 0.5,
     "clip_norm": 1.0,
-    "noise_multiplier": 1.0,
+    # Moderate DP-SGD noise too (σ = 1 at batch 16 left the +0.1 accuracy check to the luck of
+    # the noise draw): the federation is what this test checks, DP utility is measured in
+    # BENCHMARKS.md.
+    "noise_multiplier": 0.3,
     "max_records": 1000,
     # scikit-learn ships the diabetes measurements centred and scaled to within about +-0.2.
     "feature_bound": 0.2,
