@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import json
 import os
 import statistics
 import sys
@@ -50,7 +49,7 @@ from secagg import Aggregator, ConfigError, DeterministicRandom, Participant, Ro
 from secagg.testing import peer_ids, test_identities
 
 from .bench_machine import machine_info
-from .bench_transport import TransportBenchError, _Federation, _run_session
+from .bench_transport import TransportBenchError, _Federation, _run_session, _write
 
 __all__ = ["DEFAULT_OUTPUT", "aggregator_memory", "main", "parse_row"]
 
@@ -261,14 +260,6 @@ def print_report(report: dict[str, Any], out: TextIO) -> None:
 
 def _or_dash(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}"
-
-
-def _write(report: dict[str, Any], output: Path, *, partial: bool) -> None:
-    report["partial"] = partial
-    output.parent.mkdir(parents=True, exist_ok=True)
-    with output.open("w", encoding="utf-8") as handle:
-        json.dump(report, handle, indent=2, sort_keys=True)
-        handle.write("\n")
 
 
 # --------------------------------------------------------------------------- run
