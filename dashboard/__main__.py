@@ -26,6 +26,7 @@ import logging
 import socket
 import ssl
 import sys
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -278,6 +279,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             verifiers=verifiers,
             interval_s=args.interval,
             budgets=dict(args.budget),
+            warm_up=threading.Event(),  # the first reader does not wait for the check
         )
         server = _server(args, app.server, context)
     except UsageError as exc:

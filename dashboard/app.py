@@ -9,14 +9,21 @@ internet access.
 A :class:`dcc.Interval` asks the server every ``interval_s`` seconds for the ledger's state;
 the page is redrawn only when what it shows changed (a :class:`Snapshot` digest kept in the
 browser), so a zoomed chart stays zoomed between rounds.
+
+The headline, the ledger check and its banner are always shown; below them one part of the
+page at a time (see :data:`VIEWS`) is sent and drawn, so that a page over 1,000 rounds of 20
+hospitals loads in about a second instead of mounting every chart and table at once.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import logging
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -29,10 +36,12 @@ from dash.development.base_component import Component
 
 from dashboard import figures
 from dashboard.data import (
+    BAD_ACCEPTANCE,
     NOT_AGREED,
     Column,
     Table,
     Verdict,
+    acceptance_rows,
     banner,
     budgets_from_proposal,
     compare_table,
@@ -61,6 +70,8 @@ from secagg.crypto import Verifier
 
 __all__ = ["ASSETS", "TITLE", "create_app", "render"]
 
+logger = logging.getLogger("dashboard")
+
 TITLE = "Consortium ledger"
 ASSETS = Path(__file__).resolve().parent / "assets"
 
@@ -77,8 +88,45 @@ _SECTIONS = (
     "compare-body",
 )
 
+# The parts of the page below the headline, one shown at a time (a keyboard-usable radio
+# group): drawing every chart and table of a 1,000-round session at once took the browser
+# seconds (plotly drawing, React mounting thousands of cells). The headline, the ledger check
+# and its banner are always shown; each part is drawn when picked, from the page the server
+# drew once for the ledger state.
+VIEWS = (
+    ("metrics", "Global model"),
+    ("privacy", "Privacy"),
+    ("participation", "Participation"),
+    ("trust", "Trust"),
+    ("stats", "Federated statistics"),
+    ("compare", "Sessions side by side"),
+)
+DEFAULT_VIEW = "metrics"
+_VIEWS_LABEL: dict[str, Any] = {"aria-label": "Part of the page shown"}
+# The view each section of _SECTIONS belongs to (the others are always shown).
+_VIEW_OF = {
+    "metrics": "metrics",
+    "privacy": "privacy",
+    "participation": "participation",
+    "trust": "trust",
+    "stats": "stats",
+    "compare-body": "compare",
+}
+
 MAX_ROWS = 60
-"""Rows drawn per table on the page; the CSV export has them all."""
+"""Rows drawn per table that has no pager; the CSV export has them all."""
+
+PAGE_ROWS = 25
+"""Rows per page of a paged table (see :func:`_table`)."""
+
+# The tables with a pager, by id: the name of their rows in :func:`export_table`.
+_PAGED = {
+    "metrics-table": "metrics",
+    "privacy-table": "privacy",
+    "participation-table": "participation",
+    "trust-table": "signatures",
+    "stats-table": "statistics",
+}
 
 # The tables offered as CSV, by the name in their URL.
 EXPORTS = ("metrics", "privacy", "participation", "signatures", "statistics")
@@ -86,47 +134,100 @@ EXPORTS = ("metrics", "privacy", "participation", "signatures", "statistics")
 # Tone (CSS class) of each verdict status.
 _TONES = {"verified": "good", "intact": "good", "problems": "bad", "error": "bad"}
 
+# Warnings of the ledger check listed under Trust (their number is always shown).
+_WARNINGS_LISTED = 25
+
 
 # --------------------------------------------------------------------------- building blocks
+
+
+def _body_rows(table: Table) -> list[html.Tr]:
+    return [
+        html.Tr(
+            [html.Td(text, className=_css(c)) for c, text in zip(table.columns, cells, strict=True)]
+        )
+        for cells in table.formatted()
+    ]
+
+
+def _pager_status(start: int, end: int, total: int) -> str:
+    return f"Rows {start + 1:,}–{end:,} of {total:,}"
 
 
 def _table(table: Table, *, table_id: str, caption: str) -> html.Div:
     """An HTML table (real <table>/<th> markup, so screen readers can navigate it).
 
-    Only the last :data:`MAX_ROWS` rows are drawn: a 1,000-round session with 20 hospitals
-    has 20,000 privacy rows, which no one reads on screen and which would take seconds to
-    build and send at every refresh. The caption says so; every row is in the CSV export.
+    A long table of the session (:data:`_PAGED`) shows its last :data:`PAGE_ROWS` rows with
+    a pager under it: "Earlier rows" and "Later rows" are buttons (Tab, then Enter), and the
+    server sends the rows asked for; a 1,000-round session with 20 hospitals has 20,000
+    privacy rows, which would take seconds to mount at once. Other tables show their last
+    :data:`MAX_ROWS` rows. Every row is also in the CSV export.
     """
-    if len(table.rows) > MAX_ROWS:
+    total = len(table.rows)
+    paged = table_id in _PAGED and total > PAGE_ROWS
+    if paged:
         caption = (
-            f"{caption} — last {MAX_ROWS} of {len(table.rows):,} rows "
+            f"{caption} — {total:,} rows, {PAGE_ROWS} at a time "
+            "(every row: the CSV links under the session)"
+        )
+        table = Table(table.columns, table.rows[-PAGE_ROWS:])
+    elif total > MAX_ROWS:
+        caption = (
+            f"{caption} — last {MAX_ROWS} of {total:,} rows "
             "(all rows: the CSV links under the session)"
         )
         table = Table(table.columns, table.rows[-MAX_ROWS:])
     head = html.Thead(
         html.Tr([html.Th(c.label, scope="col", className=_css(c)) for c in table.columns])
     )
-    body = html.Tbody(
-        [
-            html.Tr(
-                [
-                    html.Td(text, className=_css(c))
-                    for c, text in zip(table.columns, cells, strict=True)
-                ]
-            )
-            for cells in table.formatted()
-        ]
-    )
+    body_id: dict[str, Any] = {"id": {"type": "rows-body", "table": table_id}} if paged else {}
+    body = html.Tbody(_body_rows(table), **body_id)
     aria: dict[str, Any] = {"aria-label": caption}
     # A focusable, labelled region: keyboard users can tab to a wide table and scroll it
     # with the arrow keys; screen readers announce it by its caption.
-    return html.Div(
+    wrap = html.Div(
         html.Table([html.Caption(caption), head, body], id=table_id, className="data"),
         className="table-wrap",
         tabIndex="0",
         role="region",
         **aria,
     )
+    if not paged:
+        return wrap
+    live: dict[str, Any] = {"aria-live": "polite"}
+    pager = html.Div(
+        [
+            html.Button("Earlier rows", id={"type": "rows-earlier", "table": table_id}),
+            html.Span(
+                _pager_status(total - PAGE_ROWS, total, total),
+                id={"type": "rows-status", "table": table_id},
+                **live,
+            ),
+            html.Button("Later rows", id={"type": "rows-later", "table": table_id}, disabled=True),
+            dcc.Store(id={"type": "rows-end", "table": table_id}, data=total),
+        ],
+        className="pager",
+    )
+    return html.Div([wrap, pager])
+
+
+def page_of_rows(
+    snapshot: Snapshot,
+    budgets: Mapping[str, float],
+    table_id: str,
+    end: int | None,
+    step: int,
+) -> tuple[list[html.Tr], str, int, bool, bool]:
+    """The rows of a paged table after moving ``step`` rows from the page ending at row
+    ``end`` (exclusive; None: the last page): its rows, the pager's text, the new end, and
+    whether "Earlier rows" and "Later rows" are disabled."""
+    table = export_table(snapshot, _PAGED[table_id], budgets)
+    total = len(table.rows)
+    current = total if end is None else end
+    new_end = min(max(current + step, min(PAGE_ROWS, total)), total)
+    start = max(new_end - PAGE_ROWS, 0)
+    rows = _body_rows(Table(table.columns, table.rows[start:new_end]))
+    return rows, _pager_status(start, new_end, total), new_end, start == 0, new_end >= total
 
 
 def _css(column: Column) -> str | None:
@@ -163,7 +264,7 @@ def _session_facts(snapshot: Snapshot) -> list[Any]:
     session = snapshot.session
     if session is None:
         return [_empty("This ledger holds no session yet.")]
-    facts = [
+    facts: list[tuple[str, Any]] = [
         ("Status", session.status.value),
         ("Hospitals", ", ".join(session.participants)),
         ("Signatures required", f"{session.threshold} of {len(session.participants)}"),
@@ -173,6 +274,7 @@ def _session_facts(snapshot: Snapshot) -> list[Any]:
     ]
     if session.reason:
         facts.append(("Reason", session.reason))
+    facts.append(("Acceptance of the proposal", _acceptance_summary(snapshot)))
     items: list[Any] = []
     for term, value in facts:
         items += [html.Dt(term), html.Dd(value)]
@@ -185,10 +287,46 @@ def _session_facts(snapshot: Snapshot) -> list[Any]:
     return [html.Dl(items, className="facts"), html.P(links, className="exports")]
 
 
+def _acceptance_summary(snapshot: Snapshot) -> html.Span:
+    """One line on the participants' signed acceptances (the table is under Trust)."""
+    counts: dict[str, list[str]] = {}
+    for acceptance in snapshot.acceptances:
+        counts.setdefault(acceptance.status.value, []).append(acceptance.peer)
+    total = len(snapshot.acceptances)
+    forged = counts.pop(BAD_ACCEPTANCE, [])
+    parts = [f"{len(peers)} of {total}: {status}" for status, peers in counts.items()]
+    if forged:
+        # Named first: a signature that does not verify is what a reader must not miss.
+        parts.insert(0, f"{len(forged)} of {total}: {BAD_ACCEPTANCE} ({', '.join(forged)})")
+    text = "; ".join(parts) + " (details under Trust)" if parts else "none recorded"
+    return html.Span(text, id="acceptance-summary", className="bad-text" if forged else None)
+
+
 def _summary(snapshot: Snapshot, metrics: Table, check: Verdict) -> list[Any]:
+    tone = _TONES.get(check.status, "neutral")
+    # The verdict's sentence is always shown with the headline, whichever part is picked.
+    verdict_line: list[Any] = [
+        html.P(check.headline, id="verdict", className=f"verdict {tone}", role="status")
+    ]
+    if check.warnings:
+        # Not failures (the records themselves passed), but never silent: the reader sees
+        # what could not be re-checked; the list is under Trust.
+        first = check.warnings[0]
+        more = (
+            f" (and {len(check.warnings) - 1} more, listed under Trust)"
+            if len(check.warnings) > 1
+            else ""
+        )
+        verdict_line.append(
+            html.P(
+                f"{len(check.warnings)} warning(s), not re-checkable: {first}{more}",
+                id="check-warnings",
+                className="verdict neutral",
+            )
+        )
     session = snapshot.session
     if session is None:
-        return []
+        return verdict_line
     cards = [
         _card(
             "Rounds agreed",
@@ -232,7 +370,7 @@ def _summary(snapshot: Snapshot, metrics: Table, check: Verdict) -> list[Any]:
         "unchecked": "not checked",
     }[check.status]
     cards.append(_card("Ledger check", label, "card-check", _TONES.get(check.status, "")))
-    return [html.Div(cards, className="cards")]
+    return [html.Div(cards, className="cards"), *verdict_line]
 
 
 def _model_charts(snapshot: Snapshot, metrics: Table) -> list[Any]:
@@ -400,16 +538,29 @@ def _participation_section(participation: Table, contributors: Table) -> list[An
     ]
 
 
-def _trust_section(trust: Table, check: Verdict) -> list[Any]:
-    tone = _TONES.get(check.status, "neutral")
-    parts: list[Any] = [
-        html.P(check.headline, id="verdict", className=f"verdict {tone}", role="status")
-    ]
+def _trust_section(trust: Table, check: Verdict, acceptances: Table) -> list[Any]:
+    parts: list[Any] = []
     if check.details:
         parts.append(html.Ul([html.Li(detail) for detail in check.details], id="problems"))
+    if check.warnings:
+        # A ledger of rounds agreed before evidence was kept warns once per round: the
+        # first ones are listed (``peer verify-ledger`` prints them all).
+        shown = [html.Li(warning) for warning in check.warnings[:_WARNINGS_LISTED]]
+        if len(check.warnings) > _WARNINGS_LISTED:
+            shown.append(html.Li(f"… and {len(check.warnings) - _WARNINGS_LISTED} more"))
+        parts.append(html.Ul(shown, id="warnings", className="neutral-text"))
     if trust:
         parts.append(
             _table(trust, table_id="trust-table", caption="Signatures of each agreed record")
+        )
+    if acceptances:
+        parts.append(
+            _table(
+                acceptances,
+                table_id="acceptance-table",
+                caption="Each hospital's signed acceptance of the session's proposal (a "
+                "commitment bound to the proposal, signed with its certificate key)",
+            )
         )
     return parts
 
@@ -465,13 +616,16 @@ def render(
     snapshot: Snapshot,
     budgets: Mapping[str, float] | None = None,
     compare: Snapshot | None = None,
-) -> list[list[Any]]:
+    view: str | None = None,
+) -> list[list[Any] | None]:
     """The children of each section (see ``_SECTIONS``) for one snapshot.
 
     Args:
         budgets: ε budget per peer from the command line; they override the budgets read
             from the session proposal.
         compare: the snapshot of a second session to compare with, if one was picked.
+        view: draw only the always-shown sections and those of this part of the page
+            (:data:`VIEWS`); the others are None. None draws every section.
     """
     session = snapshot.session
     known: dict[str, float] = {}
@@ -483,50 +637,89 @@ def render(
         if session is not None
         else None
     )
+    # The headline (always shown) needs the metrics table; the rest is built only for
+    # the sections drawn.
     metrics = metrics_table(snapshot.records, first_bad)
-    privacy = privacy_table(snapshot.records, known)
     check = verdict(snapshot.report, error=snapshot.check_error)
-    if session is None:
-        participation = trust = contributors = Table(())
-    else:
-        participation = participation_table(session, snapshot.records, snapshot.attempts)
-        trust = trust_table(session, snapshot.records, snapshot.report)
-        contributors = contributors_table(session, snapshot.records)
-    return [
-        _banner(snapshot),
-        _session_facts(snapshot),
-        _summary(snapshot, metrics, check),
-        _metrics_section(snapshot, metrics),
-        _privacy_section(
-            privacy,
+
+    def privacy() -> list[Any]:
+        return _privacy_section(
+            privacy_table(snapshot.records, known),
             known,
             dp_release_table(snapshot.records),
             hospital_privacy_table(snapshot.charges, known),
-        ),
-        _participation_section(participation, contributors),
-        _trust_section(trust, check),
-        _stats_section(statistics_table(snapshot.statistics)),
-        _compare_section(snapshot, compare),
+        )
+
+    def participation() -> list[Any]:
+        if session is None:
+            return _participation_section(Table(()), Table(()))
+        return _participation_section(
+            participation_table(session, snapshot.records, snapshot.attempts),
+            contributors_table(session, snapshot.records),
+        )
+
+    def trust() -> list[Any]:
+        table = (
+            trust_table(session, snapshot.records, snapshot.report)
+            if session is not None
+            else Table(())
+        )
+        return _trust_section(table, check, acceptance_rows(snapshot.acceptances))
+
+    builders: dict[str, Callable[[], list[Any]]] = {
+        "banner": lambda: _banner(snapshot),
+        "session-facts": lambda: _session_facts(snapshot),
+        "summary": lambda: _summary(snapshot, metrics, check),
+        "metrics": lambda: _metrics_section(snapshot, metrics),
+        "privacy": privacy,
+        "participation": participation,
+        "trust": trust,
+        "stats": lambda: _stats_section(statistics_table(snapshot.statistics)),
+        "compare-body": lambda: _compare_section(snapshot, compare),
+    }
+    return [
+        builders[name]() if view is None or _VIEW_OF.get(name, view) == view else None
+        for name in _SECTIONS
     ]
 
 
 # --------------------------------------------------------------------------- the app
 
 
-def _section(title: str, section_id: str, intro: str, children: Any = None) -> html.Section:
+def _section(
+    title: str, section_id: str, intro: str, children: Any, hidden: bool, extra: Sequence[Any] = ()
+) -> html.Section:
+    """One part of the page (see :data:`VIEWS`), hidden unless it is the one picked."""
     return html.Section(
-        [html.H2(title), html.P(intro, className="intro"), html.Div(children, id=section_id)]
+        [
+            html.H2(title),
+            html.P(intro, className="intro"),
+            *extra,
+            html.Div(children, id=section_id),
+        ],
+        id=f"{_VIEW_OF[section_id]}-panel",
+        hidden=hidden,
     )
+
+
+# The page's own outputs after the sections: the panels' hidden flags, then these.
+_TAIL = ("error", "updated", "digest")
+
+
+def _blank() -> list[Any]:
+    return [[], None, [], *([None] * len(_SECTIONS)), *[v != DEFAULT_VIEW for v, _ in VIEWS]] + [
+        None
+    ] * len(_TAIL)
 
 
 def _layout(source_url: str, interval_s: float, page: Sequence[Any] | None = None) -> html.Div:
     """The page, with the content of ``page`` (a :func:`_refresh` answer) already in place.
 
     Serving the drawn page in the layout saves the browser a round trip (layout, then the
-    refresh callback, then the charts' script); the refresh callback runs at the ticks and
-    when a session is picked, not at load.
+    refresh callback, then the charts' script); the refresh callback runs at the ticks, when
+    a session or another part of the page is picked, not at load.
     """
-    blank: list[Any] = [[], None, [], *([None] * len(_SECTIONS)), None, None, None]
+    blank = _blank()
     if page is None:
         page = blank  # the static layout Dash checks callback ids against
     # The ledger could not be read: the error and the time, nothing else (the next tick
@@ -534,7 +727,40 @@ def _layout(source_url: str, interval_s: float, page: Sequence[Any] | None = Non
     page = [b if part is dash.no_update else part for part, b in zip(page, blank, strict=True)]
     options, value, others, *rest = page
     sections = dict(zip(_SECTIONS, rest, strict=False))
-    error, updated, digest = rest[len(_SECTIONS) :]
+    hidden = dict(zip((v for v, _ in VIEWS), rest[len(_SECTIONS) :], strict=False))
+    error, updated, digest = rest[len(_SECTIONS) + len(VIEWS) :]
+    intros = {
+        "metrics": "What the hospitals agreed on after each round, computed under secure "
+        "aggregation: no hospital's own figures are visible to the others.",
+        "privacy": "Differential privacy (ε) each hospital spent on its patients' data. "
+        "Lower ε means stronger privacy; totals must stay within the budget.",
+        "participation": "Which hospitals contributed to each round, who dropped out, and "
+        "which peer relayed the masked updates (the aggregator, trusted for nothing).",
+        "trust": "Every agreed record is signed by the hospitals and chained to the "
+        "previous one, so a changed or deleted round is detected. Each hospital also signed "
+        "its acceptance of the session's proposal before the session ran.",
+        "stats": "Cohort counts, histograms and means computed with differential privacy "
+        "and summed securely.",
+        "compare-body": "Compare the session shown above with another one (e.g. two privacy "
+        "budgets or two model architectures).",
+    }
+    titles = dict(VIEWS)
+    compare_picker = [
+        html.Label("Compare with", htmlFor="compare", className="session-label"),
+        dcc.Dropdown(id="compare", options=others, clearable=True, searchable=False),
+    ]
+    panels = [
+        _section(
+            titles[_VIEW_OF[name]],
+            name,
+            intros[name],
+            sections[name],
+            bool(hidden[_VIEW_OF[name]]),
+            compare_picker if name == "compare-body" else (),
+        )
+        for name in _SECTIONS
+        if name in _VIEW_OF
+    ]
     return html.Div(
         [
             html.Header(
@@ -566,58 +792,20 @@ def _layout(source_url: str, interval_s: float, page: Sequence[Any] | None = Non
             html.Div(sections["summary"], id="summary"),
             html.Main(
                 [
-                    _section(
-                        "Global model",
-                        "metrics",
-                        "What the hospitals agreed on after each round, computed under secure "
-                        "aggregation: no hospital's own figures are visible to the others.",
-                        sections["metrics"],
+                    # Native radio buttons: Tab reaches the group, the arrow keys pick a
+                    # part (dcc.Tabs draws <div>s that a keyboard cannot reach).
+                    html.Div(
+                        dcc.RadioItems(
+                            id="view",
+                            options=[{"label": label, "value": v} for v, label in VIEWS],
+                            value=DEFAULT_VIEW,
+                            inline=True,
+                            className="views",
+                        ),
+                        role="radiogroup",
+                        **_VIEWS_LABEL,
                     ),
-                    _section(
-                        "Privacy",
-                        "privacy",
-                        "Differential privacy (ε) each hospital spent on its patients' data. "
-                        "Lower ε means stronger privacy; totals must stay within the budget.",
-                        sections["privacy"],
-                    ),
-                    _section(
-                        "Participation",
-                        "participation",
-                        "Which hospitals contributed to each round, who dropped out, and which "
-                        "peer relayed the masked updates (the aggregator, trusted for nothing).",
-                        sections["participation"],
-                    ),
-                    _section(
-                        "Trust",
-                        "trust",
-                        "Every agreed record is signed by the hospitals and chained to the "
-                        "previous one, so a changed or deleted round is detected.",
-                        sections["trust"],
-                    ),
-                    _section(
-                        "Federated statistics",
-                        "stats",
-                        "Cohort counts, histograms and means computed with differential "
-                        "privacy and summed securely.",
-                        sections["stats"],
-                    ),
-                    html.Section(
-                        [
-                            html.H2("Sessions side by side"),
-                            html.P(
-                                "Compare the session shown above with another one (e.g. two "
-                                "privacy budgets or two model architectures).",
-                                className="intro",
-                            ),
-                            html.Label(
-                                "Compare with", htmlFor="compare", className="session-label"
-                            ),
-                            dcc.Dropdown(
-                                id="compare", options=others, clearable=True, searchable=False
-                            ),
-                            html.Div(sections["compare-body"], id="compare-body"),
-                        ]
-                    ),
+                    *panels,
                 ]
             ),
             dcc.Interval(id="tick", interval=int(interval_s * 1000), n_intervals=0),
@@ -634,6 +822,7 @@ def create_app(
     interval_s: float = 5.0,
     budgets: Mapping[str, float] | None = None,
     clock: Clock = system_clock,
+    warm_up: threading.Event | None = None,
 ) -> dash.Dash:
     """Build the dashboard over the ledger at ``ledger_url`` (opened read-only).
 
@@ -646,6 +835,11 @@ def create_app(
         interval_s: seconds between refreshes.
         budgets: ε budget per peer, overriding any found in the session proposal.
         clock: the time shown as "last checked".
+        warm_up: when given, the ledger is read and checked, and the first page drawn, in
+            the background from now on, and the event is set once that is done (or failed:
+            the page then says why). Checking a long ledger with the roster takes seconds
+            (20,000 signatures: about 4 s here); done at start, the first reader does not
+            wait for it.
 
     Raises:
         LedgerSourceError: the URL cannot be opened read-only (malformed, in-memory, or a
@@ -668,29 +862,140 @@ def create_app(
     )
     known = dict(budgets or {})
     cache = PageCache()
-    # Plotly's script (4.8 MB) is otherwise fetched only once the first chart is mounted,
-    # after the layout arrived; deferred, it loads and compiles while the server answers.
+    # Plotly's script is otherwise fetched only once the first chart is mounted, after the
+    # layout arrived; deferred, it loads and compiles while the server answers.
     app.config.external_scripts.append({"src": _plotly_script_url(app), "defer": "defer"})
+    _register_vendor(app)
     # Dash checks callback ids against a static layout, so it need not draw a page for it.
     app.validation_layout = _layout(source.url, interval_s)  # type: ignore[assignment]
-    app.layout = lambda: _layout(
-        source.url, interval_s, _refresh(source, known, clock, None, None, None, cache)
-    )
+    prefetch = Prefetch(lambda: _refresh(source, known, clock, None, None, None, cache))
+
+    def read_while_the_scripts_load() -> None:
+        from flask import request
+
+        if request.method == "GET" and request.path == app.config.routes_pathname_prefix:
+            prefetch.start()
+
+    app.server.before_request(read_while_the_scripts_load)
+
+    app.layout = lambda: _layout(source.url, interval_s, prefetch.take())
     _register(app, source, known, clock, cache)
+    if warm_up is not None:
+        threading.Thread(
+            target=_warm_up,
+            args=(lambda: _refresh(source, known, clock, None, None, None, cache), warm_up),
+            name="dashboard-warm-up",
+            daemon=True,
+        ).start()
     return app
 
 
+def _warm_up(first_page: Callable[[], list[Any]], done: threading.Event) -> None:
+    """Read, check and draw the first page before anyone asks (signatures found genuine are
+    remembered, the page is kept in the page cache); then set ``done``."""
+    started = time.monotonic()
+    try:
+        first_page()
+    except Exception:  # the page shows the problem when asked; the server keeps running
+        logger.exception("dashboard: the first read of the ledger failed")
+    else:
+        logger.info(
+            "dashboard: ledger read and checked, first page drawn in %.1f s",
+            time.monotonic() - started,
+        )
+    finally:
+        done.set()
+
+
+class Prefetch:
+    """The page's read of the ledger, started when a browser asks for the page's HTML and
+    taken by the layout request that follows.
+
+    Between the two the browser loads and runs Dash's scripts (about 0.2 s), and the server
+    would sit idle; reading the ledger then (about 0.3 s for 1,000 rounds of 20
+    hospitals) takes that read off the reader's wait. The layout request takes the read
+    started at most ``max_age_s`` before (it cannot be older than the page request it
+    follows by more than that); otherwise, or when none is waiting, it reads anew. At most
+    one read is started at a time (a page request while one runs starts none), so asking
+    for the page repeatedly costs no more reads than loading it. Whatever the page shows is
+    checked again at the browser's next refresh.
+    """
+
+    def __init__(
+        self,
+        compute: Callable[[], list[Any]],
+        max_age_s: float = 2.0,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._compute = compute
+        self._max_age_s = max_age_s
+        self._monotonic = monotonic
+        self._lock = threading.Lock()
+        self._slot: tuple[float, Future[list[Any]]] | None = None
+
+    def start(self) -> None:
+        """Start a read in the background, unless one is running."""
+        with self._lock:
+            if self._slot is not None and not self._slot[1].done():
+                return
+            future: Future[list[Any]] = Future()
+            self._slot = (self._monotonic(), future)
+
+        def run() -> None:
+            try:
+                future.set_result(self._compute())
+            except BaseException as exc:  # handed to the request that takes it
+                future.set_exception(exc)
+
+        threading.Thread(target=run, name="dashboard-prefetch", daemon=True).start()
+
+    def take(self) -> list[Any]:
+        """The page read started for this load, or a new read."""
+        with self._lock:
+            slot, self._slot = self._slot, None
+        if slot is None or self._monotonic() - slot[0] > self._max_age_s:
+            return self._compute()
+        return slot[1].result()
+
+
+VENDOR = Path(__file__).resolve().parent / "vendor"
+
+# plotly.js's "cartesian" partial bundle (npm plotly.js-cartesian-dist-min, MIT, licence in
+# vendor/): the bar, heatmap and scatter traces the charts use, 1.5 MB instead of the full
+# 4.8 MB bundle, whose compiling took a third of a page load. It must be the plotly.js
+# version plotly.py writes figures for; for any other, the full bundle is served.
+PLOTLY_PARTIAL = "plotly-cartesian-4.1.1.min.js"
+PLOTLY_PARTIAL_VERSION = "4.1.1"
+
+
+def _register_vendor(app: dash.Dash) -> None:
+    def vendor(name: str) -> Any:
+        from flask import abort, send_from_directory
+
+        if name != PLOTLY_PARTIAL:
+            abort(404)
+        # The file name carries the version: browsers may keep it for a year unasked.
+        return send_from_directory(VENDOR, name, max_age=365 * 24 * 3600)
+
+    app.server.add_url_rule("/_vendor/<name>", "vendor", vendor)
+
+
 def _plotly_script_url(app: dash.Dash) -> str:
-    """The URL of the plotly.js bundle that Dash serves for its charts, fingerprinted as
-    Dash does its own scripts so that browsers keep it without asking again."""
+    """The URL of the plotly.js bundle for the charts: the partial bundle when it matches
+    the installed plotly, else the full one that Dash serves, fingerprinted as Dash does
+    its own scripts so that browsers keep it without asking again."""
     import plotly
     from dash.fingerprint import build_fingerprint
+    from plotly.offline import get_plotlyjs_version
+
+    prefix: str = app.config.requests_pathname_prefix
+    if get_plotlyjs_version() == PLOTLY_PARTIAL_VERSION and (VENDOR / PLOTLY_PARTIAL).is_file():
+        return f"{prefix}_vendor/{PLOTLY_PARTIAL}"
 
     bundle = Path(plotly.__file__).resolve().parent / "package_data" / "plotly.min.js"
     path: str = build_fingerprint(  # type: ignore[no-untyped-call]
         "package_data/plotly.min.js", plotly.__version__, int(bundle.stat().st_mtime)
     )
-    prefix: str = app.config.requests_pathname_prefix
     return f"{prefix}_dash-component-suites/plotly/{path}"
 
 
@@ -760,39 +1065,80 @@ def _register(
         dash.Output("compare", "options"),
     ]
     outputs += [dash.Output(section, "children") for section in _SECTIONS]
+    outputs += [dash.Output(f"{view}-panel", "hidden") for view, _ in VIEWS]
     outputs += [
         dash.Output("error", "children"),
         dash.Output("updated", "children"),
         dash.Output("digest", "data"),
     ]
 
+    _register_pager(app, source, budgets)
+
     @app.callback(
         outputs,
         dash.Input("tick", "n_intervals"),
         dash.Input("session", "value"),
         dash.Input("compare", "value"),
+        dash.Input("view", "value"),
         dash.State("digest", "data"),
         # The layout already holds the page of the ledger as it is: nothing to do at load
         # (a request, and the server's read of the whole ledger, saved for every reader).
         prevent_initial_call=True,
     )
     def refresh(
-        _tick: int | None, selected: str | None, compared: str | None, shown: str | None
+        _tick: int | None,
+        selected: str | None,
+        compared: str | None,
+        view: str | None,
+        shown: str | None,
     ) -> list[Any]:
-        return _refresh(source, budgets, clock, selected, shown, compared, cache)
+        return _refresh(
+            source, budgets, clock, selected, shown, compared, cache, view or DEFAULT_VIEW
+        )
+
+
+def _register_pager(app: dash.Dash, source: LedgerSource, budgets: dict[str, float]) -> None:
+    def key(kind: str) -> dict[str, Any]:
+        return {"type": kind, "table": dash.MATCH}
+
+    @app.callback(
+        dash.Output(key("rows-body"), "children"),
+        dash.Output(key("rows-status"), "children"),
+        dash.Output(key("rows-end"), "data"),
+        dash.Output(key("rows-earlier"), "disabled"),
+        dash.Output(key("rows-later"), "disabled"),
+        dash.Input(key("rows-earlier"), "n_clicks"),
+        dash.Input(key("rows-later"), "n_clicks"),
+        dash.State(key("rows-end"), "data"),
+        dash.State("session", "value"),
+        # A table redrawn at a tick starts again at its last page: nothing to ask.
+        prevent_initial_call=True,
+    )
+    def page(_earlier: int | None, _later: int | None, end: int | None, selected: str) -> Any:
+        trigger = dash.ctx.triggered_id
+        if not isinstance(trigger, Mapping) or trigger.get("table") not in _PAGED:
+            raise dash.exceptions.PreventUpdate
+        step = -PAGE_ROWS if trigger.get("type") == "rows-earlier" else PAGE_ROWS
+        try:
+            snapshot = source.snapshot(selected)
+        except LedgerError:
+            raise dash.exceptions.PreventUpdate from None  # the next tick shows the error
+        if snapshot.session is None:
+            raise dash.exceptions.PreventUpdate
+        return list(page_of_rows(snapshot, budgets, str(trigger["table"]), end, step))
 
 
 class PageCache:
-    """The last few pages drawn, by snapshot digest.
+    """The last few pages drawn, by snapshot digest and part of the page picked.
 
     Drawing a page of a long session takes seconds (thousands of chart points and table
     cells); every browser that opens the page, or switches back to a session, would pay it
-    again. Equal digests draw the same page, so it is drawn once per ledger state, also
-    when several browsers ask for a new state at the same moment (after a new round every
-    open page's refresh does): the first draws, the others wait for its page.
+    again. Equal digests draw the same page, so it is drawn once per ledger state and part,
+    also when several browsers ask for a new state at the same moment (after a new round
+    every open page's refresh does): the first draws, the others wait for its page.
     """
 
-    def __init__(self, size: int = 8) -> None:
+    def __init__(self, size: int = 24) -> None:
         self._size = size
         self._pages: dict[str, list[Any]] = {}
         self._drawing: dict[str, threading.Lock] = {}
@@ -848,8 +1194,13 @@ def _refresh(
     shown: str | None,
     compared: str | None = None,
     cache: PageCache | None = None,
+    view: str = DEFAULT_VIEW,
 ) -> list[Any]:
+    """The callback's answer: the session picker, each section (only those of ``view`` and
+    the always-shown ones filled), the panels' hidden flags, the error, the time and the
+    digest of what is shown (``dash.no_update`` where nothing changed since ``shown``)."""
     keep = dash.no_update
+    unchanged = [keep] * (3 + len(_SECTIONS) + len(VIEWS))
     checked = f"Last checked {format_time(clock())}"
     try:
         if selected is None:
@@ -867,16 +1218,24 @@ def _refresh(
                 other = None
     except LedgerError as exc:
         problem = html.P(f"Cannot read the ledger: {exc}", className="verdict bad")
-        return [keep, keep, keep, *([keep] * len(_SECTIONS)), problem, checked, keep]
-    digest = snapshot.digest() + (other.digest() if other is not None else "")
+        return [*unchanged, problem, checked, keep]
+    if view not in _VIEW_OF.values():
+        view = DEFAULT_VIEW
+    state = snapshot.digest() + (other.digest() if other is not None else "")
+    # The browser keeps the digest of what it shows: the ledger state and the part picked.
+    digest = f"{state}:{view}"
     if digest == shown:
-        return [keep, keep, keep, *([keep] * len(_SECTIONS)), None, checked, keep]
+        return [*unchanged, None, checked, keep]
 
     def draw() -> list[Any]:
         options: Sequence[dict[str, str]] = session_options(snapshot.sessions, snapshot.all_records)
         value = snapshot.session.session_id if snapshot.session else None
         others = [option for option in options if option["value"] != value]
-        return [options, value, others, *_plain(render(snapshot, budgets, other))]
+        return [options, value, others, *_plain(render(snapshot, budgets, other, view))]
 
+    # Only the picked part is drawn and sent: the first page after a new round draws the
+    # headline and one part, not all six; each other part is drawn once per ledger state,
+    # when first picked.
     page = cache.get(digest, draw) if cache is not None else draw()
-    return [*page, None, checked, digest]
+    hidden = [name != view for name, _ in VIEWS]
+    return [*page, *hidden, None, checked, digest]

@@ -24,7 +24,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from peer.beacon import commitment_signed_bytes
+from peer.acceptances import Acceptance, AcceptanceStatus, check_acceptances, proposal_digest
 from peer.ledger import (
     ChargedRelease,
     LedgerProblem,
@@ -36,7 +36,6 @@ from peer.ledger import (
     StatisticsResult,
     StoredRecord,
 )
-from peer.session import ProposalError, SessionProposal
 from secagg import Verifier
 
 __all__ = [
@@ -52,6 +51,7 @@ __all__ = [
     "Column",
     "Table",
     "Verdict",
+    "acceptance_rows",
     "acceptance_table",
     "banner",
     "budgets_from_proposal",
@@ -187,11 +187,14 @@ class Verdict:
             ``problems``, ``unchecked`` (no check ran) or ``error``.
         headline: one sentence for the page.
         details: one sentence per problem found.
+        warnings: one sentence per thing the check could not re-check (a round without
+            stored evidence, a proposal this version cannot read): not failures, but shown.
     """
 
     status: str
     headline: str
     details: tuple[str, ...] = field(default_factory=tuple)
+    warnings: tuple[str, ...] = field(default_factory=tuple)
 
 
 # --------------------------------------------------------------------------- formatting
@@ -917,22 +920,28 @@ def verdict(report: LedgerReport | None, *, error: str | None = None) -> Verdict
             "--roster and --ca to verify them).",
         )
     counted = f"{report.records} agreed record(s), {report.checkpoints} checkpoint(s)"
+    warnings = tuple(str(warning) for warning in report.warnings)
     if report.ok and not report.signatures_checked:
         return Verdict(
             "intact",
-            f"Ledger intact: hash chain, record, metrics and proposal hashes and checkpoints "
-            f"verified ({counted}). Signatures counted but not verified: no roster given "
-            "(start the dashboard with --roster and --ca to verify them).",
+            f"Ledger intact: hash chain, record, metrics and proposal hashes, checkpoints "
+            f"and round parameters verified ({counted}). Signatures counted but not "
+            "verified: no roster given (start the dashboard with --roster and --ca to verify "
+            "them, the signed acceptances and each round's evidence).",
+            warnings=warnings,
         )
     if report.ok:
         return Verdict(
             "verified",
-            f"Ledger verified: hash chain intact and every signature valid ({counted}).",
+            f"Ledger verified: hash chain intact and every signature valid; acceptances, "
+            f"round evidence and parameters re-checked ({counted}).",
+            warnings=warnings,
         )
     return Verdict(
         "problems",
         f"Ledger check FAILED: {len(report.problems)} problem(s) in {counted}.",
         tuple(str(problem) for problem in report.problems),
+        warnings,
     )
 
 
@@ -974,18 +983,29 @@ def statistics_table(results: Sequence[StatisticsResult]) -> Table:
 
 # --------------------------------------------------------------------------- acceptances
 
-ACCEPTED = "accepted: signature verified"
-ACCEPTED_UNCHECKED = "accepted: signed (not verified: no roster)"
-BAD_ACCEPTANCE = "signature does NOT verify"
-NO_ACCEPTANCE = "no acceptance recorded"
+# The checking is peer.acceptances' (shared with the audit report); these are its words.
+ACCEPTED = AcceptanceStatus.VERIFIED.value
+ACCEPTED_UNCHECKED = AcceptanceStatus.UNCHECKED.value
+BAD_ACCEPTANCE = AcceptanceStatus.FORGED.value
+NO_ACCEPTANCE = AcceptanceStatus.MISSING.value
 
 
-def proposal_digest(session: SessionInfo) -> bytes:
-    """The digest participants sign when they accept the proposal (peer/beacon.py)."""
-    try:
-        return SessionProposal.from_document(session.proposal).digest
-    except ProposalError:
-        return session.proposal_hash  # a document of another version: its plain SHA-256
+def acceptance_rows(acceptances: Sequence[Acceptance]) -> Table:
+    """The table of checked acceptances (:func:`peer.acceptances.check_acceptances`)."""
+    rows: tuple[dict[str, Cell], ...] = tuple(
+        {
+            "peer": a.peer,
+            "status": a.status.value,
+            "commitment": a.commitment.hex()[:16] + "…" if a.commitment is not None else None,
+        }
+        for a in acceptances
+    )
+    columns = (
+        Column("peer", "Hospital"),
+        Column("status", "Acceptance of the proposal"),
+        Column("commitment", "Signed commitment (beginning)"),
+    )
+    return Table(columns, rows)
 
 
 def acceptance_table(
@@ -993,43 +1013,12 @@ def acceptance_table(
     commitments: Mapping[str, tuple[bytes, bytes]] | None,
     verifiers: Mapping[str, Verifier] | None,
 ) -> Table:
-    """Each participant's signed acceptance of the proposal, as this ledger holds it.
-
-    A peer accepts a proposal by answering a beacon commitment signed with its certificate
-    key over (proposal digest, peer, commitment) (peer/beacon.py); the proposer hands every
-    participant the whole set at ``Start``, and each peer checks and stores it before the
-    session runs. So every ledger holds every participant's signed acceptance, and anyone
-    with the roster can verify it (with the key the member held, renewals included).
+    """Each participant's signed acceptance of the proposal, as this ledger holds it,
+    checked with the roster keys when given (see :mod:`peer.acceptances`).
 
     Args:
         commitments: ``{peer: (commitment, signature)}`` from the ledger, or None when this
             ledger has none (the session never started here).
         verifiers: roster keys, or None to show the signatures unverified.
     """
-    digest = proposal_digest(session)
-    rows: list[dict[str, Cell]] = []
-    for peer in session.participants:
-        found = (commitments or {}).get(peer)
-        if found is None:
-            status = NO_ACCEPTANCE
-        elif verifiers is None:
-            status = ACCEPTED_UNCHECKED
-        else:
-            commitment, signature = found
-            verifier = verifiers.get(peer)
-            signed = commitment_signed_bytes(digest, peer, commitment)
-            ok = verifier is not None and verifier.verify(signature, signed)
-            status = ACCEPTED if ok else BAD_ACCEPTANCE
-        rows.append(
-            {
-                "peer": peer,
-                "status": status,
-                "commitment": found[0].hex()[:16] + "…" if found else None,
-            }
-        )
-    columns = (
-        Column("peer", "Hospital"),
-        Column("status", "Acceptance of the proposal"),
-        Column("commitment", "Signed commitment (beginning)"),
-    )
-    return Table(columns, tuple(rows))
+    return acceptance_rows(check_acceptances(session, commitments, verifiers))

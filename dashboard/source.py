@@ -7,7 +7,8 @@ Read-only, by two means:
   readonly database"), PostgreSQL with ``default_transaction_read_only=on``.
 - On any backend, the dashboard only calls the ledger's read methods (``sessions``,
   ``agreed_records``, ``round_attempts``, ``statistics_results``, ``head``),
-  :func:`~peer.ledger.verify_ledger` and the verifier's raw reader ``read_records``; it never
+  ``peer verify-ledger``'s check (:class:`~peer.ledger_check.LedgerCheck`) and the verifier's
+  raw reader ``read_records``; it never
   calls ``create`` or a write method, so it cannot create tables or records even where the
   connection would allow it.
 
@@ -24,11 +25,13 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError
 
+from peer.acceptances import Acceptance, check_acceptances
 from peer.ledger import (
     ChargedRelease,
     Ledger,
@@ -39,9 +42,9 @@ from peer.ledger import (
     SessionInfo,
     StatisticsResult,
     StoredRecord,
-    verify_ledger,
 )
 from peer.ledger._verify import RawRecord, read_records
+from peer.ledger_check import LedgerCheck
 from secagg.crypto import Verifier
 
 __all__ = ["LedgerSource", "LedgerSourceError", "Snapshot", "read_only_url"]
@@ -125,6 +128,8 @@ class Snapshot:
         head: ``(seq, record_hash)`` of the ledger's last record.
         charges: every privacy charge in the ledger (the owning hospital's, all sessions,
             aborted attempts included).
+        acceptances: each participant's signed acceptance of the selected session's
+            proposal, checked with the roster keys when the source has them.
     """
 
     sessions: tuple[SessionInfo, ...]
@@ -137,61 +142,49 @@ class Snapshot:
     check_error: str | None
     head: tuple[int, bytes]
     charges: tuple[ChargedRelease, ...] = ()
+    acceptances: tuple[Acceptance, ...] = ()
+    stored_key: str = ""
+    """A fingerprint of every session and record exactly as stored (set by
+    :class:`LedgerSource`, which reads them for it anyway); the records shown derive from
+    them, so the digest uses it instead of writing out a thousand records again."""
 
     def digest(self) -> str:
         """A short fingerprint of the visible content: equal digests draw the same page."""
         # The dataclasses' reprs are deterministic (datetimes, bytes, tuples, dicts in
         # insertion order of deterministic queries), so this changes exactly when a shown
         # value does.
+        stored: Any = self.stored_key or (self.sessions, self.records)
         text = repr(
             (
-                self.sessions,
+                stored,
                 self.session.session_id if self.session else None,
                 self.head,
-                self.records,
                 self.attempts,
                 self.statistics,
                 self.report,
                 self.check_error,
+                self.acceptances,
+                self.charges,
             )
         )
         return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
 
 
-class _RememberingVerifier:
-    """A roster key that remembers the signatures it found genuine.
-
-    The whole ledger is verified again at every new round (and at every edit), but its
-    old records' signatures were already verified: 20,000 ECDSA verifications took 2.2 s
-    for 1,000 rounds of 20 hospitals. An exact (signature, signed bytes) pair this key
-    accepted before is accepted without the arithmetic; anything else, a new record or an
-    edited one (its signed bytes differ), is verified in full. Failures are not remembered.
-    """
-
-    def __init__(self, key: Verifier) -> None:
-        self._key = key
-        self._genuine: set[tuple[bytes, bytes]] = set()
-
-    def verify(self, signature: bytes, data: bytes) -> bool:
-        pair = (bytes(signature), bytes(data))
-        if pair in self._genuine:
-            return True
-        if not self._key.verify(signature, data):
-            return False
-        self._genuine.add(pair)
-        return True
-
-
 class LedgerSource:
     """A read-only view of one ledger, with the verification cached per ledger content.
 
-    Every snapshot carries the :func:`~peer.ledger.verify_ledger` report of the whole
-    ledger: with ``verifiers`` everything including the signatures, without them everything
-    that needs no key (hash chain, record, metrics and proposal hashes, checkpoints, the
-    number of signatures). The check re-runs whenever a record or session read differs
-    from the last check (a value edited in place, not only a new round), and at least every
-    ``recheck_s`` seconds, which catches an edited checkpoint (checkpoints are too large to
-    read on every refresh).
+    Every snapshot carries the report of ``peer verify-ledger``'s check of the whole ledger
+    (:class:`~peer.ledger_check.LedgerCheck`, the same code): with ``verifiers`` everything
+    including the signatures, the signed acceptances, each round's stored evidence and the
+    vote releases; without them everything that needs no key (hash chain, record, metrics
+    and proposal hashes, checkpoints, the number of signatures, each stored round's
+    parameters against the accepted proposal). The check re-runs whenever a record or
+    session read differs from the last check (a value edited in place, not only a new
+    round), and at least every ``recheck_s`` seconds. A re-run redoes only what changed
+    (records appended after an unchanged chain, evidence rows not seen before; see
+    :class:`~peer.ledger_check.LedgerCheck`), except that every ``recheck_s`` seconds it
+    re-reads every checkpoint (too large to read on every refresh): that catches an edited
+    checkpoint, and one edited at the moment a round is appended.
 
     Args:
         url: as for :func:`read_only_url`.
@@ -221,15 +214,13 @@ class LedgerSource:
             raise LedgerSourceError(
                 f"cannot use {self.url}: its database driver is not installed ({exc})"
             ) from None
-        self._verifiers: dict[str, Verifier] | None = (
-            {peer: _RememberingVerifier(key) for peer, key in verifiers.items()}
-            if verifiers is not None
-            else None
-        )
+        self._check = LedgerCheck(verifiers)
+        self._verifiers = self._check.verifiers  # remembering the signatures found genuine
         self._recheck_s = recheck_s
         self._monotonic = monotonic
         self._lock = threading.Lock()
         self._checked: tuple[str, float, LedgerReport | None, str | None] | None = None
+        self._checkpoints_at: float | None = None  # when every checkpoint was last read
         # (key, the stored records as read plainly, the records as objects)
         self._records_cache: tuple[str, tuple[RawRecord, ...], tuple[StoredRecord, ...]] | None = (
             None
@@ -269,35 +260,31 @@ class LedgerSource:
         with self._reading():
             return len(self._ledger.sessions())
 
-    def _verification(self, key: str) -> tuple[LedgerReport | None, str | None]:
-        # verify_ledger reads every record and checkpoint: do it once per ledger state,
-        # not once per browser refresh.
+    def _verification(
+        self, key: str, raw: Sequence[RawRecord]
+    ) -> tuple[LedgerReport | None, str | None]:
+        # The check reads every session, proof and (now and then) checkpoint: do it once per
+        # ledger state, not once per browser refresh.
         with self._lock:
             now = self._monotonic()
             if self._checked is not None:
                 checked_key, at, cached_report, cached_error = self._checked
                 if checked_key == key and now - at < self._recheck_s:
                     return cached_report, cached_error
+            every_checkpoint = (
+                self._checkpoints_at is None or now - self._checkpoints_at >= self._recheck_s
+            )
             report: LedgerReport | None = None
             error: str | None = None
             try:
                 with self._reading():
-                    report = verify_ledger(self._ledger, self._verifiers)
+                    report = self._check.run(self._ledger, raw, all_checkpoints=every_checkpoint)
+                if every_checkpoint:
+                    self._checkpoints_at = now
             except LedgerError as exc:
                 error = str(exc)
             self._checked = (key, now, report, error)
             return report, error
-
-    def acceptances(self, session_id: str) -> dict[str, tuple[bytes, bytes]] | None:
-        """The participants' signed acceptances of ``session_id`` (their beacon commitments:
-        ``{peer: (commitment, signature)}``), or None when this ledger holds none.
-
-        Raises:
-            LedgerReadError: the ledger cannot be read.
-        """
-        with self._reading():
-            state = self._ledger.beacon_state(session_id)
-        return None if state is None or state.commitments is None else dict(state.commitments)
 
     def sessions(self) -> tuple[SessionInfo, ...]:
         """Every session of the ledger (a cheap read, to choose one before a snapshot).
@@ -339,6 +326,7 @@ class LedgerSource:
         records: tuple[StoredRecord, ...] = ()
         attempts: tuple[RoundAttempt, ...] = ()
         statistics: tuple[StatisticsResult, ...] = ()
+        commitments: dict[str, tuple[bytes, bytes]] | None = None
         with self._reading():
             sessions = tuple(self._ledger.sessions())
             # Every value stored, not just the head: a metric edited in place in an old
@@ -352,13 +340,19 @@ class LedgerSource:
                 records = tuple(r for r in all_records if r.record.session_id == wanted)
                 attempts = tuple(self._ledger.round_attempts(wanted))
                 statistics = tuple(self._ledger.statistics_results(wanted))
+                beacon = self._ledger.beacon_state(wanted)
+                if beacon is not None and beacon.commitments is not None:
+                    commitments = dict(beacon.commitments)
             charges = tuple(
                 charge
                 for peer_id in self._ledger.privacy_peers()
                 for charge in self._ledger.privacy_charges(peer_id)
             )
         head = (all_records[-1].seq, all_records[-1].record_hash) if all_records else (0, b"")
-        report, error = self._verification(key)
+        report, error = self._verification(key, raw)
+        acceptances = (
+            check_acceptances(session, commitments, self._verifiers) if session is not None else ()
+        )
         return Snapshot(
             sessions=sessions,
             all_records=all_records,
@@ -370,4 +364,6 @@ class LedgerSource:
             check_error=error,
             head=head,
             charges=charges,
+            acceptances=acceptances,
+            stored_key=key,
         )

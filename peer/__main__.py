@@ -139,6 +139,7 @@ def _data_import(args: argparse.Namespace) -> int:
     from sqlalchemy.exc import SQLAlchemyError
 
     from .data import CSVImportError, DataError, PatientStore, import_csv
+    from .data.source import NO_LABEL_NOTE
 
     if not 0.0 <= args.test_fraction < 1.0:
         raise UsageError(f"--test-fraction must be in [0, 1), not {args.test_fraction}")
@@ -197,7 +198,7 @@ def _data_import(args: argparse.Namespace) -> int:
         f"{store.url} ({report.n_train} train, {report.n_test} test)"
     )
     print(f"features ({len(report.feature_names)}): {', '.join(report.feature_names)}")
-    print(f"label: {mapping}")
+    print(f"label: {mapping}" if args.label is not None else f"label: none ({NO_LABEL_NOTE})")
     if report.generated_ids:
         print("patient ids generated from the file name and line number (no --id column)")
     return EXIT_OK
@@ -230,6 +231,10 @@ def _data_summary(config: PeerConfig) -> dict[str, Any]:
             "dataset": store.dataset_name(),
             "features": store.feature_names(),
             "splits": splits,
+            # Aggregates of the regression target, as the [data] sources report it.
+            "target": target.as_json() if (target := store.target_summary()) else None,
+            # False after an import with --target and no --label: every label is 0.
+            "labelled": store.has_labels(),
         }
     except (SQLAlchemyError, DataError) as error:
         raise UsageError(f"cannot read {store.url}: {one_line(error)}") from None
@@ -273,6 +278,8 @@ def _source_show(args: argparse.Namespace) -> int | None:
 
 
 def _data_show(args: argparse.Namespace) -> int:
+    from .data.source import NO_LABEL_NOTE
+
     shown = _source_show(args)
     if shown is not None:
         return shown
@@ -298,6 +305,14 @@ def _data_show(args: argparse.Namespace) -> int:
     records = sum(part["records"] for part in summary["splits"].values())
     everyone = ", ".join(f"{d} {n}" for d, n in sorted(total.items())) or "-"
     print(f"{'all':<5}  {records:>7}  {'':>7}  {'':>7}  {everyone}")
+    target = summary["target"]
+    if target is not None:
+        print(
+            f"target: {target['count']} values, {target['missing']} missing, "
+            f"mean {target['mean']:.4g}, std {target['std']:.4g}"
+        )
+    if not summary["labelled"]:
+        print(f"note: {NO_LABEL_NOTE}; classification sessions are refused")
     return EXIT_OK
 
 

@@ -26,6 +26,7 @@ __all__ = [
     "ControlCall",
     "PeerCalls",
     "PeerStub",
+    "PooledRoundStreams",
     "RoundStreamCall",
     "method_path",
 ]
@@ -187,6 +188,11 @@ class ChannelPool:
     def channel(self, peer_id: str) -> grpc.aio.Channel:
         return self.dial(peer_id).channel
 
+    def round_streams(self, peer_id: str) -> PooledRoundStreams:
+        """Opens round streams to ``peer_id`` on whichever channel the pool holds when each
+        stream opens (a stub taken earlier may have been closed by a renewal meanwhile)."""
+        return PooledRoundStreams(self, peer_id)
+
     def dialled(self) -> list[str]:
         """The peers this pool holds a channel to."""
         return list(self._stubs)
@@ -206,3 +212,21 @@ class ChannelPool:
         for stub in self._stubs.values():
             await stub.channel.close(None)
         self._stubs.clear()
+
+
+class PooledRoundStreams:
+    """A participant's way to the aggregator, looked up in the pool only when the stream
+    opens.
+
+    A participant prepares its contribution (training: seconds to minutes) before it opens
+    the stream. A renewal of this peer's certificate in that time closes every pooled
+    channel (peer/node.py), and a call on a closed channel raises ``UsageError``: a stub
+    taken before the preparation would fail the round, this one dials the new channel.
+    """
+
+    def __init__(self, pool: ChannelPool, peer_id: str) -> None:
+        self._pool = pool
+        self._peer_id = peer_id
+
+    def round_stream(self, timeout: float | None = None) -> RoundStreamCall:
+        return self._pool.stub(self._peer_id).round_stream(timeout=timeout)

@@ -19,6 +19,16 @@ from dataclasses import dataclass, field
 
 from secagg import RandomSource, Signer, Verifier
 
+from .attempts import (
+    ATTEMPTS_PER_PARTICIPANT,
+    INTERNAL_ERROR,
+    SAME_ERROR_ATTEMPTS,
+    JoinWindow,
+    internal_error,
+    next_attempt,
+    own_failure,
+    rejoin_attempt,
+)
 from .catchup import CatchUp
 from .channels import ChannelPool
 from .config import PeerConfig
@@ -26,6 +36,7 @@ from .ledger import Ledger, LedgerError, RoundStatus, SessionStatus
 from .logs import remote
 from .metrics import PeerMetrics
 from .payloads import Payload, PayloadFactory
+from .published import disclose
 from .ratelimit import Backoff
 from .round import (
     AggregatorRound,
@@ -43,21 +54,12 @@ from .session_state import SessionState
 from .spool import spool_directory
 from .wire import peer_pb2 as pb
 
-__all__ = [
-    "ATTEMPTS_PER_PARTICIPANT",
-    "CANNOT_RECORD",
-    "Progress",
-    "Session",
-    "SessionRunner",
-]
+__all__ = ["CANNOT_RECORD", "Progress", "Session", "SessionRunner"]
 
 logger = logging.getLogger("peer.node")
 
 # Why a round was refused when this peer's ledger cannot record it (read-only, disk full).
 CANNOT_RECORD = "cannot record the round"
-# A round not agreed after this many attempts per participant ends the session here
-# (aborted, with the reason): rounds are retried, never skipped, so it cannot go on.
-ATTEMPTS_PER_PARTICIPANT = 3
 
 
 @dataclass
@@ -68,6 +70,7 @@ class Progress:
     round: int = 0
     stage: str = ""
     aggregator: str = ""
+    attempt: int = 0
     detail: str = ""
 
 
@@ -168,6 +171,7 @@ class SessionRunner:
             current_stage=progress.stage,
             current_round=progress.round,
             current_aggregator=progress.aggregator,
+            current_attempt=progress.attempt,
             detail=progress.detail,
         )
 
@@ -260,6 +264,8 @@ class SessionRunner:
         sid = proposal.session_id
         progress = session.progress
         try:
+            # What trying again cannot change fails the session at once, with its reason: a
+            # payload this site cannot build for the proposal (e.g. a model it cannot train).
             payload = self.payload_factory(proposal, self.config, self.ledger)
             info = self.ledger.session(sid)
             if info is not None and info.status is SessionStatus.ACCEPTED:
@@ -267,62 +273,111 @@ class SessionRunner:
             # After a restart the others may have agreed rounds without this peer: fetch them
             # (verified: their signatures against the roster, >= threshold, each the next
             # round of this chain). What the others *say* moves this peer nowhere.
-            views = await self.catch_up.ask_others(proposal, timeout=5.0)
-            await self.catch_up.from_the_most_advanced(proposal, views)
+            views: list[tuple[str, pb.SessionStatus]] = []
+            try:
+                views = await self.catch_up.ask_others(proposal, timeout=5.0)
+                await self.catch_up.from_the_most_advanced(proposal, views)
+            except Exception:  # not fatal: a round's aggregator says BEHIND, and it is fetched
+                logger.exception("peer=%s session=%s cannot catch up at its start", self.me, sid)
             round_ = self.ledger.last_agreed_round(sid) + 1
             attempt = self.attempt_hint(proposal, session.beacon, round_, -1, views)
             backoff = Backoff(base=0.5, cap=max(1.0, min(proposal.stage_seconds, 10.0)))
             limit = max(6, ATTEMPTS_PER_PARTICIPANT * len(proposal.participants))
+            last_error, same_errors = "", 0  # the last attempt's unexpected error, how often
+            rejoined: set[int] = set()  # attempts of this round joined again (rejoin_attempt)
             while round_ <= proposal.rounds:
                 progress.state, progress.round = SessionState.RUNNING, round_
                 aggregator = aggregator_for(proposal, round_, attempt, session.beacon)
-                progress.aggregator, progress.stage = aggregator, "starting"
-                outcome = await self.one_round(session, payload, round_, attempt, aggregator)
-                progress.detail = outcome.reason
-                if outcome.status is RoundStatusKind.AGREED:
-                    round_, attempt = round_ + 1, 0
-                    backoff.reset()
-                    continue
-                if outcome.status is RoundStatusKind.REFUSED and outcome.reason.startswith(
-                    CANNOT_RECORD
-                ):
-                    # Stay on this round until the ledger can be written again.
-                    await asyncio.sleep(min(proposal.stage_seconds, 5.0))
-                    continue
-                # Not agreed here. Whether the others agreed it without this peer, only their
-                # agreed records can tell: a ROUND_AGREED/ROUND_PASSED answer is a claim,
-                # acted on only once the claimer's records are fetched and verified.
-                claimed = outcome.precondition in (
-                    pb.PRECONDITION_ROUND_AGREED,
-                    pb.PRECONDITION_ROUND_PASSED,
-                )
-                if claimed:
-                    await self.catch_up.fetch(proposal, aggregator)
+                progress.aggregator, progress.attempt = aggregator, attempt
+                progress.stage = "starting"
+                error = ""  # why this attempt failed, when an unexpected exception ended it
+                outcome: RoundOutcome | None = None
                 views = []
-                if self.ledger.last_agreed_round(sid) < round_:
-                    # The aggregator may have died after some peers stored the agreed record:
-                    # ask everyone before retrying, so that no second, different record of
-                    # the same round is ever signed while the first one exists.
-                    views = await self.catch_up.agreed_elsewhere(proposal, round_)
-                if self.ledger.last_agreed_round(sid) >= round_:
-                    round_, attempt = self.ledger.last_agreed_round(sid) + 1, 0
-                    backoff.reset()
-                    continue
-                if claimed:
-                    logger.warning(
-                        "peer=%s session=%s round=%d aggregator %s claims %s but showed no "
-                        "agreed record that proves it; trying the next aggregator",
+                try:
+                    outcome = await self.one_round(session, payload, round_, attempt, aggregator)
+                    progress.detail = outcome.reason
+                    if outcome.status is RoundStatusKind.AGREED:
+                        round_, attempt = round_ + 1, 0
+                        backoff.reset()
+                        last_error, same_errors = "", 0
+                        rejoined.clear()
+                        continue
+                    if outcome.status is RoundStatusKind.REFUSED and outcome.reason.startswith(
+                        CANNOT_RECORD
+                    ):
+                        # Stay on this round until the ledger can be written again.
+                        await asyncio.sleep(min(proposal.stage_seconds, 5.0))
+                        continue
+                    if own_failure(outcome, (INTERNAL_ERROR,)):  # not an aggregator's text
+                        error = outcome.reason
+                    # Not agreed here. Whether the others agreed it without this peer, only
+                    # their agreed records can tell: a ROUND_AGREED/ROUND_PASSED answer is a
+                    # claim, acted on only once the claimer's records are fetched and verified.
+                    claimed = outcome.precondition in (
+                        pb.PRECONDITION_ROUND_AGREED,
+                        pb.PRECONDITION_ROUND_PASSED,
+                    )
+                    if claimed:
+                        await self.catch_up.fetch(proposal, aggregator)
+                    if self.ledger.last_agreed_round(sid) < round_:
+                        # The aggregator may have died after some peers stored the agreed
+                        # record: ask everyone before retrying, so that no second, different
+                        # record of the same round is ever signed while the first one exists.
+                        views = await self.catch_up.agreed_elsewhere(proposal, round_)
+                    if self.ledger.last_agreed_round(sid) >= round_:
+                        round_, attempt = self.ledger.last_agreed_round(sid) + 1, 0
+                        backoff.reset()
+                        last_error, same_errors = "", 0
+                        rejoined.clear()
+                        continue
+                    if claimed:
+                        logger.warning(
+                            "peer=%s session=%s round=%d aggregator %s claims %s but showed no "
+                            "agreed record that proves it; trying the next aggregator",
+                            self.me,
+                            sid,
+                            round_,
+                            aggregator,
+                            remote(outcome.where()),  # the round number is the claimer's
+                        )
+                    # Rounds are never skipped (the ledger stores only last + 1): an aborted
+                    # round is tried again under its number, with the next aggregator (or in
+                    # the same attempt, once, when it failed by this peer's own fault).
+                    if rejoin_attempt(round_, attempt, outcome, views, rejoined):
+                        rejoined.add(attempt)
+                    else:
+                        attempt = self.attempt_hint(
+                            proposal, session.beacon, round_, attempt, views
+                        )
+                except Exception as exc:  # around one_round (which records its own errors)
+                    said = internal_error(exc, self.me)
+                    error = progress.detail = said.public  # published: no message, a ref
+                    logger.exception(
+                        "peer=%s session=%s round=%d attempt=%d failed by an unexpected error "
+                        "(%s); trying the round again",
                         self.me,
                         sid,
                         round_,
-                        aggregator,
-                        remote(outcome.where()),  # the round number is the claimer's
+                        attempt,
+                        said.local,
                     )
-                # Rounds are never skipped (the ledger stores only last + 1): an aborted
-                # round is tried again under its number, with the next aggregator.
-                attempt = self.attempt_hint(proposal, session.beacon, round_, attempt, views)
-                if attempt >= limit:
+                    if not views:  # best effort: only to see whether to rejoin the attempt
+                        with contextlib.suppress(Exception):
+                            views = await self.catch_up.ask_others(proposal)
+                    if rejoin_attempt(round_, attempt, outcome, views, rejoined):
+                        rejoined.add(attempt)
+                    else:
+                        attempt += 1
+                same_errors = same_errors + 1 if error and error == last_error else int(bool(error))
+                last_error = error
+                reason = ""
+                if same_errors >= SAME_ERROR_ATTEMPTS:
+                    reason = f"round {round_} failed {same_errors} times in a row by {error}"
+                elif attempt >= limit:
                     reason = f"round {round_} was not agreed in {attempt} attempts"
+                    if error:
+                        reason += f" (the last one: {error})"
+                if reason:
                     logger.error("peer=%s session=%s gives up: %s", self.me, sid, reason)
                     self.ledger.set_session_status(sid, SessionStatus.ABORTED, reason=reason)
                     progress.state, progress.stage, progress.detail = (
@@ -339,9 +394,10 @@ class SessionRunner:
             logger.info("peer=%s session=%s finished", self.me, sid)
         except asyncio.CancelledError:
             raise
-        except Exception as error:
-            progress.state, progress.detail = SessionState.FAILED, str(error)
-            logger.exception("peer=%s session=%s stopped by an error", self.me, sid)
+        except Exception as error:  # e.g. its data cannot serve the session (names patients)
+            said = disclose(error, self.me)
+            progress.state, progress.detail = SessionState.FAILED, said.public
+            logger.exception("peer=%s session=%s stopped by %s", self.me, sid, said.local)
 
     async def one_round(
         self, session: Session, payload: Payload, round_: int, attempt: int, aggregator: str
@@ -356,28 +412,6 @@ class SessionRunner:
             if stages is not None:
                 stages.enter(stage)
 
-        ctx = RoundContext(
-            me=self.me,
-            session_id=proposal.session_id,
-            round=round_,
-            attempt=attempt,
-            aggregator=aggregator,
-            config=proposal.round_config(
-                round_, payload.vector_length(round_), attempt=attempt, beacon=session.beacon
-            ),
-            signer=self.signer,
-            verifiers=self.verifiers,
-            ledger=self.ledger,
-            payload=payload,
-            backend=backend_for(proposal.aggregation),
-            rng=self.rng,
-            stage_seconds=proposal.stage_seconds,
-            prepare_seconds=proposal.prepare_seconds,
-            paillier_key_bits=proposal.paillier_key_bits,
-            on_stage=on_stage,
-            faults=self.faults,
-            spool_dir=self.spool_dir,
-        )
         # A peer that cannot record the round takes no part in it, in neither role: it finds
         # out before it aggregates or sends anything.
         try:
@@ -400,14 +434,50 @@ class SessionRunner:
             return RoundOutcome(RoundStatusKind.REFUSED, aggregator, f"{CANNOT_RECORD}: {error}")
         key = (proposal.session_id, round_, attempt)
         aggregator_task: asyncio.Task[None] | None = None
-        if aggregator == self.me:
-            agg_round = AggregatorRound(ctx)
-            async with self.rounds_changed:
-                self.rounds[key] = agg_round
-                self.rounds_changed.notify_all()
-            aggregator_task = asyncio.create_task(agg_round.run())
         started = time.monotonic()
-        outcome = await self.participate_with_retry(ctx)
+        try:
+            ctx = RoundContext(
+                me=self.me,
+                session_id=proposal.session_id,
+                round=round_,
+                attempt=attempt,
+                aggregator=aggregator,
+                config=proposal.round_config(
+                    round_, payload.vector_length(round_), attempt=attempt, beacon=session.beacon
+                ),
+                signer=self.signer,
+                verifiers=self.verifiers,
+                ledger=self.ledger,
+                payload=payload,
+                backend=backend_for(proposal.aggregation),
+                rng=self.rng,
+                stage_seconds=proposal.stage_seconds,
+                prepare_seconds=proposal.prepare_seconds,
+                paillier_key_bits=proposal.paillier_key_bits,
+                on_stage=on_stage,
+                faults=self.faults,
+                spool_dir=self.spool_dir,
+            )
+            if aggregator == self.me:
+                agg_round = AggregatorRound(ctx)
+                async with self.rounds_changed:
+                    self.rounds[key] = agg_round
+                    self.rounds_changed.notify_all()
+                aggregator_task = asyncio.create_task(agg_round.run())
+            outcome = await self.participate_with_retry(ctx)
+        except Exception as error:  # this attempt only (not CancelledError: that stops the peer)
+            said = internal_error(error, self.me)
+            logger.exception(
+                "peer=%s session=%s round=%d attempt=%d failed by an unexpected error (%s)",
+                self.me,
+                proposal.session_id,
+                round_,
+                attempt,
+                said.local,
+            )
+            outcome = RoundOutcome(
+                RoundStatusKind.REFUSED, aggregator, said.public, local_reason=said.local
+            )
         try:
             if outcome.status is RoundStatusKind.AGREED:
                 self.ledger.finish_round(
@@ -423,7 +493,10 @@ class SessionRunner:
                     proposal.session_id,
                     round_,
                     ledger_attempt.attempt,
-                    reason=f"{outcome.status.value}: {outcome.reason}"[:2000],
+                    # This peer's own ledger: the full text (peer/published.py).
+                    reason=f"{outcome.status.value}: {outcome.local_reason or outcome.reason}"[
+                        :2000
+                    ],
                     bytes_sent=outcome.bytes_sent,
                     bytes_received=outcome.bytes_received,
                 )
@@ -446,24 +519,30 @@ class SessionRunner:
         if aggregator_task is not None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(aggregator_task), proposal.stage_seconds)
-            self.rounds.pop(key, None)
+        self.rounds.pop(key, None)
         return outcome
 
     async def participate_with_retry(self, ctx: RoundContext) -> RoundOutcome:
-        """Dial the aggregator; while it is merely not ready yet, try again for a while."""
+        """Dial the aggregator; while it is not ready yet, or briefly unreachable, try again
+        (:class:`JoinWindow` says for how long)."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + ctx.prepare_seconds + ctx.stage_seconds
+        window = JoinWindow.opening(loop.time(), ctx.prepare_seconds, ctx.stage_seconds)
         while True:
-            outcome = await participate(ctx, self.pool.stub(ctx.aggregator))
+            outcome = await participate(ctx, self.pool.round_streams(ctx.aggregator))
+            retry = window.retry(outcome, loop.time())
             if outcome.precondition == pb.PRECONDITION_BEHIND:
                 before = self.ledger.session_head(ctx.session_id)
                 await self.catch_up.fetch(self.sessions[ctx.session_id].proposal, ctx.aggregator)
                 if self.ledger.session_head(ctx.session_id) != before:
                     continue  # in sync now: join again with a fresh contribution
-            retry = outcome.status is RoundStatusKind.AGGREGATOR_FAILED and (
-                outcome.precondition == pb.PRECONDITION_NOT_READY or outcome.unreachable
-            )
-            if not retry or loop.time() >= deadline or self.stopping.is_set():
+            if not retry or self.stopping.is_set():
+                if outcome.unreachable and not self.stopping.is_set():
+                    logger.warning(
+                        "%s aggregator %s unreachable (limit %.1fs): giving up this attempt",
+                        ctx.log_prefix,
+                        ctx.aggregator,
+                        window.unreachable_limit,
+                    )
                 return outcome
             await asyncio.sleep(0.5)
 
@@ -475,32 +554,11 @@ class SessionRunner:
         failed: int,
         views: list[tuple[str, pb.SessionStatus]],
     ) -> int:
-        """The attempt to try after ``failed`` (-1: none yet): the next one, or the one most
-        of the others run now if that is further on.
-
-        A peer that was down, or lost an attempt, would otherwise dial aggregators one
-        attempt behind everyone. The others' answers are not evidence, so they only choose
-        the attempt (whose aggregator is then dialled, and must run it): they never move the
-        round. A hint counts only when more than half of the answering participants give
-        the same aggregator for this round, so one liar cannot steer it.
-        """
-        nxt = failed + 1
-        counts: dict[str, int] = {}
-        for _, status in views:
-            if status.state == SessionState.RUNNING and status.current_round == round_:
-                counts[status.current_aggregator] = counts.get(status.current_aggregator, 0) + 1
-        if not counts:
-            return nxt
-        aggregator, votes = max(counts.items(), key=lambda item: item[1])
-        if 2 * votes <= len(views) or (
-            failed >= 0 and aggregator == aggregator_for(proposal, round_, failed, beacon)
-        ):
-            return nxt  # no majority, or the others have not moved past the failed attempt
-        n = len(proposal.participants)
-        for candidate in range(nxt, nxt + n):
-            if aggregator_for(proposal, round_, candidate, beacon) == aggregator:
-                return candidate
-        return nxt
+        """:func:`next_attempt`, from this peer's last stated vote of ``round_``."""
+        stated: int | None = None
+        with contextlib.suppress(LedgerError):
+            stated = self.ledger.stated_attempt(proposal.session_id, round_)
+        return next_attempt(proposal, beacon, round_, failed, views, stated=stated)
 
     async def settle(self, proposal: SessionProposal, progress: Progress) -> None:
         """At the end of a session, wait (bounded) for the others to end too and fetch any

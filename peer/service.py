@@ -3,7 +3,7 @@
 ``Propose`` checks a proposal against this peer's policy and commits to a beacon nonce;
 ``Start`` fixes the session beacon with its proposer and hands the session to the runner
 (:mod:`peer.runner`); ``Status`` / ``Records`` answer a session's participants and proposer;
-``RoundStream`` is the aggregator's end of a round (:func:`peer.round.serve_round_stream`);
+``RoundStream`` is the aggregator's end of a round (:mod:`peer.round_call`);
 ``Control`` / ``Relay`` carry calls to outbound-only peers (:mod:`peer.relay`), which run
 them through :meth:`PeerService.relayed`: the same handlers, for the call's signed author.
 Authentication is the TLS layer's (:func:`peer.tls.caller_identity`); authorization and rate
@@ -13,7 +13,6 @@ limits are here, before any work.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 import time
@@ -36,15 +35,17 @@ from .beacon import (
     commitment_signed_bytes,
 )
 from .channels import SERVICE
-from .codec import CodecError, fragments, record_to_proto
+from .codec import record_to_proto
 from .config import PeerConfig
 from .identity import PeerIdentity, Role, Roster
 from .ledger import BeaconState, Ledger, LedgerError, RecordRejected, SessionError, SessionStatus
 from .logs import remote
 from .payloads import PayloadFactory, epsilon_needed
+from .published import disclose, internal_error
 from .ratelimit import RateLimiter
 from .relay import RELAYED_METHODS, RelayHub, RelayRefused
-from .round import Elsewhere, backend_for, serve_round_stream
+from .round import backend_for
+from .round_call import round_stream_call
 from .runner import SessionRunner
 from .session import (
     ProposalError,
@@ -62,46 +63,6 @@ logger = logging.getLogger("peer.node")
 
 # Under gRPC's 4 MiB default message limit, with room for the records themselves.
 CATCH_UP_CHECKPOINT_BYTES = 3 * 1024 * 1024
-
-
-async def _parsed_fragments(requests: AsyncIterator[bytes]) -> AsyncIterator[pb.Fragment]:
-    """A RoundStream's fragments; bytes that are not one raise CodecError (naming no one:
-    the caller is known to the stream, which reports it)."""
-    async for raw in requests:
-        try:
-            fragment = pb.Fragment.FromString(raw)
-        except DecodeError as error:
-            raise CodecError(f"Fragment does not parse: {error}") from None
-        # Neither is kept while the stream waits for its next fragment, possibly a stage
-        # later: up to 2 MiB per stream, O(n) at the aggregator (issue 11).
-        del raw
-        yield fragment
-        del fragment
-
-
-async def _until(stop: asyncio.Event, source: AsyncIterator[Any]) -> AsyncIterator[Any]:
-    """The items of ``source`` until ``stop`` is set; then ``source`` is closed (its
-    ``finally`` blocks run: a round sees the stream's peer leave) and iteration ends."""
-    stopped = asyncio.ensure_future(stop.wait())
-    try:
-        while True:
-            item = asyncio.ensure_future(anext(source))
-            await asyncio.wait({item, stopped}, return_when=asyncio.FIRST_COMPLETED)
-            if not item.done():
-                item.cancel()
-                with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
-                    await item
-                return
-            try:
-                yield item.result()
-            except StopAsyncIteration:
-                return
-    finally:
-        stopped.cancel()
-        aclose = getattr(source, "aclose", None)
-        if aclose is not None:
-            with contextlib.suppress(Exception):
-                await aclose()
 
 
 class CallContext(Protocol):
@@ -192,7 +153,7 @@ class PeerService:
                     response_serializer=pb.SessionStatus.SerializeToString,
                 ),
                 "RoundStream": grpc.stream_stream_rpc_method_handler(
-                    self._round_stream,  # parses its own fragments (_parsed_fragments)
+                    self._round_stream,  # parses its own fragments (peer/round_call.py)
                     response_serializer=pb.Fragment.SerializeToString,
                 ),
                 "Relay": grpc.unary_unary_rpc_method_handler(
@@ -231,7 +192,17 @@ class PeerService:
                     grpc.StatusCode.INVALID_ARGUMENT, f"not a valid {kind.__name__}: {error}"
                 )
                 raise  # not reached: abort raises
-            return await handler(request, context)
+            try:
+                return await handler(request, context)
+            except grpc.aio.AbortError:  # the handler's own answer (context.abort)
+                raise
+            except Exception as error:
+                # grpc would answer "Unexpected <type>: <message>": the message may quote
+                # local data, so only the type and a reference leave (peer/published.py).
+                said = internal_error(error, self.me)
+                logger.exception("peer=%s %s failed: %s", self.me, kind.__name__, said.local)
+                await context.abort(grpc.StatusCode.INTERNAL, said.public)
+                raise  # not reached: abort raises
 
         return call
 
@@ -314,8 +285,18 @@ class PeerService:
                     None, self.payload_factory, proposal, self.config, self.ledger
                 )
                 needed = await loop.run_in_executor(None, epsilon_needed, payload)
-            except (ProposalError, ValueError, OSError) as error:
-                reason = f"cannot take part: {error}"
+            except Exception as error:  # the site's checks, its data, or a bug: a refusal
+                # Answered to the operator: a data error goes out as its category and a
+                # reference to this log line, never its text (peer/published.py).
+                said = disclose(error, self.me)
+                logger.warning(
+                    "peer=%s session=%s cannot take part: %s",
+                    self.me,
+                    proposal.session_id,
+                    said.local,
+                    exc_info=not isinstance(error, ProposalError | ValueError | OSError),
+                )
+                reason = f"cannot take part: {said.public}"
             else:
                 reason = check_policy(
                     proposal,
@@ -552,58 +533,18 @@ class PeerService:
     async def _round_stream(
         self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.Fragment]:
-        identity = caller_identity()
-        caller = identity.peer_id
-        closing = asyncio.Event()  # set when a new CRL or roster no longer accepts the caller
-        self.open_streams[closing] = identity
-        hello_seconds = self.limits.hello_seconds or self.config.stage_seconds
-        try:
-            async for fragment in _until(
-                closing,
-                serve_round_stream(
-                    _parsed_fragments(requests),
-                    caller,
-                    self.runner.find_round,
-                    self.runner.max_bytes(),
-                    hello_seconds=hello_seconds,
-                ),
-            ):
-                yield fragment
-            if closing.is_set():
-                await context.abort(
-                    grpc.StatusCode.PERMISSION_DENIED,
-                    f"the certificate of {caller} is no longer accepted (revoked or removed "
-                    "from the roster); stream closed",
-                )
-        except TimeoutError:
-            logger.warning(
-                "peer=%s closed a round stream from %s: no hello within %gs",
-                self.me,
-                caller,
-                hello_seconds,
-            )
-            await context.abort(
-                grpc.StatusCode.DEADLINE_EXCEEDED,
-                f"{caller} sent no RoundHello within {hello_seconds:g}s; stream closed",
-            )
-        except Elsewhere as elsewhere:
-            # Not an error of the caller: the round is elsewhere in time. Answered in-band
-            # (an Abort message) rather than by aborting the call, which grpc can surface to
-            # the client as INTERNAL when the client is still writing.
-            logger.info("peer=%s round stream from %s: %s", self.me, caller, elsewhere.reason)
-            for fragment in fragments(elsewhere.abort()):
-                yield fragment
-        except PermissionError as error:
-            logger.warning("peer=%s round stream from %s refused: %s", self.me, caller, error)
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(error))
-        except CodecError as error:  # the hello (later fragments are refused in the round)
-            logger.warning("peer=%s round stream from %s refused: %s", self.me, caller, error)
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-        except Exception:
-            logger.exception("peer=%s round stream from %s failed", self.me, caller)
-            raise
-        finally:
-            self.open_streams.pop(closing, None)
+        # An async generator itself: grpc serves a stream handler that is not one as a
+        # coroutine writing through ``context``. ``requests`` is not used: the call reads
+        # with ``context.read()`` (peer/round_call.py says why).
+        async for fragment in round_stream_call(
+            context,
+            me=self.me,
+            open_streams=self.open_streams,
+            find_round=self.runner.find_round,
+            max_bytes=self.runner.max_bytes(),
+            hello_seconds=self.limits.hello_seconds or self.config.stage_seconds,
+        ):
+            yield fragment
 
     # ------------------------------------------------------------------ outbound-only peers
 

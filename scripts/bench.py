@@ -26,7 +26,6 @@ from typing import Any, TextIO
 from unittest import mock
 
 import numpy as np
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from peer.cli import EXIT_OK, ArgumentParser, run_command
 from secagg import (
@@ -50,7 +49,7 @@ from secagg.graph import (
     safe_threshold,
 )
 from secagg.masking import mask_input
-from secagg.prg import MaskExpander
+from secagg.prg import MaskExpander, keystream_floor
 from secagg.simulate import Progress, SimulationResult, simulate
 from secagg.testing import peer_ids
 
@@ -123,26 +122,6 @@ def _median_time(work: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
-def _keystream_floor(n_masks: int, length: int) -> Callable[[], None]:
-    """Work doing ``n_masks`` AES-256-CTR keystreams of ``length`` words added into one sum.
-
-    The least any masking can cost: the same keystream bytes and the same modular adds, with
-    no key agreement, key derivation or bookkeeping.
-    """
-    zeros = bytes(4 * length)
-    out = bytearray(4 * length + 15)
-    view = np.frombuffer(out, dtype=np.uint32, count=length)
-    acc = np.zeros(length, dtype=np.uint32)
-    keys = [DeterministicRandom(f"floor/{i}").token_bytes(32) for i in range(n_masks)]
-
-    def work() -> None:
-        for key in keys:
-            Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor().update_into(zeros, out)
-            np.add(acc, view, out=acc)
-
-    return work
-
-
 def _masking(sizes: _Sizes) -> dict[str, Any]:
     """Participant masking (self mask + n-1 pairwise masks) against the keystream floor."""
     n, m = sizes.mask_n, sizes.mask_m
@@ -155,22 +134,20 @@ def _masking(sizes: _Sizes) -> dict[str, Any]:
     seed = rng.token_bytes(32)
     publics = {v: keys[v].public for v in peers[1:]}
     expander = MaskExpander(m)
-    floor_work = _keystream_floor(n, m)
+    floor_work = keystream_floor(n, m)
     # Interleaved, so that load from other processes hits both measurements alike.
     floors, maskings, fresh_buffers, stages = [], [], [], []
-    cpu_floors, cpu_stages = [], []
+    cpu_ratios = []
     for repeat in range(sizes.repeats):
         floors.append(_median_time(floor_work, 1))
         # The participant's whole masked stage as `ceremony simulate` times it (share
         # decryption and checks, masking, digest, signature), in the same interleaving.
         round_ = simulate(n, m, seed=repeat, verify=False)
         stages.append(round_.timings_s[Stage.MASKED.value]["participant_median"])
-        # The same in CPU time of this thread: on a shared machine, far less noisy.
-        started = time.thread_time()
-        floor_work()
-        cpu_floors.append(time.thread_time() - started)
+        # The same in CPU time of this thread (on a shared machine, far less noisy), against
+        # the floor simulate times right after each participant's masked stage.
         round_ = simulate(n, m, seed=repeat, verify=False, clock=time.thread_time)
-        cpu_stages.append(round_.timings_s[Stage.MASKED.value]["participant_median"])
+        cpu_ratios.append(round_.timings_s[Stage.MASKED.value]["floor_ratio"])
         maskings.append(
             _median_time(lambda: mask_input(config, me, x, seed, keys[me], publics, expander), 1)
         )
@@ -195,7 +172,7 @@ def _masking(sizes: _Sizes) -> dict[str, Any]:
         "masked_stage_ratio": stage / floor,
         "masked_stage_target_ratio": TARGET_MASKED_STAGE_RATIO,
         "masked_stage_met": stage / floor <= TARGET_MASKED_STAGE_RATIO,
-        "masked_stage_cpu_ratio": statistics.median(cpu_stages) / statistics.median(cpu_floors),
+        "masked_stage_cpu_ratio": statistics.median(cpu_ratios),
     }
 
 
@@ -315,7 +292,7 @@ def _unmask(sizes: _Sizes, log: Callable[[str], None]) -> dict[str, Any]:
         # (survivor, dropped neighbour) pair, each added into the sum.
         survivors = n - drops
         floor_masks = survivors + survivors * drops
-        floor = _median_time(_keystream_floor(floor_masks, m), sizes.repeats)
+        floor = _median_time(keystream_floor(floor_masks, m), sizes.repeats)
         rows.append(
             {
                 "dropouts": drops,

@@ -17,10 +17,17 @@ measures, each best of ``--repeat``:
 - ``after_append``: the server's work for the first page after a peer appended a round
   while the dashboard runs (check again, read, draw; signatures verified before are
   remembered);
+- ``warm_up`` (``--browser``): what ``dashboard`` does when it starts, before it serves
+  anyone: read and check the whole ledger and draw the first page;
 - ``browser_first``/``browser_again``/``browser_after_append`` (``--browser``): headless
-  Chromium from navigation until the verdict is shown and every chart has drawn its traces,
-  for the first load after the server started, for later loads of an unchanged ledger (what
-  a reader waits for) and for the first load after one more round was appended.
+  Chromium from navigation until the headline figures, the ledger-check card and the
+  verdict are shown (with the red banner, when the check fails: it is part of the same
+  first answer) and every chart on the page has drawn its traces, for the first load after
+  the warm-up (a cold browser), for later loads of an unchanged ledger (what a reader waits for) and
+  for the first load after one more round was appended. The page opens on the global
+  model's part; the other parts are drawn when picked, so
+- ``browser_view_*`` (``--browser``): from picking another part of the page (privacy,
+  participation, trust, statistics) until its content and every chart in it are drawn.
 
 The ledger is written afresh under ``--dir`` (``--reuse``: the one of an earlier run, to
 which each run appends two rounds).
@@ -72,6 +79,7 @@ def _build(directory: Path, rounds: int, hospitals: int) -> Any:
     directory.mkdir(parents=True)
     builder = _testlib().LedgerBuilder.create(directory, peers=peers)
     builder.add_session("big", rounds=rounds + SPARE_ROUNDS, threshold=hospitals // 2 + 1)
+    builder.accept("big")  # every hospital's signed acceptance, checked at every page
     started = time.perf_counter()
     for round_ in range(1, rounds + 1):
         _agree(builder, round_, rounds, peers)
@@ -183,34 +191,65 @@ def main(argv: list[str] | None = None) -> int:
     source.close()
     results["page_json_bytes"] = float(len(json.dumps(page, cls=PlotlyJSONEncoder)))
     if args.browser:
-        first, again, appended = _browser_page(
+        warm_up, first, again, appended, views = _browser_page(
             ledger_url,
             verifiers,
             args.repeat,
             lambda: _append(builder, args.rounds, args.hospitals),
         )
+        results["warm_up_s"] = warm_up
         results["browser_first_s"] = first
         results["browser_again_s"] = again
         results["browser_after_append_s"] = appended
+        for view, seconds in views.items():
+            results[f"browser_view_{view}_s"] = seconds
     print(json.dumps({"rounds": args.rounds, "hospitals": args.hospitals, **results}, indent=2))
     return 0
 
 
-# The verdict is on screen and every chart of the page has drawn its traces.
+# The headline figures, the ledger-check card and the verdict are on screen, and every
+# chart of the page has drawn its traces.
 _DRAWN = """
 const verdict = document.getElementById("verdict");
+const check = document.getElementById("card-check");
+const headline = document.querySelector(".cards .card-value");
 const graphs = [...document.querySelectorAll(".dash-graph")];
-return Boolean(verdict && verdict.textContent) && graphs.length > 0
-    && graphs.every(g => g.querySelector(".main-svg .trace"));
+return Boolean(verdict && verdict.textContent && check && check.textContent && headline)
+    && graphs.length > 0 && graphs.every(g => g.querySelector(".main-svg .trace"));
 """
+
+# The part of the page picked (arguments[0]) is shown, filled, and its charts drawn.
+_VIEW_DRAWN = """
+const panel = document.getElementById(arguments[0] + "-panel");
+if (!panel || panel.hidden) return false;
+const body = panel.querySelector(":scope > div:last-child");
+if (!body || !body.children.length) return false;
+const graphs = [...panel.querySelectorAll(".dash-graph")];
+return graphs.every(g => g.querySelector(".main-svg .trace"));
+"""
+
+# The parts of the page timed when picked (the global model's is the one shown at load).
+_VIEWS = ("privacy", "participation", "trust", "stats")
+
+
+def _wait(driver: Any, script: str, *args: Any) -> float:
+    started = time.perf_counter()
+    while not driver.execute_script(script, *args):
+        if time.perf_counter() - started > 120:
+            raise TimeoutError("the page did not show its verdict and charts in 120 s")
+        time.sleep(0.02)
+    return time.perf_counter() - started
 
 
 def _browser_page(
     url: str, verifiers: Any, repeat: int, append: Callable[[], None]
-) -> tuple[float, float, float]:
-    """Seconds until the verdict and the charts show: the first load after the server
-    started (nothing drawn yet), the best of ``repeat`` later loads, and the first load
-    after ``append`` added a round."""
+) -> tuple[float, float, float, float, dict[str, float]]:
+    """Seconds the dashboard's start-up check takes (read, check, first page drawn: what
+    ``dashboard`` does before the first reader comes); then seconds until the headline, the
+    verdict and the charts show: the first load after that (a cold browser), the best of
+    ``repeat`` later loads, and the
+    first load after ``append`` added a round; then the seconds each other part of the page
+    takes to show once picked (none when the page has no parts)."""
     import tempfile
     import threading
 
@@ -220,7 +259,11 @@ def _browser_page(
 
     from dashboard.app import create_app
 
-    app = create_app(url, verifiers=verifiers, interval_s=60)
+    ready = threading.Event()
+    started = time.perf_counter()
+    app = create_app(url, verifiers=verifiers, interval_s=60, warm_up=ready)
+    ready.wait()  # as `dashboard` does: the ledger is checked before the first reader comes
+    warm_up = time.perf_counter() - started
     server = make_server("127.0.0.1", 0, app.server, threaded=True)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     options = webdriver.ChromeOptions()
@@ -241,6 +284,7 @@ def _browser_page(
     )
     page = f"http://127.0.0.1:{server.server_port}/"
     times = []
+    views: dict[str, float] = {}
     try:
         for load in range(repeat + 2):
             if load == repeat + 1:
@@ -248,18 +292,23 @@ def _browser_page(
             driver.get("about:blank")
             started = time.perf_counter()
             driver.get(page)
-            while True:
-                if driver.execute_script(_DRAWN):
-                    break
-                if time.perf_counter() - started > 120:
-                    raise TimeoutError("the page did not show its verdict and charts in 120 s")
-                time.sleep(0.02)
+            _wait(driver, _DRAWN)
             times.append(time.perf_counter() - started)
+        from selenium.webdriver.common.by import By
+
+        for view in _VIEWS:
+            radio = driver.find_elements(By.CSS_SELECTOR, f"#view input[value='{view}']")
+            if not radio:
+                break  # a page drawn whole (before the parts)
+            started = time.perf_counter()
+            radio[0].click()
+            _wait(driver, _VIEW_DRAWN, view)
+            views[view] = time.perf_counter() - started
     finally:
         driver.quit()
         server.shutdown()
         shutil.rmtree(profile, ignore_errors=True)
-    return times[0], min(times[1:-1]), times[-1]
+    return warm_up, times[0], min(times[1:-1]), times[-1], views
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ the OS counters (BENCHMARKS.md compares both at n = 10).
 from __future__ import annotations
 
 import argparse
+import collections
 import statistics
 import time
 
@@ -23,8 +24,9 @@ from peer.codec import encode
 from secagg import Aggregator, DeterministicRandom, Participant, RoundConfig, testing
 
 
-def measure(n: int, m: int) -> dict[str, float]:
-    """Bytes per participant (median sent, received) and the aggregator's, per round."""
+def measure(n: int, m: int) -> dict[str, object]:
+    """Bytes per participant (median sent, received) and the aggregator's, per round; and,
+    for one participant that is not the aggregator, its bytes by message kind."""
     peers = testing.peer_ids(n)
     signers, verifiers = testing.test_identities(peers, 1)
     config = RoundConfig("bytes", 1, peers, n // 2 + 1, m, colluders=1)
@@ -45,10 +47,15 @@ def measure(n: int, m: int) -> dict[str, float]:
     aggregator = Aggregator(config, verifiers, aggregator_id, signers[aggregator_id])
     sent = dict.fromkeys(peers, 0)
     received = dict.fromkeys(peers, 0)
+    watched = peers[-1]
+    by_kind: collections.Counter[str] = collections.Counter()
     replies: dict[str, object] = {u: p.start() for u, p in participants.items()}
     while True:
         for u, reply in replies.items():
-            sent[u] += len(encode(reply)[1])
+            kind, raw = encode(reply)
+            sent[u] += len(raw)
+            if u == watched:
+                by_kind[f"sent {kind}"] += len(raw)
             aggregator.receive(reply)
         outgoing = aggregator.close_stage()
         if not outgoing:
@@ -56,10 +63,13 @@ def measure(n: int, m: int) -> dict[str, float]:
         sizes: dict[int, int] = {}  # a message sent to many is one object: size it once
         for u, message in outgoing.items():
             received[u] += sizes.setdefault(id(message), len(encode(message)[1]))
+            if u == watched:
+                by_kind[f"received {encode(message)[0]}"] += sizes[id(message)]
         replies = {u: participants[u].receive(message) for u, message in outgoing.items()}
-    final = len(encode(aggregator.proof_answers())[1])
+    kind, raw = encode(aggregator.proof_answers())
     for u in peers:
-        received[u] += final
+        received[u] += len(raw)
+    by_kind[f"received {kind}"] += len(raw)
     vector = 4 * m
     return {
         "n": n,
@@ -71,6 +81,7 @@ def measure(n: int, m: int) -> dict[str, float]:
         "aggregator_in": sum(sent.values()),
         "aggregator_out": sum(received.values()),
         "aggregator_ratio": (sum(sent.values()) + sum(received.values())) / (n * vector),
+        "by_kind": dict(by_kind),
     }
 
 
@@ -78,6 +89,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--peers", type=int, nargs="+", default=[10, 50])
     parser.add_argument("--length", type=int, nargs="+", default=[1_000_000])
+    parser.add_argument(
+        "--by-kind", action="store_true", help="also print one participant's bytes by message"
+    )
     args = parser.parse_args()
     for n in args.peers:
         for m in args.length:
@@ -90,6 +104,11 @@ def main() -> None:
                 f"{row['aggregator_out']:,} B, / (n * vector) {row['aggregator_ratio']:.3f}x "
                 f"[{time.perf_counter() - start:.0f} s]"
             )
+            if args.by_kind:
+                by_kind = row["by_kind"]
+                assert isinstance(by_kind, dict)
+                for kind, size in by_kind.items():
+                    print(f"    {kind}: {size:,} B")
 
 
 if __name__ == "__main__":

@@ -351,7 +351,12 @@ def _cmd_split(args: argparse.Namespace) -> int:
     _check_empty(urls)
     try:
         stores = write_hospital_stores(
-            parts, urls, feature_names=feature_names, dataset_name=dataset_name
+            parts,
+            urls,
+            feature_names=feature_names,
+            dataset_name=dataset_name,
+            # A CSV split with --target alone has placeholder labels: the stores say so.
+            labelled=args.csv is None or args.label is not None,
         )
     except DataError as error:
         raise UsageError(one_line(error)) from None

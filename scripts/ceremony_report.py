@@ -79,7 +79,7 @@ class ReportData:
         budgets: ε budget per peer (command line over proposal), possibly empty.
         generated_at: when the report was made.
         acceptances: each participant's signed acceptance of the proposal
-            (:func:`dashboard.data.acceptance_table`).
+            (:func:`peer.acceptances.check_acceptances`).
     """
 
     snapshot: Any  # dashboard.source.Snapshot; Any keeps the import lazy for `ceremony`.
@@ -106,7 +106,7 @@ def load_report_data(
     Raises:
         UsageError: the ledger, the roster or the session cannot be used.
     """
-    from dashboard.data import acceptance_table, budgets_from_proposal
+    from dashboard.data import acceptance_rows, budgets_from_proposal
     from dashboard.source import LedgerSource, LedgerSourceError
     from peer.identity import IdentityError, load_certificate, load_roster
     from peer.ledger import LedgerError
@@ -126,8 +126,8 @@ def load_report_data(
     except LedgerSourceError as exc:
         raise UsageError(f"cannot open the ledger: {exc}") from None
     try:
+        # The snapshot's acceptances are checked with the roster keys (peer.acceptances).
         snapshot = source.snapshot(session_id)
-        acceptances = source.acceptances(session_id) if snapshot.session else None
     except LedgerError as exc:
         raise UsageError(str(exc).splitlines()[0]) from None
     finally:
@@ -153,9 +153,7 @@ def load_report_data(
         members=members,
         budgets=known_budgets,
         generated_at=now or datetime.now(UTC),
-        acceptances=acceptance_table(
-            session, acceptances, roster.verifiers() if roster is not None else None
-        ),
+        acceptances=acceptance_rows(snapshot.acceptances),
     )
 
 

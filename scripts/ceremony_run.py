@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import signal
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
 
 from peer.cli import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, UsageError, one_line, user_errors
 from peer.operator import (
@@ -53,6 +55,8 @@ __all__ = [
 
 # --------------------------------------------------------------------------- results
 
+
+T = TypeVar("T")
 
 # Metrics shown first in the table, when present; then the other short ones alphabetically.
 _LEADING_METRICS = ("round_kind", "accuracy", "loss", "auc", "sensitivity", "specificity")
@@ -346,7 +350,7 @@ def propose_and_follow(
         live=sys.stderr.isatty() and not quiet,
     )
 
-    async def go() -> SessionOutcome:
+    async def follow() -> SessionOutcome:
         try:
             if attach:
                 await start_if_accepted(client, sid, proposal.participants)
@@ -364,17 +368,53 @@ def propose_and_follow(
             await client.close()
 
     try:
-        return asyncio.run(go())
+        outcome = asyncio.run(until_interrupted(follow()))
     except ProposalRefused as refused:
         for peer, reason in sorted(refused.answers.items()):
             print(f"{peer} refused {what} {sid}: {reason}", file=sys.stderr)
         if json_output:
             print(json.dumps({"session_id": sid, "ok": False, "refused": refused.answers}))
         return EXIT_FAILED
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C before the loop's own handler was installed
+        outcome = None
+    if outcome is None:
         view.close()
         print(f"\nstopped watching; the peers carry on with {what} {sid}. {again}", file=sys.stderr)
         return EXIT_INTERRUPTED
+    return outcome
+
+
+async def until_interrupted(work: Coroutine[Any, Any, T]) -> T | None:
+    """``work``'s result, or None once the user pressed Ctrl-C (SIGINT); ``work`` is then
+    cancelled and awaited.
+
+    asyncio.run's own Ctrl-C handling cancels the main task and relies on that cancellation
+    reaching the top. A cancelled grpc call raises an RpcError (CANCELLED) rather than
+    CancelledError, and Python 3.11's wait_for can swallow a cancellation that races with
+    its result: a CI run saw Ctrl-C ignored and the session watched to its end (exit 0, not
+    130). So the signal sets an event here, and what was asked is decided by the event, not by
+    how the cancellation travelled.
+    """
+    loop = asyncio.get_running_loop()
+    interrupted = asyncio.Event()
+    with contextlib.suppress(NotImplementedError):  # loops without signal handlers (Windows)
+        loop.add_signal_handler(signal.SIGINT, interrupted.set)
+    task = asyncio.ensure_future(work)
+    waiter = asyncio.ensure_future(interrupted.wait())
+    try:
+        await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+        with contextlib.suppress(NotImplementedError):
+            loop.remove_signal_handler(signal.SIGINT)
+    if not interrupted.is_set():
+        return task.result()
+    while not task.done():  # a cancellation may be swallowed on its way: ask again
+        task.cancel()
+        await asyncio.wait({task}, timeout=1.0)
+    if not task.cancelled():
+        task.exception()  # retrieved: the user asked to stop, whatever it ended with
+    return None
 
 
 def connect(federation: FederationFile) -> OperatorClient:

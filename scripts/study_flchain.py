@@ -52,7 +52,6 @@ is reported separately (``seed_sd``). AUC is reported alongside.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import math
 import platform
@@ -66,9 +65,11 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from scripts import study_common
+from scripts.study_common import DELTA, cell, federated_rounds, sigma_for
+
 DEFAULT_OUTPUT = "bench-results/flchain.json"
 SEED = 20261130
-DELTA = 1e-5
 EPSILONS = (1.0, 3.0, 8.0)
 HOSPITALS = 4
 FEATURES = (
@@ -183,14 +184,6 @@ class Trainer:
         return get_flat_weights(self.model)
 
 
-@functools.cache
-def sigma_for(q: float, steps: int, eps: float) -> float:
-    from peer.training import calibrate_noise
-
-    # A coarse tolerance: the sigma found is still one whose epsilon is <= the target.
-    return calibrate_noise(q, steps, DELTA, eps, "pld", tolerance=1e-2)
-
-
 def scores(weights: npt.ArrayLike, x: Any) -> Array:
     w = np.asarray(weights, dtype=np.float64)
     logits = np.asarray(x, dtype=np.float64) @ w[:-1] + w[-1]
@@ -208,7 +201,6 @@ def federated(
     """Federated DP-SGD with the payload's aggregation; (weights, sigma, each hospital's eps)."""
     from peer.payloads.training import TrainingSpec
     from peer.training import epsilon
-    from peer.training.federated import mean_update
 
     s = trainer.settings
     total_steps = s.rounds * s.local_steps
@@ -231,24 +223,13 @@ def federated(
             **optimizer_keys,
         }
     )
-    optimizer = spec.server_optimizer()
-    bound = spec.update_bound()
-    p = len(trainer.initial)
-    weights = trainer.initial.copy()
-    state = optimizer.initial_state(p)
+
+    def local(weights: npt.NDArray[np.float32], h: int) -> npt.NDArray[np.float32]:
+        x, y = hospitals[h]
+        return trainer.train(weights, x, y, steps=s.local_steps, q=rates[h], sigma=sigma)
+
     trainer.generator.reset_from_seed(seed)
-    for _ in range(s.rounds):
-        total = np.zeros(p)
-        for (x, y), q in zip(hospitals, rates, strict=True):
-            local = trainer.train(weights, x, y, steps=s.local_steps, q=q, sigma=sigma)
-            change = local.astype(np.float64) - weights.astype(np.float64)
-            total += np.clip(change, -bound, bound) * 1.0  # public weight 1
-        new, state = optimizer.step(
-            weights.astype(np.float64), state, mean_update(total, len(hospitals), bound)
-        )
-        # As in the ledger: the agreed weights and state are float32.
-        weights = new.astype(np.float32)
-        state = optimizer.decode_state(optimizer.encode_state(state), p)
+    weights = federated_rounds(spec, trainer.initial, local, len(hospitals))
     spent = [epsilon(q, sigma, total_steps, DELTA) for q in rates]
     return weights, sigma, spent
 
@@ -257,25 +238,7 @@ def summarize(
     models: Sequence[npt.ArrayLike], x_test: Any, y_test: Any, boot: npt.NDArray[np.int64]
 ) -> dict[str, Any]:
     """Seed-averaged accuracy and AUC with test-set bootstrap intervals."""
-    from sklearn.metrics import roc_auc_score
-
-    probs = np.stack([scores(w, x_test) for w in models])  # seeds x test
-    correct = ((probs >= 0.5).astype(np.int64) == y_test).astype(np.float64)
-    per_seed = correct.mean(axis=1)
-    boot_acc = correct[:, boot].mean(axis=(0, 2))
-    aucs = [float(roc_auc_score(y_test, p)) for p in probs]
-    boot_auc = [float(np.mean([roc_auc_score(y_test[b], p[b]) for p in probs])) for b in boot[:200]]
-    return {
-        "accuracy": float(per_seed.mean()),
-        "accuracy_ci95": [
-            float(np.percentile(boot_acc, 2.5)),
-            float(np.percentile(boot_acc, 97.5)),
-        ],
-        "seed_sd": float(per_seed.std(ddof=1)) if len(per_seed) > 1 else 0.0,
-        "per_seed": [float(a) for a in per_seed],
-        "auc": float(np.mean(aucs)),
-        "auc_ci95": [float(np.percentile(boot_auc, 2.5)), float(np.percentile(boot_auc, 97.5))],
-    }
+    return study_common.summarize(np.stack([scores(w, x_test) for w in models]), y_test, boot)
 
 
 def run(settings: Settings, epsilons: Sequence[float] = EPSILONS) -> dict[str, Any]:
@@ -377,23 +340,18 @@ def run(settings: Settings, epsilons: Sequence[float] = EPSILONS) -> dict[str, A
     return result
 
 
-def _cell(entry: dict[str, Any]) -> str:
-    low, high = entry["accuracy_ci95"]
-    return f"{100 * entry['accuracy']:.1f} [{100 * low:.1f}, {100 * high:.1f}]"
-
-
 def table(result: dict[str, Any]) -> str:
     lines = [
         "accuracy % (seed mean) [95% test-set bootstrap]",
-        f"centralized non-private: {_cell(result['centralized_nonprivate'])}   "
+        f"centralized non-private: {cell(result['centralized_nonprivate'])}   "
         f"(majority class: {100 * result['data']['majority_accuracy']:.1f})",
         "eps | centralized DP | federated FedAvg | federated FedAdam | hospitals alone (DP)",
     ]
     for row in result["by_epsilon"]:
-        alone = "; ".join(_cell(a) for a in row["alone_dp"])
+        alone = "; ".join(cell(a) for a in row["alone_dp"])
         lines.append(
-            f"{row['epsilon']:g} | {_cell(row['centralized_dp'])} | "
-            f"{_cell(row['federated_fedavg'])} | {_cell(row['federated_fedadam'])} | {alone}"
+            f"{row['epsilon']:g} | {cell(row['centralized_dp'])} | "
+            f"{cell(row['federated_fedavg'])} | {cell(row['federated_fedadam'])} | {alone}"
         )
         lines.append(f"    targets: {row['targets']}")
     return "\n".join(lines)

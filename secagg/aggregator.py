@@ -59,6 +59,7 @@ from .messages import (
     consistency_payload,
     masked_payload,
     share_payload,
+    statement_payload,
 )
 from .ring import WordArray, le_view, word_dtype
 from .shamir import ShareError, decode_share
@@ -132,6 +133,8 @@ class Aggregator(StagedAggregator[Stage, _Kept, AggregatorMessage]):
         self._shares: dict[str, ShareKeys] = {}
         self._relayed_to: dict[str, frozenset[str]] = {}  # recipient -> its view of U2
         self._masked: dict[str, MaskedHeader] = {}
+        # sender -> digest of the masked words that went into the sum, from _validate to _kept
+        self._streamed_sha256: dict[str, bytes] = {}
         self._survivors: frozenset[str] = frozenset()
         self._signatures: dict[str, ConsistencySignature] = {}
         self._unmask: dict[str, UnmaskShares] = {}
@@ -162,8 +165,13 @@ class Aggregator(StagedAggregator[Stage, _Kept, AggregatorMessage]):
             raise InvalidSignatureError(sender, f"invalid signature on its {what}")
 
     def _kept(self, message: _Kept) -> _Kept:
-        # The vector is in the running sum and the spool by now (see _validate).
-        return message.header() if isinstance(message, MaskedInput) else message
+        # The vector is in the running sum and the spool by now (see _validate). Its header
+        # carries the digest it was accepted under (hashed as it streamed into the sum), so
+        # the 4 MB vector is not hashed a second time.
+        if isinstance(message, MaskedInput):
+            digest = self._streamed_sha256.pop(message.sender)
+            return MaskedHeader(message.sender, message.masked_with, digest, message.signature)
+        return message
 
     def _validate(self, message: _Kept) -> None:
         config, sender = self.config, message.sender
@@ -213,7 +221,9 @@ class Aggregator(StagedAggregator[Stage, _Kept, AggregatorMessage]):
                 raise RemoteProtocolError(sender, "masked with peers other than those it was sent")
             stream = self._sum.stream(sender)
             stream.feed(le_view(message.vector))
-            self._accept_masked(stream, message.masked_with, message.signature)
+            self._streamed_sha256[sender] = self._accept_masked(
+                stream, message.masked_with, message.signature
+            )
         elif isinstance(message, ConsistencySignature):
             payload = consistency_payload(config.digest, tuple(self._survivors))
             self._verify(sender, message.signature, payload, "consistency check")
@@ -249,8 +259,9 @@ class Aggregator(StagedAggregator[Stage, _Kept, AggregatorMessage]):
 
     def _accept_masked(
         self, stream: VectorStream, masked_with: tuple[str, ...], signature: bytes
-    ) -> None:
-        """Keep a streamed masked input in the sum if its sender signed what arrived.
+    ) -> bytes:
+        """Keep a streamed masked input in the sum if its sender signed what arrived, and
+        return the digest it was accepted under.
 
         The digest is of the words that went into the sum and the spool, so an input whose
         words differ from what its sender signed is refused naming the sender, and its words
@@ -264,6 +275,7 @@ class Aggregator(StagedAggregator[Stage, _Kept, AggregatorMessage]):
             stream.abort()
             raise
         stream.commit()
+        return digest
 
     # ------------------------------------------------------------------ the running sum
 
@@ -447,12 +459,14 @@ class Aggregator(StagedAggregator[Stage, _Kept, AggregatorMessage]):
             tuple((v, dropped_keys[v].private_bytes()) for v in config.peers if v in dropped_keys),
             self._publish(aggregate),
         )
+        # Hashed once here (z is 4 MB at m = 10^6): the signature does not enter the digest,
+        # so the signed copy has the same one.
+        statement_sha256 = statement.sha256(config.digest)
         if self._signer is not None:
-            statement = replace(
-                statement, signature=self._signer.sign(statement.signed_payload(config.digest))
-            )
+            payload = statement_payload(config.digest, statement_sha256)
+            statement = replace(statement, signature=self._signer.sign(payload))
         self._statement = statement
-        self._statement_sha256 = statement.sha256(config.digest)
+        self._statement_sha256 = statement_sha256
         # Survivors that just revealed shares are alive: they answer the challenge. A
         # survivor that did not will be published with its vector instead.
         request = ProofRequest(config.session_id, config.round, statement)

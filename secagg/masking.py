@@ -18,7 +18,7 @@ import numpy as np
 
 from .config import RoundConfig
 from .crypto import KeyPair, derive_mask_seed, sha256
-from .errors import RemoteProtocolError, RoundAborted
+from .errors import ConfigError, RemoteProtocolError, RoundAborted
 from .messages import AdvertiseKeys, UnmaskShares
 from .prg import Hasher, MaskExpander
 from .ring import WordArray
@@ -51,20 +51,29 @@ def mask_input(
     neighbour_mask_publics: Mapping[str, bytes],
     expander: MaskExpander | None = None,
     hasher: Hasher | None = None,
+    out: WordArray | None = None,
 ) -> WordArray:
     """y_u for ``me``; ``neighbour_mask_publics`` maps each v in M(u) to its mask public key.
 
     With a ``hasher`` (:func:`secagg.messages.vector_hasher`), y_u's digest comes out of the
-    same pass: every mask is added chunk by chunk into a fresh y straight from x, so y is
-    written once and never read back (:meth:`MaskExpander.combine`).
+    same pass: every mask is added chunk by chunk into y straight from x, so y is written
+    once and never read back (:meth:`MaskExpander.combine`). ``out`` is where y is written
+    (a fresh array when omitted); it must not be ``x`` nor overlap it, and is returned.
     """
     expander = expander or MaskExpander(config.vector_length, config.bits)
     terms = [(self_seed, 1)] + [
         (_pairwise_seed(config, mask_keys, me, v, public), config.mask_sign(me, v))
         for v, public in neighbour_mask_publics.items()
     ]
-    y = np.empty(config.vector_length, dtype=expander.dtype)
-    expander.combine(y, np.asarray(x, dtype=expander.dtype), terms, hasher)
+    source = np.asarray(x, dtype=expander.dtype)
+    if out is None:
+        y = np.empty(config.vector_length, dtype=expander.dtype)
+    elif np.shares_memory(out, source):
+        # y overwriting x would lose the input a retried attempt masks again.
+        raise ConfigError("the output buffer for y overlaps the input x")
+    else:
+        y = out
+    expander.combine(y, source, terms, hasher)
     return y
 
 

@@ -14,7 +14,7 @@ shape on construction (types and sizes); protocol rules are checked by the state
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import InitVar, dataclass, field
 
 from .crypto import canonical, sha256
 from .ring import WordArray, le_view, word_dtype
@@ -41,6 +41,7 @@ __all__ = [
     "masked_payload",
     "message_size",
     "share_payload",
+    "statement_payload",
     "statement_size",
     "vector_digest",
     "vector_hasher",
@@ -73,6 +74,11 @@ def vector_digest(vector: WordArray) -> bytes:
     hasher = vector_hasher()
     hasher.update(le_view(vector))
     return hasher.digest()
+
+
+def statement_payload(digest: bytes, statement_sha256: bytes) -> bytes:
+    """What the aggregator signs for a statement: :meth:`Statement.sha256` under the round."""
+    return canonical("secagg/statement-signature/v1", digest, statement_sha256)
 
 
 def consistency_payload(digest: bytes, survivors: tuple[str, ...]) -> bytes:
@@ -161,7 +167,18 @@ class ShareKeys:
 
 @dataclass(frozen=True, slots=True, eq=False)
 class MaskedInput:
-    """Stage 2: the masked vector, and the neighbours whose pairwise masks it contains."""
+    """Stage 2: the masked vector, and the neighbours whose pairwise masks it contains.
+
+    The vector's digest (:func:`vector_digest`, 4 MB of SHA-256 at m = 10^6) is computed at
+    most once per object: on first use, or handed in as ``known_sha256`` by the code that
+    hashed these very words as it wrote them (the participant's masking pass). It is never
+    taken from the wire: the codec has no digest to give, so a received input is hashed once,
+    from its own words. The cache cannot go stale: construction makes ``vector`` read-only,
+    so an in-place write through this object raises, and :func:`dataclasses.replace` (which
+    does not carry ``known_sha256``) builds an object that hashes its new vector. A caller
+    that hands in a view must not write through the view's base (the participant's
+    ``masked_buffer`` contract).
+    """
 
     sender: str
     session_id: str
@@ -169,18 +186,29 @@ class MaskedInput:
     masked_with: tuple[str, ...]
     vector: WordArray
     signature: bytes
+    known_sha256: InitVar[bytes | None] = None
+    _sha256: bytes = field(init=False, default=b"", repr=False, compare=False)
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, known_sha256: bytes | None) -> None:
         _require(self.vector.ndim == 1, "masked vector must be one-dimensional")
+        self.vector.flags.writeable = False
+        if known_sha256 is not None:
+            _require(len(known_sha256) == 32, "vector digest must be 32 bytes")
+            object.__setattr__(self, "_sha256", known_sha256)
+
+    @property
+    def vector_sha256(self) -> bytes:
+        """:func:`vector_digest` of ``vector``, computed once."""
+        if not self._sha256:
+            object.__setattr__(self, "_sha256", vector_digest(self.vector))
+        return self._sha256
 
     def signed_payload(self, digest: bytes) -> bytes:
-        return masked_payload(digest, self.sender, self.masked_with, vector_digest(self.vector))
+        return masked_payload(digest, self.sender, self.masked_with, self.vector_sha256)
 
     def header(self) -> MaskedHeader:
         """The signed facts of this input without its vector (relayed at unmasking)."""
-        return MaskedHeader(
-            self.sender, self.masked_with, vector_digest(self.vector), self.signature
-        )
+        return MaskedHeader(self.sender, self.masked_with, self.vector_sha256, self.signature)
 
 
 @dataclass(frozen=True, slots=True)
@@ -351,10 +379,36 @@ class Statement:
     mask_keys: tuple[tuple[str, bytes], ...]  # (dropped partner, its mask private key)
     aggregate: WordArray
     signature: bytes = b""
+    # vector_digest(aggregate), computed once (see MaskedInput: the same read-only guard).
+    _aggregate_sha256: bytes = field(init=False, default=b"", repr=False, compare=False)
 
     def __post_init__(self) -> None:
         _require(self.aggregate.ndim == 1, "aggregate must be one-dimensional")
         word_dtype(self.aggregate.dtype.itemsize * 8)
+        # Every verifier hashes these pairs (sha256): one that is not a (peer, bytes) pair is
+        # a malformed statement, refused here rather than a crash inside the hash.
+        for name, pairs in (("seeds", self.seeds), ("mask keys", self.mask_keys)):
+            _require(
+                all(
+                    isinstance(pair, tuple)
+                    and len(pair) == 2
+                    and isinstance(pair[0], str)
+                    and isinstance(pair[1], bytes)
+                    for pair in pairs
+                ),
+                f"statement {name} must be (peer, bytes) pairs",
+            )
+        # A statement is hashed by its signer, by every survivor and every verifier (for the
+        # signature, the challenge and the answers): z is hashed once per object and can
+        # not change under the cached digest.
+        self.aggregate.flags.writeable = False
+
+    @property
+    def aggregate_sha256(self) -> bytes:
+        """:func:`vector_digest` of ``aggregate``, computed once."""
+        if not self._aggregate_sha256:
+            object.__setattr__(self, "_aggregate_sha256", vector_digest(self.aggregate))
+        return self._aggregate_sha256
 
     def sha256(self, digest: bytes) -> bytes:
         """The digest every challenge and every answer is bound to (the signature is not
@@ -371,11 +425,11 @@ class Statement:
         parts += [canonical(owner, seed) for owner, seed in self.seeds]
         parts.append(b"mask-keys")
         parts += [canonical(owner, key) for owner, key in self.mask_keys]
-        parts.append(vector_digest(self.aggregate))
+        parts.append(self.aggregate_sha256)
         return sha256(canonical(*parts))
 
     def signed_payload(self, digest: bytes) -> bytes:
-        return canonical("secagg/statement-signature/v1", digest, self.sha256(digest))
+        return statement_payload(digest, self.sha256(digest))
 
     @property
     def survivors(self) -> tuple[str, ...]:

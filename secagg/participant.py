@@ -20,6 +20,7 @@ from dataclasses import replace
 from enum import StrEnum
 from typing import Any, cast
 
+import numpy as np
 import numpy.typing as npt
 from cryptography.exceptions import InvalidTag
 
@@ -60,6 +61,7 @@ from .messages import (
     share_payload,
     vector_hasher,
 )
+from .ring import WordArray
 from .shamir import SHARE_BYTES, decode_share, encode_share, split_secret
 from .succinct import expected_answers
 
@@ -94,6 +96,11 @@ class Participant:
         x: this peer's input, already quantized: ``vector_length`` words of the ring.
         rng: the source of every secret (keys, seeds, share polynomials, nonces).
         aggregator: the aggregator's peer id, used to name it in errors.
+        masked_buffer: where to write the masked input y (a fresh array when omitted). The
+            participant owns it from then on: y is sent from it and kept for the prove stage,
+            so the caller must not touch it while the round lives. For callers that hold many
+            participants in one process (the simulator), which would otherwise fault in fresh
+            pages for every y where a peer process recycles the previous round's memory.
     """
 
     def __init__(
@@ -105,11 +112,17 @@ class Participant:
         x: npt.ArrayLike,
         rng: RandomSource,
         aggregator: str = AGGREGATOR,
+        masked_buffer: WordArray | None = None,
     ) -> None:
         if not config.is_member(me):
             raise LocalProtocolError(f"{me} is not in the roster of this round")
         require_verifiers(sorted(config.neighbourhood(me)), verifiers, "neighbours ")
         vector = own_input(x, config)
+        if masked_buffer is not None:
+            buffer = own_input(masked_buffer, config)
+            if not buffer.flags.writeable or np.shares_memory(buffer, vector):
+                raise LocalProtocolError("the buffer for y must be writable and apart from x")
+        self._masked_buffer = masked_buffer
         self.config = config
         self.me = me
         self.aggregator = aggregator
@@ -124,6 +137,8 @@ class Participant:
         # AES-GCM key with each neighbour, derived once: the same (symmetric in the pair)
         # encrypts my shares to v and decrypts v's shares to me. Dropped after masking.
         self._channel_key_with: dict[str, bytes] = {}
+        # The share ciphertext and signature I sent myself: what must come back, byte for byte.
+        self._own_shares: tuple[bytes, bytes] | None = None
         self._mask_keys: KeyPair | None = None
         self._self_seed = b""
         self._advert: AdvertiseKeys | None = None
@@ -279,6 +294,8 @@ class Participant:
                 self._signer.sign(share_payload(self.config.digest, self.me, v, ciphertext))
             )
         self._channel_key_with = channel_keys
+        mine = recipients.index(self.me)
+        self._own_shares = (ciphertexts[mine][1], signatures[mine])
         reply = ShareKeys(
             self.me,
             self.config.session_id,
@@ -302,8 +319,17 @@ class Participant:
                 raise self._fail(f"relayed two share ciphertexts from {sender}")
             # The sender's signature decides whom to blame: a ciphertext its sender did not
             # sign was altered or forged on the way (by the aggregator, who relays it); one it
-            # signed that does not decrypt is the sender's fault.
-            if not self._verifiers[sender].verify(
+            # signed that does not decrypt is the sender's fault. My own must come back as I
+            # sent it, which a byte comparison checks more strictly than my signature would
+            # (and without an Ed25519 verification in the masked stage).
+            if sender == self.me:
+                if (ciphertext, signature) != self._own_shares:
+                    raise InvalidSignatureError(
+                        self.aggregator,
+                        "relayed my own share ciphertext or its signature other than I sent "
+                        "it (altered or forged on the way)",
+                    )
+            elif not self._verifiers[sender].verify(
                 signature, share_payload(self.config.digest, sender, self.me, ciphertext)
             ):
                 raise InvalidSignatureError(
@@ -332,6 +358,7 @@ class Participant:
         self._held_shares = held
         self._u2 = frozenset(held)
         self._channel_key_with = {}  # no more shares to decrypt in this round
+        self._own_shares = None
 
         masked_with = tuple(sorted((v for v in held if v != self.me), key=self.config.index))
         y = mask_input(
@@ -342,10 +369,14 @@ class Participant:
             self._mask_keys,
             {v: self._adverts[v].mask_public for v in masked_with},
             hasher=(hasher := vector_hasher()),
+            out=self._masked_buffer,
         )
+        self._masked_buffer = None  # now y: never written again
         # The same payload as MaskedInput.signed_payload, with y's digest from the masking
-        # pass instead of a second read of y.
-        payload = masked_payload(self.config.digest, self.me, masked_with, hasher.digest())
+        # pass instead of a second read of y; the message keeps that digest (its headers and
+        # the prove stage need it again) and makes y read-only, so it cannot go stale.
+        y_sha256 = hasher.digest()
+        payload = masked_payload(self.config.digest, self.me, masked_with, y_sha256)
         self._masked = MaskedInput(
             self.me,
             self.config.session_id,
@@ -353,6 +384,7 @@ class Participant:
             masked_with,
             y,
             self._signer.sign(payload),
+            known_sha256=y_sha256,
         )
         return self._masked, ParticipantState.MASKED
 

@@ -23,18 +23,14 @@ import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from enum import StrEnum
 from functools import partial
 
 import numpy as np
 
+from ._attacks import AGGREGATOR_ID, VIEW_ATTACKS, Attack, revealed_both, tamper, view_attack
 from .aggregator import Aggregator
 from .config import RoundConfig, Stage
-from .crypto import (
-    DeterministicRandom,
-    KeyPair,
-    Verifier,
-)
+from .crypto import DeterministicRandom, Verifier
 from .errors import ConfigError, RemoteProtocolError, RoundAborted, SecAggError
 from .graph import (
     GraphKind,
@@ -44,25 +40,22 @@ from .graph import (
     safe_threshold,
 )
 from .messages import (
-    AdvertisedKeys,
     AggregatorMessage,
     ConsistencySignature,
     MaskedInput,
     ParticipantMessage,
-    ShareKeys,
-    SharesToYou,
-    SurvivorSet,
-    UnmaskRequest,
     UnmaskShares,
     message_size,
 )
 from .participant import Participant, ParticipantState
+from .prg import keystream_floor
 from .ring import WordArray, word_dtype
 from .succinct import SuccinctTranscript, verify_succinct
 from .testing import peer_ids, test_identities
 from .transcript import Transcript, TranscriptError, verify_transcript
 
 __all__ = [
+    "AGGREGATOR_ID",
     "Attack",
     "Progress",
     "SimulationResult",
@@ -71,27 +64,6 @@ __all__ = [
 ]
 
 STAGES = tuple(Stage)
-AGGREGATOR_ID = "aggregator"
-
-
-class Attack(StrEnum):
-    """Malicious aggregator behaviours the simulator can play."""
-
-    BOTH_SHARES = "both-shares"  # asks one peer for both shares of a survivor
-    SUBSTITUTE_KEY = "substitute-key"  # replaces a peer's advertised mask key with its own
-    SPLIT_SURVIVORS = "split-survivors"  # shows different survivor sets to different peers
-    REPLAY = "replay"  # relays adverts from the previous round
-    WRONG_SUM = "wrong-sum"  # publishes a transcript with a wrong aggregate
-    # Issue 9: the victim (first peer) is sent the shares of only t - 1 neighbours W, so it
-    # masks with W alone; then
-    TWO_VIEW = "two-view"  # V and W see a survivor set with W, everyone else one without W
-    TWO_VIEW_STEALTH = "two-view-stealth"  # ... and the second view's transcript is published
-    ISOLATE = "isolate"  # one survivor set without W, shown to everyone
-
-
-# Attacks that the honest Aggregator class cannot play (it would refuse the victim's cut
-# masked input): the simulator drives the participants itself, as a malicious aggregator.
-_VIEW_ATTACKS = (Attack.TWO_VIEW, Attack.TWO_VIEW_STEALTH, Attack.ISOLATE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,7 +103,9 @@ class SimulationResult:
     survivors: tuple[int, ...]  # 0-based indices
     dropped: dict[str, list[int]]  # per stage, 0-based indices
     # stage (and "total") -> {"aggregator", "participant_median"}; the participant total is
-    # the median over participants that sent their unmask shares of their summed stage times
+    # the median over participants that sent their unmask shares of their summed stage times;
+    # "masked" also has "keystream_floor" (median over the timed participants of their
+    # masking's floor, secagg.prg.keystream_floor) and "floor_ratio" (participant / floor)
     timings_s: dict[str, dict[str, float]]
     bytes_per_peer: dict[str, float]  # median participant bytes "sent" and "received"
     ok: bool
@@ -162,6 +136,7 @@ def simulate(
     progress: Callable[[Progress], None] | None = None,
     timed_sample: int | None = None,
     colluders: int = 0,
+    warm_buffers: bool = True,
 ) -> SimulationResult:
     """Run one round in memory. See the module docstring.
 
@@ -173,6 +148,8 @@ def simulate(
         timed_sample: time only this many participants (see the module docstring).
         colluders: the collusion bound c of the round (sets the quorum and the default,
             lowest safe, threshold). The simulated aggregator is not on the roster.
+        warm_buffers: give each participant a touched buffer for y (see the code); False
+            makes every masked stage fault in fresh pages, as a peer's first round does.
 
     Raises:
         ConfigError: invalid parameters (threshold, degree, sizes, inputs). Drops that leave
@@ -220,6 +197,15 @@ def simulate(
         u: _MemoVerifier(v, memo) for u, v in verifiers.items()
     }
 
+    # One process holds every participant's y at once, so each y would be fresh memory the
+    # kernel faults in page by page (~1.6 ms for 4 MB), whereas a peer process, holding one
+    # round's y at a time, gets the previous round's pages back from its allocator. The y
+    # buffers are therefore allocated and touched here, before any timing (BENCHMARKS.md,
+    # "Issue 11 (lane 11c)", gives the figure with fresh pages too).
+    masked_buffers: WordArray | None = None
+    if warm_buffers:
+        masked_buffers = np.empty((n_peers, vector_length), dtype=dtype)
+        masked_buffers.fill(0)
     participants = {
         u: Participant(
             config,
@@ -229,12 +215,13 @@ def simulate(
             inputs[i],
             DeterministicRandom(f"{seed}/{session_id}/{round_}/{u}"),
             AGGREGATOR_ID,
+            masked_buffer=None if masked_buffers is None else masked_buffers[i],
         )
         for i, u in enumerate(peers)
     }
-    if attack in _VIEW_ATTACKS:
+    if attack in VIEW_ATTACKS:
         assert attack is not None
-        view_refusals, view_reveals, view_error = _view_attack(
+        view_refusals, view_reveals, view_error = view_attack(
             attack, config, participants, verifiers
         )
         return SimulationResult(
@@ -251,7 +238,7 @@ def simulate(
             bytes_per_peer={"sent": 0.0, "received": 0.0},
             # Detected: honest peers refused (naming the aggregator) or rejected the
             # published transcript, and nobody revealed both shares of one peer.
-            ok=bool(view_refusals or view_error) and not _revealed_both(view_reveals),
+            ok=bool(view_refusals or view_error) and not revealed_both(view_reveals),
             refusals=view_refusals,
             transcript_error=view_error,
         )
@@ -280,6 +267,8 @@ def simulate(
             elapsed = clock() - start
             stage_times[stage].append(elapsed)
             participant_totals[u] += elapsed
+            if isinstance(message, MaskedInput):
+                floors.append(_time_floor(floor_works, 1 + len(message.masked_with), config, clock))
         sent[u] += message_size(message)
         if isinstance(message, UnmaskShares):
             reveals.append(message)
@@ -292,6 +281,10 @@ def simulate(
                 split_signatures.append(message)
         aggregator_times[stage] += clock() - start
 
+    # The keystream floor of each timed participant's masking (its self mask and one mask
+    # per partner), timed right after its masked stage so that load hits both alike.
+    floors: list[float] = []
+    floor_works: dict[int, Callable[[], None]] = {}
     split_signatures: list[ConsistencySignature] = []
     reveals: list[UnmaskShares] = []
     sent_unmask: set[str] = set()
@@ -321,7 +314,7 @@ def simulate(
         if progress is not None:
             progress(Progress(stage, len(todo), len(todo), True, clock() - began))
         if attack is not None:
-            outgoing = _tamper(attack, stage, outgoing, config, split_signatures, seed)
+            outgoing = tamper(attack, stage, outgoing, config, split_signatures, seed)
         if not outgoing and stage is not STAGES[-1]:
             aborted = f"no participant left after stage {stage.value}"
             break
@@ -369,7 +362,7 @@ def simulate(
     else:
         # Detected: honest peers refused (or the round could not gather t consistent
         # signatures and stopped), and nobody revealed both shares of one peer.
-        ok = (bool(refusals) or aborted is not None) and not _revealed_both(reveals)
+        ok = (bool(refusals) or aborted is not None) and not revealed_both(reveals)
 
     def median(values: list[float]) -> float:
         return statistics.median(values) if values else 0.0
@@ -382,6 +375,11 @@ def simulate(
         }
         for s in STAGES
     }
+    masked = timings_s[Stage.MASKED.value]
+    masked["keystream_floor"] = median(floors)
+    masked["floor_ratio"] = (
+        masked["participant_median"] / masked["keystream_floor"] if floors else 0.0
+    )
     finishers = [u for u in timed if u in sent_unmask] or list(timed)
     timings_s["total"] = {
         "aggregator": sum(aggregator_times.values()),
@@ -406,6 +404,22 @@ def simulate(
         succinct=succinct,
         timed=tuple(sorted(index[u] for u in timed)),
     )
+
+
+def _time_floor(
+    works: dict[int, Callable[[], None]],
+    n_masks: int,
+    config: RoundConfig,
+    clock: Callable[[], float],
+) -> float:
+    """One timing of :func:`~secagg.prg.keystream_floor` for ``n_masks`` (its buffers made
+    once per count, untimed, as the participants' are)."""
+    work = works.get(n_masks)
+    if work is None:
+        work = works[n_masks] = keystream_floor(n_masks, config.vector_length, config.bits)
+    start = clock()
+    work()
+    return clock() - start
 
 
 def too_many_drops(
@@ -444,174 +458,3 @@ def _choose_drops(
         for i in sorted(picks, reverse=True):
             chosen[remaining.pop(i)] = stage
     return chosen
-
-
-def _revealed_both(reveals: Sequence[UnmaskShares]) -> list[str]:
-    """Peers of which some share holder revealed the self-mask share and another (or the
-    same) the mask-key share: checked on what was actually sent, not on what the code meant."""
-    self_masks = {owner for r in reveals for owner, _ in r.self_mask_shares}
-    mask_keys = {owner for r in reveals for owner, _ in r.mask_key_shares}
-    return sorted(self_masks & mask_keys)
-
-
-def _view_attack(
-    attack: Attack,
-    config: RoundConfig,
-    participants: Mapping[str, Participant],
-    verifiers: Mapping[str, Verifier],
-) -> tuple[dict[str, str], list[UnmaskShares], str | None]:
-    """Play the issue-9 survivor-set attacks against honest participants.
-
-    Returns the refusals (peer -> error), every UnmaskShares sent, and (stealth variant) the
-    victim's error on the published transcript of the second view.
-    """
-    peers, sid, rnd = config.peers, config.session_id, config.round
-    refusals: dict[str, str] = {}
-
-    def deliver(u: str, message: AggregatorMessage) -> ParticipantMessage | None:
-        try:
-            return participants[u].receive(message)
-        except SecAggError as error:
-            refusals[u] = str(error)
-            return None
-
-    adverts = {u: participants[u].start() for u in peers}
-    shares: dict[str, ShareKeys] = {}
-    for u in peers:
-        relayed = tuple(adverts[w] for w in peers if w in config.neighbourhood(u))
-        reply = deliver(u, AdvertisedKeys(sid, rnd, relayed))
-        if isinstance(reply, ShareKeys):
-            shares[u] = reply
-    victim = peers[0]
-    cut = tuple(sorted(config.neighbourhood(victim) - {victim}, key=config.index))[
-        : config.threshold - 1
-    ]
-    masked: dict[str, MaskedInput] = {}
-    for u in shares:
-        senders = [w for w in shares if u in config.neighbourhood(w)]
-        if u == victim:  # the cut: exactly t shares, so the victim masks with W alone
-            senders = [w for w in senders if w == victim or w in cut]
-        pairs, signatures = [], []
-        for w in senders:
-            i = [r for r, _ in shares[w].ciphertexts].index(u)
-            pairs.append((w, shares[w].ciphertexts[i][1]))
-            signatures.append(shares[w].signatures[i])
-        reply = deliver(u, SharesToYou(sid, rnd, u, tuple(pairs), tuple(signatures)))
-        if isinstance(reply, MaskedInput):
-            masked[u] = reply
-    # View A: the victim, W and everyone outside the victim's neighbourhood; view B: all but W.
-    cut_off = config.neighbourhood(victim) - {victim, *cut}
-    view_a = tuple(sorted(u for u in masked if u not in cut_off))
-    view_b = tuple(sorted(u for u in masked if u not in cut))
-    group_a = {victim, *cut}
-    views = {u: view_a if attack is not Attack.ISOLATE and u in group_a else view_b for u in masked}
-    signed: dict[tuple[str, ...], list[ConsistencySignature]] = {view_a: [], view_b: []}
-    for u in masked:
-        reply = deliver(u, SurvivorSet(sid, rnd, views[u]))
-        if isinstance(reply, ConsistencySignature):
-            signed[views[u]].append(reply)
-    reveals: list[UnmaskShares] = []
-    for u in masked:
-        if u in refusals:
-            continue
-        view = views[u]
-        held = group_a if u == victim else {w for w in shares if u in config.neighbourhood(w)}
-        request = UnmaskRequest(
-            sid,
-            rnd,
-            view,
-            tuple(sorted(held - set(view), key=config.index)),
-            tuple(signed[view]),
-            tuple(masked[w].header() for w in view if w in held),
-        )
-        reply = deliver(u, request)
-        if isinstance(reply, UnmaskShares):
-            reveals.append(reply)
-    transcript_error = None
-    if attack is Attack.TWO_VIEW_STEALTH and victim in masked:
-        # Publish the second view, in which the victim and W are late dropouts, with what the
-        # aggregator gathered for it; the victim checks it as every peer does.
-        transcript = Transcript(
-            sid,
-            rnd,
-            AGGREGATOR_ID,
-            tuple(adverts[u] for u in peers if u in shares),
-            tuple(masked[u] for u in view_b if u != victim),
-            tuple(signed[view_b]),
-            tuple(r for r in reveals if r.sender in view_b),
-            np.zeros(config.vector_length, dtype=word_dtype(config.bits)),
-        )
-        own_signature = next((m for m in signed[view_a] if m.sender == victim), None)
-        try:
-            verify_transcript(
-                transcript, config, verifiers, own=masked[victim], signed=own_signature
-            )
-        except TranscriptError as error:
-            transcript_error = f"{victim} rejects the published transcript: {error}"
-    return refusals, reveals, transcript_error
-
-
-def _tamper(
-    attack: Attack,
-    stage: Stage,
-    outgoing: dict[str, AggregatorMessage],
-    config: RoundConfig,
-    split_signatures: list[ConsistencySignature],
-    seed: int,
-) -> dict[str, AggregatorMessage]:
-    """What a malicious aggregator sends instead of the honest messages."""
-    recipients = sorted(outgoing, key=config.index)
-    if not recipients:
-        return outgoing
-    victim = recipients[0]
-    tampered = dict(outgoing)
-    if attack is Attack.SUBSTITUTE_KEY and stage is Stage.ADVERTISE:
-        own = KeyPair.generate(DeterministicRandom(f"attacker/{seed}")).public
-        for u in recipients:
-            message = outgoing[u]
-            assert isinstance(message, AdvertisedKeys)
-            adverts = tuple(
-                replace(a, mask_public=own) if a.sender == victim else a for a in message.adverts
-            )
-            tampered[u] = replace(message, adverts=adverts)
-    elif attack is Attack.REPLAY and stage is Stage.ADVERTISE:
-        # Adverts that the same peers signed for the previous round of the session.
-        previous = replace(
-            config, round=config.round + 1 if config.round == 0 else config.round - 1
-        )
-        signers, verifiers = test_identities(config.peers, seed)
-        zeros = np.zeros(config.vector_length, dtype=word_dtype(config.bits))
-        old = {
-            v: Participant(
-                previous, v, signers[v], verifiers, zeros, DeterministicRandom(f"old/{v}")
-            ).start()
-            for v in config.peers
-        }
-        for u in recipients:
-            message = outgoing[u]
-            assert isinstance(message, AdvertisedKeys)
-            adverts = tuple(a if a.sender == u else old[a.sender] for a in message.adverts)
-            tampered[u] = replace(message, adverts=adverts)
-    elif attack is Attack.SPLIT_SURVIVORS and stage is Stage.MASKED:
-        message = outgoing[victim]
-        assert isinstance(message, SurvivorSet)
-        hidden = recipients[-1]
-        # Show the smaller set to as many peers as the aggregator can afford while keeping
-        # a quorum of signatures on the true set, so the round reaches the unmask request,
-        # where the honest peers must notice the mismatched signatures it carries.
-        split = max(1, len(recipients) - config.quorum)
-        for u in recipients[:split]:
-            tampered[u] = replace(
-                message, survivors=tuple(s for s in message.survivors if s != hidden)
-            )
-    elif attack is Attack.SPLIT_SURVIVORS and stage is Stage.CONSISTENCY:
-        for u in recipients:
-            message = outgoing[u]
-            assert isinstance(message, UnmaskRequest)
-            tampered[u] = replace(message, signatures=(*message.signatures, *split_signatures))
-    elif attack is Attack.BOTH_SHARES and stage is Stage.CONSISTENCY:
-        message = outgoing[victim]
-        assert isinstance(message, UnmaskRequest)
-        target = next(s for s in message.survivors if s != victim)
-        tampered[victim] = replace(message, dropped=(*message.dropped, target))
-    return tampered

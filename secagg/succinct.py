@@ -48,7 +48,6 @@ from .messages import (
     MaskedHeader,
     MaskedInput,
     Statement,
-    vector_digest,
 )
 from .ring import WordArray, word_dtype
 from .transcript import TranscriptError, VerifiedAggregate, check_published
@@ -194,7 +193,7 @@ def verify_succinct(
             raise fail(f"a masked vector of {u!r}, who is not a survivor without answers")
         if message.vector.shape != (config.vector_length,) or message.vector.dtype != z.dtype:
             raise fail(f"masked input of {u} has the wrong shape or type")
-        if vector_digest(message.vector) != headers[u].vector_sha256:
+        if message.vector_sha256 != headers[u].vector_sha256:
             raise fail(f"masked input of {u} is not the one it signed (altered or swapped)")
         fallback[u] = message
     missing = sorted(set(headers) - set(answered) - set(fallback))

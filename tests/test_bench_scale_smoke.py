@@ -49,3 +49,17 @@ def test_quick_scale_bench_runs_real_peers(
     [memory] = report["in_process"]
     assert memory["sum_verified"] is True
     assert "aggregator peak" in capsys.readouterr().out
+
+
+def test_the_aggregators_peak_does_not_grow_with_the_number_of_peers(tmp_path: Path) -> None:
+    # The aggregator object alone (tracemalloc over its calls, participants not counted):
+    # twice the peers, the same peak within half a vector. An aggregator that kept each
+    # masked input (or anything of vector size per peer) until unmasking would add 4 vectors.
+    # The transport's share (grpc's buffers per stream) is tests/round/test_round_read_ahead.py
+    # and test_round_call_memory.py.
+    few = aggregator_memory(4, 500_000, tmp_path)
+    many = aggregator_memory(8, 500_000, tmp_path)
+    assert few["sum_verified"]
+    assert many["sum_verified"]
+    growth = many["peak_without_transcript_vectors"] - few["peak_without_transcript_vectors"]
+    assert growth < 0.5, f"{growth:.2f} vectors more for 4 more peers"

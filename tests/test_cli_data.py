@@ -12,6 +12,7 @@ import pytest
 
 from peer.__main__ import main as peer_main
 from peer.data import PatientStore
+from peer.data.source import NO_LABEL_NOTE
 from peer.kit import write_peer_config
 from scripts.ceremony import main
 
@@ -130,6 +131,21 @@ def test_split_a_csv_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert report["dataset"] == "patients"
     assert sum(r["records"] for r in report["hospitals"]) == 60
     assert sum(r["labels"]["1"] for r in report["hospitals"]) == 20  # M is the positive class
+    assert all(PatientStore(r["url"]).has_labels() for r in report["hospitals"])
+
+
+def test_split_a_csv_file_without_labels_keeps_saying_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    csv = write_csv(tmp_path / "patients.csv", 60)
+    code, report = run_json(
+        capsys, "split", "--hospitals", "2", "--csv", str(csv), "--target", "texture",
+        "--features", "radius", "--id", "pid", "--seed", "0", "--out", str(tmp_path / "out"),
+        "--min-train", "5", "--min-test", "2",
+    )  # fmt: skip
+    assert code == 0
+    # Each hospital's labels are placeholders: its store refuses classification sessions.
+    assert not any(PatientStore(r["url"]).has_labels() for r in report["hospitals"])
 
 
 @pytest.mark.parametrize(
@@ -324,6 +340,45 @@ def test_peer_data_import_rejects_a_bad_file_and_changes_nothing(
         (r.patient_id, r.features.tolist(), r.label, r.split) for r in store.records()
     ] == before
     store.dispose()
+
+
+def test_peer_data_show_reports_an_imported_target(
+    tmp_path: Path, config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    csv = write_csv(tmp_path / "patients.csv", 30)
+    argv = ["data", "import", "--config", str(config), "--csv", str(csv), "--id", "pid"]
+    argv += ["--label", "diagnosis", "--features", "radius", "--target", "texture"]
+    assert peer_main(argv) == 0
+    capsys.readouterr()
+    code, shown = peer_json(capsys, "data", "show", "--config", str(config))
+    assert code == 0
+    texture = [15 + i % 5 for i in range(30)]
+    mean = sum(texture) / len(texture)
+    assert shown["target"]["count"] == 30
+    assert shown["target"]["missing"] == 0
+    assert shown["target"]["mean"] == pytest.approx(mean)
+    assert peer_main(["data", "show", "--config", str(config)]) == 0
+    text = capsys.readouterr().out
+    assert f"target: 30 values, 0 missing, mean {mean:.4g}, std " in text
+    assert shown["labelled"] is True
+    assert "no label column" not in text
+
+
+def test_peer_data_show_says_when_the_store_has_no_label_column(
+    tmp_path: Path, config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    csv = write_csv(tmp_path / "patients.csv", 30)
+    argv = ["data", "import", "--config", str(config), "--csv", str(csv), "--id", "pid"]
+    argv += ["--features", "radius", "--target", "texture"]  # a regression data set: no --label
+    assert peer_main(argv) == 0
+    assert f"label: none ({NO_LABEL_NOTE})" in capsys.readouterr().out.splitlines()
+    code, shown = peer_json(capsys, "data", "show", "--config", str(config))
+    assert code == 0
+    assert shown["labelled"] is False
+    assert shown["splits"]["train"]["labels"] == {"0": 24}  # placeholders, not outcomes
+    assert peer_main(["data", "show", "--config", str(config)]) == 0
+    text = capsys.readouterr().out.splitlines()
+    assert f"note: {NO_LABEL_NOTE}; classification sessions are refused" in text
 
 
 def test_peer_data_user_errors(

@@ -233,35 +233,11 @@ def _pixels_near(path: Path, color: tuple[int, int, int], tolerance: int = 40) -
     return int(near.sum())
 
 
-def _accept(builder: LedgerBuilder, session_id: str, forged_by: str | None = None) -> None:
-    """Store every participant's signed acceptance as ``Start`` does (peer/service.py);
-    ``forged_by`` signs in another member's place (its own key, the victim's name)."""
-    from dashboard.data import proposal_digest
-    from peer.beacon import commit, commitment_signed_bytes
-
-    signers = builder.signers()
-    with builder.open() as ledger:
-        session = ledger.session(session_id)
-        assert session is not None
-        digest = proposal_digest(session)
-        ledger.session_nonce(session_id, lambda: b"\x07" * 32)
-        commitments = {}
-        for peer in builder.peers:
-            commitment = commit(digest, peer, bytes([len(peer)]) * 32)
-            forged = forged_by is not None and peer == builder.peers[-1]
-            signer = signers[forged_by] if forged_by is not None and forged else signers[peer]
-            commitments[peer] = (
-                commitment,
-                signer.sign(commitment_signed_bytes(digest, peer, commitment)),
-            )
-        ledger.store_commitments(session_id, commitments)
-
-
 def test_each_sites_signed_acceptance_is_listed_and_verified(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     builder = _study(tmp_path)
-    _accept(builder, "study-1")
+    builder.accept("study-1")
     out = tmp_path / "report.html"
     argv = ["report", "--ledger", builder.url, "--session", "study-1", "--out", str(out)]
     assert main([*argv, *_roster_args(builder)]) == 0, capsys.readouterr().err
@@ -279,7 +255,7 @@ def test_an_acceptance_signed_by_another_member_does_not_verify(
 ) -> None:
     # The attack: hospital-a signs an acceptance in hospital-c's name.
     builder = _study(tmp_path)
-    _accept(builder, "study-1", forged_by=PEERS[0])
+    builder.accept("study-1", forged_by=PEERS[0])
     out = tmp_path / "report.html"
     argv = ["report", "--ledger", builder.url, "--session", "study-1", "--out", str(out)]
     main([*argv, *_roster_args(builder)])

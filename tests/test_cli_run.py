@@ -7,6 +7,8 @@ hospital. A fourth hospital is in the roster but never started, to play a peer t
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -22,6 +24,7 @@ import pytest
 
 from peer.kit import free_port
 from scripts.ceremony import main
+from scripts.ceremony_run import until_interrupted
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -355,3 +358,61 @@ def test_malformed_federation_file(
 def test_missing_federation_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["run", "--federation", str(tmp_path / "nope.toml")]) == 2
     assert "no such federation file" in capsys.readouterr().err
+
+
+async def _swallows_one_cancellation(started: asyncio.Event) -> str:
+    """Work that turns its first cancellation into a normal result, as a cancelled grpc call
+    does (it raises an RpcError, which a status poll records as an unreachable peer)."""
+    started.set()
+    with contextlib.suppress(asyncio.CancelledError):
+        await asyncio.sleep(30)
+    await asyncio.sleep(0.2)  # ... and carries on watching
+    return "watched to the end"
+
+
+def _interrupt_when(started: asyncio.Event) -> None:
+    async def send() -> None:
+        await started.wait()
+        os.kill(os.getpid(), signal.SIGINT)
+
+    asyncio.get_running_loop().create_task(send())
+
+
+def test_ctrl_c_stops_watching_even_when_a_cancellation_is_swallowed() -> None:
+    # The attack on the exit code: asyncio.run's own Ctrl-C handling cancels the main task,
+    # and the swallowed cancellation lets the watch run on and end "normally" (a CI run saw
+    # exit 0 instead of 130 this way).
+    async def plain() -> str:
+        started = asyncio.Event()
+        _interrupt_when(started)
+        return await _swallows_one_cancellation(started)
+
+    assert asyncio.run(plain()) == "watched to the end"
+
+    async def guarded() -> str | None:
+        started = asyncio.Event()
+        _interrupt_when(started)
+        return await until_interrupted(_swallows_one_cancellation(started))
+
+    assert asyncio.run(guarded()) is None
+    # Without Ctrl-C the work's own result (or error) comes through.
+    assert asyncio.run(until_interrupted(asyncio.sleep(0, result="done"))) == "done"
+
+
+def test_ctrl_c_handling_is_given_back_when_the_work_fails() -> None:
+    # Review of until_interrupted: the SIGINT handler it installs must not outlive it, or a
+    # later Ctrl-C (after a refused proposal, say) would only set an event nobody waits for.
+    async def fails() -> None:
+        await asyncio.sleep(0)
+        raise RuntimeError("refused")
+
+    async def main() -> None:
+        with pytest.raises(RuntimeError, match="refused"):
+            await until_interrupted(fails())
+        # The loop's handler is gone: Ctrl-C raises KeyboardInterrupt again.
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+    asyncio.run(main())
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    with pytest.raises(KeyboardInterrupt):  # and a Ctrl-C after the loop stops the program
+        signal.raise_signal(signal.SIGINT)

@@ -74,7 +74,7 @@ def test_dry_run_of_the_imaging_example(
     path = federation_file(kit, IMAGING_SESSION, tmp_path / "imaging.toml")
     assert main(["run", "--federation", str(path), "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "model: cnn, 1,537 parameters" in out, out
+    assert "model: cnn, 1,571 parameters" in out, out
     assert "data: 32x32x1 images (max_value)" in out
 
 

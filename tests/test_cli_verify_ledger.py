@@ -99,3 +99,71 @@ def test_a_missing_configuration_is_one_line(
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1
     assert "none.toml: no such configuration file" in err
+
+
+def test_a_forged_acceptance_fails_and_a_round_without_evidence_warns(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Both commands, on a real kit ledger: hospital-a signed hospital-b's acceptance of the
+    # proposal (a problem naming hospital-b), and round 1 has no stored evidence (a warning
+    # naming the round, not a silent pass). verify-ledger always has the roster keys.
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    from peer.beacon import commit, commitment_signed_bytes
+    from peer.ledger import AgreedRecord
+    from peer.session import SessionProposal
+    from secagg.crypto import sha256, signer_from_private_key
+
+    kit = LocalKit.create(tmp_path / "kit", PEERS)
+    signers = {
+        p: signer_from_private_key(
+            load_pem_private_key(kit.federation.members[p].key.read_bytes(), None)
+        )
+        for p in PEERS
+    }
+    proposal = SessionProposal(
+        "study", participants=PEERS, rounds=1, threshold=3, payload={"kind": "vector", "length": 4}
+    )
+    with kit.ledger("hospital-c") as ledger:
+        ledger.create()
+        ledger.record_proposal(
+            "study",
+            proposal.document(),
+            proposer="hospital-a",
+            participants=PEERS,
+            threshold=3,
+            rounds_planned=1,
+        )
+        ledger.decide_session("study", accept=True)
+        ledger.session_nonce("study", lambda: b"\x01" * 32)
+        commitments = {}
+        for peer in PEERS:
+            commitment = commit(proposal.digest, peer, b"\x02" * 32)
+            signer = signers["hospital-a" if peer == "hospital-b" else peer]
+            signed = commitment_signed_bytes(proposal.digest, peer, commitment)
+            commitments[peer] = (commitment, signer.sign(signed))
+        ledger.store_commitments("study", commitments)
+        record = AgreedRecord.build(
+            "study",
+            1,
+            aggregate_hash=sha256(b"a"),
+            model_hash=sha256(b"m"),
+            metrics={},
+            epsilon={},
+            prev_hash=ledger.session_head("study"),
+        )
+        ledger.append_agreed(record, {p: signers[p].sign(record.payload()) for p in PEERS})
+    reports = {}
+    for command in sorted(COMMANDS):
+        assert verify(command, kit.kits["hospital-c"].config, "--json") == 1
+        reports[command] = json.loads(capsys.readouterr().out)
+    assert reports["peer"] == reports["ceremony"]
+    (problem,) = reports["peer"]["problems"]
+    assert problem == (
+        "[acceptance] session 'study': acceptance of the proposal by hospital-b: signature does "
+        "not verify under its roster key"
+    )
+    assert reports["peer"]["warnings"] == [
+        "[not-recheckable] session 'study' round 1: no stored evidence: the round's sum cannot "
+        "be re-checked"
+    ]

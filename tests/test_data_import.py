@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from peer.data import CSVImportError, DataError, PatientStore, import_csv
+from peer.data.source import NO_LABEL_NOTE
 
 
 def _write(path: Path, text: str) -> Path:
@@ -226,3 +227,24 @@ def test_regression_targets_are_imported_and_bad_ones_named(
     assert sorted(r.target for r in records if r.target is not None) == [0.25, 1, 3.5, 7, 10]
     assert store.feature_names() == ["f"]  # the target is not a feature
     assert {r.diagnosis for r in records} == {"unlabelled"}
+
+
+def test_a_store_remembers_an_import_without_labels(tmp_path: Path, store: PatientStore) -> None:
+    """Records imported with a target and no label column all have class 0: the store says
+    it has no labels (so that classification sessions are refused), and keeps saying so
+    when labelled records are added later (the first ones' 0 is still a placeholder)."""
+    labelled = _write(tmp_path / "labelled.csv", "pid,f,y\np1,1,0\np2,2,1\np3,3,1\n")
+    import_csv(store, labelled, label="y", id_col="pid", rng=np.random.default_rng(0))
+    assert store.has_labels()
+    assert store.describe().notes == ()
+    regression = _write(tmp_path / "los.csv", "pid,f,los\nq1,1,3.5\nq2,2,10\nq3,3,7\n")
+    import_csv(
+        store, regression, None, id_col="pid", target_col="los", rng=np.random.default_rng(0)
+    )
+    assert not store.has_labels()
+    assert store.describe().notes == (NO_LABEL_NOTE,)
+    more = _write(tmp_path / "more.csv", "pid,f,y\nr1,1,0\nr2,2,1\n")
+    import_csv(store, more, label="y", id_col="pid", rng=np.random.default_rng(0))
+    assert not store.has_labels()
+    # Durably: in the database, not in the object.
+    assert not PatientStore(f"sqlite:///{tmp_path / 'p.db'}").has_labels()

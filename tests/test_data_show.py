@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +14,16 @@ from test_data_images import dicom_folder
 from test_data_sql import fingerprint
 
 from peer.__main__ import main as peer_main
-from peer.data import PatientStore, breast_cancer_feature_names, breast_cancer_records
-from peer.data.omop import OMOP_COHORT_QUERY, write_synthetic_omop
+from peer.data import (
+    PatientRecord,
+    PatientStore,
+    breast_cancer_feature_names,
+    breast_cancer_records,
+    diabetes_feature_names,
+    diabetes_records,
+)
+from peer.data.omop import OMOP_COHORT_QUERY, OMOP_REGRESSION_QUERY, write_synthetic_omop
+from peer.data.source import NO_LABEL_NOTE
 
 SQL_TABLE = f"""
 peer_id = "hospital-a"
@@ -45,6 +54,7 @@ SHOWN_KEYS = {
     "features",
     "image_shape",
     "columns",
+    "target",
     "notes",
 }
 
@@ -81,6 +91,52 @@ def test_show_a_sql_source(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert "label 0" in text
     assert "hba1c" in text
     assert "dropped for a missing feature" in text
+
+
+# A regression-only data set: the latest creatinine as the target, no label column.
+SQL_REGRESSION_TABLE = f"""
+peer_id = "hospital-a"
+
+[data]
+source = "sql"
+name = "omop-creatinine"
+url = "sqlite:///omop.db"
+query = '''{OMOP_REGRESSION_QUERY}'''
+id = "person_id"
+features = ["age", "female", "hba1c"]
+target_column = "creatinine"
+missing = "drop"
+"""
+
+
+def test_show_a_sql_source_with_a_target_column(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    engine = create_engine(f"sqlite:///{tmp_path / 'omop.db'}")
+    write_synthetic_omop(engine, 80, np.random.default_rng(3))
+    engine.dispose()
+    config = tmp_path / "hospital_a.toml"
+    config.write_text(SQL_REGRESSION_TABLE, encoding="utf-8")
+    code, shown, text = show(capsys, config)
+    assert code == 0
+    target = shown["target"]
+    assert set(target) == {"name", "kind", "count", "missing", "mean", "std"}  # no min/max
+    assert (target["name"], target["kind"], target["count"], target["missing"]) == (
+        "creatinine",
+        "float",
+        80,
+        0,
+    )
+    assert 0.5 < target["mean"] < 2.0  # serum creatinine, mg/dL
+    assert shown["features"] == ["age", "female", "hba1c"]  # the target is not a feature
+    assert [c["name"] for c in shown["columns"]] == shown["features"]
+    row = next(line for line in text.splitlines() if line.startswith("creatinine (target)"))
+    assert row.split()[2:5] == ["float", "80", "0"]
+    assert f"{target['mean']:.4g}, {target['std']:.4g}" in row
+    assert "no label column" in text
+    # A data set without a target shows none.
+    config.write_text(SQL_TABLE, encoding="utf-8")
+    assert show(capsys, config)[1]["target"] is None
 
 
 def test_show_refuses_a_writing_query_and_names_the_problem(
@@ -150,24 +206,72 @@ def test_show_an_image_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert "note: file 'corrupt.dcm' skipped" in text
 
 
-def test_show_the_patient_store_through_a_data_table(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def show_store(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    records: list[PatientRecord],
+    **add: Any,
+) -> tuple[int, dict[str, Any], str]:
+    """``peer data show`` of a patient store holding ``records`` (added with ``add``)."""
     store = PatientStore(f"sqlite:///{tmp_path / 'data.db'}")
     store.create()
-    records = breast_cancer_records(np.random.default_rng(0))
-    store.add_records(records, feature_names=breast_cancer_feature_names(), dataset_name="bc")
+    store.add_records(records, **add)
     store.dispose()
     config = tmp_path / "store.toml"
     config.write_text(
         '[storage]\ndata = "sqlite:///data.db"\n\n[data]\nsource = "store"\n', encoding="utf-8"
     )
-    code, shown, text = show(capsys, config)
+    return show(capsys, config)
+
+
+def test_show_the_patient_store_through_a_data_table(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    records = breast_cancer_records(np.random.default_rng(0))
+    code, shown, text = show_store(
+        tmp_path, capsys, records, feature_names=breast_cancer_feature_names(), dataset_name="bc"
+    )
     assert code == 0
     assert shown["name"] == "bc"
     assert len(shown["features"]) == 30
     assert shown["splits"]["train"]["records"] + shown["splits"]["test"]["records"] == 569
     assert "30 features" in text
+    assert shown["target"] is None  # imported without --target
+    assert "no label column" not in text  # a labelled store
+
+
+def test_show_a_store_imported_without_a_label_column(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # As `peer data import --target progression` (no --label) stores them: every label 0.
+    records = [replace(r, label=0) for r in diabetes_records(np.random.default_rng(0))]
+    code, shown, text = show_store(
+        tmp_path, capsys, records, feature_names=diabetes_feature_names(), labelled=False
+    )
+    assert code == 0
+    assert shown["notes"] == [NO_LABEL_NOTE]
+    assert f"note: {NO_LABEL_NOTE}" in text.splitlines()
+
+
+def test_show_the_stores_target_column(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    records = diabetes_records(np.random.default_rng(0))
+    # Ten patients without a target: counted as missing, not hidden.
+    records = [
+        PatientRecord(r.patient_id, r.diagnosis, r.features, r.label, r.split, target=None)
+        if i < 10
+        else r
+        for i, r in enumerate(records)
+    ]
+    code, shown, text = show_store(
+        tmp_path, capsys, records, feature_names=diabetes_feature_names(), dataset_name="diabetes"
+    )
+    assert code == 0
+    progression = [r.target for r in records if r.target is not None]
+    target = shown["target"]
+    assert (target["name"], target["count"], target["missing"]) == ("target", 432, 10)
+    assert target["mean"] == pytest.approx(np.mean(progression))
+    assert target["std"] == pytest.approx(np.std(progression))
+    assert any(line.startswith("target (target)") for line in text.splitlines())
 
 
 @pytest.mark.parametrize(

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from sqlalchemy import create_engine, func, select, text
 
 from peer.data import (
+    DataError,
     DataSource,
     PatientStore,
     ReadOnlyError,
@@ -28,7 +29,14 @@ from peer.data import (
     hash_split,
     read_only_engine,
 )
-from peer.data.omop import OMOP_COHORT_FEATURES, OMOP_COHORT_QUERY, omop_metadata
+from peer.data.omop import (
+    OMOP_COHORT_FEATURES,
+    OMOP_COHORT_QUERY,
+    OMOP_REGRESSION_FEATURES,
+    OMOP_REGRESSION_QUERY,
+    OMOP_REGRESSION_TARGET,
+    omop_metadata,
+)
 from peer.data.omop import write_synthetic_omop as write_omop
 
 N_PERSONS = 120
@@ -217,6 +225,200 @@ def test_a_single_class_is_a_label_problem(omop_sqlite: str) -> None:
     assert problems == ["column 'ckd': only 1 class among the usable patients: nothing to learn"]
 
 
+# --------------------------------------------------------------------------- targets
+
+
+def regression(url: str, **changes: object) -> SQLSourceConfig:
+    """The OMOP regression cohort: no label, the latest creatinine as the target."""
+    config = SQLSourceConfig(
+        url=url,
+        query=OMOP_REGRESSION_QUERY,
+        id_column="person_id",
+        feature_columns=OMOP_REGRESSION_FEATURES,
+        target_column=OMOP_REGRESSION_TARGET,
+        missing="drop",
+        name="omop-creatinine",
+    )
+    return replace(config, **changes)  # type: ignore[arg-type]
+
+
+def latest_creatinine(url: str) -> dict[int, float]:
+    """Each person's latest creatinine (latest date, then latest id), computed in Python."""
+    m = omop_metadata().tables["measurement"]
+    engine = create_engine(url)
+    with engine.connect() as connection:
+        rows = connection.execute(
+            select(
+                m.c.person_id, m.c.measurement_date, m.c.measurement_id, m.c.value_as_number
+            ).where(m.c.measurement_concept_id == 3016723)
+        ).all()
+    engine.dispose()
+    latest: dict[int, tuple[object, int, float]] = {}
+    for pid, date, mid, value in rows:
+        if pid not in latest or (date, mid) > latest[pid][:2]:
+            latest[pid] = (date, mid, value)
+    return {pid: value for pid, (_, _, value) in latest.items()}
+
+
+def check_regression_cohort(url: str) -> None:
+    source = SQLSource(regression(url))
+    info = source.describe()
+    kept, _ = expected_cohort(url)  # persons with HbA1c measured
+    creatinine = latest_creatinine(url)
+    assert info.count() == len(kept) < N_PERSONS
+    assert info.target is not None
+    assert info.target.name == "creatinine"
+    # Every person has a creatinine: the target column itself misses nothing.
+    assert (info.target.count, info.target.missing) == (N_PERSONS, 0)
+    assert info.target.mean == pytest.approx(np.mean(list(creatinine.values())))
+    assert any("no label column" in note for note in info.notes)
+    person = omop_metadata().tables["person"]
+    engine = create_engine(url)
+    with engine.connect() as connection:
+        born = dict(connection.execute(select(person.c.person_id, person.c.year_of_birth)).all())
+    engine.dispose()
+    for split in ("train", "test"):
+        ids = [p for p in kept if hash_split(str(p), 0.2) == split]
+        x, labels = source.load(split)
+        y = source.targets(split)
+        assert y.dtype == np.float64
+        np.testing.assert_allclose(y, [creatinine[p] for p in ids])
+        # The same order as the features: each row's age is that person's.
+        assert x[:, 0].tolist() == [2024 - born[p] for p in ids]
+        assert labels.tolist() == [0] * len(ids)
+
+
+def test_an_omop_query_derives_a_real_valued_target(omop_sqlite: str) -> None:
+    check_regression_cohort(omop_sqlite)
+    # The latest value, not any other one: some persons' measurements differ.
+    m = omop_metadata().tables["measurement"]
+    engine = create_engine(omop_sqlite)
+    with engine.connect() as connection:
+        first = dict(
+            connection.execute(
+                select(m.c.person_id, func.min(m.c.value_as_number))
+                .where(m.c.measurement_concept_id == 3016723)
+                .group_by(m.c.person_id)
+            ).all()
+        )
+    engine.dispose()
+    latest = latest_creatinine(omop_sqlite)
+    assert sum(first[p] != latest[p] for p in latest) > N_PERSONS // 4
+
+
+# The target column y: text for patient 3, NULL for 5, +infinity for 8 (SQLite reads 1e999
+# as inf; it cannot hold a NaN, which it stores as NULL).
+BAD_TARGETS = """
+    SELECT person_id, 2024 - year_of_birth AS age,
+           CASE WHEN person_id = 3 THEN 'high' WHEN person_id = 5 THEN NULL
+                WHEN person_id = 8 THEN 1e999 ELSE year_of_birth / 10.0 END AS y
+      FROM person"""
+
+
+def by_column(problems: list[str]) -> dict[str, list[str]]:
+    found: dict[str, list[str]] = {}
+    for problem in problems:
+        column, _, message = problem.partition(": ")
+        found.setdefault(column, []).append(message)
+    return found
+
+
+@pytest.mark.parametrize("missing", ["refuse", "drop"])
+def test_bad_targets_are_reported_by_column_and_patient(omop_sqlite: str, missing: str) -> None:
+    config = regression(omop_sqlite, query=BAD_TARGETS, feature_columns=("age",), target_column="y")
+    problems = by_column(problems_of(replace(config, missing=missing)))  # type: ignore[arg-type]
+    assert set(problems) == {"column 'y'"}  # not the features, not the id
+    found = problems["column 'y'"]
+    assert any(m.startswith("holds str values, not numbers (patient 3)") for m in found)
+    assert any(m.startswith("inf is not a finite number (patient 8)") for m in found)
+    null = [m for m in found if "missing (NULL)" in m]
+    if missing == "refuse":
+        assert null == [
+            f"1 of {N_PERSONS} values are missing (NULL) (patients 5); fill them in the query "
+            '(e.g. COALESCE) or set missing = "drop"'
+        ]
+    else:
+        assert null == []  # dropping a patient without a target is allowed...
+
+
+def test_a_null_target_is_left_out_and_counted_with_drop(omop_sqlite: str) -> None:
+    query = BAD_TARGETS.replace("'high'", "1.0").replace("1e999", "2.0")
+    config = regression(omop_sqlite, query=query, feature_columns=("age",), target_column="y")
+    source = SQLSource(config)
+    info = source.describe()
+    assert info.count() == N_PERSONS - 1  # ...and it is left out
+    assert info.target is not None
+    assert (info.target.count, info.target.missing) == (N_PERSONS - 1, 1)
+    assert f"column 'y': 1 of {N_PERSONS} values missing" in info.notes
+    assert f"1 of {N_PERSONS} patients dropped for a missing feature or target" in info.notes
+    ages = np.concatenate([source.load(s)[0][:, 0] for s in ("train", "test")])
+    targets = np.concatenate([source.targets(s) for s in ("train", "test")])
+    assert len(targets) == N_PERSONS - 1
+    # Each target still sits next to its own patient's features: y = year_of_birth / 10
+    # except patients 3 and 8, whose rows say 1.0 and 2.0.
+    born = (2024 - ages) / 10.0
+    assert int(np.sum(~np.isclose(targets, born))) == 2
+
+
+def test_target_configuration_errors_are_named(omop_sqlite: str) -> None:
+    with pytest.raises(ValueError, match="a label column, a target column, or both"):
+        regression(omop_sqlite, target_column=None)
+    with pytest.raises(ValueError, match="'hba1c' is also a feature column"):
+        regression(omop_sqlite, target_column="hba1c")
+    with pytest.raises(ValueError, match="classes name the values of a label column"):
+        regression(omop_sqlite, classes=("0", "1"))
+    problems = problems_of(regression(omop_sqlite, target_column="egfr"))
+    assert problems[0].startswith("column 'egfr': target column not yielded by the query")
+    with pytest.raises(DataError, match="declares no target_column"):
+        SQLSource(cohort(omop_sqlite)).targets("train")
+
+
+def test_a_label_and_a_target_together(omop_sqlite: str) -> None:
+    """Both roles in one query: labels for classification, targets for regression, each
+    next to its own patient's features."""
+    query = """
+        SELECT person_id, 2024 - year_of_birth AS age, person_id % 2 AS ckd,
+               year_of_birth / 10.0 AS y
+          FROM person"""
+    config = regression(
+        omop_sqlite, query=query, feature_columns=("age",), target_column="y", label_column="ckd"
+    )
+    source = SQLSource(config)
+    x, labels = source.load("train")
+    ids = [p for p in range(1, N_PERSONS + 1) if hash_split(str(p), 0.2) == "train"]
+    assert labels.tolist() == [p % 2 for p in ids]
+    np.testing.assert_allclose(source.targets("train"), (2024 - x[:, 0]) / 10.0, rtol=1e-6)
+    assert not any("no label column" in note for note in source.describe().notes)
+    # A label with one class leaves the source usable for regression: a note, not an error.
+    info = SQLSource(replace(config, query=query.replace("person_id % 2", "0"))).describe()
+    assert (
+        "column 'ckd': only 1 class among the usable patients: nothing to learn (as a label)"
+        in info.notes
+    )
+
+
+def test_the_readme_regression_example_reads_an_omop_database(
+    omop_sqlite: str, tmp_path: Path
+) -> None:
+    """The README's copyable [data] table, as written, over the test's OMOP database."""
+    import tomllib
+
+    from peer.data import data_source
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("#### Regression targets from a SQL source", 1)[1]
+    block = section.split("```toml\n", 1)[1].split("```", 1)[0]
+    source = data_source(tomllib.loads(block)["data"], tmp_path, "sqlite:///unused.db")
+    assert isinstance(source, SQLSource)
+    assert source.config.url == omop_sqlite  # sqlite:///omop.db, relative to the TOML file
+    info = source.describe()
+    assert info.target is not None
+    assert info.target.name == "creatinine"
+    np.testing.assert_allclose(
+        source.targets("train"), SQLSource(regression(omop_sqlite)).targets("train")
+    )
+
+
 # --------------------------------------------------------------------------- read-only
 
 WRITING_QUERIES = [
@@ -335,6 +537,31 @@ def test_the_omop_cohort_on_postgresql(omop_postgres: str, omop_sqlite: str) -> 
     x_lite, y_lite = SQLSource(cohort(omop_sqlite)).load("train")
     np.testing.assert_allclose(x_pg, x_lite, rtol=1e-6)
     np.testing.assert_array_equal(y_pg, y_lite)
+
+
+def test_the_regression_cohort_on_postgresql(omop_postgres: str, omop_sqlite: str) -> None:
+    check_regression_cohort(omop_postgres)
+    y_pg = SQLSource(regression(omop_postgres)).targets("train")
+    np.testing.assert_allclose(y_pg, SQLSource(regression(omop_sqlite)).targets("train"))
+    # PostgreSQL holds what SQLite cannot: a NaN (missing, like a NULL) and an infinity.
+    query = """
+        SELECT person_id, 2024 - year_of_birth AS age,
+               CASE WHEN person_id = 4 THEN 'NaN'::float8
+                    WHEN person_id = 6 THEN '-Infinity'::float8
+                    ELSE year_of_birth / 10.0 END AS y
+          FROM person"""
+    bad = regression(
+        omop_postgres, query=query, feature_columns=("age",), target_column="y", missing="refuse"
+    )
+    problems = by_column(problems_of(bad))
+    assert set(problems) == {"column 'y'"}
+    assert any(
+        m.startswith("-inf is not a finite number (patient 6)") for m in problems["column 'y'"]
+    )
+    assert any(
+        m.startswith("1 of 120 values are missing (NULL) (patients 4)")
+        for m in problems["column 'y'"]
+    )
 
 
 def test_a_select_calling_a_writing_function_is_rolled_back_on_postgresql(

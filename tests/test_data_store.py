@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from peer.data import (
+    DataError,
     PatientRecord,
     PatientStore,
     SchemaMismatchError,
@@ -20,6 +21,7 @@ from peer.data import (
     synthetic_records,
     write_hospital_stores,
 )
+from peer.data.records import Base
 
 
 def test_bundled_records_label_malignant_as_one() -> None:
@@ -108,3 +110,21 @@ def test_federated_standardizer_equals_pooled_statistics() -> None:
     np.testing.assert_allclose(std, pooled.std(axis=0), rtol=1e-10)
     with pytest.raises(ValueError, match="length 9"):
         global_standardizer(total[:-1], 4)
+
+
+def test_a_store_created_before_targets_and_label_flags_still_reads(tmp_path: Path) -> None:
+    """The oldest stores have only ``patients`` and ``dataset_meta`` (``create_all`` never
+    alters an existing database; the later tables appear only when it runs again): every
+    read works, as for a store whose records have no target, and the store is labelled."""
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    store = PatientStore(url)
+    oldest = [Base.metadata.tables[name] for name in ("patients", "dataset_meta")]
+    Base.metadata.create_all(store.engine, tables=oldest)
+    store.add_records(breast_cancer_records(np.random.default_rng(0))[:40])
+    assert [r.target for r in store.records()] == [None] * 40
+    assert store.target_summary() is None
+    info = store.describe()
+    assert (info.count(), info.target, info.notes) == (40, None, ())
+    assert store.has_labels()
+    with pytest.raises(DataError, match="column 'target' is missing for"):
+        store.targets("train")

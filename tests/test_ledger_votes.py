@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from peer.ledger import AgreedRecord, Ledger, SessionError, VoteConflictError
+from peer.ledger import AgreedRecord, Ledger, SessionError, VoteConflictError, VoteStatement
 
 SESSION = "s"
 
@@ -107,3 +107,61 @@ def test_no_vote_for_an_unknown_session(path: Path) -> None:
         with pytest.raises(SessionError):
             ledger.record_vote(record, b"s", attempt=0, aggregator="a", model=b"")
         assert ledger.signed_vote("nope", 1) is None
+
+
+def _of_attempt(ledger: Ledger, attempt: int) -> AgreedRecord:
+    return AgreedRecord.build(
+        SESSION,
+        1,
+        aggregate_hash=bytes(32),
+        model_hash=bytes(32),
+        metrics={"n": 2, "attempt": attempt},
+        epsilon={},
+        prev_hash=ledger.session_head(SESSION),
+    )
+
+
+def _no_vote(attempt: int, peer: str = "b") -> VoteStatement:
+    return VoteStatement(SESSION, 1, attempt, peer, b"", b"sig")
+
+
+def test_a_stated_vote_closes_earlier_attempts_and_survives_a_restart(path: Path) -> None:
+    with _ledger(path) as ledger:
+        assert ledger.state_vote(SESSION, 1, 0) == b""
+        ledger.record_vote(_of_attempt(ledger, 0), b"s0", attempt=0, aggregator="a", model=b"")
+        assert ledger.state_vote(SESSION, 1, 2) == _of_attempt(ledger, 0).record_hash()
+    with _ledger(path) as ledger:
+        with pytest.raises(VoteConflictError, match="attempt 1 is over for it"):
+            ledger.state_vote(SESSION, 1, 1)
+        with pytest.raises(VoteConflictError, match="signs no record of attempt 1"):
+            ledger.record_vote(_of_attempt(ledger, 1), b"s1", attempt=1, aggregator="a", model=b"")
+        # A record signs only in the attempt it names.
+        with pytest.raises(VoteConflictError, match="built in attempt 3"):
+            ledger.record_vote(_of_attempt(ledger, 3), b"s3", attempt=2, aggregator="a", model=b"")
+
+
+def test_a_released_vote_is_gone_and_its_record_never_signed_again(path: Path) -> None:
+    with _ledger(path) as ledger:
+        r0 = _of_attempt(ledger, 0)
+        ledger.record_vote(r0, b"s0", attempt=0, aggregator="a", model=b"")
+        # Evidence of another attempt, or naming the record itself, releases nothing.
+        for bad in (_no_vote(0), VoteStatement(SESSION, 1, 1, "b", r0.record_hash(), b"s")):
+            with pytest.raises(VoteConflictError, match="does not release"):
+                ledger.release_vote(SESSION, 1, r0.record_hash(), attempt=1, evidence=[bad])
+        with pytest.raises(VoteConflictError, match="cannot be released in attempt 0"):
+            ledger.release_vote(SESSION, 1, r0.record_hash(), attempt=0, evidence=[])
+        with pytest.raises(VoteConflictError, match="holds no vote for record"):
+            ledger.release_vote(SESSION, 1, bytes(32), attempt=1, evidence=[_no_vote(1)])
+        assert ledger.signed_vote(SESSION, 1) is not None
+        ledger.release_vote(SESSION, 1, r0.record_hash(), attempt=1, evidence=[_no_vote(1)])
+        assert ledger.signed_vote(SESSION, 1) is None
+    with _ledger(path) as ledger:
+        (released,) = ledger.released_votes(SESSION)
+        assert released.record_hash == r0.record_hash()
+        assert (released.signed_attempt, released.released_attempt) == (0, 1)
+        assert released.evidence == (_no_vote(1),)
+        with pytest.raises(VoteConflictError, match="never signs that record again"):
+            ledger.record_vote(r0, b"s0", attempt=0, aggregator="a", model=b"")
+        r1 = _of_attempt(ledger, 1)
+        ledger.record_vote(r1, b"s1", attempt=1, aggregator="c", model=b"")
+        assert ledger.signed_vote(SESSION, 1).record_hash == r1.record_hash()  # type: ignore[union-attr]

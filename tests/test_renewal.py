@@ -8,6 +8,7 @@ another member is refused.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import shutil
@@ -15,8 +16,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
+from peer.channels import ChannelPool
 from peer.identity import (
     CertificateExpiredError,
     FingerprintMismatchError,
@@ -30,7 +33,7 @@ from peer.identity import (
 )
 from peer.identity.testing import LocalFederation
 from peer.reload import OwnIdentity, TrustedKeys, TrustReloader
-from peer.tls import Authenticator
+from peer.tls import Authenticator, TLSFiles
 from scripts.ceremony import main
 
 B = "hospital-b"
@@ -205,6 +208,34 @@ def test_the_reloader_installs_a_renewed_certificate_once_the_roster_lists_it(
     signature = own.signer.sign(b"after")
     assert verifier_for(new.certificate()).verify(signature, b"after")
     assert not reloader.check()  # nothing new
+
+
+def test_a_round_stream_opened_after_a_renewal_closed_the_channels_dials_again(
+    fed: LocalFederation,
+) -> None:
+    # A renewal closes every pooled channel (peer/node.py: _identity_changed) while a
+    # participant may be training with its aggregator already chosen. A stub taken before
+    # the training is on a closed channel: grpc refuses the call with UsageError, which once
+    # stopped a peer's session (CI). The participant's dialer looks the channel up when the
+    # stream opens instead.
+    fed.publish_roster({"hospital-a": "127.0.0.1:1"})  # never connected: no call is made
+    member = fed.members[B]
+    files = TLSFiles(member.cert, member.key, member.ca)
+
+    async def scenario() -> None:
+        pool = ChannelPool(lambda: fed.roster, files)
+        taken_before = pool.stub("hospital-a")
+        streams = pool.round_streams("hospital-a")
+        pool.forget("hospital-a", grace=900.0)  # what the renewal does
+        await asyncio.sleep(0.05)  # the close runs in the background
+        with pytest.raises(grpc.aio.UsageError):
+            taken_before.round_stream(timeout=1.0)
+        call = streams.round_stream(timeout=1.0)  # a new channel, no error
+        call.cancel()
+        assert pool.dialled() == ["hospital-a"]
+        await pool.close()
+
+    asyncio.run(scenario())
 
 
 def test_a_key_that_does_not_belong_to_the_certificate_is_not_installed(

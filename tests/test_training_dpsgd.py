@@ -230,3 +230,142 @@ def test_task_losses_per_example_norms_and_step_equal_the_reference(task: str) -
     )
     expected = start - lr * clipped.sum(axis=0) / denom
     np.testing.assert_allclose(get_flat_weights(model), expected, rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------- padded, XLA-compiled steps
+
+_SMALL = ModelSpec("mlp", 6, hidden=(5, 4), activation="tanh")  # 64 parameters: XLA path
+
+
+def test_padded_bucket_sizes() -> None:
+    from peer.training.padded_xla import _BUCKETS, _bucket
+
+    sizes = [_bucket(c) for c in range(0, 5000)]
+    assert sizes[:9] == [1, 1, 2, 3, 4, 5, 6, 7, 8]
+    assert all(b >= c and (c <= 8 or b <= 1.25 * c) for c, b in enumerate(sizes))
+    assert _bucket(256) == 256
+    assert set(sizes) <= set(_BUCKETS)
+    assert _bucket(257) == 320
+    # Few distinct sizes, so few XLA compilations: 4 per doubling.
+    assert len({b for b in sizes if 8 < b <= 4096}) == 4 * 9  # 9 doublings from 8 to 4096
+
+
+def test_small_models_take_the_xla_loop_and_large_ones_the_graph_loop() -> None:
+    from peer.training.dpsgd import XLA_MAX_PARAMETERS
+
+    small, large = ModelSpec("mlp", 30, hidden=(128, 64)), ModelSpec("mlp", 30, hidden=(512, 256))
+    assert small.n_parameters() <= XLA_MAX_PARAMETERS < large.n_parameters()
+    assert trainer_for(build_model(small, 0)).xla
+    assert not trainer_for(build_model(large, 0)).xla
+
+
+def test_pad_batches_keeps_the_sampled_rows_in_order() -> None:
+    from peer.training.padded_xla import _pad_batches
+
+    masks = np.array([[1, 0, 1, 1, 0], [0, 0, 0, 0, 0], [0, 1, 0, 0, 1]], dtype=bool)
+    rows, weights = _pad_batches(tf.constant(masks), 4, 4)
+    assert rows.shape == weights.shape == (4, 4)
+    for step in range(3):
+        k = int(masks[step].sum())
+        np.testing.assert_array_equal(rows.numpy()[step, :k], np.flatnonzero(masks[step]))
+        np.testing.assert_array_equal(weights.numpy()[step], [1.0] * k + [0.0] * (4 - k))
+    assert not weights.numpy()[3].any()  # a whole padding step
+
+
+@pytest.mark.parametrize("private", [True, False])
+def test_padded_step_equals_the_unpadded_step(private: bool) -> None:
+    """Same batch, same noise draw: padding rows (real records, weight 0) change nothing."""
+    from peer.training import DPSGD
+
+    x, y = _batch(11, 6, 7)
+    x *= 4.0  # most examples clipped
+    n_params = _SMALL.n_parameters()
+    normal = tf.random.Generator.from_seed(3).normal([1, n_params])
+    if not private:
+        normal = tf.zeros([1, 0])
+    scalars = [tf.constant(v, tf.float32) for v in (0.3, 0.5, 1.2, 8.0, 0.0)]
+
+    def step(rows: list[int], weights: list[float]) -> np.ndarray:
+        model = build_model(_SMALL, 2)
+        trainer = DPSGD(model, xla=True)
+        trainer._compiled(
+            tf.constant(x),
+            tf.constant(y),
+            tf.constant([rows], tf.int32),
+            tf.constant([weights], tf.float32),
+            normal,
+            tf.constant(1),
+            *scalars,
+            [],
+            private,
+            False,
+        )
+        return get_flat_weights(model)
+
+    start = get_flat_weights(build_model(_SMALL, 2))
+    unpadded = step(list(range(11)), [1.0] * 11)
+    padded = step([*range(11), 3, 9, 0, 5, 10], [1.0] * 11 + [0.0] * 5)
+    assert np.abs(unpadded - start).max() > 1e-3  # the step did something
+    np.testing.assert_allclose(padded, unpadded, rtol=0, atol=1e-6)
+
+
+def test_xla_dp_step_equals_the_graph_dp_step() -> None:
+    """The public dp_step: XLA with a padded batch (11 -> 12) against the unpadded graph step,
+    same batch and same generator state (hence the same noise)."""
+    from peer.training import DPSGD
+
+    x, y = _batch(11, 6, 8)
+    x *= 4.0
+    models = [build_model(_SMALL, 4), build_model(_SMALL, 4)]
+    for model, xla in zip(models, (True, False), strict=True):
+        trainer = DPSGD(model, xla=xla)
+        assert trainer.xla is xla
+        trainer.dp_step(
+            x,
+            y,
+            lr=0.4,
+            clip_norm=0.3,
+            noise_multiplier=1.1,
+            expected_batch_size=9.0,
+            generator=tf.random.Generator.from_seed(5),
+        )
+    np.testing.assert_allclose(
+        get_flat_weights(models[0]), get_flat_weights(models[1]), rtol=0, atol=1e-6
+    )
+
+
+@pytest.mark.parametrize("prox_mu", [0.0, 0.2])
+def test_xla_run_equals_the_unpadded_graph_run(prox_mu: float) -> None:
+    """run() on the padded XLA path against PoissonTrainer's loop of unpadded batches, same
+    generator state: the same Poisson samples (of varying sizes), clipping, noise, divisor
+    q N and FedProx pull, so the same weights."""
+    from peer.training import DPSGD
+
+    n, steps, q = 40, 6, 0.3
+    x, y = _batch(n, 6, 9)
+    x *= 3.0
+    models = [build_model(_SMALL, 6), build_model(_SMALL, 6)]
+    taken = [
+        DPSGD(model, xla=xla).run(
+            x,
+            y,
+            steps=steps,
+            sampling_rate=q,
+            lr=0.5,
+            clip_norm=0.4,
+            noise_multiplier=0.9,
+            generator=tf.random.Generator.from_seed(11),
+            prox_mu=prox_mu,
+        )
+        for model, xla in zip(models, (True, False), strict=True)
+    ]
+    assert taken[0] == taken[1] > 0
+    generator = tf.random.Generator.from_seed(11)
+    sizes = set()
+    for _ in range(steps):  # the draws of both loops: mask, then noise, step by step
+        sizes.add(int(np.sum(generator.uniform([n]).numpy() < q)))
+        generator.normal([_SMALL.n_parameters()])
+    assert len(sizes) > 1  # the batch sizes did vary, so padding was exercised
+    np.testing.assert_allclose(
+        get_flat_weights(models[0]), get_flat_weights(models[1]), rtol=0, atol=2e-6
+    )

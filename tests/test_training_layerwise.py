@@ -165,6 +165,28 @@ def test_group_normalization_norms_match_reference(
     _check(_build(layers, seed), x, seed)
 
 
+@SETTINGS
+@given(
+    n=st.integers(1, 4),
+    channels=st.sampled_from([1, 3]),
+    seed=st.integers(0, 1000),
+)
+def test_cnn_preset_norms_match_reference(n: int, channels: int, seed: int) -> None:
+    """The built-in ``cnn`` preset as a session declares it: the per-image GroupNormalization
+    on the raw input and the LayerNormalization of the pooled features included. A wrong
+    norm would clip by the wrong factor and void the DP guarantee."""
+    from peer.payloads.training_inputs import model_json_of
+
+    declared = model_json_of("cnn", (12, 12, channels), (4,), (3, 4), None)
+    model = build_declared_model(declared, seed, ModelPolicy())
+    names = [type(layer).__name__ for layer in model.layers]
+    assert names[0] == "GroupNormalization"
+    assert "LayerNormalization" in names
+    x = np.random.default_rng(seed).uniform(0.3, 0.5, size=(n, 12, 12, channels))
+    trainer = _check(model, x.astype(np.float32), seed)
+    assert trainer.fallback_layers == []  # every layer has its fast rule
+
+
 def test_layer_without_fast_rule_falls_back_to_exact_gradients_and_logs_it(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

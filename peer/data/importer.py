@@ -18,7 +18,9 @@ Multi-class labels (``classes = K``): the label column must hold the class indic
 
 Regression targets (``target_col``): a numeric column, stored as each record's ``target``;
 a missing or non-numeric value is an error on its line. A regression data set needs no label
-column (``label=None``): every record then has class 0.
+column (``label=None``): every record then has class 0, and the store remembers that its
+records carry no labels (:meth:`PatientStore.has_labels`), so that a classification session
+is refused there instead of training on that constant.
 
 The diagnosis stored with each record is the ``diagnosis_col`` value if given, else the text
 label itself (e.g. ``"M"``), else ``"positive"``/``"negative"`` for numeric labels.
@@ -201,7 +203,10 @@ def import_csv(
     ]
     store.create()
     store.add_records(
-        records, feature_names=columns.features, dataset_name=dataset_name or path.stem
+        records,
+        feature_names=columns.features,
+        dataset_name=dataset_name or path.stem,
+        labelled=label is not None,
     )
     n_test = sum(1 for s in splits if s == "test")
     return ImportReport(

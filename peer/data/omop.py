@@ -18,6 +18,18 @@ serum creatinine over the person's measurements -- NULL if never measured) and t
     features = ["age", "female", "hba1c", "creatinine"]
     label = "ckd"
     missing = "drop"
+
+A regression cohort (:data:`OMOP_REGRESSION_QUERY`) reads the same tables for a real-valued
+outcome: each person's latest serum creatinine, predicted from age, sex and mean HbA1c::
+
+    [data]
+    source = "sql"
+    url = "sqlite:///omop.db"
+    query = '''...OMOP_REGRESSION_QUERY...'''
+    id = "person_id"
+    features = ["age", "female", "hba1c"]
+    target_column = "creatinine"    # no label: a regression-only data set
+    missing = "drop"
 """
 
 from __future__ import annotations
@@ -45,6 +57,9 @@ __all__ = [
     "MALE_CONCEPT",
     "OMOP_COHORT_FEATURES",
     "OMOP_COHORT_QUERY",
+    "OMOP_REGRESSION_FEATURES",
+    "OMOP_REGRESSION_QUERY",
+    "OMOP_REGRESSION_TARGET",
     "omop_metadata",
     "write_synthetic_omop",
 ]
@@ -74,6 +89,27 @@ SELECT p.person_id,
                           WHERE c.person_id = p.person_id
                             AND c.condition_concept_id = 46271022)
             THEN 1 ELSE 0 END AS ckd
+  FROM person p
+ ORDER BY p.person_id
+"""
+
+OMOP_REGRESSION_FEATURES = ("age", "female", "hba1c")
+OMOP_REGRESSION_TARGET = "creatinine"
+
+# The latest measurement is the one with the latest date (ties: the later measurement id),
+# picked by a correlated subquery with ORDER BY ... LIMIT 1 (SQLite and PostgreSQL alike).
+OMOP_REGRESSION_QUERY = """
+SELECT p.person_id,
+       2024 - p.year_of_birth AS age,
+       CASE WHEN p.gender_concept_id = 8532 THEN 1 ELSE 0 END AS female,
+       (SELECT AVG(m.value_as_number) FROM measurement m
+         WHERE m.person_id = p.person_id
+           AND m.measurement_concept_id = 3004410) AS hba1c,
+       (SELECT m.value_as_number FROM measurement m
+         WHERE m.person_id = p.person_id
+           AND m.measurement_concept_id = 3016723
+         ORDER BY m.measurement_date DESC, m.measurement_id DESC
+         LIMIT 1) AS creatinine
   FROM person p
  ORDER BY p.person_id
 """
@@ -138,10 +174,13 @@ def write_synthetic_omop(engine: Engine, n_persons: int, rng: np.random.Generato
             conditions.append((pid, CKD_CONCEPT))
         if rng.random() < 0.2:
             conditions.append((pid, 201826))  # type 2 diabetes: not the label
-        for _ in range(int(rng.integers(1, 4))):
-            measurements.append((pid, CREATININE_CONCEPT, creatinine + rng.normal(0, 0.05)))
+        # A person's measurements fall on successive days (so one of them is the latest).
+        for k in range(int(rng.integers(1, 4))):
+            measurements.append(
+                (pid, CREATININE_CONCEPT, creatinine + rng.normal(0, 0.05), day + dt.timedelta(k))
+            )
         if rng.random() >= 0.1:
-            measurements.append((pid, HBA1C_CONCEPT, float(rng.normal(5.8, 0.8))))
+            measurements.append((pid, HBA1C_CONCEPT, float(rng.normal(5.8, 0.8)), day))
     tables = metadata.tables
     with engine.begin() as connection:
         connection.execute(insert(tables["person"]), persons)
@@ -165,9 +204,9 @@ def write_synthetic_omop(engine: Engine, n_persons: int, rng: np.random.Generato
                     "measurement_id": i,
                     "person_id": pid,
                     "measurement_concept_id": concept,
-                    "measurement_date": day,
+                    "measurement_date": date,
                     "value_as_number": float(value),
                 }
-                for i, (pid, concept, value) in enumerate(measurements, start=1)
+                for i, (pid, concept, value, date) in enumerate(measurements, start=1)
             ],
         )

@@ -13,6 +13,13 @@ A real-valued outcome for regression sessions is the optional ``target``, kept i
 table (:class:`PatientTarget`) so that databases created before it existed keep working: the
 table is simply created next to them, and a record without a target is reported by name when
 a regression session needs one.
+
+Whether the records carry labels at all is kept in :class:`DatasetLabels`, again its own table
+for the same reason. A data set imported with a target and no label column gives every record
+class 0: it can train regression sessions, and a classification session must be refused
+rather than "learn" that constant. No row there means labelled: only a write without labels
+stores one, and every database created before the table existed has none and is labelled
+(until regression targets existed, every import had a label column).
 """
 
 from __future__ import annotations
@@ -22,12 +29,22 @@ from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
-from sqlalchemy import JSON, CheckConstraint, Float, ForeignKey, Integer, LargeBinary, String
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    CheckConstraint,
+    Float,
+    ForeignKey,
+    Integer,
+    LargeBinary,
+    String,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 __all__ = [
     "FEATURE_DTYPE",
     "Base",
+    "DatasetLabels",
     "DatasetMeta",
     "PatientRecord",
     "PatientRow",
@@ -144,3 +161,17 @@ class DatasetMeta(Base):
     name: Mapped[str] = mapped_column(String(256), nullable=False)
     n_features: Mapped[int] = mapped_column(Integer, nullable=False)
     feature_names: Mapped[list[str]] = mapped_column(JSON, nullable=False)
+
+
+class DatasetLabels(Base):
+    """Whether the data set's records carry labels (at most one row; none means labelled).
+
+    ``labelled`` is False once any records were stored without a label column (a
+    regression-only import): their class 0 is a placeholder, not an outcome, so the data set
+    as a whole stays unlabelled even if labelled records are added later.
+    """
+
+    __tablename__ = "dataset_labels"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    labelled: Mapped[bool] = mapped_column(Boolean, nullable=False)

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     import tensorflow as tf
 
 __all__ = [
+    "NO_LABEL_NOTE",
     "ColumnSummary",
     "DataSetInfo",
     "DataSource",
@@ -45,10 +46,14 @@ __all__ = [
 
 SourceKind = Literal["tabular", "image"]
 
+# The note (``DataSetInfo.notes``) of a data set read without a label column, for regression
+# sessions only: the patient store's and a SQL source's say the same.
+NO_LABEL_NOTE = "no label column: every record has class 0 (a regression-only data set)"
+
 
 @dataclass(frozen=True, slots=True)
 class ColumnSummary:
-    """Aggregate figures of one feature column (no individual value: no min or max).
+    """Aggregate figures of one feature or target column (no individual value: no min or max).
 
     Attributes:
         name: the column.
@@ -91,6 +96,7 @@ class DataSetInfo:
         feature_names: tabular sources: the feature vector's columns, in order.
         image_shape: image sources: (height, width, channels) after decoding and resizing.
         columns: tabular sources: per-column summaries.
+        target: the real-valued target column's summary (regression), if the source has one.
         notes: what was left out or dropped and why (e.g. a corrupt file, by name).
     """
 
@@ -102,6 +108,7 @@ class DataSetInfo:
     feature_names: tuple[str, ...] = ()
     image_shape: tuple[int, int, int] | None = None
     columns: tuple[ColumnSummary, ...] = ()
+    target: ColumnSummary | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
 
     @property
@@ -144,16 +151,20 @@ class DataSetInfo:
                 for c in classes
             )
             lines.append(f"{split or 'all':<5}  {self.count(split):>7}{row}")
-        if self.columns:
+        # The target (regression) is one more row of the same table, marked as such.
+        rows = [(column.name, column) for column in self.columns]
+        if self.target is not None:
+            rows.append((f"{self.target.name} (target)", self.target))
+        if rows:
             lines.append(f"{'column':<24}  {'type':<16}  {'count':>7}  {'missing':>7}  mean, std")
-            for column in self.columns:
+            for name, column in rows:
                 stats = (
                     f"{column.mean:.4g}, {column.std:.4g}"
                     if column.mean is not None and column.std is not None
                     else "-"
                 )
                 lines.append(
-                    f"{column.name:<24}  {column.kind:<16}  {column.count:>7}  "
+                    f"{name:<24}  {column.kind:<16}  {column.count:>7}  "
                     f"{column.missing:>7}  {stats}"
                 )
         lines.extend(f"note: {note}" for note in self.notes)
@@ -179,6 +190,7 @@ class DataSetInfo:
             "features": list(self.feature_names),
             "image_shape": list(self.image_shape) if self.image_shape is not None else None,
             "columns": [column.as_json() for column in self.columns],
+            "target": self.target.as_json() if self.target is not None else None,
             "notes": list(self.notes),
         }
 

@@ -14,6 +14,8 @@ Without a ``[data]`` table (or with ``source = "store"``) the peer reads its pat
     features = ["age", "hba1c"]
     label = "ckd"
     classes = ["0", "1"]            # optional: label values in class order
+    target_column = "egfr"          # optional: a real-valued outcome (regression sessions);
+                                    # with it, label may be left out (a regression-only set)
     missing = "refuse"              # or "drop"
     split = { test_fraction = 0.2 } # or { column = "split" }
 
@@ -28,7 +30,8 @@ Without a ``[data]`` table (or with ``source = "store"``) the peer reads its pat
     split = { test_fraction = 0.2, salt = "" }
 
 Optional keys of both: ``name``, ``classes``, ``split``; of images: ``file_column``,
-``label_column``; of SQL: ``max_rows``. Paths are relative to the TOML file.
+``label_column``; of SQL: ``max_rows``, ``target_column`` (then ``label`` is optional).
+Paths are relative to the TOML file.
 """
 
 from __future__ import annotations
@@ -147,7 +150,9 @@ def data_source(table: dict[str, Any] | None, base: Path, store_url: str) -> Dat
                 query=keys.get("query", str),
                 id_column=keys.get("id", str),
                 feature_columns=tuple(_strings(keys.get("features", list), f"{where} features")),
-                label_column=keys.get("label", str),
+                # A label, a target (regression), or both: SQLSourceConfig checks one is given.
+                label_column=keys.get("label", str, None),
+                target_column=keys.get("target_column", str, None),
                 missing=keys.get("missing", str, "refuse"),
                 max_rows=keys.get("max_rows", int, 1_000_000),
                 name=keys.get("name", str, "sql"),

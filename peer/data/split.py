@@ -122,6 +122,7 @@ def write_hospital_stores(
     *,
     feature_names: Sequence[str] | None = None,
     dataset_name: str | None = None,
+    labelled: bool = True,
 ) -> list[PatientStore]:
     """Write one database per hospital.
 
@@ -131,6 +132,8 @@ def write_hospital_stores(
             ``hospital_1.db`` ... are created.
         feature_names: stored in each database's metadata.
         dataset_name: stored in each database's metadata.
+        labelled: False if the records' labels are placeholders (a data set imported without
+            a label column): each store then refuses classification sessions.
 
     Returns:
         the stores, in the order of ``parts``.
@@ -149,6 +152,8 @@ def write_hospital_stores(
     for url, part in zip(urls, parts, strict=True):
         store = PatientStore(url)
         store.create()
-        store.add_records(part, feature_names=feature_names, dataset_name=dataset_name)
+        store.add_records(
+            part, feature_names=feature_names, dataset_name=dataset_name, labelled=labelled
+        )
         stores.append(store)
     return stores

@@ -2,9 +2,11 @@
 
 A site points its peer at its own database (an OMOP CDM instance, a research warehouse...)
 with a query that yields one row per patient: an id column, feature columns and a label
-column (see :class:`SQLSourceConfig`). Nothing is used before every column is checked: the
-types found, missing values, labels outside the declared classes, duplicate ids, columns that
-the query does not yield -- each reported with the column it concerns (:class:`SourceError`).
+column, a real-valued target column (regression), or both (see :class:`SQLSourceConfig`).
+Nothing is used before every column is checked: the types found, missing values, labels
+outside the declared classes, targets that are not finite numbers, duplicate ids, columns that
+the query does not yield -- each reported with the column (and the patients) it concerns
+(:class:`SourceError`).
 
 The database is never written, by three independent layers (any one suffices for SQLite and
 PostgreSQL; together they also give clear errors):
@@ -35,9 +37,16 @@ import numpy.typing as npt
 from sqlalchemy import Connection, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
-from .errors import SourceError, SourceIssue
+from .errors import DataError, SourceError, SourceIssue
 from .records import SPLITS, Split
-from .source import ColumnSummary, DataSetInfo, arrays_dataset, hash_split
+from .source import (
+    NO_LABEL_NOTE,
+    ColumnSummary,
+    DataSetInfo,
+    arrays_dataset,
+    column_summaries,
+    hash_split,
+)
 from .sql_readonly import begin_read_only, check_select_only, read_only_engine
 
 if TYPE_CHECKING:
@@ -61,15 +70,18 @@ class SQLSourceConfig:
         query: one SELECT statement yielding one row per patient.
         id_column: the patient id column (unique, never NULL).
         feature_columns: numeric feature columns, in the order of the feature vector.
-        label_column: the label column.
+        label_column: the label column; None only with a ``target_column`` (a regression-only
+            data set: every record then has class 0, as in the patient store).
+        target_column: a numeric column holding each patient's real-valued outcome, what a
+            regression session trains on (:meth:`SQLSource.targets`); None if there is none.
         classes: the label values in class-index order (e.g. ``("no", "yes")``); if None,
             labels must be integers 0..k-1.
         split_column: a column holding ``'train'``/``'test'``; if None, the split is derived
             from the patient id (:func:`~peer.data.hash_split`) with ``test_fraction``.
         test_fraction: share of patients kept for testing when there is no split column.
         split_salt: changes the derived split (the same salt gives the same split).
-        missing: ``"refuse"`` (default: any NULL feature is an error) or ``"drop"`` (patients
-            with a NULL feature are left out, and counted per column).
+        missing: ``"refuse"`` (default: any NULL feature or target is an error) or ``"drop"``
+            (patients with a NULL feature or target are left out, and counted per column).
         max_rows: more rows than this is an error (bounds this peer's memory).
         name: the data set's name shown by ``peer data show``.
     """
@@ -78,7 +90,8 @@ class SQLSourceConfig:
     query: str
     id_column: str
     feature_columns: tuple[str, ...]
-    label_column: str
+    label_column: str | None = None
+    target_column: str | None = None
     classes: tuple[str, ...] | None = None
     split_column: str | None = None
     test_fraction: float = 0.2
@@ -90,6 +103,13 @@ class SQLSourceConfig:
     def __post_init__(self) -> None:
         if not self.feature_columns:
             raise ValueError("a SQL source needs at least one feature column")
+        if self.label_column is None and self.target_column is None:
+            raise ValueError("a SQL source needs a label column, a target column, or both")
+        if self.label_column is None and self.classes is not None:
+            raise ValueError("classes name the values of a label column, and there is none")
+        if self.target_column is not None and self.target_column in self.feature_columns:
+            # The model would be given the outcome it is asked to predict.
+            raise ValueError(f"target column {self.target_column!r} is also a feature column")
         if not 0.0 <= self.test_fraction < 1.0:
             raise ValueError(f"test_fraction must be in [0, 1), not {self.test_fraction}")
         if self.missing not in ("refuse", "drop"):
@@ -115,13 +135,15 @@ def _kind_of(value: Any) -> str:
 
 @dataclass
 class _Checked:
-    """A query's rows, checked: inputs, labels, splits and what was found per column."""
+    """A query's rows, checked: inputs, labels, targets, splits and what was found per column."""
 
     features: npt.NDArray[np.float64]
     labels: npt.NDArray[np.int64]
+    targets: npt.NDArray[np.float64] | None
     splits: list[Split]
-    label_names: tuple[str, ...]
+    label_names: tuple[str, ...] | None
     columns: tuple[ColumnSummary, ...]
+    target: ColumnSummary | None
     notes: list[str] = field(default_factory=list)
 
 
@@ -147,6 +169,59 @@ class _IssueList:
         return self.issues
 
 
+def _patients(ids: Sequence[Any]) -> str:
+    """The first few patient ids of a list, for a message."""
+    shown = ", ".join(repr(pid) for pid in ids[:_MAX_ISSUES_PER_COLUMN])
+    return shown + (", ..." if len(ids) > _MAX_ISSUES_PER_COLUMN else "")
+
+
+def _numeric_column(
+    config: SQLSourceConfig,
+    rows: Sequence[Sequence[Any]],
+    at: int,
+    id_at: int,
+    subject: str,
+    issues: _IssueList,
+    notes: list[str],
+) -> tuple[npt.NDArray[np.float64], str]:
+    """One feature or target column checked value by value: the numbers (NaN where missing)
+    and the types found. A text value or an infinite one is an issue naming the patient;
+    missing values (NULL, or a NaN the database holds) are an issue under ``missing =
+    "refuse"`` and a note under ``"drop"``."""
+    n = len(rows)
+    values = np.full(n, np.nan, dtype=np.float64)
+    found: Counter[str] = Counter()
+    missing: list[Any] = []
+    for r, row in enumerate(rows):
+        value = row[at]
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            missing.append(row[id_at])
+            continue
+        kind = _kind_of(value)
+        found[kind] += 1
+        if kind not in ("boolean", "integer", "float", "decimal"):
+            issues.add(
+                subject,
+                f"holds {kind} values, not numbers (patient {row[id_at]!r}): CAST or "
+                "derive a number in the query",
+            )
+            continue
+        number = float(value)
+        if not math.isfinite(number):
+            issues.add(subject, f"{number} is not a finite number (patient {row[id_at]!r})")
+            continue
+        values[r] = number
+    if missing and config.missing == "refuse":
+        issues.add(
+            subject,
+            f"{len(missing)} of {n} values are missing (NULL) (patients {_patients(missing)}); "
+            'fill them in the query (e.g. COALESCE) or set missing = "drop"',
+        )
+    elif missing:
+        notes.append(f"{subject}: {len(missing)} of {n} values missing")
+    return values, "/".join(sorted(found)) or "empty"
+
+
 def _check_rows(
     config: SQLSourceConfig, keys: Sequence[str], rows: Sequence[Sequence[Any]]
 ) -> tuple[_Checked | None, list[SourceIssue]]:
@@ -156,7 +231,11 @@ def _check_rows(
         if key in index:
             issues.add(f"column {key!r}", "the query yields this column twice")
         index[key] = i
-    roles = [("id", config.id_column), ("label", config.label_column)]
+    roles = [("id", config.id_column)]
+    if config.label_column is not None:
+        roles.append(("label", config.label_column))
+    if config.target_column is not None:
+        roles.append(("target", config.target_column))
     roles += [("feature", name) for name in config.feature_columns]
     if config.split_column is not None:
         roles.append(("split", config.split_column))
@@ -190,78 +269,60 @@ def _check_rows(
     n, d = len(rows), len(config.feature_columns)
     features = np.full((n, d), np.nan, dtype=np.float64)
     kinds: list[str] = []
-    missing_rows = np.zeros(n, dtype=bool)
     for j, name in enumerate(config.feature_columns):
-        at, subject = index[name], f"column {name!r}"
-        found: Counter[str] = Counter()
-        n_missing = 0
-        for r, row in enumerate(rows):
-            value = row[at]
-            if value is None or (isinstance(value, float) and math.isnan(value)):
-                n_missing += 1
-                missing_rows[r] = True
-                continue
-            kind = _kind_of(value)
-            found[kind] += 1
-            if kind not in ("boolean", "integer", "float", "decimal"):
-                issues.add(
-                    subject,
-                    f"holds {kind} values, not numbers (patient {row[id_at]!r}): CAST or "
-                    "derive a number in the query",
-                )
-                continue
-            number = float(value)
-            if not math.isfinite(number):
-                issues.add(subject, f"infinite value (patient {row[id_at]!r})")
-                continue
-            features[r, j] = number
-        kinds.append("/".join(sorted(found)) or "empty")
-        if n_missing and config.missing == "refuse":
-            issues.add(
-                subject,
-                f"{n_missing} of {n} values are missing (NULL); fill them in the query "
-                '(e.g. COALESCE) or set missing = "drop"',
-            )
-        elif n_missing:
-            notes.append(f"{subject}: {n_missing} of {n} values missing")
+        features[:, j], kind = _numeric_column(
+            config, rows, index[name], id_at, f"column {name!r}", issues, notes
+        )
+        kinds.append(kind)
+    targets: npt.NDArray[np.float64] | None = None
+    target_kind = ""
+    if config.target_column is not None:
+        targets, target_kind = _numeric_column(
+            config,
+            rows,
+            index[config.target_column],
+            id_at,
+            f"column {config.target_column!r}",
+            issues,
+            notes,
+        )
 
     label_names, labels = _check_labels(config, rows, index, id_at, issues)
     splits = _splits(config, rows, index, id_at, issues)
     if issues.issues:
         return None, issues.finish()
 
-    columns = []
-    for j, name in enumerate(config.feature_columns):
-        column = features[:, j]
-        present = column[~np.isnan(column)]
-        columns.append(
-            ColumnSummary(
-                name=name,
-                kind=kinds[j],
-                count=int(present.size),
-                missing=int(n - present.size),
-                mean=float(present.mean()) if present.size else None,
-                std=float(present.std()) if present.size else None,
-            )
-        )
-    keep = ~missing_rows
+    # Summaries over every row (a dropped patient counts as missing in its column).
+    columns = column_summaries(config.feature_columns, features, kinds)
+    target = None
+    # Without issues, a NaN is a missing value that missing = "drop" leaves out.
+    keep = np.asarray(~np.isnan(features).any(axis=1), dtype=np.bool_)
+    if targets is not None and config.target_column is not None:
+        target = column_summaries([config.target_column], targets[:, None], [target_kind])[0]
+        keep &= np.asarray(~np.isnan(targets), dtype=np.bool_)
     if not keep.all():
-        notes.append(f"{int((~keep).sum())} of {n} patients dropped for a missing feature")
+        what = "feature or target" if targets is not None else "feature"
+        notes.append(f"{int((~keep).sum())} of {n} patients dropped for a missing {what}")
+    if config.label_column is None:
+        notes.append(NO_LABEL_NOTE)
     checked = _Checked(
         features=features[keep],
         labels=labels[keep],
+        targets=None if targets is None else targets[keep],
         splits=[s for s, k in zip(splits, keep, strict=True) if k],
         label_names=label_names,
-        columns=tuple(columns),
+        columns=columns,
+        target=target,
         notes=notes,
     )
     present_classes = set(checked.labels.tolist())
-    if len(present_classes) < 2:
-        issues.add(
-            f"column {config.label_column!r}",
-            f"only {len(present_classes)} class among the usable patients: nothing to learn",
-        )
-        return None, issues.finish()
+    if config.label_column is not None and len(present_classes) < 2:
+        problem = f"only {len(present_classes)} class among the usable patients: nothing to learn"
+        if config.target_column is None:
+            issues.add(f"column {config.label_column!r}", problem)
+            return None, issues.finish()
+        # The targets are still worth a regression session: say so, do not refuse.
+        checked.notes.append(f"column {config.label_column!r}: {problem} (as a label)")
     return checked, []
 
 
@@ -271,9 +332,11 @@ def _check_labels(
     index: dict[str, int],
     id_at: int,
     issues: _IssueList,
-) -> tuple[tuple[str, ...], npt.NDArray[np.int64]]:
-    at, subject = index[config.label_column], f"column {config.label_column!r}"
+) -> tuple[tuple[str, ...] | None, npt.NDArray[np.int64]]:
     labels = np.zeros(len(rows), dtype=np.int64)
+    if config.label_column is None:  # a regression-only data set: class 0 throughout
+        return None, labels
+    at, subject = index[config.label_column], f"column {config.label_column!r}"
     if config.classes is not None:
         position = {value: i for i, value in enumerate(config.classes)}
         for r, row in enumerate(rows):
@@ -432,15 +495,35 @@ class SQLSource:
             label_names=data.label_names,
             feature_names=self.config.feature_columns,
             columns=data.columns,
+            target=data.target,
             notes=tuple(data.notes),
         )
 
     def load(self, split: Split) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+        chosen = self._chosen(split)
+        data = self._data()
+        return data.features[chosen].astype(np.float32), data.labels[chosen]
+
+    def targets(self, split: Split) -> npt.NDArray[np.float64]:
+        """The real-valued targets (regression) of one split, in the order of :meth:`load`.
+
+        Raises:
+            DataError: the configuration declares no ``target_column``.
+            SourceError: as :meth:`describe` (a NULL, text or non-finite target is one).
+        """
+        if self.config.target_column is None:
+            raise DataError(
+                f"{self.location}: this SQL source declares no target_column, so it has no "
+                "regression targets"
+            )
+        data = self._data()
+        assert data.targets is not None  # checked with the target column
+        return data.targets[self._chosen(split)]
+
+    def _chosen(self, split: Split) -> npt.NDArray[np.bool_]:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
-        data = self._data()
-        chosen = np.array([s == split for s in data.splits], dtype=bool)
-        return data.features[chosen].astype(np.float32), data.labels[chosen]
+        return np.array([s == split for s in self._data().splits], dtype=bool)
 
     def tf_dataset(self, split: Split) -> tf.data.Dataset:
         return arrays_dataset(*self.load(split))

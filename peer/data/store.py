@@ -7,12 +7,12 @@ the database exactly as it was.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
-from sqlalchemy import Engine, create_engine, func, insert, select
+from sqlalchemy import Engine, Select, create_engine, func, insert, inspect, null, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -21,13 +21,14 @@ from .records import (
     FEATURE_DTYPE,
     SPLITS,
     Base,
+    DatasetLabels,
     DatasetMeta,
     PatientRecord,
     PatientRow,
     PatientTarget,
     Split,
 )
-from .source import DataSetInfo, arrays_dataset, column_summaries
+from .source import NO_LABEL_NOTE, ColumnSummary, DataSetInfo, arrays_dataset, column_summaries
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -72,6 +73,7 @@ class PatientStore:
         *,
         feature_names: Sequence[str] | None = None,
         dataset_name: str | None = None,
+        labelled: bool = True,
     ) -> int:
         """Insert records in a single transaction: all of them or, on any error, none.
 
@@ -79,6 +81,10 @@ class PatientStore:
         ``feature_names`` (default ``f0, f1, ...``) and ``dataset_name`` (default
         ``"unnamed"``). Later writes must match the stored feature count (and names, if
         given).
+
+        ``labelled=False`` says the records' labels are placeholders (imported without a
+        label column, for regression): the data set is then unlabelled for good
+        (:meth:`has_labels`), whatever is added later.
 
         Returns:
             the number of records inserted.
@@ -132,6 +138,8 @@ class PatientStore:
                     raise SchemaMismatchError(
                         f"feature names differ from those of data set {meta.name!r}"
                     )
+            if not labelled:  # no row means labelled (records.py): only this is written
+                session.merge(DatasetLabels(id=1, labelled=False))
             try:
                 # A Core insert on the table (not the ORM entity) skips per-row ORM
                 # bookkeeping: it halves the time of a 100k-record import.
@@ -191,9 +199,9 @@ class PatientStore:
             DataError: a record of the split has no target (the message names the column
                 and the first patients concerned).
         """
+        target, join = self._targets()
         query = (
-            select(PatientRow.patient_id, PatientTarget.target)
-            .outerjoin(PatientTarget, PatientTarget.patient_id == PatientRow.patient_id)
+            join(select(PatientRow.patient_id, target))
             .where(PatientRow.split == _check_split(split))
             .order_by(PatientRow.id)
         )
@@ -210,11 +218,8 @@ class PatientStore:
 
     def records(self, split: Split | None = None) -> list[PatientRecord]:
         """Every stored record (optionally of one split) as :class:`PatientRecord` objects."""
-        query = (
-            select(PatientRow, PatientTarget.target)
-            .outerjoin(PatientTarget, PatientTarget.patient_id == PatientRow.patient_id)
-            .order_by(PatientRow.id)
-        )
+        target, join = self._targets()
+        query = join(select(PatientRow, target)).order_by(PatientRow.id)
         if split is not None:
             query = query.where(PatientRow.split == _check_split(split))
         with Session(self.engine) as session:
@@ -235,6 +240,30 @@ class PatientStore:
         with Session(self.engine) as session:
             meta = session.get(DatasetMeta, 1)
             return list(meta.feature_names) if meta is not None else []
+
+    def _targets(self) -> tuple[Any, Callable[[Select[Any]], Select[Any]]]:
+        """Each patient row's target, for a query: the column and the outer join that adds
+        it. A database created before regression targets has no ``patient_targets`` table
+        (``create_all`` adds it only when the store is created again): there every target
+        is NULL, so reading it works as for a store without targets."""
+        if not inspect(self.engine).has_table(PatientTarget.__tablename__):
+            return null().label("target"), lambda query: query
+        return PatientTarget.target, lambda query: query.outerjoin(
+            PatientTarget, PatientTarget.patient_id == PatientRow.patient_id
+        )
+
+    def has_labels(self) -> bool:
+        """Whether the records carry labels: False once records were stored without a label
+        column (``peer data import --target`` alone), whose class 0 is only a placeholder.
+
+        A database without the ``dataset_labels`` table or its row counts as labelled: it
+        was created before the table existed, when every import had a label column.
+        """
+        if not inspect(self.engine).has_table(DatasetLabels.__tablename__):
+            return True
+        with Session(self.engine) as session:
+            row = session.get(DatasetLabels, 1)
+            return row is None or row.labelled
 
     def dataset_name(self) -> str | None:
         """The data set's name, or None before the first record is added."""
@@ -266,7 +295,23 @@ class PatientStore:
             ),
             feature_names=tuple(names),
             columns=column_summaries(names, features, ["float"] * len(names)),
+            target=self.target_summary(),
+            notes=() if self.has_labels() else (NO_LABEL_NOTE,),
         )
+
+    def target_summary(self) -> ColumnSummary | None:
+        """The ``target`` column over every record (those without one count as missing);
+        None if no record has a target (not a regression data set)."""
+        target, join = self._targets()
+        query = join(select(target).select_from(PatientRow))
+        with Session(self.engine) as session:
+            values = np.array(
+                [np.nan if t is None else t for t in session.execute(query).scalars()],
+                dtype=np.float64,
+            )
+        if np.isnan(values).all():  # also when there are no records
+            return None
+        return column_summaries(["target"], values[:, None], ["float"])[0]
 
     def tf_dataset(self, split: Split) -> tf.data.Dataset:
         """One split as an unbatched ``tf.data.Dataset`` of ``(features, label)``."""

@@ -69,13 +69,22 @@ from peer.ledger._verify import (
     RawSession,
     verify_ledger,
 )
-from peer.ledger._votes import SignedVote
+from peer.ledger._votes import (
+    VOTE_STATEMENT_DOMAIN,
+    ReleasedVote,
+    SignedVote,
+    VoteStatement,
+    release_quorum,
+    statement_problem,
+    vote_statement_payload,
+)
 
 __all__ = [
     "EXPORT_FORMAT",
     "HASH_BYTES",
     "RECORD_DOMAIN",
     "SCHEMA_VERSION",
+    "VOTE_STATEMENT_DOMAIN",
     "ZERO_HASH",
     "AgreedRecord",
     "BeaconState",
@@ -104,6 +113,7 @@ __all__ = [
     "RawSession",
     "RecordRejected",
     "RefusedProposal",
+    "ReleasedVote",
     "RoundAttempt",
     "RoundStatus",
     "SessionError",
@@ -114,13 +124,17 @@ __all__ = [
     "StoredProof",
     "StoredRecord",
     "VoteConflictError",
+    "VoteStatement",
     "canonical_json",
     "export_records",
     "import_records",
     "metrics_digest",
     "model_digest",
     "record_payload",
+    "release_quorum",
     "session_genesis",
+    "statement_problem",
     "system_clock",
     "verify_ledger",
+    "vote_statement_payload",
 ]

@@ -44,6 +44,18 @@ class ProblemKind(enum.StrEnum):
     ROUND_PROOF = "round-proof"
     """A stored round's evidence does not verify (the succinct check of secagg/succinct.py
     fails, or it is not the evidence of the agreed record's aggregate)."""
+    ROUND_PARAMETERS = "round-parameters"
+    """A stored round's parameters (n, t, bits, length, graph, collusion bound, attempt,
+    beacon) are not those the session's accepted proposal fixes."""
+    ACCEPTANCE = "acceptance"
+    """A participant's signed acceptance of the proposal (its beacon commitment) is missing,
+    forged, or by a peer that is not a participant."""
+    VOTE_RELEASE = "vote-release"
+    """A vote this peer released (peer/ledger/_votes.py) whose stored statements do not
+    prove the record dead: too few valid ones, or one that does not verify."""
+    NOT_RECHECKABLE = "not-recheckable"
+    """A warning, not a failure: the ledger holds no evidence to re-check this (a round
+    agreed before evidence was kept, acceptances never stored here)."""
 
 
 @dataclass(frozen=True, slots=True)

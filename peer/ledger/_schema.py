@@ -321,3 +321,52 @@ class SignedVoteRow(Base):
     signature: Mapped[bytes] = mapped_column(LargeBinary(256))
     model: Mapped[bytes] = mapped_column(LargeBinary)
     recorded_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class VoteStatementRow(Base):
+    """The latest attempt of a round for which this peer signed a *vote statement*
+    (peer/ledger/_votes.py): "as this attempt starts, my only signed record of the round is
+    ``vote_hash`` (empty: none)". From then on this peer signs no record of an earlier attempt.
+    Written before the statement leaves. A new table (older ledgers get it empty on ``create``).
+    """
+
+    __tablename__ = "vote_statements"
+
+    session_id: Mapped[str] = mapped_column(ID, ForeignKey("sessions.session_id"), primary_key=True)
+    round: Mapped[int] = mapped_column(Integer, primary_key=True)
+    attempt: Mapped[int] = mapped_column(Integer)
+    vote_hash: Mapped[bytes] = mapped_column(LargeBinary(32))
+    recorded_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class VoteReleaseRow(Base):
+    """A vote this peer released (peer/ledger/_votes.py): the record it had signed, the attempt
+    that released it and the statements that proved the record can never reach t (canonical
+    JSON, kept for audit). This peer never signs that record again. A new table."""
+
+    __tablename__ = "vote_releases"
+
+    session_id: Mapped[str] = mapped_column(ID, ForeignKey("sessions.session_id"), primary_key=True)
+    round: Mapped[int] = mapped_column(Integer, primary_key=True)
+    record_hash: Mapped[bytes] = mapped_column(LargeBinary(32), primary_key=True)
+    signed_attempt: Mapped[int] = mapped_column(Integer)
+    released_attempt: Mapped[int] = mapped_column(Integer)
+    evidence: Mapped[str] = mapped_column(Text)
+    recorded_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class VoteProofRow(Base):
+    """The evidence of the round's record this peer voted for, kept when it voted
+    (peer/ledger/_proofs.py), so that a record completed in a later attempt from the kept
+    votes still gets its evidence into ``round_proofs``. One per round. A new table."""
+
+    __tablename__ = "vote_proofs"
+
+    session_id: Mapped[str] = mapped_column(ID, ForeignKey("sessions.session_id"), primary_key=True)
+    round: Mapped[int] = mapped_column(Integer, primary_key=True)
+    record_hash: Mapped[bytes] = mapped_column(LargeBinary(32))
+    attempt: Mapped[int] = mapped_column(Integer)
+    aggregator: Mapped[str] = mapped_column(ID)
+    config: Mapped[str] = mapped_column(Text)
+    transcript: Mapped[bytes] = mapped_column(LargeBinary)
+    recorded_at: Mapped[datetime] = mapped_column(UTCDateTime())

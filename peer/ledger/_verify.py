@@ -61,6 +61,8 @@ class LedgerReport:
         problems: every problem found, in chain order.
         signatures_checked: False when no roster keys were given: the signatures were
             counted but not verified.
+        warnings: what could not be re-checked (:attr:`ProblemKind.NOT_RECHECKABLE`); they
+            do not make the report fail, but they are never silent.
     """
 
     source: str
@@ -68,6 +70,7 @@ class LedgerReport:
     checkpoints: int
     problems: tuple[LedgerProblem, ...] = field(default_factory=tuple)
     signatures_checked: bool = True
+    warnings: tuple[LedgerProblem, ...] = field(default_factory=tuple)
 
     @property
     def ok(self) -> bool:
@@ -86,9 +89,13 @@ class LedgerReport:
         if not self.signatures_checked:
             head += "signatures counted but not verified (no roster), "
         if self.ok:
-            return head + "no problem found"
-        lines = [head + f"{len(self.problems)} problem(s):"]
-        lines += [f"  - {problem}" for problem in self.problems]
+            lines = [head + "no problem found"]
+        else:
+            lines = [head + f"{len(self.problems)} problem(s):"]
+            lines += [f"  - {problem}" for problem in self.problems]
+        if self.warnings:
+            lines.append(f"{len(self.warnings)} warning(s), not re-checkable:")
+            lines += [f"  - {warning}" for warning in self.warnings]
         return "\n".join(lines)
 
 
@@ -523,12 +530,7 @@ def verify_ledger(
     """
     sessions = read_sessions(ledger)
     problems = check_sessions(sessions)
-    checker = ChainChecker(
-        verifiers=verifiers,
-        min_signatures=min_signatures,
-        thresholds={s.session_id: s.threshold for s in sessions},
-        starts={s.session_id: _genesis(s) for s in sessions},
-    )
+    checker = start_chain(sessions, verifiers, min_signatures)
     for row in read_records(ledger):
         checker.add(row)
     checkpoints = 0
@@ -539,8 +541,25 @@ def verify_ledger(
         source=ledger.url,
         records=checker.count,
         checkpoints=checkpoints,
-        problems=tuple(problems + _in_chain_order(checker.problems)),
+        problems=tuple(problems + in_chain_order(checker.problems)),
         signatures_checked=verifiers is not None,
+    )
+
+
+def start_chain(
+    sessions: Iterable[RawSession],
+    verifiers: Mapping[str, Verifier] | None,
+    min_signatures: int | None = None,
+) -> ChainChecker:
+    """The checker :func:`verify_ledger` feeds a whole ledger's records to, in ``seq`` order
+    (each session's chain starting at its genesis hash). Kept, it can be fed the records
+    appended later (``peer.ledger_check.LedgerCheck`` does)."""
+    sessions = list(sessions)
+    return ChainChecker(
+        verifiers=verifiers,
+        min_signatures=min_signatures,
+        thresholds={s.session_id: s.threshold for s in sessions},
+        starts={s.session_id: _genesis(s) for s in sessions},
     )
 
 
@@ -553,6 +572,7 @@ def _genesis(raw: RawSession) -> bytes:
         return sha256(b"malformed proposal hash", raw.proposal_hash)
 
 
-def _in_chain_order(problems: list[LedgerProblem]) -> list[LedgerProblem]:
-    # Checkpoint problems are found after the chain walk; show them with their record.
+def in_chain_order(problems: list[LedgerProblem]) -> list[LedgerProblem]:
+    """``problems`` by position; checkpoint problems, found after the chain walk, are shown
+    with their record."""
     return sorted(problems, key=lambda p: p.seq if p.seq is not None else math.inf)

@@ -115,6 +115,7 @@ def round_row(proto: pb.AgreedRecord, participants: Sequence[str], roster: Roste
     listed = metrics.pop("survivors", None)
     survivors = tuple(str(p) for p in (listed if isinstance(listed, list) else participants))
     aggregator = str(metrics.pop("aggregator", ""))
+    metrics.pop("attempt", None)  # which attempt agreed it (peer/round/agreement.py): no figure
     valid, _ = valid_signatures(record, signatures, roster.verifiers())
     return RoundRow(
         round=record.round,

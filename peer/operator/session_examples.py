@@ -54,7 +54,7 @@ prepare_seconds = 300         # time each site may take to train before a round'
 
 [session.payload]
 kind = "training"
-model = "cnn"                 # two 3x3 Conv2D (filters) + max pooling, a Dense head
+model = "cnn"                 # image normalized, 3x3 Conv2D + max pooling per filter, Dense head
 filters = [8, 16]             # cnn: Conv2D widths
 hidden = [16]                 # cnn: Dense widths before the logit
 image = { size = [32, 32], channels = 1, normalization = "max_value" }
@@ -64,7 +64,7 @@ image = { size = [32, 32], channels = 1, normalization = "max_value" }
 training_rounds = 3
 local_steps = 15
 batch_size = 32
-lr = 1.0
+lr = 0.5
 clip_norm = 1.0
 noise_multiplier = 1.0
 max_records = 10000

@@ -33,7 +33,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from ..data import DataSetInfo, DataSource, ImageFolderSource
+from ..data import DataSetInfo, DataSource, ImageFolderSource, PatientStore, SQLSource
+from ..published import PublishableError
 from ..session import ProposalError
 
 if TYPE_CHECKING:
@@ -135,9 +136,10 @@ def model_json_of(
 ) -> str:
     """The declared-model JSON of a session: ``declared`` itself, or a preset's.
 
-    ``cnn``: per entry of ``filters`` a 3x3 ``Conv2D`` (ReLU) and a 2x2 max pooling, then
-    a global max pooling, a ReLU ``Dense`` layer per entry of ``hidden`` and ``outputs``
-    logits (one, or the classes of a multi-class task).
+    ``cnn``: each image standardized on its own (``GroupNormalization`` with one group), per
+    entry of ``filters`` a 3x3 ``Conv2D`` (ReLU) and a 2x2 max pooling, then a global max
+    pooling, a ``LayerNormalization`` of those features, a ReLU ``Dense`` layer per entry of
+    ``hidden`` and ``outputs`` logits (one, or the classes of a multi-class task).
     """
     if model == "declared":
         if declared is None:
@@ -170,13 +172,25 @@ def _cnn_json(
             "training payload: model 'cnn' needs an image input "
             "(image = { size = [h, w], channels = 1 })"
         )
-    layers: list[Any] = [keras.Input(shape=input_shape, dtype="float32")]
+    # Both normalizations work on one example at a time (no batch statistics, unlike the
+    # refused BatchNormalization) and have fast DP-SGD rules. Without them, what all images
+    # share (a site's "scanner" brightness, the common part of the ReLU features) dominated
+    # the features: a step moved every logit together faster than it learned to separate
+    # lesions, and under non-IID lesion shares the averaged model put all scores on one side
+    # of 0.5 (good AUC, accuracy at the majority share; BENCHMARKS.md, issue 12 lane i).
+    # Each image to mean 0 and deviation 1 over its own pixels (2 parameters).
+    layers: list[Any] = [
+        keras.Input(shape=input_shape, dtype="float32"),
+        keras.layers.GroupNormalization(groups=1, name="image_norm"),
+    ]
     for i, width in enumerate(filters):
         layers.append(keras.layers.Conv2D(width, 3, activation="relu", name=f"conv_{i}"))
         layers.append(keras.layers.MaxPooling2D(2, name=f"pool_{i}"))
     # The strongest response anywhere in the image: a lesion may be anywhere, and a
     # position-free head needs far fewer parameters (less DP noise) than Flatten + Dense.
     layers.append(keras.layers.GlobalMaxPooling2D(name="global_max"))
+    # Those responses centred and scaled per image: a shift common to all of them cancels.
+    layers.append(keras.layers.LayerNormalization(name="feature_norm"))
     for i, width in enumerate(hidden):
         layers.append(keras.layers.Dense(width, activation="relu", name=f"dense_{i}"))
     layers.append(keras.layers.Dense(outputs, name="logit"))
@@ -242,12 +256,17 @@ class SiteData:
         image: the proposal's image preprocessing, or None for tabular data.
         max_records: the proposal's bound on a site's training records.
         n_classes: labels must be class indices below this (2: binary).
-        regression: the training targets are the real-valued ``target`` column (stored by
-            ``peer data import --target``; only the patient store has one), not the labels.
+        regression: the training targets are the source's real-valued target column, not
+            the labels: the patient store's (``peer data import --target``) or a SQL
+            source's ``target_column`` (image folders have none).
+            Without it the source must have labels: a SQL source without a label column or
+            a patient store imported without one (every label 0) is refused.
 
     Raises:
-        ValueError: the data does not fit the proposal (its kind, shape, size or labels).
-        DataError: the source cannot be read (every problem listed).
+        PublishableError: the data does not fit the proposal (its kind, shape, size or
+            labels), in words that may reach the operator (they name no patient).
+        DataError: the source cannot be read (every problem listed; names patients, so it
+            is published as "a data problem", peer/published.py).
     """
 
     def __init__(
@@ -262,7 +281,7 @@ class SiteData:
     ) -> None:
         if image is not None:
             if not isinstance(source, ImageFolderSource):
-                raise ValueError(
+                raise PublishableError(
                     f"{me} has no image data: the session trains on images, this site's "
                     "[data] names a tabular source"
                 )
@@ -277,33 +296,47 @@ class SiteData:
                 )
             )
         elif isinstance(source, ImageFolderSource):
-            raise ValueError(
+            raise PublishableError(
                 f"{me} has image data: the session trains on feature vectors (declare "
                 "image = {{ size = [h, w] }} in the payload for an imaging session)"
             )
-        if regression and (image is not None or not hasattr(source, "targets")):
-            raise ValueError(
+        if regression and not _has_targets(source):
+            raise PublishableError(
                 f"{me}'s [data] source has no regression targets: a regression session reads "
-                "the target column of the patient store (peer data import --target COL)"
+                "a target column, which the patient store has (peer data import --target "
+                "COL) and a SQL source has if it declares target_column; image folders have "
+                "none"
+            )
+        if not regression and isinstance(source, SQLSource) and source.config.label_column is None:
+            raise PublishableError(
+                f"{me}'s [data] SQL source declares no label column (only a target_column): "
+                "it can train regression sessions, not classification ones"
+            )
+        if not regression and isinstance(source, PatientStore) and not source.has_labels():
+            raise PublishableError(
+                f"{me}'s patient store holds records imported without a label column (peer "
+                "data import --target only): it can train regression sessions, not "
+                "classification ones; import the records with --label COL into an empty data "
+                "database to train one"
             )
         self.source, self.me, self.image, self.regression = source, me, image, regression
         self.info: DataSetInfo = source.describe()
         if tuple(self.info.input_shape) != tuple(input_shape):
-            raise ValueError(
+            raise PublishableError(
                 f"{me}'s data has input shape {self.info.input_shape}; the session's model "
                 f"expects {input_shape}"
             )
         self.n_train = self.info.count("train")
         if self.n_train < 1:
-            raise ValueError(f"{me} has no training records")
+            raise PublishableError(f"{me} has no training records")
         if self.n_train > max_records:
-            raise ValueError(
+            raise PublishableError(
                 f"{me} has {self.n_train} training records, more than the session's "
                 f"max_records {max_records}"
             )
         labels = {label for counts in self.info.label_counts.values() for label in counts}
         if labels and max(labels) >= n_classes and not regression:
-            raise ValueError(
+            raise PublishableError(
                 f"{me}'s labels go up to {max(labels)}; the session's task has {n_classes} classes"
             )
         self._arrays: dict[str, tuple[npt.NDArray[np.float32], npt.NDArray[Any]]] = {}
@@ -370,6 +403,14 @@ class SiteData:
                 np.stack([x for x, _ in pairs]).astype(np.float32),
                 np.asarray([y for _, y in pairs], dtype=np.float32),
             )
+
+
+def _has_targets(source: DataSource) -> bool:
+    """Whether a source can give a regression session its targets (``targets(split)``); the
+    store's are checked per record when read (a record without one is named)."""
+    if isinstance(source, SQLSource):
+        return source.config.target_column is not None
+    return isinstance(source, PatientStore)
 
 
 def train_declared(

@@ -5,6 +5,12 @@ sign (:func:`build_record`); the aggregator groups the signed votes by record ha
 (:func:`tally`) and, when at least t peers signed the same record, sends it back with all
 their signatures; each peer checks that it is the record it computed, with at least t valid
 signatures (:func:`store_agreed`), and stores it.
+
+A peer signs at most one record per round, unless it is shown that the record it signed can
+never be agreed: then it releases that vote (:func:`release_evidence`, SECURITY.md "Releasing
+a stuck vote"). Each hello carries the peer's signed vote statement
+(:func:`sign_vote_statement`); the aggregator relays the statements in the record draft when
+some peer announced a vote of an earlier attempt.
 """
 
 from __future__ import annotations
@@ -26,18 +32,28 @@ from ..ledger import (
     StoredProof,
     StoredRecord,
     VoteConflictError,
+    VoteStatement,
+    statement_problem,
+    vote_statement_payload,
 )
+from ..ledger import release_quorum as ledger_release_quorum
 from ..payloads import LocalContribution
 from ..wire import peer_pb2 as pb
 from .context import RoundContext
 
 __all__ = [
+    "InvalidVoteStatement",
     "MyRecord",
     "aggregate_hash",
     "build_record",
+    "check_vote_statement",
     "current_votes",
+    "keep_vote_proof",
     "mine_of",
     "prior_votes_agreed",
+    "release_evidence",
+    "release_quorum",
+    "sign_vote_statement",
     "store_agreed",
     "store_round_proof",
     "tally",
@@ -134,7 +150,9 @@ def mine_of(kept: SignedVote) -> MyRecord:
     return kept.record, kept.model, kept.record_hash, peers
 
 
-def vote(ctx: RoundContext, built: MyRecord) -> tuple[MyRecord, pb.AgreedRecord]:
+def vote(
+    ctx: RoundContext, built: MyRecord, statements: Sequence[pb.VoteStatement] = ()
+) -> tuple[MyRecord, pb.AgreedRecord]:
     """Sign the record this peer built, keeping the vote in the ledger before it is sent.
 
     A peer signs at most one record per round: if it already signed another one in an
@@ -142,11 +160,34 @@ def vote(ctx: RoundContext, built: MyRecord) -> tuple[MyRecord, pb.AgreedRecord]
     votes for that one again, with the signature it kept, and never signs this one. With
     ``2t > n + c`` no two records of a round can then both reach t signatures.
 
+    Unless ``statements`` (the vote statements the aggregator relayed with the draft) prove
+    that the earlier record can never reach t (:func:`release_evidence`): then this peer
+    releases that vote and signs the record it built. A relayed statement that does not
+    verify raises RemoteProtocolError naming the aggregator and the statement's peer.
+
     Returns:
         What this peer now stands for (the built record, or the one it kept) and the vote
         to send. Raises LedgerError when the vote cannot be kept (then nothing is sent).
     """
-    record, model, _, _ = built
+    record, model, record_hash, _ = built
+    kept = ctx.ledger.signed_vote(ctx.session_id, ctx.round)
+    if kept is not None and kept.record_hash != record_hash and statements:
+        evidence = release_evidence(ctx, kept, statements)
+        if evidence is not None:
+            ctx.ledger.release_vote(
+                ctx.session_id, ctx.round, kept.record_hash, attempt=ctx.attempt, evidence=evidence
+            )
+            logger.warning(
+                "%s released its vote for record %s of attempt %d: %d peers state they did not "
+                "sign it (%s), so it can never reach t=%d; signs %s",
+                ctx.log_prefix,
+                kept.record_hash.hex()[:16],
+                kept.attempt,
+                len(evidence),
+                ",".join(s.peer_id for s in evidence),
+                ctx.config.threshold,
+                record_hash.hex()[:16],
+            )
     signature = ctx.signer.sign(record.payload())
     try:
         kept = ctx.ledger.record_vote(
@@ -170,6 +211,102 @@ def vote(ctx: RoundContext, built: MyRecord) -> tuple[MyRecord, pb.AgreedRecord]
         )
     # The same record may have been kept before (same signature sent again).
     return built, record_to_proto(record, {ctx.me: kept.signature}, ctx.aggregator)
+
+
+class InvalidVoteStatement(ValueError):
+    """A vote statement that does not verify; the text names its peer and what is wrong."""
+
+
+def release_quorum(ctx: RoundContext) -> int:
+    """How many other peers' statements release a vote in this round: ``n - t + c + 1``
+    (:func:`peer.ledger.release_quorum`)."""
+    config = ctx.config
+    return ledger_release_quorum(len(config.peers), config.threshold, config.colluders)
+
+
+def sign_vote_statement(ctx: RoundContext) -> pb.VoteStatement:
+    """This peer's signed vote statement as ``ctx.attempt`` starts, kept in the ledger before
+    it is returned (from then on it signs no record of an earlier attempt)."""
+    vote_hash = ctx.ledger.state_vote(ctx.session_id, ctx.round, ctx.attempt)
+    payload = vote_statement_payload(ctx.session_id, ctx.round, ctx.attempt, ctx.me, vote_hash)
+    return pb.VoteStatement(
+        session_id=ctx.session_id,
+        round=ctx.round,
+        attempt=ctx.attempt,
+        peer_id=ctx.me,
+        vote_hash=vote_hash,
+        signature=ctx.signer.sign(payload),
+    )
+
+
+def check_vote_statement(ctx: RoundContext, statement: pb.VoteStatement) -> VoteStatement:
+    """The statement, if it is one of this session, round and attempt, by a roster peer,
+    with that peer's valid signature.
+
+    Raises:
+        InvalidVoteStatement: naming the statement's peer and what is wrong (a replay from
+            another session, round or attempt; a peer outside the roster; a forged signature).
+    """
+    checked = VoteStatement(
+        statement.session_id,
+        statement.round,
+        statement.attempt,
+        statement.peer_id,
+        statement.vote_hash,
+        statement.signature,
+    )
+    problem = statement_problem(
+        checked,
+        session_id=ctx.session_id,
+        round_=ctx.round,
+        attempt=ctx.attempt,
+        participants=ctx.config.peers,
+        verifiers=ctx.verifiers,
+    )
+    if problem is not None:
+        raise InvalidVoteStatement(problem)
+    return checked
+
+
+def release_evidence(
+    ctx: RoundContext, kept: SignedVote, statements: Sequence[pb.VoteStatement]
+) -> list[VoteStatement] | None:
+    """The statements that release this peer's ``kept`` vote of an earlier attempt, or None
+    when they are too few (:func:`release_quorum`): then the vote stands.
+
+    Only a record that names the attempt it was built in (``metrics["attempt"]``, set by
+    :func:`build_record`) can be released: a peer that stated its vote for a later attempt
+    signs no record of that attempt, and so never this one.
+
+    Raises:
+        RemoteProtocolError: naming the aggregator, for any relayed statement that does not
+            verify or a peer stated twice (an honest aggregator relays only verified ones).
+    """
+    if kept.record.metrics.get("attempt") != kept.attempt or kept.attempt >= ctx.attempt:
+        return None
+    against: dict[str, VoteStatement] = {}
+    for relayed in statements:
+        try:
+            statement = check_vote_statement(ctx, relayed)
+        except InvalidVoteStatement as error:
+            raise RemoteProtocolError(ctx.aggregator, f"relayed an invalid {error}") from None
+        if statement.peer_id in against:
+            raise RemoteProtocolError(
+                ctx.aggregator, f"relayed two vote statements of {statement.peer_id}"
+            )
+        if statement.vote_hash != kept.record_hash and statement.peer_id != ctx.me:
+            against[statement.peer_id] = statement
+    needed = release_quorum(ctx)
+    if len(against) < needed:
+        logger.info(
+            "%s keeps its vote for record %s: %d peers state they did not sign it, %d needed",
+            ctx.log_prefix,
+            kept.record_hash.hex()[:16],
+            len(against),
+            needed,
+        )
+        return None
+    return [against[p] for p in sorted(against)]
 
 
 def aggregate_hash(aggregate: WordArray) -> bytes:
@@ -207,6 +344,9 @@ def build_record(
     metrics = dict(result.metrics)
     metrics["survivors"] = list(survivors)
     metrics["aggregator"] = ctx.aggregator
+    # The attempt makes records of different attempts differ, so a peer that stated its vote
+    # as a later attempt started can never sign an earlier attempt's record (release_evidence).
+    metrics["attempt"] = ctx.attempt
     record = AgreedRecord.build(
         ctx.session_id,
         ctx.round,
@@ -279,30 +419,54 @@ def valid_signatures(
     return valid, sorted(invalid)
 
 
-def store_round_proof(ctx: RoundContext, transcript: object, log_prefix: str = "") -> None:
-    """Keep what the succinct check of an agreed secagg round needs, for ``verify-ledger``
-    (peer/ledger/_proofs.py); other protocols' rounds keep nothing more.
+def keep_vote_proof(
+    ctx: RoundContext, transcript: object, record_hash: bytes, log_prefix: str = ""
+) -> None:
+    """Keep the evidence of the record this peer just voted for, built from ``transcript``
+    (peer/ledger/_proofs.py): a later attempt may complete that record from the kept votes
+    without a transcript of its own. Other protocols' rounds keep nothing.
 
-    The record is stored already: a ledger that cannot take the evidence too is logged (the
-    round stays agreed; ``verify-ledger`` then has no evidence of it to re-check).
+    A ledger that cannot take it is logged: the vote stands, and if the record is agreed in
+    this attempt its evidence is written then (:func:`store_round_proof`).
     """
     if not isinstance(transcript, SuccinctTranscript):
         return
     _, raw = encode(transcript)
     try:
-        _store_proof(ctx, raw)
+        ctx.ledger.keep_vote_proof(_proof(ctx, raw), record_hash)
+    except LedgerError as error:
+        logger.warning("%s cannot keep the evidence of its vote: %s", log_prefix, error)
+
+
+def store_round_proof(
+    ctx: RoundContext, transcript: object | None, record_hash: bytes, log_prefix: str = ""
+) -> None:
+    """Keep what the succinct check of the agreed round needs, for ``verify-ledger``
+    (peer/ledger/_proofs.py): the evidence kept when this peer voted for the agreed record
+    ``record_hash`` (possibly in an earlier attempt), else ``transcript`` (pass it only if
+    the agreed record was built from it, in this attempt). Other protocols' rounds keep
+    nothing more.
+
+    The record is stored already: a ledger that cannot take the evidence too is logged (the
+    round stays agreed; ``verify-ledger`` then warns it cannot re-check it).
+    """
+    try:
+        if ctx.ledger.promote_vote_proof(ctx.session_id, ctx.round, record_hash):
+            return
+        if not isinstance(transcript, SuccinctTranscript):
+            return
+        _, raw = encode(transcript)
+        ctx.ledger.store_round_proof(_proof(ctx, raw))
     except LedgerError as error:
         logger.warning("%s cannot store the round's evidence: %s", log_prefix, error)
 
 
-def _store_proof(ctx: RoundContext, raw: bytes) -> None:
-    ctx.ledger.store_round_proof(
-        StoredProof(
-            ctx.session_id,
-            ctx.round,
-            ctx.attempt,
-            ctx.aggregator,
-            json.dumps(ctx.config.as_dict(), sort_keys=True),
-            raw,
-        )
+def _proof(ctx: RoundContext, raw: bytes) -> StoredProof:
+    return StoredProof(
+        ctx.session_id,
+        ctx.round,
+        ctx.attempt,
+        ctx.aggregator,
+        json.dumps(ctx.config.as_dict(), sort_keys=True),
+        raw,
     )

@@ -211,6 +211,9 @@ class RoundOutcome:
     status: RoundStatusKind
     aggregator: str
     reason: str = ""
+    # ``reason`` is published (Status.detail): when it leaves out what only this peer may
+    # read (peer/published.py), the full text for its own ledger is here.
+    local_reason: str = ""
     record: StoredRecord | None = None
     survivors: tuple[str, ...] = ()
     dropped: dict[str, list[str]] = field(default_factory=dict)

@@ -24,9 +24,19 @@ from ..codec import CodecError, Reassembler, fragments, record_to_proto
 from ..ledger import LedgerError
 from ..logs import remote
 from ..payloads import LocalContribution
+from ..published import disclose, internal_error
 from ..wire import peer_pb2 as pb
-from .aggregating import HELLO_MAX_BYTES
-from .agreement import MyRecord, build_record, mine_of, store_agreed, store_round_proof, vote
+from .aggregating import HELLO_MAX_BYTES, SEND_FRAGMENT_BYTES
+from .agreement import (
+    MyRecord,
+    build_record,
+    keep_vote_proof,
+    mine_of,
+    sign_vote_statement,
+    store_agreed,
+    store_round_proof,
+    vote,
+)
 from .context import RoundContext, RoundOutcome, RoundStatusKind
 
 __all__ = [
@@ -42,7 +52,8 @@ T = TypeVar("T")
 
 
 class RoundStreamDialer(Protocol):
-    """What a participant needs of the aggregator's stub (peer/channels.py's PeerStub)."""
+    """What a participant needs of the aggregator: a way to open a round stream
+    (peer/channels.py: the pool's PooledRoundStreams, or a PeerStub)."""
 
     def round_stream(self, timeout: float | None = None) -> RoundStreamCall: ...
 
@@ -101,7 +112,10 @@ class _Stream:
             raise AggregatorSilent(seconds, self.stage) from None
 
     async def send(self, message: object) -> None:
-        for fragment in fragments(message):
+        # In fragments of 64 KiB like the aggregator's sends: grpc holds each stream's
+        # incoming message whole until it is complete, so 1 MiB fragments cost the
+        # aggregator ~3 MiB per participant uploading at once (issue 11, lane 11t).
+        for fragment in fragments(message, SEND_FRAGMENT_BYTES):
             self.sent += len(fragment.data)
             await self._bounded(self._call.write(fragment), self._limits["send"])
 
@@ -128,13 +142,27 @@ async def participate(ctx: RoundContext, aggregator: RoundStreamDialer) -> Round
     outcome = RoundOutcome(RoundStatusKind.AGGREGATOR_FAILED, ctx.aggregator)
     loop = asyncio.get_running_loop()
     started = time.monotonic()
+    over = _attempt_over(ctx)  # first, before any work (training, charging)
+    if over is not None:
+        logger.warning("%s cannot state its vote: %s", ctx.log_prefix, over)
+        return RoundOutcome(
+            RoundStatusKind.REFUSED, ctx.aggregator, f"cannot state its vote: {over}"
+        )
     try:
         contribution: LocalContribution = await loop.run_in_executor(
             None, ctx.payload.prepare, ctx.round
         )
     except Exception as error:  # the payload's own checks (budget, data): not a crash
-        logger.warning("%s cannot prepare its contribution: %s", ctx.log_prefix, error)
-        return RoundOutcome(RoundStatusKind.REFUSED, ctx.aggregator, f"cannot prepare: {error}")
+        # The reason is published (Status.detail): a data error names patients, so it goes
+        # out as its category and a reference to this log line (peer/published.py).
+        said = disclose(error, ctx.me)
+        logger.warning("%s cannot prepare its contribution: %s", ctx.log_prefix, said.local)
+        return RoundOutcome(
+            RoundStatusKind.REFUSED,
+            ctx.aggregator,
+            f"cannot prepare: {said.public}",
+            local_reason=f"cannot prepare: {said.local}",
+        )
     if contribution.clipped_fraction > 0:
         # Quantization ranges follow from public session parameters; clipping means a value
         # fell outside them. Never silent: it biases the result.
@@ -148,7 +176,12 @@ async def participate(ctx: RoundContext, aggregator: RoundStreamDialer) -> Round
         return refusal
     prefix = f"{ctx.log_prefix} role=participant aggregator={ctx.aggregator}"
     timeout = ctx.prepare_seconds + ctx.stage_seconds * 10
-    call = aggregator.round_stream(timeout=timeout)
+    try:
+        call = aggregator.round_stream(timeout=timeout)
+    except Exception as error:  # e.g. a channel closed meanwhile: this round only, not the peer
+        logger.warning("%s cannot open the round stream: %s", prefix, error)
+        outcome.reason = f"cannot open a round stream to aggregator {ctx.aggregator}: {error}"
+        return outcome
     stream = _Stream(
         call, ctx.max_message_bytes(), silence_limits(ctx.stage_seconds, ctx.prepare_seconds)
     )
@@ -156,8 +189,11 @@ async def participate(ctx: RoundContext, aggregator: RoundStreamDialer) -> Round
     participant = ctx.backend.participant(ctx, contribution.vector)
     sent: list[object] = []  # what this peer sent: its own input must be in the transcript
     my_record: MyRecord | None = None
+    built_here = False  # my_record was built from this attempt's transcript
     transcript: object | None = None
     try:
+        # Kept before it leaves: from now on this peer signs no earlier attempt's record.
+        statement = sign_vote_statement(ctx)
         hello = pb.RoundHello(
             session_id=ctx.session_id,
             round=ctx.round,
@@ -165,6 +201,7 @@ async def participate(ctx: RoundContext, aggregator: RoundStreamDialer) -> Round
             peer_id=ctx.me,
             epsilon=contribution.epsilon,
             chain_head=ctx.ledger.session_head(ctx.session_id),
+            vote_statement=statement,
         )
         # A vote this peer kept from an earlier attempt goes to this attempt's aggregator,
         # which completes the record if t such votes agree (peer/ledger/_votes.py).
@@ -201,13 +238,20 @@ async def participate(ctx: RoundContext, aggregator: RoundStreamDialer) -> Round
                     None, build_record, ctx, transcript, message, sent, contribution
                 )
                 ctx.faults.point(ctx.round, "sign")
-                # Kept in the ledger before the signature leaves (or the earlier vote again).
-                my_record, ballot = vote(ctx, my_record)
+                # Kept in the ledger before the signature leaves (or the earlier vote again,
+                # unless the relayed vote statements release it).
+                built_hash = my_record[2]
+                my_record, ballot = vote(ctx, my_record, message.vote_statements)
                 outcome.survivors = my_record[3]
                 stream.stage = "sign"
                 ctx.on_stage("agree", "signed the record, waiting for the others")
                 await stream.send(ballot)
                 waiting_for = "votes"
+                if my_record[2] == built_hash:  # this transcript is the evidence of my vote
+                    built_here = True
+                    await loop.run_in_executor(
+                        None, keep_vote_proof, ctx, transcript, built_hash, prefix
+                    )
             elif isinstance(message, pb.AgreedRecord):
                 if my_record is None:
                     # The aggregator completed the round with votes of an earlier attempt.
@@ -229,7 +273,9 @@ async def participate(ctx: RoundContext, aggregator: RoundStreamDialer) -> Round
                     my_record = mine_of(kept)
                     outcome.survivors = my_record[3]
                 stored = store_agreed(ctx, message, my_record, contribution)
-                store_round_proof(ctx, transcript, prefix)  # for verify-ledger
+                # For verify-ledger: the evidence kept with my vote (perhaps of an earlier
+                # attempt), or this attempt's transcript if the record was built from it.
+                store_round_proof(ctx, transcript if built_here else None, my_record[2], prefix)
                 outcome.status = RoundStatusKind.AGREED
                 outcome.record = stored
                 outcome.reason = f"agreed with {len(message.signatures)} signatures"
@@ -271,7 +317,11 @@ async def participate(ctx: RoundContext, aggregator: RoundStreamDialer) -> Round
         outcome.reason = str(error)
         # Our own error text (one line: the log formatters escape control characters).
         logger.warning("%s refused: %s", prefix, error)
-        with contextlib.suppress(grpc.RpcError, asyncio.CancelledError, AggregatorSilent):
+        # Best effort: the aggregator may have finished the call already (it hands out the
+        # agreed record last, so a peer that cannot store it finds the stream closed).
+        with contextlib.suppress(
+            grpc.RpcError, asyncio.CancelledError, asyncio.InvalidStateError, AggregatorSilent
+        ):
             await stream.send(pb.Abort(reason=str(error), offender=getattr(error, "offender", "")))
         return outcome
     except AggregatorSilent as error:
@@ -294,13 +344,27 @@ async def participate(ctx: RoundContext, aggregator: RoundStreamDialer) -> Round
         logger.warning("%s %s", prefix, remote(outcome.reason))  # details are the server's text
         return outcome
     except Exception as error:  # a bug or an environment fault: this round only, never the peer
-        logger.exception("%s failed", prefix)
+        said = internal_error(error, ctx.me)  # e.g. conclude on local data: no message out
+        logger.exception("%s failed: %s", prefix, said.local)
         outcome.status = RoundStatusKind.REFUSED
-        outcome.reason = f"internal error: {error}"
+        outcome.reason, outcome.local_reason = said.public, said.local
         return outcome
     finally:
         outcome.bytes_sent, outcome.bytes_received = stream.sent, stream.received
         call.cancel()
+
+
+def _attempt_over(ctx: RoundContext) -> str | None:
+    """Why this attempt is over for this peer (None: it is not): the peer stated its vote for
+    a later attempt (then restarted, say), so it signs no record of this one
+    (peer/ledger/_votes.py); refused at once rather than after training."""
+    try:
+        stated = ctx.ledger.stated_attempt(ctx.session_id, ctx.round)
+    except LedgerError as error:
+        return str(error)
+    if stated is not None and stated > ctx.attempt:
+        return f"attempt {ctx.attempt} is over for it (it stated its vote for attempt {stated})"
+    return None
 
 
 def charge_before_release(

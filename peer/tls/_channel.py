@@ -52,6 +52,8 @@ logger = logging.getLogger("peer.tls")
 # per-stage silence limits (peer/round/participating.py) usually notice sooner. The server
 # must accept the client's ping rate (min_ping_interval <= client keepalive_time, with room
 # for timer jitter), or it answers with GOAWAY "too_many_pings".
+STREAM_READ_AHEAD_BYTES = 1 << 20
+"""What grpc may buffer of one incoming stream that this peer has not read yet."""
 SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 5_000),
@@ -60,6 +62,18 @@ SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
     # grpc sets SO_REUSEPORT by default: a second peer started on the same port would then
     # silently share it. Fail loudly instead.
     ("grpc.so_reuseport", 0),
+    # Read-ahead per incoming stream, fixed (issue 11). With grpc's default BDP probing the
+    # window grows until a sender can push its whole message into this process before the
+    # handler reads it: while an aggregator's event loop sums one masked input, every other
+    # participant's input sat in grpc's buffers, one vector per peer (measured 4.1 MiB per
+    # stream of 4 MiB sent; 0.1 MiB without BDP probing, 1 MiB with this read-ahead). The
+    # price is upload speed on slow links: one stream moves at most this much per round trip
+    # (20 MB/s at 50 ms). This bounds a stream whose handler is not reading; while handlers
+    # read, what bounds the aggregator is the small fragments participants send (64 KiB,
+    # peer/round/participating.py; BENCHMARKS.md "lane 11t"): grpc holds a whole fragment
+    # per stream until it is complete.
+    ("grpc.http2.bdp_probe", 0),
+    ("grpc.http2.lookahead_bytes", STREAM_READ_AHEAD_BYTES),
 )
 CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.keepalive_time_ms", 5_000),

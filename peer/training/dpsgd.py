@@ -15,10 +15,19 @@ reused, so one forward and one backward pass suffice (a second backward pass of
 divided by the *expected* batch size ``q N``, as Poisson-sampled DP-SGD requires (dividing by
 the realised batch size would leak it).
 
+Compiled steps, padded batches. For small models (``XLA_MAX_PARAMETERS``, see
+:class:`DPSGD`'s ``xla``) every step runs in one XLA-compiled loop over batches padded to a few
+sizes, with a 0/1 weight per row, which computes the same function of the sampled examples
+and leaves sampling, clipping, noise, normalization and the privacy accounting unchanged:
+:mod:`peer.training.padded_xla` says why.
+
 Randomness. The Poisson sampling and the noise both come from a ``tf.random.Generator``
 (Philox) that is an explicit argument. :func:`secure_generator` seeds one from ``os.urandom``;
 tests inject a fixed one. The noise must be unpredictable to the other hospitals, so never
-seed a real peer's generator from anything shared (the session seed is shared).
+seed a real peer's generator from anything shared (the session seed is shared). The samples and
+noise of a chunk of steps are drawn outside XLA from that generator, in the same order as
+the uncompiled loop draws them (TensorFlow's CPU kernel for the Gaussian is several times
+faster than XLA's random number generation here), and fed to the compiled loop.
 
 This is exact only because no layer mixes examples (no BatchNorm) and every layer with weights
 is Dense; :func:`peer.training.model.dense_layers` enforces that.
@@ -38,6 +47,8 @@ import numpy.typing as npt
 
 from .losses import Loss, binary_logit_loss
 from .model import dense_layers
+from .padded_xla import PaddedXLALoop
+from .run_args import RunArgs
 
 if TYPE_CHECKING:
     import keras
@@ -170,77 +181,74 @@ class PoissonTrainer:
             raise ValueError(f"prox_mu must be finite and >= 0, not {prox_mu}")
         import tensorflow as tf
 
-        total = self._run(
-            xt,
-            yt,
-            tf.constant(steps, tf.int32),
-            _f32(sampling_rate),
-            _f32(lr),
-            _f32(clip),
-            _f32(noise_multiplier * clip if private else 0.0),
-            _f32(sampling_rate * n),
-            private,
-            _f32(prox_mu),
-            prox_mu > 0,
-            generator=generator,
+        args = RunArgs(
+            x=xt,
+            y=yt,
+            steps=tf.constant(steps, tf.int32),
+            rate=_f32(sampling_rate),
+            lr=_f32(lr),
+            clip=_f32(clip),
+            noise_std=_f32(noise_multiplier * clip if private else 0.0),
+            denom=_f32(sampling_rate * n),
+            prox_mu=_f32(prox_mu),
+            private=private,
+            proximal=prox_mu > 0,
         )
+        total = self._run(args, generator=generator)
         return int(total.numpy())
 
-    def _run_graph(
-        self,
-        x: Any,
-        y: Any,
-        steps: Any,
-        rate: Any,
-        lr: Any,
-        clip: Any,
-        noise_std: Any,
-        denom: Any,
-        private: bool,
-        prox_mu: Any,
-        proximal: bool,
-        generator: Any,
-    ) -> Any:
+    def _run_graph(self, args: RunArgs, generator: Any) -> Any:
         import tensorflow as tf
 
-        n = tf.shape(x)[0]
+        n = tf.shape(args.x)[0]
         total = tf.constant(0, tf.int64)
         anchors = (
-            [tf.identity(tf.convert_to_tensor(v)) for v in self._variables] if proximal else []
+            [tf.identity(tf.convert_to_tensor(v)) for v in self._variables] if args.proximal else []
         )
-        for _ in tf.range(steps):
-            chosen = tf.where(generator.uniform([n], dtype=tf.float32) < rate)[:, 0]
-            xb, yb = tf.gather(x, chosen), tf.gather(y, chosen)
+        for _ in tf.range(args.steps):
+            chosen = tf.where(generator.uniform([n], dtype=tf.float32) < args.rate)[:, 0]
+            xb, yb = tf.gather(args.x, chosen), tf.gather(args.y, chosen)
             # FedProx's pull is taken at the step's starting point (read before the step).
             pulls = (
-                [prox_mu * (v - a) for v, a in zip(self._variables, anchors, strict=True)]
-                if proximal
+                [args.prox_mu * (v - a) for v, a in zip(self._variables, anchors, strict=True)]
+                if args.proximal
                 else []
             )
-            if private:
-                self._dp_step_graph(xb, yb, lr, clip, noise_std, denom, generator)
+            if args.private:
+                self._dp_step_graph(
+                    xb, yb, args.lr, args.clip, args.noise_std, args.denom, generator
+                )
             else:
-                self._sgd_step_graph(xb, yb, lr, denom)
+                self._sgd_step_graph(xb, yb, args.lr, args.denom)
             for variable, pull in zip(self._variables, pulls, strict=False):
-                variable.assign_sub(lr * pull)
+                variable.assign_sub(args.lr * pull)
             total += tf.size(chosen, out_type=tf.int64)
         return total
 
 
-class DPSGD(PoissonTrainer):
+class DPSGD(PaddedXLALoop, PoissonTrainer):
     """Compiled DP-SGD and plain SGD steps for one Dense-only Keras model.
 
     Build it once per model (see :func:`trainer_for`) and reuse it: the TensorFlow graphs
-    are traced on first use. Every method updates the model's weights in place.
+    are traced on first use, and XLA compiles the step loop once per data set size, chunk
+    length and padded batch size. Every method updates the model's weights in place.
 
     Args:
         model: a model built by :func:`peer.training.model.build_model` (or any model whose
             weighted layers are biased Dense layers).
         loss: per-example loss of ``(labels, last layer's output)``
             (:mod:`peer.training.losses`); binary logit by default.
+        xla: run the steps in the padded, XLA-compiled loop (:mod:`.padded_xla`) or in
+            :class:`PoissonTrainer`'s graph loop of unpadded batches. None (default) picks
+            XLA for models of at most ``XLA_MAX_PARAMETERS`` parameters, whose steps are
+            mostly TensorFlow's per-operation overhead, which XLA removes; larger models
+            are dominated by their matrix products, which TensorFlow's own (oneDNN) kernels
+            do faster than XLA's here, and they would pay for the padding.
     """
 
-    def __init__(self, model: keras.Model, loss: Loss = binary_logit_loss) -> None:
+    def __init__(
+        self, model: keras.Model, loss: Loss = binary_logit_loss, xla: bool | None = None
+    ) -> None:
         import tensorflow as tf
 
         self.model = model
@@ -256,16 +264,21 @@ class DPSGD(PoissonTrainer):
         self._n_params = sum(int(np.prod(v.shape)) for v in self._kernels + self._biases)
         x_spec = tf.TensorSpec([None, self._n_features], tf.float32)
         y_spec = tf.TensorSpec([None], tf.float32)
-        scalar = tf.TensorSpec([], tf.float32)
-        # The generator is a traced argument (one trace per generator), so this function
-        # cannot have an input signature; reduce_retracing makes the batch dimension dynamic.
-        self._dp_step = tf.function(self._dp_step_graph, reduce_retracing=True)
-        self._sgd_step = tf.function(
-            self._sgd_step_graph,
-            input_signature=[x_spec, y_spec, scalar, scalar],
-        )
         self._norms = tf.function(self._norms_graph, input_signature=[x_spec, y_spec])
-        self._run = tf.function(self._run_graph, reduce_retracing=True)
+        self.xla = self._n_params <= XLA_MAX_PARAMETERS if xla is None else xla
+        # The public steps of PoissonTrainer call these three.
+        if self.xla:
+            self._dp_step = self._padded_dp_step
+            self._sgd_step = self._padded_sgd_step
+            self._run = self._padded_run
+        else:
+            scalar = tf.TensorSpec([], tf.float32)
+            self._dp_step = tf.function(self._dp_step_graph, reduce_retracing=True)
+            self._sgd_step = tf.function(
+                self._sgd_step_graph, input_signature=[x_spec, y_spec, scalar, scalar]
+            )
+            self._run = tf.function(self._run_graph, reduce_retracing=True)
+        self._compile_padded_loop()
 
     # ------------------------------------------------------------------ public steps
 
@@ -286,7 +299,7 @@ class DPSGD(PoissonTrainer):
             parts.append(tf.reduce_sum(clipped, axis=0))
         return np.concatenate([np.asarray(p.numpy(), dtype=np.float64) for p in parts])
 
-    # ------------------------------------------------------------------ graphs
+    # ------------------------------------------------------------------ step pieces
 
     def _tensors(self, x: npt.ArrayLike, y: npt.ArrayLike) -> tuple[tf.Tensor, tf.Tensor]:
         import tensorflow as tf
@@ -300,8 +313,11 @@ class DPSGD(PoissonTrainer):
             )
         return tf.constant(xa), tf.constant(ya)
 
-    def _forward_pieces(self, x: Any, y: Any) -> tuple[Any, list[Any], list[Any]]:
-        """Per-example losses, every layer's input ``a`` and the gradients ``g`` at its ``z``."""
+    def _forward_pieces(
+        self, x: Any, y: Any, weights: Any = None
+    ) -> tuple[Any, list[Any], list[Any]]:
+        """Per-example losses, every layer's input ``a`` and the gradients ``g`` at its ``z``
+        (rows of zero weight get ``g = 0`` exactly)."""
         import tensorflow as tf
 
         with tf.GradientTape() as tape:
@@ -316,8 +332,8 @@ class DPSGD(PoissonTrainer):
                 outputs.append(z)
                 a = z if i == last else act(z)
             losses = self._loss(y, a)
-            total = tf.reduce_sum(losses)
-        # The summed loss's gradient at z has row i equal to dloss_i/dz_i, because no
+            total = tf.reduce_sum(losses if weights is None else losses * weights)
+        # The summed loss's gradient at z has row i equal to w_i dloss_i/dz_i, because no
         # layer mixes examples.
         grads = tape.gradient(total, outputs)
         return losses, inputs, grads
@@ -340,17 +356,24 @@ class DPSGD(PoissonTrainer):
         return tf.sqrt(self._squared_norms(inputs, grads))
 
     def _apply_dp(
-        self, x: Any, y: Any, lr: Any, clip: Any, noise_std: Any, denom: Any, generator: Any
+        self,
+        x: Any,
+        y: Any,
+        weights: Any,
+        normal: Any,
+        lr: Any,
+        clip: Any,
+        noise_std: Any,
+        denom: Any,
     ) -> None:
         import tensorflow as tf
 
-        _, inputs, grads = self._forward_pieces(x, y)
+        _, inputs, grads = self._forward_pieces(x, y, weights)
         norms = tf.sqrt(self._squared_norms(inputs, grads))
         factors = tf.minimum(1.0, clip / tf.maximum(norms, _TINY))[:, None]
         scale = lr / denom
-        # One draw for the whole parameter vector: each stateful generator op is a
-        # synchronisation point, and per-variable draws cost more than the noise itself.
-        noise = generator.normal([self._n_params], dtype=tf.float32) * noise_std
+        # ``normal``: this step's N(0, 1) draw for the whole parameter vector.
+        noise = noise_std * normal
         offset = 0
         for a, g, kernel, bias in zip(inputs, grads, self._kernels, self._biases, strict=True):
             clipped = g * factors
@@ -363,10 +386,20 @@ class DPSGD(PoissonTrainer):
             kernel.assign_sub(scale * grad_w)
             bias.assign_sub(scale * grad_b)
 
-    def _apply_sgd(self, x: Any, y: Any, lr: Any, denom: Any) -> None:
+    def _dp_step_graph(
+        self, x: Any, y: Any, lr: Any, clip: Any, noise_std: Any, denom: Any, generator: Any
+    ) -> None:
         import tensorflow as tf
 
-        variables = [v for pair in zip(self._kernels, self._biases, strict=True) for v in pair]
+        normal = generator.normal([self._n_params], dtype=tf.float32)
+        self._apply_dp(x, y, None, normal, lr, clip, noise_std, denom)
+
+    def _sgd_step_graph(self, x: Any, y: Any, lr: Any, denom: Any) -> None:
+        self._apply_sgd(x, y, None, lr, denom)
+
+    def _apply_sgd(self, x: Any, y: Any, weights: Any, lr: Any, denom: Any) -> None:
+        import tensorflow as tf
+
         with tf.GradientTape() as tape:
             a = x
             last = len(self._kernels) - 1
@@ -375,26 +408,16 @@ class DPSGD(PoissonTrainer):
             ):
                 z = tf.matmul(a, kernel) + bias
                 a = z if i == last else act(z)
-            total = tf.reduce_sum(self._loss(y, a))
+            losses = self._loss(y, a)
+            total = tf.reduce_sum(losses if weights is None else losses * weights)
         scale = lr / denom
+        variables = self._variables
         for variable, grad in zip(variables, tape.gradient(total, variables), strict=True):
             variable.assign_sub(scale * grad)
 
-    def _dp_step_graph(
-        self,
-        x: Any,
-        y: Any,
-        lr: Any,
-        clip: Any,
-        noise_std: Any,
-        denom: Any,
-        generator: Any,
-    ) -> None:
-        self._apply_dp(x, y, lr, clip, noise_std, denom, generator)
 
-    def _sgd_step_graph(self, x: Any, y: Any, lr: Any, denom: Any) -> None:
-        self._apply_sgd(x, y, lr, denom)
-
+# DPSGD's default: XLA up to this many parameters (see its ``xla`` argument).
+XLA_MAX_PARAMETERS = 1 << 17
 
 _TRAINERS: weakref.WeakKeyDictionary[Any, DPSGD] = weakref.WeakKeyDictionary()
 

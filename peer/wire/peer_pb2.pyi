@@ -269,8 +269,13 @@ class AdvertisedKeys(_message.Message):
     SESSION_ID_FIELD_NUMBER: _builtins.int
     ROUND_FIELD_NUMBER: _builtins.int
     ADVERTS_FIELD_NUMBER: _builtins.int
+    COMPACT_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     round: _builtins.int
+    compact: _builtins.bool
+    """Issue 11 (compact wire forms, peer/codec_compact.py): the adverts carry no session_id /
+    round of their own, they are this message's.
+    """
     @_builtins.property
     def adverts(self) -> _containers.RepeatedCompositeFieldContainer[Global___AdvertiseKeys]: ...
     def __init__(
@@ -279,10 +284,11 @@ class AdvertisedKeys(_message.Message):
         session_id: _builtins.str = ...,
         round: _builtins.int = ...,
         adverts: _abc.Iterable[Global___AdvertiseKeys] | None = ...,
+        compact: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adverts", b"adverts", "round", b"round", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adverts", b"adverts", "compact", b"compact", "round", b"round", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -359,8 +365,15 @@ class UnmaskRequest(_message.Message):
     DROPPED_FIELD_NUMBER: _builtins.int
     SIGNATURES_FIELD_NUMBER: _builtins.int
     MASKED_FIELD_NUMBER: _builtins.int
+    IDS_FIELD_NUMBER: _builtins.int
+    SURVIVORS_BITMAP_FIELD_NUMBER: _builtins.int
+    DROPPED_BITMAP_FIELD_NUMBER: _builtins.int
+    COMPACT_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     round: _builtins.int
+    survivors_bitmap: _builtins.bytes
+    dropped_bitmap: _builtins.bytes
+    compact: _builtins.bool
     @_builtins.property
     def survivors(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -369,6 +382,14 @@ class UnmaskRequest(_message.Message):
     def signatures(self) -> _containers.RepeatedCompositeFieldContainer[Global___ConsistencySignature]: ...
     @_builtins.property
     def masked(self) -> _containers.RepeatedCompositeFieldContainer[Global___MaskedHeader]: ...
+    @_builtins.property
+    def ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Issue 11 (compact wire forms, peer/codec_compact.py): `ids` is the table the bitmaps
+        below and MaskedHeader.partners index; a list is sent as a bitmap instead of its ids
+        when the table's order reproduces it. `compact`: the signatures carry no session_id /
+        round of their own, they are this message's.
+        """
+
     def __init__(
         self,
         *,
@@ -378,10 +399,14 @@ class UnmaskRequest(_message.Message):
         dropped: _abc.Iterable[_builtins.str] | None = ...,
         signatures: _abc.Iterable[Global___ConsistencySignature] | None = ...,
         masked: _abc.Iterable[Global___MaskedHeader] | None = ...,
+        ids: _abc.Iterable[_builtins.str] | None = ...,
+        survivors_bitmap: _builtins.bytes = ...,
+        dropped_bitmap: _builtins.bytes = ...,
+        compact: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dropped", b"dropped", "masked", b"masked", "round", b"round", "session_id", b"session_id", "signatures", b"signatures", "survivors", b"survivors"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compact", b"compact", "dropped", b"dropped", "dropped_bitmap", b"dropped_bitmap", "ids", b"ids", "masked", b"masked", "round", b"round", "session_id", b"session_id", "signatures", b"signatures", "survivors", b"survivors", "survivors_bitmap", b"survivors_bitmap"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -397,9 +422,12 @@ class MaskedHeader(_message.Message):
     MASKED_WITH_FIELD_NUMBER: _builtins.int
     VECTOR_SHA256_FIELD_NUMBER: _builtins.int
     SIGNATURE_FIELD_NUMBER: _builtins.int
+    PARTNERS_FIELD_NUMBER: _builtins.int
     sender: _builtins.str
     vector_sha256: _builtins.bytes
     signature: _builtins.bytes
+    partners: _builtins.bytes
+    """masked_with as a bitmap over the enclosing message's `ids` (instead of masked_with)"""
     @_builtins.property
     def masked_with(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -409,10 +437,11 @@ class MaskedHeader(_message.Message):
         masked_with: _abc.Iterable[_builtins.str] | None = ...,
         vector_sha256: _builtins.bytes = ...,
         signature: _builtins.bytes = ...,
+        partners: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["masked_with", b"masked_with", "sender", b"sender", "signature", b"signature", "vector_sha256", b"vector_sha256"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["masked_with", b"masked_with", "partners", b"partners", "sender", b"sender", "signature", b"signature", "vector_sha256", b"vector_sha256"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -485,6 +514,8 @@ class Statement(_message.Message):
     AGGREGATE_FIELD_NUMBER: _builtins.int
     SIGNATURE_FIELD_NUMBER: _builtins.int
     MASK_KEYS_FIELD_NUMBER: _builtins.int
+    IDS_FIELD_NUMBER: _builtins.int
+    COMPACT_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     round: _builtins.int
     aggregator: _builtins.str
@@ -493,6 +524,7 @@ class Statement(_message.Message):
     """little-endian words"""
     signature: _builtins.bytes
     """the aggregator's, over the statement's digest"""
+    compact: _builtins.bool
     @_builtins.property
     def adverts(self) -> _containers.RepeatedCompositeFieldContainer[Global___AdvertiseKeys]: ...
     @_builtins.property
@@ -506,6 +538,12 @@ class Statement(_message.Message):
     @_builtins.property
     def mask_keys(self) -> _containers.RepeatedCompositeFieldContainer[Global___Addressed]:
         """(dropped partner, its mask private key), reconstructed"""
+
+    @_builtins.property
+    def ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Issue 11 (compact wire forms): the table MaskedHeader.partners index, and `compact`:
+        adverts and consistency signatures carry no session_id / round, they are this message's.
+        """
 
     def __init__(
         self,
@@ -521,10 +559,12 @@ class Statement(_message.Message):
         aggregate: _builtins.bytes = ...,
         signature: _builtins.bytes = ...,
         mask_keys: _abc.Iterable[Global___Addressed] | None = ...,
+        ids: _abc.Iterable[_builtins.str] | None = ...,
+        compact: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adverts", b"adverts", "aggregate", b"aggregate", "aggregator", b"aggregator", "bits", b"bits", "consistency", b"consistency", "mask_keys", b"mask_keys", "masked", b"masked", "round", b"round", "seeds", b"seeds", "session_id", b"session_id", "signature", b"signature"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adverts", b"adverts", "aggregate", b"aggregate", "aggregator", b"aggregator", "bits", b"bits", "compact", b"compact", "consistency", b"consistency", "ids", b"ids", "mask_keys", b"mask_keys", "masked", b"masked", "round", b"round", "seeds", b"seeds", "session_id", b"session_id", "signature", b"signature"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -570,11 +610,18 @@ class LinearAnswers(_message.Message):
     STATEMENT_SHA256_FIELD_NUMBER: _builtins.int
     ANSWERS_FIELD_NUMBER: _builtins.int
     SIGNATURE_FIELD_NUMBER: _builtins.int
+    PACKED_FIELD_NUMBER: _builtins.int
+    ANSWER_BYTES_FIELD_NUMBER: _builtins.int
     sender: _builtins.str
     session_id: _builtins.str
     round: _builtins.int
     statement_sha256: _builtins.bytes
     signature: _builtins.bytes
+    packed: _builtins.bytes
+    """Issue 11: the answers as little-endian words of `answer_bytes` bytes each (instead of
+    the varints of `answers`).
+    """
+    answer_bytes: _builtins.int
     @_builtins.property
     def answers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     def __init__(
@@ -586,10 +633,12 @@ class LinearAnswers(_message.Message):
         statement_sha256: _builtins.bytes = ...,
         answers: _abc.Iterable[_builtins.int] | None = ...,
         signature: _builtins.bytes = ...,
+        packed: _builtins.bytes = ...,
+        answer_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["answers", b"answers", "round", b"round", "sender", b"sender", "session_id", b"session_id", "signature", b"signature", "statement_sha256", b"statement_sha256"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer_bytes", b"answer_bytes", "answers", b"answers", "packed", b"packed", "round", b"round", "sender", b"sender", "session_id", b"session_id", "signature", b"signature", "statement_sha256", b"statement_sha256"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -608,9 +657,14 @@ class ProofAnswers(_message.Message):
     STATEMENT_SHA256_FIELD_NUMBER: _builtins.int
     ANSWERS_FIELD_NUMBER: _builtins.int
     INPUTS_FIELD_NUMBER: _builtins.int
+    COMPACT_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     round: _builtins.int
     statement_sha256: _builtins.bytes
+    compact: _builtins.bool
+    """Issue 11: the answers carry no session_id / round / statement_sha256, they are this
+    message's.
+    """
     @_builtins.property
     def answers(self) -> _containers.RepeatedCompositeFieldContainer[Global___LinearAnswers]: ...
     @_builtins.property
@@ -623,10 +677,11 @@ class ProofAnswers(_message.Message):
         statement_sha256: _builtins.bytes = ...,
         answers: _abc.Iterable[Global___LinearAnswers] | None = ...,
         inputs: _abc.Iterable[Global___MaskedInput] | None = ...,
+        compact: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["answers", b"answers", "inputs", b"inputs", "round", b"round", "session_id", b"session_id", "statement_sha256", b"statement_sha256"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answers", b"answers", "compact", b"compact", "inputs", b"inputs", "round", b"round", "session_id", b"session_id", "statement_sha256", b"statement_sha256"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -641,6 +696,13 @@ class SuccinctTranscript(_message.Message):
     STATEMENT_FIELD_NUMBER: _builtins.int
     ANSWERS_FIELD_NUMBER: _builtins.int
     INPUTS_FIELD_NUMBER: _builtins.int
+    STATEMENT_SHA256_FIELD_NUMBER: _builtins.int
+    COMPACT_FIELD_NUMBER: _builtins.int
+    statement_sha256: _builtins.bytes
+    """Issue 11: with `compact`, the answers carry no session_id / round (the statement's) nor
+    statement_sha256 (this one).
+    """
+    compact: _builtins.bool
     @_builtins.property
     def statement(self) -> Global___Statement: ...
     @_builtins.property
@@ -653,10 +715,12 @@ class SuccinctTranscript(_message.Message):
         statement: Global___Statement | None = ...,
         answers: _abc.Iterable[Global___LinearAnswers] | None = ...,
         inputs: _abc.Iterable[Global___MaskedInput] | None = ...,
+        statement_sha256: _builtins.bytes = ...,
+        compact: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["statement", b"statement"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["answers", b"answers", "inputs", b"inputs", "statement", b"statement"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answers", b"answers", "compact", b"compact", "inputs", b"inputs", "statement", b"statement", "statement_sha256", b"statement_sha256"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -788,6 +852,7 @@ class RoundHello(_message.Message):
     EPSILON_FIELD_NUMBER: _builtins.int
     CHAIN_HEAD_FIELD_NUMBER: _builtins.int
     PRIOR_VOTE_FIELD_NUMBER: _builtins.int
+    VOTE_STATEMENT_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     round: _builtins.int
     attempt: _builtins.int
@@ -802,6 +867,12 @@ class RoundHello(_message.Message):
         signature (peer/ledger/_votes.py): the aggregator collects such votes again.
         """
 
+    @_builtins.property
+    def vote_statement(self) -> Global___VoteStatement:
+        """This peer's signed statement of its vote as this attempt starts (peer/ledger/_votes.py):
+        relayed to the peers that hold a vote of an earlier attempt, so they can release it.
+        """
+
     def __init__(
         self,
         *,
@@ -812,14 +883,53 @@ class RoundHello(_message.Message):
         epsilon: _builtins.float = ...,
         chain_head: _builtins.bytes = ...,
         prior_vote: Global___AgreedRecord | None = ...,
+        vote_statement: Global___VoteStatement | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["prior_vote", b"prior_vote"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["prior_vote", b"prior_vote", "vote_statement", b"vote_statement"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "chain_head", b"chain_head", "epsilon", b"epsilon", "peer_id", b"peer_id", "prior_vote", b"prior_vote", "round", b"round", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "chain_head", b"chain_head", "epsilon", b"epsilon", "peer_id", b"peer_id", "prior_vote", b"prior_vote", "round", b"round", "session_id", b"session_id", "vote_statement", b"vote_statement"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RoundHello: _TypeAlias = RoundHello  # noqa: Y015
+
+@_typing.final
+class VoteStatement(_message.Message):
+    """"As attempt `attempt` of this round starts, my only signed record of it is `vote_hash`
+    (empty: none), and I sign no record of an earlier attempt" (peer/round/agreement.py).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    ROUND_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    PEER_ID_FIELD_NUMBER: _builtins.int
+    VOTE_HASH_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    round: _builtins.int
+    attempt: _builtins.int
+    peer_id: _builtins.str
+    vote_hash: _builtins.bytes
+    signature: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        round: _builtins.int = ...,
+        attempt: _builtins.int = ...,
+        peer_id: _builtins.str = ...,
+        vote_hash: _builtins.bytes = ...,
+        signature: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "peer_id", b"peer_id", "round", b"round", "session_id", b"session_id", "signature", b"signature", "vote_hash", b"vote_hash"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VoteStatement: _TypeAlias = VoteStatement  # noqa: Y015
 
 @_typing.final
 class RecordDraft(_message.Message):
@@ -829,18 +939,26 @@ class RecordDraft(_message.Message):
 
     PREV_HASH_FIELD_NUMBER: _builtins.int
     EPSILON_JSON_FIELD_NUMBER: _builtins.int
+    VOTE_STATEMENTS_FIELD_NUMBER: _builtins.int
     prev_hash: _builtins.bytes
     epsilon_json: _builtins.str
     """{peer: epsilon} as claimed in the hellos"""
+    @_builtins.property
+    def vote_statements(self) -> _containers.RepeatedCompositeFieldContainer[Global___VoteStatement]:
+        """The participants' vote statements, when some participant announced a vote of an earlier
+        attempt: enough of them release that vote (peer/round/agreement.py).
+        """
+
     def __init__(
         self,
         *,
         prev_hash: _builtins.bytes = ...,
         epsilon_json: _builtins.str = ...,
+        vote_statements: _abc.Iterable[Global___VoteStatement] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["epsilon_json", b"epsilon_json", "prev_hash", b"prev_hash"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epsilon_json", b"epsilon_json", "prev_hash", b"prev_hash", "vote_statements", b"vote_statements"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1205,6 +1323,7 @@ class SessionStatus(_message.Message):
     CURRENT_AGGREGATOR_FIELD_NUMBER: _builtins.int
     DETAIL_FIELD_NUMBER: _builtins.int
     RECORDS_FIELD_NUMBER: _builtins.int
+    CURRENT_ATTEMPT_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     state: _builtins.str
     """peer/session_state.py: proposed / accepted / refused / running / settling / finished /
@@ -1216,6 +1335,11 @@ class SessionStatus(_message.Message):
     current_round: _builtins.int
     current_aggregator: _builtins.str
     detail: _builtins.str
+    current_attempt: _builtins.int
+    """The attempt of current_round this peer runs (its aggregator is current_aggregator):
+    a peer that fell behind or restarted joins the others' attempt, not one with the same
+    aggregator n attempts later (peer/runner.py attempt_hint).
+    """
     @_builtins.property
     def records(self) -> _containers.RepeatedCompositeFieldContainer[Global___AgreedRecord]: ...
     def __init__(
@@ -1230,10 +1354,11 @@ class SessionStatus(_message.Message):
         current_aggregator: _builtins.str = ...,
         detail: _builtins.str = ...,
         records: _abc.Iterable[Global___AgreedRecord] | None = ...,
+        current_attempt: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["current_aggregator", b"current_aggregator", "current_round", b"current_round", "current_stage", b"current_stage", "detail", b"detail", "records", b"records", "rounds_agreed", b"rounds_agreed", "rounds_planned", b"rounds_planned", "session_id", b"session_id", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["current_aggregator", b"current_aggregator", "current_attempt", b"current_attempt", "current_round", b"current_round", "current_stage", b"current_stage", "detail", b"detail", "records", b"records", "rounds_agreed", b"rounds_agreed", "rounds_planned", b"rounds_planned", "session_id", b"session_id", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -101,6 +101,28 @@ class LedgerBuilder:
             )
             ledger.decide_session(session_id, accept=True)
 
+    def accept(self, session_id: str, forged_by: str | None = None) -> None:
+        """Store every participant's signed acceptance of the proposal as ``Start`` does
+        (peer/service.py). ``forged_by``: that member signs the last participant's
+        acceptance with its own key, in the victim's name."""
+        from peer.acceptances import proposal_digest
+        from peer.beacon import commit, commitment_signed_bytes
+
+        signers = self.signers()
+        with self.open() as ledger:
+            session = ledger.session(session_id)
+            assert session is not None
+            digest = proposal_digest(session)
+            ledger.session_nonce(session_id, lambda: b"\x07" * 32)
+            commitments = {}
+            for index, peer in enumerate(self.peers):
+                commitment = commit(digest, peer, bytes([index]) * 32)
+                victim = forged_by is not None and peer == self.peers[-1]
+                signer = signers[forged_by] if victim and forged_by else signers[peer]
+                signed = commitment_signed_bytes(digest, peer, commitment)
+                commitments[peer] = (commitment, signer.sign(signed))
+            ledger.store_commitments(session_id, commitments)
+
     def agree_round(
         self,
         session_id: str,
@@ -176,3 +198,124 @@ class LedgerBuilder:
             ledger.record_statistics(
                 query_id, session_id, round_, query=query, result=result, epsilon=epsilon
             )
+
+
+class EvidenceLedger:
+    """A ledger of a secure-aggregation session as a peer keeps it: the accepted proposal
+    (n = 5, t = 4, c = 1, vectors of 24), each round run in memory (secagg.simulate) and
+    agreed with every peer's signature, and, unless told otherwise, the round's evidence
+    (its parameters and succinct transcript) that ``peer verify-ledger`` re-checks.
+
+    The peers are the simulator's, with its deterministic test keys (:meth:`verifiers`)."""
+
+    SESSION = "study"
+    PEERS, LENGTH, THRESHOLD, COLLUDERS = 5, 24, 4, 1
+
+    def __init__(self, directory: Path) -> None:
+        from peer.session import SessionProposal
+        from secagg import testing
+        from secagg.simulate import simulate
+
+        self.path = directory / "ledger.db"
+        self.peers = simulate(
+            self.PEERS, self.LENGTH, threshold=self.THRESHOLD, colluders=self.COLLUDERS
+        ).peers
+        self._signers, self._verifiers = testing.test_identities(self.peers, 3)
+        proposal = SessionProposal(
+            self.SESSION,
+            participants=self.peers,
+            rounds=5,
+            threshold=self.THRESHOLD,
+            payload={"kind": "vector", "length": self.LENGTH},
+            colluders=self.COLLUDERS,
+        )
+        with self.open() as ledger:
+            ledger.create()
+            ledger.record_proposal(
+                self.SESSION,
+                proposal.document(),
+                proposer=self.peers[0],
+                participants=self.peers,
+                threshold=self.THRESHOLD,
+                rounds_planned=5,
+            )
+            ledger.decide_session(self.SESSION, accept=True)
+
+    @property
+    def url(self) -> str:
+        return f"sqlite:///{self.path}"
+
+    def open(self) -> Ledger:
+        return Ledger(self.url, StepClock())
+
+    def verifiers(self) -> dict[str, Verifier]:
+        return dict(self._verifiers)
+
+    def accept(self) -> None:
+        """Store every participant's signed acceptance of the proposal (as ``Start`` does)."""
+        from peer.acceptances import proposal_digest
+        from peer.beacon import commit, commitment_signed_bytes
+
+        with self.open() as ledger:
+            session = ledger.session(self.SESSION)
+            assert session is not None
+            digest = proposal_digest(session)
+            ledger.session_nonce(self.SESSION, lambda: b"\x07" * 32)
+            commitments = {}
+            for index, peer in enumerate(self.peers):
+                commitment = commit(digest, peer, bytes([index]) * 32)
+                signed = commitment_signed_bytes(digest, peer, commitment)
+                commitments[peer] = (commitment, self._signers[peer].sign(signed))
+            ledger.store_commitments(self.SESSION, commitments)
+
+    def agree(self, round_: int, *, evidence: bool = True) -> None:
+        """Run round ``round_`` under the accepted parameters and store it as a peer does."""
+        from peer.codec import encode
+        from peer.ledger import StoredProof
+        from peer.round.agreement import aggregate_hash
+        from secagg import RoundConfig
+        from secagg.simulate import simulate
+
+        result = simulate(
+            self.PEERS,
+            self.LENGTH,
+            threshold=self.THRESHOLD,
+            colluders=self.COLLUDERS,
+            session_id=self.SESSION,
+            round_=round_,
+            seed=3,  # the identities' seed (secagg.testing)
+        )
+        transcript = result.succinct
+        assert transcript is not None
+        with self.open() as ledger:
+            record = AgreedRecord.build(
+                self.SESSION,
+                round_,
+                aggregate_hash=aggregate_hash(transcript.statement.aggregate),
+                model_hash=sha256(b"model", canonical(round_)),
+                metrics={"accuracy": 0.5 + round_ / 100, "survivors": list(transcript.survivors)},
+                epsilon={},
+                prev_hash=ledger.session_head(self.SESSION),
+            )
+            ledger.append_agreed(
+                record, {u: self._signers[u].sign(record.payload()) for u in self.peers}
+            )
+            if evidence:
+                config = RoundConfig(
+                    self.SESSION,
+                    round_,
+                    self.peers,
+                    self.THRESHOLD,
+                    self.LENGTH,
+                    colluders=self.COLLUDERS,
+                )
+                ledger.store_round_proof(
+                    StoredProof(
+                        self.SESSION,
+                        round_,
+                        0,
+                        transcript.aggregator,
+                        json.dumps(config.as_dict(), sort_keys=True),
+                        encode(transcript)[1],
+                    )
+                )

@@ -139,6 +139,15 @@ def wait_for(driver: Any, condition: Callable[[], bool], what: str, timeout: flo
     pytest.fail(f"timed out waiting for {what}; the page shows:\n{body}")
 
 
+def show(driver: Any, view: str, marker: str) -> None:
+    """Pick a part of the page (the radio button of ``view``) and wait until the element
+    ``marker`` (an id) of that part is drawn."""
+    from selenium.webdriver.common.by import By
+
+    driver.find_element(By.CSS_SELECTOR, f"#view input[value='{view}']").click()
+    wait_for(driver, lambda: bool(driver.find_elements(By.ID, marker)), f"the {view} part")
+
+
 def chart_titles(driver: Any) -> list[str]:
     from selenium.webdriver.common.by import By
 
@@ -201,19 +210,48 @@ def test_page_shows_the_agreed_rounds_and_follows_new_ones(
     )
     url = serve(builder.url, builder.verifiers(), interval_s=0.5)
 
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
     browser.get(url)
     wait_for(browser, lambda: "Ledger verified" in text_of(browser, "verdict"), "the verdict")
-    wait_for(browser, lambda: len(chart_titles(browser)) >= 4, "the charts")
-    titles = chart_titles(browser)
-    for title in (
-        "Global model quality",
-        "Global loss",
-        "Hospitals contributing per round",
-        "ε spent per round, by hospital",
-        "Cumulative ε against budget",
-        "Round duration",
-    ):
-        assert title in titles
+    # At load only the global model's part is drawn; each other part when picked.
+    wait_for(browser, lambda: len(chart_titles(browser)) >= 2, "the charts")
+    assert {"Global model quality", "Global loss"} <= set(chart_titles(browser))
+    assert not browser.find_elements(By.ID, "privacy-table")
+    # Keyboard: the parts are native radio buttons, the arrow keys pick the next one.
+    browser.find_element(By.CSS_SELECTOR, "#view input[value='metrics']").send_keys(
+        Keys.ARROW_RIGHT
+    )
+    wait_for(browser, lambda: bool(browser.find_elements(By.ID, "privacy-table")), "privacy")
+    wait_for(browser, lambda: len(chart_titles(browser)) >= 2, "the privacy charts")
+    assert {"ε spent per round, by hospital", "Cumulative ε against budget"} <= set(
+        chart_titles(browser)
+    )
+    assert not browser.find_elements(By.ID, "metrics-table")  # not drawn while hidden
+    privacy = table_rows(browser, "privacy-table")
+    assert privacy[-1] == ["2", "hospital-c", "0.250", "0.500", "2.000", "1.500"]
+    show(browser, "stats", "stats-table")
+    assert table_rows(browser, "stats-table")[0][:5] == [
+        "cohort-malignant",
+        "2",
+        '{"count": "diagnosis = M"}',
+        '{"count": 212}',
+        "0.500",
+    ]
+    show(browser, "trust", "trust-table")
+    assert table_rows(browser, "trust-table")[-1][:4] == [
+        "2",
+        "3 of 3",
+        "2",
+        "hospital-a, hospital-b, hospital-c",
+    ]
+    show(browser, "participation", "participation-table")
+    wait_for(browser, lambda: len(chart_titles(browser)) >= 2, "the participation charts")
+    assert {"Hospitals contributing per round", "Round duration"} <= set(chart_titles(browser))
+    participation = table_rows(browser, "participation-table")
+    assert participation[1][:5] == ["2", "agreed", "2", "hospital-b", "3 of 3"]
+    show(browser, "metrics", "metrics-table")
     assert "0.874" in text_of(browser, "card-accuracy")
     assert "latest model, after round 2" in text_of(browser, "card-accuracy")
     assert text_of(browser, "card-signatures").endswith("3 of 3")
@@ -227,25 +265,10 @@ def test_page_shows_the_agreed_rounds_and_follows_new_ones(
         "0.41",
         "agreed",
     ]
-    assert table_rows(browser, "trust-table")[-1][:4] == [
-        "2",
-        "3 of 3",
-        "2",
-        "hospital-a, hospital-b, hospital-c",
-    ]
-    assert table_rows(browser, "stats-table")[0][:5] == [
-        "cohort-malignant",
-        "2",
-        '{"count": "diagnosis = M"}',
-        '{"count": 212}',
-        "0.500",
-    ]
-    privacy = table_rows(browser, "privacy-table")
-    assert privacy[-1] == ["2", "hospital-c", "0.250", "0.500", "2.000", "1.500"]
-    participation = table_rows(browser, "participation-table")
-    assert participation[1][:5] == ["2", "agreed", "2", "hospital-b", "3 of 3"]
 
-    # A new round, with hospital-c dropped out, must appear without reloading the page.
+    # A new round, with hospital-c dropped out, must appear without reloading the page,
+    # in the part being shown.
+    show(browser, "participation", "participation-table")
     browser.execute_script("window.__notReloaded = true;")
     builder.agree_round(
         "s1",
@@ -260,6 +283,7 @@ def test_page_shows_the_agreed_rounds_and_follows_new_ones(
     assert text_of(browser, "card-signatures") == "Signatures, round 3\n2 of 3"
     assert text_of(browser, "card-rounds").endswith("3 of 3")
     wait_for(browser, lambda: "3 agreed record(s)" in text_of(browser, "verdict"), "re-check")
+    wait_for(browser, lambda: len(table_rows(browser, "participation-table")) == 3, "row 3")
     last = table_rows(browser, "participation-table")[-1]
     assert last[:6] == ["3", "agreed", "1", "hospital-c", "2 of 3", "hospital-c (at masked)"]
 
@@ -306,6 +330,75 @@ def test_empty_ledger_and_session_selector(
     assert_only_local_requests(browser)
 
 
+def test_an_acceptance_signed_in_another_hospitals_name_shows_as_not_verifying(
+    browser: Any, serve: Callable[..., str], tmp_path: Path
+) -> None:
+    """The attack: hospital-a signs hospital-c's acceptance of the proposal with its own key.
+    With the roster, the page names hospital-c's acceptance as not verifying, in red."""
+    builder = LedgerBuilder.create(tmp_path)
+    builder.add_session("s1", rounds=2)
+    builder.accept("s1", forged_by="hospital-a")
+    builder.agree_round("s1", 1, {"accuracy": 0.8})
+    url = serve(builder.url, builder.verifiers(), interval_s=0.5)
+    browser.get(url)
+    # The forged acceptance fails the ledger check, as in verify-ledger: a red banner names it.
+    wait_for(browser, lambda: bool(browser.find_elements("id", "check-banner")), "the banner")
+    banner = text_of(browser, "check-banner")
+    assert "acceptance of the proposal by hospital-c: signature does not verify" in banner
+    summary = browser.find_element("id", "acceptance-summary")
+    assert "1 of 3: signature does NOT verify (hospital-c)" in summary.text
+    assert "2 of 3: accepted: signature verified" in summary.text
+    assert "bad-text" in str(summary.get_attribute("class"))
+    show(browser, "trust", "acceptance-table")
+    rows = table_rows(browser, "acceptance-table")
+    assert [row[:2] for row in rows] == [
+        ["hospital-a", "accepted: signature verified"],
+        ["hospital-b", "accepted: signature verified"],
+        ["hospital-c", "signature does NOT verify"],
+    ]
+    assert_no_console_errors(browser)
+
+
+def test_a_long_table_pages_by_keyboard(
+    browser: Any, serve: Callable[..., str], tmp_path: Path
+) -> None:
+    """27 privacy rows (9 rounds × 3 hospitals): the last 25 are shown, and "Earlier rows",
+    reached with Tab and pressed with Enter, shows the first ones."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    builder = LedgerBuilder.create(tmp_path)
+    builder.add_session("s1", rounds=9, privacy={"epsilon": 9.0})
+    for round_ in range(1, 10):
+        builder.agree_round("s1", round_, {"accuracy": 0.5 + round_ / 100})
+    url = serve(builder.url, interval_s=60)
+    browser.get(url)
+    wait_for(browser, lambda: "Ledger intact" in text_of(browser, "verdict"), "the verdict")
+    show(browser, "privacy", "privacy-table")
+    rows = table_rows(browser, "privacy-table")
+    assert len(rows) == 25
+    assert rows[0][:2] == ["1", "hospital-c"]
+    status = browser.find_element(By.CSS_SELECTOR, ".pager [aria-live]")
+    assert status.text == "Rows 3–27 of 27"
+    later, earlier = (
+        browser.find_element(By.XPATH, f"//button[text()='{label}']")
+        for label in ("Later rows", "Earlier rows")
+    )
+    assert not later.is_enabled()
+    # Keyboard only: the table region, then the button, then Enter.
+    browser.find_element(By.ID, "privacy-table").find_element(By.XPATH, "..").click()
+    browser.switch_to.active_element.send_keys(Keys.TAB)
+    assert browser.switch_to.active_element == earlier
+    earlier.send_keys(Keys.ENTER)
+    wait_for(browser, lambda: status.text == "Rows 1–25 of 27", "the first rows")
+    rows = table_rows(browser, "privacy-table")
+    assert rows[0][:2] == ["1", "hospital-a"]
+    assert rows[-1][:2] == ["9", "hospital-a"]
+    assert not earlier.is_enabled()
+    assert later.is_enabled()
+    assert_no_console_errors(browser)
+
+
 @pytest.mark.slow
 def test_real_federation(browser: Any, serve: Callable[..., str], tmp_path: Path) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "network"))
@@ -328,8 +421,10 @@ def test_real_federation(browser: Any, serve: Callable[..., str], tmp_path: Path
     assert text_of(browser, "card-rounds").endswith("2 of 2")
     signed = len(records[-1].signatures)
     assert text_of(browser, "card-signatures").endswith(f"{signed} of 3")
+    show(browser, "trust", "trust-table")
     trust = table_rows(browser, "trust-table")
     assert [row[0] for row in trust] == ["1", "2"]
+    show(browser, "participation", "participation-table")
     participation = table_rows(browser, "participation-table")
     aggregators = [str(r.record.metrics["aggregator"]) for r in records]
     assert [row[3] for row in participation] == aggregators
@@ -401,6 +496,7 @@ def test_two_sessions_side_by_side(browser: Any, serve: Callable[..., str], tmp_
     url = serve(builder.url, interval_s=0.5)
     browser.get(url)
     wait_for(browser, lambda: "eps-3 —" in text_of(browser, "session"), "the newest session")
+    browser.find_element(By.CSS_SELECTOR, "#view input[value='compare']").click()
     wait_for(browser, lambda: "Pick a second session" in text_of(browser, "compare-body"), "hint")
     browser.find_element(By.ID, "compare").click()
     option = next(

@@ -151,3 +151,142 @@ def test_a_page_asked_for_by_several_browsers_at_once_is_drawn_once() -> None:
     assert pages == [["page"]] * 4
     assert len(drawn) == 1
     assert cache.get("other", lambda: ["other page"]) == ["other page"]
+
+
+def test_only_the_picked_part_is_sent_and_the_headline_always(tmp_path: Path) -> None:
+    """A page opens on the global model: the other parts are sent (and drawn) only when
+    picked, from the page drawn once; the headline and the verdict are in every answer."""
+    from dashboard.app import _SECTIONS, VIEWS
+
+    builder = _four_planned(tmp_path)
+    client = create_app(builder.url, verifiers=builder.verifiers()).server.test_client()
+    layout = client.get("/_dash-layout").get_json()
+    ids = {c["props"].get("id") for c in _components(layout)}
+    assert {"metrics-table", "quality-chart", "verdict", "card-accuracy"} <= ids
+    assert not {"privacy-table", "trust-table", "participation-table"} & ids
+    assert _by_id(layout, "privacy-panel")["props"]["hidden"] is True
+    assert _by_id(layout, "metrics-panel")["props"]["hidden"] is False
+
+    source = LedgerSource(builder.url, verifiers=builder.verifiers())
+    cache = PageCache()
+    try:
+        first = _refresh(source, {}, system_clock, "s1", None, None, cache)
+        trust = _refresh(source, {}, system_clock, "s1", first[-1], None, cache, "trust")
+        # The same part again, nothing changed: nothing sent.
+        again = _refresh(source, {}, system_clock, "s1", trust[-1], None, cache, "trust")
+    finally:
+        source.close()
+    sections = dict(zip(_SECTIONS, trust[3 : 3 + len(_SECTIONS)], strict=True))
+    hidden = dict(zip((v for v, _ in VIEWS), trust[3 + len(_SECTIONS) :], strict=False))
+    assert "trust-table" in str(sections["trust"])
+    assert sections["metrics"] is None
+    assert sections["privacy"] is None
+    assert "Ledger verified" in str(sections["summary"])
+    assert hidden["trust"] is False
+    assert hidden["metrics"] is True
+    assert all(part is dash.no_update for part in again[:-3])
+
+
+def test_the_charts_script_is_the_partial_bundle_served_locally(tmp_path: Path) -> None:
+    from dashboard.app import PLOTLY_PARTIAL
+
+    builder = _four_planned(tmp_path)
+    client = create_app(builder.url).server.test_client()
+    index = client.get("/").get_data(as_text=True)
+    assert f"/_vendor/{PLOTLY_PARTIAL}" in index
+    script = client.get(f"/_vendor/{PLOTLY_PARTIAL}")
+    assert script.status_code == 200
+    # Every trace type the charts use is in it.
+    body = script.get_data(as_text=True)
+    script.close()
+    assert "cartesian" in body[:200]
+    for trace in ('"heatmap"', '"bar"', '"scatter"'):
+        assert trace in body
+    # Nothing else of the package is served (Dash answers unknown paths with its page).
+    assert "def create_app" not in client.get("/_vendor/..%2Fapp.py").get_data(as_text=True)
+    assert client.get("/_vendor/other.js").status_code == 404
+
+
+def test_the_read_started_with_the_page_request_is_the_layouts_once() -> None:
+    """The layout takes the read started when the page's HTML was asked for: one read per
+    load, never one older than ``max_age_s``, and page requests while a read runs start none."""
+    import threading
+
+    from dashboard.app import Prefetch
+
+    calls: list[int] = []
+    release = threading.Event()
+    now = [100.0]
+
+    def compute() -> list[Any]:
+        calls.append(1)
+        release.wait(5)
+        return [len(calls)]
+
+    prefetch = Prefetch(compute, max_age_s=2.0, monotonic=lambda: now[0])
+    prefetch.start()
+    prefetch.start()  # a second page request while the read runs: no second read
+    release.set()
+    assert prefetch.take() == [1]
+    assert len(calls) == 1
+    # Taken once: the next layout without a page request reads anew.
+    assert prefetch.take() == [2]
+    # A read started longer ago than max_age_s is not used.
+    prefetch.start()
+    deadline = time.monotonic() + 10
+    while len(calls) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)  # the background read has run
+    now[0] += 2.5
+    assert prefetch.take() == [4]
+    assert len(calls) == 4
+
+
+def test_a_page_request_then_its_layout_show_the_ledger_as_read(tmp_path: Path) -> None:
+    builder = _four_planned(tmp_path)
+    client = create_app(builder.url, verifiers=builder.verifiers()).server.test_client()
+    page = client.get("/")
+    assert page.status_code == 200
+    page.close()
+    layout = client.get("/_dash-layout").get_json()
+    assert _agreed_accuracy(layout) == [0.812, 0.901, 0.938]
+    # An edit afterwards: the next layout (no page request in between) reads it.
+    _edit_metric(builder.path, 3, "accuracy", 0.5)
+    edited = client.get("/_dash-layout").get_json()
+    assert _by_id(edited, "check-banner")
+
+
+class _Counting:
+    """A roster key that counts the signatures it is asked to verify."""
+
+    def __init__(self, inner: Any, calls: list[int]) -> None:
+        self._inner = inner
+        self._calls = calls
+
+    def verify(self, signature: bytes, data: bytes) -> bool:
+        self._calls.append(1)
+        return bool(self._inner.verify(signature, data))
+
+
+def test_the_ledger_is_checked_at_start_so_the_first_reader_does_not_wait(
+    tmp_path: Path,
+) -> None:
+    # With 20,000 signatures the check takes seconds: `dashboard` does it when it starts
+    # (warm_up), not when the first reader opens the page.
+    import threading
+
+    builder = _four_planned(tmp_path)
+    calls: list[int] = []
+    verifiers = {peer: _Counting(v, calls) for peer, v in builder.verifiers().items()}
+    ready = threading.Event()
+    app = create_app(builder.url, verifiers=verifiers, warm_up=ready)
+    assert ready.wait(60), "the warm-up did not finish"
+    checked_at_start = len(calls)
+    assert checked_at_start >= 3 * len(PEERS)  # every signature of the three rounds
+    layout = app.server.test_client().get("/_dash-layout").get_json()
+    assert _agreed_accuracy(layout) == [0.812, 0.901, 0.938]
+    assert len(calls) == checked_at_start  # nothing verified again for the first reader
+    # A round appended afterwards is still checked (only its signatures are new).
+    builder.agree_round("s1", 4, {"accuracy": 0.95})
+    layout = app.server.test_client().get("/_dash-layout").get_json()
+    assert _agreed_accuracy(layout) == [0.812, 0.901, 0.938, 0.95]
+    assert len(calls) > checked_at_start

@@ -294,16 +294,43 @@ def test_opening_read_only_ledger_for_keyless_check_does_not_write(tmp_path: Pat
 # --------------------------------------------------------------------------- large ledgers
 
 
-def test_long_tables_show_their_last_rows_and_say_so() -> None:
-    from dashboard.app import MAX_ROWS
+def test_long_tables_show_their_last_page_and_page_through_every_row() -> None:
+    """A long table shows its last PAGE_ROWS rows with a pager; "Earlier rows" reaches
+    every row down to the first, "Later rows" comes back, and the pager stops at both ends."""
+    from dashboard.app import PAGE_ROWS, page_of_rows
     from dashboard.source import Snapshot
 
-    records = tuple(stored(r, {"accuracy": r / 100}) for r in range(1, MAX_ROWS + 11))
+    total = 2 * PAGE_ROWS + 10
+    records = tuple(stored(r, {"accuracy": r / 100}) for r in range(1, total + 1))
     snapshot = Snapshot((session(),), records, session(), records, (), (), None, None, (1, b""))
     metrics = render(snapshot)[3]
     text = str(metrics)
-    assert f"last {MAX_ROWS} of {MAX_ROWS + 10} rows" in text
-    assert text.count("Tr(") == MAX_ROWS + 1  # the header row and the last MAX_ROWS rows
+    assert f"{total:,} rows, {PAGE_ROWS} at a time" in text
+    assert text.count("Tr(") == PAGE_ROWS + 1  # the header row and the last page
+    assert f"Rows {total - PAGE_ROWS + 1}–{total} of {total}" in text
+
+    def first_rounds(end: int | None, step: int) -> tuple[list[str], str, int, bool, bool]:
+        rows, status, new_end, no_earlier, no_later = page_of_rows(
+            snapshot, {}, "metrics-table", end, step
+        )
+        return [str(r.children[0].children) for r in rows], status, new_end, no_earlier, no_later
+
+    rounds, status, end, no_earlier, no_later = first_rounds(total, -PAGE_ROWS)
+    assert rounds[0] == str(total - 2 * PAGE_ROWS + 1)
+    assert len(rounds) == PAGE_ROWS
+    assert (no_earlier, no_later) == (False, False)
+    rounds, status, end, no_earlier, no_later = first_rounds(end, -PAGE_ROWS)
+    assert rounds[0] == "1"  # the first rows, a full page
+    assert len(rounds) == PAGE_ROWS
+    assert status == f"Rows 1–{PAGE_ROWS} of {total}"
+    assert (no_earlier, no_later) == (True, False)
+    rounds, status, end, no_earlier, no_later = first_rounds(end, -PAGE_ROWS)
+    assert rounds[0] == "1"  # stops at the first page
+    for _ in range(3):
+        rounds, status, end, no_earlier, no_later = first_rounds(end, PAGE_ROWS)
+    assert rounds[-1] == str(total)  # stops at the last page
+    assert end == total
+    assert no_later
 
 
 def test_every_row_is_exported_as_csv(tmp_path: Path) -> None:

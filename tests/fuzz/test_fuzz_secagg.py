@@ -8,6 +8,13 @@ stage or of another round. The objects must answer with a reply or a
 :class:`~secagg.RemoteProtocolError` naming the sender (never another exception), and an honest
 participant must never reveal both the self-mask share and the mask-key share of one peer.
 
+The prove stage (issue 11) is fuzzed twice: with the unsigned statements of an aggregator off
+the roster, and with a roster aggregator that signs whatever statement it makes (the malicious
+aggregator a peer actually faces, so a valid signature proves nothing about the content).
+Either way a participant answers only a statement of this round that shows its own masked
+input's signed header unaltered and exactly the survivor set it signed, with answers over its
+own masked input bound to that statement; any refusal names the aggregator.
+
 Examples are derandomized, so CI runs the same cases every time.
 """
 
@@ -31,6 +38,8 @@ from secagg import (
     Aggregator,
     AggregatorMessage,
     AggregatorState,
+    DeterministicRandom,
+    LinearAnswers,
     LocalProtocolError,
     Participant,
     ParticipantMessage,
@@ -42,6 +51,7 @@ from secagg import (
     Stage,
     UnmaskShares,
 )
+from secagg.succinct import expected_answers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "secagg"))
 from secagg_testlib import AGGREGATOR, Round, make_round  # type: ignore[import-not-found, unused-ignore]
@@ -239,6 +249,11 @@ def mutate(draw: st.DrawFn, message: Any, replays: list[Any]) -> Any:
         new = draw(st.sampled_from(NAMES))
     elif isinstance(value, np.ndarray):
         new = _mutate_vector(draw, value)
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        # A nested message (the statement of a ProofRequest): one of its fields changed,
+        # with the same field of the replayed messages as the source of replays.
+        nested = [getattr(m, name) for m in replays if hasattr(m, name)]
+        new = mutate(draw, value, nested)
     elif isinstance(value, tuple) and value and dataclasses.is_dataclass(value[0]):
         nested = [e for m in replays for e in getattr(m, name, ()) if dataclasses.is_dataclass(e)]
         new = _mutate_elements(draw, value, nested)
@@ -279,17 +294,40 @@ def _draw_or_malformed(data: st.DataObject, strategy: st.SearchStrategy[Any]) ->
 # ------------------------------------------------------------------ participant
 
 
-def _check_participant_reply(p: Participant, reply: ParticipantMessage) -> None:
+def _check_participant_reply(p: Participant, reply: ParticipantMessage, message: Any) -> None:
     assert reply.sender == ME
     if isinstance(reply, UnmaskShares):
         selfs = {u for u, _ in reply.self_mask_shares}
         keys = {u for u, _ in reply.mask_key_shares}
         assert not selfs & keys, f"revealed both shares of {selfs & keys}"
         assert not keys & set(p._u3), "revealed the mask key of a survivor"
+    if isinstance(reply, LinearAnswers):
+        _check_answers(p, reply, message)
 
 
-def _feed_participant(stage: int, message: Any) -> None:
-    template = templates()[stage]
+def _check_answers(p: Participant, reply: LinearAnswers, message: ProofRequest) -> None:
+    """An answered statement vouches for my unaltered input and the survivor set I signed;
+    the answers are over my masked input (what the aggregator holds anyway) and nothing else,
+    bound to that statement, and signed over my own input's digest."""
+    statement, config, own = message.statement, p.config, p.masked_input
+    assert own is not None
+    assert (message.session_id, message.round) == (config.session_id, config.round)
+    assert (statement.session_id, statement.round) == (config.session_id, config.round)
+    assert statement.aggregator == p.aggregator
+    assert tuple(sorted(statement.survivors)) == p.signed_survivors
+    assert [h for h in statement.masked if h.sender == ME] == [own.header()]
+    verifier = p._verifiers.get(p.aggregator)
+    if verifier is not None:  # a roster aggregator: only ever a statement it signed
+        assert verifier.verify(statement.signature, statement.signed_payload(config.digest))
+    assert reply.statement_sha256 == statement.sha256(config.digest)
+    assert reply.answers == expected_answers(config, statement, own.vector)
+    assert p._verifiers[ME].verify(
+        reply.signature, reply.signed_payload(config.digest, own.header().vector_sha256)
+    )
+
+
+def _feed_participant(stage: int, message: Any, template: Template | None = None) -> None:
+    template = template or templates()[stage]
     participant = _fork_participant(template.participants[ME])
     refusal: RemoteProtocolError | None = None
     try:
@@ -298,14 +336,18 @@ def _feed_participant(stage: int, message: Any) -> None:
         refusal = error
     if refusal is not None:
         assert refusal.offender in (*PEERS, AGGREGATOR), refusal
+        if isinstance(message, ProofRequest):
+            # Nobody but the aggregator makes a statement: it alone is to blame.
+            assert refusal.offender == participant.aggregator, refusal
         assert participant.state is ParticipantState.FAILED
         event(f"refused: {type(refusal).__name__}")
         return
     event("accepted")
-    _check_participant_reply(participant, reply)
+    _check_participant_reply(participant, reply, message)
 
 
-PARTICIPANT_STAGES = [0, 1, 2, 3]  # expecting AdvertisedKeys, SharesToYou, SurvivorSet, Unmask
+# Expecting AdvertisedKeys, SharesToYou, SurvivorSet, UnmaskRequest, ProofRequest.
+PARTICIPANT_STAGES = [0, 1, 2, 3, 4]
 
 
 @pytest.mark.slow
@@ -353,6 +395,136 @@ def wire_mutation(draw: st.DrawFn, raw: bytes) -> bytes:
         else:  # append a field from another message: duplicate or unknown tags
             raw = raw + draw(st.sampled_from([encode(m)[1] for m in all_messages()[:12]]))
     return raw
+
+
+# ------------------------------------------------------------------ prove stage, signed
+
+PROVE = 4  # the template whose participants wait for the ProofRequest
+SIGNING_AGGREGATOR = "hospital-a"  # on the roster, as in a peer: its statements are signed
+
+
+def _signed_run(session: str, round_: int) -> Template:
+    """The round of :func:`_honest_run`, aggregated by a roster peer that signs statements."""
+    r = make_round(len(PEERS), threshold=3, length=4, round_=round_, session=session, peers=PEERS)
+    participants = {
+        u: Participant(
+            r.config,
+            u,
+            r.signers[u],
+            r.verifiers,
+            r.inputs[u],
+            DeterministicRandom(f"signed/{session}/{round_}/{u}"),
+            SIGNING_AGGREGATOR,
+        )
+        for u in PEERS
+    }
+    aggregator = Aggregator(
+        r.config, r.verifiers, SIGNING_AGGREGATOR, r.signers[SIGNING_AGGREGATOR]
+    )
+    signed = Round(r.config, r.signers, r.verifiers, r.inputs, participants, aggregator)
+    replies: dict[str, ParticipantMessage] = signed.start()
+    for _ in range(PROVE):
+        replies = signed.respond(signed.collect(replies))
+    outgoing = signed.collect(replies)  # the ProofRequests
+    return Template(signed, aggregator, dict(replies), dict(signed.participants), dict(outgoing))
+
+
+@functools.cache
+def signed_template() -> Template:
+    """Participants of a roster-aggregated round, waiting for the ProofRequest."""
+    return _signed_run("fuzz-session", 7)
+
+
+@functools.cache
+def signed_foreign() -> Template:
+    return _signed_run("fuzz-session", 6)
+
+
+@st.composite
+def malicious_statement(draw: st.DrawFn) -> ProofRequest:
+    """What a malicious roster aggregator sends: a mutated or replayed ProofRequest whose
+    statement it signs itself (mostly; sometimes with the signature as mutated)."""
+    honest = signed_template().to_participants[ME]
+    assert isinstance(honest, ProofRequest)
+    replays = tuple(signed_foreign().to_participants.values())
+    how = draw(st.sampled_from(["mutate", "mutate", "mutate", "foreign-statement"]))
+    if how == "foreign-statement":
+        # Another round's signed statement, under this round's header: the aggregator
+        # relabels it (or not) and re-signs it.
+        other = draw(st.sampled_from(replays))
+        assert isinstance(other, ProofRequest)
+        statement = other.statement
+        if draw(st.booleans()):
+            statement = dataclasses.replace(
+                statement, session_id=honest.session_id, round=honest.round
+            )
+        message = dataclasses.replace(honest, statement=statement)
+    else:
+        message = honest
+        for _ in range(draw(st.integers(1, 3))):
+            message = mutate(draw, message, list(replays))
+    if draw(st.integers(0, 4)) > 0:
+        signer = signed_template().round.signers[SIGNING_AGGREGATOR]
+        statement = message.statement
+        digest = signed_template().round.config.digest
+        statement = dataclasses.replace(
+            statement, signature=signer.sign(statement.signed_payload(digest))
+        )
+        message = dataclasses.replace(message, statement=statement)
+    return message
+
+
+@pytest.mark.slow
+@settings(FUZZ, max_examples=PARTICIPANT_EXAMPLES)
+@given(data=st.data())
+def test_participant_answers_only_statements_over_its_own_input(data: st.DataObject) -> None:
+    # The aggregator is malicious and signs whatever it likes: the participant's own checks
+    # (its input unaltered, its survivor set, this round) are all that stands in the way.
+    message = _draw_or_malformed(data, malicious_statement())
+    if message is not None:
+        _feed_participant(PROVE, message, signed_template())
+
+
+def test_signed_prove_template_is_the_honest_round() -> None:
+    template = signed_template()
+    request = template.to_participants[ME]
+    assert isinstance(request, ProofRequest)
+    assert request.statement.signature  # a roster aggregator signs its statement
+    reply = _fork_participant(template.participants[ME]).receive(request)
+    assert isinstance(reply, LinearAnswers)
+    _check_answers(template.participants[ME], reply, request)
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["my-header-altered", "my-header-missing", "survivor-missing", "survivor-twice", "unsigned"],
+)
+def test_participant_refuses_a_statement_without_its_input_or_survivor_set(change: str) -> None:
+    # The fuzzer's properties, each pinned to one deterministic case.
+    template = signed_template()
+    request = template.to_participants[ME]
+    assert isinstance(request, ProofRequest)
+    statement = request.statement
+    mine = next(h for h in statement.masked if h.sender == ME)
+    others = [h for h in statement.masked if h.sender != ME]
+    if change == "my-header-altered":
+        altered = dataclasses.replace(mine, vector_sha256=bytes(32))
+        statement = dataclasses.replace(statement, masked=(altered, *others))
+    elif change == "my-header-missing":
+        statement = dataclasses.replace(statement, masked=tuple(others))
+    elif change == "survivor-missing":
+        statement = dataclasses.replace(statement, masked=(mine, *others[1:]))
+    elif change == "survivor-twice":
+        statement = dataclasses.replace(statement, masked=(*statement.masked, others[0]))
+    digest = template.round.config.digest
+    signer = template.round.signers[SIGNING_AGGREGATOR]
+    signature = b"" if change == "unsigned" else signer.sign(statement.signed_payload(digest))
+    statement = dataclasses.replace(statement, signature=signature)
+    participant = _fork_participant(template.participants[ME])
+    with pytest.raises(RemoteProtocolError) as raised:
+        participant.receive(dataclasses.replace(request, statement=statement))
+    assert raised.value.offender == SIGNING_AGGREGATOR
+    assert participant.state is ParticipantState.FAILED
 
 
 @settings(FUZZ, max_examples=300)

@@ -19,10 +19,10 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
@@ -32,6 +32,11 @@ from peer.ledger import Ledger, StoredRecord
 from peer.operator import OperatorClient
 from peer.session import SessionProposal, aggregator_for
 from peer.wire import peer_pb2 as pb
+
+if TYPE_CHECKING:
+    from peer.node import PeerNode
+
+T = TypeVar("T")
 
 VECTOR_FILE = "vector.npy"
 
@@ -177,13 +182,19 @@ class Network:
             process.stop()
 
     def logs(self) -> str:
-        parts = []
+        """Every peer's log, after a summary of their errors (a long CI output is cut in
+        the middle: the summary keeps what failed in sight)."""
+        parts, errors = [], []
         for process in self.peers.values():
             log = process.log_path
-            parts.append(
-                f"===== {process.peer_id}\n" + (log.read_text("utf-8") if log.exists() else "")
-            )
-        return "\n".join(parts)
+            text = log.read_text("utf-8") if log.exists() else ""
+            errors += [
+                f"{process.peer_id}: {line}"
+                for line in text.splitlines()
+                if " ERROR " in line or line.startswith(("Traceback", "  File", "grpc.", "peer."))
+            ][:40]
+            parts.append(f"===== {process.peer_id}\n" + text)
+        return "\n".join(["===== errors", *errors, *parts])
 
     # ------------------------------------------------------------------ operator side
 
@@ -264,3 +275,25 @@ class Network:
 
     def verify(self, peer_id: str) -> list[str]:
         return self.kit.ledger_problems(peer_id)
+
+
+async def serving_in_process(nodes: list[PeerNode], body: Callable[[], Awaitable[T]]) -> T:
+    """Run ``body`` while ``nodes`` (peers built in this process) serve; stop them and close
+    their ledgers after."""
+    ready = [asyncio.Event() for _ in nodes]
+
+    def setter(event: asyncio.Event) -> Callable[[int], None]:
+        return lambda _port: event.set()
+
+    serving = [
+        asyncio.create_task(n.serve(on_ready=setter(e))) for n, e in zip(nodes, ready, strict=True)
+    ]
+    try:
+        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in ready)), 30)
+        return await body()
+    finally:
+        for node in nodes:
+            node.stop()
+        await asyncio.gather(*serving, return_exceptions=True)
+        for node in nodes:
+            node.ledger.close()

@@ -37,7 +37,21 @@ TRAINING = {
     "feature_bound": bundled_feature_bounds(),
     "standardize_noise": 1.0,
     "eval_noise": 1.0,
+    # The agreed loss is the noisy sum of per-example losses clipped to loss_bound, released
+    # with noise of eval_noise * sqrt(3) * loss_bound per hospital: at the default bound of
+    # 50 that is a standard deviation of about 1.3 on the mean loss of ~110 test records,
+    # larger than the effect this test checks (a run once read 0.98 -> 2.25 from noise
+    # alone). At 4 it is about 0.1; few examples of a trained model lose more than 4.
+    "loss_bound": 4.0,
 }
+
+# For tests that compare the agreed loss before and after training. With TRAINING's evaluation
+# noise the agreed mean loss has a standard deviation of about 0.1: a CI run of the FedAdam test
+# read 0.38 -> 0.48, although (six runs with less noise) its trained model's loss is 0.21-0.27
+# against the untrained one's 0.53-0.57. At 0.3 the deviation is about 0.03, so the check
+# compares models, not noise draws (0.1 would give 0.01, but the PLD accountant then takes
+# ~11 s per composition instead of ~3 s).
+TRAINING_CLEAR_EVAL = {**TRAINING, "eval_noise": 0.3}
 
 
 def test_federated_training_improves_and_all_peers_agree(tmp_path: Path) -> None:
@@ -65,7 +79,7 @@ def test_federated_training_improves_and_all_peers_agree(tmp_path: Path) -> None
             tuple(network.peers),
             rounds=4,
             threshold=3,
-            payload=TRAINING,
+            payload=TRAINING_CLEAR_EVAL,
             bits=64,
             stage_seconds=10.0,
             prepare_seconds=60.0,
@@ -96,12 +110,7 @@ def test_federated_training_improves_and_all_peers_agree(tmp_path: Path) -> None
         initial_loss = float(str(reference[1].record.metrics["loss"]))
         final_loss = float(str(reference[3].record.metrics["loss"]))
         final = float(str(reference[3].record.metrics["accuracy"]))
-        if not (final_loss < initial_loss and final >= 0.85):
-            # Known defect, recorded in the issue: in some runs since this wave's merges the
-            # agreed loss rises (0.98 -> 2.25 once in a full-suite run; never alone). Every
-            # agreement and privacy check above holds.
-            pytest.xfail(
-                f"training did not improve: loss {initial_loss} -> {final_loss}, accuracy {final}"
-            )
+        assert final_loss < initial_loss, (initial_loss, final_loss)
+        assert final >= 0.85, final
     finally:
         network.stop()

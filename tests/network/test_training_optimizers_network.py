@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from network_harness import Network
-from test_training_network import TRAINING
+from test_training_network import TRAINING, TRAINING_CLEAR_EVAL
 
 from peer.data import (
     breast_cancer_feature_names,
@@ -19,7 +19,7 @@ from peer.session import SessionProposal
 
 pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
 
-FEDADAM = {**TRAINING, "optimizer": "fedadam", "server_lr": 0.1}
+FEDADAM = {**TRAINING_CLEAR_EVAL, "optimizer": "fedadam", "server_lr": 0.1}
 
 
 def test_fedadam_session_trains_and_every_peer_stores_the_same_state(tmp_path: Path) -> None:

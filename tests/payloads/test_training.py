@@ -16,17 +16,16 @@ import numpy as np
 import pytest
 
 from dashboard.data import roc_points, score_histogram
-from peer.config import PeerConfig, Policy
 from peer.data import (
     breast_cancer_feature_names,
     breast_cancer_records,
     split_dataset,
     write_hospital_stores,
 )
-from peer.ledger import AgreedRecord, Ledger
+from peer.ledger import Ledger
 from peer.payloads.training import PrivacyBudgetError, TrainingPayload, training_payload
 from peer.session import ProposalError, SessionProposal
-from secagg.crypto import sha256
+from scripts.inprocess_training import local_config, plain_round
 
 PEERS = ("hospital-a", "hospital-b", "hospital-c")
 PAYLOAD = {
@@ -57,22 +56,6 @@ def make_proposal(**changes: object) -> SessionProposal:
     return SessionProposal(**fields)  # type: ignore[arg-type]
 
 
-def config_for(tmp_path: Path, peer: str, max_epsilon: float = 1000.0) -> PeerConfig:
-    return PeerConfig(
-        path=tmp_path / f"{peer}.toml",
-        peer_id=peer,
-        listen="127.0.0.1:0",
-        data_url=f"sqlite:///{tmp_path / peer}-data.db",
-        ledger_url=f"sqlite:///{tmp_path / peer}-ledger.db",
-        policy=Policy(max_epsilon=max_epsilon),
-        cert=tmp_path / f"{peer}.cert",
-        key=tmp_path / f"{peer}.key",
-        ca=tmp_path / f"{peer}.ca",
-        roster=tmp_path / f"{peer}.roster",
-        crl=tmp_path / f"{peer}.crl",
-    )
-
-
 @pytest.fixture
 def hospitals(tmp_path: Path) -> list[TrainingPayload]:
     parts = split_dataset(
@@ -82,7 +65,7 @@ def hospitals(tmp_path: Path) -> list[TrainingPayload]:
         alpha=0.5,
         rng=np.random.default_rng(1),
     )
-    configs = [config_for(tmp_path, peer) for peer in PEERS]
+    configs = [local_config(tmp_path, peer) for peer in PEERS]
     write_hospital_stores(
         parts, [c.data_url for c in configs], feature_names=breast_cancer_feature_names()
     )
@@ -106,37 +89,10 @@ def hospitals(tmp_path: Path) -> list[TrainingPayload]:
     return payloads
 
 
-def run_round(payloads: list[TrainingPayload], round_: int) -> list[bytes]:
-    """Every hospital prepares, the ring sum is formed, every hospital concludes and stores."""
-    contributions = [p.prepare(round_) for p in payloads]
-    for payload, contribution in zip(payloads, contributions, strict=True):
-        # What the round driver does before the vector can leave (peer.round).
-        payload.ledger.charge_release(
-            "train", round_, 1, contribution.release_id, contribution.charge(payload.me)
-        )
-    total = np.zeros_like(contributions[0].vector)
-    for contribution in contributions:
-        np.add(total, contribution.vector, out=total)
-    results = [p.conclude(round_, total, PEERS) for p in payloads]
-    for payload, result in zip(payloads, results, strict=True):
-        ledger = payload.ledger
-        record = AgreedRecord.build(
-            "train",
-            round_,
-            aggregate_hash=sha256(total.tobytes()),
-            model_hash=sha256(result.model),
-            metrics=dict(result.metrics),
-            epsilon={p.me: c.epsilon for p, c in zip(payloads, contributions, strict=True)},
-            prev_hash=ledger.session_head("train"),
-        )
-        ledger.append_agreed(record, {}, checkpoint=result.model, min_signatures=0)
-    return [r.model for r in results]
-
-
 def test_standardization_round_gives_the_pooled_statistics(
     hospitals: list[TrainingPayload],
 ) -> None:
-    models = run_round(hospitals, 1)
+    models = plain_round(hospitals, 1)
     assert len(set(models)) == 1, "every hospital must conclude the same bytes"
     union = np.concatenate([p.site.arrays("train")[0] for p in hospitals]).astype(np.float64)
     mean, std = np.split(np.frombuffer(models[0], dtype="<f8"), 2)
@@ -155,9 +111,9 @@ def test_standardization_round_gives_the_pooled_statistics(
 
 
 def test_training_round_averages_the_local_models(hospitals: list[TrainingPayload]) -> None:
-    run_round(hospitals, 1)
+    plain_round(hospitals, 1)
     before = hospitals[0].global_weights(2)
-    models = run_round(hospitals, 2)
+    models = plain_round(hospitals, 2)
     assert len(set(models)) == 1
     after = np.frombuffer(models[0], dtype="<f4")
     assert not np.allclose(after, before)
@@ -166,7 +122,7 @@ def test_training_round_averages_the_local_models(hospitals: list[TrainingPayloa
     assert "examples" not in stored.metrics, "the exact example count is not released"
     assert all(eps > 0 for eps in stored.epsilon.values())
     # The evaluation round changes nothing and reports the trained model's metrics.
-    final = run_round(hospitals, 3)
+    final = plain_round(hospitals, 3)
     assert final[0] == models[0]
     metrics = hospitals[0].ledger.agreed_records("train")[-1].record.metrics
     assert metrics["round_kind"] == "evaluate"
@@ -186,7 +142,7 @@ def test_training_round_averages_the_local_models(hospitals: list[TrainingPayloa
 
 
 def test_a_round_over_the_budget_is_refused(hospitals: list[TrainingPayload]) -> None:
-    run_round(hospitals, 1)
+    plain_round(hospitals, 1)
     poor = hospitals[0]
     poor.max_epsilon = poor.epsilon_needed() / 10
     with pytest.raises(PrivacyBudgetError, match="refuses round"):
@@ -194,7 +150,7 @@ def test_a_round_over_the_budget_is_refused(hospitals: list[TrainingPayload]) ->
 
 
 def test_session_shape_is_checked(tmp_path: Path) -> None:
-    config = config_for(tmp_path, "hospital-a")
+    config = local_config(tmp_path, "hospital-a")
     ledger = Ledger(config.ledger_url)
     with pytest.raises(ProposalError, match="has 3 rounds"):
         training_payload(make_proposal(rounds=5), config, ledger)
@@ -213,7 +169,7 @@ def test_a_retry_resends_the_same_contribution_until_the_chain_moves(
     again = hospitals[0].prepare(1)
     assert again.release_id == first.release_id
     assert np.array_equal(again.vector, first.vector)
-    run_round(hospitals, 1)
+    plain_round(hospitals, 1)
     moved = hospitals[0].prepare(1)
     assert moved.release_id != first.release_id
 
@@ -226,7 +182,7 @@ def test_every_release_of_a_session_is_charged_and_composed(
     from peer.training.accounting import composed_epsilon
 
     for round_ in (1, 2, 3):
-        run_round(hospitals, round_)
+        plain_round(hospitals, round_)
     ledger, me = hospitals[0].ledger, hospitals[0].me
     charges = ledger.privacy_charges(me)
     assert [c.round for c in charges] == [1, 2, 3]
@@ -249,7 +205,7 @@ def test_a_participant_cannot_inflate_its_weight(hospitals: list[TrainingPayload
     """Issue 9 item 6: the old vector carried [delta * n, n] and conclude divided by the
     summed n, so one hospital claiming a huge n moved the global model ~4,900 times further.
     Weights are now public and the average update is clamped to the public bound."""
-    run_round(hospitals, 1)
+    plain_round(hospitals, 1)
     honest = [p.prepare(2) for p in hospitals[:2]]
     payload = hospitals[0]
     bound = payload.spec.update_bound()
@@ -271,7 +227,7 @@ def test_a_participant_cannot_inflate_its_weight(hospitals: list[TrainingPayload
 
 
 def test_weights_are_public_and_bounded(tmp_path: Path) -> None:
-    config = config_for(tmp_path, "hospital-a")
+    config = local_config(tmp_path, "hospital-a")
     # The site's data is checked against the proposal when it arrives: it must exist.
     records = breast_cancer_records(np.random.default_rng(0))[:100]
     write_hospital_stores([records], [config.data_url], feature_names=breast_cancer_feature_names())

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from test_training import PEERS, config_for, run_round
+from test_training import PEERS
 
 from peer.config import Policy, load_config
 from peer.ledger import Ledger
@@ -24,6 +24,7 @@ from peer.payloads import default_payload, ring_bits_for, session_rounds_for
 from peer.payloads.training import training_payload
 from peer.session import ProposalError, SessionProposal
 from peer.training import ModelPolicy, secure_generator
+from scripts.inprocess_training import local_config, plain_round
 
 FEATURES = ("age", "creatinine", "hba1c", "bmi")
 
@@ -109,7 +110,7 @@ def sql_table(db: Path) -> dict[str, Any]:
 
 
 def site(tmp_path: Path, peer: str, policy: ModelPolicy | None = None, data: Any = None) -> Any:
-    config = config_for(tmp_path, peer)
+    config = local_config(tmp_path, peer)
     if policy is not None:
         config = replace(config, policy=Policy(max_epsilon=1000.0, models=policy))
     return replace(config, data=data)
@@ -267,7 +268,7 @@ def test_a_session_over_each_sites_sql_database_trains_a_declared_model(tmp_path
 
     payloads[0]._keras_model()
     assert isinstance(payloads[0]._trainer, LayerwiseDPSGD)
-    models = [run_round(payloads, r) for r in range(1, proposal.rounds + 1)]
+    models = [plain_round(payloads, r) for r in range(1, proposal.rounds + 1)]
     assert all(len(set(m)) == 1 for m in models)  # every site concluded the same
     records = [r.record for r in payloads[0].ledger.agreed_records("train")]
     assert [m["round_kind"] for m in (r.metrics for r in records)] == [

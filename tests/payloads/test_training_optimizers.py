@@ -11,18 +11,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_training import PAYLOAD, PEERS, config_for, make_proposal, run_round
+from test_training import PAYLOAD, PEERS, make_proposal
 
 from peer.data import (
     breast_cancer_feature_names,
     breast_cancer_records,
     split_dataset,
-    write_hospital_stores,
 )
 from peer.ledger import Ledger
 from peer.payloads.training import TrainingPayload, training_payload
 from peer.session import ProposalError
 from peer.training.server_optim import OptimizerKind
+from scripts.inprocess_training import local_config, local_hospitals, plain_round
 
 ADAM = {**PAYLOAD, "training_rounds": 2, "optimizer": "fedadam", "server_lr": 0.05}
 
@@ -36,34 +36,16 @@ def make_hospitals(tmp_path: Path, payload: dict[str, object]) -> list[TrainingP
         alpha=0.5,
         rng=np.random.default_rng(1),
     )
-    configs = [config_for(tmp_path, peer) for peer in PEERS]
-    write_hospital_stores(
-        parts, [c.data_url for c in configs], feature_names=breast_cancer_feature_names()
-    )
     rounds = int(str(payload["training_rounds"])) + 2
     proposal = make_proposal(payload=payload, rounds=rounds)
-    hospitals = []
-    for config in configs:
-        ledger = Ledger(config.ledger_url)
-        ledger.create()
-        ledger.record_proposal(
-            "train",
-            proposal.document(),
-            proposer="op",
-            participants=PEERS,
-            threshold=2,
-            rounds_planned=rounds,
-        )
-        ledger.decide_session("train", accept=True)
-        hospital = training_payload(proposal, config, ledger)
-        hospital.rng = np.random.default_rng(7)
-        hospitals.append(hospital)
-    return hospitals
+    return local_hospitals(
+        tmp_path, proposal, parts, breast_cancer_feature_names(), ledger_threshold=2
+    )
 
 
 def restarted(hospital: TrainingPayload, tmp_path: Path) -> TrainingPayload:
     """The same peer after a restart: a new payload object, nothing kept in memory."""
-    config = config_for(tmp_path, hospital.me)
+    config = local_config(tmp_path, hospital.me)
     fresh = training_payload(hospital.proposal, config, Ledger(config.ledger_url))
     fresh.rng = np.random.default_rng(7)
     return fresh
@@ -74,12 +56,12 @@ def test_adaptive_optimizers_agree_bit_for_bit_and_survive_restart_and_catch_up(
     tmp_path: Path, optimizer: str
 ) -> None:
     hospitals = make_hospitals(tmp_path, {**ADAM, "optimizer": optimizer})
-    run_round(hospitals, 1)
+    plain_round(hospitals, 1)
     p = hospitals[0].spec.n_parameters()
     # Round 2 without hospital-c (down): a and b agree; c catches up afterwards by storing
     # the agreed record with its checkpoint, as peer.catchup does after verifying it.
     a, b, c = hospitals
-    models = run_round([a, b], 2)
+    models = plain_round([a, b], 2)
     assert models[0] == models[1]
     stored = a.ledger.agreed_records("train")[-1]
     checkpoint = a.ledger.get_checkpoint("train", 2)
@@ -93,7 +75,7 @@ def test_adaptive_optimizers_agree_bit_for_bit_and_survive_restart_and_catch_up(
     for h in fresh:
         assert np.array_equal(h.server_state(3).m, state.m)
         assert np.array_equal(h.server_state(3).v, state.v)
-    models = run_round(fresh, 3)
+    models = plain_round(fresh, 3)
     assert len(set(models)) == 1, "every peer concludes the same bytes"
     # Known answer: the round-3 model is the optimizer rule applied to the agreed state.
     weights = np.frombuffer(models[0], dtype="<f4")[:p].astype(np.float64)
@@ -104,14 +86,14 @@ def test_adaptive_optimizers_agree_bit_for_bit_and_survive_restart_and_catch_up(
     moved = weights - base
     assert np.all(np.abs(moved) <= opt.step_bound(spec.update_bound()) * (1 + 1e-6))
     # The final evaluation round stores the trained weights alone (no optimizer state).
-    final = run_round(fresh, 4)
+    final = plain_round(fresh, 4)
     assert np.array_equal(np.frombuffer(final[0], dtype="<f4"), weights.astype(np.float32))
 
 
 def test_fedavg_checkpoints_are_the_weights_alone(tmp_path: Path) -> None:
     hospitals = make_hospitals(tmp_path, PAYLOAD)
-    run_round(hospitals, 1)
-    models = run_round(hospitals, 2)
+    plain_round(hospitals, 1)
+    models = plain_round(hospitals, 2)
     assert len(models[0]) == hospitals[0].spec.n_parameters() * 4
 
 
@@ -119,7 +101,7 @@ def test_an_adaptive_step_is_bounded_whatever_the_contributions(tmp_path: Path) 
     """The attack of test_training.test_a_participant_cannot_inflate_its_weight against
     FedAdam: the clamped pseudo-gradient keeps one step within server_lr * U / tau."""
     hospitals = make_hospitals(tmp_path, ADAM)
-    run_round(hospitals, 1)
+    plain_round(hospitals, 1)
     payload = hospitals[0]
     honest = [h.prepare(2) for h in hospitals[:2]]
     bound = payload.spec.server_optimizer().step_bound(payload.spec.update_bound())
@@ -152,7 +134,7 @@ def test_an_adaptive_step_is_bounded_whatever_the_contributions(tmp_path: Path) 
 def test_optimizer_parameters_are_validated(
     tmp_path: Path, changes: dict[str, object], message: str
 ) -> None:
-    config = config_for(tmp_path, "hospital-a")
+    config = local_config(tmp_path, "hospital-a")
     with pytest.raises(ProposalError, match=message):
         training_payload(
             make_proposal(payload={**PAYLOAD, **changes}), config, Ledger(config.ledger_url)

@@ -10,13 +10,16 @@ error naming the hospital and the column.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import pytest
-from test_training import PEERS, config_for, run_round
+from sqlalchemy import create_engine, inspect
+from test_training import PEERS
+from test_training_inputs import ledger_for, proposal_of
 
 from peer.data import (
     DataError,
@@ -24,10 +27,11 @@ from peer.data import (
     PatientStore,
     diabetes_feature_names,
     diabetes_records,
+    import_csv,
     split_dataset,
     standardize,
-    write_hospital_stores,
 )
+from peer.data.records import Base, DatasetLabels
 from peer.ledger import Ledger
 from peer.payloads.evaluation import (
     MulticlassEvaluation,
@@ -37,6 +41,7 @@ from peer.payloads.evaluation import (
 )
 from peer.payloads.training import TrainingPayload, released_evaluation, training_payload
 from peer.session import ProposalError, SessionProposal
+from scripts.inprocess_training import local_config, local_hospitals, plain_round
 
 BASE = {
     "kind": "training",
@@ -81,10 +86,6 @@ def make_hospitals(
     if records is None:
         records = diabetes_records(np.random.default_rng(0))
     parts = split_dataset(records, 3, "dirichlet", alpha=1.0, rng=np.random.default_rng(1))
-    configs = [config_for(tmp_path, peer) for peer in PEERS]
-    write_hospital_stores(
-        parts, [c.data_url for c in configs], feature_names=diabetes_feature_names()
-    )
     proposal = SessionProposal(
         session_id="train",
         participants=PEERS,
@@ -94,24 +95,12 @@ def make_hospitals(
         bits=64,
         seed=3,
     )
-    payloads = []
-    for config in configs:
-        ledger = Ledger(config.ledger_url)
-        ledger.create()
-        ledger.record_proposal(
-            "train",
-            proposal.document(),
-            proposer="op",
-            participants=PEERS,
-            threshold=2,
-            rounds_planned=proposal.rounds,
-        )
-        ledger.decide_session("train", accept=True)
-        hospital = training_payload(proposal, config, ledger)
-        hospital.rng = np.random.default_rng(7)
-        if exact:
+    payloads = local_hospitals(
+        tmp_path, proposal, parts, diabetes_feature_names(), ledger_threshold=2
+    )
+    if exact:
+        for hospital in payloads:
             hospital.noise = ZeroNoise  # type: ignore[assignment]
-        payloads.append(hospital)
     return payloads
 
 
@@ -134,7 +123,7 @@ def outputs_of(hospital: TrainingPayload, round_: int) -> tuple[Any, Any]:
 def test_multiclass_metrics_are_those_of_the_summed_statistics(tmp_path: Path) -> None:
     hospitals = make_hospitals(tmp_path, MULTICLASS, exact=True)
     for round_ in range(1, 5):
-        run_round(hospitals, round_)
+        plain_round(hospitals, round_)
     metrics = final_metrics(hospitals)
     assert metrics["round_kind"] == "evaluate"
     # Independently: the confusion matrix of the final model over the union of test sets.
@@ -161,7 +150,7 @@ def test_multiclass_metrics_are_those_of_the_summed_statistics(tmp_path: Path) -
 def test_regression_metrics_are_those_of_the_summed_statistics(tmp_path: Path) -> None:
     hospitals = make_hospitals(tmp_path, REGRESSION, exact=True)
     for round_ in range(1, 5):
-        run_round(hospitals, round_)
+        plain_round(hospitals, round_)
     metrics = final_metrics(hospitals)
     residuals, targets, site_mae = [], [], []
     for hospital in hospitals:
@@ -191,7 +180,7 @@ def test_training_lowers_the_regression_error_under_real_noise(tmp_path: Path) -
     payload = {**REGRESSION, "eval_noise": 1.0}
     hospitals = make_hospitals(tmp_path, payload)
     for round_ in range(1, 5):
-        run_round(hospitals, round_)
+        plain_round(hospitals, round_)
     records: list[dict[str, Any]] = [
         dict(s.record.metrics) for s in hospitals[0].ledger.agreed_records("train")
     ]
@@ -288,7 +277,7 @@ def test_task_parameters_are_checked(tmp_path: Path, changes: dict[str, Any], ba
         bits=64,
         seed=3,
     )
-    config = config_for(tmp_path, "hospital-a")
+    config = local_config(tmp_path, "hospital-a")
     with pytest.raises(ProposalError, match=rf"invalid .*{bad}"):
         training_payload(proposal, config, Ledger(config.ledger_url))
 
@@ -308,3 +297,111 @@ def test_the_store_keeps_class_indices_and_targets(tmp_path: Path) -> None:
         PatientRecord("p", "d", np.zeros(3), -1, "train")
     with pytest.raises(ValueError, match="target must be a finite number"):
         PatientRecord("p", "d", np.zeros(3), 0, "train", target=math.nan)
+
+
+def progression_csv(path: Path, id_prefix: str = "") -> Path:
+    """A hospital's export for a regression session: the diabetes features and the disease
+    progression, no label column (what ``peer data import --target`` alone is for)."""
+    names = diabetes_feature_names()
+    lines = [",".join(["pid", *names, "progression"])]
+    for record in diabetes_records(np.random.default_rng(0))[:150]:
+        pid = id_prefix + record.patient_id
+        lines.append(",".join([pid, *map(repr, record.features.tolist())]))
+        lines[-1] += f",{record.target}"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def test_a_store_without_labels_refuses_classification_sessions(tmp_path: Path) -> None:
+    """The attack (or mistake): a binary or multi-class session proposed to a site whose
+    records were imported with a target and no label, so that every label is 0. Training
+    on that constant would be useless and still spend the site's privacy budget: the site
+    refuses when the proposal arrives, naming itself and what to do (as a SQL source
+    without a label column does, tests/payloads/test_training_sql_regression.py)."""
+    config = local_config(tmp_path, "hospital-a")
+    store = PatientStore(config.data_url)
+    csv = progression_csv(tmp_path / "progression.csv")
+    import_csv(store, csv, None, id_col="pid", target_col="progression")
+    for payload in (BASE, MULTICLASS):
+        with pytest.raises(
+            ValueError,
+            match=r"hospital-a's patient store holds records imported without a label column "
+            r".*not classification ones; import the records with --label COL",
+        ):
+            training_payload(proposal_of(payload), config, Ledger(config.ledger_url))
+    # The same store serves the regression session its targets were imported for.
+    proposal = proposal_of(REGRESSION)
+    hospital = training_payload(proposal, config, ledger_for(config, proposal))
+    assert hospital.site.arrays("train")[1].max() > 25  # progression values, not labels
+
+
+def test_a_store_created_before_the_label_flag_is_labelled(tmp_path: Path) -> None:
+    """A database created before the ``dataset_labels`` table (``create_all`` adds a missing
+    table but never alters an existing database, so old stores simply lack it) keeps serving
+    classification sessions: until targets existed every import had a label column. Built
+    here as the oldest stores were: before the ``patient_targets`` table too."""
+    config = local_config(tmp_path, "hospital-a")
+    engine = create_engine(config.data_url)
+    oldest = [Base.metadata.tables[name] for name in ("patients", "dataset_meta")]
+    Base.metadata.create_all(engine, tables=oldest)
+    engine.dispose()
+    store = PatientStore(config.data_url)
+    records = [replace(r, target=None) for r in diabetes_records(np.random.default_rng(0))]
+    store.add_records(records, feature_names=diabetes_feature_names())
+    assert not inspect(store.engine).has_table(DatasetLabels.__tablename__)
+    assert store.has_labels()
+    assert store.describe().notes == ()
+    proposal = proposal_of(MULTICLASS)
+    training_payload(proposal, config, ledger_for(config, proposal))  # accepted
+    # Opened by this version (the tables are created, empty): still labelled, until records
+    # without labels arrive.
+    store.create()
+    assert store.has_labels()
+    more = progression_csv(tmp_path / "more.csv", id_prefix="new-")
+    import_csv(store, more, None, id_col="pid", target_col="progression")
+    assert not store.has_labels()
+    with pytest.raises(ValueError, match="imported without a label column"):
+        training_payload(proposal_of(BASE), config, Ledger(config.ledger_url))
+
+
+def test_the_released_regression_count_is_unbiased_although_its_histogram_is_clamped() -> None:
+    # 88 test records whose residuals fill 3 of 20 cells: 17 cells are empty, and clamping
+    # each noisy cell at 0 before summing added about 0.4 sigma per empty cell to n (at
+    # eval_noise 1: n of 95-109 for 88 records, RMSE and MAE biased low by the same ratio).
+    evaluation = RegressionEvaluation(20, 4.0, target_bound=200.0, residual_bound=300.0)
+    rng = np.random.default_rng(5)
+    residuals = rng.normal(0.0, 20.0, 88)
+    sums = regression_sums(residuals, np.zeros(88), 20, 200.0, 300.0)
+    scaled = sums / evaluation.scale()
+    sigma = 1.0 * evaluation.sensitivity  # eval_noise 1
+    counts, histograms = [], []
+    for _ in range(4000):
+        noisy = scaled + rng.normal(0.0, sigma, scaled.shape)
+        noisy[list(evaluation.withheld())] = 0.0
+        released = evaluation.from_release(noisy)
+        counts.append(evaluation.agreed_metrics(released)["n"])
+        histograms.append(released[5:])
+    # Standard error of the mean: sqrt(20) * 2.24 / sqrt(4000) ~ 0.16 (rounding adds < 0.01).
+    assert abs(np.mean(counts) - 88) < 0.8, np.mean(counts)
+    assert np.min(histograms) >= 0.0  # what readers see is still a histogram
+
+
+def test_regression_metrics_stay_bounded_however_the_noise_falls() -> None:
+    # Review of from_release (the count summed before clamping): whatever the noise (or a
+    # participant's arbitrary contribution: there are no range proofs) makes of the summed
+    # release, n is never negative, a count of 0 gives no error figures, and a tiny n cannot
+    # blow up MAE or RMSE: their sums are clipped to n * r and n * r^2 first.
+    evaluation = RegressionEvaluation(8, 4.0, target_bound=1.0, residual_bound=2.0)
+    rng = np.random.default_rng(7)
+    for scale in (1e-6, 0.1, 1.0, 100.0):
+        for _ in range(500):
+            statistics = evaluation.from_release(rng.normal(0.0, scale, evaluation.length()))
+            n = float(statistics[4])
+            metrics = evaluation.agreed_metrics(statistics)
+            assert n >= 0.0
+            if n == 0.0:
+                assert metrics["mae"] is metrics["rmse"] is metrics["r2"] is None
+            else:
+                assert 0.0 <= metrics["mae"] <= 2.0 + 1e-9
+                assert 0.0 <= metrics["rmse"] <= 2.0 + 1e-9
+            assert all(c >= 0 for c in metrics["residual_histogram"]["counts"])

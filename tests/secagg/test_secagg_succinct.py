@@ -305,6 +305,19 @@ def test_statement_not_signed_by_the_aggregator_is_caught() -> None:
     refused_by_everyone(s, unsigned, "aggregator's valid signature")
 
 
+@pytest.mark.parametrize("field", ["seeds", "mask_keys"])
+def test_a_statement_whose_secrets_are_not_peer_bytes_pairs_is_malformed(field: str) -> None:
+    """Found by the participant fuzzer: a mask key that is not a (peer, key) pair crashed
+    the statement's hash inside the participant; it is a malformed message instead."""
+    s = signed_round(5, length=20)
+    s.r.advance(len(Stage))
+    statement = s.r.aggregator.succinct_transcript().statement
+    malformed: list[Any] = [(("hospital-a", b"k", b"extra"),), (("hospital-a",),), ((7, b"k"),)]
+    for bad in [*malformed, ("ab",)]:
+        with pytest.raises(ValueError, match="must be \\(peer, bytes\\) pairs"):
+            replace(statement, **{field: bad})
+
+
 def test_my_answers_altered_are_caught_and_replaced_by_my_vector_accepted() -> None:
     s = signed_round(5, length=20)
     s.r.advance(len(Stage))

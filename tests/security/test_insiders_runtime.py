@@ -623,3 +623,65 @@ def test_a_crl_installed_while_peers_run_takes_effect_at_once(tmp_path: Path) ->
     for peer in others:
         assert [r.record.round for r in network.records(peer, "after-revocation")] == [1]
     assert f"closing the round stream of {revoked}" in logs
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def test_lingering_elsewhere_answers_are_bounded_in_time(reads_network: Network) -> None:
+    # Review of the 5 s linger after an in-band "elsewhere" answer (peer/round_call.py): a
+    # roster member that is no participant asks for sessions that do not run here, reads
+    # the answer and never ends its side of the call. Each stream is held no longer than
+    # ELSEWHERE_LINGER_SECONDS; the number of such streams per caller is not capped (as for
+    # streams without a hello, SECURITY.md "An insider's use of a peer's resources").
+    from peer.round_call import ELSEWHERE_LINGER_SECONDS
+
+    streams = 200
+    process = reads_network.peers["hospital-a"].process
+    assert process is not None
+    before = _rss_kib(process.pid)
+
+    async def linger(channel: grpc.aio.Channel, i: int) -> tuple[grpc.StatusCode, float, bool]:
+        call = channel.stream_stream(
+            f"/{SERVICE}/RoundStream",
+            request_serializer=pb.Fragment.SerializeToString,
+            response_deserializer=pb.Fragment.FromString,
+        )(timeout=30)  # type: ignore[call-arg]  # stubs predate grpc.aio
+        started = time.monotonic()
+        answered = False
+        try:
+            await call.write(_hello_fragment(f"nowhere-{i}", LIAR))
+            async for fragment in call:  # the Abort "not running here", then the linger
+                answered = answered or bool(fragment.data)
+        except grpc.aio.AioRpcError as error:
+            return error.code(), time.monotonic() - started, answered
+        return grpc.StatusCode.OK, time.monotonic() - started, answered
+
+    async def run() -> tuple[list[tuple[grpc.StatusCode, float, bool]], int, grpc.StatusCode]:
+        channel = _channel(reads_network, "hospital-a", LIAR)
+        other = _channel(reads_network, "hospital-a", "hospital-b")
+        try:
+            tasks = [asyncio.create_task(linger(channel, i)) for i in range(streams)]
+            await asyncio.sleep(ELSEWHERE_LINGER_SECONDS / 2)
+            during = _rss_kib(process.pid)
+            honest = (await _call(other, "Status", pb.SessionRef(session_id="s1")))[0]
+            return await asyncio.gather(*tasks), during, honest
+        finally:
+            await channel.close(None)
+            await other.close(None)
+
+    results, during, honest = asyncio.run(run())
+    held = sorted(seconds for _, seconds, _ in results)
+    assert {code for code, _, _ in results} == {grpc.StatusCode.OK}, results[:3]
+    assert all(answered for _, _, answered in results)
+    assert held[-1] < ELSEWHERE_LINGER_SECONDS + 10, held[-1]  # closed by the peer
+    assert held[0] >= ELSEWHERE_LINGER_SECONDS - 0.5, held[0]  # ... after the linger
+    assert honest is grpc.StatusCode.OK
+    print(
+        f"{streams} lingering streams of one caller: held {held[0]:.1f}-{held[-1]:.1f}s, "
+        f"peer RSS {before} -> {during} KiB during the linger"
+    )

@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from peer.attempts import INTERNAL_ERROR, own_failure, rejoin_attempt
 from peer.ledger import Ledger, PrivacyCharge, PrivacyKind
 from peer.payloads import LocalContribution, RoundResult
 from peer.round import (
@@ -328,3 +329,123 @@ def test_old_charges_without_events_count_by_basic_composition(tmp_path: Path) -
     ledger.charge_release(SESSION, 2, 1, "value", new)
     expected = 0.7 + composed_epsilon([pure_event(0.5)])
     assert ledger.privacy_spent("hospital-a").epsilon == pytest.approx(expected)
+
+
+# ---------------------------------------------------------------- the same attempt run twice
+# (review of the runner's rejoin rule, peer/attempts.py rejoin_attempt: after a failure of
+# its own a peer runs the same attempt again, once)
+
+
+class _Recording(AbortAfterUnmasking):
+    """The malicious aggregator above, which also keeps what each participant sent."""
+
+    seen: dict[str, list[object]]
+
+    def deliver(self, peer: str, message: object) -> None:
+        self.seen.setdefault(peer, []).append(message)
+        super().deliver(peer, message)
+
+
+@pytest.mark.parametrize("reuse", [True, False], ids=["same-value", "fresh-noise"])
+def test_the_same_attempt_run_twice_uses_fresh_masks_and_charges_each_value(
+    tmp_path: Path, reuse: bool
+) -> None:
+    # The attack: a malicious aggregator gets every peer to run attempt 1 twice (as the
+    # rejoin rule does after a failure of the peer's own) and unmasks both runs. Were the
+    # masks a function of (session, round, attempt), two masked inputs of one peer would
+    # give x1 - x2. They are not: every run draws new X25519 keys and a new self-mask seed.
+    from secagg import AdvertiseKeys, MaskedInput
+
+    consortium = Consortium(tmp_path, reuse=reuse)
+    aggregator = PEERS[1]
+
+    async def run_attempt_1() -> dict[str, list[object]]:
+        agg = _Recording(consortium.ctx(aggregator, 1, aggregator))
+        agg.seen = {}
+        runner = asyncio.create_task(agg.run())
+        outcomes = await asyncio.gather(
+            *(
+                participate(consortium.ctx(p, 1, aggregator), _Stub(agg, p, lambda _: None))
+                for p in PEERS
+            )
+        )
+        await asyncio.wait_for(runner, 10)
+        assert all("aborted after unmasking" in o.reason for o in outcomes), outcomes
+        return agg.seen
+
+    first, second = asyncio.run(run_attempt_1()), asyncio.run(run_attempt_1())
+    for peer in PEERS:
+        keys = [
+            next(m for m in run[peer] if isinstance(m, AdvertiseKeys)) for run in (first, second)
+        ]
+        assert keys[0].mask_public != keys[1].mask_public
+        assert keys[0].channel_public != keys[1].channel_public
+        assert keys[0].self_mask_commitment != keys[1].self_mask_commitment
+        inputs = [
+            next(m for m in run[peer] if isinstance(m, MaskedInput)) for run in (first, second)
+        ]
+        assert not np.array_equal(inputs[0].vector, inputs[1].vector)
+        # One charge per distinct released value: the same value sent twice is one release.
+        charges = consortium.ledgers[peer].privacy_charges(peer, SESSION)
+        assert [c.attempt for c in charges] == ([1] if reuse else [1, 1])
+        # Neither run signed a record (the aggregator aborted before the draft).
+        assert consortium.ledgers[peer].signed_vote(SESSION, 1) is None
+        assert consortium.ledgers[peer].stated_attempt(SESSION, 1) == 1
+
+
+def test_an_honest_aggregator_takes_one_stream_per_peer_in_a_round(tmp_path: Path) -> None:
+    # A peer that rejoins the attempt it failed cannot put a second run into the round it
+    # joined: the aggregator refuses the second hello (the rejoin helps only a peer that
+    # failed before its hello, or the aggregator's own peer, which starts a new round).
+    consortium = Consortium(tmp_path, reuse=True)
+
+    async def main() -> None:
+        agg = AggregatorRound(consortium.ctx(PEERS[1], 1, PEERS[1]))
+        hello = pb.RoundHello(session_id=SESSION, round=1, attempt=1, peer_id=PEERS[0])
+        agg.join(hello)
+        agg.leave(PEERS[0])  # its first run ended (the peer's own failure)
+        with pytest.raises(PermissionError, match="already has a stream open"):
+            agg.join(hello)
+
+    asyncio.run(main())
+
+
+class _AbortsSayingInternalError(AggregatorRound):
+    """A malicious aggregator whose Abort reason reads like the participant's own failure."""
+
+    async def run(self) -> None:
+        await asyncio.sleep(0.2)  # the participants have joined
+        self.result = f"{INTERNAL_ERROR}: KeyError: 'spoofed by the aggregator'"
+        self._finish(pb.Abort(reason=self.result, offender=""))
+
+
+def test_an_aggregators_abort_text_is_not_taken_for_the_peers_own_failure(
+    tmp_path: Path,
+) -> None:
+    # The attack: the runner joins the same attempt again after a failure of the peer's own,
+    # and counts the same unexpected error in a row towards aborting the session. Were an
+    # outcome's text alone the test, an aggregator's Abort reason "internal error: ..."
+    # would buy it a second run of its attempt and count as the peer's own bug (two
+    # colluding aggregators in a row, not three, could then end the session at a peer).
+    consortium = Consortium(tmp_path, reuse=True)
+    aggregator = PEERS[1]
+
+    async def main() -> RoundOutcome:
+        agg = _AbortsSayingInternalError(consortium.ctx(aggregator, 1, aggregator))
+        runner = asyncio.create_task(agg.run())
+        outcome = await participate(
+            consortium.ctx(PEERS[0], 1, aggregator), _Stub(agg, PEERS[0], lambda _: None)
+        )
+        await runner
+        return outcome
+
+    outcome = asyncio.run(main())
+    assert outcome.status is RoundStatusKind.ABORTED, outcome
+    assert outcome.reason.startswith(INTERNAL_ERROR)  # the aggregator's words
+    assert not own_failure(outcome)
+    assert not own_failure(outcome, (INTERNAL_ERROR,))
+    assert not rejoin_attempt(1, 1, outcome, [], set())
+    # This peer's own failure (a contribution it could not prepare) still counts.
+    mine = RoundOutcome(RoundStatusKind.REFUSED, aggregator, "cannot prepare: no data")
+    assert own_failure(mine)
+    assert rejoin_attempt(1, 1, mine, [], set())
