@@ -191,10 +191,16 @@ class SessionRunner:
         session = self.sessions.get(hello.session_id)
         info = self.ledger.session(hello.session_id)
         if info is not None and hello.peer_id not in info.participants:
-            # Before any answer about where the session is: that is for participants only.
-            raise PermissionError(
-                f"{hello.peer_id} is not a participant of session {hello.session_id!r}"
+            # Before any answer about where the session is: that is for participants only,
+            # and an outsider gets the answer of an unknown session (SessionInfo.known_to).
+            logger.warning(
+                "peer=%s round stream of session %s from %s, not a participant: "
+                "answered as an unknown session",
+                self.me,
+                remote(hello.session_id),
+                hello.peer_id,
             )
+            info = session = None
         if session is None:
             if info is not None and info.status is SessionStatus.FINISHED:
                 raise Elsewhere(

@@ -378,7 +378,7 @@ class PeerService:
         caller = caller_identity().peer_id
         sid = request.session_id
         info = self.ledger.session(sid)
-        if info is None:
+        if info is None or not info.known_to(caller):  # an outsider: as if unknown
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no session {sid!r} here")
         assert info is not None
         if caller != info.proposer:
@@ -494,12 +494,7 @@ class PeerService:
                 f"(burst {self._reads.burst}); slow down",
             )
         info = self.ledger.session(request.session_id)
-        if info is None:
-            await context.abort(
-                grpc.StatusCode.NOT_FOUND, f"no session {request.session_id!r} here"
-            )
-        assert info is not None
-        if caller not in info.participants and caller != info.proposer:
+        if info is not None and not info.known_to(caller):
             logger.warning(
                 "peer=%s refused %s of session %s to %s: not a participant nor its proposer",
                 self.me,
@@ -507,10 +502,11 @@ class PeerService:
                 remote(request.session_id),
                 caller,
             )
+        if info is None or not info.known_to(caller):
+            # The same answer as for an unknown session: an outsider must not learn that a
+            # session exists, who proposed it or who takes part (SessionInfo.known_to).
             await context.abort(
-                grpc.StatusCode.PERMISSION_DENIED,
-                f"{caller} is neither a participant nor the proposer of session "
-                f"{request.session_id!r}: its {what} are not answered to {caller}",
+                grpc.StatusCode.NOT_FOUND, f"no session {request.session_id!r} here"
             )
 
     async def _status(self, request: pb.SessionRef, context: CallContext) -> pb.SessionStatus:

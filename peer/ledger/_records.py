@@ -385,6 +385,12 @@ class SessionInfo:
     threshold: int
     rounds_planned: int
 
+    def known_to(self, peer_id: str) -> bool:
+        """Whether ``peer_id`` may learn anything of this session (even that it exists):
+        its participants and its proposer; to anyone else a peer answers as if it had
+        no such session (SECURITY.md, "Outsiders learn nothing of a session")."""
+        return peer_id in self.participants or peer_id == self.proposer
+
 
 @dataclass(frozen=True, slots=True)
 class RoundAttempt:

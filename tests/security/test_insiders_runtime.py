@@ -4,8 +4,8 @@ legitimate certificate and key, against real peer processes over mTLS.
 Each test is an attack and shows the refusal, and that the honest peers lose neither their
 input nor their session:
 
-* reads (Status, Records, RoundStream) are answered only to the session's participants and
-  its proposer;
+* reads (Status, Records, RoundStream, Start) are answered only to the session's
+  participants and its proposer; to anyone else exactly as for an unknown session;
 * a peer that lies about where the session is (Status "running, round 99", an aggregator's
   ROUND_PASSED 99 / ROUND_AGREED, records that skip rounds) moves nobody: the honest
   peers agree every round, with back-off instead of a retry storm;
@@ -258,34 +258,84 @@ def reads_network(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Network]
     net.stop()
 
 
-def test_reads_are_answered_only_to_participants_and_the_proposer(reads_network: Network) -> None:
-    net = reads_network
-    ref = pb.SessionRef(session_id="s1")
+async def _stream_answer(
+    channel: grpc.aio.Channel, first: pb.Fragment
+) -> tuple[grpc.StatusCode, str, Any]:
+    """A RoundStream's status and its first in-band message (an Abort, for a refusal)."""
+    call = channel.stream_stream(
+        f"/{SERVICE}/RoundStream",
+        request_serializer=pb.Fragment.SerializeToString,
+        response_deserializer=pb.Fragment.FromString,
+    )(timeout=20)  # type: ignore[call-arg]  # stubs predate grpc.aio
+    reader, message = Reassembler(1 << 20), None
+    try:
+        await call.write(first)
+        async for fragment in call:
+            message = reader.push(fragment) if message is None else message
+            if message is not None:
+                call.cancel()
+                break
+    except grpc.aio.AioRpcError as error:
+        return error.code(), error.details() or "", message
+    return grpc.StatusCode.OK, "", message
 
-    async def run() -> dict[str, tuple[grpc.StatusCode, str, Any]]:
-        out: dict[str, tuple[grpc.StatusCode, str, Any]] = {}
-        for caller in ("hospital-b", LIAR):
-            channel = _channel(net, "hospital-a", caller)
-            try:
-                for method in ("Status", "Records"):
-                    out[f"{caller} {method}"] = await _call(channel, method, ref)
-                code, details = await _stream_code(channel, _hello_fragment("s1", caller))
-                out[f"{caller} RoundStream"] = (code, details, None)
-            finally:
-                await channel.close(None)
+
+def test_an_outsider_learns_nothing_of_a_session_not_even_that_it_exists(
+    reads_network: Network,
+) -> None:
+    """The attack: hospital-d, a consortium member outside session s1, asks hospital-a
+    about s1 (Status, Records, a RoundStream hello, Start) and about a session id nobody
+    uses. Had the answers differed, d could probe which sessions run between the others
+    (session ids are often guessable: a date, a study name). Every answer about s1 must be
+    the very answer about the unknown id, with only the id changed; the participant b
+    still reads s1, and hospital-a logs each refusal naming d."""
+    net = reads_network
+    unknown = "s1-never-proposed"
+
+    async def ask(caller: str, session_id: str) -> dict[str, tuple[Any, ...]]:
+        channel = _channel(net, "hospital-a", caller)
+        ref = pb.SessionRef(session_id=session_id)
+        out: dict[str, tuple[Any, ...]] = {}
+        try:
+            for method in ("Status", "Records"):
+                out[method] = await _call(channel, method, ref)
+            start = pb.StartRequest(session_id=session_id)
+            out["Start"] = await _call(channel, "Start", start, pb.StartAnswer)
+            out["RoundStream"] = await _stream_answer(channel, _hello_fragment(session_id, caller))
+        finally:
+            await channel.close(None)
         return out
 
-    answers = asyncio.run(run())
-    for method in ("Status", "Records", "RoundStream"):
-        code, details, _ = answers[f"{LIAR} {method}"]
-        assert code is grpc.StatusCode.PERMISSION_DENIED, (method, code, details)
-        assert LIAR in details, details  # the refusal names the caller
-    assert answers["hospital-b Status"][0] is grpc.StatusCode.OK
-    records = answers["hospital-b Records"][2]
+    async def run() -> tuple[dict[str, tuple[Any, ...]], ...]:
+        return (
+            await ask(LIAR, "s1"),
+            await ask(LIAR, unknown),
+            await ask("hospital-b", "s1"),
+        )
+
+    known, absent, participant = asyncio.run(run())
+    for method in ("Status", "Records", "Start"):
+        code, details, answer = known[method]
+        assert code is grpc.StatusCode.NOT_FOUND, (method, known[method])
+        assert answer is None
+        assert (code, details.replace("'s1'", f"'{unknown}'")) == absent[method][:2], method
+    abort, unknown_abort = known["RoundStream"][2], absent["RoundStream"][2]
+    assert isinstance(abort, pb.Abort), known["RoundStream"]
+    assert isinstance(unknown_abort, pb.Abort), absent["RoundStream"]
+    assert abort.precondition == unknown_abort.precondition == pb.PRECONDITION_NOT_READY
+    assert abort.reason.replace("'s1'", f"'{unknown}'") == unknown_abort.reason
+    assert "hospital" not in abort.reason  # neither the proposer nor a participant
+    # The session's own members are answered as before.
+    assert participant["Status"][0] is grpc.StatusCode.OK
+    records = participant["Records"][2]
     assert [r.round for r in records.records] == [1]
-    # The operator who proposed it reads it too (it just did: run_session waited on Status).
+    assert participant["Start"][0] is grpc.StatusCode.PERMISSION_DENIED  # only a's operator
+    # The operator who proposed it reads it too (it just did: run_session waited on Status),
+    # and the refusals are in hospital-a's log, naming the outsider.
     log = net.peers["hospital-a"].log_path.read_text("utf-8")
+    assert f"refused status of session 's1' to {LIAR}" in log
     assert f"refused records of session 's1' to {LIAR}" in log
+    assert f"round stream of session 's1' from {LIAR}, not a participant" in log
 
 
 def test_a_stream_without_a_hello_is_closed(reads_network: Network) -> None:
