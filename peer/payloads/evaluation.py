@@ -95,6 +95,17 @@ def _cells(values: npt.ArrayLike) -> list[float]:
     return [round(max(float(c), 0.0), 3) for c in np.asarray(values, dtype=np.float64).ravel()]
 
 
+def _unbiased_count(noisy_cells: npt.ArrayLike) -> float:
+    """A released count: the sum of its noisy cells *before* each is clamped at 0.
+
+    Clamping first adds the positive part of every near-empty cell's noise (about 0.4 σ
+    per empty cell), which inflated n (regression: 95-109 for 88 test records at
+    eval_noise 1; an empty off-diagonal confusion cell likewise) and biased every ratio
+    over n. The unclamped sum is unbiased; what readers see of the cells is still clamped.
+    """
+    return max(float(np.sum(noisy_cells)), 0.0)
+
+
 def _describe_bad(labels: npt.NDArray[Any], bad: npt.NDArray[np.bool_]) -> str:
     shown = sorted({str(v) for v in labels[bad].tolist()})[:5]
     return f"{int(bad.sum())} record(s), values {', '.join(shown)}"
@@ -202,11 +213,14 @@ class BinaryEvaluation(TaskEvaluation):
         return evaluate_sums(model, x, y, self.histogram_bins, loss_bound=self.loss_bound)
 
     def from_release(self, total: Vector) -> Vector:
-        out = np.maximum(np.array(total, dtype=np.float64), 0.0)
-        tp, fp, tn, fn = out[2:6]
-        out[1] = tp + tn
-        out[6] = tp + fp + tn + fn
-        out[0] = min(out[0] * self.loss_bound, out[6] * self.loss_bound)
+        raw = np.array(total, dtype=np.float64)
+        out = np.maximum(raw, 0.0)
+        # n and the correct count from the cells before clamping (unbiased; see
+        # _unbiased_count); sensitivity and specificity use the clamped cells.
+        n = _unbiased_count(raw[2:6])
+        out[1] = min(max(float(raw[2] + raw[4]), 0.0), n)
+        out[6] = n
+        out[0] = min(out[0] * self.loss_bound, n * self.loss_bound)
         return out
 
     def agreed_metrics(self, statistics: Vector) -> dict[str, Any]:
@@ -214,6 +228,8 @@ class BinaryEvaluation(TaskEvaluation):
             k: _finite_or_none(v) for k, v in metrics_from_sums(statistics).items()
         }
         metrics["n"] = round(metrics["n"] or 0)
+        if metrics["n"] == 0:  # a count that rounds to 0 gives no ratios (as n = 0 does)
+            metrics.update(accuracy=None, loss=None, sensitivity=None, specificity=None)
         # The score histograms are cells of the same noisy (charged) evaluation release, so
         # publishing them is post-processing: readers get ROC and calibration from agreed
         # numbers (dashboard, report) at no further privacy cost.
@@ -293,24 +309,31 @@ class MulticlassEvaluation(TaskEvaluation):
         return float(statistics[0]), confusion, histograms
 
     def from_release(self, total: Vector) -> Vector:
-        out = np.maximum(np.array(total, dtype=np.float64), 0.0)
-        n = float(out[1 : 1 + self.classes**2].sum())
-        out[0] = min(out[0] * self.loss_bound, n * self.loss_bound)
+        # The confusion cells stay as released (noisy, possibly negative): agreed_metrics
+        # takes n and the correct count from them before clamping (_unbiased_count).
+        raw = np.array(total, dtype=np.float64)
+        out = np.maximum(raw, 0.0)
+        k2 = self.classes**2
+        out[1 : 1 + k2] = raw[1 : 1 + k2]
+        out[0] = min(out[0] * self.loss_bound, _unbiased_count(raw[1 : 1 + k2]) * self.loss_bound)
         return out
 
     def agreed_metrics(self, statistics: Vector) -> dict[str, Any]:
-        loss_sum, confusion, histograms = self._split(statistics)
-        n = float(confusion.sum())
+        loss_sum, raw_confusion, histograms = self._split(statistics)
+        n = _unbiased_count(raw_confusion)
+        n = n if n >= 0.5 else 0.0  # a count that rounds to 0 gives no ratios
+        correct = min(max(float(np.trace(raw_confusion)), 0.0), n)
+        confusion = np.maximum(raw_confusion, 0.0)  # shown, and the F1 counts
         tp = np.diag(confusion)
         # Per-class F1 = 2TP / (2TP + FP + FN); a class nobody has nor predicts is undefined
         # and left out of the macro average.
         denominators = confusion.sum(axis=0) + confusion.sum(axis=1)
-        f1 = [2 * t / d for t, d in zip(tp, denominators, strict=True) if d > 0]
+        f1 = [2 * t / d for t, d in zip(tp, denominators, strict=True) if d > 0 and n]
         aucs = [histogram_auc(h[0], h[1]) for h in histograms]
         defined = [a for a in aucs if math.isfinite(a)]
         return {
             "n": round(n),
-            "accuracy": _finite_or_none(float(tp.sum()) / n if n else math.nan),
+            "accuracy": _finite_or_none(correct / n if n else math.nan),
             "loss": _finite_or_none(loss_sum / n if n else math.nan),
             "macro_f1": _finite_or_none(float(np.mean(f1)) if f1 else math.nan),
             "auc_ovr": _finite_or_none(float(np.mean(defined)) if defined else math.nan),
@@ -399,12 +422,9 @@ class RegressionEvaluation(TaskEvaluation):
 
     def from_release(self, total: Vector) -> Vector:
         out = np.array(total, dtype=np.float64) * self.scale()
-        # The count is the sum of the noisy cells *before* they are clamped at 0: clamping
-        # first adds the positive part of every near-empty tail cell's noise, which inflated n
-        # (95-109 for 88 test records at eval_noise 1) and biased the released RMSE and MAE
-        # low (BENCHMARKS.md, "Regression sessions: why a training round sometimes gets
-        # worse"). The unclamped sum is unbiased; the histogram shown is still clamped.
-        n = max(float(out[5:].sum()), 0.0)
+        # (BENCHMARKS.md, "Regression sessions: why a training round sometimes gets worse")
+        n = _unbiased_count(out[5:])
+        n = n if n >= 0.5 else 0.0  # a count that rounds to 0 gives no error figures
         out[5:] = np.maximum(out[5:], 0.0)
         y, r = self.target_bound, self.residual_bound
         out[_REGRESSION_N] = n

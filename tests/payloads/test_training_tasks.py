@@ -34,6 +34,7 @@ from peer.data import (
 from peer.data.records import Base, DatasetLabels
 from peer.ledger import Ledger
 from peer.payloads.evaluation import (
+    BinaryEvaluation,
     MulticlassEvaluation,
     RegressionEvaluation,
     multiclass_sums,
@@ -384,6 +385,76 @@ def test_the_released_regression_count_is_unbiased_although_its_histogram_is_cla
     # Standard error of the mean: sqrt(20) * 2.24 / sqrt(4000) ~ 0.16 (rounding adds < 0.01).
     assert abs(np.mean(counts) - 88) < 0.8, np.mean(counts)
     assert np.min(histograms) >= 0.0  # what readers see is still a histogram
+
+
+def _noisy_releases(
+    evaluation: BinaryEvaluation | MulticlassEvaluation, sums: npt.NDArray[np.float64], draws: int
+) -> list[dict[str, Any]]:
+    """The agreed metrics of ``draws`` releases of ``sums`` at eval_noise 1."""
+    rng = np.random.default_rng(11)
+    scaled = sums / evaluation.scale()
+    out = []
+    for _ in range(draws):
+        noisy = scaled + rng.normal(0.0, evaluation.sensitivity, scaled.shape)
+        noisy[list(evaluation.withheld())] = 0.0
+        out.append(evaluation.agreed_metrics(evaluation.from_release(noisy)))
+    return out
+
+
+def test_the_released_multiclass_count_and_accuracy_are_unbiased() -> None:
+    # 88 test records, 3 classes, a good model: 4 of the 6 off-diagonal cells are empty.
+    # Clamping each noisy cell before summing added about 0.4 sigma (sigma = sqrt 5) per
+    # near-empty cell to n: about 94 for 88 records, and the accuracy 0.92 read about 0.86.
+    evaluation = MulticlassEvaluation(10, 4.0, classes=3)
+    logits = np.zeros((88, 3))
+    labels = np.repeat([0, 1, 2], [30, 30, 28])
+    predicted = labels.copy()
+    predicted[:7] = 1  # 7 of class 0 taken for class 1: 81 of 88 correct
+    logits[np.arange(88), predicted] = 3.0
+    sums = multiclass_sums(logits, labels, 10, 4.0)
+    assert sums[1 : 1 + 9].reshape(3, 3).tolist() == [[23, 7, 0], [0, 30, 0], [0, 0, 28]]
+    metrics = _noisy_releases(evaluation, sums, 4000)
+    # Standard errors: n sqrt(9) * 2.24 / sqrt(4000) ~ 0.11; accuracy well under 0.005.
+    assert abs(np.mean([m["n"] for m in metrics]) - 88) < 0.6
+    assert abs(np.mean([m["accuracy"] for m in metrics]) - 81 / 88) < 0.01
+    shown = np.array([m["confusion_matrix"] for m in metrics])
+    assert shown.min() >= 0.0  # what readers see is still a matrix of counts
+
+
+def test_the_released_binary_count_and_accuracy_are_unbiased() -> None:
+    # TP 40, FP 0, TN 45, FN 3: one empty cell (clamping it added about 0.7 to n).
+    evaluation = BinaryEvaluation(10, 4.0)
+    sums = np.zeros(evaluation.length())
+    sums[:7] = [30.0, 85, 40, 0, 45, 3, 88]
+    sums[7 + 9], sums[7 + 10] = 43, 45  # every positive in the top bin, negatives at the bottom
+    metrics = _noisy_releases(evaluation, sums, 4000)
+    assert abs(np.mean([m["n"] for m in metrics]) - 88) < 0.3
+    assert abs(np.mean([m["accuracy"] for m in metrics]) - 85 / 88) < 0.005
+    assert all(0.0 <= m["accuracy"] <= 1.0 for m in metrics)
+
+
+@pytest.mark.parametrize(
+    "evaluation",
+    [
+        BinaryEvaluation(4, 4.0),
+        MulticlassEvaluation(4, 4.0, classes=3),
+        RegressionEvaluation(4, 4.0, target_bound=1.0, residual_bound=2.0),
+    ],
+    ids=lambda e: e.task.value,
+)
+def test_a_count_that_rounds_to_zero_gives_no_ratios(
+    evaluation: BinaryEvaluation | MulticlassEvaluation | RegressionEvaluation,
+) -> None:
+    # A release whose cells sum to 0.3: it used to show n = 0 beside finite error figures.
+    total = np.zeros(evaluation.length())
+    counts = {"binary": slice(2, 6), "multiclass": slice(1, 10), "regression": slice(5, 9)}
+    cells = counts[evaluation.task.value]
+    total[cells] = 0.3 / (cells.stop - cells.start)
+    total[0] = 0.05
+    metrics = evaluation.agreed_metrics(evaluation.from_release(total))
+    assert metrics["n"] == 0
+    ratios = {k: v for k, v in metrics.items() if isinstance(v, float)}
+    assert ratios == {}, ratios
 
 
 def test_regression_metrics_stay_bounded_however_the_noise_falls() -> None:
