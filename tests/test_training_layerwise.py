@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
 tf = pytest.importorskip("tensorflow")
@@ -18,8 +18,14 @@ from peer.training.declared import ModelPolicy, build_declared_model  # noqa: E4
 from peer.training.layerwise import LayerwiseDPSGD  # noqa: E402
 
 # Few examples: CPU only, two cores shared; every example re-traces small graphs.
+# No shrinking: each example traces TensorFlow graphs, and shrinking one failure took over
+# 5 minutes of a CI run; the failing example is reported as generated.
 SETTINGS = settings(
-    max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True
+    max_examples=6,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+    derandomize=True,
+    phases=[Phase.explicit, Phase.reuse, Phase.generate],
 )
 
 
@@ -119,6 +125,10 @@ def test_conv2d_and_pooling_norms_match_reference(
     linear_norm=st.sampled_from(["ghost", "materialize"]),
     seed=st.integers(0, 1000),
 )
+# Found by CI: a dilated Conv1D after a trainable layer needs the gradient to its input,
+# which tf.nn.conv2d has no CPU kernel for at dilation > 1.
+@example(n=1, length=3, vocab=2, width=1, kernel=1, dilation=2, linear_norm="ghost", seed=0)
+@example(n=2, length=8, vocab=3, width=2, kernel=3, dilation=2, linear_norm="materialize", seed=4)
 def test_embedding_layernorm_conv1d_norms_match_reference(
     n: int,
     length: int,

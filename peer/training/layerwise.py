@@ -348,7 +348,10 @@ def _conv_step(layer: Any, variables: list[Any], act: Callable[[Any], Any]) -> _
 
     def conv(a: Any) -> tuple[Any, Any]:
         k = kernel[None] if one_d else kernel
-        z = tf.nn.conv2d(as_2d(a), k, [1, sh, sw, 1], padding, dilations=[1, dh, dw, 1])
+        # tf.nn.convolution, not conv2d: conv2d's gradient to its input has no CPU kernel for
+        # dilation > 1 (a dilated Conv1D after a trainable layer failed every DP step);
+        # convolution computes a dilated one through space-to-batch, as Keras does.
+        z = tf.nn.convolution(as_2d(a), k, [sh, sw], padding, dilations=[dh, dw])
         z = z[:, 0] if one_d else z
         z = z if bias is None else z + bias
         return z, act(z)
