@@ -191,8 +191,9 @@ class SessionRunner:
         session = self.sessions.get(hello.session_id)
         info = self.ledger.session(hello.session_id)
         if info is not None and hello.peer_id not in info.participants:
-            # Before any answer about where the session is: that is for participants only,
-            # and an outsider gets the answer of an unknown session (SessionInfo.known_to).
+            # Before any answer about where the session is: a round is for participants only
+            # (not its proposer, unlike SessionInfo.known_to), and anyone else gets the
+            # answer of an unknown session.
             logger.warning(
                 "peer=%s round stream of session %s from %s, not a participant: "
                 "answered as an unknown session",

@@ -494,15 +494,15 @@ class PeerService:
                 f"(burst {self._reads.burst}); slow down",
             )
         info = self.ledger.session(request.session_id)
-        if info is not None and not info.known_to(caller):
-            logger.warning(
-                "peer=%s refused %s of session %s to %s: not a participant nor its proposer",
-                self.me,
-                what,
-                remote(request.session_id),
-                caller,
-            )
         if info is None or not info.known_to(caller):
+            if info is not None:
+                logger.warning(
+                    "peer=%s refused %s of session %s to %s: not a participant nor its proposer",
+                    self.me,
+                    what,
+                    remote(request.session_id),
+                    caller,
+                )
             # The same answer as for an unknown session: an outsider must not learn that a
             # session exists, who proposed it or who takes part (SessionInfo.known_to).
             await context.abort(

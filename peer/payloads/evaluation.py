@@ -102,8 +102,11 @@ def _unbiased_count(noisy_cells: npt.ArrayLike) -> float:
     per empty cell), which inflated n (regression: 95-109 for 88 test records at
     eval_noise 1; an empty off-diagonal confusion cell likewise) and biased every ratio
     over n. The unclamped sum is unbiased; what readers see of the cells is still clamped.
+    A count that rounds to 0 is 0: no ratio is given over it (it showed n = 0 beside
+    finite figures).
     """
-    return max(float(np.sum(noisy_cells)), 0.0)
+    count = float(np.sum(noisy_cells))
+    return count if count > 0.5 else 0.0  # round(0.5) is 0 too
 
 
 def _describe_bad(labels: npt.NDArray[Any], bad: npt.NDArray[np.bool_]) -> str:
@@ -228,8 +231,8 @@ class BinaryEvaluation(TaskEvaluation):
             k: _finite_or_none(v) for k, v in metrics_from_sums(statistics).items()
         }
         metrics["n"] = round(metrics["n"] or 0)
-        if metrics["n"] == 0:  # a count that rounds to 0 gives no ratios (as n = 0 does)
-            metrics.update(accuracy=None, loss=None, sensitivity=None, specificity=None)
+        if metrics["n"] == 0:  # sensitivity and specificity come from the clamped cells
+            metrics.update(sensitivity=None, specificity=None)
         # The score histograms are cells of the same noisy (charged) evaluation release, so
         # publishing them is post-processing: readers get ROC and calibration from agreed
         # numbers (dashboard, report) at no further privacy cost.
@@ -321,7 +324,6 @@ class MulticlassEvaluation(TaskEvaluation):
     def agreed_metrics(self, statistics: Vector) -> dict[str, Any]:
         loss_sum, raw_confusion, histograms = self._split(statistics)
         n = _unbiased_count(raw_confusion)
-        n = n if n >= 0.5 else 0.0  # a count that rounds to 0 gives no ratios
         correct = min(max(float(np.trace(raw_confusion)), 0.0), n)
         confusion = np.maximum(raw_confusion, 0.0)  # shown, and the F1 counts
         tp = np.diag(confusion)
@@ -424,7 +426,6 @@ class RegressionEvaluation(TaskEvaluation):
         out = np.array(total, dtype=np.float64) * self.scale()
         # (BENCHMARKS.md, "Regression sessions: why a training round sometimes gets worse")
         n = _unbiased_count(out[5:])
-        n = n if n >= 0.5 else 0.0  # a count that rounds to 0 gives no error figures
         out[5:] = np.maximum(out[5:], 0.0)
         y, r = self.target_bound, self.residual_bound
         out[_REGRESSION_N] = n
