@@ -104,7 +104,8 @@ def test_demo_trains_and_reports_agreed_metrics(tmp_path: Path) -> None:
     final = report["rounds"][-1]
     assert 0.0 <= final["accuracy"] <= 1.0
     assert 0.0 <= final["auc"] <= 1.0
-    assert final["loss"] > 0
+    # The agreed loss is a noisy release clamped at 0: near a trained model it can be 0.
+    assert final["loss"] >= 0
     training = report["rounds"][1]
     assert all(eps > 0 for eps in training["epsilon"].values())
     # The final evaluation sums are released with noise too, so they cost a little privacy

@@ -76,8 +76,8 @@ async def _held_while_participants_are_busy(shared: Encoded) -> tuple[int, int]:
         with child(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as client:
             await asyncio.wait_for(everyone.wait(), 60)
             # Counted from here: what the connections, calls and handlers themselves cost
-            # (up to 4 MiB under load, which once failed CI with 5.0 MiB "held") is not
-            # what the sends buffer.
+            # is not what the sends buffer (counted from before the connections, CI once
+            # read 5.0 MiB "held"). The pause lets the last hello's own work settle.
             await asyncio.sleep(0.2)
             before = rss()
             send.set()
@@ -118,8 +118,8 @@ def _measure(length: int) -> tuple[int, int]:
 
 def test_the_aggregators_large_sends_buffer_a_bounded_amount_per_stream() -> None:
     # m = 10^6 (4 MB, as in the issue) and 4·10^6: what grpc holds must not follow m.
-    # Measured in fresh processes: 0.7-1.2 MiB for either, idle or under a load of 6 on
-    # 2 cores. With the 1 MiB fragments sent before: 0-6 MiB at m = 10^6 (0 when the
+    # Measured in fresh processes: 0.7-1.2 MiB for either, idle or beside 4 busy
+    # processes on 2 cores. With the 1 MiB fragments sent before: 0-6 MiB at m = 10^6 (0 when the
     # kernel's socket buffers take everything) and 17-19 MiB at m = 4·10^6, so this test
     # fails when the change is undone.
     held, read = _held_in_a_fresh_process(1_000_000)
