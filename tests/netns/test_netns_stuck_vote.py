@@ -229,6 +229,15 @@ def test_a_vote_stuck_below_t_by_a_cut_aggregator_is_released_and_the_cut_one_ca
         # margin over the limit allows for a loaded machine's event-loop latency.
         assert fired - cut_at[0] < min(limit + 2.0, 9.9), (peer_id, fired - cut_at[0], logs)
         assert (first_attempt.round, first_attempt.attempt) == (1, 0), (peer_id, logs)
+        if heal == "attempt-failed" and healed_at[0] < fired and first_attempt.outcome == "aborted":
+            # A race this test allows: the link was healed as soon as the successor gave up
+            # (its limit is 2 stages, the stuck peer's 3), and the victim's own vote deadline
+            # came before the stuck peer's limit, so the victim's Abort reached it over the
+            # healed link (seen once: healed, then the Abort 5.5 s after the cut, limit 9 s).
+            assert re.fullmatch(
+                r"'?only 2 peers signed the same record, \d+ needed'?", first_attempt.reason
+            ), (peer_id, first_attempt.reason)
+            continue
         assert first_attempt.outcome == "aggregator-failed", (peer_id, logs)
         assert re.fullmatch(
             rf"'?aggregator {victim} silent for [\d.]+s in stage \w+'?"

@@ -5,10 +5,10 @@ participant keeps sending. With grpc's default flow control (BDP probing) each s
 window grew until a participant's whole vector sat in the aggregator's grpc buffers: one
 vector per peer, invisible to tracemalloc (measured 4.1 MiB of resident memory per stream of
 4 MiB sent). The peer's server options fix the read-ahead (peer/tls/_channel.py). This test
-runs a server with those options in this process and participants in another (so that only
-the server's memory is counted), lets each send 4 MiB to a handler that does not read yet,
-and checks the server's resident memory. While handlers read, the bound is the fragment size
-instead (tests/round/test_round_read_ahead_tls.py).
+runs a server with those options in a fresh process (memory_probe.py says why) and
+participants in another (so that only the server's memory is counted), lets each send 4 MiB
+to a handler that does not read yet, and checks the server's resident memory. While handlers
+read, the bound is the fragment size instead (tests/round/test_round_read_ahead_tls.py).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import sys
 from typing import Any
 
 import grpc
-from memory_probe import MIB, child, exited, rss, stream_server
+from memory_probe import MIB, child, exited, measured_in_a_fresh_process, rss, stream_server
 
 STREAMS = 8
 MESSAGES, MESSAGE_BYTES = 4, 1 << 20
@@ -64,8 +64,12 @@ async def _held_while_busy() -> tuple[int, int]:
 
 
 def test_a_busy_aggregator_buffers_a_bounded_read_ahead_per_stream() -> None:
-    held, read = asyncio.run(_held_while_busy())
+    held, read = measured_in_a_fresh_process(__file__)
     assert read == STREAMS * MESSAGES
     # Each stream sent 4 MiB; the read-ahead is 1 MiB (measured ~1 MiB per stream; 4.1 MiB
     # per stream with grpc's default BDP probing, i.e. 33 MiB here).
     assert held < STREAMS * 2 * MIB, f"{held / MIB:.1f} MiB held for {STREAMS} streams"
+
+
+if __name__ == "__main__":  # the server's side, measured in a fresh process
+    print(*asyncio.run(_held_while_busy()))

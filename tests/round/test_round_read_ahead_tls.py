@@ -22,15 +22,12 @@ tests/round/test_round_read_ahead.py: handlers that do not read yet hold a bound
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
 import sys
-from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
-from memory_probe import MIB, child, exited, rss, stream_server
+from memory_probe import MIB, child, exited, measured_in_a_fresh_process, rss, stream_server
 
 from peer.identity import Role, identity_hostname
 from peer.identity.testing import LocalFederation
@@ -119,18 +116,8 @@ def _measure(fed: LocalFederation, *, read_at_once: bool) -> tuple[int, int, int
         for peer in (SERVER, CLIENT)
         for path in (fed.members[peer].cert, fed.members[peer].key, fed.members[peer].ca)
     ]
-    root = str(Path(__file__).resolve().parents[2])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
     mode = "read" if read_at_once else "busy"
-    done = subprocess.run(
-        [sys.executable, __file__, mode, *files],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    )
-    peak, fragments, size = map(int, done.stdout.split())
+    peak, fragments, size = measured_in_a_fresh_process(__file__, mode, *files, timeout=120)
     return peak, fragments, size
 
 

@@ -5,12 +5,13 @@ aggregate, then the transcript) to every participant's stream at once, while the
 participants are still busy. grpc takes each written message off the handler before the
 participant reads it and holds it in native memory (invisible to tracemalloc) until the
 participant's window accepts it: in fragments of 1 MiB that was about half of a 4 MB vector
-per stream (0.9 to 2.2 MiB per stream measured), i.e. O(n·m) at the aggregator. The aggregator now
-sends in fragments of SEND_FRAGMENT_BYTES (peer/round/aggregating.py). This test runs a
-server with the peer's options in a fresh process, writing one shared encoded message of
-4 MB (then 16 MB) to participants in another process (one connection each, so that only the
-server's memory is counted) that do not read for a while, and checks what the server's
-resident memory gains from the moment every participant has said hello.
+per stream (0.9 to 2.2 MiB per stream measured), i.e. O(n·m) at the aggregator. The
+aggregator now sends in fragments of SEND_FRAGMENT_BYTES (peer/round/aggregating.py). This
+test runs a server with the peer's options in a fresh process (memory_probe.py says why),
+writing one shared encoded message of 4 MB (then 16 MB) to participants in another process
+(one connection each, so that only the server's memory is counted) that do not read for a
+while, and checks what the server's resident memory gains from the moment every participant
+has said hello.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 
 import grpc
 import numpy as np
-from memory_probe import MIB, child, exited, rss, stream_server
+from memory_probe import MIB, child, exited, measured_in_a_fresh_process, rss, stream_server
 
 from peer.round.aggregating import Encoded
 from peer.wire import peer_pb2 as pb
@@ -94,19 +95,6 @@ async def _held_while_participants_are_busy(shared: Encoded) -> tuple[int, int]:
     return held, int(out)
 
 
-def _held_in_a_fresh_process(length: int) -> tuple[int, int]:
-    """(bytes held, bytes read) for a vector of ``length`` values, measured by this file run
-    as a script: a fresh interpreter, whose heap has no history. In pytest's own process,
-    memory freed by earlier tests is reused or not at the allocator's whim, which moved the
-    figure by megabytes either way (CI once read 5.0 MiB)."""
-    done = subprocess.run(
-        [sys.executable, __file__, str(length)], capture_output=True, text=True, timeout=180
-    )
-    assert done.returncode == 0, done.stderr
-    held, read = done.stdout.split()
-    return int(held), int(read)
-
-
 def _measure(length: int) -> tuple[int, int]:
     vector = np.arange(length, dtype=np.uint32)
     message = MaskedInput("hospital-a", "s", 1, ("hospital-b",), vector, b"sig")
@@ -122,8 +110,8 @@ def test_the_aggregators_large_sends_buffer_a_bounded_amount_per_stream() -> Non
     # processes on 2 cores. With the 1 MiB fragments sent before: 0-6 MiB at m = 10^6 (0 when the
     # kernel's socket buffers take everything) and 17-19 MiB at m = 4·10^6, so this test
     # fails when the change is undone.
-    held, read = _held_in_a_fresh_process(1_000_000)
-    held_4x, read_4x = _held_in_a_fresh_process(4_000_000)
+    held, read = measured_in_a_fresh_process(__file__, "1000000")
+    held_4x, read_4x = measured_in_a_fresh_process(__file__, "4000000")
     assert read_4x > 3.9 * read
     for figure, length in ((held, "10^6"), (held_4x, "4·10^6")):
         assert figure < 3.5 * MIB, f"{figure / MIB:.1f} MiB held for {STREAMS} streams, m={length}"
