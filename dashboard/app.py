@@ -46,6 +46,7 @@ from dashboard.data import (
     budgets_from_proposal,
     compare_table,
     confusion_matrix,
+    confusion_note,
     contributors_table,
     default_session,
     dp_release_table,
@@ -384,8 +385,11 @@ def _model_charts(snapshot: Snapshot, metrics: Table) -> list[Any]:
     agreed = head.get("status") != NOT_AGREED
     # Multi-class and regression evaluations: the chart that fits the task.
     matrix = confusion_matrix(stored) if stored is not None else None
-    if matrix is not None:
-        return [_graph(figures.confusion_figure(matrix, label, agreed), "confusion-chart")]
+    if matrix is not None and stored is not None:
+        return [
+            _graph(figures.confusion_figure(matrix, label, agreed), "confusion-chart"),
+            html.P(confusion_note(stored), id="confusion-note", className="note"),
+        ]
     residuals = residual_histogram(stored) if stored is not None else None
     if residuals is not None:
         return [_graph(figures.residual_figure(*residuals, label, agreed), "residual-chart")]

@@ -482,6 +482,20 @@ def confusion_matrix(stored: StoredRecord) -> list[list[float]] | None:
     return rows
 
 
+def confusion_note(stored: StoredRecord) -> str:
+    """What a reader of a released confusion matrix must know: its cells are noisy and shown
+    clamped at 0, so they can add up to more than the number of patients evaluated (the
+    record's n is summed before clamping, which is unbiased; peer/payloads/evaluation.py).
+    Seen in a 3-peer test: cells adding up to 84 for n = 79."""
+    n = _number(stored.record.metrics.get("n"))
+    evaluated = "the number of patients evaluated" if n is None else f"the n = {n:.0f} evaluated"
+    return (
+        "Rows are the true class, columns the predicted class; each cell is the released "
+        "(noisy) count summed over the hospitals. A count the noise made negative is shown "
+        f"as 0, so the cells can add up to more than {evaluated}."
+    )
+
+
 def residual_histogram(stored: StoredRecord) -> tuple[list[float], list[float]] | None:
     """The agreed residual histogram of a regression evaluation as ``(edges, counts)``
     (``len(edges) == len(counts) + 1``, ascending edges), or None when absent or malformed."""

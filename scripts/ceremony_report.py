@@ -739,7 +739,12 @@ def render_report(data: ReportData) -> str:
 def _task_charts(records: Sequence[Any], first_bad: int | None) -> str:
     """The confusion matrix (multi-class) or residual histogram (regression) of the latest
     evaluation that passed the ledger check; empty for other sessions."""
-    from dashboard.data import confusion_matrix, evaluated_after, residual_histogram
+    from dashboard.data import (
+        confusion_matrix,
+        confusion_note,
+        evaluated_after,
+        residual_histogram,
+    )
 
     for stored in reversed(records):
         if first_bad is not None and stored.record.round >= first_bad:
@@ -747,10 +752,9 @@ def _task_charts(records: Sequence[Any], first_bad: int | None) -> str:
         label = f"model after round {evaluated_after(stored)}"
         matrix = confusion_matrix(stored)
         if matrix is not None:
-            return svg_heatmap(f"Confusion matrix, {label}", matrix) + (
-                "<p class='muted'>Rows are the true class, columns the predicted class; "
-                "each cell is the released (noisy) count summed over the hospitals.</p>"
-            )
+            note = html.escape(confusion_note(stored))
+            heatmap = svg_heatmap(f"Confusion matrix, {label}", matrix)
+            return f"{heatmap}<p class='muted'>{note}</p>"
         residuals = residual_histogram(stored)
         if residuals is not None:
             return svg_bars(

@@ -289,6 +289,7 @@ def test_report_shows_the_charts_of_the_task(
             "macro_f1": 0.74,
             "auc_ovr": 0.88,
             "confusion_matrix": [[20.0, 3.0, 1.0], [4.0, 18.0, 2.5], [0.0, 2.0, 25.0]],
+            "n": 73,  # the cells add up to 75.5: the noise clamped at 0 adds to them
         }
     else:
         untrained = {"mae": 150.0, "rmse": 170.0, "r2": -3.2}
@@ -310,6 +311,8 @@ def test_report_shows_the_charts_of_the_task(
         assert ">25</text>" in page  # a cell's released count, written in the cell
         assert "Macro-F1 0.74" in page
         assert page.count("<svg") == 2  # quality (0-1 scores), confusion matrix
+        # A reader adding up the cells is told why they exceed n.
+        assert "shown as 0, so the cells can add up to more than the n = 73 evaluated" in page
     else:
         assert "Residuals, model after round 2" in page
         assert "Global prediction error" in page

@@ -12,6 +12,7 @@ from dashboard import figures
 from dashboard.app import render
 from dashboard.data import (
     confusion_matrix,
+    confusion_note,
     headline_keys,
     metrics_table,
     residual_histogram,
@@ -37,6 +38,7 @@ def multiclass_records() -> tuple[StoredRecord, ...]:
                 "auc_ovr": 0.9,
                 "loss": 0.6,
                 "confusion_matrix": CONFUSION,
+                "n": 112,  # the cells add up to 114.6: the noise clamped at 0 adds to them
             },
         ),
     )
@@ -80,6 +82,10 @@ def test_confusion_matrix_heatmap_from_the_agreed_record() -> None:
     assert figure.layout.yaxis.title.text == "True class"
     # Colour-blind-safe: a white-to-blue (Okabe–Ito blue) sequential scale.
     assert [c[1] for c in heatmap.colorscale] == ["#FFFFFF", figures.PALETTE[0]]
+    # Without an n in the record, the note still says what the cells are.
+    assert confusion_note(stored(3, {"confusion_matrix": CONFUSION})).endswith(
+        "can add up to more than the number of patients evaluated."
+    )
     grey = figures.confusion_figure(CONFUSION, "model after round 2", agreed=False)
     assert grey.data[0].colorscale[-1][1] == figures.NOT_AGREED_COLOR
     assert "NOT agreed" in grey.layout.title.text
@@ -88,6 +94,9 @@ def test_confusion_matrix_heatmap_from_the_agreed_record() -> None:
 def test_multiclass_page_shows_its_metrics_and_the_confusion_matrix() -> None:
     summary, metrics = page(multiclass_records())
     assert "confusion-chart" in metrics
+    # A clinician adding up the cells is told why they exceed n.
+    assert "confusion-note" in metrics
+    assert "so the cells can add up to more than the n = 112 evaluated" in metrics
     assert "roc-chart" not in metrics
     assert "quality-chart" in metrics
     for card in ("card-accuracy", "card-macro_f1", "card-auc_ovr"):
