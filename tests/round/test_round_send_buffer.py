@@ -107,15 +107,18 @@ def _measure(length: int) -> tuple[int, int]:
 def test_the_aggregators_large_sends_buffer_a_bounded_amount_per_stream() -> None:
     # m = 10^6 (4 MB, as in the issue) and 4·10^6: what grpc holds must not follow m.
     # Measured in fresh processes: 0.7-1.2 MiB for either, idle or beside 4 busy
-    # processes on 2 cores. With the 1 MiB fragments sent before: 0-6 MiB at m = 10^6 (0 when the
-    # kernel's socket buffers take everything) and 17-19 MiB at m = 4·10^6, so this test
-    # fails when the change is undone.
+    # processes on 2 cores, in an earlier stop; in this one 0.13 MiB at m = 10^6 and 1.2-1.3
+    # MiB at 4·10^6 (3 runs each, idle, and once in `make test`), a gap of 1.1-1.2 MiB that
+    # is far from the 8 x 12 MB = 96 MB more that the streams carry at 4·10^6.
+    # With the 1 MiB fragments sent before: 0-6 MiB at m = 10^6 (0 when the kernel's socket
+    # buffers take everything) and 17-19 MiB at m = 4·10^6, so this test fails when the
+    # change is undone.
     held, read = measured_in_a_fresh_process(__file__, "1000000")
     held_4x, read_4x = measured_in_a_fresh_process(__file__, "4000000")
     assert read_4x > 3.9 * read
     for figure, length in ((held, "10^6"), (held_4x, "4·10^6")):
         assert figure < 3.5 * MIB, f"{figure / MIB:.1f} MiB held for {STREAMS} streams, m={length}"
-    assert held_4x < held + 1 * MIB, (
+    assert held_4x < held + 2 * MIB, (
         f"{held_4x / MIB:.1f} MiB held at m=4·10^6 against {held / MIB:.1f} MiB at m=10^6"
     )
 
